@@ -1,0 +1,168 @@
+"""One typed experiment config: frozen dataclasses from mesh and model to data, objective, optimiser, rollouts,
+checkpoints and logging. An experiment is a Python file under experiments/ with `get_config() -> Experiment`.
+
+Loading, `--set a.b=c` overrides and validation live here too (see load_experiment / apply_overrides / validate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from starling_jax.models.config import PRESETS, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes of the (data, fsdp, tensor) axes; -1 takes the remaining devices."""
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Logical axis -> mesh axes. A value is a mesh axis name, a tuple of them, or None (replicated).
+    rules: tuple[tuple[str, object], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+        ("head_dim", None),
+        ("norm", None),
+    )
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host pods)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The trained model. `config` is the architecture; `path` loads weights (and the architecture) from a local
+    HF safetensors directory, or "stage:NAME" from an earlier stage's final checkpoint."""
+    config: ModelConfig = PRESETS["tiny"]
+    path: Optional[str] = None
+    tokenizer: str = "openchat-3.5"  # name for data.load_tokenizer, or a path to a .model / tokenizer.json
+    template: str = "openchat_3.5"
+    trainable_top_layers: int = 0  # 0 = all layers; N > 0 trains only the top N (the hydra trick)
+    train_lm_head: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelSection:
+    """The frozen reward model used by RL stages, with its own tokenizer and chat template."""
+    config: ModelConfig = PRESETS["tiny"].replace(head="score")
+    path: Optional[str] = None  # HF dir (LlamaForSequenceClassification) or "stage:NAME"
+    tokenizer: str = "openchat-3.5"
+    template: str = "openchat_3.5"
+    max_length: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" | path to local Nectar parquet/jsonl files | a tfds data_dir
+    synthetic_prompts: int = 2000
+    synthetic_seed: int = 0
+    synthetic_noise: float = 1.0
+    heldout_fraction: float = 0.1
+    max_length: int = 256
+    max_prompt_length: int = 128
+    max_responses: int = 7  # K for reward-model groups
+    pairs: str = "best_vs_rest"  # DPO pairs: "best_vs_rest" | "all"
+    pack: bool = False
+    on_bad_row: str = "error"  # "error" | "skip"
+    shuffle_seed: int = 0
+    worker_count: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "sft"  # a registered objective: sft, rm_plackett_luce, rm_bradley_terry, dpo, apa, ppo
+    dpo_beta: float = 0.1
+    apa_lambda: float = 0.1  # APA: (logp - logp_old - A / lambda)^2; Starling's fork used 1.0
+    ppo_clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 1.0
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    kl_coef: float = 0.01
+    kl_target: Optional[float] = None  # adaptive KL controller target (None = fixed coefficient)
+    kl_horizon: int = 10000
+    critic_only_above: Optional[float] = None  # Starling fork: a step whose value loss exceeds this trains the critic only
+    value_head: str = "mlp"  # "mlp" (Starling) | "linear"
+    reward_clip: float = 10.0
+    scale_reward: bool = True  # divide the RM score by a running std
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    end_lr_fraction: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 0
+    eval_batches: int = 4
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = 16  # rollouts per RL step (a chunk)
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    epochs: int = 2  # optimisation epochs over each rollout batch
+    minibatch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # 0 = only at the end
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = not reported
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of an experiment. Sections left None fall back to the experiment's."""
+    name: str
+    objective: ObjectiveConfig
+    model: Optional[ModelSection] = None
+    data: Optional[DataConfig] = None
+    optim: Optional[OptimConfig] = None
+    train: Optional[TrainConfig] = None
+    rollout: Optional[RolloutConfig] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    model: ModelSection = ModelSection()
+    reward_model: Optional[RewardModelSection] = None
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    stages: tuple[Stage, ...] = ()  # empty: one stage built from the top-level sections

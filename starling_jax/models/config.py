@@ -1,0 +1,102 @@
+"""Model architecture configs: one frozen dataclass for Mistral/Llama-family decoders, plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+HEADS = ("lm", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer of the Llama/Mistral family.
+
+    `head` picks the output head stored in the params: "lm" (vocabulary logits) or "score" (a scalar reward read at
+    each row's last non-pad token, HF's *ForSequenceClassification with num_labels=1).
+    `dtype` is the compute dtype (activations, matmuls); `param_dtype` the storage dtype of the weights.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: Optional[int] = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    architecture: str = "mistral"  # "mistral" | "llama": only changes the HF class names on export
+    head: str = "lm"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    pad_token_id: Optional[int] = None
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        problems = []
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.head not in HEADS:
+            problems.append(f"head={self.head!r} is not one of {HEADS}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            problems.append(f"sliding_window={self.sliding_window} must be >= 1 or None")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                problems.append(f"{name}={getattr(self, name)!r} must be float32, bfloat16 or float16")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_MISTRAL_7B = ModelConfig(
+    vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14336,
+    rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, max_seq_len=32768, architecture="mistral",
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Mistral-7B-v0.1 (config.json of mistralai/Mistral-7B-v0.1).
+    "mistral-7b-v0.1": _MISTRAL_7B,
+    # OpenChat-3.5 (openchat/openchat_3.5): Mistral-7B + <|end_of_turn|> (32000) and <|pad_0|> (32001), 8192 context.
+    "openchat-3.5": _MISTRAL_7B.replace(vocab_size=32002, max_seq_len=8192, eos_token_id=32000, pad_token_id=32000),
+    # Llama-2-7B (meta-llama/Llama-2-7b-hf): MHA, no window; the Starling-RM-7B-alpha trunk.
+    "llama2-7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+        mlp_dim=11008, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None, max_seq_len=4096,
+        architecture="llama", pad_token_id=0,
+    ),
+    # Yi-34B (01-ai/Yi-34B): Llama architecture with GQA; the Starling-RM-34B trunk.
+    "yi-34b": ModelConfig(
+        vocab_size=64000, hidden_size=7168, num_layers=60, num_heads=56, num_kv_heads=8, head_dim=128,
+        mlp_dim=20480, rms_norm_eps=1e-5, rope_theta=5_000_000.0, sliding_window=None, max_seq_len=4096,
+        architecture="llama", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    # A Mistral-shaped model small enough for a CPU: GQA and a short sliding window so tests exercise both.
+    "tiny": ModelConfig(
+        vocab_size=32002, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+        sliding_window=32, max_seq_len=512, eos_token_id=32000, pad_token_id=32000,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,356 @@
+"""A pure-functional Mistral/Llama decoder: parameters are a nested dict of arrays, layers are stacked on a leading
+axis and run with one `lax.scan`.
+
+Conventions (shape letters): B batch, T query tokens, S key slots, D hidden, H query heads, K kv heads,
+G = H // K query heads per kv head, E head dim, F mlp dim, V vocab, L layers.
+
+Masking is by *positions*, not indices: each token's position is derived from the attention mask (cumsum - 1 within
+its segment), and query i sees key j iff j is a real token of the same segment, pos_j <= pos_i and
+pos_i - pos_j < sliding_window (HF's rule i - window < j <= i). So a left-padded row gives the same values on its real
+tokens as the unpadded sequence, packed rows (mask = segment ids 1, 2, ...) never see each other, and a KV cache (a
+rolling buffer for windowed models) needs no special casing beyond storing each slot's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from starling_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+NEG_INF = -1e30  # finite, so a row with no visible key (a pad query) gives a uniform softmax instead of NaN
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parameter declarations: every weight once, with its shape, logical axes and initialiser.
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[Optional[str], ...]  # logical axis names, mapped to mesh axes by starling_jax.sharding rules
+    init: str  # "normal" (std = config.init_std), "ones" or "zeros"
+    dtype: str = "float32"
+
+
+def param_specs(config: ModelConfig) -> Params:
+    """The parameter tree of `config` as ParamSpecs (no arrays)."""
+    c, dt = config, config.param_dtype
+    L, D, H, K, E, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim,
+                           c.vocab_size)
+    specs: Params = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal", dt),
+        "layers": {
+            "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones", dt),
+            "wq": ParamSpec((L, D, H, E), ("layers", "embed", "heads", "head_dim"), "normal", dt),
+            "wk": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), "normal", dt),
+            "wv": ParamSpec((L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"), "normal", dt),
+            "wo": ParamSpec((L, H, E, D), ("layers", "heads", "head_dim", "embed"), "normal", dt),
+            "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones", dt),
+            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", dt),
+            "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal", dt),
+            "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal", dt),
+        },
+        "final_norm": ParamSpec((D,), ("norm",), "ones", dt),
+    }
+    if c.head == "lm" and not c.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal", dt)
+    elif c.head == "score":
+        specs["score"] = ParamSpec((D, 1), ("embed", None), "normal", dt)
+    return specs
+
+
+def value_head_specs(config: ModelConfig, kind: str = "mlp") -> Params:
+    """A per-token critic on the last hidden state: Starling's MLP Linear(D, 2D)-ReLU-Linear(2D, 1), or a Linear(D, 1)."""
+    D, dt = config.hidden_size, config.param_dtype
+    if kind == "mlp":
+        return {"w1": ParamSpec((D, 2 * D), ("embed", "mlp"), "normal", dt), "b1": ParamSpec((2 * D,), ("mlp",), "zeros", dt),
+                "w2": ParamSpec((2 * D, 1), ("mlp", None), "normal", dt), "b2": ParamSpec((1,), (None,), "zeros", dt)}
+    if kind == "linear":
+        return {"w": ParamSpec((D, 1), ("embed", None), "normal", dt), "b": ParamSpec((1,), (None,), "zeros", dt)}
+    raise ValueError(f"value head kind must be 'mlp' or 'linear', got {kind!r}")
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def init_from_specs(specs: Params, key: jax.Array, std: float) -> Params:
+    """Materialise a ParamSpec tree. Jittable: wrap in jax.jit(out_shardings=...) to create it already sharded."""
+    leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+
+    def make(spec: ParamSpec, k):
+        dtype = jnp.dtype(spec.dtype)
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dtype)
+        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree_util.tree_unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+    """Random parameters for `config` (normal(0, init_std) weights, unit norms)."""
+    return init_from_specs(param_specs(config), key, config.init_std)
+
+
+def init_value_head(config: ModelConfig, key: jax.Array, kind: str = "mlp") -> Params:
+    return init_from_specs(value_head_specs(config, kind), key, config.init_std)
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """ShapeDtypeStructs of the parameters: for counting and planning without allocating."""
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), param_specs(config),
+                                  is_leaf=is_spec)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Positions, masks, RoPE.
+
+
+def positions_and_segments(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Positions [B, T] (-1 on padding) and segment ids [B, T] (0 on padding) from a mask.
+
+    The mask is 0 on padding and nonzero on real tokens; packed rows number their sequences 1, 2, ... (increasing),
+    and positions restart at 0 in each. For a 0/1 mask, positions are cumsum(mask) - 1 on real tokens.
+    """
+    seg = attention_mask.astype(jnp.int32)
+    real = seg > 0
+    count = jnp.cumsum(real, axis=1, dtype=jnp.int32)
+    prev_max = jnp.pad(jax.lax.cummax(seg, axis=1), ((0, 0), (1, 0)))[:, :-1]
+    is_new = real & (seg > prev_max)
+    offset = jax.lax.cummax(jnp.where(is_new, count - 1, 0), axis=1)
+    return jnp.where(real, count - 1 - offset, -1), seg
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, E/2] in float32 for the rotate-half RoPE of HF Llama/Mistral."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, E]; rotate-half convention, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window: Optional[int] = None):
+    """Grouped-query attention without repeating K/V.
+
+    q [B, T, H, E]; k, v [B, S, K, E]; q_pos [B, T]; k_pos [B, S] with -1 marking an empty or padded slot.
+    """
+    B, T, H, E = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, E)
+    scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32) * (E ** -0.5)
+    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        allowed &= q_pos[:, :, None] - k_pos[:, None, :] < window
+    if q_seg is not None:
+        allowed &= q_seg[:, :, None] == k_seg[:, None, :]
+    scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    return out.reshape(B, T, H, E)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache: per-layer K/V slots plus each slot's position (-1 = empty). Slot of the n-th token written = n % S, so a
+# cache of S = sliding_window slots is a rolling buffer; S = total length is a plain cache.
+
+
+def init_cache(config: ModelConfig, batch: int, slots: int) -> Params:
+    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    dt = jnp.dtype(config.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "pos": jnp.full((batch, slots), -1, jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_slots(config: ModelConfig, total_len: int) -> int:
+    """Slots needed to generate up to `total_len` tokens: the window when it is shorter (rolling buffer)."""
+    return min(total_len, config.sliding_window) if config.sliding_window else total_len
+
+
+def _write_slots(index, T: int, S: int):
+    """Slot of each of T new tokens; tokens that a later one in the same write overwrites are sent out of range."""
+    t = jnp.arange(T)
+    return jnp.where(t >= T - S, (index + t) % S, S)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The decoder.
+
+
+def _dense(x, w, dtype, spec: str):
+    return jnp.einsum(spec, x, w.astype(dtype))
+
+
+def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
+    """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, slot_pos [B,S], slots [T]) or None (attend to self)."""
+    dt = jnp.dtype(config.dtype)
+    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    q = apply_rope(_dense(h, layer["wq"], dt, "btd,dhe->bthe"), cos, sin)
+    k = apply_rope(_dense(h, layer["wk"], dt, "btd,dke->btke"), cos, sin)
+    v = _dense(h, layer["wv"], dt, "btd,dke->btke")
+    new_kv = None
+    T = x.shape[1]
+    if kv is None:
+        k_pos = jnp.where(seg > 0, q_pos, -1)
+        a = attention(q, k, v, q_pos, k_pos, seg, seg, config.sliding_window)
+    else:
+        cache_k, cache_v, slot_pos, slots = kv
+        S = cache_k.shape[1]
+        new_kv = (cache_k.at[:, slots].set(k, mode="drop"), cache_v.at[:, slots].set(v, mode="drop"))
+        if T <= S:  # attend over the updated cache
+            a = attention(q, new_kv[0], new_kv[1], q_pos, slot_pos, window=config.sliding_window)
+        else:  # a prefill longer than the rolling buffer (cache must start empty): attend over the new keys
+            k_pos = jnp.where(seg > 0, q_pos, -1)
+            a = attention(q, k, v, q_pos, k_pos, window=config.sliding_window)
+    x = x + _dense(a, layer["wo"], dt, "bthe,hed->btd")
+    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    gate = _dense(h, layer["w_gate"], dt, "btd,df->btf")
+    up = _dense(h, layer["w_up"], dt, "btd,df->btf")
+    x = x + _dense(jax.nn.silu(gate) * up, layer["w_down"], dt, "btf,fd->btd")
+    return x, new_kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask: jax.Array,
+               cache: Optional[Params] = None):
+    """Run a stack of layers (any slice of params["layers"]) over x [B, T, D] with one lax.scan.
+
+    With a cache (see init_cache; its k/v must hold exactly these layers), the new tokens' K/V are written and
+    attention runs over the cache; positions continue from the cache's. Returns (x, cache or None).
+    """
+    if cache is None:
+        q_pos, seg = positions_and_segments(attention_mask)
+    else:
+        real = attention_mask > 0
+        last = jnp.max(cache["pos"], axis=1, keepdims=True)  # -1 for an empty cache
+        q_pos = jnp.where(real, last + jnp.cumsum(real, axis=1, dtype=jnp.int32), -1)
+        seg = real.astype(jnp.int32)
+    cos, sin = rope_tables(q_pos, config.head_dim, config.rope_theta)
+    x = x.astype(jnp.dtype(config.dtype))
+
+    if cache is None:
+        def body(h, layer):
+            return decoder_layer(config, h, layer, cos, sin, q_pos, seg)[0], None
+        xs = layers
+    else:
+        S = cache["pos"].shape[1]
+        slots = _write_slots(cache["index"], x.shape[1], S)
+        slot_pos = cache["pos"].at[:, slots].set(jnp.where(seg > 0, q_pos, -1), mode="drop")
+
+        def body(h, xs_l):
+            layer, ck, cv = xs_l
+            h, (ck, cv) = decoder_layer(config, h, layer, cos, sin, q_pos, seg, (ck, cv, slot_pos, slots))
+            return h, (ck, cv)
+        xs = (layers, cache["k"], cache["v"])
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
+    x, ys = jax.lax.scan(body, x, xs)
+    if cache is None:
+        return x, None
+    return x, {"k": ys[0], "v": ys[1], "pos": slot_pos, "index": cache["index"] + x.shape[1]}
+
+
+def embed_tokens(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(config.dtype))
+
+
+def final_norm(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps)
+
+
+def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask=None) -> jax.Array:
+    """The final-norm hidden states [B, T, D] (compute dtype)."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    x, _ = run_layers(params["layers"], config, embed_tokens(params, config, tokens), attention_mask)
+    return final_norm(params, config, x)
+
+
+def lm_logits(params: Params, config: ModelConfig, h: jax.Array) -> jax.Array:
+    """Vocabulary logits [..., V] in float32 from final hidden states."""
+    w = params["embed"].T if config.tie_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask=None) -> jax.Array:
+    """Logits [B, T, V] in float32. attention_mask: 0 on padding (left or right), see positions_and_segments."""
+    return lm_logits(params, config, hidden_states(params, config, tokens, attention_mask))
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index [B] of each row's last non-pad token."""
+    idx = jnp.arange(attention_mask.shape[-1])
+    return jnp.argmax(jnp.where(attention_mask > 0, idx, -1), axis=-1)
+
+
+def reward_values(params: Params, config: ModelConfig, h: jax.Array) -> jax.Array:
+    """The scalar head at every token [B, T] (float32)."""
+    return jnp.einsum("btd,do->bto", h, params["score"].astype(h.dtype), preferred_element_type=jnp.float32)[..., 0]
+
+
+def score(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Reward [B] (float32): the score head read at each row's last non-pad token."""
+    if "score" not in params:
+        raise ValueError("score() needs a reward model: params have no 'score' head (build it with head='score')")
+    h = hidden_states(params, config, tokens, attention_mask)
+    last = last_token_index(attention_mask)
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
+    return reward_values(params, config, h_last)[:, 0]
+
+
+def value_head(head: Params, h: jax.Array) -> jax.Array:
+    """Per-token values [B, T] (float32) from hidden states [B, T, D]."""
+    h = h.astype(jnp.float32)
+    if "w1" in head:
+        h = jax.nn.relu(h @ head["w1"].astype(jnp.float32) + head["b1"].astype(jnp.float32))
+        return (h @ head["w2"].astype(jnp.float32) + head["b2"].astype(jnp.float32))[..., 0]
+    return (h @ head["w"].astype(jnp.float32) + head["b"].astype(jnp.float32))[..., 0]
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits)[targets], float32, same leading shape as targets."""
+    logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return picked - logz
+
+
+def check_token_ids(tokens, vocab_size: int, where: str = "tokens") -> None:
+    """Host-side check that every id is in [0, vocab_size): an out-of-range id would gather garbage (or crash a GPU)."""
+    arr = np.asarray(tokens)
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{where}: token id {int(arr[pos])} at index {pos} is outside the vocabulary "
+                         f"[0, {vocab_size}) ({int(bad.sum())} bad ids in all); the tokenizer and the model disagree "
+                         f"(e.g. an added token such as <sep> = 32002 that the 32002-row embedding lacks)")
