@@ -354,3 +354,47 @@ def check_token_ids(tokens, vocab_size: int, where: str = "tokens") -> None:
         raise ValueError(f"{where}: token id {int(arr[pos])} at index {pos} is outside the vocabulary "
                          f"[0, {vocab_size}) ({int(bad.sum())} bad ids in all); the tokenizer and the model disagree "
                          f"(e.g. an added token such as <sep> = 32002 that the 32002-row embedding lacks)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Train only the top N layers: split the tree so the frozen part has no gradient and no optimizer state.
+
+HEAD_KEYS = ("lm_head", "score")
+
+
+def split_params(params: Params, top_layers: int, train_head: bool = True) -> tuple[Params, Params]:
+    """(trainable, frozen). trainable = the top `top_layers` layers + final norm (+ the output head if train_head);
+    frozen = embeddings + the layers below (+ the head otherwise). top_layers = 0 means everything is trainable."""
+    n_layers = params["layers"]["wq"].shape[0]
+    if not 0 <= top_layers <= n_layers:
+        raise ValueError(f"trainable top layers must be in [0, {n_layers}], got {top_layers}")
+    if (top_layers in (0, n_layers)) and train_head:
+        return dict(params), {}
+    cut = n_layers - top_layers
+    trainable = {"layers": jax.tree_util.tree_map(lambda a: a[cut:], params["layers"]), "final_norm": params["final_norm"]}
+    frozen = {"embed": params["embed"], "layers": jax.tree_util.tree_map(lambda a: a[:cut], params["layers"])}
+    for k in HEAD_KEYS:
+        if k in params:
+            (trainable if train_head else frozen)[k] = params[k]
+    return trainable, frozen
+
+
+def merge_params(trainable: Params, frozen: Params) -> Params:
+    """Inverse of split_params."""
+    if not frozen:
+        return dict(trainable)
+    out = {**frozen, **{k: v for k, v in trainable.items() if k != "layers"}}
+    out["layers"] = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=0), frozen["layers"],
+                                           trainable["layers"])
+    return out
+
+
+def split_hidden_states(trainable: Params, frozen: Params, config: ModelConfig, tokens, attention_mask):
+    """hidden_states() on split params: the frozen trunk runs without gradient, then the trainable top layers."""
+    if not frozen:
+        return hidden_states(trainable, config, tokens, attention_mask)
+    x = embed_tokens(frozen, config, tokens)
+    x, _ = run_layers(frozen["layers"], config, x, attention_mask)
+    x = jax.lax.stop_gradient(x)
+    x, _ = run_layers(trainable["layers"], config, x, attention_mask)
+    return final_norm(trainable, config, x)
