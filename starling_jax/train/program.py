@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Protocol
 import jax
 import numpy as np
 
-from starling_jax.config import Experiment, ModelSection, RewardModelSection
+from starling_jax.config import OBJECTIVE_KINDS, Experiment, ModelSection, RewardModelSection
 from starling_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -118,15 +118,6 @@ def count_tokens(batch: Batch) -> int:
 
 STAGE_KINDS: dict[str, Callable[[StageContext], StageProgram]] = {}
 
-# objective name -> stage kind
-OBJECTIVE_KINDS = {
-    "sft": "sft",
-    "rm_plackett_luce": "rm",
-    "rm_bradley_terry": "rm",
-    "dpo": "dpo",
-    "apa": "rl",
-    "ppo": "rl",
-}
 
 # modules whose import registers each kind (imported lazily so a missing optional kind only fails when used)
 KIND_MODULES = {
