@@ -78,7 +78,7 @@ class ObjectiveConfig:
     dpo_beta: float = 0.1
     apa_lambda: float = 0.1  # APA: (logp - logp_old - A / lambda)^2; Starling's fork used 1.0
     ppo_clip: float = 0.2
-    value_clip: float = 0.2
+    value_clip: Optional[float] = 0.2  # PPO clipped value loss; None = unclipped 0.5 (V - R)^2 (APA)
     vf_coef: float = 1.0
     gamma: float = 1.0
     gae_lambda: float = 0.95
@@ -89,6 +89,7 @@ class ObjectiveConfig:
     value_head: str = "mlp"  # "mlp" (Starling) | "linear"
     reward_clip: float = 10.0
     scale_reward: bool = True  # divide the RM score by a running std
+    whiten_advantages: bool = False  # normalise GAE advantages per rollout chunk (trlx PPO); APA uses raw ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,7 @@ class RolloutConfig:
     top_p: float = 1.0
     epochs: int = 2  # optimisation epochs over each rollout batch
     minibatch_size: int = 8
+    eval_prompts: int = 64  # held-out prompts sampled at the start and the end of the stage (true reward, KL)
 
 
 @dataclasses.dataclass(frozen=True)
