@@ -243,12 +243,15 @@ _REMAT = {
 
 
 def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask: jax.Array,
-               cache: Optional[Params] = None):
+               cache: Optional[Params] = None, constrain: Optional[Callable[[jax.Array], jax.Array]] = None):
     """Run a stack of layers (any slice of params["layers"]) over x [B, T, D] with one lax.scan.
 
     With a cache (see init_cache; its k/v must hold exactly these layers), the new tokens' K/V are written and
     attention runs over the cache; positions continue from the cache's. Returns (x, cache or None).
+    constrain: optional x -> x applied to the residual stream at every layer boundary, e.g. a sharding constraint
+    (starling_jax.sharding.activation_constraint); None leaves the layout to XLA.
     """
+    pin = constrain if constrain is not None else (lambda h: h)
     if cache is None:
         q_pos, seg = positions_and_segments(attention_mask)
     else:
@@ -261,7 +264,7 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
 
     if cache is None:
         def body(h, layer):
-            return decoder_layer(config, h, layer, cos, sin, q_pos, seg)[0], None
+            return pin(decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg)[0]), None
         xs = layers
     else:
         S = cache["pos"].shape[1]
@@ -270,8 +273,8 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
 
         def body(h, xs_l):
             layer, ck, cv = xs_l
-            h, (ck, cv) = decoder_layer(config, h, layer, cos, sin, q_pos, seg, (ck, cv, slot_pos, slots))
-            return h, (ck, cv)
+            h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, (ck, cv, slot_pos, slots))
+            return pin(h), (ck, cv)
         xs = (layers, cache["k"], cache["v"])
     if config.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
