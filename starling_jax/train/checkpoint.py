@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a stage: WORKDIR/<stage>/checkpoints/<step>/{state, data, config}, keeping the newest N, and
+the stage's exported model WORKDIR/<stage>/export/{params, model_config.json, summary.json} for later stages.
+
+A checkpoint holds the train state pytree (params, frozen, optimizer state, step, rng), the data stream's position
+(JSON) and the experiment config (JSON, so a checkpoint directory says what produced it). Orbax writes each step into a
+temporary directory and renames it when complete, so a run killed mid-save leaves no half checkpoint behind; a
+checkpoint damaged afterwards (e.g. a truncated file) fails to restore and we fall back to the previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from starling_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    data_state: dict
+    config: dict
+
+
+def _abstract(tree):
+    """Restore target: shapes, dtypes and shardings of `tree` (so arrays come back placed like the fresh state)."""
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+    """The stage's CheckpointManager. Saves are asynchronous; call wait() (or close()) before relying on one."""
+
+    def __init__(self, directory: str, keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                               enable_async_checkpointing=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data", "config"))
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, config: dict) -> None:
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config)), force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, like) -> Restored:
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(like)),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore()))
+        return Restored(step=step, state=out["state"], data_state=out["data"], config=out["config"])
+
+    def restore_latest(self, like) -> Optional[Restored]:
+        """The newest checkpoint that restores; a damaged one is skipped with a warning. None when there is none."""
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, like)
+            except Exception as e:  # orbax raises many kinds (ValueError, FileNotFoundError, tensorstore errors)
+                warnings.warn(f"checkpoint {os.path.join(self.directory, str(step))} could not be restored "
+                              f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous checkpoint",
+                              stacklevel=2)
+        return None
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A finished stage's exported model.
+
+def save_export(directory: str, model_config: ModelConfig, params, summary: dict) -> None:
+    """Write params (orbax), the ModelConfig and the stage summary; the summary goes last, marking the stage done."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(directory, "params"), params, force=True)
+    ckptr.wait_until_finished()
+    with open(os.path.join(directory, "model_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(model_config), f, indent=1)
+    tmp = os.path.join(directory, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(directory, "summary.json"))
+
+
+def export_done(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, "summary.json"))
+
+
+def load_export(directory: str, mesh=None, shardings=None) -> tuple[ModelConfig, Any, dict]:
+    """(model_config, params, summary) written by save_export. `shardings` (a tree like the params) places them."""
+    directory = os.path.abspath(directory)
+    if not export_done(directory):
+        raise FileNotFoundError(f"{directory} holds no finished stage export (no summary.json); run that stage first")
+    with open(os.path.join(directory, "model_config.json")) as f:
+        config = ModelConfig(**json.load(f))
+    with open(os.path.join(directory, "summary.json")) as f:
+        summary = json.load(f)
+    from starling_jax.models import abstract_params
+    target = abstract_params(config)
+    if shardings is not None:
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
+                                        shardings)
+    else:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
+    return config, params, summary

@@ -1,0 +1,105 @@
+"""Where training metrics go: WORKDIR/<stage>/metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow)
+and a tqdm progress bar. The loop hands over host floats only (it fetches device metrics once per logged step)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file (or of WORKDIR/<stage>/ given its directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _jsonable(x):
+    """Floats as JSON allows them: NaN/inf become strings so every line stays valid JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop records after `last_step` (written by a run that was killed after its last checkpoint), so a resumed
+    run's file reads as if it had never stopped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to metrics.jsonl, the same scalars to TensorBoard, and a progress bar.
+
+    start_step: the step the run (re)starts from; records after it are removed from an existing metrics.jsonl.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, tensorboard: bool = True,
+                 progress: bool = True, desc: str = ""):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, METRICS_FILE)
+        truncate_metrics(self.path, start_step)
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # lazily: only when asked for
+            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                             mininterval=1.0)
+        self._last_step = start_step
+
+    def log(self, step: int, metrics: dict, prefix: str = "") -> None:
+        """metrics: name -> float (or JSON-able); `prefix` (e.g. "eval/") is prepended to every name."""
+        record = {"step": int(step), **{prefix + k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(prefix + k, v, global_step=step)
+        if self._bar is not None:
+            if step > self._last_step:
+                self._bar.update(step - self._last_step)
+                self._last_step = step
+            shown = {k: v for k, v in record.items() if k in ("loss", "tokens_per_s", "step_time", "mfu",
+                                                               prefix + "loss", "eval/pair_accuracy")}
+            self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()
+                                   if k != "step"}, refresh=False)
+
+    def write(self, message: str) -> None:
+        """A line for the user that does not break the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float, num_devices: int) -> Optional[float]:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak (None when not configured)."""
+    if flops_per_token <= 0 or peak_flops <= 0:
+        return None
+    return flops_per_token * tokens_per_s / (peak_flops * num_devices)
