@@ -1,0 +1,303 @@
+"""One training loop for every stage kind, and the `starling-jax train` / `starling-jax run` commands.
+
+    run_experiment(exp, workdir) -> summary      all stages in order; a finished stage (its export exists) is skipped
+    train_stage(ctx) -> summary                  one stage: resume, step, log, eval, checkpoint, finish, export
+
+Per stage the loop writes WORKDIR/<stage>/metrics.jsonl, WORKDIR/<stage>/tensorboard/, WORKDIR/<stage>/checkpoints/
+(orbax, the newest checkpoint.keep) and, when done, WORKDIR/<stage>/export/ (the model later stages load with
+"stage:NAME"). `run` also writes WORKDIR/summary.json ({stage name: that stage's finish() summary}).
+
+Host syncs: the step's metrics stay on the device until a logged step (every logging.every steps), a checkpoint step
+(a NaN check guards every save) or the end, where one device_get fetches all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from starling_jax.config import ConfigError, Experiment, apply_overrides, load_experiment, stages_of, to_dict, validate
+from starling_jax.train.checkpoint import Checkpoints, export_done, load_export, save_export
+from starling_jax.train.logging import MetricsLogger, mfu
+from starling_jax.train.program import StageContext, StageExport, build_program
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops without saving the bad state."""
+
+
+class StageInterrupted(RuntimeError):
+    """SIGTERM/SIGINT: a checkpoint was written and the run stopped; running the same command resumes it."""
+
+
+EXIT_INTERRUPTED = 128 + signal.SIGTERM  # the shell's convention for "terminated by SIGTERM"
+
+
+class _StopFlag:
+    """Turns SIGTERM and SIGINT into a flag the loop checks between steps (a signal never interrupts a save)."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _mean_metrics(fetched: list[dict]) -> dict:
+    """Mean of each scalar metric over the steps of a logging window."""
+    out = {}
+    for k in fetched[0]:
+        values = [np.asarray(m[k], dtype=np.float64) for m in fetched if k in m]
+        if all(v.ndim == 0 for v in values):
+            out[k] = float(np.mean(values))
+    return out
+
+
+def _first_nonfinite(fetched: list[dict], first_step: int) -> Optional[tuple[int, float]]:
+    for i, m in enumerate(fetched):
+        loss = float(np.asarray(m["loss"]))
+        if not math.isfinite(loss):
+            return first_step + i, loss
+    return None
+
+
+def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
+    """Train one stage to config.train.steps (resuming from its newest checkpoint unless checkpoint.resume is False),
+    then evaluate, finish and export it. Returns (summary, export)."""
+    c = ctx.config
+    steps, log_every, ckpt_every = c.train.steps, c.logging.every, c.checkpoint.every
+    eval_every = c.train.eval_every
+    is_main = jax.process_index() == 0
+    program = build_program(ctx)
+    ckpts = Checkpoints(os.path.join(ctx.workdir, "checkpoints"), keep=c.checkpoint.keep)
+    state, start = program.state, 0
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if is_main else (lambda msg: None)
+    if c.checkpoint.resume:
+        restored = ckpts.restore_latest(program.state)
+        if restored is not None:
+            state, start = restored.state, restored.step
+            program.batches.set_state(restored.data_state)
+            say(f"[{ctx.stage_name}] resumed from {ckpts.directory}/{start}")
+    elif ckpts.steps():
+        say(f"[{ctx.stage_name}] checkpoint.resume=False: starting over; checkpoints {ckpts.steps()} will be replaced")
+    logger = MetricsLogger(ctx.workdir, steps, start, tensorboard=c.logging.tensorboard and is_main,
+                           progress=c.logging.progress and is_main, desc=ctx.stage_name) if is_main else None
+    config_dict = to_dict(ctx.experiment)
+    num_devices = jax.device_count()
+
+    pending: list = []  # device metrics of the steps since the last log
+    window_start, window_tokens, window_t0 = start, 0, time.perf_counter()
+    last_saved = start
+    step = start
+    try:
+        with _StopFlag() as stop:
+            while step < steps:
+                batch = program.batches.next_batch(state)
+                window_tokens += program.tokens_per_batch(batch)
+                state, metrics = program.step(state, batch)
+                pending.append(metrics)
+                step += 1
+                log_due = step % log_every == 0 or step == steps
+                ckpt_due = (ckpt_every and step % ckpt_every == 0) or stop.signal is not None
+                if log_due or ckpt_due:
+                    fetched = jax.device_get(pending)  # the one host sync of this window
+                    bad = _first_nonfinite(fetched, window_start + 1)
+                    if bad is not None:
+                        kept = f"step {last_saved} in {ckpts.directory}" if ckpts.steps() else "none (no checkpoint yet)"
+                        raise TrainingDiverged(
+                            f"stage {ctx.stage_name!r}: the loss is {bad[1]} at step {bad[0]}; stopping without "
+                            f"saving. Last good checkpoint: {kept}. Try a lower optim.learning_rate, optim.grad_clip, "
+                            f"or check the data around that step.")
+                    if log_due:
+                        elapsed = time.perf_counter() - window_t0
+                        values = _mean_metrics(fetched)
+                        values["step_time"] = elapsed / len(fetched)
+                        values["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                        u = mfu(program.flops_per_token, values["tokens_per_s"], c.logging.peak_flops, num_devices)
+                        if u is not None:
+                            values["mfu"] = u
+                        if logger:
+                            logger.log(step, values)
+                        pending, window_start, window_tokens = [], step, 0
+                        window_t0 = time.perf_counter()
+                if eval_every and step % eval_every == 0 and step < steps:
+                    evaluated = program.evaluate(state)
+                    if evaluated and logger:
+                        logger.log(step, evaluated, prefix="eval/")
+                if ckpt_due:
+                    ckpts.save(step, state, program.batches.get_state(), config_dict)
+                    last_saved = step
+                if stop.signal is not None:
+                    ckpts.wait()
+                    name = signal.Signals(stop.signal).name
+                    raise StageInterrupted(f"stage {ctx.stage_name!r}: {name} at step {step}; checkpoint saved in "
+                                           f"{ckpts.directory}/{step}. Run the same command again to resume.")
+        if last_saved != steps or not ckpts.steps():
+            ckpts.save(steps, state, program.batches.get_state(), config_dict)
+        ckpts.wait()
+        evaluated = program.evaluate(state)
+        if evaluated and logger:
+            logger.log(steps, evaluated, prefix="eval/")
+        summary = dict(program.finish(state, ctx.workdir) or {})
+        if evaluated:
+            summary.setdefault("eval", evaluated)
+        params = program.export(state)
+        export = StageExport(config=program.model_config, params=params, summary=summary)
+        save_export(os.path.join(ctx.workdir, "export"), program.model_config, params, summary)
+        return summary, export
+    finally:
+        ckpts.close()
+        if logger:
+            logger.close()
+
+
+def _make_mesh(exp: Experiment):
+    """The experiment's device mesh (None when the sharding module is unavailable and there is one device)."""
+    try:
+        from starling_jax.sharding import make_mesh
+    except ImportError:
+        if jax.device_count() > 1:
+            raise
+        return None
+    return make_mesh(exp.mesh)
+
+
+def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = None) -> dict:
+    """Run the experiment's stages in order in WORKDIR; stages already exported are skipped (their summaries kept).
+    Returns {stage name: summary} and writes it to WORKDIR/summary.json. only_stage: train just that stage (the
+    stages it depends on must be finished)."""
+    if exp.mesh.distributed:
+        jax.distributed.initialize()
+    validate(exp, num_devices=jax.device_count())
+    stages = stages_of(exp)
+    names = [n for n, _ in stages]
+    if only_stage is not None and only_stage not in names:
+        raise ConfigError(f"--stage {only_stage}: no such stage; stages: {', '.join(names)}")
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "config.json"), to_dict(exp))
+    mesh = _make_mesh(exp)
+    exports: dict[str, StageExport] = {}
+
+    def load_stage(name: str) -> StageExport:
+        if name not in exports:
+            config, params, summary = load_export(os.path.join(workdir, name, "export"))
+            exports[name] = StageExport(config=config, params=params, summary=summary)
+        return exports[name]
+
+    summary_path = os.path.join(workdir, "summary.json")
+    summaries = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    for name, config in stages:
+        stage_dir = os.path.join(workdir, name)
+        if only_stage is not None and name != only_stage:
+            continue
+        if export_done(os.path.join(stage_dir, "export")) and config.checkpoint.resume:
+            with open(os.path.join(stage_dir, "export", "summary.json")) as f:
+                summaries[name] = json.load(f)
+            print(f"[{name}] already finished ({stage_dir}/export); skipping", file=sys.stderr, flush=True)
+            continue
+        ctx = StageContext(experiment=exp, config=config, stage_name=name, workdir=stage_dir, mesh=mesh,
+                           load_stage=load_stage)
+        summary, export = train_stage(ctx)
+        exports[name] = export
+        summaries[name] = summary
+        if jax.process_index() == 0:
+            _write_json(summary_path, summaries)
+    return summaries
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+
+def _add_common(parser) -> None:
+    parser.add_argument("experiment", help="experiments/NAME.py, a bare NAME, or a saved config.json")
+    parser.add_argument("--workdir", default=None, help="output directory (default: runs/<experiment name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.steps=10 --set stages.rm.optim.learning_rate=1e-5")
+    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and exports (start over)")
+
+
+def add_train_arguments(parser) -> None:
+    _add_common(parser)
+    parser.add_argument("--stage", default=None, help="train only this stage (earlier stages it uses must be done)")
+
+
+def add_run_arguments(parser) -> None:
+    _add_common(parser)
+
+
+def _prepare(args) -> tuple[Experiment, str]:
+    exp = load_experiment(args.experiment)
+    overrides = list(args.overrides)
+    if args.fresh:
+        overrides.append("checkpoint.resume=false")
+    exp = apply_overrides(exp, overrides)
+    return exp, args.workdir or os.path.join("runs", exp.name)
+
+
+def _guarded(fn):
+    """Turn the errors a user can act on into a one-paragraph message and an exit status (no traceback)."""
+    try:
+        return fn()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except StageInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def train_cli(args) -> int:
+    def go():
+        exp, workdir = _prepare(args)
+        run_experiment(exp, workdir, only_stage=args.stage)
+        print(f"done: {workdir}", file=sys.stderr)
+        return 0
+    return _guarded(go)
+
+
+def run_cli(args) -> int:
+    def go():
+        exp, workdir = _prepare(args)
+        summaries = run_experiment(exp, workdir)
+        print(json.dumps(summaries, indent=1, default=float))
+        print(f"summary: {os.path.join(workdir, 'summary.json')}", file=sys.stderr)
+        return 0
+    return _guarded(go)
+
+
+add_arguments = add_train_arguments
+cli = train_cli
