@@ -1,0 +1,94 @@
+"""The hydra layout of an RL stage: policy, reference and critic sharing one frozen trunk.
+
+Starling-alpha trains only the top N transformer layers (trlx's num_layers_unfrozen=4). The layers below are frozen,
+so they run once per batch, without gradient, and their output feeds both the trainable top layers (the policy) and a
+frozen copy of those same top layers taken at the start of RL (the reference). The critic is a head on the policy's
+last hidden state. With N = all layers (or 0, "train everything"), the trunk is empty and the reference is a full
+frozen copy of the initial policy.
+
+Trees (nested dicts of arrays):
+  trainable = {"policy": the top layers + final norm (+ lm head), "critic": value-head params}
+  frozen    = {"trunk": embeddings + lower layers (+ lm head when it is not trained; {} when every layer trains),
+               "reference": a copy of the initial "policy" subtree}
+Only `trainable` gets gradients and optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from starling_jax import models
+from starling_jax.models import ModelConfig
+
+Params = dict[str, Any]
+
+
+def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, top_layers: int = 0,
+                   train_head: bool = True, value_head_kind: str = "mlp") -> tuple[Params, Params]:
+    """Split full policy params into (trainable, frozen) for an RL stage (see the module docstring).
+
+    top_layers = 0 or num_layers trains every layer (the reference is then a full frozen copy).
+    """
+    if "lm_head" not in params and not config.tie_embeddings:
+        raise ValueError("the RL policy needs a language-model head: params have no 'lm_head' "
+                         f"(keys: {sorted(params)}); is model.path pointing at a reward model?")
+    policy, trunk = models.split_params(params, top_layers, train_head)
+    # The reference must not alias the trainable arrays: a donated train state would otherwise invalidate it.
+    reference = jax.tree_util.tree_map(jnp.copy, policy)
+    critic = models.init_value_head(config, critic_key, value_head_kind)
+    return {"policy": policy, "critic": critic}, {"trunk": trunk, "reference": reference}
+
+
+def policy_params(trainable: Params, frozen: Params) -> Params:
+    """The full current policy params (for sampling and for exporting the stage's result)."""
+    return models.merge_params(trainable["policy"], frozen["trunk"])
+
+
+def reference_params(frozen: Params) -> Params:
+    """The full reference (initial policy) params."""
+    return models.merge_params(frozen["reference"], frozen["trunk"])
+
+
+def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens: jax.Array,
+                  attention_mask: jax.Array, prompt_len: int, with_reference: bool = True) -> dict:
+    """Log-probs of the response tokens under the policy (and the reference), the critic's values, hidden states.
+
+    tokens, attention_mask: [B, P + N], a left-padded prompt of P tokens followed by N response tokens.
+    prompt_len: P (static). The logits at position P - 1 + j predict response token j; the critic's value for
+    response token j is read at the same position (the state before the token is chosen), as in trlx.
+    Returns {"logprobs" [B, N], "ref_logprobs" [B, N] (if with_reference), "values" [B, N]} float32 and
+    "hidden" [B, N, D], the policy's final hidden states at those positions (the critic's input).
+    """
+    trunk, policy, reference = frozen["trunk"], trainable["policy"], frozen["reference"]
+    if tokens.shape != attention_mask.shape:
+        raise ValueError(f"hydra_forward: tokens {tokens.shape} and attention_mask {attention_mask.shape} differ")
+    targets = tokens[:, prompt_len:]
+    N = targets.shape[1]
+
+    def top(p: Params, x: jax.Array) -> jax.Array:
+        """The trainable-shaped subtree p over the trunk's output x -> hidden states [B, N, D] of the predicting
+        positions (only those go through the vocabulary projection)."""
+        x, _ = models.run_layers(p["layers"], config, x, attention_mask)
+        x = jax.lax.dynamic_slice_in_dim(x, prompt_len - 1, N, axis=1)
+        return models.final_norm(p, config, x)
+
+    if "layers" in trunk:
+        # The frozen trunk runs once; its output feeds both heads of the hydra.
+        x = models.embed_tokens(trunk, config, tokens)
+        x, _ = models.run_layers(trunk["layers"], config, x, attention_mask)
+        x_policy = x_ref = jax.lax.stop_gradient(x)
+    else:
+        x_policy = models.embed_tokens({**trunk, **policy}, config, tokens)
+        x_ref = models.embed_tokens({**trunk, **reference}, config, tokens)
+
+    h = top(policy, x_policy)
+    out = {"logprobs": models.token_logprobs(models.lm_logits({**trunk, **policy}, config, h), targets),
+           "values": models.value_head(trainable["critic"], h), "hidden": h}
+    if with_reference:
+        h_ref = top(reference, x_ref)
+        ref = models.token_logprobs(models.lm_logits({**trunk, **reference}, config, h_ref), targets)
+        out["ref_logprobs"] = jax.lax.stop_gradient(ref)
+    return out
