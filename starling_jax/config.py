@@ -447,8 +447,9 @@ def _known_tokenizers() -> Optional[tuple[str, ...]]:
         from starling_jax.data import tokenizer
     except Exception:
         return None
-    names = getattr(tokenizer, "KNOWN_TOKENIZERS", None) or getattr(tokenizer, "TOKENIZERS", None)
-    return tuple(names) if names else None
+    # the names load_tokenizer knows besides paths (data/tokenizer.py)
+    names = getattr(tokenizer, "KNOWN_TOKENIZERS", None) or ("openchat-3.5", "mistral-7b-v0.1")
+    return tuple(names)
 
 
 def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: dict, problems: list) -> None:
@@ -509,7 +510,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("model.config.head", f"objective {obj!r} trains a {want_head!r} head but the model has head="
             f"{m.config.head!r} (set model.config.head={want_head})")
     templates, tokenizers = _known_templates(), _known_tokenizers()
-    sections = [("model", m)] + ([("reward_model", c.reward_model)] if c.reward_model else [])
+    # the reward_model section is shared by the experiment but only read by rl stages
+    sections = [("model", m)] + ([("reward_model", c.reward_model)] if c.reward_model and kind == "rl" else [])
     for sec_name, sec in sections:
         if templates and sec.template not in templates:
             bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {_close(sec.template, templates)}")
