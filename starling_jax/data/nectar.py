@@ -1,0 +1,225 @@
+"""Nectar rows: read local files, parse prompts into messages, validate, and apply the tie policy.
+
+A raw Nectar row: prompt "\\n\\nHuman: ...\\n\\nAssistant: ..." (multi-turn possible, ends with "Assistant:"),
+answers [{answer, model, rank}] (rank 1.0 = best), turns, num_responses, source, good_natured.
+
+A parsed row (what pipelines consume; plain dict so grain can hold it):
+    {"messages": [{"role", "content"}...] ending with a user turn,
+     "responses": [str] in the file's order, "models": [str],
+     "raw_ranks": [float] as stored, "ranks": [int] a strict order 1..K (ties broken, see below),
+     "row": index in the source, "utilities": [float] (synthetic rows only)}
+
+Validation names the row (index and prompt prefix) and the field of every problem. on_bad_row="error" raises
+NectarError at the first bad row; "skip" drops it and counts the reason in a DataReport (nothing is dropped silently).
+
+Tie policy: equal raw ranks are a tie. ties="break" (default) keeps the row: for the K-wise (Plackett-Luce) loss
+the tie is broken by answer order in the row (the earlier answer ranks better) and counted; pairwise losses (DPO
+pairs, and TIED pairs in data.pipelines) skip tied pairs and count them. ties="reject" treats a tie as a bad row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+from typing import Iterable, Optional
+
+_TURN_RE = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+class NectarError(ValueError):
+    """A bad Nectar row; the message names the source, row, prompt prefix and field."""
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What happened to the rows: counts of kept, skipped (by reason), ties and truncation."""
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: dict = dataclasses.field(default_factory=dict)  # reason -> count
+    skipped_examples: list = dataclasses.field(default_factory=list)  # first messages, "row N (...): ..."
+    ties_broken: int = 0  # rows whose K-wise order broke a tie by answer order
+    tied_pairs_skipped: int = 0  # pairs left out of pairwise data because of a tie
+    prompts_truncated: int = 0  # examples whose prompt lost tokens on the left
+    responses_truncated: int = 0  # examples whose response lost tokens on the right (prompt alone did not suffice)
+    answers_dropped: int = 0  # answers beyond max_responses left out of K-wise groups
+    train_rows: int = 0
+    heldout_rows: int = 0
+
+    def skip(self, reason: str, message: str, keep_examples: int = 20) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.skipped_examples) < keep_examples:
+            self.skipped_examples.append(message)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        text = (f"rows read {self.rows_read}, kept {self.rows_kept}, skipped {skipped}"
+                + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.skipped.items()))})" if skipped else "")
+                + f"; ties broken {self.ties_broken}, tied pairs skipped {self.tied_pairs_skipped}"
+                + f"; prompts truncated {self.prompts_truncated}, responses truncated {self.responses_truncated}")
+        if self.answers_dropped:
+            text += f"; answers beyond max_responses dropped {self.answers_dropped}"
+        return text
+
+
+def _where(index: int, row, source: str = "") -> str:
+    prompt = row.get("prompt") if isinstance(row, dict) else None
+    prefix = repr(prompt[:40]) if isinstance(prompt, str) else "<no prompt>"
+    return f"{source + ': ' if source else ''}row {index} (prompt {prefix})"
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, field: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+def parse_prompt(prompt: str) -> list[dict]:
+    """"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant: " -> messages [user a, assistant b, user c]."""
+    if not isinstance(prompt, str):
+        raise _Bad("bad_prompt", "prompt", f"expected a string, got {type(prompt).__name__}")
+    text = prompt if prompt.startswith("\n\n") else "\n\n" + prompt.lstrip()
+    marks = list(_TURN_RE.finditer(text))
+    if not marks or marks[0].start() != 0 or marks[0].group(1) != "Human":
+        raise _Bad("bad_prompt", "prompt", "must start with '\\n\\nHuman: '")
+    if marks[-1].group(1) != "Assistant" or text[marks[-1].end():].strip():
+        raise _Bad("bad_prompt", "prompt", "must end with '\\n\\nAssistant:' (the turn the answers complete)")
+    messages = []
+    for k, m in enumerate(marks[:-1]):
+        role = "user" if m.group(1) == "Human" else "assistant"
+        want = "user" if k % 2 == 0 else "assistant"
+        if role != want:
+            raise _Bad("bad_prompt", "prompt", f"turn {k} is {m.group(1)} but turns must alternate Human/Assistant")
+        content = text[m.end():marks[k + 1].start()].strip()
+        if not content:
+            raise _Bad("empty_text", "prompt", f"turn {k} ({m.group(1)}) is empty")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _check_row(row, max_chars: int, ties: str, min_answers: int) -> tuple[dict, bool]:
+    if not isinstance(row, dict):
+        raise _Bad("not_a_record", "<row>", f"expected a mapping, got {type(row).__name__}")
+    for field in ("prompt", "answers"):
+        if field not in row or row[field] is None:
+            raise _Bad("missing_field", field, "required field is missing")
+    messages = parse_prompt(row["prompt"])
+    for k, m in enumerate(messages):
+        if len(m["content"]) > max_chars:
+            raise _Bad("too_long", f"prompt turn {k}", f"{len(m['content'])} characters > max_chars {max_chars}")
+    answers = row["answers"]
+    if not isinstance(answers, (list, tuple)):
+        raise _Bad("bad_answers", "answers", f"expected a list, got {type(answers).__name__}")
+    if len(answers) < min_answers:
+        raise _Bad("too_few_answers", "answers", f"{len(answers)} answers; need at least {min_answers} to rank")
+    texts, models, raw = [], [], []
+    for j, a in enumerate(answers):
+        if not isinstance(a, dict):
+            raise _Bad("bad_answers", f"answers[{j}]", f"expected a mapping, got {type(a).__name__}")
+        text = a.get("answer")
+        if not isinstance(text, str):
+            raise _Bad("missing_field", f"answers[{j}].answer", "missing or not a string")
+        if not text.strip():
+            raise _Bad("empty_text", f"answers[{j}].answer", "empty answer")
+        if len(text) > max_chars:
+            raise _Bad("too_long", f"answers[{j}].answer", f"{len(text)} characters > max_chars {max_chars}")
+        rank = a.get("rank")
+        if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not math.isfinite(rank) or rank < 1:
+            raise _Bad("bad_rank", f"answers[{j}].rank", f"expected a finite number >= 1, got {rank!r}")
+        texts.append(text.strip())
+        models.append(str(a.get("model") or ""))
+        raw.append(float(rank))
+    tied = len(set(raw)) < len(raw)
+    if tied and ties == "reject":
+        dup = sorted({r for r in raw if raw.count(r) > 1})
+        raise _Bad("tied_ranks", "answers[*].rank", f"tied ranks {dup} (ties='reject')")
+    # Strict order: sort by raw rank, ties by answer position (stable sort).
+    order = sorted(range(len(raw)), key=lambda j: raw[j])
+    ranks = [0] * len(raw)
+    for pos, j in enumerate(order):
+        ranks[j] = pos + 1
+    parsed = {"messages": messages, "responses": texts, "models": models, "raw_ranks": raw, "ranks": ranks}
+    if "utilities" in row and row["utilities"] is not None:
+        parsed["utilities"] = [float(u) for u in row["utilities"]]
+    return parsed, tied
+
+
+def parse_rows(rows: Iterable, on_bad_row: str = "error", ties: str = "break", max_chars: int = 100_000,
+               min_answers: int = 2, source: str = "", report: Optional[DataReport] = None
+               ) -> tuple[list[dict], DataReport]:
+    """Validate and parse raw Nectar rows -> (parsed rows, report). See the module docstring for the policies."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if ties not in ("break", "reject"):
+        raise ValueError(f"ties must be 'break' or 'reject', got {ties!r}")
+    report = report or DataReport()
+    out = []
+    for index, row in enumerate(rows):
+        report.rows_read += 1
+        try:
+            parsed, tied = _check_row(row, max_chars, ties, min_answers)
+        except _Bad as bad:
+            message = f"{_where(index, row, source)}: field {bad.field}: {bad.detail}"
+            if on_bad_row == "error":
+                raise NectarError(message + " (set data.on_bad_row='skip' to skip such rows)") from None
+            report.skip(bad.reason, message)
+            continue
+        report.ties_broken += int(tied)
+        parsed["row"] = index
+        out.append(parsed)
+    report.rows_kept = len(out)
+    return out, report
+
+
+def find_files(path: str) -> list[str]:
+    """Nectar files under path: itself if a file, else its *.parquet, *.jsonl, *.json (sorted, recursive)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Nectar source {path!r} does not exist")
+    files = sorted(f for ext in ("parquet", "jsonl", "json")
+                   for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no .parquet, .jsonl or .json files under {path!r}")
+    return files
+
+
+def read_file(path: str) -> list:
+    """Raw rows of one parquet / JSONL / JSON (list of rows) file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            rows = []
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise NectarError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
+            return rows
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise NectarError(f"{path}: a .json Nectar file must hold a list of rows, got {type(data).__name__}")
+    return data
+
+
+def read_rows(path: str, on_bad_row: str = "error", ties: str = "break", max_chars: int = 100_000,
+              ) -> tuple[list[dict], DataReport]:
+    """Read and parse every Nectar file under path; errors name the file and the row within it."""
+    report = DataReport()
+    out: list[dict] = []
+    for f in find_files(path):
+        rows, _ = parse_rows(read_file(f), on_bad_row, ties, max_chars, source=f, report=report)
+        for r in rows:
+            r["file"] = f
+        out += rows
+    report.rows_kept = len(out)
+    return out, report

@@ -1,0 +1,295 @@
+"""grain pipelines for the four batch kinds (SFT, RM, DPO, RL prompts), and load_rows for the training loop.
+
+Rows (parsed Nectar rows, see data.nectar) are tokenized once when a dataset is built, so truncation is counted
+exactly in a DataReport; grain then shards, shuffles, repeats and batches the encoded examples. Every dataset is a
+grain MapDataset (IterDataset when packing): `it = iter(ds)` gives batches, `it.get_state()` / `it.set_state(s)`
+checkpoint and resume it exactly, mid-epoch included. Batches are dicts of numpy arrays:
+
+  SFT: tokens [B,T] int32, attention_mask [B,T] int32 (1 real / 0 pad; packed rows: segment ids 1,2,..),
+       loss_mask [B,T] float32 (1 on assistant tokens incl. their closing token, every turn)
+  RM:  tokens [B,K,T], attention_mask [B,K,T] (right padded), ranks [B,K] (1 = best; padded slots continue the
+       order k+1..K), response_mask [B,K] (0 = padded slot)
+  DPO: chosen_tokens, chosen_attention_mask, chosen_loss_mask, rejected_tokens, rejected_attention_mask,
+       rejected_loss_mask, all [B,T] (loss masks float32, on the final response only)
+  RL:  prompt_tokens [B,P] (left padded), prompt_mask [B,P], prompt_id [B] (index into the rows given)
+
+Truncation: a prompt is cut from the left (its BOS kept) to at most max_prompt_length tokens and to what the
+response leaves of max_length; a response is cut from the right only when it alone would leave the prompt fewer
+than min(prompt length, max_prompt_length, max_length // 2) tokens. Both are counted in the report.
+Sharding: the rows are cut to a multiple of shard_count and process shard_index takes every shard_count-th one;
+batch_size is per process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import grain
+import numpy as np
+
+from starling_jax.data import nectar
+from starling_jax.data.tokenizer import Tokenizer
+
+KINDS = ("sft", "rm", "dpo", "rl")
+_HELDOUT_SPLIT_SEED = 20231128  # fixed, so every stage and seed sees the same held-out rows
+
+
+# -- encoding ---------------------------------------------------------------------------------------------------
+
+def _last_run_start(mask: Sequence[int]) -> int:
+    """Start of the last run of ones in mask (the final assistant reply)."""
+    i = len(mask)
+    while i > 0 and not mask[i - 1]:
+        i -= 1
+    while i > 0 and mask[i - 1]:
+        i -= 1
+    return i
+
+
+def encode_example(tokenizer: Tokenizer, messages: Sequence[dict], response: str, template, max_length: int,
+                   max_prompt_length: int, report: nectar.DataReport, all_turns_loss: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [n <= max_length] and loss mask [n] of messages + the reply `response`, truncated as documented."""
+    ids, mask = tokenizer.encode_chat(list(messages) + [{"role": "assistant", "content": response}], template,
+                                      add_generation_prompt=False, return_loss_mask=True)
+    start = _last_run_start(mask)
+    prompt, prompt_mask = ids[:start], mask[:start]
+    resp, resp_mask = ids[start:], mask[start:]
+    if not all_turns_loss:
+        prompt_mask = [0] * len(prompt_mask)
+    keep_prompt = min(len(prompt), max_prompt_length, max_length // 2)
+    if len(resp) > max_length - keep_prompt:
+        resp, resp_mask = resp[:max_length - keep_prompt], resp_mask[:max_length - keep_prompt]
+        report.responses_truncated += 1
+    room = min(max_prompt_length, max_length - len(resp))
+    if len(prompt) > room:
+        # Left truncation keeps the BOS (the model always saw one first) and the most recent turns.
+        head = 1 if prompt and prompt[0] == tokenizer.bos_id else 0
+        prompt = prompt[:head] + prompt[len(prompt) - (room - head):]
+        prompt_mask = prompt_mask[:head] + prompt_mask[len(prompt_mask) - (room - head):]
+        report.prompts_truncated += 1
+    return np.asarray(prompt + resp, np.int32), np.asarray(prompt_mask + resp_mask, np.float32)
+
+
+def encode_prompt(tokenizer: Tokenizer, messages: Sequence[dict], template, max_prompt_length: int,
+                  report: nectar.DataReport) -> np.ndarray:
+    ids = tokenizer.encode_chat(messages, template, add_generation_prompt=True)
+    if len(ids) > max_prompt_length:
+        head = 1 if ids[0] == tokenizer.bos_id else 0
+        ids = ids[:head] + ids[len(ids) - (max_prompt_length - head):]
+        report.prompts_truncated += 1
+    return np.asarray(ids, np.int32)
+
+
+def _pad(x: np.ndarray, length: int, value, left: bool = False) -> np.ndarray:
+    out = np.full((length,), value, x.dtype)
+    if left:
+        out[length - len(x):] = x
+    else:
+        out[:len(x)] = x
+    return out
+
+
+def sft_examples(rows, tokenizer, template, max_length, max_prompt_length, report):
+    """One example per row: the best-ranked answer, loss on every assistant turn."""
+    out = []
+    for r in rows:
+        best = r["responses"][int(np.argmin(r["ranks"]))]
+        tokens, loss = encode_example(tokenizer, r["messages"], best, template, max_length, max_prompt_length,
+                                      report, all_turns_loss=True)
+        out.append({"tokens": tokens, "loss_mask": loss})
+    return out
+
+
+def rm_examples(rows, tokenizer, template, max_length, max_prompt_length, max_responses, report, seed=0):
+    """One K-wise group per row: [K, T] tokens/masks. Rows with more answers keep a seeded random subset."""
+    out = []
+    for r in rows:
+        n = len(r["responses"])
+        keep = np.arange(n)
+        if n > max_responses:
+            keep = np.sort(np.random.default_rng([seed, r.get("row", 0)]).permutation(n)[:max_responses])
+            report.answers_dropped += n - max_responses
+        k = len(keep)
+        tokens = np.full((max_responses, max_length), tokenizer.pad_id, np.int32)
+        attn = np.zeros((max_responses, max_length), np.int32)
+        kept_ranks = np.asarray([r["ranks"][j] for j in keep])
+        ranks = np.arange(1, max_responses + 1, dtype=np.int32)  # padded slots continue the order
+        ranks[:k] = np.argsort(np.argsort(kept_ranks, kind="stable"), kind="stable") + 1  # re-rank 1..k
+        for slot, j in enumerate(keep):
+            ids, _ = encode_example(tokenizer, r["messages"], r["responses"][j], template, max_length,
+                                    max_prompt_length, report, all_turns_loss=False)
+            tokens[slot, :len(ids)] = ids
+            attn[slot, :len(ids)] = 1
+        out.append({"tokens": tokens, "attention_mask": attn, "ranks": ranks,
+                    "response_mask": (np.arange(max_responses) < k).astype(np.int32)})
+    return out
+
+
+def preference_pairs(row: dict, pairs: str, report: nectar.DataReport) -> list[tuple[int, int]]:
+    """(better, worse) answer indices: "best_vs_rest" = the best vs each other, "all" = every ordered pair.
+    Pairs whose raw ranks tie are skipped and counted (the tie policy for pairwise losses)."""
+    if pairs not in ("best_vs_rest", "all"):
+        raise ValueError(f"pairs must be 'best_vs_rest' or 'all', got {pairs!r}")
+    order = list(np.argsort(row["ranks"], kind="stable"))
+    raw = row.get("raw_ranks", row["ranks"])
+    candidates = ([(order[0], j) for j in order[1:]] if pairs == "best_vs_rest"
+                  else [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))])
+    out = []
+    for i, j in candidates:
+        if raw[i] == raw[j]:
+            report.tied_pairs_skipped += 1
+        else:
+            out.append((int(i), int(j)))
+    return out
+
+
+def dpo_examples(rows, tokenizer, template, max_length, max_prompt_length, pairs, report):
+    out = []
+    for r in rows:
+        enc = {}
+        for i, j in preference_pairs(r, pairs, report):
+            for j_ in (i, j):
+                if j_ not in enc:
+                    enc[j_] = encode_example(tokenizer, r["messages"], r["responses"][j_], template, max_length,
+                                             max_prompt_length, report, all_turns_loss=False)
+            out.append({"chosen": enc[i], "rejected": enc[j]})
+    return out
+
+
+def rl_examples(rows, tokenizer, template, max_prompt_length, report):
+    return [{"prompt_tokens": encode_prompt(tokenizer, r["messages"], template, max_prompt_length, report),
+             "prompt_id": np.int32(i)} for i, r in enumerate(rows)]
+
+
+# -- collation ----------------------------------------------------------------------------------------------------
+
+def _collate_sft(pad_id, T):
+    def collate(xs):
+        return {"tokens": np.stack([_pad(x["tokens"], T, pad_id) for x in xs]),
+                "attention_mask": np.stack([_pad(np.ones(len(x["tokens"]), np.int32), T, 0) for x in xs]),
+                "loss_mask": np.stack([_pad(x["loss_mask"], T, 0.0) for x in xs])}
+    return collate
+
+
+def _collate_rm(xs):
+    return {k: np.stack([x[k] for x in xs]) for k in ("tokens", "attention_mask", "ranks", "response_mask")}
+
+
+def _collate_dpo(pad_id, T):
+    def collate(xs):
+        out = {}
+        for side in ("chosen", "rejected"):
+            out[f"{side}_tokens"] = np.stack([_pad(x[side][0], T, pad_id) for x in xs])
+            out[f"{side}_attention_mask"] = np.stack([_pad(np.ones(len(x[side][0]), np.int32), T, 0) for x in xs])
+            out[f"{side}_loss_mask"] = np.stack([_pad(x[side][1], T, 0.0) for x in xs])
+        return out
+    return collate
+
+
+def _collate_rl(pad_id, P):
+    def collate(xs):
+        return {"prompt_tokens": np.stack([_pad(x["prompt_tokens"], P, pad_id, left=True) for x in xs]),
+                "prompt_mask": np.stack([_pad(np.ones(len(x["prompt_tokens"]), np.int32), P, 0, left=True)
+                                         for x in xs]),
+                "prompt_id": np.asarray([x["prompt_id"] for x in xs], np.int32)}
+    return collate
+
+
+def _packed_to_batch(b):
+    return {"tokens": b["tokens"].astype(np.int32), "attention_mask": b["tokens_segment_ids"].astype(np.int32),
+            "loss_mask": b["loss_mask"].astype(np.float32)}
+
+
+# -- datasets -----------------------------------------------------------------------------------------------------
+
+def _shard_shuffle_repeat(examples: list, shard_index: int, shard_count: int, shuffle: bool, seed: int,
+                          num_epochs: Optional[int]) -> grain.MapDataset:
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+    usable = len(examples) // shard_count * shard_count  # equal shards, so every process runs the same steps
+    ds = grain.MapDataset.source(examples)[:usable][shard_index::shard_count]
+    if len(ds) == 0:
+        raise ValueError(f"no examples for shard {shard_index} of {shard_count} ({len(examples)} examples)")
+    if shuffle:
+        ds = ds.shuffle(seed)
+    return ds.repeat(num_epochs) if num_epochs != 1 else ds
+
+
+def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_size: int, *, template=None,
+                 max_length: int = 256, max_prompt_length: int = 128, max_responses: int = 7,
+                 pairs: str = "best_vs_rest", pack: bool = False, seed: int = 0, shuffle: bool = True,
+                 num_epochs: Optional[int] = None, shard_index: int = 0, shard_count: int = 1,
+                 drop_remainder: bool = True, report: Optional[nectar.DataReport] = None):
+    """A grain dataset of `kind` ("sft" | "rm" | "dpo" | "rl") batches over parsed rows (batch_size per process).
+
+    num_epochs None repeats forever (each epoch reshuffled from seed); 1 gives one pass (evaluation). Truncation,
+    tie and dropped-answer counts are added to `report` when one is given (e.g. the one from load_rows).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown pipeline kind {kind!r}; known: {KINDS}")
+    if max_prompt_length < 1 or max_length < 2:
+        raise ValueError(f"need max_length >= 2 and max_prompt_length >= 1, got {max_length}, {max_prompt_length}")
+    report = report if report is not None else nectar.DataReport()
+    T, P, pad = max_length, max_prompt_length, tokenizer.pad_id
+    if kind == "sft":
+        examples = sft_examples(rows, tokenizer, template, T, P, report)
+    elif kind == "rm":
+        examples = rm_examples(rows, tokenizer, template, T, P, max_responses, report, seed)
+    elif kind == "dpo":
+        examples = dpo_examples(rows, tokenizer, template, T, P, pairs, report)
+    else:
+        examples = rl_examples(rows, tokenizer, template, P, report)
+    ds = _shard_shuffle_repeat(examples, shard_index, shard_count, shuffle, seed, num_epochs)
+    if kind == "sft" and pack:
+        ds = grain.experimental.FirstFitPackIterDataset(
+            ds.to_iter_dataset(), length_struct={"tokens": T, "loss_mask": T}, num_packing_bins=batch_size,
+            seed=seed, shuffle_bins=shuffle)
+        return ds.batch(batch_size, drop_remainder=drop_remainder).map(_packed_to_batch)
+    collate = {"sft": lambda: _collate_sft(pad, T), "rm": lambda: _collate_rm,
+               "dpo": lambda: _collate_dpo(pad, T), "rl": lambda: _collate_rl(pad, P)}[kind]()
+    return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+
+
+# -- rows for the loop ---------------------------------------------------------------------------------------------
+
+def split_heldout(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/held-out split (a fixed permutation, the same for every stage and seed)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
+    perm = np.random.default_rng(_HELDOUT_SPLIT_SEED).permutation(len(rows))
+    n_heldout = int(round(len(rows) * fraction))
+    held = set(perm[:n_heldout].tolist())
+    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+
+
+def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:
+    """(train_rows, heldout_rows, report) for a DataConfig: source "synthetic", a Nectar file or directory of
+    parquet/JSONL files, or a tensorflow-datasets data_dir holding the `nectar` builder's output."""
+    from starling_jax.data import synthetic
+    if data.source == "synthetic":
+        raw = synthetic.make_rows(data.synthetic_prompts, data.synthetic_seed, data.synthetic_noise)
+        rows, report = nectar.parse_rows(raw, on_bad_row=data.on_bad_row, source="synthetic")
+    else:
+        from starling_jax.data import tfds_nectar
+        if tfds_nectar.is_tfds_dir(data.source):
+            raw = tfds_nectar.read_raw_rows(data.source)
+            rows, report = nectar.parse_rows(raw, on_bad_row=data.on_bad_row, source=data.source)
+        else:
+            rows, report = nectar.read_rows(data.source, on_bad_row=data.on_bad_row)
+    if not rows:
+        raise ValueError(f"data source {data.source!r}: no usable rows ({report.summary()})")
+    train, heldout = split_heldout(rows, data.heldout_fraction)
+    report.train_rows, report.heldout_rows = len(train), len(heldout)
+    return train, heldout, report
+
+
+def dataset_for(kind: str, rows, tokenizer, data, batch_size: int, *, template=None, seed: Optional[int] = None,
+                shuffle: bool = True, num_epochs: Optional[int] = None, shard_index: int = 0, shard_count: int = 1,
+                report: Optional[nectar.DataReport] = None):
+    """make_dataset with the lengths, K, pairs and packing of a DataConfig."""
+    return make_dataset(kind, rows, tokenizer, batch_size, template=template, max_length=data.max_length,
+                        max_prompt_length=data.max_prompt_length, max_responses=data.max_responses,
+                        pairs=data.pairs, pack=data.pack, seed=data.shuffle_seed if seed is None else seed,
+                        shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
+                        report=report)

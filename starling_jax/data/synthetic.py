@@ -1,0 +1,192 @@
+"""A synthetic Nectar: short topical chats whose responses are ranked by a hidden true utility.
+
+Each prompt asks about one of TOPICS (sometimes after an earlier exchange about another topic). Each of the K
+responses is a short sentence built from the topic's own words, generic words, other topics' words, repeats and
+made-up junk words. `true_utility(messages, response_text)` scores ANY text (so RL can measure a policy's true
+reward); ranks are drawn from a Plackett-Luce model over utility / noise (noise 0 = sorted by utility).
+
+The utility (docs/DATA.md has the rationale): with words = lower-case [a-z'] runs of the response, topic = the topic
+named last in the last user message,
+    relevance  3.0 * (1 - exp(-distinct on-topic words / 2))      saturates: keyword stuffing stops paying
+    length     1.0 * min(n, 10) / 10 - 0.15 * max(0, n - 16)      saturates at 10 words, rambling is penalised
+    fluency    0.5 * min(generic words, 3) / 3                     some sentence-like glue
+    period     0.5 if the text ends with "."
+    off-topic  -1.0 per word of another topic
+    repetition -0.5 per repeated word (n - distinct words)
+    junk       -0.5 per word outside the lexicon
+and an empty response scores EMPTY_UTILITY.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+
+TOPICS: dict[str, tuple[str, ...]] = {
+    "ocean": ("water", "waves", "fish", "salt", "deep", "blue", "tide", "coral"),
+    "music": ("song", "rhythm", "notes", "guitar", "melody", "sing", "band", "piano"),
+    "space": ("stars", "planet", "moon", "orbit", "rocket", "sun", "galaxy", "comet"),
+    "forest": ("trees", "leaves", "wood", "moss", "birds", "green", "oak", "shade"),
+    "cooking": ("food", "recipe", "oven", "bake", "spice", "pan", "taste", "bread"),
+    "football": ("ball", "goal", "team", "players", "kick", "field", "match", "coach"),
+    "winter": ("snow", "cold", "ice", "frost", "coat", "december", "sled", "freeze"),
+    "coffee": ("beans", "cup", "brew", "roast", "milk", "morning", "bitter", "mug"),
+    "history": ("past", "kings", "war", "ancient", "empire", "records", "dates", "century"),
+    "computers": ("code", "chip", "memory", "software", "data", "screen", "keyboard", "program"),
+    "garden": ("flowers", "soil", "seeds", "roses", "weeds", "grow", "spring", "bloom"),
+    "dogs": ("puppy", "bark", "leash", "loyal", "tail", "fetch", "paws", "walk"),
+    "cats": ("kitten", "purr", "whiskers", "claws", "meow", "nap", "fur", "mouse"),
+    "rain": ("clouds", "storm", "umbrella", "wet", "drops", "thunder", "puddle", "grey"),
+    "mountains": ("peak", "climb", "rock", "summit", "valley", "cliff", "hike", "altitude"),
+    "cars": ("engine", "wheels", "road", "drive", "fuel", "speed", "brakes", "garage"),
+    "books": ("pages", "story", "author", "read", "library", "chapter", "novel", "ink"),
+    "health": ("sleep", "exercise", "diet", "heart", "doctor", "rest", "vitamins", "fitness"),
+    "art": ("paint", "canvas", "brush", "color", "museum", "sketch", "artist", "gallery"),
+    "trains": ("rails", "station", "track", "ticket", "carriage", "platform", "railway", "conductor"),
+}
+GENERIC = ("it", "is", "a", "the", "and", "very", "often", "can", "be", "quite", "really", "many", "people",
+           "find", "this", "that", "with", "of", "about", "some", "has", "are", "also", "good", "nice",
+           "interesting", "important", "useful", "we", "you", "they", "sure", "here", "there", "for", "in", "to",
+           "lots")
+JUNK = ("zorp", "blick", "frum", "qazz", "snerk", "plov", "grint", "wub", "krell", "vosh")
+PROMPTS = ("Tell me about {t}.", "What do you know about {t}?", "Describe {t} briefly.", "Can you explain {t}?",
+           "Write a short note on {t}.", "Give me some facts about {t}.", "Say something about {t}.",
+           "I want to learn about {t}.")
+FOLLOW_UPS = ("Now tell me about {t}.", "And what about {t}?", "Thanks. What about {t}?", "Next, describe {t}.")
+EMPTY_UTILITY = -3.0
+
+_WORD_TOPIC = {w: t for t, words in TOPICS.items() for w in (t,) + words}
+_GENERIC = frozenset(GENERIC)
+_WORD_RE = re.compile(r"[a-z']+")
+assert len(_WORD_TOPIC) == sum(len(w) + 1 for w in TOPICS.values()), "topic word sets must be disjoint"
+assert not _GENERIC & set(_WORD_TOPIC) and not set(JUNK) & (set(_WORD_TOPIC) | _GENERIC)
+
+
+def topic_of(messages: Sequence[dict]) -> str | None:
+    """The topic named last in the last user message (None when it names none)."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        return None
+    found = [_WORD_TOPIC[w] for w in _WORD_RE.findall(users[-1].lower()) if w in TOPICS]
+    return found[-1] if found else None
+
+
+def utility_terms(messages: Sequence[dict], response_text: str) -> dict[str, float]:
+    """The utility's terms (their sum is true_utility); see the module docstring."""
+    words = _WORD_RE.findall(response_text.lower())
+    topic = topic_of(messages)
+    n = len(words)
+    on = {w for w in words if topic is not None and _WORD_TOPIC.get(w) == topic}
+    off = sum(1 for w in words if w in _WORD_TOPIC and _WORD_TOPIC[w] != topic)
+    junk = sum(1 for w in words if w not in _WORD_TOPIC and w not in _GENERIC)
+    generic = sum(1 for w in words if w in _GENERIC)
+    return {
+        "relevance": 3.0 * (1.0 - math.exp(-len(on) / 2.0)),
+        "length": 1.0 * min(n, 10) / 10.0 - 0.15 * max(0, n - 16),
+        "fluency": 0.5 * min(generic, 3) / 3.0,
+        "period": 0.5 if response_text.rstrip().endswith(".") else 0.0,
+        "off_topic": -1.0 * off,
+        "repetition": -0.5 * (n - len(set(words))),
+        "junk": -0.5 * junk,
+    }
+
+
+def true_utility(messages: Sequence[dict], response_text: str) -> float:
+    """Hidden true utility of a response to a conversation (any text; higher is better)."""
+    if not _WORD_RE.search(response_text.lower()):
+        return EMPTY_UTILITY
+    return float(sum(utility_terms(messages, response_text).values()))
+
+
+def _sentence(words: list[str], period: bool) -> str:
+    text = " ".join(words)
+    return text[:1].upper() + text[1:] + ("." if period else "")
+
+
+def _response(rng: np.random.Generator, topic: str, quality: float) -> str:
+    """A response whose expected utility grows with quality in [0, 1]."""
+    own = list(TOPICS[topic]) + [topic]
+    others = [w for t, ws in TOPICS.items() if t != topic for w in ws]
+    n_on = int(rng.binomial(5, quality))
+    n_off = int(rng.binomial(2, 0.6 * (1 - quality)))
+    n_generic = int(rng.integers(1, 7))
+    n_repeat = int(rng.binomial(3, 0.5 * (1 - quality)))
+    n_junk = int(rng.binomial(1, 0.4 * (1 - quality)))
+    words = (list(rng.choice(own, n_on, replace=False)) + list(rng.choice(others, n_off, replace=False))
+             + list(rng.choice(GENERIC, n_generic)) + list(rng.choice(JUNK, n_junk)))
+    if not words:
+        words = [str(rng.choice(GENERIC))]
+    words += list(rng.choice(words, n_repeat))
+    words = [str(w) for w in rng.permutation(words)]
+    return _sentence(words, period=bool(rng.random() < 0.5 + 0.5 * quality))
+
+
+def plackett_luce_ranks(utilities: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """Ranks (1 = best) drawn from Plackett-Luce with scores utilities / noise (Gumbel-max); noise 0 sorts."""
+    u = np.asarray(utilities, np.float64)
+    keys = u if noise == 0 else u / noise + rng.gumbel(size=u.shape)
+    order = np.argsort(-keys, kind="stable")
+    ranks = np.empty(len(u), np.int64)
+    ranks[order] = np.arange(1, len(u) + 1)
+    return ranks
+
+
+def nectar_prompt(messages: Sequence[dict]) -> str:
+    """Nectar's prompt string for a conversation ending with a user turn."""
+    out = ""
+    for m in messages:
+        out += ("\n\nHuman: " if m["role"] == "user" else "\n\nAssistant: ") + m["content"]
+    return out + "\n\nAssistant: "
+
+
+def make_conversation(rng: np.random.Generator, multi_turn_fraction: float = 0.2) -> list[dict]:
+    topics = list(TOPICS)
+    topic = str(rng.choice(topics))
+    messages = [{"role": "user", "content": str(rng.choice(PROMPTS)).format(t=topic)}]
+    if rng.random() < multi_turn_fraction:
+        messages.append({"role": "assistant", "content": _response(rng, topic, quality=0.9)})
+        topic = str(rng.choice([t for t in topics if t != topic]))
+        messages.append({"role": "user", "content": str(rng.choice(FOLLOW_UPS)).format(t=topic)})
+    return messages
+
+
+def make_rows(num_prompts: int = 2000, seed: int = 0, noise: float = 1.0, num_responses: int = 7,
+              multi_turn_fraction: float = 0.2) -> list[dict]:
+    """Nectar-format rows (prompt, answers [{answer, model, rank}], turns, num_responses, source, good_natured).
+
+    Row i depends only on (seed, i), so a smaller num_prompts gives a prefix of a larger one. Each row also carries
+    "utilities" (the true utility of each answer, same order) for measuring reward-model ranking accuracy.
+    """
+    if noise < 0:
+        raise ValueError(f"synthetic noise must be >= 0, got {noise}")
+    if num_responses < 2:
+        raise ValueError(f"synthetic num_responses must be >= 2, got {num_responses}")
+    rows = []
+    for i in range(num_prompts):
+        rng = np.random.default_rng([seed, i])
+        messages = make_conversation(rng, multi_turn_fraction)
+        topic = topic_of(messages)
+        answers: list[str] = []
+        qualities = np.linspace(0.0, 1.0, num_responses)
+        for q in rng.permutation(qualities):
+            for _ in range(20):  # distinct answers, so that a strict order means something
+                a = _response(rng, topic, float(q))
+                if a not in answers:
+                    break
+            answers.append(a)
+        utilities = np.array([true_utility(messages, a) for a in answers])
+        ranks = plackett_luce_ranks(utilities, noise, rng)
+        rows.append({
+            "prompt": nectar_prompt(messages),
+            "answers": [{"answer": a, "model": f"synthetic-{j}", "rank": float(r)}
+                        for j, (a, r) in enumerate(zip(answers, ranks))],
+            "turns": (len(messages) + 1) // 2,
+            "num_responses": num_responses,
+            "source": ["synthetic"],
+            "good_natured": True,
+            "utilities": [float(u) for u in utilities],
+        })
+    return rows

@@ -1,0 +1,291 @@
+"""Tokenizers: SentencePiece (.model) or Hugging Face tokenizers (tokenizer.json), plus added special tokens.
+
+Rules, matching the reference (Hugging Face "legacy" Llama/Mistral) tokenizers:
+- a special token written in text ("<|end_of_turn|>", "<s>", "</s>", ...) becomes its single id;
+- the text between special tokens is encoded segment by segment, so text after a special token starts a new
+  SentencePiece segment (it gets SentencePiece's leading "▁" again);
+- encode(text) adds no BOS unless asked; encode_chat adds it when the template says so.
+
+Names: "openchat-3.5" (Mistral's SentencePiece model from mistral-common plus <|end_of_turn|> = 32000 and
+<|pad_0|> = 32001; eos = pad = end_of_turn = 32000, vocab 32002) and "mistral-7b-v0.1" (the bare model, vocab 32000,
+pad = unk = 0). Any path to a SentencePiece .model, an HF tokenizer.json, or a directory holding one of them (its
+added_tokens.json / tokenizer_config.json name extra special tokens and bos/eos/pad).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from starling_jax.data import templates as templates_lib
+
+OPENCHAT_SPECIAL = {"<|end_of_turn|>": 32000, "<|pad_0|>": 32001}
+
+
+def mistral_model_path() -> str:
+    """Path of Mistral-7B-v0.1's SentencePiece model shipped inside mistral-common."""
+    import mistral_common
+    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"mistral-common has no {path}; install mistral-common>=1.5")
+    return path
+
+
+class _SentencePieceBackend:
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.size = self.sp.get_piece_size()
+
+    def specials(self) -> dict[str, int]:
+        # Control and unknown pieces never come out of encoding text: HF treats their strings as special tokens.
+        return {self.sp.id_to_piece(i): i for i in range(self.size)
+                if self.sp.is_control(i) or self.sp.is_unknown(i)}
+
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids and their [begin, end) character spans in `text`."""
+        proto = self.sp.encode(text, return_type="proto")
+        ids = [p.id for p in proto.pieces]
+        if text.isascii():
+            return ids, [(p.begin, p.end) for p in proto.pieces]
+        # SentencePiece spans are UTF-8 byte offsets: map them back to characters.
+        byte_to_char = np.zeros(len(text.encode("utf-8")) + 1, np.int64)
+        pos = 0
+        for ci, ch in enumerate(text):
+            n = len(ch.encode("utf-8"))
+            byte_to_char[pos:pos + n] = ci
+            pos += n
+        byte_to_char[pos] = len(text)
+        spans = [(int(byte_to_char[p.begin]), int(byte_to_char[p.end])) for p in proto.pieces]
+        return ids, spans
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+
+class _HFBackend:
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tok = HFTokenizer.from_file(path)
+        self.size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def specials(self) -> dict[str, int]:
+        return {tok.content: i for i, tok in self.tok.get_added_tokens_decoder().items() if tok.special}
+
+    def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
+
+class Tokenizer:
+    """Text <-> token ids with single-id special tokens and chat rendering.
+
+    Attributes: name, vocab_size (embedding rows the ids need), bos_id, eos_id, pad_id, end_of_turn_id (None when the
+    tokenizer has no <|end_of_turn|>), special_tokens {string: id}.
+    """
+
+    def __init__(self, backend, name: str, added: Optional[dict[str, int]] = None, bos: Optional[str] = None,
+                 eos: Optional[str] = None, pad: Optional[str] = None):
+        self._backend = backend
+        self.name = name
+        added = dict(added or {})
+        for tok, i in added.items():
+            if i < backend.size and tok not in backend.specials():
+                raise ValueError(f"tokenizer {name}: added token {tok!r} id {i} collides with the base vocabulary "
+                                 f"(size {backend.size}, piece {backend.id_to_piece(i)!r})")
+        self.special_tokens: dict[str, int] = {**backend.specials(), **added}
+        self.vocab_size = max([backend.size] + [i + 1 for i in self.special_tokens.values()])
+        self._id_to_special = {i: s for s, i in self.special_tokens.items()}
+        # Longest first so that no special token is split by a shorter one that is its prefix.
+        names = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(s) for s in names)) if names else None
+        self.bos_id = self._lookup(bos, ("<s>", "<|startoftext|>", "<bos>"))
+        self.eos_id = self._lookup(eos, ("</s>", "<|endoftext|>", "<eos>"))
+        self.end_of_turn_id = self.special_tokens.get("<|end_of_turn|>")
+        self.pad_id = self._lookup(pad, ("<unk>", "<pad>"))
+        if self.pad_id is None:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
+
+    def _lookup(self, given: Optional[str], candidates: Sequence[str]) -> Optional[int]:
+        if given is not None:
+            if given not in self.special_tokens:
+                raise ValueError(f"tokenizer {self.name}: {given!r} is not one of its special tokens "
+                                 f"{sorted(self.special_tokens)}")
+            return self.special_tokens[given]
+        for c in candidates:
+            if c in self.special_tokens:
+                return self.special_tokens[c]
+        return None
+
+    def __repr__(self):
+        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
+                f"pad={self.pad_id}, end_of_turn={self.end_of_turn_id})")
+
+    def token_id(self, special: str) -> int:
+        if special not in self.special_tokens:
+            raise ValueError(f"tokenizer {self.name} has no special token {special!r}; it has "
+                             f"{sorted(self.special_tokens)}")
+        return self.special_tokens[special]
+
+    # -- encoding ------------------------------------------------------------------------------------------------
+    def _encode_with_spans(self, text: str, spans_wanted: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """Split on special tokens, encode each text segment on its own; spans are character offsets in `text`."""
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        matches = list(self._special_re.finditer(text)) if self._special_re else []
+        for m in matches + [None]:
+            end = m.start() if m is not None else len(text)
+            if end > pos and spans_wanted:
+                seg_ids, seg_spans = self._backend.encode_spans(text[pos:end])
+                ids += seg_ids
+                spans += [(pos + a, pos + b) for a, b in seg_spans]
+            elif end > pos:
+                ids += self._backend.encode(text[pos:end])
+            if m is not None:
+                ids.append(self.special_tokens[m.group()])
+                spans.append((m.start(), m.end()))
+                pos = m.end()
+        return ids, spans
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings become single ids."""
+        ids, _ = self._encode_with_spans(text, spans_wanted=False)
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def encode_batch(self, texts: Iterable[str], add_bos: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_bos) for t in texts]
+
+    def encode_chat(self, messages: Sequence[dict], template=None, add_generation_prompt: bool = True,
+                    return_loss_mask: bool = False):
+        """Token ids of a rendered conversation (template None = this tokenizer's default: openchat_3.5).
+
+        return_loss_mask=True returns (ids, loss_mask) with loss_mask[t] = 1 where token t belongs to an assistant
+        reply or the token closing it (e.g. <|end_of_turn|>): what SFT trains on, every turn of a multi-turn chat.
+        """
+        t = templates_lib.get_template(template or "openchat_3.5")
+        for s in t.required_special:
+            if s not in self.special_tokens:
+                raise ValueError(f"chat template {t.name!r} needs {s!r} as a single special token, but tokenizer "
+                                 f"{self.name} has none (its special tokens: {sorted(self.special_tokens)})")
+        parts = templates_lib.render(messages, t, add_generation_prompt)
+        text = "".join(p for p, _ in parts)
+        ids, spans = self._encode_with_spans(text, spans_wanted=return_loss_mask)
+        if t.add_bos:
+            if self.bos_id is None:
+                raise ValueError(f"chat template {t.name!r} starts with BOS but tokenizer {self.name} has no BOS")
+            ids = [self.bos_id] + ids
+            spans = [(0, 0)] + spans
+        if not return_loss_mask:
+            return ids
+        assistant = np.zeros(len(text) + 1, bool)
+        pos = 0
+        for p, is_assistant in parts:
+            assistant[pos:pos + len(p)] = is_assistant
+            pos += len(p)
+        # A token trains when its first character is assistant text (a BOS or empty span never trains).
+        mask = [int(b < e and assistant[b]) for b, e in spans]
+        return ids, mask
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of ids. Special tokens are dropped (skip_special) or written as their strings."""
+        ids = [int(i) for i in ids]
+        for k, i in enumerate(ids):
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"tokenizer {self.name}: id {i} at position {k} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids + [None]:
+            if i is not None and i not in self._id_to_special:
+                run.append(i)
+                continue
+            if run:
+                out.append(self._backend.decode(run))
+                run = []
+            if i is not None and not skip_special:
+                out.append(self._id_to_special[i])
+        return "".join(out)
+
+    def stop_ids(self, template=None) -> tuple[int, ...]:
+        """Generation stop ids for a template (those of its stop tokens this tokenizer has) plus EOS."""
+        t = templates_lib.get_template(template or "openchat_3.5")
+        ids = [self.special_tokens[s] for s in t.stop_tokens if s in self.special_tokens]
+        if self.eos_id is not None and self.eos_id not in ids:
+            ids.append(self.eos_id)
+        return tuple(ids)
+
+
+def _hf_dir_config(directory: str) -> tuple[dict[str, int], dict]:
+    """added_tokens.json and tokenizer_config.json of an HF tokenizer directory (either may be absent)."""
+    added: dict[str, int] = {}
+    config: dict = {}
+    path = os.path.join(directory, "added_tokens.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            added = {str(k): int(v) for k, v in json.load(f).items()}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            config = json.load(f)
+        for i, tok in (config.get("added_tokens_decoder") or {}).items():
+            added.setdefault(tok["content"] if isinstance(tok, dict) else str(tok), int(i))
+    return added, config
+
+
+def _token_name(value) -> Optional[str]:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """A Tokenizer by name ("openchat-3.5", "mistral-7b-v0.1") or path (.model, tokenizer.json, or a directory)."""
+    if name_or_path == "openchat-3.5":
+        return Tokenizer(_SentencePieceBackend(mistral_model_path()), "openchat-3.5", added=OPENCHAT_SPECIAL,
+                         eos="<|end_of_turn|>", pad="<|end_of_turn|>")
+    if name_or_path == "mistral-7b-v0.1":
+        return Tokenizer(_SentencePieceBackend(mistral_model_path()), "mistral-7b-v0.1")
+    path = name_or_path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path!r}: neither a known name ('openchat-3.5', 'mistral-7b-v0.1') nor "
+                                f"an existing path to a .model file, a tokenizer.json or a directory holding one")
+    added: dict[str, int] = {}
+    config: dict = {}
+    if os.path.isdir(path):
+        added, config = _hf_dir_config(path)
+        for fname in ("tokenizer.json", "tokenizer.model"):
+            if os.path.exists(os.path.join(path, fname)):
+                path = os.path.join(path, fname)
+                break
+        else:
+            raise FileNotFoundError(f"tokenizer directory {name_or_path!r} holds neither tokenizer.json nor "
+                                    f"tokenizer.model")
+    if path.endswith(".json"):
+        backend = _HFBackend(path)
+        added = {}  # tokenizer.json already carries its added tokens
+    else:
+        backend = _SentencePieceBackend(path)
+        added = {k: v for k, v in added.items() if v >= backend.size}
+    return Tokenizer(backend, name_or_path, added=added, bos=_token_name(config.get("bos_token")),
+                     eos=_token_name(config.get("eos_token")), pad=_token_name(config.get("pad_token")))
