@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from starling_jax import models
@@ -150,3 +151,167 @@ def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_l
                                            prompt_len=prompt_len))
     loss = functools.partial(rl_loss, config=config, objective=objective, prompt_len=prompt_len)
     return experience, loss
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The "rl" stage kind for the loop.
+
+
+def _policy_eval(trainable: Params, frozen: Params, full_params: Params, config: ModelConfig, prompts: dict,
+                 conversations: list, tokenizer, template: str, scorer, rollout, key: jax.Array,
+                 true_utility=None) -> dict:
+    """Sample replies to held-out prompts with `full_params`; their mean RM score, true utility (synthetic data),
+    length and KL to the reference (mean over rows of sum_t log pi(a_t) - log pi_ref(a_t), under the current policy
+    trees `trainable`/`frozen`, so it is the KL of whichever model sampled only when that model is the policy)."""
+    from starling_jax.train.rollout import sample_replies  # rollout imports this module's siblings only
+    s = sample_replies(full_params, config, tokenizer, template, conversations, prompts["prompt_tokens"],
+                       prompts["prompt_mask"], key, rollout.max_new_tokens, rollout.temperature, rollout.top_k,
+                       rollout.top_p)
+    P = s.prompt_tokens.shape[1]
+    tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
+    attn = np.concatenate([s.prompt_mask, s.mask], axis=1)
+    out = _eval_forward(trainable, frozen, config, tokens, attn, P)
+    kl = np.sum((np.asarray(out["logprobs"]) - np.asarray(out["ref_logprobs"])) * s.mask, axis=1)
+    report = {"rm_score": float(np.mean(scorer(conversations, s.texts))), "kl_to_reference": float(np.mean(kl)),
+              "response_length": float(np.mean(s.mask.sum(axis=1)))}
+    if true_utility is not None:
+        report["true_reward"] = float(np.mean([true_utility(c, t) for c, t in zip(conversations, s.texts)]))
+    report["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:4]]
+    return report
+
+
+@functools.partial(jax.jit, static_argnums=(2, 5))
+def _eval_forward(trainable, frozen, config, tokens, attention_mask, prompt_len):
+    out = hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len)
+    return {"logprobs": out["logprobs"], "ref_logprobs": out["ref_logprobs"]}
+
+
+def plot_curves(records: list[dict], path: str, title: str = "") -> Optional[str]:
+    """A PNG of the RL curves (reward, true reward, KL, losses) from metrics.jsonl records; None if there are none."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if "loss" in r]
+    if not records:
+        return None
+    panels = [("reward", ["reward", "true_reward"]), ("KL to reference (per sequence)", ["kl"]),
+              ("loss", ["loss", "policy_loss", "value_loss"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    steps = [r["step"] for r in records]
+    for ax, (name, keys) in zip(axes, panels):
+        for k in keys:
+            if k in records[0]:
+                ax.plot(steps, [r.get(k, np.nan) for r in records], label=k, marker=".")
+        ax.set_title(name)
+        ax.set_xlabel("RL step (rollout chunk)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_rl_stage(ctx):
+    """StageProgram of an "apa"/"ppo" stage (see starling_jax.train.program)."""
+    import os
+
+    from starling_jax.data import load_tokenizer
+    from starling_jax.data import pipelines
+    from starling_jax.train import program as prog
+    from starling_jax.train.hydra import init_rl_params, policy_params, reference_params
+    from starling_jax.train.rollout import RewardScorer, RolloutSource, conversation_of
+    from starling_jax.train.state import init_state, make_optimizer
+
+    c = ctx.config
+    o, r = c.objective, c.rollout
+    if c.reward_model is None:
+        raise ValueError(f"stage {ctx.stage_name!r}: objective {o.name!r} needs a reward_model section")
+    k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.PRNGKey(c.train.seed), 4)
+    config, params = prog.load_model(ctx, c.model, k_policy)
+    rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
+    if "score" not in rm_params:
+        raise ValueError(f"stage {ctx.stage_name!r}: reward_model (path {c.reward_model.path!r}) has no 'score' head")
+    tokenizer, rm_tokenizer = load_tokenizer(c.model.tokenizer), load_tokenizer(c.reward_model.tokenizer)
+    trainable, frozen = init_rl_params(params, config, k_critic, c.model.trainable_top_layers, c.model.train_lm_head,
+                                       o.value_head)
+    del params
+
+    train_rows, heldout_rows, _ = pipelines.load_rows(c.data)
+    conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
+    shard, shards = jax.process_index(), jax.process_count()
+    prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step // shards,
+                                         template=c.model.template, seed=c.data.shuffle_seed, shard_index=shard,
+                                         shard_count=shards))
+    eval_rows = heldout_rows[:r.eval_prompts] or train_rows[:r.eval_prompts]
+    eval_prompts = next(iter(pipelines.dataset_for("rl", eval_rows, tokenizer, c.data, len(eval_rows),
+                                                   template=c.model.template, shuffle=False, num_epochs=1)))
+    eval_conversations = [conversation_of(row, f"held-out row {i}") for i, row in enumerate(eval_rows)]
+    eval_conversations = [eval_conversations[i] for i in np.asarray(eval_prompts["prompt_id"])]
+
+    experience_fn, loss_fn = build_rl_functions(config, o, c.data.max_prompt_length)
+    updates_per_step = r.epochs * (r.prompts_per_step // r.minibatch_size)
+    optimizer = make_optimizer(c.optim, c.train.steps * updates_per_step, trainable)
+    state = init_state(trainable, optimizer, k_state, frozen)
+    step = jax.jit(make_rl_step(loss_fn, optimizer, r.epochs, r.minibatch_size), donate_argnums=0)
+
+    scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, c.reward_model.template, c.reward_model.max_length)
+    true_utility = None
+    if c.data.source == "synthetic":
+        from starling_jax.data.synthetic import true_utility
+    batches = RolloutSource(prompts=prompts, conversations=conversations, config=config, tokenizer=tokenizer,
+                            template=c.model.template, scorer=scorer, experience_fn=experience_fn, objective=o,
+                            rollout=r, seed=c.train.seed, true_utility=true_utility)
+    eval_key = jax.random.PRNGKey(c.train.seed + 1)
+
+    def report(state, which: str) -> dict:
+        full = policy_params(state.params, state.frozen) if which == "policy" else reference_params(state.frozen)
+        return _policy_eval(state.params, state.frozen, full, config, eval_prompts, eval_conversations, tokenizer,
+                            c.model.template, scorer, r, eval_key, true_utility)
+
+    cache: dict = {}  # the loop evaluates at the end and then calls finish: sample the final policy once
+
+    def policy_report(state) -> dict:
+        step_now = int(state.step)
+        if cache.get("step") != step_now:
+            cache.update(step=step_now, report=report(state, "policy"))
+        return cache["report"]
+
+    def evaluate(state) -> dict:
+        return {k: v for k, v in policy_report(state).items() if k != "samples"}
+
+    def finish(state, workdir: str) -> dict:
+        before, after = report(state, "reference"), policy_report(state)
+        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": len(eval_rows),
+                   "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
+                   "kl_to_reference": after["kl_to_reference"],
+                   "response_length_before": before["response_length"],
+                   "response_length_after": after["response_length"],
+                   "samples_before": before["samples"], "samples_after": after["samples"]}
+        if "true_reward" in after:
+            summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
+        from starling_jax.train.logging import read_metrics
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+        png = plot_curves(records, os.path.join(workdir, "curves.png"), f"{ctx.stage_name}: {o.name.upper()}")
+        if png:
+            summary["curves_png"] = png
+        return summary
+
+    def tokens_per_batch(batch) -> int:
+        return int(np.count_nonzero(batch["attention_mask"]))
+
+    return prog.StageProgram(
+        state=state, step=step, batches=batches, export=lambda s: policy_params(s.params, s.frozen),
+        model_config=config, evaluate=evaluate, finish=finish, tokens_per_batch=tokens_per_batch)
+
+
+def _register() -> None:
+    from starling_jax.train.program import register_stage_kind
+    register_stage_kind("rl")(build_rl_stage)
+
+
+_register()

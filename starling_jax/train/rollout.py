@@ -1,0 +1,178 @@
+"""Host side of RL: prompts, sampling, cross-tokenizer reward scoring, and the rollout stream the loop pulls from.
+
+The policy and the reward model may use different tokenizers and chat templates (Starling-alpha: OpenChat-3.5 policy,
+Llama-2-chat reward model). A rollout is therefore decoded to text with the POLICY tokenizer, the conversation plus
+that reply is re-rendered in the reward model's template and encoded with the reward model's OWN tokenizer, and only
+then scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from starling_jax import models, sampling
+from starling_jax.data import get_template
+from starling_jax.models import ModelConfig
+from starling_jax.objectives import kl as obj_kl
+from starling_jax.train.hydra import policy_params
+
+Params = dict[str, Any]
+Conversation = list  # [{"role": "user" | "assistant", "content": str}, ...] ending with a user turn
+
+
+def conversation_of(row: dict, where: str = "row") -> Conversation:
+    """The conversation (messages ending with the user turn to answer) of a data row: its "messages" if present,
+    else its Nectar "prompt" string parsed."""
+    if "messages" in row:
+        return list(row["messages"])
+    if "prompt" not in row:
+        raise ValueError(f"{where}: an RL prompt row needs 'messages' or a Nectar 'prompt' field, got {sorted(row)}")
+    from starling_jax.data.nectar import parse_prompt  # Nectar parsing only when rows are raw Nectar
+    try:
+        return parse_prompt(row["prompt"])
+    except Exception as e:  # nectar's own error type carries the detail
+        raise ValueError(f"{where}: bad 'prompt': {e}") from None
+
+
+def right_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad id lists to [B, length] (tokens, mask); longer rows keep their last `length` ids."""
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, ids in enumerate(rows):
+        ids = list(ids)[-length:]
+        tokens[i, :len(ids)] = ids
+        mask[i, :len(ids)] = 1
+    return tokens, mask
+
+
+_score = jax.jit(models.score, static_argnums=1)
+
+
+@dataclasses.dataclass
+class RewardScorer:
+    """A frozen reward model with its own tokenizer and chat template: scores (conversation, reply text) pairs.
+
+    Inputs are right padded to a multiple of `pad_multiple` tokens (fewer compiled shapes) and left truncated to
+    max_length (keeping the reply's end, where the score is read).
+    """
+    config: ModelConfig
+    params: Params
+    tokenizer: Any
+    template: str
+    max_length: int
+    pad_multiple: int = 32
+
+    def encode(self, conversations: Sequence[Conversation], replies: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Reward-model inputs (tokens, attention_mask) [B, T], right padded."""
+        ids = [self.tokenizer.encode_chat(list(c) + [{"role": "assistant", "content": r}], template=self.template,
+                                          add_generation_prompt=False) for c, r in zip(conversations, replies)]
+        longest = max(len(x) for x in ids)
+        length = min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
+        tokens, mask = right_pad(ids, length, self.tokenizer.pad_id)
+        models.check_token_ids(tokens, self.config.vocab_size, f"reward model input ({self.template} template)")
+        return tokens, mask
+
+    def __call__(self, conversations: Sequence[Conversation], replies: Sequence[str]) -> np.ndarray:
+        """Raw reward-model scores [B] float32."""
+        tokens, mask = self.encode(conversations, replies)
+        return np.asarray(_score(self.params, self.config, tokens, mask))
+
+
+@dataclasses.dataclass
+class Samples:
+    """One chunk of sampled replies: prompt_tokens/prompt_mask [B, P], tokens/mask [B, N], texts (decoded, cut at the
+    template's stop strings), conversations."""
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+    texts: list
+    conversations: list
+
+
+def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str, conversations, prompt_tokens,
+                   prompt_mask, key: jax.Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> Samples:
+    """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template)."""
+    t = get_template(template)
+    tokens, mask, _ = sampling.generate(params, config, prompt_tokens, prompt_mask, key, max_new_tokens,
+                                        temperature=temperature, top_k=top_k, top_p=top_p,
+                                        stop_ids=tokenizer.stop_ids(t))
+    tokens = np.asarray(tokens)
+    texts, mask = sampling.apply_stop_strings(tokenizer, tokens, np.asarray(mask), t.stop_strings)
+    return Samples(np.asarray(prompt_tokens), np.asarray(prompt_mask), tokens, mask, list(texts), list(conversations))
+
+
+class RolloutSource:
+    """The rl stage's BatchSource: next_batch(state) samples a chunk with the current policy, scores it with the
+    reward model, and returns the experience batch (see rlaif.make_experience) plus per-rollout "stat_*" rows.
+
+    Host state (saved in checkpoints): the prompt stream's position, the chunk counter (the sampling key is
+    fold_in(seed key, chunk)), the running moments of the RM score and the (adaptive) KL coefficient.
+    """
+
+    def __init__(self, *, prompts, conversations: Sequence[Conversation], config: ModelConfig, tokenizer,
+                 template: str, scorer: RewardScorer, experience_fn: Callable, objective, rollout, seed: int,
+                 true_utility: Optional[Callable[[Conversation, str], float]] = None):
+        """prompts: an iterator of RL prompt batches (prompt_tokens [B, P] left padded, prompt_mask, prompt_id [B])
+        with get_state/set_state (data.pipelines' "rl" dataset); conversations[prompt_id] is the prompt's
+        conversation (for re-rendering it for the reward model)."""
+        self.prompts, self.conversations = prompts, list(conversations)
+        self.config, self.tokenizer, self.template = config, tokenizer, template
+        self.scorer, self.experience_fn, self.objective, self.rollout = scorer, experience_fn, objective, rollout
+        self.seed, self.true_utility = seed, true_utility
+        self.chunk = 0
+        self.kl_coef = float(objective.kl_coef)
+        self.moments = {k: float(v) for k, v in obj_kl.running_moments_init().items()}
+        self.last_samples: Optional[Samples] = None
+
+    def get_state(self) -> dict:
+        return {"prompts": self.prompts.get_state(), "chunk": self.chunk, "kl_coef": self.kl_coef,
+                "moments": dict(self.moments)}
+
+    def set_state(self, state: dict) -> None:
+        self.prompts.set_state(state["prompts"])
+        self.chunk, self.kl_coef = int(state["chunk"]), float(state["kl_coef"])
+        self.moments = {k: float(v) for k, v in state["moments"].items()}
+
+    def next_batch(self, state) -> dict:
+        p = next(self.prompts)
+        ids = np.asarray(p["prompt_id"])
+        conversations = [self.conversations[i] for i in ids]
+        prompt_tokens, prompt_mask = np.asarray(p["prompt_tokens"]), np.asarray(p["prompt_mask"])
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.chunk)
+        r = self.rollout
+        s = sample_replies(policy_params(state.params, state.frozen), self.config, self.tokenizer, self.template,
+                           conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
+                           r.top_p)
+        self.last_samples = s
+        raw = self.scorer(conversations, s.texts)
+        o = self.objective
+        moments = obj_kl.running_moments_update(self.moments, jnp.asarray(raw))
+        self.moments = {k: float(v) for k, v in moments.items()}
+        std = float(obj_kl.running_std(moments)) if o.scale_reward else 1.0
+        scores = np.clip(raw / std, -o.reward_clip, o.reward_clip).astype(np.float32)
+        tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
+        attention_mask = np.concatenate([s.prompt_mask, s.mask], axis=1)
+        exp = self.experience_fn(state.params, state.frozen, tokens, attention_mask, s.mask, scores,
+                                 jnp.float32(self.kl_coef))
+        exp = jax.device_get(exp)
+        batch = {"tokens": tokens, "attention_mask": attention_mask, "response_mask": s.mask.astype(np.int32),
+                 "old_logprobs": exp["old_logprobs"], "old_values": exp["old_values"],
+                 "advantages": exp["advantages"], "returns": exp["returns"],
+                 "stat_reward": raw.astype(np.float32), "stat_scaled_reward": scores, "stat_kl": exp["kl"],
+                 "stat_kl_coef": np.full(len(ids), self.kl_coef, np.float32),
+                 "stat_response_length": s.mask.sum(axis=1).astype(np.float32)}
+        if self.true_utility is not None:
+            batch["stat_true_reward"] = np.array([self.true_utility(c, t) for c, t in zip(conversations, s.texts)],
+                                                 np.float32)
+        self.kl_coef = float(obj_kl.update_kl_coef(self.kl_coef, float(np.mean(exp["kl"])), len(ids),
+                                                   o.kl_target, o.kl_horizon))
+        self.chunk += 1
+        return batch
