@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=help_text)
         if name == wanted:  # import only the module of the command being run
             mod = importlib.import_module(module)
-            getattr(mod, f"add_{name}_arguments", mod.add_arguments)(p)
+            (getattr(mod, f"add_{name}_arguments", None) or mod.add_arguments)(p)
     args = parser.parse_args(argv)
     mod = importlib.import_module(COMMANDS[args.command][0])
     handler = getattr(mod, f"{args.command}_cli", None) or mod.cli
