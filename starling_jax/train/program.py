@@ -165,5 +165,10 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
     if path is not None:
         from starling_jax import hf  # imported lazily: converting weights is not needed for random-init runs
         return hf.load(path, mesh=ctx.mesh)
+    if ctx.mesh is not None:  # created directly in its shards: no host ever holds the whole model
+        from starling_jax.models import param_specs
+        from starling_jax.sharding import init_sharded
+        return section.config, init_sharded(param_specs(section.config), key, section.config.init_std, ctx.mesh,
+                                            ctx.config.mesh.rules)
     from starling_jax.models import init_params
     return section.config, init_params(section.config, key)

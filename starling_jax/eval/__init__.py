@@ -1,0 +1,1 @@
+"""Evaluation: reward-model ranking metrics on held-out data (`starling-jax eval`)."""
