@@ -1,0 +1,104 @@
+"""The synthetic Nectar: determinism, the utility's documented properties, Plackett-Luce rank sampling."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from starling_jax.data import parse_rows, synthetic
+from starling_jax.data.synthetic import plackett_luce_ranks, true_utility, utility_terms
+
+ASK = [{"role": "user", "content": "Tell me about ocean."}]
+
+
+def test_rows_are_deterministic_nectar_rows():
+    a = synthetic.make_rows(30, seed=1)
+    assert a == synthetic.make_rows(30, seed=1)
+    assert a[:10] == synthetic.make_rows(10, seed=1)  # row i depends only on (seed, i)
+    assert a != synthetic.make_rows(30, seed=2)
+    parsed, report = parse_rows(a)  # valid Nectar: the same path as real data
+    assert report.rows_kept == 30 and report.ties_broken == 0
+    for raw, row in zip(a, parsed):
+        assert raw["prompt"].startswith("\n\nHuman: ") and raw["prompt"].endswith("\n\nAssistant: ")
+        assert sorted(row["ranks"]) == list(range(1, 8)) and len(set(row["responses"])) == 7
+        assert raw["turns"] == (len(row["messages"]) + 1) // 2
+        # The stored utilities are the hidden utility of each answer.
+        assert row["utilities"] == [true_utility(row["messages"], r) for r in row["responses"]]
+    assert any(len(r["messages"]) == 3 for r in parsed)  # some multi-turn prompts
+
+
+def test_responses_are_short_for_the_tiny_model():
+    from starling_jax.data import load_tokenizer
+    tok = load_tokenizer("openchat-3.5")
+    lengths = [len(tok.encode(a["answer"])) for r in synthetic.make_rows(100) for a in r["answers"]]
+    assert max(lengths) <= 24
+
+
+def test_utility_terms_follow_the_documented_formula():
+    text = "The ocean has deep blue water and water zorp music."
+    terms = utility_terms(ASK, text)
+    # words: the ocean has deep blue water and water zorp music -> n=10, on-topic {ocean, deep, blue, water} = 4,
+    # off-topic 1 (music), junk 1 (zorp), repeats 1 (water), generic 3 (the, has, and).
+    assert terms == pytest.approx({
+        "relevance": 3.0 * (1 - math.exp(-4 / 2)), "length": 1.0, "fluency": 0.5, "period": 0.5,
+        "off_topic": -1.0, "repetition": -0.5, "junk": -0.5})
+    assert true_utility(ASK, text) == pytest.approx(sum(terms.values()))
+
+
+def test_utility_rewards_the_right_things_and_resists_gaming():
+    good = "The ocean has deep blue water with fish."
+    assert true_utility(ASK, good) > true_utility(ASK, "The music has a nice rhythm with notes.")  # off-topic
+    assert true_utility(ASK, good) > true_utility(ASK, "Water water water water water water.")  # repetition
+    assert true_utility(ASK, good) > true_utility(ASK, "Blorp zint ocean krell vosh.")  # junk words
+    # Keyword stuffing and rambling saturate, then cost.
+    stuffed = "Ocean water waves fish salt deep blue tide coral and it is the very good sure."
+    rambling = stuffed[:-1] + " and many people really find this quite interesting and useful here."
+    assert true_utility(ASK, rambling) < true_utility(ASK, stuffed)
+    assert true_utility(ASK, "") == true_utility(ASK, "  ...  ") == synthetic.EMPTY_UTILITY
+    # The topic is the last user turn's; earlier turns do not count.
+    multi = [{"role": "user", "content": "Tell me about music."}, {"role": "assistant", "content": "Song notes."},
+             {"role": "user", "content": "Now tell me about ocean."}]
+    assert synthetic.topic_of(multi) == "ocean"
+    assert true_utility(multi, good) == true_utility(ASK, good)
+    assert true_utility([{"role": "user", "content": "hi"}], good) < true_utility(ASK, good)  # no topic named
+
+
+def test_plackett_luce_ranks_match_the_model_probabilities():
+    u = np.array([1.0, 0.0, -0.5])
+    rng = np.random.default_rng(0)
+    n = 20000
+    counts = {}
+    for _ in range(n):
+        r = plackett_luce_ranks(u, 1.0, rng)
+        counts[tuple(r)] = counts.get(tuple(r), 0) + 1
+    for order in itertools.permutations(range(3)):  # order[0] is the best
+        p = 1.0
+        rest = list(order)
+        for i in order:
+            p *= math.exp(u[i]) / sum(math.exp(u[j]) for j in rest)
+            rest.remove(i)
+        ranks = tuple(order.index(i) + 1 for i in range(3))
+        assert counts.get(ranks, 0) / n == pytest.approx(p, abs=0.012), order
+    assert list(plackett_luce_ranks(u, 0.0, rng)) == [1, 2, 3]
+    assert list(plackett_luce_ranks(np.array([0.0, 1.0, 1.0]), 0.0, rng)) == [3, 1, 2]
+
+
+def _agreement(rows):
+    ok = total = 0
+    for r in rows:
+        u = r["utilities"]
+        ranks = [a["rank"] for a in r["answers"]]
+        for i, j in itertools.combinations(range(len(u)), 2):
+            if u[i] != u[j]:
+                total += 1
+                ok += (u[i] > u[j]) == (ranks[i] < ranks[j])
+    return ok / total
+
+
+def test_noise_knob():
+    assert _agreement(synthetic.make_rows(40, noise=0.0)) == 1.0
+    low, high = _agreement(synthetic.make_rows(100, noise=0.5)), _agreement(synthetic.make_rows(100, noise=3.0))
+    assert 0.8 < low and 0.55 < high < low
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        synthetic.make_rows(1, noise=-1.0)
