@@ -229,11 +229,19 @@ def shard_shape(shape: Sequence[int], sharding: NamedSharding) -> tuple[int, ...
     return tuple(sharding.shard_shape(tuple(shape)))
 
 
+def _itemsize(leaf) -> int:
+    """Bytes per element; a typed PRNG key counts its underlying key data (e.g. 2 x uint32 for threefry)."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), leaf.dtype))
+        return math.prod(data.shape) * np.dtype(data.dtype).itemsize
+    return np.dtype(leaf.dtype).itemsize
+
+
 def per_device_bytes(abstract, shardings) -> int:
     """Bytes one device holds of a tree of arrays / ShapeDtypeStructs with matching shardings (None = replicated)."""
     total = 0
     for leaf, sh in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(
             shardings, is_leaf=lambda x: isinstance(x, NamedSharding) or x is None)):
         shape = tuple(leaf.shape) if sh is None else shard_shape(leaf.shape, sh)
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+        total += math.prod(shape) * _itemsize(leaf)
     return int(total)
