@@ -131,7 +131,7 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, mb)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state), {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+            return (params, opt_state), {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
         (params, opt_state), history = jax.lax.scan(update, (state.params, state.opt_state), order)
         metrics = {k: jnp.mean(v) for k, v in history.items()}

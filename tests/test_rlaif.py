@@ -1,0 +1,172 @@
+"""The rl stage's pieces on tiny random models: hydra reference, KL-shaped rewards, APA/PPO updates, critic-only rule,
+cross-tokenizer reward scoring."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from starling_jax import models
+from starling_jax.config import ObjectiveConfig, OptimConfig
+from starling_jax.train import hydra, rlaif
+from starling_jax.train.state import init_state, make_optimizer
+
+CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)
+B, P, N = 8, 6, 5
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    """A fake chunk: left-padded prompts of different lengths, right-padded responses of different lengths."""
+    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    tokens = np.array(jax.random.randint(k[0], (B, P + N), 3, CFG.vocab_size), np.int32)
+    prompt_mask = (np.arange(P)[None] >= np.array([0, 1, 2, 0, 3, 1, 0, 2])[:, None]).astype(np.int32)
+    response_mask = (np.arange(N)[None] < np.array([5, 1, 3, 5, 2, 4, 5, 1])[:, None]).astype(np.int32)
+    tokens[:, :P] = np.where(prompt_mask > 0, tokens[:, :P], 0)
+    tokens[:, P:] = np.where(response_mask > 0, tokens[:, P:], 0)
+    scores = np.asarray(jax.random.normal(k[1], (B,)), np.float32)
+    return {"tokens": tokens, "attention_mask": np.concatenate([prompt_mask, response_mask], 1),
+            "response_mask": response_mask, "scores": scores}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return models.init_params(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("top_layers", [1, 3])
+def test_hydra_reference_equals_initial_policy(params, rollout, top_layers):
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), top_layers)
+    if top_layers < CFG.num_layers:
+        assert frozen["trunk"]["layers"]["wq"].shape[0] == CFG.num_layers - top_layers
+        assert "embed" not in trainable["policy"]
+    else:
+        assert frozen["trunk"] == {}
+    out = hydra.hydra_forward(trainable, frozen, CFG, rollout["tokens"], rollout["attention_mask"], P)
+    # Independent reference: a plain forward over the whole sequence; the logits at P-1+j predict response token j.
+    logits = models.forward(params, CFG, rollout["tokens"], rollout["attention_mask"])
+    want = np.asarray(models.token_logprobs(logits[:, P - 1:P + N - 1], rollout["tokens"][:, P:]))
+    np.testing.assert_allclose(out["ref_logprobs"], want, atol=2e-5)
+    np.testing.assert_allclose(out["logprobs"], want, atol=2e-5)
+    assert out["values"].shape == (B, N)
+    # The merged trees give back the original params.
+    assert _leaves_equal(hydra.policy_params(trainable, frozen), params)
+    assert _leaves_equal(hydra.reference_params(frozen), params)
+
+
+def test_shaped_rewards_and_gae_against_numpy_loops(params, rollout):
+    obj = ObjectiveConfig(name="apa", gamma=0.9, gae_lambda=0.8, value_clip=None)
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), 1)
+    exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
+    kl_coef = 0.3
+    ex = jax.device_get(exp_fn(trainable, frozen, rollout["tokens"], rollout["attention_mask"],
+                               rollout["response_mask"], rollout["scores"], jnp.float32(kl_coef)))
+    lp, ref, v = ex["old_logprobs"].astype(np.float64), ex["ref_logprobs"].astype(np.float64), ex["old_values"]
+    for b in range(B):
+        n = int(rollout["response_mask"][b].sum())
+        r = [-kl_coef * (lp[b, t] - ref[b, t]) for t in range(n)]
+        r[n - 1] += rollout["scores"][b]
+        np.testing.assert_allclose(ex["rewards"][b, :n], r, atol=1e-5)
+        assert np.all(ex["rewards"][b, n:] == 0)
+        np.testing.assert_allclose(ex["kl"][b], sum(lp[b, t] - ref[b, t] for t in range(n)), atol=1e-5)
+        adv, nxt_v, nxt_a = np.zeros(n), 0.0, 0.0
+        for t in reversed(range(n)):
+            delta = r[t] + 0.9 * nxt_v - v[b, t]
+            adv[t] = nxt_a = delta + 0.9 * 0.8 * nxt_a
+            nxt_v = v[b, t]
+        np.testing.assert_allclose(ex["advantages"][b, :n], adv, atol=1e-4)
+        np.testing.assert_allclose(ex["returns"][b, :n], adv + v[b, :n], atol=1e-4)
+
+
+def _one_update(params, rollout, objective, top_layers, optim=OptimConfig(learning_rate=1e-3, weight_decay=0.0)):
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), top_layers, value_head_kind="mlp")
+    exp_fn, loss_fn = rlaif.build_rl_functions(CFG, objective, P)
+    ex = exp_fn(trainable, frozen, rollout["tokens"], rollout["attention_mask"], rollout["response_mask"],
+                rollout["scores"], jnp.float32(objective.kl_coef))
+    batch = {k: rollout[k] for k in ("tokens", "attention_mask", "response_mask")}
+    batch.update({k: ex[k] for k in ("old_logprobs", "old_values", "advantages", "returns")})
+    batch["stat_reward"] = rollout["scores"]
+    optimizer = make_optimizer(optim, 4, trainable)
+    state = init_state(trainable, optimizer, jax.random.PRNGKey(3), frozen)
+    before_trainable = jax.device_get(state.params)
+    before_frozen = jax.device_get(state.frozen)
+    loss_before, _ = loss_fn(state.params, state.frozen, batch)
+    step = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=B))
+    new_state, metrics = step(state, batch)
+    loss_after, _ = loss_fn(new_state.params, new_state.frozen, batch)
+    return before_trainable, before_frozen, new_state, metrics, float(loss_before), float(loss_after)
+
+
+@pytest.mark.parametrize("name,top_layers", [("apa", 1), ("ppo", 0)])
+def test_update_lowers_loss_and_keeps_frozen_bits(params, rollout, name, top_layers):
+    obj = ObjectiveConfig(name=name, kl_coef=0.1, apa_lambda=1.0, value_clip=None if name == "apa" else 0.2)
+    before_t, before_f, new_state, metrics, l0, l1 = _one_update(params, rollout, obj, top_layers)
+    assert l1 < l0, (l0, l1)
+    assert np.isclose(float(metrics["loss"]), l0, rtol=1e-5)  # one full-batch update: the step saw the same loss
+    assert int(new_state.step) == 1
+    assert _leaves_equal(new_state.frozen, before_f)  # trunk and reference: bit-identical
+    if top_layers:
+        assert len(jax.tree_util.tree_leaves(before_f["trunk"])) > 0
+    assert not _leaves_equal(new_state.params["policy"], before_t["policy"])
+    assert not _leaves_equal(new_state.params["critic"], before_t["critic"])
+    np.testing.assert_allclose(float(metrics["reward"]), np.mean(rollout["scores"]), rtol=1e-6)
+
+
+def test_critic_only_above_trains_only_the_critic(params, rollout):
+    # A threshold of 0 makes every minibatch critic-only: the policy must not move (Adam's first step from zero
+    # moments with a zero gradient is exactly zero; no weight decay), the critic must.
+    obj = ObjectiveConfig(name="apa", kl_coef=0.1, apa_lambda=1.0, value_clip=None, critic_only_above=0.0)
+    before_t, before_f, new_state, metrics, l0, l1 = _one_update(params, rollout, obj, 1)
+    assert float(metrics["critic_only"]) == 1.0
+    assert _leaves_equal(new_state.params["policy"], before_t["policy"])
+    assert not _leaves_equal(new_state.params["critic"], before_t["critic"])
+    assert _leaves_equal(new_state.frozen, before_f)
+
+
+def test_cross_tokenizer_scoring_equals_direct_scoring():
+    """Policy (OpenChat tokenizer, openchat_3.5 template) replies decoded, re-rendered in the Llama-2 chat template
+    and encoded with the reward model's own (Mistral/Llama SentencePiece, 32000-row) tokenizer give the same score as
+    the same text written out by hand in that template and encoded directly."""
+    from starling_jax import sampling
+    from starling_jax.data import load_tokenizer
+    from starling_jax.train.rollout import RewardScorer
+
+    policy_tok, rm_tok = load_tokenizer("openchat-3.5"), load_tokenizer("mistral-7b-v0.1")
+    rm_cfg = models.PRESETS["tiny"].replace(head="score", vocab_size=32000, pad_token_id=0, eos_token_id=2,
+                                            sliding_window=None)
+    rm_params = models.init_params(rm_cfg, jax.random.PRNGKey(5))
+    scorer = RewardScorer(rm_cfg, rm_params, rm_tok, "llama2", max_length=64, pad_multiple=16)
+    convs = [[{"role": "user", "content": "Tell me about cats."}],
+             [{"role": "user", "content": "Tell me about rain."},
+              {"role": "assistant", "content": "Rain falls from grey clouds."},
+              {"role": "user", "content": "And what about coffee?"}]]
+    replies = ["Cats purr and nap in the sun.", "Coffee beans are roasted, then brewed in a cup."]
+    # What the policy emits: the reply's tokens, its <|end_of_turn|>, then padding; then a stop string case.
+    eot = policy_tok.end_of_turn_id
+    rows = [policy_tok.encode(r) + [eot] for r in replies]
+    tokens = np.zeros((2, 24), np.int32)
+    mask = np.zeros((2, 24), np.int32)
+    for i, ids in enumerate(rows):
+        tokens[i, :len(ids)], mask[i, :len(ids)] = ids, 1
+    texts, _ = sampling.apply_stop_strings(policy_tok, tokens, mask, ("GPT4 Correct User:",))
+    assert texts == replies
+    got = scorer(convs, texts)
+
+    direct = ["<s>[INST] Tell me about cats. </s> [/INST] Cats purr and nap in the sun.</s>",
+              "<s>[INST] Tell me about rain. </s> [/INST] Rain falls from grey clouds.</s>"
+              "<s>[INST] And what about coffee? </s> [/INST] Coffee beans are roasted, then brewed in a cup.</s>"]
+    ids = [rm_tok.encode(t) for t in direct]
+    assert all(max(x) < 32000 and x[0] == rm_tok.bos_id for x in ids)
+    T = max(len(x) for x in ids)
+    want_tokens = np.array([x + [0] * (T - len(x)) for x in ids], np.int32)
+    want_mask = np.array([[1] * len(x) + [0] * (T - len(x)) for x in ids], np.int32)
+    want = np.asarray(models.score(rm_params, rm_cfg, want_tokens, want_mask))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The policy's own rendering of the same chat is another sequence (the re-rendering matters).
+    assert policy_tok.encode_chat(convs[0] + [{"role": "assistant", "content": replies[0]}], template="openchat_3.5",
+                                  add_generation_prompt=False) != ids[0]
