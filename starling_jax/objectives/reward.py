@@ -79,10 +79,10 @@ def rm_metrics(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[st
     """
     _check("rm_metrics", rewards, ranks, mask)
     valid = as_weights(mask)
-    r = jnp.where(valid > 0, rewards.astype(jnp.float32), -jnp.inf)
+    # A finite sentinel (not -inf) so padded slots lose the argmax without ever making an inf - inf = NaN.
+    r = jnp.where(valid > 0, rewards.astype(jnp.float32), -1e30)
     better = _pairs(ranks, mask)
-    diff = r[:, :, None] - r[:, None, :]  # r_i - r_k for i better than k; inf - inf never reaches a valid pair
-    diff = jnp.where(better > 0, diff, 0.0)
+    diff = jnp.where(better > 0, r[:, :, None] - r[:, None, :], 0.0)  # r_i - r_k for i better than k
     concordant = better * (diff > 0)
     discordant = better * (diff < 0)
 
