@@ -131,6 +131,11 @@ def config_to_hf(config: ModelConfig) -> dict:
     if c.architecture == "llama" and c.sliding_window is not None:
         raise HFFormatError(f"cannot save a llama-architecture model with sliding_window={c.sliding_window}: HF Llama "
                             f"has no sliding window; use architecture='mistral'")
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token = getattr(c, name)
+        if token is not None and not 0 <= token < c.vocab_size:
+            raise HFFormatError(f"cannot save: config.{name}={token} is outside the vocabulary [0, {c.vocab_size}) "
+                                f"(transformers would refuse it); set it with config.replace({name}=...)")
     hf = {
         "architectures": [HF_CLASS[(c.architecture, c.head)]], "model_type": c.architecture,
         "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.mlp_dim,
