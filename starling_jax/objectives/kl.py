@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from starling_jax.objectives.common import as_weights, check_same_shape, maybe_mask, safe_div
+from starling_jax.objectives.common import check_same_shape, maybe_mask, safe_div
 
 
 def kl_k1(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
