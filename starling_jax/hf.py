@@ -297,7 +297,8 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     dtype/torch_dtype, else the embedding's). The compute dtype (config.dtype) is float32 for float32 parameters and
     bfloat16 otherwise; change it with config.replace(dtype=...).
     mesh, rules: place each parameter straight into its shards, per starling_jax.sharding.param_shardings(
-    models.param_specs(config), mesh, rules); without a mesh everything goes to the default device.
+    models.param_specs(config), mesh, rules) (rules default to MeshConfig().rules; pass the experiment's
+    mesh.rules); without a mesh everything goes to the default device.
     """
     hf_cfg, files = _check_directory(path)
     config = config_from_hf(hf_cfg, where=os.path.join(path, "config.json"))
@@ -333,9 +334,10 @@ def _shardings(config: ModelConfig, mesh, rules) -> Params:
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree_util.tree_map(lambda _: device, specs, is_leaf=models.transformer.is_spec)
-    from starling_jax import sharding  # written by the sharding engineer; imported only when a mesh is used
+    from starling_jax import sharding  # imported only when a mesh is used
+    from starling_jax.config import MeshConfig
 
-    return sharding.param_shardings(specs, mesh, rules)
+    return sharding.param_shardings(specs, mesh, MeshConfig().rules if rules is None else rules)
 
 
 def _load_entry(e: _Entry, slices, dtype: np.dtype, sharding) -> jax.Array:
@@ -351,7 +353,7 @@ def _load_entry(e: _Entry, slices, dtype: np.dtype, sharding) -> jax.Array:
                 for j, i in enumerate(range(index[0].start, index[0].stop)):
                     out[j] = _read_block(slices[e.hf_name.format(i=i)], e.groups, e.layer_shape, index[1:])
             else:
-                out = _read_block(slices[e.hf_name], e.groups, e.layer_shape, index).astype(dtype)
+                out = _read_block(slices[e.hf_name], e.groups, e.layer_shape, index).astype(dtype, copy=False)
             blocks[key] = out
         return blocks[key]
 

@@ -287,6 +287,9 @@ _MESH_SCRIPT = textwrap.dedent("""
     split = [k for k, x in jax.tree_util.tree_leaves_with_path(params)
              if x.addressable_shards[0].data.shape != x.shape]
     assert len(split) >= 8, split  # most weights really are split across devices
+    _, default_rules = hf.load(sys.argv[1], mesh=mesh)  # rules=None: MeshConfig's default rules
+    assert all(a.sharding == b.sharding for a, b in zip(jax.tree_util.tree_leaves(default_rules),
+                                                        jax.tree_util.tree_leaves(params)))
     print("sharded ok", len(split))
 """)
 
