@@ -2,7 +2,7 @@
 
 Rows (parsed Nectar rows, see data.nectar) are tokenized once when a dataset is built, so truncation is counted
 exactly in a DataReport; grain then shards, shuffles, repeats and batches the encoded examples. Every dataset is a
-grain MapDataset (IterDataset when packing): `it = iter(ds)` gives batches, `it.get_state()` / `it.set_state(s)`
+grain IterDataset: `it = iter(ds)` gives batches, `it.get_state()` / `it.set_state(s)`
 checkpoint and resume it exactly, mid-epoch included. Batches are dicts of numpy arrays:
 
   SFT: tokens [B,T] int32, attention_mask [B,T] int32 (1 real / 0 pad; packed rows: segment ids 1,2,..),
@@ -216,6 +216,10 @@ def _shard_shuffle_repeat(examples: list, shard_index: int, shard_count: int, sh
     return ds.repeat(num_epochs) if num_epochs != 1 else ds
 
 
+# The examples are in memory: reading them on threads only adds GIL contention (grain's own advice).
+_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
 def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_size: int, *, template=None,
                  max_length: int = 256, max_prompt_length: int = 128, max_responses: int = 7,
                  pairs: str = "best_vs_rest", pack: bool = False, seed: int = 0, shuffle: bool = True,
@@ -243,12 +247,12 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
     ds = _shard_shuffle_repeat(examples, shard_index, shard_count, shuffle, seed, num_epochs)
     if kind == "sft" and pack:
         ds = grain.experimental.FirstFitPackIterDataset(
-            ds.to_iter_dataset(), length_struct={"tokens": T, "loss_mask": T}, num_packing_bins=batch_size,
+            ds.to_iter_dataset(_READ), length_struct={"tokens": T, "loss_mask": T}, num_packing_bins=batch_size,
             seed=seed, shuffle_bins=shuffle)
         return ds.batch(batch_size, drop_remainder=drop_remainder).map(_packed_to_batch)
     collate = {"sft": lambda: _collate_sft(pad, T), "rm": lambda: _collate_rm,
                "dpo": lambda: _collate_dpo(pad, T), "rl": lambda: _collate_rl(pad, P)}[kind]()
-    return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+    return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate).to_iter_dataset(_READ)
 
 
 # -- rows for the loop ---------------------------------------------------------------------------------------------
