@@ -60,6 +60,8 @@ EMPTY_UTILITY = -3.0
 
 _WORD_TOPIC = {w: t for t, words in TOPICS.items() for w in (t,) + words}
 _GENERIC = frozenset(GENERIC)
+_OWN = {t: (t,) + words for t, words in TOPICS.items()}
+_OTHERS = {t: tuple(w for u, ws in TOPICS.items() if u != t for w in ws) for t in TOPICS}
 _WORD_RE = re.compile(r"[a-z']+")
 assert len(_WORD_TOPIC) == sum(len(w) + 1 for w in TOPICS.values()), "topic word sets must be disjoint"
 assert not _GENERIC & set(_WORD_TOPIC) and not set(JUNK) & (set(_WORD_TOPIC) | _GENERIC)
@@ -108,19 +110,18 @@ def _sentence(words: list[str], period: bool) -> str:
 
 def _response(rng: np.random.Generator, topic: str, quality: float) -> str:
     """A response whose expected utility grows with quality in [0, 1]."""
-    own = list(TOPICS[topic]) + [topic]
-    others = [w for t, ws in TOPICS.items() if t != topic for w in ws]
+    own, others = _OWN[topic], _OTHERS[topic]
     n_on = int(rng.binomial(5, quality))
     n_off = int(rng.binomial(2, 0.6 * (1 - quality)))
     n_generic = int(rng.integers(1, 7))
     n_repeat = int(rng.binomial(3, 0.5 * (1 - quality)))
     n_junk = int(rng.binomial(1, 0.4 * (1 - quality)))
-    words = (list(rng.choice(own, n_on, replace=False)) + list(rng.choice(others, n_off, replace=False))
-             + list(rng.choice(GENERIC, n_generic)) + list(rng.choice(JUNK, n_junk)))
-    if not words:
-        words = [str(rng.choice(GENERIC))]
-    words += list(rng.choice(words, n_repeat))
-    words = [str(w) for w in rng.permutation(words)]
+    words = ([own[i] for i in rng.permutation(len(own))[:n_on]]
+             + [others[i] for i in rng.permutation(len(others))[:n_off]]
+             + [GENERIC[i] for i in rng.integers(0, len(GENERIC), n_generic)]
+             + [JUNK[i] for i in rng.integers(0, len(JUNK), n_junk)])
+    words += [words[i] for i in rng.integers(0, len(words), n_repeat)]
+    words = [words[i] for i in rng.permutation(len(words))]
     return _sentence(words, period=bool(rng.random() < 0.5 + 0.5 * quality))
 
 
