@@ -125,8 +125,8 @@ def test_left_padded_row_equals_unpadded_sequence():
 
 
 def test_bf16_compute_path_within_tolerance(tmp_path):
-    """bf16 activations/matmuls over fp32 params: logits within 5% of HF's fp32 logits (bf16 has an 8-bit mantissa,
-    ~0.4% per rounding; two layers of rounding measured ~1-2%), and clearly correlated."""
+    """bf16 activations/matmuls over fp32 params: max relative logit error <= 2e-2 against HF's fp32 logits (bf16
+    keeps 8 mantissa bits, ~0.4% per rounding; measured 5.5e-3 here), and nearly the same argmax tokens."""
     model = _save_hf(transformers.MistralForCausalLM, _mistral(), tmp_path)
     config, params = hf.load(str(tmp_path))
     tokens = _tokens(2, 24, seed=4)
@@ -136,7 +136,7 @@ def test_bf16_compute_path_within_tolerance(tmp_path):
     assert ours.dtype == np.float32
     real = mask.astype(bool)
     err = _rel_err(ours, ref, real)
-    assert 0 < err <= 5e-2, f"bf16 max relative logit error {err:.2e}"
+    assert 0 < err <= 2e-2, f"bf16 max relative logit error {err:.2e}"
     assert (ours[real].argmax(-1) == ref[real].argmax(-1)).mean() >= 0.9
 
 
