@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import time
 import warnings
 from typing import Any, Optional
 
@@ -64,14 +66,20 @@ class Checkpoints:
         return Restored(step=step, state=out["state"], data_state=out["data"], config=out["config"])
 
     def restore_latest(self, like) -> Optional[Restored]:
-        """The newest checkpoint that restores; a damaged one is skipped with a warning. None when there is none."""
+        """The newest checkpoint that restores. A damaged one is moved aside to <directory>_corrupt/<step> (kept for
+        inspection, and out of the way of the step that will be saved again) with a warning. None when there is none."""
         for step in reversed(self.steps()):
             try:
                 return self.restore(step, like)
             except Exception as e:  # orbax raises many kinds (ValueError, FileNotFoundError, tensorstore errors)
-                warnings.warn(f"checkpoint {os.path.join(self.directory, str(step))} could not be restored "
-                              f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous checkpoint",
-                              stacklevel=2)
+                path = os.path.join(self.directory, str(step))
+                aside = os.path.join(self.directory + "_corrupt", f"{step}.{int(time.time())}")
+                warnings.warn(f"checkpoint {path} could not be restored ({type(e).__name__}: {str(e)[:300]}); "
+                              f"moved to {aside}; falling back to the previous checkpoint", stacklevel=2)
+                if jax.process_index() == 0:
+                    os.makedirs(os.path.dirname(aside), exist_ok=True)
+                    shutil.move(path, aside)
+                self._manager.reload()
         return None
 
     def close(self) -> None:
