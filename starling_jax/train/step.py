@@ -77,7 +77,7 @@ def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable
             grads, metrics = grads_and_metrics(state.params, state.frozen, batch, step_rng)
         else:
             grads, metrics = accumulate(state.params, state.frozen, batch, step_rng)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
