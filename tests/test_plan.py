@@ -1,0 +1,87 @@
+"""`starling-jax plan --json` on a tiny experiment (8 simulated CPU devices from tests/conftest.py)."""
+
+import json
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from starling_jax import cli, plan
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
+
+# Tiny model: V=128, D=64, L=2, H=4, K=2, E=16, F=128; SFT on 16 rows of 32 tokens, 2 micro-batches.
+EXPERIMENT = textwrap.dedent('''
+    from starling_jax.config import DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig, TrainConfig
+    from starling_jax.models import PRESETS
+
+    def get_config():
+        model = PRESETS["tiny"].replace(vocab_size=128, pad_token_id=0, eos_token_id=2)
+        return Experiment(name="tiny_plan", model=ModelSection(config=model), mesh=MeshConfig(data=2, fsdp=2, tensor=2),
+                          data=DataConfig(max_length=32), objective=ObjectiveConfig(name="sft"),
+                          train=TrainConfig(batch_size=16, grad_accum=2))
+''')
+
+
+def _expected_flops(V=128, D=64, L=2, H=4, K=2, E=16, F=128, B=16, T=32):
+    """Matmul FLOPs of one SFT step, by hand: forward 2 * (weights) per token, backward twice that; attention
+    scores and mixing 2 * T * T * H * E each per row and layer; the LM head sees T - 1 positions."""
+    layer_weights = D * H * E * 2 + D * K * E * 2 + 3 * D * F
+    dense = 6 * L * layer_weights * B * T + 6 * D * V * B * (T - 1)
+    attention = 3 * L * B * (2 * 2 * T * T * H * E)
+    return dense + attention
+
+
+@needs8
+def test_plan_json_bytes_add_up_and_match_memory_analysis(tmp_path, capsys):
+    path = tmp_path / "tiny_plan.py"
+    path.write_text(EXPERIMENT)
+    assert cli.main(["plan", str(path), "--devices", "8", "--json", "--step-time", "0.5", "--peak-flops", "1e9"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    b = report["per_device_bytes"]
+    assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert b["total"] == b["params"] + b["optimizer"] + b["other"] + b["batch"] + b["temp"] + b["output_not_aliased"]
+    mem = report["memory_analysis"]
+    # what we account for as inputs is exactly what XLA allocates as the step's arguments
+    assert b["params"] + b["optimizer"] + b["frozen"] + b["step_and_rng"] + b["batch"] == mem["argument_size_in_bytes"]
+    assert b["temp"] == mem["temp_size_in_bytes"] > 0
+    assert mem["alias_size_in_bytes"] >= b["params"] + b["optimizer"]  # the donated state is updated in place
+
+    # params by hand: every matrix is split 4 ways (fsdp x tensor), the norms are replicated; float32
+    norms = 2 * 2 * 64 + 64
+    matrices = 128 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128)
+    assert b["params"] == 4 * (matrices // 4 + norms)
+    assert report["param_counts"] == {"trainable": matrices + norms, "frozen": 0}
+    # Adam's two moments shard like the params; the rest is the step count
+    assert 2 * b["params"] <= b["optimizer"] <= 2 * b["params"] + 16
+    # batch: tokens, attention_mask (int32) and loss_mask (float32), 16 x 32, split over data x fsdp = 4
+    assert b["batch"] == 3 * 16 * 32 * 4 // 4
+
+    assert report["flops_per_step"] == _expected_flops()
+    assert report["flops_per_device"] == pytest.approx(_expected_flops() / 8)
+    assert report["mfu"] == pytest.approx(_expected_flops() / 8 / (0.5 * 1e9))
+
+
+def test_jaxpr_flops_counts_every_scan_iteration():
+    import jax.numpy as jnp
+
+    def f(ws, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0].sum()
+
+    for layers in (2, 5):
+        ws, x = jax.ShapeDtypeStruct((layers, 32, 32), jnp.float32), jax.ShapeDtypeStruct((8, 32), jnp.float32)
+        jaxpr = jax.make_jaxpr(jax.grad(f))(ws, x).jaxpr
+        # forward h @ w, backward dh @ w.T and h.T @ dh: three [8,32]x[32,32] matmuls per layer
+        assert plan.jaxpr_flops(jaxpr) == layers * 3 * 2 * 8 * 32 * 32
+
+
+def test_parse_mesh_and_unknown_stage(tmp_path):
+    assert plan.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+    with pytest.raises(ValueError, match="expected data=N,fsdp=N,tensor=N"):
+        plan.parse_mesh("model=2")
+    path = tmp_path / "tiny_plan.py"
+    path.write_text(EXPERIMENT)
+    from starling_jax.config import load_experiment
+    with pytest.raises(KeyError, match="no stage 'rl'; its stages: sft"):
+        plan.plan_experiment(load_experiment(str(path)), jax.devices()[:1], stage="rl")
