@@ -24,6 +24,7 @@ import numpy as np
 from starling_jax.data import templates as templates_lib
 
 OPENCHAT_SPECIAL = {"<|end_of_turn|>": 32000, "<|pad_0|>": 32001}
+KNOWN_TOKENIZERS = ("openchat-3.5", "mistral-7b-v0.1")  # names load_tokenizer knows besides paths
 
 
 def mistral_model_path() -> str:
