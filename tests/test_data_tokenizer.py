@@ -218,3 +218,28 @@ def test_template_errors():
         render([MULTI[0], MULTI[0]])
     with pytest.raises(ValueError, match="end with a user message"):
         render(MULTI[:2])
+
+
+def test_sentencepiece_model_with_user_defined_specials(tmp_path):
+    """A Yi-like SentencePiece .model (no dummy prefix, <|im_start|>/<|im_end|> user-defined, <|endoftext|> control),
+    trained here in a second; the ChatML rendering splits exactly at its special tokens."""
+    import io
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    corpus = ["hello there, how are you today?", "I am fine, thank you.", "user assistant says hi"] * 30
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=320, model_type="bpe", byte_fallback=True,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], control_symbols=["<|endoftext|>"],
+        add_dummy_prefix=False, minloglevel=2)
+    path = tmp_path / "yi_like.model"
+    path.write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    tok = load_tokenizer(str(path))
+    assert tok.special_tokens["<|im_start|>"] == 4 and tok.special_tokens["<|endoftext|>"] == 3
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
+    conv = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "I am fine."}]
+    ids = tok.encode_chat(conv, "chatml", add_generation_prompt=False)
+    want = ([4] + sp.encode("user\nhello there") + [5] + sp.encode("\n") + [4] + sp.encode("assistant\nI am fine.")
+            + [5])
+    assert ids == want
+    assert tok.encode("x<|endoftext|>") == sp.encode("x") + [3]  # a control piece in text becomes its id

@@ -41,11 +41,19 @@ class _SentencePieceBackend:
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=path)
         self.size = self.sp.get_piece_size()
+        self._specials = None
 
     def specials(self) -> dict[str, int]:
-        # Control and unknown pieces never come out of encoding text: HF treats their strings as special tokens.
-        return {self.sp.id_to_piece(i): i for i in range(self.size)
-                if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        """Control, unknown and user-defined pieces (e.g. Yi's <|im_start|>): HF treats their strings as special
+        tokens, and control pieces never come out of SentencePiece's own encoding of text."""
+        if self._specials is None:
+            from sentencepiece import sentencepiece_model_pb2 as pb
+            proto = pb.ModelProto()
+            proto.ParseFromString(self.sp.serialized_model_proto())
+            kinds = (pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.UNKNOWN,
+                     pb.ModelProto.SentencePiece.USER_DEFINED)
+            self._specials = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in kinds}
+        return self._specials
 
     def encode_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """ids and their [begin, end) character spans in `text`."""
