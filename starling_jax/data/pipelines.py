@@ -102,7 +102,8 @@ def sft_examples(rows, tokenizer, template, max_length, max_prompt_length, repor
 
 
 def rm_examples(rows, tokenizer, template, max_length, max_prompt_length, max_responses, report, seed=0):
-    """One K-wise group per row: [K, T] tokens/masks. Rows with more answers keep a seeded random subset."""
+    """One K-wise group per row: its answers' token arrays (padded to [K, T] only when batched, so a large
+    dataset holds just its tokens) and ranks [K]. Rows with more answers keep a seeded random subset."""
     out = []
     for r in rows:
         n = len(r["responses"])
@@ -110,19 +111,12 @@ def rm_examples(rows, tokenizer, template, max_length, max_prompt_length, max_re
         if n > max_responses:
             keep = np.sort(np.random.default_rng([seed, r.get("row", 0)]).permutation(n)[:max_responses])
             report.answers_dropped += n - max_responses
-        k = len(keep)
-        tokens = np.full((max_responses, max_length), tokenizer.pad_id, np.int32)
-        attn = np.zeros((max_responses, max_length), np.int32)
         kept_ranks = np.asarray([r["ranks"][j] for j in keep])
         ranks = np.arange(1, max_responses + 1, dtype=np.int32)  # padded slots continue the order
-        ranks[:k] = np.argsort(np.argsort(kept_ranks, kind="stable"), kind="stable") + 1  # re-rank 1..k
-        for slot, j in enumerate(keep):
-            ids, _ = encode_example(tokenizer, r["messages"], r["responses"][j], template, max_length,
-                                    max_prompt_length, report, all_turns_loss=False)
-            tokens[slot, :len(ids)] = ids
-            attn[slot, :len(ids)] = 1
-        out.append({"tokens": tokens, "attention_mask": attn, "ranks": ranks,
-                    "response_mask": (np.arange(max_responses) < k).astype(np.int32)})
+        ranks[:len(keep)] = np.argsort(np.argsort(kept_ranks, kind="stable"), kind="stable") + 1  # re-rank 1..k
+        responses = [encode_example(tokenizer, r["messages"], r["responses"][j], template, max_length,
+                                    max_prompt_length, report, all_turns_loss=False)[0] for j in keep]
+        out.append({"responses": responses, "ranks": ranks})
     return out
 
 
@@ -172,8 +166,19 @@ def _collate_sft(pad_id, T):
     return collate
 
 
-def _collate_rm(xs):
-    return {k: np.stack([x[k] for x in xs]) for k in ("tokens", "attention_mask", "ranks", "response_mask")}
+def _collate_rm(pad_id, K, T):
+    def collate(xs):
+        tokens = np.full((len(xs), K, T), pad_id, np.int32)
+        attention = np.zeros((len(xs), K, T), np.int32)
+        response_mask = np.zeros((len(xs), K), np.int32)
+        for b, x in enumerate(xs):
+            for k, ids in enumerate(x["responses"]):
+                tokens[b, k, :len(ids)] = ids
+                attention[b, k, :len(ids)] = 1
+            response_mask[b, :len(x["responses"])] = 1
+        return {"tokens": tokens, "attention_mask": attention, "ranks": np.stack([x["ranks"] for x in xs]),
+                "response_mask": response_mask}
+    return collate
 
 
 def _collate_dpo(pad_id, T):
@@ -234,6 +239,8 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
         raise ValueError(f"unknown pipeline kind {kind!r}; known: {KINDS}")
     if max_prompt_length < 1 or max_length < 2:
         raise ValueError(f"need max_length >= 2 and max_prompt_length >= 1, got {max_length}, {max_prompt_length}")
+    if kind == "rm" and max_responses < 2:
+        raise ValueError(f"max_responses (K) must be >= 2 for reward-model groups, got {max_responses}")
     report = report if report is not None else nectar.DataReport()
     T, P, pad = max_length, max_prompt_length, tokenizer.pad_id
     if kind == "sft":
@@ -250,7 +257,7 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
             ds.to_iter_dataset(_READ), length_struct={"tokens": T, "loss_mask": T}, num_packing_bins=batch_size,
             seed=seed, shuffle_bins=shuffle)
         return ds.batch(batch_size, drop_remainder=drop_remainder).map(_packed_to_batch)
-    collate = {"sft": lambda: _collate_sft(pad, T), "rm": lambda: _collate_rm,
+    collate = {"sft": lambda: _collate_sft(pad, T), "rm": lambda: _collate_rm(pad, max_responses, T),
                "dpo": lambda: _collate_dpo(pad, T), "rl": lambda: _collate_rl(pad, P)}[kind]()
     return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate).to_iter_dataset(_READ)
 
