@@ -241,7 +241,10 @@ def _check_directory(path: str) -> tuple[dict, dict[str, str]]:
     index_path, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index_path):
         with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
+            try:
+                weight_map = json.load(f).get("weight_map")
+            except json.JSONDecodeError as e:
+                raise HFFormatError(f"{index_path}: invalid JSON: {e}") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFFormatError(f"{index_path}: no 'weight_map' of tensor name -> file")
         for file in sorted(set(weight_map.values())):
@@ -304,9 +307,10 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     config = config_from_hf(hf_cfg, where=os.path.join(path, "config.json"))
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
+        names_in = {f: set(h.keys()) for f, h in handles.items()}
         slices = {}
         for name, file in files.items():
-            if name not in handles[file].keys():
+            if name not in names_in[file]:
                 raise HFFormatError(f"{path}: {INDEX_FILE} puts {name} in {os.path.basename(file)}, which lacks it")
             slices[name] = handles[file].get_slice(name)
         stored = slices["model.embed_tokens.weight"].get_dtype() if "model.embed_tokens.weight" in slices else "F32"

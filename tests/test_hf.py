@@ -223,6 +223,10 @@ def test_error_directory_problems(tmp_path):
         hf.load(str(tmp_path))
     config = models.PRESETS["tiny"].replace(vocab_size=VOCAB, pad_token_id=0, eos_token_id=2)
     files = hf.save(str(tmp_path / "s"), config, _random_params(config, 0), max_shard_bytes=100_000)
+    index_path = tmp_path / "s" / hf.INDEX_FILE
+    _edit_json(index_path, weight_map={**json.load(open(index_path))["weight_map"], "model.norm.weight": files[1]})
+    with pytest.raises(hf.HFFormatError, match=rf"puts model.norm.weight in {files[1]}, which lacks it"):
+        hf.load(str(tmp_path / "s"))
     os.remove(tmp_path / "s" / files[2])
     with pytest.raises(hf.HFFormatError, match=rf"lists shard '{files[2]}', which is not in"):
         hf.load(str(tmp_path / "s"))
