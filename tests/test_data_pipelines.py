@@ -62,6 +62,7 @@ def test_sft_packed_batches(tok, rows):
             seg = b["attention_mask"][i]
             ids = sorted(set(seg.tolist()) - {0})
             assert ids == list(range(1, len(ids) + 1))
+            assert (b["tokens"][i][seg == 0] == tok.pad_id).all() and not b["loss_mask"][i][seg == 0].any()
             for s in ids:
                 where = seg == s
                 key = tuple(b["tokens"][i][where].tolist())

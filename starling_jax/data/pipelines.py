@@ -255,6 +255,7 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
     if kind == "sft" and pack:
         ds = grain.experimental.FirstFitPackIterDataset(
             ds.to_iter_dataset(_READ), length_struct={"tokens": T, "loss_mask": T}, num_packing_bins=batch_size,
+            padding_struct={"tokens": pad, "loss_mask": 0.0},
             seed=seed, shuffle_bins=shuffle)
         return ds.batch(batch_size, drop_remainder=drop_remainder).map(_packed_to_batch)
     collate = {"sft": lambda: _collate_sft(pad, T), "rm": lambda: _collate_rm(pad, max_responses, T),
