@@ -78,7 +78,8 @@ class HFFormatError(ValueError):
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """ModelConfig from a parsed HF config.json (transformers 4 or 5 style)."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}.get(hf.get("model_type"))
+    by_type = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+    arch = archs[0] if archs else by_type.get(hf.get("model_type"))
     if arch not in ARCHITECTURES:
         raise HFFormatError(f"{where}: unsupported architecture {arch!r} (architectures={archs}, model_type="
                             f"{hf.get('model_type')!r}); supported: {', '.join(ARCHITECTURES)}")
@@ -283,13 +284,14 @@ def _check_tensors(entries: list[_Entry], config: ModelConfig, shapes: dict[str,
     problems += [f"tensor {n} has shape {list(shapes[n])}, expected {list(expected[n])} from config.json"
                  for n in misshaped]
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}"
+                        f"{' ...' if len(missing) > 8 else ''}")
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}"
                         f"{' ...' if len(unexpected) > 8 else ''} (is config.json's architecture right?)")
     if problems:
-        raise HFFormatError(f"{path}: checkpoint does not match config.json ({HF_CLASS[(config.architecture, config.head)]}"
-                            f"): " + "; ".join(problems))
+        hf_class = HF_CLASS[(config.architecture, config.head)]
+        raise HFFormatError(f"{path}: checkpoint does not match config.json ({hf_class}): " + "; ".join(problems))
 
 
 def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None, rules=None
@@ -373,18 +375,18 @@ def save(path: str, config: ModelConfig, params: Params, max_shard_bytes: int = 
     max_shard_bytes, like HF) that transformers' from_pretrained loads with the same logits. Tensors keep the params'
     dtype. Returns the files written. Host memory: one parameter plus one shard's tensors at a time."""
     entries = _entries(config)
-    names = _check_params(entries, config, params)
+    arrays = _check_params(entries, config, params)
     os.makedirs(path, exist_ok=True)
-    hf = config_to_hf(config)
-    hf["dtype"] = str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype))
+    hf_config = config_to_hf(config)
+    hf_config["dtype"] = str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+        json.dump(hf_config, f, indent=2)
 
     # Plan shards from the shapes alone (their count is in every file name), then gather one parameter at a time.
     shards: list[list[tuple[_Entry, int, str]]] = [[]]
     size, total = 0, 0
     for e in entries:
-        itemsize = np.dtype(names[e.path].dtype).itemsize
+        itemsize = np.dtype(arrays[e.path].dtype).itemsize
         for i, n in enumerate(e.names()):
             nbytes = math.prod(e.hf_shape) * itemsize
             if shards[-1] and size + nbytes > max_shard_bytes:
@@ -400,7 +402,7 @@ def save(path: str, config: ModelConfig, params: Params, max_shard_bytes: int = 
         tensors = {}
         for e, i, n in shard:
             if e.path not in host:
-                host = {e.path: np.asarray(jax.device_get(names[e.path]))}  # drop the previous parameter
+                host = {e.path: np.asarray(jax.device_get(arrays[e.path]))}  # drop the previous parameter
             x = host[e.path]
             tensors[n] = np.ascontiguousarray(_to_hf(x[i] if e.stacked else x, e.groups))
         save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
@@ -435,7 +437,8 @@ def _check_params(entries: list[_Entry], config: ModelConfig, params: Params) ->
     for key, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         p = tuple(getattr(k, "key", k) for k in key)
         if p not in known:
-            problems.append(f"unexpected params[{']['.join(map(repr, p))}] (config.head={config.head!r}, tie_embeddings={config.tie_embeddings})")
+            problems.append(f"unexpected params[{']['.join(map(repr, p))}] (config.head={config.head!r}, "
+                            f"tie_embeddings={config.tie_embeddings})")
     if problems:
         raise HFFormatError("save: params do not match the config: " + "; ".join(problems))
     return out
@@ -446,7 +449,8 @@ def _check_params(entries: list[_Entry], config: ModelConfig, params: Params) ->
 
 
 def add_convert_arguments(parser) -> None:
-    parser.add_argument("source", help="a local HF safetensors directory, or preset:NAME (random init, e.g. preset:tiny)")
+    parser.add_argument("source",
+                        help="a local HF safetensors directory, or preset:NAME (random init, e.g. preset:tiny)")
     parser.add_argument("output", help="directory to write (config.json + safetensors)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="parameter dtype to write (default: the source's; float32 for a preset)")

@@ -73,7 +73,8 @@ _DROP = object()
 
 
 def test_save_then_transformers_from_pretrained_same_logits_causal_lm(tmp_path):
-    config = models.PRESETS["tiny"].replace(vocab_size=VOCAB, pad_token_id=0, eos_token_id=2, rope_theta=50000.0, rms_norm_eps=1e-6)
+    config = models.PRESETS["tiny"].replace(vocab_size=VOCAB, pad_token_id=0, eos_token_id=2, rope_theta=50000.0,
+                                            rms_norm_eps=1e-6)
     params = _random_params(config, 1)
     hf.save(str(tmp_path), config, params)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
@@ -193,7 +194,8 @@ def test_error_unexpected_tensor(tmp_path):
 
 def test_error_misshaped_tensor_names_both_shapes(tmp_path):
     _hf_dir(tmp_path)
-    _rewrite_weights(tmp_path, lambda t: t.update({"model.layers.0.mlp.gate_proj.weight": np.zeros((32, 48), np.float32)}))
+    wrong = np.zeros((32, 48), np.float32)  # [in, out] instead of HF's [out, in]
+    _rewrite_weights(tmp_path, lambda t: t.update({"model.layers.0.mlp.gate_proj.weight": wrong}))
     with pytest.raises(hf.HFFormatError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[32, 48\], "
                                                r"expected \[48, 32\]"):
         hf.load(str(tmp_path))
@@ -211,8 +213,8 @@ def test_error_pickle_only_checkpoint_is_never_opened(tmp_path):
     _hf_dir(tmp_path)
     os.remove(tmp_path / "model.safetensors")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle: load must refuse before reading it")
-    with pytest.raises(hf.HFFormatError, match=r"(?s)only pickled checkpoints \(pytorch_model.bin\); starling_jax never "
-                                               r"unpickles.*save_pretrained"):
+    with pytest.raises(hf.HFFormatError, match=r"(?s)only pickled checkpoints \(pytorch_model.bin\); starling_jax "
+                                               r"never unpickles.*save_pretrained"):
         hf.load(str(tmp_path))
 
 
