@@ -117,6 +117,11 @@ def test_tied_embeddings_and_transformers4_style_config(tmp_path):
     mask = np.ones_like(tokens)
     ref = _torch_out(model, tokens, mask)
     assert np.abs(np.asarray(models.forward(params, config, tokens, mask)) - ref).max() / np.abs(ref).max() <= 1e-4
+    # Saving keeps the tie: no lm_head.weight in the file, and transformers ties it back.
+    hf.save(str(tmp_path / "resaved"), config, params)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "resaved" / "model.safetensors"))
+    resaved = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "resaved")).eval()
+    np.testing.assert_allclose(_torch_out(resaved, tokens, mask), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def test_mistral_sliding_window_null_and_pad_token(tmp_path):
