@@ -53,7 +53,7 @@ def reference_params(frozen: Params) -> Params:
 
 
 def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens: jax.Array,
-                  attention_mask: jax.Array, prompt_len: int, with_reference: bool = True) -> dict:
+                  attention_mask: jax.Array, prompt_len: int, with_reference: bool = True, constrain=None) -> dict:
     """Log-probs of the response tokens under the policy (and the reference), the critic's values, hidden states.
 
     tokens, attention_mask: [B, P + N], a left-padded prompt of P tokens followed by N response tokens.
@@ -61,6 +61,7 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
     response token j is read at the same position (the state before the token is chosen), as in trlx.
     Returns {"logprobs" [B, N], "ref_logprobs" [B, N] (if with_reference), "values" [B, N]} float32 and
     "hidden" [B, N, D], the policy's final hidden states at those positions (the critic's input).
+    constrain: optional activation sharding constraint for run_layers (sharding.activation_constraint) on a mesh.
     """
     trunk, policy, reference = frozen["trunk"], trainable["policy"], frozen["reference"]
     if tokens.shape != attention_mask.shape:
@@ -71,14 +72,14 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
     def top(p: Params, x: jax.Array) -> jax.Array:
         """The trainable-shaped subtree p over the trunk's output x -> hidden states [B, N, D] of the predicting
         positions (only those go through the vocabulary projection)."""
-        x, _ = models.run_layers(p["layers"], config, x, attention_mask)
+        x, _ = models.run_layers(p["layers"], config, x, attention_mask, constrain=constrain)
         x = jax.lax.dynamic_slice_in_dim(x, prompt_len - 1, N, axis=1)
         return models.final_norm(p, config, x)
 
     if "layers" in trunk:
         # The frozen trunk runs once; its output feeds both heads of the hydra.
         x = models.embed_tokens(trunk, config, tokens)
-        x, _ = models.run_layers(trunk["layers"], config, x, attention_mask)
+        x, _ = models.run_layers(trunk["layers"], config, x, attention_mask, constrain=constrain)
         x_policy = x_ref = jax.lax.stop_gradient(x)
     else:
         x_policy = models.embed_tokens({**trunk, **policy}, config, tokens)

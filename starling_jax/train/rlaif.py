@@ -59,14 +59,15 @@ def shaped_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Arr
 
 def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attention_mask: jax.Array,
                     response_mask: jax.Array, scores: jax.Array, kl_coef, *, config: ModelConfig,
-                    objective: ObjectiveConfig, prompt_len: int) -> dict:
+                    objective: ObjectiveConfig, prompt_len: int, constrain=None) -> dict:
     """Everything the update needs from one chunk of rollouts (jit with config/objective/prompt_len static).
 
     tokens, attention_mask [B, P + N] (prompt left padded, response right padded); response_mask [B, N];
     scores [B] the scaled and clipped RM scores. Returns old_logprobs, ref_logprobs, old_values, rewards, advantages,
     returns [B, N] and kl [B] (sum over each row's response tokens of logp_old - logp_ref).
     """
-    out = jax.lax.stop_gradient(hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len))
+    out = jax.lax.stop_gradient(hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len,
+                                              constrain=constrain))
     mask = response_mask
     rewards, kl = shaped_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, kl_coef)
     values = jnp.where(mask > 0, out["values"], 0.0)
@@ -78,7 +79,7 @@ def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attent
 
 
 def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelConfig, objective: ObjectiveConfig,
-            prompt_len: int) -> tuple[jax.Array, dict]:
+            prompt_len: int, constrain=None) -> tuple[jax.Array, dict]:
     """APA or PPO policy loss + vf_coef * value loss on a (mini)batch of experience -> (loss, metrics).
 
     With objective.critic_only_above = c (the Starling fork's rule), a minibatch whose value loss exceeds c trains
@@ -86,7 +87,7 @@ def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelCon
     layers beneath it.
     """
     out = hydra_forward(trainable, frozen, config, batch["tokens"], batch["attention_mask"], prompt_len,
-                        with_reference=False)
+                        with_reference=False, constrain=constrain)
     mask = batch["response_mask"]
     old, adv = batch["old_logprobs"], batch["advantages"]
     if objective.name == "apa":
@@ -143,13 +144,14 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
     return step
 
 
-def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_len: int):
-    """(experience_fn, loss_fn) with the static arguments bound; experience_fn is jitted."""
+def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_len: int, constrain=None):
+    """(experience_fn, loss_fn) with the static arguments bound; experience_fn is jitted. constrain: optional
+    activation sharding constraint (sharding.activation_constraint(mesh, rules)) applied at layer boundaries."""
     if objective.name not in RL_OBJECTIVES:
         raise ValueError(f"the rl stage needs objective.name in {RL_OBJECTIVES}, got {objective.name!r}")
     experience = jax.jit(functools.partial(make_experience, config=config, objective=objective,
-                                           prompt_len=prompt_len))
-    loss = functools.partial(rl_loss, config=config, objective=objective, prompt_len=prompt_len)
+                                           prompt_len=prompt_len, constrain=constrain))
+    loss = functools.partial(rl_loss, config=config, objective=objective, prompt_len=prompt_len, constrain=constrain)
     return experience, loss
 
 
