@@ -106,7 +106,11 @@ def _rl_parts(exp, mesh, rules) -> PlanParts:
     shardings = state_shardings(optimizer, state, sharding.param_shardings(t_specs, mesh, rules),
                                 sharding.param_shardings(f_specs, mesh, rules), mesh)
     P, N, B = exp.data.max_prompt_length, r.max_new_tokens, r.prompts_per_step
-    _, loss = rlaif.build_rl_functions(config, o, P)
+    _, rl_loss = rlaif.build_rl_functions(config, o, P, sharding.activation_constraint(mesh, rules))
+    pin = sharding.batch_constraint(mesh, rules)  # the step gathers shuffled minibatches: keep them split
+
+    def loss(params, frozen, minibatch):
+        return rl_loss(params, frozen, pin(minibatch))
     step = rlaif.make_rl_step(loss, optimizer, r.epochs, r.minibatch_size)
     S = jax.ShapeDtypeStruct
     batch = {"tokens": S((B, P + N), jnp.int32), "attention_mask": S((B, P + N), jnp.int32),

@@ -224,6 +224,19 @@ def activation_constraint(mesh: Optional[Mesh], rules) -> Optional[Callable[[jax
     return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
+def batch_constraint(mesh: Optional[Mesh], rules) -> Callable[[dict], dict]:
+    """batch dict -> the same arrays constrained to the batch sharding (leading axis over the "batch" rule), for use
+    inside a jitted step after a gather or shuffle (e.g. jnp.take of a minibatch), which would otherwise leave the
+    rows replicated and make every device compute the whole minibatch. Identity without a mesh."""
+    if mesh is None:
+        return lambda batch: batch
+
+    def constrain(batch):
+        return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, batch_spec(v.ndim, rules)))
+                for k, v in batch.items()}
+    return constrain
+
+
 def shard_shape(shape: Sequence[int], sharding: NamedSharding) -> tuple[int, ...]:
     """The per-device shape of an array of global `shape` under `sharding`."""
     return tuple(sharding.shard_shape(tuple(shape)))
