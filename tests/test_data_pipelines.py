@@ -182,3 +182,15 @@ def test_seeds_epochs_and_shards(tok, rows):
         make_dataset("rl", rows, tok, 1, shard_index=3, shard_count=3)
     with pytest.raises(ValueError, match="unknown pipeline kind 'ppo'"):
         make_dataset("ppo", rows, tok, 1)
+
+
+def test_dataset_for_uses_the_data_config(tok, rows):
+    from starling_jax.config import DataConfig
+    from starling_jax.data import dataset_for
+    data = DataConfig(max_length=80, max_prompt_length=48, max_responses=4, pairs="all", shuffle_seed=3)
+    rm = next(iter(dataset_for("rm", rows, tok, data, 2)))
+    assert rm["tokens"].shape == (2, 4, 80) and rm["ranks"].shape == (2, 4)
+    dpo = list(dataset_for("dpo", rows[:2], tok, data, 6, num_epochs=1, shuffle=False))
+    assert sum(len(b["chosen_tokens"]) for b in dpo) == 2 * 21 and dpo[0]["chosen_tokens"].shape == (6, 80)
+    rl = next(iter(dataset_for("rl", rows, tok, data, 3)))
+    assert rl["prompt_tokens"].shape == (3, 48)
