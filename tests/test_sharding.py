@@ -1,6 +1,6 @@
 """Mesh, logical-axis rules and sharded execution on 8 simulated CPU devices (tests/conftest.py sets the flag)."""
 
-import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ def test_every_parameter_gets_the_sharding_the_rules_say():
     # created directly in those shards, with the values of a single-device init (same random bits; the float
     # transform may round differently once fused, hence 1 ulp of slack)
     params = sharding.init_sharded(models.param_specs(CFG), jax.random.key(0), CFG.init_std, mesh, DEFAULT_RULES)
-    reference = _flat(models.init_params(CFG, jax.random.key(0)))
+    reference = _flat(jax.jit(models.init_params, static_argnums=0)(CFG, jax.random.key(0)))
     for name, array in _flat(params).items():
         assert array.sharding.spec == EXPECTED[name], name
         np.testing.assert_allclose(np.asarray(array), np.asarray(reference[name]), rtol=1e-6, atol=1e-8,
@@ -122,12 +122,17 @@ def _assert_close(a, b, name, rel=1e-5):
     assert np.abs(a - b).max() <= rel * scale, f"{name}: max abs diff {np.abs(a - b).max():.3g} vs scale {scale:.3g}"
 
 
+@functools.lru_cache(maxsize=1)
+def _single_device_reference():
+    batch = _batch(np.random.default_rng(0))
+    params = jax.jit(models.init_params, static_argnums=0)(CFG, jax.random.key(1))
+    return params, batch, jax.jit(lambda p, b: _logits_loss_grads(p, b, None))(params, batch)
+
+
 @needs8
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
 def test_forward_loss_and_gradients_on_a_mesh_equal_single_device(shape):
-    batch = _batch(np.random.default_rng(0))
-    params = models.init_params(CFG, jax.random.key(1))
-    want = jax.jit(lambda p, b: _logits_loss_grads(p, b, None))(params, batch)
+    params, batch, want = _single_device_reference()
 
     mesh = sharding.make_mesh(MeshConfig(*shape))
     specs = models.param_specs(CFG)
@@ -152,3 +157,33 @@ def test_data_shard_and_put_batch_on_one_process():
     out = sharding.put_batch(batch, sharding.batch_shardings(batch, mesh, DEFAULT_RULES))
     np.testing.assert_array_equal(np.asarray(out["x"]), batch["x"])
     assert len(out["x"].addressable_shards) == jax.device_count()
+
+
+@needs8
+def test_jitted_sharded_step_keeps_layouts_donates_state_and_matches_the_loss():
+    from starling_jax.config import OptimConfig
+    from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
+    from starling_jax.train.step import jit_step, make_train_step
+
+    params, batch, want = _single_device_reference()
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
+    t_specs, f_specs = losses.stage_specs("sft", CFG, 1)  # train the top layer; the trunk is frozen
+    trainable, frozen = losses.stage_params("sft", jax.tree_util.tree_map(jnp.copy, params), 1)
+    opt = make_optimizer(OptimConfig(learning_rate=1e-3), 10, trainable)
+    shardings = state_shardings(opt, abstract_state(trainable, opt, frozen),
+                                sharding.param_shardings(t_specs, mesh, DEFAULT_RULES),
+                                sharding.param_shardings(f_specs, mesh, DEFAULT_RULES), mesh)
+    state = create_state(jax.device_put(trainable, shardings.params), opt, jax.random.key(0),
+                         jax.device_put(frozen, shardings.frozen), shardings)
+    mu = state.opt_state[1][0].mu["layers"]["w_up"]  # Adam's first moment lives in the parameter's shards
+    assert mu.sharding.spec == EXPECTED["layers/w_up"] and mu.addressable_shards[0].data.shape == (1, 16, 128)
+    b_sh = sharding.batch_shardings(batch, mesh, DEFAULT_RULES)
+    step = jit_step(make_train_step(losses.build_loss(ObjectiveConfig(name="sft"), CFG,
+                                                      sharding.activation_constraint(mesh, DEFAULT_RULES)), opt, 2),
+                    mesh, shardings, b_sh)
+    old = state
+    state, metrics = step(state, sharding.put_batch(batch, b_sh))
+    assert old.params["layers"]["wq"].is_deleted()  # donated: the new state reuses its buffers
+    _assert_close(metrics["loss"], want[1], "loss")
+    assert state.params["layers"]["wq"].sharding.spec == EXPECTED["layers/wq"]
+    assert state.frozen["trunk"]["embed"].sharding.spec == EXPECTED["embed"]
