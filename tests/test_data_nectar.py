@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from starling_jax.data import DataReport, NectarError, parse_prompt, parse_rows, read_rows
-from starling_jax.data.nectar import _Bad
 
 
 def row(prompt="\n\nHuman: What is 2+2?\n\nAssistant: ", ranks=(1.0, 2.0, 3.0), **extra):
@@ -140,3 +139,10 @@ def test_load_rows_synthetic_split_is_deterministic():
     train2, heldout2, _ = load_rows(DataConfig(synthetic_prompts=50, heldout_fraction=0.2, shuffle_seed=7))
     assert [r["row"] for r in heldout] == [r["row"] for r in heldout2]  # same held-out rows for every stage
     assert not {r["row"] for r in train} & {r["row"] for r in heldout}
+
+
+def test_parse_prompt_raises_a_value_error():
+    with pytest.raises(ValueError, match="must start with"):
+        parse_prompt("no turns here")
+    with pytest.raises(NectarError, match="must end with"):
+        parse_prompt("\n\nHuman: hi\n\nAssistant: done")

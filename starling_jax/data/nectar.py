@@ -74,7 +74,9 @@ def _where(index: int, row, source: str = "") -> str:
     return f"{source + ': ' if source else ''}row {index} (prompt {prefix})"
 
 
-class _Bad(Exception):
+class _Bad(NectarError):
+    """A problem in one field of a row; parse_rows adds where it is (raised as is by parse_prompt)."""
+
     def __init__(self, reason: str, field: str, detail: str):
         super().__init__(detail)
         self.reason, self.field, self.detail = reason, field, detail

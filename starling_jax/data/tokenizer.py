@@ -186,7 +186,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[dict], template=None, add_generation_prompt: bool = True,
                     return_loss_mask: bool = False):
-        """Token ids of a rendered conversation (template None = this tokenizer's default: openchat_3.5).
+        """Token ids of a rendered conversation (template: a name or ChatTemplate; None = openchat_3.5).
 
         return_loss_mask=True returns (ids, loss_mask) with loss_mask[t] = 1 where token t belongs to an assistant
         reply or the token closing it (e.g. <|end_of_turn|>): what SFT trains on, every turn of a multi-turn chat.
