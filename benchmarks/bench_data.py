@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from starling_jax.data import DataReport, load_tokenizer, make_dataset, parse_rows, synthetic
+from starling_jax.data import load_tokenizer, make_dataset, parse_rows, synthetic
 
 
 def timed(fn, repeat=1):
@@ -60,7 +60,7 @@ def throughput(num_prompts: int, batch_size: int, max_length: int, max_prompt_le
     return results
 
 
-def learnability(steps: int, batch_size: int, seed: int = 0) -> dict:
+def learnability(steps: int, batch_size: int, seed: int = 0, learning_rate: float = 1e-3) -> dict:
     """Train a tiny K-wise (Plackett-Luce) RM on the synthetic rows; accuracy against the TRUE utility order."""
     import jax
     import jax.numpy as jnp
@@ -74,7 +74,7 @@ def learnability(steps: int, batch_size: int, seed: int = 0) -> dict:
     T, P = 80, 56
     ds = iter(make_dataset("rm", train, tok, batch_size, max_length=T, max_prompt_length=P, seed=seed))
     params = init_params(config, jax.random.PRNGKey(seed))
-    opt = optax.adamw(1e-3, weight_decay=0.0)
+    opt = optax.adamw(learning_rate, weight_decay=0.0)
     opt_state = opt.init(params)
 
     def rewards(params, batch):
@@ -121,7 +121,7 @@ def learnability(steps: int, batch_size: int, seed: int = 0) -> dict:
         losses.append(float(loss))
     seconds = time.perf_counter() - t0
     acc, _ = accuracy(params)
-    return {"steps": steps, "batch_rows": batch_size, "train_s": seconds, "loss_first": float(np.mean(losses[:10])),
+    return {"steps": steps, "batch_rows": batch_size, "learning_rate": learning_rate, "train_s": seconds, "loss_first": float(np.mean(losses[:10])),
             "loss_last": float(np.mean(losses[-10:])), "true_pair_acc_init": acc0, "true_pair_acc": acc,
             "noisy_label_true_pair_acc": labels}
 
@@ -134,11 +134,12 @@ def main():
     p.add_argument("--max-prompt-length", type=int, default=96)
     p.add_argument("--learnability", action="store_true")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
     args = p.parse_args()
     out = {"machine": f"{platform.processor() or platform.machine()} ({platform.system()})"}
     out.update(throughput(args.prompts, args.batch_size, args.max_length, args.max_prompt_length))
     if args.learnability:
-        out["learnability"] = learnability(args.steps, args.batch_size)
+        out["learnability"] = learnability(args.steps, args.batch_size, learning_rate=args.learning_rate)
     print(json.dumps(out, indent=1))
 
 

@@ -1,6 +1,5 @@
 """Nectar parsing, validation errors, the skip report, the tie policy, local files and the tfds builder."""
 
-import copy
 import json
 
 import numpy as np

@@ -2,7 +2,6 @@
 strings, and transformers/tokenizers tokenizers built offline from the same files."""
 
 import json
-import os
 import shutil
 
 import pytest
