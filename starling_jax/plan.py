@@ -259,18 +259,20 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
 
 
 def format_report(r: dict) -> str:
-    g = r["per_device_gib"]
+    b = r["per_device_bytes"]
+    unit, scale = ("GiB", GiB) if b["total"] >= GiB else ("MiB", 1024 ** 2)
     lines = [f"{r['experiment']} / stage {r['stage']} ({r['objective']}) on {r['devices']} {r['platform']} devices, "
              f"mesh {', '.join(f'{k}={v}' for k, v in r['mesh'].items())}"]
     lines += [f"  {note}" for note in r["notes"]]
     counts = r["param_counts"]
-    lines.append("  parameters: " + ", ".join(f"{k} {v / 1e9:.3f}B" for k, v in counts.items()))
-    lines.append("  per-device memory (GiB):")
+    human = lambda v: f"{v / 1e9:.3f}B" if v >= 1e8 else (f"{v / 1e6:.3f}M" if v else "0")
+    lines.append("  parameters: " + ", ".join(f"{k} {human(v)}" for k, v in counts.items()))
+    lines.append(f"  per-device memory ({unit}):")
     for key, label in (("params", "trainable params"), ("optimizer", "optimizer state"),
                        ("other", "other live state (frozen trunk/reference, reward model, step, rng)"),
                        ("batch", "batch"), ("temp", "temporaries (XLA)"),
                        ("output_not_aliased", "outputs not aliased to donated inputs"), ("total", "total")):
-        lines.append(f"    {label:<70} {g[key]:9.3f}")
+        lines.append(f"    {label:<70} {b[key] / scale:9.3f}")
     lines.append(f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device; matmuls, "
                  f"scans counted per iteration)")
     if "mfu" in r:
