@@ -61,6 +61,25 @@ def test_plan_json_bytes_add_up_and_match_memory_analysis(tmp_path, capsys):
     assert report["flops_per_step"] == _expected_flops()
     assert report["flops_per_device"] == pytest.approx(_expected_flops() / 8)
     assert report["mfu"] == pytest.approx(_expected_flops() / 8 / (0.5 * 1e9))
+    text = plan.format_report(report)
+    assert "optimizer state" in text and "temporaries (XLA)" in text and "MFU at 0.5 s/step" in text
+
+
+def test_plan_reexecutes_itself_on_simulated_devices(tmp_path):
+    """A process with one CPU device asked to plan for 2 re-executes with --xla_force_host_platform_device_count=2."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "tiny_plan.py"
+    path.write_text(EXPERIMENT.replace("MeshConfig(data=2, fsdp=2, tensor=2)", "MeshConfig(data=1, fsdp=-1, tensor=1)"))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "STARLING_PLAN_REEXEC")}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-m", "starling_jax.cli", "plan", str(path), "--devices", "2", "--json",
+                          "--set", "data.max_length=8"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["devices"] == 2 and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
 
 
 def test_jaxpr_flops_counts_every_scan_iteration():
