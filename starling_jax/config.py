@@ -499,8 +499,6 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
     if o.schedule not in SCHEDULES:
         bad("optim.schedule", f"{o.schedule!r} is not one of {SCHEDULES}")
-    if o.warmup_steps > t.steps:
-        bad("optim.warmup_steps", f"{o.warmup_steps} exceeds train.steps={t.steps}")
     if o.grad_clip is not None and o.grad_clip <= 0:
         bad("optim.grad_clip", f"must be > 0 or None, got {o.grad_clip}")
     if not 0 <= m.trainable_top_layers <= m.config.num_layers:
