@@ -102,3 +102,12 @@ def test_noise_knob():
     assert 0.8 < low and 0.55 < high < low
     with pytest.raises(ValueError, match="noise must be >= 0"):
         synthetic.make_rows(1, noise=-1.0)
+
+
+def test_true_ranks_sort_by_utility():
+    [row], _ = parse_rows(synthetic.make_rows(1, seed=4, noise=5.0))
+    ranks = synthetic.true_ranks(row)
+    by_rank = [row["utilities"][ranks.index(k)] for k in range(1, 8)]
+    assert by_rank == sorted(row["utilities"], reverse=True)
+    with pytest.raises(ValueError, match="no 'utilities'"):
+        synthetic.true_ranks({"row": 3, "responses": ["a", "b"]})

@@ -103,6 +103,14 @@ def true_utility(messages: Sequence[dict], response_text: str) -> float:
     return float(sum(utility_terms(messages, response_text).values()))
 
 
+def true_ranks(row: dict) -> list[int]:
+    """Ranks (1 = best) of a synthetic row's answers by their true utility, ties by answer order: the order a
+    reward model's accuracy is measured against (the row's "ranks" are the noisy Plackett-Luce labels)."""
+    if "utilities" not in row:
+        raise ValueError(f"row {row.get('row', '?')} has no 'utilities' (only synthetic rows carry them)")
+    return [int(r) for r in plackett_luce_ranks(np.asarray(row["utilities"]), 0.0, None)]
+
+
 def _sentence(words: list[str], period: bool) -> str:
     text = " ".join(words)
     return text[:1].upper() + text[1:] + ("." if period else "")
