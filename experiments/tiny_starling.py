@@ -1,0 +1,60 @@
+"""THE MAIN JOB: Starling's whole RLAIF pipeline, in miniature, on this CPU in a few minutes.
+
+    starling-jax run experiments/tiny_starling.py --workdir runs/tiny_starling
+
+Three stages on the embedded synthetic Nectar (starling_jax/data/synthetic.py: chats whose 7 responses are ranked by
+a hidden true utility, so we can measure whether RL really makes the policy better, not just the reward model happier):
+
+  sft     the tiny 2-layer Mistral-shaped policy learns the chats' best responses (OpenChat-3.5 template/tokenizer)
+  rm      a tiny reward model with its OWN tokenizer and template, like Starling-RM-7B-alpha (a Llama-2-chat trunk
+          reading "<s>[INST] ... </s> [/INST] ...</s>"), trained with the K-wise Plackett-Luce loss on 7-way rankings
+  policy  APA against the frozen RM from the SFT policy: rollouts are decoded, re-rendered in the RM's template and
+          re-tokenized for it; KL penalty to the initial policy; MLP critic; hydra (only the top layer and the LM
+          head train, the trunk below runs once for policy and reference)
+
+WORKDIR/summary.json holds each stage's summary: rm.heldout_pair_accuracy, and policy.true_reward_before/after (the
+hidden utility of the policy's sampled replies to held-out prompts before and after RL), policy.kl_to_reference,
+policy.rm_score_before/after; WORKDIR/policy/curves.png plots reward, true reward, KL and losses per RL step.
+"""
+
+from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, ModelSection,
+                                 ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage, TrainConfig)
+from starling_jax.models import PRESETS
+
+POLICY = PRESETS["tiny"].replace(num_layers=4)  # 4 layers x 64 hidden, GQA, sliding window 32, OpenChat vocab (32002)
+# The reward model reads the Mistral/Llama SentencePiece vocabulary (32000 rows, no <|end_of_turn|>), pad = <unk> = 0.
+RM = PRESETS["tiny"].replace(num_layers=4, head="score", vocab_size=32000, pad_token_id=0, eos_token_id=2, sliding_window=None)
+RM_TOKENIZER, RM_TEMPLATE = "mistral-7b-v0.1", "llama2"
+
+
+def get_config() -> Experiment:
+    data = DataConfig(source="synthetic", synthetic_prompts=2000, synthetic_seed=0, synthetic_noise=0.5,
+                      heldout_fraction=0.1, max_length=64, max_prompt_length=40, max_responses=7)
+    return Experiment(
+        name="tiny_starling",
+        model=ModelSection(config=POLICY, tokenizer="openchat-3.5", template="openchat_3.5"),
+        reward_model=RewardModelSection(config=RM, path="stage:rm", tokenizer=RM_TOKENIZER, template=RM_TEMPLATE,
+                                        max_length=128),
+        data=data,
+        checkpoint=CheckpointConfig(every=0, keep=1),
+        logging=LoggingConfig(every=5, tensorboard=False),
+        stages=(
+            Stage(name="sft", objective=ObjectiveConfig(name="sft"),
+                  optim=OptimConfig(learning_rate=3e-3, warmup_steps=20, schedule="cosine", weight_decay=0.01),
+                  train=TrainConfig(steps=400, batch_size=16, seed=0)),
+            Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
+                  model=ModelSection(config=RM, tokenizer=RM_TOKENIZER, template=RM_TEMPLATE),
+                  optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0),
+                  train=TrainConfig(steps=300, batch_size=8, seed=0)),
+            Stage(name="policy",
+                  objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.05, value_clip=None, vf_coef=0.5,
+                                            gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
+                  model=ModelSection(config=POLICY, path="stage:sft", tokenizer="openchat-3.5",
+                                     template="openchat_3.5", trainable_top_layers=2, train_lm_head=True),
+                  optim=OptimConfig(learning_rate=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0,
+                                    grad_clip=1.0),
+                  rollout=RolloutConfig(prompts_per_step=32, max_new_tokens=24, temperature=1.0, epochs=2,
+                                        minibatch_size=16, eval_prompts=128),
+                  train=TrainConfig(steps=60, batch_size=32, seed=0)),
+        ),
+    )

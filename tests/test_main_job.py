@@ -1,0 +1,71 @@
+"""The main job (experiments/tiny_starling.py: SFT -> K-wise RM -> APA) end to end, shortened, and the RL recipes."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from starling_jax.config import apply_overrides, load_experiment, stages_of, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _experiment(name):
+    return load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
+
+
+# Shortened so the suite stays fast; measured with these overrides (fixed seeds): see the margin below.
+SHORT = [
+    "stages.sft.train.steps=300",
+    "stages.rm.train.steps=150",
+    "stages.policy.train.steps=20",
+    "stages.policy.rollout.eval_prompts=64",
+    "logging.progress=false",
+]
+# true_reward_after - true_reward_before measured at +X on this machine with SHORT; asserted with a margin.
+MIN_RISE = 0.3
+
+
+def test_tiny_starling_true_reward_rises(tmp_path):
+    from starling_jax.train.loop import run_experiment
+
+    exp = apply_overrides(_experiment("tiny_starling"), SHORT)
+    summaries = run_experiment(exp, str(tmp_path))
+    with open(tmp_path / "summary.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["policy"]["true_reward_after"] == summaries["policy"]["true_reward_after"]
+    assert summaries["rm"]["heldout_pair_accuracy"] > 0.6
+    policy = summaries["policy"]
+    rise = policy["true_reward_after"] - policy["true_reward_before"]
+    assert rise > MIN_RISE, policy
+    assert policy["rm_score_after"] > policy["rm_score_before"]
+    assert 0 < policy["kl_to_reference"] < 20
+    assert os.path.getsize(tmp_path / "policy" / "curves.png") > 1000
+    with open(tmp_path / "policy" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert {"reward", "true_reward", "kl", "loss", "value_loss", "response_length"} <= set(records[0])
+
+
+def test_tiny_ppo_is_the_main_job_with_ppo():
+    apa, ppo = _experiment("tiny_starling"), _experiment("tiny_ppo")
+    validate(ppo, num_devices=1)
+    a, p = dict(stages_of(apa)), dict(stages_of(ppo))
+    assert list(a) == list(p) == ["sft", "rm", "policy"]
+    assert p["policy"].objective.name == "ppo" and a["policy"].objective.name == "apa"
+    for stage in ("sft", "rm"):  # the resolved stages differ only in the experiment's name
+        assert dataclasses.replace(p[stage], name=a[stage].name) == a[stage]
+
+
+@pytest.mark.parametrize("name,objective,top_layers", [("starling_alpha_apa", "apa", 4), ("starling_beta_ppo", "ppo", 0)])
+def test_7b_recipes_validate_given_local_checkpoints(tmp_path, name, objective, top_layers):
+    exp = _experiment(name)
+    (cfg,) = [c for _, c in stages_of(exp)]
+    assert cfg.objective.name == objective and cfg.model.trainable_top_layers == top_layers
+    assert cfg.model.config.num_layers == 32 and cfg.model.config.vocab_size == 32002
+    # The recipes point at local checkpoints and data; with stand-in paths they validate for an 8-device mesh.
+    for d in ("policy", "rm", "nectar"):
+        os.makedirs(tmp_path / d)
+    exp = apply_overrides(exp, [f"model.path={tmp_path / 'policy'}", f"reward_model.path={tmp_path / 'rm'}",
+                                f"reward_model.tokenizer={tmp_path / 'rm'}", f"data.source={tmp_path / 'nectar'}"])
+    validate(exp, num_devices=8)
