@@ -145,3 +145,15 @@ def test_parse_prompt_raises_a_value_error():
         parse_prompt("no turns here")
     with pytest.raises(NectarError, match="must end with"):
         parse_prompt("\n\nHuman: hi\n\nAssistant: done")
+
+
+def test_load_rows_from_jsonl_path_with_skips(tmp_path):
+    from starling_jax.config import DataConfig
+    from starling_jax.data import load_rows, synthetic
+    raw = synthetic.make_rows(10)
+    raw[2]["answers"][0]["rank"] = None
+    (tmp_path / "nectar.jsonl").write_text("\n".join(json.dumps(r) for r in raw) + "\n")
+    with pytest.raises(NectarError, match=r"nectar.jsonl: row 2 .*answers\[0\].rank"):
+        load_rows(DataConfig(source=str(tmp_path)))
+    train, heldout, report = load_rows(DataConfig(source=str(tmp_path), on_bad_row="skip", heldout_fraction=0.2))
+    assert (len(train), len(heldout)) == (7, 2) and report.skipped == {"bad_rank": 1}
