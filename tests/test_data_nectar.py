@@ -157,3 +157,14 @@ def test_load_rows_from_jsonl_path_with_skips(tmp_path):
         load_rows(DataConfig(source=str(tmp_path)))
     train, heldout, report = load_rows(DataConfig(source=str(tmp_path), on_bad_row="skip", heldout_fraction=0.2))
     assert (len(train), len(heldout)) == (7, 2) and report.skipped == {"bad_rank": 1}
+
+
+def test_tfds_build_command(tmp_path, capsys):
+    from starling_jax.data import synthetic, tfds_nectar
+    raw = synthetic.make_rows(6)
+    raw[5]["answers"] = []
+    (tmp_path / "nectar.jsonl").write_text("\n".join(json.dumps(r) for r in raw) + "\n")
+    tfds_nectar.main([str(tmp_path / "nectar.jsonl"), str(tmp_path / "tfds"), "--on-bad-row", "skip"])
+    out = capsys.readouterr().out
+    assert "kept 5, skipped 1 (too_few_answers: 1)" in out and "row 5 (prompt" in out
+    assert len(tfds_nectar.data_source(str(tmp_path / "tfds"))) == 5

@@ -158,3 +158,22 @@ def read_raw_rows(data_dir: str, split: str = "train") -> list[dict]:
     """All raw rows of the built dataset, in stored order."""
     ds = grain_source(data_dir, split)
     return [ds[i] for i in range(len(ds))]
+
+
+def main(argv=None) -> None:
+    """python -m starling_jax.data.tfds_nectar SOURCE DATA_DIR [--on-bad-row skip] [--ties reject]"""
+    import argparse
+    p = argparse.ArgumentParser(description="Build the tfds `nectar` dataset (array_record) from local Nectar files.")
+    p.add_argument("source", help="a Nectar .parquet/.jsonl/.json file or a directory of them")
+    p.add_argument("data_dir", help="tfds data_dir to write nectar/" + VERSION + " under")
+    p.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    p.add_argument("--ties", choices=("break", "reject"), default="break")
+    args = p.parse_args(argv)
+    path, report = build(args.source, args.data_dir, args.on_bad_row, args.ties)
+    print(f"built {path}: {report.summary()}")
+    for message in report.skipped_examples:
+        print("  skipped", message)
+
+
+if __name__ == "__main__":
+    main()
