@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -28,10 +30,13 @@ MIN_RISE = 0.3
 
 
 def test_tiny_starling_true_reward_rises(tmp_path):
-    from starling_jax.train.loop import run_experiment
-
-    exp = apply_overrides(_experiment("tiny_starling"), SHORT)
-    summaries = run_experiment(exp, str(tmp_path))
+    # The user's command, in a subprocess on one CPU device (tests/conftest.py simulates 8 for the sharding tests).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "starling_jax.cli", "run", os.path.join(ROOT, "experiments", "tiny_starling.py"),
+           "--workdir", str(tmp_path)] + [a for o in SHORT for a in ("--set", o)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = json.loads(done.stdout)
     with open(tmp_path / "summary.json") as f:
         on_disk = json.load(f)
     assert on_disk["policy"]["true_reward_after"] == summaries["policy"]["true_reward_after"]

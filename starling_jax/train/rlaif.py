@@ -226,7 +226,9 @@ def build_rl_stage(ctx):
     from starling_jax.train import program as prog
     from starling_jax.train.hydra import init_rl_params, policy_params, reference_params
     from starling_jax.train.rollout import RewardScorer, RolloutSource, conversation_of
-    from starling_jax.train.state import init_state, make_optimizer
+    from starling_jax import sharding
+    from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
+    from starling_jax.train.step import jit_step
 
     c = ctx.config
     o, r = c.objective, c.rollout
@@ -254,11 +256,36 @@ def build_rl_stage(ctx):
     eval_conversations = [conversation_of(row, f"held-out row {i}") for i, row in enumerate(eval_rows)]
     eval_conversations = [eval_conversations[i] for i in np.asarray(eval_prompts["prompt_id"])]
 
-    experience_fn, loss_fn = build_rl_functions(config, o, c.data.max_prompt_length)
+    # Placement on the mesh (one host; see docs/RLAIF.md for multi-host): the hydra trees shard like the model's
+    # params, the batch over its leading axis; the step keeps the state's layout and donates it.
+    mesh, rules = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh), c.mesh.rules
+    model_specs = models.param_specs(config)
+    shard_t = sharding.param_shardings(sharding.respec(trainable, {
+        "policy": model_specs, "critic": models.value_head_specs(config, o.value_head)}), mesh, rules)
+    shard_f = sharding.param_shardings(sharding.respec(frozen, {"trunk": model_specs, "reference": model_specs}),
+                                       mesh, rules)
+    trainable, frozen = jax.device_put(trainable, shard_t), jax.device_put(frozen, shard_f)
+    constrain = sharding.activation_constraint(mesh, rules)
+    experience_fn, rl_loss_fn = build_rl_functions(config, o, c.data.max_prompt_length, constrain)
+    pin = sharding.batch_constraint(mesh, rules)  # shuffled minibatches stay split over the batch axes
+
+    def loss_fn(params, frozen, minibatch):
+        return rl_loss_fn(params, frozen, pin(minibatch))
+
     updates_per_step = r.epochs * (r.prompts_per_step // r.minibatch_size)
     optimizer = make_optimizer(c.optim, c.train.steps * updates_per_step, trainable)
-    state = init_state(trainable, optimizer, k_state, frozen)
-    step = jax.jit(make_rl_step(loss_fn, optimizer, r.epochs, r.minibatch_size), donate_argnums=0)
+    shard_state = state_shardings(optimizer, abstract_state(trainable, optimizer, frozen), shard_t, shard_f, mesh)
+    state = create_state(trainable, optimizer, k_state, frozen, shard_state)
+    update = make_rl_step(loss_fn, optimizer, r.epochs, r.minibatch_size)
+    jitted: dict = {}  # batch keys -> jitted step (the "stat_*" rows depend on the data source)
+
+    def step(state, batch):
+        keys = tuple(sorted(batch))
+        if keys not in jitted:
+            shard_batch = sharding.batch_shardings(batch, mesh, rules)
+            jitted[keys] = (jit_step(update, mesh, shard_state, shard_batch), shard_batch)
+        fn, shard_batch = jitted[keys]
+        return fn(state, sharding.put_batch(batch, shard_batch))
 
     scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, c.reward_model.template, c.reward_model.max_length)
     true_utility = None
