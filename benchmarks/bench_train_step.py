@@ -1,13 +1,15 @@
 """One training step of a 44.8M-parameter Mistral-shaped model: starling_jax (jax.jit) vs transformers + PyTorch eager.
 
-    python benchmarks/bench_train_step.py                 # batch 4 x 256 tokens, AdamW, 10 interleaved rounds
+    python benchmarks/bench_train_step.py          # batch 4 x 256 tokens, 10 interleaved rounds
 
-The step is forward + backward of the mean next-token cross-entropy over every position, plus an AdamW update, in
-fp32, from the same initial weights in both frameworks (the script checks that both give the same first loss).
-starling_jax: the whole step is one jax.jit with the parameters and optimizer state donated. PyTorch: transformers'
-MistralForCausalLM (its default SDPA attention), eager, torch.optim.AdamW. The two steps are timed alternately, round
-by round, so outside load hits both alike; each median is printed with its achieved FLOP/s as a fraction of this
-process's measured fp32 matmul peak (the larger of JAX's and torch's 2048^3 matmul; both are printed).
+The step: forward + backward of the mean next-token cross-entropy over every position, global-norm gradient clipping
+at 1.0 and an AdamW update (b2 0.95, constant rate, no weight decay), fp32, from the same initial weights in both
+frameworks (the script checks that both give the same loss on the first two steps). starling_jax: the project's own
+SFT step (train.losses "sft", make_optimizer, make_train_step, jit_step: one jax.jit, state donated). PyTorch:
+transformers' MistralForCausalLM (its default SDPA attention), eager, clip_grad_norm_ and torch.optim.AdamW. The two
+steps are timed alternately, round by round, so outside load hits both alike; each median is printed with its
+achieved FLOP/s as a fraction of this process's measured fp32 matmul peak (the larger of JAX's and torch's 2048^3
+matmul; both are printed) and with the process CPU time per step (a figure less sensitive to other processes' load).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rounds", type=int, default=10, help="timed steps per framework (interleaved)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework (compilation, allocator)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per framework (compilation, allocator; >= 2)")
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only (gradients returned)")
     p.add_argument("--remat", default="none", help="starling_jax remat policy (none, full, dots, dots_no_batch)")
     p.add_argument("--skip-torch", action="store_true")
@@ -52,32 +54,33 @@ def make_batch(batch: int, seq: int, vocab: int):
 
 
 def build_jax_step(config, params, lr: float, with_optimizer: bool):
-    """(step, state): step(state, tokens [B,T], mask [B,T]) -> (state, loss), jitted with the state donated."""
+    """(step, state, batch_fn): the project's own SFT training step, jitted with the state donated.
+
+    step(state, batch) -> (state, metrics with "loss"). With the optimizer: train.losses "sft" loss, make_optimizer
+    (global-norm clip 1.0 + AdamW, constant rate, no weight decay), make_train_step and jit_step, exactly what the
+    training loop runs. Without: value_and_grad of the same loss; the state is (params, previous gradients), donated
+    so this step's gradients reuse their buffers.
+    """
     import jax
-    import optax
 
-    from starling_jax.models import forward, token_logprobs
+    from starling_jax.config import ObjectiveConfig, OptimConfig
+    from starling_jax.train.losses import build_loss, stage_params
+    from starling_jax.train.state import init_state, make_optimizer
+    from starling_jax.train.step import jit_step, make_train_step
 
-    def loss_fn(p, tokens, mask):
-        logits = forward(p, config, tokens, mask)
-        return -token_logprobs(logits[:, :-1], tokens[:, 1:]).mean()
-
+    loss_fn = build_loss(ObjectiveConfig(name="sft"), config)
+    trainable, frozen = stage_params("sft", params)  # every layer and the head train
     if not with_optimizer:
-        def grad_step(state, tokens, mask):
-            p, _ = state  # the previous step's gradients are donated: their buffers hold this step's
-            loss, grads = jax.value_and_grad(loss_fn)(p, tokens, mask)
-            return (p, grads), loss
-        return jax.jit(grad_step, donate_argnums=0), (params, jax.tree_util.tree_map(jax.numpy.zeros_like, params))
-
-    opt = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-
-    def train_step(state, tokens, mask):
-        p, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(p, tokens, mask)
-        updates, opt_state = opt.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), loss
-
-    return jax.jit(train_step, donate_argnums=0), (params, opt.init(params))
+        def grad_step(state, batch):
+            p, _ = state
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, frozen, batch, jax.random.key(0))
+            return (p, grads), {"loss": loss}
+        zeros = jax.tree_util.tree_map(jax.numpy.zeros_like, trainable)
+        return jax.jit(grad_step, donate_argnums=0), (trainable, zeros)
+    optimizer = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", b1=0.9, b2=0.95, eps=1e-8,
+                                           weight_decay=0.0, grad_clip=1.0), 1000, trainable)
+    state = init_state(trainable, optimizer, jax.random.key(1), frozen)
+    return jit_step(make_train_step(loss_fn, optimizer)), state
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,7 +126,7 @@ def torch_model_from_params(config, params):
 def build_torch_step(model, lr: float, with_optimizer: bool):
     import torch
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) \
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0) \
         if with_optimizer else None
 
     def step(tokens, mask):
@@ -131,6 +134,7 @@ def build_torch_step(model, lr: float, with_optimizer: bool):
         loss = model(input_ids=tokens, attention_mask=mask, labels=tokens).loss
         loss.backward()
         if opt is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         return loss
 
@@ -180,50 +184,57 @@ def main(argv=None):
     t0 = time.perf_counter()
     jstep, state = build_jax_step(config, params, args.lr, with_opt)
     del params
-    tokens, mask = jax.numpy.asarray(tokens_np), jax.numpy.asarray(mask_np)
-    state, loss = jstep(state, tokens, mask)
-    jax_first_loss = float(loss)
-    print(f"starling_jax: compiled + first step in {time.perf_counter() - t0:.1f} s")
+    batch = {"tokens": jax.numpy.asarray(tokens_np), "attention_mask": jax.numpy.asarray(mask_np),
+             "loss_mask": jax.numpy.ones(tokens_np.shape, jax.numpy.float32)}
+    jax_losses = []
+    for _ in range(2):  # the second loss is after one update: checks the optimizer too
+        state, metrics = jstep(state, batch)
+        jax_losses.append(float(metrics["loss"]))
+    print(f"starling_jax: compiled + 2 steps in {time.perf_counter() - t0:.1f} s")
 
     def run_jax():
         nonlocal state
-        start = time.perf_counter()
-        state, loss = jstep(state, tokens, mask)
-        jax.block_until_ready(loss)
-        return time.perf_counter() - start
+        wall, cpu = time.perf_counter(), time.process_time()
+        state, metrics = jstep(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     fns = {"starling_jax": run_jax}
     if torch_model is not None:
         tstep = build_torch_step(torch_model, args.lr, with_opt)
         t_tokens, t_mask = torch.from_numpy(tokens_np.astype(np.int64)), torch.from_numpy(mask_np.astype(np.int64))
-        torch_first_loss = tstep(t_tokens, t_mask).item()
-        rel = abs(torch_first_loss - jax_first_loss) / abs(torch_first_loss)
-        print(f"first-step loss: starling_jax {jax_first_loss:.6f}, PyTorch {torch_first_loss:.6f} (rel diff {rel:.1e})")
-        if rel > 1e-4:
-            raise SystemExit("the two frameworks disagree on the loss of the same weights: not the same computation")
+        torch_losses = [tstep(t_tokens, t_mask).item() for _ in range(2)]
+        for i, (lj, lt) in enumerate(zip(jax_losses, torch_losses)):
+            rel = abs(lt - lj) / abs(lt)
+            print(f"step {i + 1} loss: starling_jax {lj:.6f}, PyTorch {lt:.6f} (rel diff {rel:.1e})")
+            if rel > 1e-4:
+                raise SystemExit("the two frameworks disagree on the loss of the same weights: not the same step")
 
         def run_torch():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             tstep(t_tokens, t_mask)
-            return time.perf_counter() - start
+            return time.perf_counter() - wall, time.process_time() - cpu
         fns["PyTorch eager"] = run_torch
 
-    for _ in range(max(args.warmup - 1, 0)):
+    for _ in range(max(args.warmup - 2, 0)):
         for fn in fns.values():
             fn()
     load_before = common.load_average()
     times = common.interleaved_medians(fns, args.rounds)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    medians = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
 
     print(f"\n{args.rounds} interleaved rounds (load average before {load_before}, after {common.load_average()}):")
     for name, med in medians.items():
         achieved = flops["total"] / med
-        print(f"  {name:14s} median {med:.3f} s/step  (min {min(times[name]):.3f}, max {max(times[name]):.3f})  "
-              f"{common.fmt_flops(achieved)} = {achieved / peak:.0%} of peak  "
+        walls = [w for w, _ in times[name]]
+        print(f"  {name:14s} median {med:.3f} s/step (min {min(walls):.3f}, max {max(walls):.3f}; process CPU "
+              f"{cpu[name]:.2f} s/step)  {common.fmt_flops(achieved)} = {achieved / peak:.0%} of peak  "
               f"{flops['tokens'] / med:,.0f} tokens/s")
     if "PyTorch eager" in medians:
         ratio = medians["PyTorch eager"] / medians["starling_jax"]
-        print(f"  speed ratio (PyTorch time / starling_jax time): {ratio:.2f}x")
+        print(f"  speed ratio (PyTorch median / starling_jax median): {ratio:.2f}x; by process CPU time: "
+              f"{cpu['PyTorch eager'] / cpu['starling_jax']:.2f}x")
     return medians
 
 

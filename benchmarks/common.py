@@ -55,10 +55,11 @@ def median_time(fn: Callable[[], object], iters: int = 10, warmup: int = 2,
     return statistics.median(times), times
 
 
-def interleaved_medians(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list]:
     """Run each timed callable once per round, in turn, so a burst of outside load hits all of them alike.
 
-    fns: name -> a callable that runs one measured unit and returns its seconds. Returns name -> timings.
+    fns: name -> a callable that runs one measured unit and returns its timing (seconds, or e.g. (wall, cpu)).
+    Returns name -> the timings, in round order.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
