@@ -76,14 +76,19 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
         x = jax.lax.dynamic_slice_in_dim(x, prompt_len - 1, N, axis=1)
         return models.final_norm(p, config, x)
 
+    def embed(p: Params) -> jax.Array:
+        # on a mesh, pin the table for the lookup (see sharding.ActivationConstraint.embedding)
+        pin = getattr(constrain, "embedding", None)
+        return models.embed_tokens(p if pin is None else {"embed": pin(p["embed"])}, config, tokens)
+
     if "layers" in trunk:
         # The frozen trunk runs once; its output feeds both heads of the hydra.
-        x = models.embed_tokens(trunk, config, tokens)
+        x = embed(trunk)
         x, _ = models.run_layers(trunk["layers"], config, x, attention_mask, constrain=constrain)
         x_policy = x_ref = jax.lax.stop_gradient(x)
     else:
-        x_policy = models.embed_tokens({**trunk, **policy}, config, tokens)
-        x_ref = models.embed_tokens({**trunk, **reference}, config, tokens)
+        x_policy = embed({**trunk, **policy})
+        x_ref = embed({**trunk, **reference})
 
     h = top(policy, x_policy)
     out = {"logprobs": models.token_logprobs(models.lm_logits({**trunk, **policy}, config, h), targets),
