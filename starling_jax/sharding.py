@@ -215,13 +215,27 @@ def put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedShar
     return out
 
 
-def activation_constraint(mesh: Optional[Mesh], rules) -> Optional[Callable[[jax.Array], jax.Array]]:
-    """x [B, T, D] -> x constrained to ACTIVATION_AXES on `mesh` (for models.run_layers(constrain=...)); None without a
-    mesh. Pinning the residual stream at layer boundaries keeps XLA from choosing a layout that all-gathers the batch."""
-    if mesh is None:
-        return None
-    sharding = NamedSharding(mesh, logical_to_spec(ACTIVATION_AXES, rules, mesh))
-    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+class ActivationConstraint:
+    """Sharding constraints for a model's forward on a mesh. Called on x [B, T, D] it pins the residual stream to
+    ACTIVATION_AXES (pass it as models.run_layers(constrain=...)): pinning at layer boundaries keeps XLA from choosing
+    a layout that all-gathers the batch. `embedding(table)` pins the embedding table [V, D] to (vocab, -) for the
+    lookup: gathered over fsdp like any FSDP weight, so the looked-up rows come out replicated over the batch axes and
+    split locally, instead of sharded over D, which XLA can only re-split by replicating the whole activation."""
+
+    def __init__(self, mesh: Mesh, rules):
+        self.activations = NamedSharding(mesh, logical_to_spec(ACTIVATION_AXES, rules, mesh))
+        self.table = NamedSharding(mesh, logical_to_spec(("vocab", None), rules, mesh))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.activations)
+
+    def embedding(self, table: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(table, self.table)
+
+
+def activation_constraint(mesh: Optional[Mesh], rules) -> Optional[ActivationConstraint]:
+    """An ActivationConstraint for `mesh`, or None without a mesh (models then leave layouts to XLA)."""
+    return None if mesh is None else ActivationConstraint(mesh, rules)
 
 
 def batch_constraint(mesh: Optional[Mesh], rules) -> Callable[[dict], dict]:

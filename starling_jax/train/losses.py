@@ -89,11 +89,20 @@ def stage_specs(objective_name: str, config: ModelConfig, top_layers: int = 0, t
     return trainable, frozen
 
 
+def _embed(src: Params, config: ModelConfig, tokens, constrain: Constrain):
+    """Token embeddings [B, T, D]; on a mesh the table is pinned for the lookup (sharding.ActivationConstraint)."""
+    pin_table = getattr(constrain, "embedding", None)
+    if pin_table is not None:
+        src = {"embed": pin_table(src["embed"])}
+    x = models.embed_tokens(src, config, tokens)
+    return x if constrain is None else constrain(x)
+
+
 def _shared_trunk(trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain):
     """Output [B, T, D] of the frozen embeddings + lower layers, or None when the embeddings are trained."""
     if "embed" not in trunk:
         return None
-    x = models.embed_tokens(trunk, config, tokens)
+    x = _embed(trunk, config, tokens, constrain)
     if trunk.get("layers") and trunk["layers"]["wq"].shape[0] > 0:
         x, _ = models.run_layers(trunk["layers"], config, x, mask, constrain=constrain)
     return jax.lax.stop_gradient(x)
@@ -101,7 +110,7 @@ def _shared_trunk(trunk: Params, config: ModelConfig, tokens, mask, constrain: C
 
 def _top_hidden(top: Params, trunk: Params, trunk_out, config: ModelConfig, tokens, mask, constrain: Constrain):
     """Final-norm hidden states [B, T, D] of the `top` stack run over the trunk output (or over its own embeddings)."""
-    x = models.embed_tokens(top, config, tokens) if trunk_out is None else trunk_out
+    x = _embed(top, config, tokens, constrain) if trunk_out is None else trunk_out
     x, _ = models.run_layers(top["layers"], config, x, mask, constrain=constrain)
     return models.final_norm({**trunk, **top}, config, x)
 
