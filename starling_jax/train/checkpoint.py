@@ -82,6 +82,11 @@ class Checkpoints:
                 self._manager.reload()
         return None
 
+    def delete_all(self) -> None:
+        """Remove every checkpoint (starting over with checkpoint.resume = False)."""
+        for step in self.steps():
+            self._manager.delete(step)
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
@@ -109,8 +114,9 @@ def export_done(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, "summary.json"))
 
 
-def load_export(directory: str, mesh=None, shardings=None) -> tuple[ModelConfig, Any, dict]:
-    """(model_config, params, summary) written by save_export. `shardings` (a tree like the params) places them."""
+def load_export(directory: str, shardings=None) -> tuple[ModelConfig, Any, dict]:
+    """(model_config, params, summary) written by save_export. `shardings`: a tree like the params, or a function
+    ModelConfig -> such a tree, placing each parameter as it is read (default: all on the first device)."""
     directory = os.path.abspath(directory)
     if not export_done(directory):
         raise FileNotFoundError(f"{directory} holds no finished stage export (no summary.json); run that stage first")
@@ -120,6 +126,8 @@ def load_export(directory: str, mesh=None, shardings=None) -> tuple[ModelConfig,
         summary = json.load(f)
     from starling_jax.models import abstract_params
     target = abstract_params(config)
+    if callable(shardings):
+        shardings = shardings(config)
     if shardings is not None:
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
                                         shardings)

@@ -103,7 +103,8 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
             program.batches.set_state(restored.data_state)
             say(f"[{ctx.stage_name}] resumed from {ckpts.directory}/{start}")
     elif ckpts.steps():
-        say(f"[{ctx.stage_name}] checkpoint.resume=False: starting over; checkpoints {ckpts.steps()} will be replaced")
+        say(f"[{ctx.stage_name}] checkpoint.resume=False: starting over; deleting checkpoints {ckpts.steps()}")
+        ckpts.delete_all()
     logger = MetricsLogger(ctx.workdir, steps, start, tensorboard=c.logging.tensorboard and is_main,
                            progress=c.logging.progress and is_main, desc=ctx.stage_name) if is_main else None
     config_dict = to_dict(ctx.experiment)
@@ -202,9 +203,17 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
     mesh = _make_mesh(exp)
     exports: dict[str, StageExport] = {}
 
+    def shardings_of(config):
+        if mesh is None:
+            return None
+        from starling_jax.models import param_specs
+        from starling_jax.sharding import param_shardings
+        return param_shardings(param_specs(config), mesh, exp.mesh.rules)
+
     def load_stage(name: str) -> StageExport:
+        """An earlier stage's export: in memory if it ran in this process, else read from disk onto the mesh."""
         if name not in exports:
-            config, params, summary = load_export(os.path.join(workdir, name, "export"))
+            config, params, summary = load_export(os.path.join(workdir, name, "export"), shardings_of)
             exports[name] = StageExport(config=config, params=params, summary=summary)
         return exports[name]
 
