@@ -102,6 +102,8 @@ def save_export(directory: str, model_config: ModelConfig, params, summary: dict
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(directory, "params"), params, force=True)
     ckptr.wait_until_finished()
+    if jax.process_index() != 0:  # every process writes its shards above; one writes the small files
+        return
     with open(os.path.join(directory, "model_config.json"), "w") as f:
         json.dump(dataclasses.asdict(model_config), f, indent=1)
     tmp = os.path.join(directory, "summary.json.tmp")
