@@ -26,6 +26,7 @@ import numpy as np
 from starling_jax import models, objectives
 from starling_jax.config import ObjectiveConfig
 from starling_jax.models import ModelConfig
+from starling_jax.sharding import respec
 
 Params = dict[str, Any]
 LossFn = Callable[[Params, Params, dict, jax.Array], tuple[jax.Array, dict]]
@@ -78,7 +79,6 @@ def stage_params(objective_name: str, params: Params, top_layers: int = 0, train
 def stage_specs(objective_name: str, config: ModelConfig, top_layers: int = 0, train_head: bool = True
                 ) -> tuple[Params, Params]:
     """ParamSpec trees of stage_params(...) for `config` (for shardings and planning; nothing is allocated)."""
-    from starling_jax.sharding import respec
     specs = models.param_specs(config)
     abstract = jax.eval_shape(lambda p: stage_params(objective_name, p, top_layers, train_head),
                               models.abstract_params(config))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from starling_jax.config import OptimConfig
+from starling_jax.sharding import replicated
 
 Params = dict[str, Any]
 
@@ -90,8 +91,7 @@ def make_optimizer(config: OptimConfig, total_steps: int, params: Params,
 
 
 def init_state(params: Params, optimizer, rng: jax.Array, frozen: Optional[Params] = None) -> TrainState:
-    """A fresh TrainState at step 0. Jittable: jax.jit(init_state, static_argnums=1, out_shardings=...) creates the
-    optimiser state already sharded (see state_shardings)."""
+    """A fresh TrainState at step 0 (on a mesh, create_state places the optimiser state in its shards)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={} if frozen is None else frozen,
                       opt_state=optimizer.init(params), rng=rng)
 
@@ -105,8 +105,6 @@ def abstract_state(params, optimizer, frozen=None) -> TrainState:
 def state_shardings(optimizer, state: TrainState, params_shardings, frozen_shardings, mesh) -> TrainState:
     """A TrainState of NamedShardings: params/frozen as given, each optimiser moment like its parameter, scalars
     (step, counts, rng) replicated. `state` may be abstract (abstract_state)."""
-    from starling_jax.sharding import replicated  # sharding imports config/models only; keep train -> sharding
-
     rep = replicated(mesh)
     opt = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, params_shardings,
                                 transform_non_params=lambda _: rep,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from starling_jax.sharding import replicated
 from starling_jax.train.state import TrainState
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -95,6 +96,5 @@ def jit_step(step: Callable, mesh: Optional[Mesh] = None, state_shardings: Optio
     step after step, the batch is split over its leading axis and the metrics come back replicated."""
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
-    from starling_jax.sharding import replicated
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
