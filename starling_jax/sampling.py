@@ -80,21 +80,46 @@ def choose_tokens(logits: jax.Array, key: jax.Array, temperature, top_k: int = 0
 
 def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array,
             slots: int) -> tuple[jax.Array, Params]:
-    """Run the prompt [B, P] into a fresh cache of `slots` slots. Returns (next-token logits [B, V] float32, cache)."""
+    """Run the prompt [B, P] into a fresh cache of `slots` slots.
+
+    Returns (next-token logits [B, V] float32, decode cache): the cache of models.init_cache with k and v split into
+    per-layer tuples of [1, B, S, K, E] (see decode_step for why).
+    """
     cache = init_cache(config, prompt_tokens.shape[0], slots)
     x = embed_tokens(params, config, prompt_tokens)
     x, cache = run_layers(params["layers"], config, x, prompt_mask, cache)
     # Left padding puts every row's last real token in the last column.
     logits = lm_logits(params, config, final_norm(params, config, x[:, -1]))
-    return logits, cache
+    L = config.num_layers
+    return logits, {**cache, "k": tuple(cache["k"][l:l + 1] for l in range(L)),
+                    "v": tuple(cache["v"][l:l + 1] for l in range(L))}
+
+
+def split_layers(params: Params) -> Params:
+    """params with "layers" as a tuple of one-layer stacks ([1, ...] leaves), the form decode_step runs fastest on.
+
+    Why: a decode step reads every weight once, so it is bound by memory traffic. Run as one lax.scan, each step
+    would first copy its layer's slice of the stacked weights (XLA materialises a dynamic slice that feeds a dot),
+    doubling the traffic; separate per-layer arrays made once, outside the loop, are read in place.
+    """
+    L = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda a: a[l:l + 1], params["layers"])
+                                      for l in range(L))}
 
 
 def decode_step(params: Params, config: ModelConfig, cache: Params, tokens: jax.Array,
                 active: jax.Array) -> tuple[jax.Array, Params]:
     """Feed one token per row (tokens [B]; active [B] bool, False for rows that already stopped, which are fed as
-    padding). Returns (next-token logits [B, V] float32, cache)."""
+    padding). params as split_layers gives, cache as prefill gives. Returns (next-token logits [B, V] float32, cache).
+    """
     x = embed_tokens(params, config, tokens[:, None])
-    x, cache = run_layers(params["layers"], config, x, active[:, None].astype(jnp.int32), cache)
+    mask = active[:, None].astype(jnp.int32)
+    ks, vs = [], []
+    for layer, k, v in zip(params["layers"], cache["k"], cache["v"]):  # unrolled: see split_layers
+        x, c = run_layers(layer, config, x, mask, {"k": k, "v": v, "pos": cache["pos"], "index": cache["index"]})
+        ks.append(c["k"])
+        vs.append(c["v"])
+    cache = {"k": tuple(ks), "v": tuple(vs), "pos": c["pos"], "index": c["index"]}
     return lm_logits(params, config, final_norm(params, config, x[:, 0])), cache
 
 
@@ -134,6 +159,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
     logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_slots(config, P + N))
     out = (jnp.full((B, N), pad, jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32))
     tok, done, out = emit(0, logits, jnp.zeros((B,), bool), out)
+    step_params = split_layers(params)
 
     def cond(state):
         i, _, _, done, _ = state
@@ -141,7 +167,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
 
     def body(state):
         i, cache, tok, done, out = state
-        logits, cache = decode_step(params, config, cache, tok, ~done)
+        logits, cache = decode_step(step_params, config, cache, tok, ~done)
         tok, done, out = emit(i, logits, done, out)
         return i + 1, cache, tok, done, out
 
@@ -250,10 +276,11 @@ def stream(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, key:
     temperature, top_p = jnp.float32(temperature or 1.0), jnp.float32(top_p)
     slots = cache_slots(config, prompt_tokens.shape[1] + N)
     cache, tok, lp = _stream_start(params, prompt_tokens, prompt_mask, key, temperature, top_p, slots=slots, **static)
+    step_params = jax.jit(split_layers)(params)
     done = np.zeros(prompt_tokens.shape[0], bool)
     for i in range(N):
         if i > 0:
-            cache, tok, lp = _stream_next(params, cache, tok, jnp.asarray(~done), key, jnp.int32(i), temperature,
+            cache, tok, lp = _stream_next(step_params, cache, tok, jnp.asarray(~done), key, jnp.int32(i), temperature,
                                           top_p, **static)
         t, l, live = np.asarray(tok), np.asarray(lp), ~done
         yield np.where(live, t, pad).astype(np.int32), live.astype(np.int32), np.where(live, l, 0.0).astype(np.float32)
