@@ -72,14 +72,15 @@ def test_plan_reexecutes_itself_on_simulated_devices(tmp_path):
     import sys
 
     path = tmp_path / "tiny_plan.py"
-    path.write_text(EXPERIMENT.replace("MeshConfig(data=2, fsdp=2, tensor=2)", "MeshConfig(data=1, fsdp=-1, tensor=1)"))
+    path.write_text(EXPERIMENT)  # its mesh (2, 2, 2) needs 8 devices; --mesh overrides it
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "STARLING_PLAN_REEXEC")}
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run([sys.executable, "-m", "starling_jax.cli", "plan", str(path), "--devices", "2", "--json",
-                          "--set", "data.max_length=8"], env=env, capture_output=True, text=True, timeout=300)
+                          "--mesh", "data=2,fsdp=1,tensor=1", "--set", "data.max_length=8"], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
-    assert report["devices"] == 2 and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    assert report["devices"] == 2 and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
 
 
 def test_jaxpr_flops_counts_every_scan_iteration():
