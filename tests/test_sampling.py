@@ -1,6 +1,8 @@
 """Generation over the KV cache against independent references: transformers' generate/forward on tiny random
 Mistral and Llama models (weights converted by hand here), numpy formulas for top-k/top-p, and sample frequencies."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -281,3 +283,90 @@ def test_apply_stop_strings():
     assert new_mask[0].sum() == len("Hi there GPT4 Correct User:")  # the stop string's tokens stay in the mask
     np.testing.assert_array_equal(new_mask[1], mask[1])
     assert new_mask[2].sum() == len("ab<STOP>")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# generate / chat CLI on a tiny HF checkpoint with the OpenChat tokenizer.
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    cfg = transformers.MistralConfig(vocab_size=32002, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=16,
+                                     max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+                                     eos_token_id=32000, pad_token_id=32000, initializer_range=0.5)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    path = str(tmp_path_factory.mktemp("hf_tiny"))
+    model.save_pretrained(path)
+    return path, model
+
+
+def _hf_reply(model, tokenizer, prompt, n):
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=n, eos_token_id=32000,
+                             pad_token_id=32000)[0, len(ids):].tolist()
+    if 32000 in out:
+        out = out[:out.index(32000)]
+    text = tokenizer.decode(out)
+    for s in ("GPT4 Correct User:", "GPT4 Correct Assistant:"):
+        text = text.split(s)[0]
+    return text.strip()
+
+
+def test_generate_cli_matches_transformers(hf_dir, capsys):
+    from starling_jax.cli import main
+    from starling_jax.data import load_tokenizer
+
+    path, model = hf_dir
+    prompts = ["Hello there", "What is 2+2? Answer briefly."]
+    assert main(["generate", path, "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "8",
+                 "--temperature", "0", "--json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tok = load_tokenizer("openchat-3.5")
+    assert [g["prompt"] for g in got] == prompts
+    assert [g["reply"] for g in got] == [_hf_reply(model, tok, p, 8) for p in prompts]
+
+
+def test_chat_cli_streams_the_same_reply(hf_dir):
+    import argparse
+    import io
+
+    from starling_jax import chat
+    from starling_jax.data import load_tokenizer
+
+    path, model = hf_dir
+    parser = argparse.ArgumentParser()
+    chat.add_chat_arguments(parser)
+    args = parser.parse_args([path, "--max-new-tokens", "8", "--temperature", "0"])
+    lines = iter(["Hello there", "/reset", "What is 2+2? Answer briefly.", "/exit"])
+    out = io.StringIO()
+    assert chat.chat_cli(args, input_fn=lambda _: next(lines), out=out) == 0
+    replies = [line[len("Assistant: "):] for line in out.getvalue().splitlines() if line.startswith("Assistant: ")]
+    tok = load_tokenizer("openchat-3.5")
+    assert replies == [_hf_reply(model, tok, "Hello there", 8), _hf_reply(model, tok, "What is 2+2? Answer briefly.", 8)]
+
+
+def test_printable_prefix_holds_back_partial_stops():
+    from starling_jax.chat import printable_prefix
+
+    stops = ["GPT4 Correct User:"]
+    assert printable_prefix("Sure, here", stops) == len("Sure, here")
+    assert printable_prefix("Sure. GPT4 Cor", stops) == len("Sure. ")
+    assert printable_prefix("caf\ufffd", stops) == 3
+
+
+def test_load_checkpoint_from_stage_export(tmp_path, windowed):
+    from starling_jax.chat import load_checkpoint
+    from starling_jax.train.checkpoint import save_export
+
+    _, params, config = windowed
+    save_export(str(tmp_path / "sft" / "export"), config, params, {"loss": 1.0})
+    for where, stage in [(tmp_path, None), (tmp_path, "sft"), (tmp_path / "sft", None), (tmp_path / "sft" / "export", None)]:
+        got_config, got, tok = load_checkpoint(str(where), stage)
+        assert got_config == config and tok is None
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
+        load_checkpoint(str(tmp_path / "sft"), "rm")
