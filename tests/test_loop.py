@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ STEPS = 24
 OVERRIDES = [
     "data.synthetic_prompts=160", "data.max_responses=4", f"train.steps={STEPS}", "train.batch_size=8",
     "train.eval_every=0", "logging.every=2", "checkpoint.every=6", "checkpoint.keep=3", "logging.progress=false",
-    "logging.tensorboard=false", "optim.warmup_steps=0", "model.config.num_layers=1",
+    "optim.warmup_steps=0", "model.config.num_layers=1",
 ]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,6 +89,22 @@ def wait_for_step(proc, workdir, step, timeout=300):
     pytest.fail(f"no step {step} within {timeout}s")
 
 
+def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from TensorBoard event files, read as TFRecords of Event protos (no TensorFlow)."""
+    from tensorboardX.proto.event_pb2 import Event
+    out: dict = {}
+    for path in Path(directory).glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + length])  # after length (8) and its crc (4)
+            i += 12 + length + 4  # and the data's crc
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
 def test_reference_run(reference):
     summary = json.load(open(reference / "summary.json"))
     assert sorted(losses(reference)) == list(range(2, STEPS + 1, 2))
@@ -97,6 +114,10 @@ def test_reference_run(reference):
     assert Checkpoints(str(reference / "rm" / "checkpoints")).steps() == [12, 18, 24]
     saved = json.load(open(reference / "rm" / "checkpoints" / "24" / "config" / "metadata"))
     assert saved["name"] == "tiny_rm" and saved["train"]["steps"] == STEPS
+    # TensorBoard holds the same losses (as float32)
+    board = tensorboard_scalars(reference / "rm" / "tensorboard")
+    assert board["loss"] == pytest.approx(losses(reference), rel=1e-6)
+    assert set(board) >= {"loss", "grad_norm", "lr", "pair_accuracy", "step_time", "tokens_per_s"}
 
 
 def test_sigkill_then_resume_is_exact(reference, env, tmp_path):
