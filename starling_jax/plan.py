@@ -56,6 +56,10 @@ def _abstract(specs):
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), specs, is_leaf=is_spec)
 
 
+def _layers_note(top: int, num_layers: int) -> str:
+    return "all layers" if top in (0, num_layers) else f"top {top} of {num_layers} layers"
+
+
 def _supervised_parts(exp, mesh, rules) -> PlanParts:
     """sft / rm_* / dpo: the step of train/step.py around the loss of train/losses.py."""
     from starling_jax import sharding
@@ -77,7 +81,7 @@ def _supervised_parts(exp, mesh, rules) -> PlanParts:
     notes = [f"objective {name}: global batch {exp.train.batch_size} x {exp.data.max_length} tokens"
              + (f" x K={exp.data.max_responses}" if name.startswith("rm_") else "")
              + f", grad_accum {exp.train.grad_accum}",
-             f"trainable: {'all layers' if top in (0, config.num_layers) else f'top {top} of {config.num_layers} layers'}"
+             f"trainable: {_layers_note(top, config.num_layers)}"
              + (", head" if head else ", head frozen")]
     return PlanParts(make_train_step(loss, optimizer, exp.train.grad_accum), state, shardings, batch,
                      sharding.batch_shardings(batch, mesh, rules), {}, notes)
@@ -99,7 +103,8 @@ def _rl_parts(exp, mesh, rules) -> PlanParts:
     trainable, frozen = jax.eval_shape(
         lambda p, k: hydra.init_rl_params(p, config, k, top, head, critic_kind), _abstract(model_specs),
         jax.random.key(0))
-    t_specs = sharding.respec(trainable, {"policy": model_specs, "critic": models.value_head_specs(config, critic_kind)})
+    critic_specs = models.value_head_specs(config, critic_kind)
+    t_specs = sharding.respec(trainable, {"policy": model_specs, "critic": critic_specs})
     f_specs = sharding.respec(frozen, {"trunk": model_specs, "reference": model_specs})
     optimizer = make_optimizer(exp.optim, exp.train.steps, trainable)
     state = abstract_state(trainable, optimizer, frozen)
@@ -122,7 +127,7 @@ def _rl_parts(exp, mesh, rules) -> PlanParts:
         extra["reward_model"] = (_abstract(rm_specs), sharding.param_shardings(rm_specs, mesh, rules))
     notes = [f"objective {o.name}: {B} rollouts of {P} prompt + {N} response tokens per step, {r.epochs} epochs of "
              f"minibatches of {r.minibatch_size}",
-             f"trainable: {'all layers' if top in (0, config.num_layers) else f'top {top} of {config.num_layers} layers'}"
+             f"trainable: {_layers_note(top, config.num_layers)}"
              f" + {critic_kind} critic; reference: frozen copy of the trainable layers",
              "not planned: rollout generation (KV cache) and the experience pass (they run between steps)"]
     return PlanParts(step, state, shardings, batch, sharding.batch_shardings(batch, mesh, rules), extra, notes)

@@ -82,7 +82,8 @@ def data_shard(process_index: Optional[int] = None, process_count: Optional[int]
 
 
 def rules_dict(rules) -> dict[str, Any]:
-    """MeshConfig.rules (a tuple of (logical, mesh) pairs) or a mapping -> dict; duplicate logical names are an error."""
+    """MeshConfig.rules (a tuple of (logical, mesh) pairs) or a mapping -> dict; a logical name given twice is an
+    error."""
     if isinstance(rules, MeshConfig):
         rules = rules.rules
     if isinstance(rules, Mapping):
@@ -206,7 +207,8 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict[str, Na
 
 def put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
     """Place this process's rows of a batch on the mesh as global arrays. On one host `batch` is the global batch; on
-    several, each process passes its own share (see data_shard) and the global leading size is the sum over processes."""
+    several, each process passes its own share (see data_shard) and the global leading size is the sum over
+    processes."""
     out = {}
     for k, local in batch.items():
         local = np.asarray(local)
