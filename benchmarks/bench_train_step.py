@@ -10,6 +10,8 @@ transformers' MistralForCausalLM (its default SDPA attention), eager, clip_grad_
 steps are timed alternately, round by round, so outside load hits both alike; each median is printed with its
 achieved FLOP/s as a fraction of this process's measured fp32 matmul peak (the larger of JAX's and torch's 2048^3
 matmul; both are printed) and with the process CPU time per step (a figure less sensitive to other processes' load).
+The script restarts itself once with glibc malloc settings (common.MALLOC_ENV: one arena, no mmap, no trimming) that
+keep large temporaries mapped between steps; they apply to both frameworks; --default-malloc skips them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc settings (by default the script restarts itself with "
+                        "common.MALLOC_ENV, which applies to both frameworks alike)")
     return p.parse_args(argv)
 
 
@@ -146,6 +151,7 @@ def build_torch_step(model, lr: float, with_optimizer: bool):
 
 def main(argv=None):
     args = parse_args(argv)
+    malloc_tuned = common.reexec_with_malloc_env(not args.default_malloc)
     import jax
 
     from starling_jax.models import ModelConfig, count_params, init_params
@@ -165,21 +171,25 @@ def main(argv=None):
     print(f"jax {jax.__version__} ({jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
           f"remat={args.remat}")
     print(common.machine_line())
+    print("glibc malloc: " + (" ".join(f"{k}={v}" for k, v in common.MALLOC_ENV.items()) if malloc_tuned
+                              else "default settings"))
 
     # Peaks first, while nothing else of ours holds the cores.
-    peaks = {"jax": common.matmul_peak_jax()}
+    peaks = {"jax": common.matmul_peaks("jax")}
     torch_model = None
     if not args.skip_torch:
         import torch
         import transformers
 
         torch.set_num_threads(args.threads)
-        peaks["torch"] = common.matmul_peak_torch()
+        peaks["torch"] = common.matmul_peaks("torch")
         print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
         torch_model = torch_model_from_params(config, params)  # copies the weights before donation frees them
-    peak = max(peaks.values())
-    print("fp32 2048^3 matmul peak: " + ", ".join(f"{k} {common.fmt_flops(v)}" for k, v in peaks.items())
-          + f"; reference peak = {common.fmt_flops(peak)} (the larger)")
+    peak = max(p["wall"] for p in peaks.values())
+    cpu_peak = max(p["cpu"] for p in peaks.values())
+    print("fp32 2048^3 matmul peak: " + ", ".join(f"{k} {common.fmt_flops(v['wall'])}" for k, v in peaks.items())
+          + f"; reference peak = {common.fmt_flops(peak)} (the larger). Per second of process CPU time: "
+          + ", ".join(f"{k} {common.fmt_flops(v['cpu'])}" for k, v in peaks.items()))
 
     t0 = time.perf_counter()
     jstep, state = build_jax_step(config, params, args.lr, with_opt)
@@ -228,9 +238,9 @@ def main(argv=None):
     for name, med in medians.items():
         achieved = flops["total"] / med
         walls = [w for w, _ in times[name]]
-        print(f"  {name:14s} median {med:.3f} s/step (min {min(walls):.3f}, max {max(walls):.3f}; process CPU "
-              f"{cpu[name]:.2f} s/step)  {common.fmt_flops(achieved)} = {achieved / peak:.0%} of peak  "
-              f"{flops['tokens'] / med:,.0f} tokens/s")
+        print(f"  {name:14s} median {med:.3f} s/step (min {min(walls):.3f}, max {max(walls):.3f})  "
+              f"{common.fmt_flops(achieved)} = {achieved / peak:.0%} of peak  {flops['tokens'] / med:,.0f} tokens/s; "
+              f"process CPU {cpu[name]:.2f} s/step = {flops['total'] / cpu[name] / cpu_peak:.0%} of the CPU-time peak")
     if "PyTorch eager" in medians:
         ratio = medians["PyTorch eager"] / medians["starling_jax"]
         print(f"  speed ratio (PyTorch median / starling_jax median): {ratio:.2f}x; by process CPU time: "

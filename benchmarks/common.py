@@ -68,43 +68,85 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> di
     return times
 
 
+# glibc malloc settings for steps that allocate large temporaries. By default glibc serves every block over 32 MB
+# (and most blocks allocated from worker threads, via per-thread arenas) with a fresh mmap and unmaps it on free, so
+# each training step page-faults its logits, dlogits and embedding gradient in again: about 0.25 s of kernel time per
+# step of bench_train_step at batch 2. One brk-grown arena, no mmap and no trimming keep that memory mapped and reused.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def reexec_with_malloc_env(enable: bool = True) -> bool:
+    """Restart this script with MALLOC_ENV set (glibc reads it only at process start). Returns whether it is set.
+
+    Call first thing in main(), before importing JAX or torch. A no-op when the settings are already in place, when
+    `enable` is false, or off Linux/glibc.
+    """
+    if not enable or not platform.libc_ver()[0] == "glibc":
+        return all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+    if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return True
+    import sys
+
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **MALLOC_ENV})
+    return True  # not reached
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Matmul peak: what this process can get from large fp32 matmuls, the yardstick for "fraction of peak".
 
 
+def matmul_peaks(framework: str, n: int = 2048, iters: int = 5) -> dict:
+    """fp32 [n,n] @ [n,n] throughput in this process: {"wall": FLOP per second (median of `iters`), "cpu": FLOP per
+    second of process CPU time (user + system, median)}. framework: "jax" (jitted), "numpy" (its BLAS) or "torch"
+    (its current thread setting). The CPU figure hardly moves with other processes' load; the wall figure does."""
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        mm = jax.jit(jnp.matmul)
+        run, warmup = (lambda: jax.block_until_ready(mm(a, b))), 2
+    elif framework == "numpy":
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        run, warmup = (lambda: a @ b), 1
+    elif framework == "torch":
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        run, warmup = (lambda: torch.mm(a, b)), 1
+    else:
+        raise ValueError(f"matmul_peaks: framework must be 'jax', 'numpy' or 'torch', got {framework!r}")
+    for _ in range(warmup):
+        run()
+    walls, cpus = [], []
+    for _ in range(iters):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    flop = 2 * n ** 3
+    return {"wall": flop / statistics.median(walls), "cpu": flop / statistics.median(cpus)}
+
+
 def matmul_peak_jax(n: int = 2048, iters: int = 5) -> float:
     """FLOP/s of a jitted fp32 [n,n] @ [n,n] in JAX (median of `iters`)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    sec, _ = median_time(lambda: mm(a, b), iters, warmup=2, sync=jax.block_until_ready)
-    return 2 * n ** 3 / sec
+    return matmul_peaks("jax", n, iters)["wall"]
 
 
 def matmul_peak_numpy(n: int = 2048, iters: int = 5) -> float:
     """FLOP/s of an fp32 [n,n] @ [n,n] in numpy (its BLAS)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    sec, _ = median_time(lambda: a @ b, iters, warmup=1)
-    return 2 * n ** 3 / sec
+    return matmul_peaks("numpy", n, iters)["wall"]
 
 
 def matmul_peak_torch(n: int = 2048, iters: int = 5) -> float:
     """FLOP/s of an fp32 [n,n] @ [n,n] in torch with its current thread setting."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
-    with torch.no_grad():
-        sec, _ = median_time(lambda: a @ b, iters, warmup=1)
-    return 2 * n ** 3 / sec
+    return matmul_peaks("torch", n, iters)["wall"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
