@@ -16,7 +16,7 @@ def get_config() -> Experiment:
     return Experiment(
         name="tiny_rm",
         model=ModelSection(config=PRESETS["tiny"].replace(head="score")),
-        data=DataConfig(source="synthetic", synthetic_prompts=2000, max_length=64, max_prompt_length=48,
+        data=DataConfig(source="synthetic", synthetic_prompts=2000, max_length=80, max_prompt_length=64,
                         max_responses=7, heldout_fraction=0.1),
         objective=ObjectiveConfig(name="rm_plackett_luce"),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, schedule="cosine", weight_decay=0.0, grad_clip=1.0),
