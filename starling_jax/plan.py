@@ -191,22 +191,26 @@ def _count(tree) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _pick_stage(exp, stage: Optional[str]):
+    """(name, resolved config) of `stage`, by default the last one (normally the heaviest: RL, or the RM after SFT)."""
+    from starling_jax.config import stages_of
+    stages = stages_of(exp)
+    names = [n for n, _ in stages]
+    if stage is None:
+        return stages[-1]
+    if stage not in names:
+        raise KeyError(f"experiment {exp.name!r} has no stage {stage!r}; its stages: {', '.join(names)}")
+    return stages[names.index(stage)]
+
+
 def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None, step_time: Optional[float] = None,
                     peak_flops: Optional[float] = None) -> dict:
     """Plan one stage of `exp` (an Experiment) on `devices` (a list of jax devices). Returns the report dict."""
     import jax
     from starling_jax import sharding
-    from starling_jax.config import stages_of
     from starling_jax.train.step import jit_step
 
-    stages = stages_of(exp)
-    names = [n for n, _ in stages]
-    if stage is None:
-        stage_name, cfg = stages[-1]  # the last stage is normally the heaviest (RL, or the RM after SFT)
-    elif stage in names:
-        stage_name, cfg = stages[names.index(stage)]
-    else:
-        raise KeyError(f"experiment {exp.name!r} has no stage {stage!r}; its stages: {', '.join(names)}")
+    stage_name, cfg = _pick_stage(exp, stage)
     if cfg.objective.name not in PLANNERS:
         raise KeyError(f"stage {stage_name!r}: no planner for objective {cfg.objective.name!r}; known: "
                        f"{', '.join(PLANNERS)}")
@@ -263,23 +267,77 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
     return report
 
 
+def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) -> dict:
+    """Memory of an RL stage's rollout generation (sampling.generate over one chunk of prompts with the full policy),
+    compiled for the mesh like the step; the reward model counts as extra live state. Returns a report dict like
+    plan_experiment's (no optimiser; FLOPs not counted: the decode loop's trip count is dynamic)."""
+    import jax
+    import jax.numpy as jnp
+    from starling_jax import models, sampling, sharding
+
+    stage_name, cfg = _pick_stage(exp, stage)
+    if cfg.objective.name not in ("apa", "ppo"):
+        raise ValueError(f"--rollout plans an RL stage's generation; stage {stage_name!r} is {cfg.objective.name!r}")
+    mesh_config = mesh_config or cfg.mesh
+    mesh = sharding.make_mesh(dataclasses.replace(mesh_config, distributed=False), devices)
+    rules = sharding.rules_dict(mesh_config)
+    config, r = cfg.model.config.replace(head="lm"), cfg.rollout
+    specs = models.param_specs(config)
+    params, p_sh = _abstract(specs), sharding.param_shardings(specs, mesh, rules)
+    B, P = r.prompts_per_step, cfg.data.max_prompt_length
+    prompts = {"prompt_tokens": jax.ShapeDtypeStruct((B, P), jnp.int32),
+               "prompt_mask": jax.ShapeDtypeStruct((B, P), jnp.int32)}
+    b_sh = sharding.batch_shardings(prompts, mesh, rules)
+
+    def rollout(p, batch, key):
+        return sampling.generate(p, config, batch["prompt_tokens"], batch["prompt_mask"], key, r.max_new_tokens,
+                                 r.temperature, r.top_k, r.top_p)
+
+    t0 = time.time()
+    fn = jax.jit(rollout, in_shardings=(p_sh, b_sh, sharding.replicated(mesh)), out_shardings=b_sh["prompt_tokens"])
+    compiled = fn.lower(params, prompts, jax.random.key(0)).compile()
+    mem = compiled.memory_analysis()
+    b = {"params": _tree_bytes(params, p_sh), "optimizer": 0, "frozen": 0, "step_and_rng": 0, "extra": 0,
+         "batch": _tree_bytes(prompts, b_sh), "temp": int(mem.temp_size_in_bytes),
+         "output_not_aliased": int(mem.output_size_in_bytes)}
+    if cfg.reward_model is not None:
+        rm_specs = models.param_specs(cfg.reward_model.config.replace(head="score"))
+        b["extra"] = _tree_bytes(_abstract(rm_specs), sharding.param_shardings(rm_specs, mesh, rules))
+    b["other"] = b["extra"]
+    b["total"] = b["params"] + b["other"] + b["batch"] + b["temp"] + b["output_not_aliased"]
+    return {
+        "experiment": exp.name, "stage": stage_name, "objective": cfg.objective.name, "phase": "rollout",
+        "devices": len(devices), "mesh": dict(mesh.shape), "platform": devices[0].platform,
+        "per_device_bytes": b, "per_device_gib": {k: round(v / GiB, 3) for k, v in b.items()},
+        "memory_analysis": {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                                "alias_size_in_bytes", "temp_size_in_bytes",
+                                                                "generated_code_size_in_bytes")},
+        "param_counts": {"policy": _count(params)}, "flops_per_step": None,
+        "compile_seconds": round(time.time() - t0, 1),
+        "notes": [f"rollout generation: {B} prompts of {P} tokens + {r.max_new_tokens} new tokens with the full policy "
+                  f"(KV cache included in temp); the reward model is counted as other live state"],
+    }
+
+
 def format_report(r: dict) -> str:
     b = r["per_device_bytes"]
     unit, scale = ("GiB", GiB) if b["total"] >= GiB else ("MiB", 1024 ** 2)
-    lines = [f"{r['experiment']} / stage {r['stage']} ({r['objective']}) on {r['devices']} {r['platform']} devices, "
-             f"mesh {', '.join(f'{k}={v}' for k, v in r['mesh'].items())}"]
+    phase = " rollout generation" if r.get("phase") == "rollout" else ""
+    lines = [f"{r['experiment']} / stage {r['stage']} ({r['objective']}){phase} on {r['devices']} {r['platform']} "
+             f"devices, mesh {', '.join(f'{k}={v}' for k, v in r['mesh'].items())}"]
     lines += [f"  {note}" for note in r["notes"]]
     counts = r["param_counts"]
     human = lambda v: f"{v / 1e9:.3f}B" if v >= 1e8 else (f"{v / 1e6:.3f}M" if v else "0")
     lines.append("  parameters: " + ", ".join(f"{k} {human(v)}" for k, v in counts.items()))
     lines.append(f"  per-device memory ({unit}):")
-    for key, label in (("params", "trainable params"), ("optimizer", "optimizer state"),
+    for key, label in (("params", "policy params" if phase else "trainable params"), ("optimizer", "optimizer state"),
                        ("other", "other live state (frozen trunk/reference, reward model, step, rng)"),
                        ("batch", "batch"), ("temp", "temporaries (XLA)"),
                        ("output_not_aliased", "outputs not aliased to donated inputs"), ("total", "total")):
         lines.append(f"    {label:<70} {b[key] / scale:9.3f}")
-    lines.append(f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device; matmuls, "
-                 f"scans counted per iteration)")
+    if r["flops_per_step"] is not None:
+        lines.append(f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device; matmuls, "
+                     f"scans counted per iteration)")
     if "mfu" in r:
         lines.append(f"  MFU at {r['step_time_s']} s/step and {r['peak_flops_per_device']:.4g} FLOP/s per device: "
                      f"{100 * r['mfu']:.1f}%")
@@ -313,6 +371,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-time", type=float, default=None, help="seconds per step, for the implied MFU")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak FLOP/s per device for MFU (default: the experiment's logging.peak_flops)")
+    parser.add_argument("--rollout", action="store_true",
+                        help="RL stages: plan rollout generation (full policy + KV cache) instead of the update step")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -324,7 +384,7 @@ def _argv(args) -> list[str]:
             out += [flag, str(value)]
     for o in args.overrides:
         out += ["--set", o]
-    return out + (["--json"] if args.json else [])
+    return out + (["--rollout"] if args.rollout else []) + (["--json"] if args.json else [])
 
 
 def _ensure_devices(args) -> list:
@@ -352,7 +412,10 @@ def plan_cli(args) -> int:
     if args.mesh:
         mesh_config = dataclasses.replace(exp.mesh, **parse_mesh(args.mesh))
     devices = _ensure_devices(args)
-    report = plan_experiment(exp, devices, mesh_config, args.stage, args.step_time, args.peak_flops)
+    if args.rollout:
+        report = plan_rollout(exp, devices, mesh_config, args.stage)
+    else:
+        report = plan_experiment(exp, devices, mesh_config, args.stage, args.step_time, args.peak_flops)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 

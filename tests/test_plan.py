@@ -105,3 +105,46 @@ def test_parse_mesh_and_unknown_stage(tmp_path):
     from starling_jax.config import load_experiment
     with pytest.raises(KeyError, match="no stage 'rl'; its stages: sft"):
         plan.plan_experiment(load_experiment(str(path)), jax.devices()[:1], stage="rl")
+
+
+RL_EXPERIMENT = textwrap.dedent('''
+    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig,
+                                     RewardModelSection, RolloutConfig, TrainConfig)
+    from starling_jax.models import PRESETS
+
+    def get_config():
+        model = PRESETS["tiny"].replace(vocab_size=128, pad_token_id=0, eos_token_id=2)
+        return Experiment(name="tiny_rl_plan", model=ModelSection(config=model, trainable_top_layers=1),
+                          reward_model=RewardModelSection(config=model.replace(head="score")),
+                          mesh=MeshConfig(data=1, fsdp=-1, tensor=1), data=DataConfig(max_prompt_length=8),
+                          objective=ObjectiveConfig(name="apa"), train=TrainConfig(batch_size=8),
+                          rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, epochs=1, minibatch_size=8))
+''')
+
+
+@needs8
+def test_plan_rl_update_and_rollout(tmp_path):
+    from starling_jax.config import load_experiment
+
+    path = tmp_path / "tiny_rl_plan.py"
+    path.write_text(RL_EXPERIMENT)
+    exp = load_experiment(str(path))
+    D, V, L = 64, 128, 2
+    layer = D * 64 * 2 + D * 32 * 2 + 3 * D * 128  # wq, wo, wk, wv, w_gate, w_up, w_down
+    norms = 2 * D  # attn_norm, mlp_norm per layer
+
+    r = plan.plan_experiment(exp, jax.devices()[:8])
+    b, mem = r["per_device_bytes"], r["memory_analysis"]
+    assert b["params"] + b["optimizer"] + b["frozen"] + b["step_and_rng"] + b["batch"] == mem["argument_size_in_bytes"]
+    critic = D * 2 * D + 2 * D + 2 * D + 1  # Starling's MLP value head
+    assert r["param_counts"]["trainable"] == layer + norms + D + D * V + critic  # top layer, final norm, head, critic
+    assert r["param_counts"]["frozen"] == V * D + (layer + norms) + (layer + norms + D + D * V)  # trunk + reference
+    assert r["param_counts"]["reward_model"] == V * D + L * (layer + norms) + D + D
+    assert b["extra"] > 0 and b["other"] == b["frozen"] + b["step_and_rng"] + b["extra"]
+
+    g = plan.plan_rollout(exp, jax.devices()[:8])
+    gb = g["per_device_bytes"]
+    # the full policy, every matrix split 8 ways over fsdp (float32), norms replicated
+    assert gb["params"] == 4 * ((V * D * 2 + L * layer) // 8 + L * norms + D)
+    assert gb["extra"] == b["extra"] and gb["temp"] == g["memory_analysis"]["temp_size_in_bytes"] > 0
+    assert gb["total"] == gb["params"] + gb["other"] + gb["batch"] + gb["temp"] + gb["output_not_aliased"]
