@@ -1,0 +1,128 @@
+"""The colab/ notebooks, executed headlessly (nbclient + ipykernel) with their parameters shrunk.
+
+Parameters are injected the way papermill does it: a cell assigning the test's values goes right after the cell tagged
+"parameters". A last cell appended by the test prints the notebook's variables as JSON, which the test then checks
+against independent computations (the synthetic true utility, sampling.generate called here directly).
+"""
+
+import json
+import math
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import nbformat  # the test extra needs nbclient, nbformat and ipykernel
+from nbclient import NotebookClient
+
+from starling_jax import hf, models, sampling
+from starling_jax.data import get_template, load_tokenizer, synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLAB = os.path.join(ROOT, "colab")
+RESULT = "RESULT_JSON "
+
+
+def _execute(name: str, params: dict, dump: str, cwd) -> tuple[dict, "nbformat.NotebookNode"]:
+    """Run colab/NAME with `params` injected after its parameters cell and `dump` (an expression giving a JSON-able
+    dict) printed by an appended cell. Returns (that dict, the executed notebook)."""
+    nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
+    (index,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    declared = set(re.findall(r"^([A-Z_]+)\s*=", nb.cells[index].source, re.M))
+    unknown = set(params) - declared
+    assert not unknown, f"{name}: parameters {unknown} are not in its parameters cell ({sorted(declared)})"
+    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()))
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(index + 1, injected)
+    nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint({RESULT!r} + _json.dumps({dump}))"))
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i}"
+    # One CPU device in the kernel (tests/conftest.py simulates 8 in this process for the sharding tests).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    client.execute(env=env)  # raises CellExecutionError (with the cell and traceback) if any cell fails
+    printed = [o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream"]
+    (line,) = [s for s in "".join(printed).splitlines() if s.startswith(RESULT)]
+    return json.loads(line[len(RESULT):]), nb
+
+
+# The main job at its smallest that still runs every stage's code: 2-layer models, 100 synthetic prompts, a few
+# steps per stage, one RL step (each stage's time is mostly compilation).
+SHRINK = [
+    "data.synthetic_prompts=100", "data.max_length=32", "data.max_prompt_length=20", "reward_model.max_length=64",
+    "model.config.num_layers=2", "stages.policy.model.config.num_layers=2",
+    "stages.policy.model.trainable_top_layers=1", "stages.rm.model.config.num_layers=2",
+    "reward_model.config.num_layers=2",
+    "stages.sft.train.steps=4", "stages.sft.train.batch_size=4",
+    "stages.rm.train.steps=4", "stages.rm.train.batch_size=2",
+    "stages.policy.train.steps=1", "stages.policy.train.batch_size=4", "stages.policy.rollout.prompts_per_step=4",
+    "stages.policy.rollout.minibatch_size=4", "stages.policy.rollout.eval_prompts=4",
+    "stages.policy.rollout.max_new_tokens=6", "logging.every=1", "logging.progress=false",
+]
+
+
+def test_tiny_starling_notebook(tmp_path):
+    num = 3
+    got, nb = _execute(
+        "tiny_starling.ipynb",
+        dict(WORKDIR="run", OVERRIDES=SHRINK, NUM_SAMPLES=num, MAX_NEW_TOKENS=8),
+        '{"summary": summary, "samples": samples, "utilities": utilities, "conversations": conversations}',
+        tmp_path)
+    with open(tmp_path / "run" / "summary.json") as f:
+        on_disk = json.load(f)
+    summary = got["summary"]
+    assert summary == on_disk and list(summary) == ["sft", "rm", "policy"]
+    assert 0.0 <= summary["rm"]["heldout_pair_accuracy"] <= 1.0
+    policy = summary["policy"]
+    assert policy["steps"] == 1 and policy["objective"] == "apa"  # the overrides reached the run
+    for key in ("true_reward_before", "true_reward_after", "rm_score_before", "rm_score_after", "kl_to_reference"):
+        assert math.isfinite(policy[key]), (key, policy)
+    assert os.path.getsize(tmp_path / "run" / "policy" / "curves.png") > 1000
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1  # the curves were displayed
+    # The sampled replies are scored with the hidden true utility, recomputed here.
+    assert len(got["conversations"]) == num and list(got["samples"]) == ["sft", "policy"]
+    for stage, texts in got["samples"].items():
+        assert len(texts) == num and all(isinstance(t, str) for t in texts)
+        want = [synthetic.true_utility(m, t) for m, t in zip(got["conversations"], texts)]
+        np.testing.assert_allclose(got["utilities"][stage], want)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random tiny Mistral written as a HF directory (what `starling-jax convert preset:tiny DIR` writes)."""
+    config = models.get_preset("tiny")
+    params = models.init_params(config, jax.random.key(0))
+    path = tmp_path / "ckpt"
+    hf.save(str(path), config, params)
+    return str(path), params
+
+
+def test_chat_with_checkpoint_notebook(tmp_path, tiny_checkpoint):
+    path, params = tiny_checkpoint
+    n_new, prompt = 8, "What is the capital of France?"
+    got, _ = _execute(
+        "chat_with_checkpoint.ipynb",
+        dict(CHECKPOINT=path, PROMPT=prompt, MAX_NEW_TOKENS=n_new, NUM_SAMPLES=2, USER_TURNS=["Hi!", "And then?"]),
+        '{"prompt_ids": prompt_ids, "greedy_tokens": greedy_tokens, "greedy_reply": greedy_reply, '
+        '"sampled": sampled_replies, "streamed": streamed_tokens, "conversation": conversation}',
+        tmp_path)
+    # Independently: the OpenChat encoding and a greedy sampling.generate on the weights that were saved.
+    tokenizer, template = load_tokenizer("openchat-3.5"), get_template("openchat_3.5")
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], template=template)
+    assert got["prompt_ids"] == ids
+    config, _ = hf.load(path)
+    tokens = np.asarray([ids], np.int32)
+    out, mask, _ = sampling.generate(params, config, tokens, np.ones_like(tokens), jax.random.PRNGKey(0), n_new,
+                                     temperature=0.0, stop_ids=tokenizer.stop_ids(template))
+    out, mask = np.asarray(out)[0], np.asarray(mask)[0]
+    assert got["greedy_tokens"] == out[mask == 1].tolist() and len(got["greedy_tokens"]) > 0
+    texts, _ = sampling.apply_stop_strings(tokenizer, out[None], mask[None], template.stop_strings)
+    assert got["greedy_reply"] == texts[0].strip() != ""
+    assert got["streamed"] == got["greedy_tokens"]  # streaming yields generate's tokens
+    assert len(got["sampled"]) == 2 and all(isinstance(t, str) for t in got["sampled"])
+    roles = [m["role"] for m in got["conversation"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in got["conversation"][::2]] == ["Hi!", "And then?"]
