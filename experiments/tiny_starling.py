@@ -6,8 +6,9 @@ Three stages on the embedded synthetic Nectar (starling_jax/data/synthetic.py: c
 a hidden true utility, so we can measure whether RL really makes the policy better, not just the reward model happier):
 
   sft     the tiny 2-layer Mistral-shaped policy learns the chats' best responses (OpenChat-3.5 template/tokenizer)
-  rm      a tiny reward model with its OWN tokenizer and template, like Starling-RM-7B-alpha (a Llama-2-chat trunk
-          reading "<s>[INST] ... </s> [/INST] ...</s>"), trained with the K-wise Plackett-Luce loss on 7-way rankings
+  rm      a reward model initialised from the SFT policy, reading its OWN tokenizer and template like
+          Starling-RM-7B-alpha (the Llama SentencePiece vocabulary, "<s>[INST] ... </s> [/INST] ...</s>"), trained
+          with the K-wise Plackett-Luce loss on 7-way rankings
   policy  APA against the frozen RM from the SFT policy: rollouts are decoded, re-rendered in the RM's template and
           re-tokenized for it; KL penalty to the initial policy; MLP critic; hydra (only the top layer and the LM
           head train, the trunk below runs once for policy and reference)
@@ -22,8 +23,11 @@ from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, Loggi
 from starling_jax.models import PRESETS
 
 POLICY = PRESETS["tiny"].replace(num_layers=4)  # 4 layers x 64 hidden, GQA, sliding window 32, OpenChat vocab (32002)
-# The reward model reads the Mistral/Llama SentencePiece vocabulary (32000 rows, no <|end_of_turn|>), pad = <unk> = 0.
-RM = PRESETS["tiny"].replace(num_layers=4, head="score", vocab_size=32000, pad_token_id=0, eos_token_id=2, sliding_window=None)
+# The reward model starts from the SFT policy's weights (InstructGPT's recipe: Starling started its RM from
+# Llama-2-7B-chat, a pretrained chat model; here the SFT policy is the only pretrained model we have), with the LM head
+# swapped for a scalar score head. It keeps its own tokenizer and template: the Mistral/Llama SentencePiece vocabulary
+# (ids 0..31999, no <|end_of_turn|>, pad = <unk> = 0) and the Llama-2 chat format.
+RM = POLICY.replace(head="score")
 RM_TOKENIZER, RM_TEMPLATE = "mistral-7b-v0.1", "llama2"
 
 
@@ -43,7 +47,7 @@ def get_config() -> Experiment:
                   optim=OptimConfig(learning_rate=3e-3, warmup_steps=20, schedule="cosine", weight_decay=0.01),
                   train=TrainConfig(steps=400, batch_size=16, seed=0)),
             Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
-                  model=ModelSection(config=RM, tokenizer=RM_TOKENIZER, template=RM_TEMPLATE),
+                  model=ModelSection(config=RM, path="stage:sft", tokenizer=RM_TOKENIZER, template=RM_TEMPLATE),
                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0),
                   train=TrainConfig(steps=300, batch_size=8, seed=0)),
             Stage(name="policy",
