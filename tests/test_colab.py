@@ -48,6 +48,15 @@ def _execute(name: str, params: dict, dump: str, cwd) -> tuple[dict, "nbformat.N
     return json.loads(line[len(RESULT):]), nb
 
 
+@pytest.mark.parametrize("name", ["tiny_starling.ipynb", "chat_with_checkpoint.ipynb"])
+def test_notebooks_are_valid_and_saved_without_outputs(name):
+    nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c for c in code if "parameters" in c.metadata.get("tags", [])] == [code[0]]  # one, first: Colab shows it
+    assert all(c.outputs == [] and c.execution_count is None for c in code), f"{name}: clear outputs before committing"
+
+
 # The main job at its smallest that still runs every stage's code: 2-layer models, 100 synthetic prompts, a few
 # steps per stage, one RL step (each stage's time is mostly compilation).
 SHRINK = [
