@@ -161,7 +161,9 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
     path = section.path
     if path is not None and path.startswith("stage:"):
         exported = ctx.load_stage(path[len("stage:"):])
-        return exported.config, exported.params
+        # A copy: this stage's train state is donated to its step, and a later stage may load the same export
+        # (tiny_starling: rm and policy both start from "stage:sft"); aliasing it would leave them deleted arrays.
+        return exported.config, jax.tree_util.tree_map(jax.numpy.copy, exported.params)
     if path is not None:
         from starling_jax import hf  # imported lazily: converting weights is not needed for random-init runs
         return hf.load(path, mesh=ctx.mesh)
