@@ -217,7 +217,8 @@ def _dense(x, w, dtype, n_in: int = 1, out_dtype=None):
 
 
 def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
-    """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, slot_pos [B,S], slots [T]) or None (attend to self)."""
+    """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, old_pos [B,S], slot_pos [B,S], slots [T]) or None
+    (attend to self); old_pos / slot_pos: each slot's position before / after this write."""
     dt = jnp.dtype(config.dtype)
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     q = apply_rope(_dense(h, layer["wq"], dt), cos, sin)
@@ -229,14 +230,15 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
         k_pos = jnp.where(seg > 0, q_pos, -1)
         a = attention(q, k, v, q_pos, k_pos, seg, seg, config.sliding_window)
     else:
-        cache_k, cache_v, slot_pos, slots = kv
-        S = cache_k.shape[1]
+        cache_k, cache_v, old_pos, slot_pos, slots = kv
         new_kv = (cache_k.at[:, slots].set(k, mode="drop"), cache_v.at[:, slots].set(v, mode="drop"))
-        if T <= S:  # attend over the updated cache
+        if T == 1:  # one token only overwrites a slot that has left the window: attend over the updated cache
             a = attention(q, new_kv[0], new_kv[1], q_pos, slot_pos, window=config.sliding_window)
-        else:  # a prefill longer than the rolling buffer (cache must start empty): attend over the new keys
+        else:  # several tokens may overwrite slots that the earlier of them still see (rolling buffer): attend over
+            # the cache as it was plus the new keys (also covers a write longer than the buffer)
             k_pos = jnp.where(seg > 0, q_pos, -1)
-            a = attention(q, k, v, q_pos, k_pos, window=config.sliding_window)
+            a = attention(q, jnp.concatenate([cache_k, k], 1), jnp.concatenate([cache_v, v], 1), q_pos,
+                          jnp.concatenate([old_pos, k_pos], 1), window=config.sliding_window)
     x = x + _dense(a, layer["wo"], dt, n_in=2)
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     gate = _dense(h, layer["w_gate"], dt)
@@ -283,7 +285,8 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
 
         def body(h, xs_l):
             layer, ck, cv = xs_l
-            h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, (ck, cv, slot_pos, slots))
+            h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg,
+                                        (ck, cv, cache["pos"], slot_pos, slots))
             return pin(h), (ck, cv)
         xs = (layers, cache["k"], cache["v"])
     if config.remat != "none":
