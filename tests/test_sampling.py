@@ -370,3 +370,21 @@ def test_load_checkpoint_from_stage_export(tmp_path, windowed):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
         load_checkpoint(str(tmp_path / "sft"), "rm")
+
+
+@pytest.mark.parametrize("window,chunk", [(6, 4), (6, 1), (None, 5)])
+def test_cache_chunked_writes_equal_forward(window, chunk):
+    """models.run_layers with a cache, fed in chunks (rolling buffer of `window` slots, wrapping mid-chunk), gives the
+    hidden states of one forward pass over the whole left-padded batch."""
+    config = models.get_preset("tiny").replace(vocab_size=V, sliding_window=window, init_std=0.3)
+    params = models.init_params(config, jax.random.PRNGKey(0))
+    toks, mask = _prompts([15, 8, 3], 15, seed=7)
+    ref = models.hidden_states(params, config, toks, mask)
+    cache = models.init_cache(config, 3, models.cache_slots(config, 15))
+    outs = []
+    for s in range(0, 15, chunk):
+        x = models.embed_tokens(params, config, toks[:, s:s + chunk])
+        x, cache = models.run_layers(params["layers"], config, x, mask[:, s:s + chunk], cache)
+        outs.append(models.final_norm(params, config, x))
+    got = jnp.concatenate(outs, axis=1)
+    np.testing.assert_allclose(np.asarray(got)[mask > 0], np.asarray(ref)[mask > 0], atol=2e-5)
