@@ -122,8 +122,10 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
                 state, metrics = program.step(state, batch)
                 pending.append(metrics)
                 step += 1
+                # read the flag once: a signal arriving later in this iteration is handled after the next step
+                stopping = stop.signal is not None
                 log_due = step % log_every == 0 or step == steps
-                ckpt_due = (ckpt_every and step % ckpt_every == 0) or stop.signal is not None
+                ckpt_due = (ckpt_every and step % ckpt_every == 0) or stopping
                 if log_due or ckpt_due:
                     fetched = jax.device_get(pending)  # the one host sync of this window
                     bad = _first_nonfinite(fetched, window_start + 1)
@@ -152,7 +154,7 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
                 if ckpt_due:
                     ckpts.save(step, state, program.batches.get_state(), config_dict)
                     last_saved = step
-                if stop.signal is not None:
+                if stopping:
                     ckpts.wait()
                     name = signal.Signals(stop.signal).name
                     raise StageInterrupted(f"stage {ctx.stage_name!r}: {name} at step {step}; checkpoint saved in "
