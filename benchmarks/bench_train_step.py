@@ -40,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only (gradients returned)")
     p.add_argument("--remat", default="none", help="starling_jax remat policy (none, full, dots, dots_no_batch)")
     p.add_argument("--skip-torch", action="store_true")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch intra-op threads (default: the cores this process may use; XLA sizes its pool the same way, "
+                        "so `taskset -c 0 python ...` compares both on one core)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default malloc settings (by default the script restarts itself with "

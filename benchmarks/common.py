@@ -34,7 +34,8 @@ def load_average() -> str:
 
 
 def machine_line() -> str:
-    return f"cpu: {cpu_model()} x {os.cpu_count()} logical cores; load average {load_average()}"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu: {cpu_model()} x {os.cpu_count()} logical cores ({usable} usable here); load average {load_average()}"
 
 
 def time_once(fn: Callable[[], object], sync: Optional[Callable[[object], object]] = None) -> float:
