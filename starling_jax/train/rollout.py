@@ -9,7 +9,6 @@ then scored.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
