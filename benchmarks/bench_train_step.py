@@ -61,7 +61,7 @@ def make_batch(batch: int, seq: int, vocab: int):
 
 
 def build_jax_step(config, params, lr: float, with_optimizer: bool):
-    """(step, state, batch_fn): the project's own SFT training step, jitted with the state donated.
+    """(step, state): the project's own SFT training step, jitted with the state donated.
 
     step(state, batch) -> (state, metrics with "loss"). With the optimizer: train.losses "sft" loss, make_optimizer
     (global-norm clip 1.0 + AdamW, constant rate, no weight decay), make_train_step and jit_step, exactly what the
@@ -168,7 +168,7 @@ def main(argv=None):
     print(f"model: Mistral-shaped, {SHAPE}, untied LM head, no sliding window, fp32: {n_params:,} parameters "
           f"({flops['matmul_params']:,} in matmuls)")
     print(f"step: batch {args.batch} x seq {args.seq} = {flops['tokens']} tokens, mean next-token cross-entropy, "
-          f"forward + backward{' + AdamW update' if with_opt else ''}; {flops['total'] / 1e9:.1f} GFLOP of matmuls "
+          f"forward + backward{' + grad clip + AdamW update' if with_opt else ''}; {flops['total'] / 1e9:.1f} GFLOP of matmuls "
           f"per step ({flops['attention'] / 1e9:.1f} of them attention)")
     print(f"jax {jax.__version__} ({jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
           f"remat={args.remat}")
