@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--remat", default="none", help="starling_jax remat policy (none, full, dots, dots_no_batch)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch intra-op threads (default: the cores this process may use; XLA sizes its pool the same way, "
-                        "so `taskset -c 0 python ...` compares both on one core)")
+                   help="torch intra-op threads (default: the cores this process may use; XLA sizes its pool the "
+                        "same way, so `taskset -c 0 python ...` compares both on one core)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default malloc settings (by default the script restarts itself with "
@@ -109,7 +109,8 @@ def torch_model_from_params(config, params):
     p = {k: np.asarray(v) for k, v in params.items() if k != "layers"}
     layers = {k: np.asarray(v) for k, v in params["layers"].items()}
     D = c.hidden_size
-    sd = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"], "lm_head.weight": p["lm_head"].T}
+    sd = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"],
+          "lm_head.weight": p["lm_head"].T}
     for i in range(c.num_layers):
         pre = f"model.layers.{i}."
         sd[pre + "input_layernorm.weight"] = layers["attn_norm"][i]
@@ -168,8 +169,8 @@ def main(argv=None):
     print(f"model: Mistral-shaped, {SHAPE}, untied LM head, no sliding window, fp32: {n_params:,} parameters "
           f"({flops['matmul_params']:,} in matmuls)")
     print(f"step: batch {args.batch} x seq {args.seq} = {flops['tokens']} tokens, mean next-token cross-entropy, "
-          f"forward + backward{' + grad clip + AdamW update' if with_opt else ''}; {flops['total'] / 1e9:.1f} GFLOP of matmuls "
-          f"per step ({flops['attention'] / 1e9:.1f} of them attention)")
+          f"forward + backward{' + grad clip + AdamW update' if with_opt else ''}; "
+          f"{flops['total'] / 1e9:.1f} GFLOP of matmuls per step ({flops['attention'] / 1e9:.1f} of them attention)")
     print(f"jax {jax.__version__} ({jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
           f"remat={args.remat}")
     print(common.machine_line())
