@@ -41,7 +41,8 @@ def _execute(name: str, params: dict, dump: str, cwd) -> tuple[dict, "nbformat.N
         cell["id"] = f"cell-{i}"
     # One CPU device in the kernel (tests/conftest.py simulates 8 in this process for the sharding tests).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    client = NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)  # raises CellExecutionError (with the cell and traceback) if any cell fails
     printed = [o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream"]
     (line,) = [s for s in "".join(printed).splitlines() if s.startswith(RESULT)]
