@@ -117,20 +117,30 @@ def _sentence(words: list[str], period: bool) -> str:
 
 
 def _response(rng: np.random.Generator, topic: str, quality: float) -> str:
-    """A response whose expected utility grows with quality in [0, 1]."""
+    """A response whose expected utility grows with quality in [0, 1].
+
+    Quality sets the on-topic content; the defects (off-topic words, repeats, which mostly repeat topic words, junk,
+    a missing period, now and then a reply about another topic altogether) vary independently of it, so that
+    rankings carry evidence about every term of the utility and a reward model can tell each one apart. Were they
+    all tied to quality, a reward model could score "more topic words" alone and RL would exploit it (stuffing the
+    reply with repeated topic words).
+    """
     own, others = _OWN[topic], _OTHERS[topic]
+    if rng.random() < 0.1:  # a fluent reply about the wrong topic
+        own = _OWN[str(rng.choice([t for t in TOPICS if t != topic]))]
     n_on = int(rng.binomial(5, quality))
-    n_off = int(rng.binomial(2, 0.6 * (1 - quality)))
+    n_off = int(rng.choice([0, 0, 0, 1, 2]))
     n_generic = int(rng.integers(1, 7))
-    n_repeat = int(rng.binomial(3, 0.5 * (1 - quality)))
-    n_junk = int(rng.binomial(1, 0.4 * (1 - quality)))
-    words = ([own[i] for i in rng.permutation(len(own))[:n_on]]
-             + [others[i] for i in rng.permutation(len(others))[:n_off]]
+    n_repeat = int(rng.integers(0, 4))
+    n_junk = int(rng.random() < 0.2)
+    on_words = [own[i] for i in rng.permutation(len(own))[:n_on]]
+    words = (on_words + [others[i] for i in rng.permutation(len(others))[:n_off]]
              + [GENERIC[i] for i in rng.integers(0, len(GENERIC), n_generic)]
              + [JUNK[i] for i in rng.integers(0, len(JUNK), n_junk)])
-    words += [words[i] for i in rng.integers(0, len(words), n_repeat)]
+    pool = on_words if on_words and rng.random() < 0.7 else words
+    words += [pool[i] for i in rng.integers(0, len(pool), n_repeat)]
     words = [words[i] for i in rng.permutation(len(words))]
-    return _sentence(words, period=bool(rng.random() < 0.5 + 0.5 * quality))
+    return _sentence(words, period=bool(rng.random() < 0.7))
 
 
 def plackett_luce_ranks(utilities: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
