@@ -59,7 +59,9 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
     """(config, params, tokenizer path or None) of a HF directory or a stage export (see the module doc)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if os.path.isfile(os.path.join(path, "config.json")):
+    # A run's WORKDIR holds a config.json too (the experiment's): a HF directory is one with weight files.
+    weights = os.path.isdir(path) and any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path))
+    if os.path.isfile(os.path.join(path, "config.json")) and weights:
         from starling_jax import hf
         config, params = hf.load(path, dtype=dtype)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))

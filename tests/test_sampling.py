@@ -363,6 +363,7 @@ def test_load_checkpoint_from_stage_export(tmp_path, windowed):
 
     _, params, config = windowed
     save_export(str(tmp_path / "sft" / "export"), config, params, {"loss": 1.0})
+    (tmp_path / "config.json").write_text("{}")  # a run's WORKDIR holds the experiment's config.json: not a HF dir
     for where, stage in [(tmp_path, None), (tmp_path, "sft"), (tmp_path / "sft", None), (tmp_path / "sft" / "export", None)]:
         got_config, got, tok = load_checkpoint(str(where), stage)
         assert got_config == config and tok is None
