@@ -49,7 +49,7 @@ def get_config() -> Experiment:
             Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
                   model=ModelSection(config=RM, path="stage:sft", tokenizer=RM_TOKENIZER, template=RM_TEMPLATE),
                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0),
-                  train=TrainConfig(steps=300, batch_size=8, seed=0)),
+                  train=TrainConfig(steps=600, batch_size=8, seed=0)),
             Stage(name="policy",
                   objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.1, value_clip=None, vf_coef=0.5,
                                             gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
@@ -58,7 +58,7 @@ def get_config() -> Experiment:
                   optim=OptimConfig(learning_rate=1e-4, warmup_steps=5, schedule="constant", weight_decay=0.0,
                                     grad_clip=1.0),
                   rollout=RolloutConfig(prompts_per_step=32, max_new_tokens=24, temperature=1.0, epochs=2,
-                                        minibatch_size=16, eval_prompts=128),
+                                        minibatch_size=16, eval_prompts=256),
                   train=TrainConfig(steps=30, batch_size=32, seed=0)),
         ),
     )

@@ -38,16 +38,17 @@ def test_recipes_at_scale_validate_on_a_pod(name):
         assert stage.model.template == "llama2"
 
 
-# Measured on this machine (8 simulated CPU devices): 60 steps give held-out pairwise accuracy 0.697, 0.689, 0.721
-# for train.seed 0, 1, 2 (chance 0.5; the true utility itself scores 0.84 against the noisy observed rankings).
-RM_THRESHOLD = 0.60
+# Measured on this machine on the synthetic data with decorrelated defects: 120 steps give held-out pairwise accuracy
+# 0.588, 0.590, 0.601 for train.seed 0, 1, 2 (chance 0.5; 1,680 held-out pairs). A 2-layer RM from scratch learns the
+# defect terms slowly; the main job's RM (initialised from the SFT policy, 600 steps) reaches 0.78.
+RM_THRESHOLD = 0.55
 
 
 @pytest.fixture(scope="module")
 def tiny_rm_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny_rm")
     exp = apply_overrides(load_experiment("tiny_rm"), QUIET + [
-        "data.synthetic_prompts=800", "train.steps=60", "train.eval_every=0", "checkpoint.every=0",
+        "data.synthetic_prompts=800", "train.steps=120", "train.eval_every=0", "checkpoint.every=0",
         "logging.every=10", "optim.warmup_steps=10"])
     return workdir, run_experiment(exp, str(workdir))
 
