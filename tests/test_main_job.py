@@ -1,4 +1,4 @@
-"""The main job (experiments/tiny_starling.py: SFT -> K-wise RM -> APA) end to end, shortened, and the RL recipes."""
+"""The main job (experiments/tiny_starling.py: SFT -> K-wise RM -> APA) end to end, exactly as the README runs it, and the RL recipes."""
 
 import dataclasses
 import json
@@ -17,27 +17,20 @@ def _experiment(name):
     return load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
 
 
-# Shortened so the suite stays fast (the full job: `starling-jax run experiments/tiny_starling.py`).
-SHORT = [
-    "stages.sft.train.steps=300",
-    "stages.rm.train.steps=150",
-    "stages.policy.train.steps=10",
-    "stages.policy.rollout.eval_prompts=128",
-    "logging.progress=false",
-]
-# Measured with SHORT on the decorrelated synthetic data (fixed seeds): RM held-out pair accuracy above 0.7; the RM
-# score and the hidden true utility of the policy's held-out replies move by less than the evaluation noise in 10 RL
-# steps (e.g. RM -1.14 -> -1.16, KL 0.18), and in the full job the true utility does not rise reliably either
-# (docs/RLAIF.md "Results"). So this test checks that the whole pipeline runs and reports; whether RL improves the
-# policy is the open question of the RLAIF issue, and tests/test_rlaif.py checks that each update lowers its loss.
+# The main job exactly as the README runs it (about 5-7 minutes on this 2-core CPU); only the progress bar is off.
+ARGS = ["logging.progress=false"]
+# Measured (fixed seeds, deterministic on this CPU; docs/RLAIF.md "Results"): RM held-out pair accuracy 0.789; the
+# hidden true utility of the policy's replies to the 200 held-out prompts 1.221 -> 1.847 (RM score -1.558 -> -0.560),
+# KL to the reference 0.95. The assertions keep about half of each measured margin.
 MIN_RM_ACCURACY = 0.7
+MIN_TRUE_REWARD_RISE = 0.3
 
 
 def test_tiny_starling_end_to_end(tmp_path):
     # The user's command, in a subprocess on one CPU device (tests/conftest.py simulates 8 for the sharding tests).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "starling_jax.cli", "run", os.path.join(ROOT, "experiments", "tiny_starling.py"),
-           "--workdir", str(tmp_path)] + [a for o in SHORT for a in ("--set", o)]
+           "--workdir", str(tmp_path)] + [a for o in ARGS for a in ("--set", o)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "summary.json") as f:
@@ -45,8 +38,8 @@ def test_tiny_starling_end_to_end(tmp_path):
     assert '"true_reward_after"' in done.stdout  # `run` prints the summary too
     assert summaries["rm"]["heldout_pair_accuracy"] > MIN_RM_ACCURACY
     policy = summaries["policy"]
-    assert all(isinstance(policy[k], float) for k in ("rm_score_before", "rm_score_after", "true_reward_before",
-                                                     "true_reward_after"))
+    assert policy["true_reward_after"] > policy["true_reward_before"] + MIN_TRUE_REWARD_RISE, policy
+    assert policy["rm_score_after"] > policy["rm_score_before"], policy
     assert 0 < policy["kl_to_reference"] < 20
     assert os.path.getsize(tmp_path / "policy" / "curves.png") > 1000
     with open(tmp_path / "policy" / "metrics.jsonl") as f:
