@@ -39,12 +39,6 @@ TRAIN_KEYS = ("tokens", "attention_mask", "response_mask", "old_logprobs", "old_
 RL_OBJECTIVES = ("apa", "ppo")
 
 
-def last_valid_index(mask: jax.Array) -> jax.Array:
-    """Index [B] of each row's last valid entry of a right-padded mask [B, N] (0 for an all-masked row)."""
-    idx = jnp.arange(mask.shape[-1])
-    return jnp.maximum(jnp.max(jnp.where(mask > 0, idx, -1), axis=-1), 0)
-
-
 def shaped_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array, response_mask: jax.Array,
                    kl_coef) -> tuple[jax.Array, jax.Array]:
     """Per-token rewards [B, N] = -kl_coef * (logp_old - logp_ref), plus the (scaled) RM score [B] at each row's last
@@ -53,7 +47,7 @@ def shaped_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Arr
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     rows = jnp.arange(scores.shape[0])
-    rewards = rewards.at[rows, last_valid_index(response_mask)].add(scores.astype(jnp.float32))
+    rewards = rewards.at[rows, models.last_token_index(response_mask)].add(scores.astype(jnp.float32))
     return rewards * mask, jnp.sum(kl, axis=-1)
 
 
