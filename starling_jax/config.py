@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from starling_jax.errors import InputError
 from starling_jax.models.config import PRESETS, ModelConfig
 
 
@@ -196,7 +197,7 @@ ON_BAD_ROW = ("error", "skip")
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad experiment config: the message lists every problem found, each naming its field."""
 
 
@@ -209,12 +210,20 @@ def load_experiment(path_or_name: str) -> Experiment:
     if p.suffix == ".json":
         if not p.is_file():
             raise FileNotFoundError(f"experiment config {p} does not exist")
-        return from_dict(json.loads(p.read_text()))
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg} (a truncated or "
+                              f"hand-edited config? restore it, or pass the experiment file instead)") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        return from_dict(data)
     if p.suffix != ".py":
         candidates = [Path("experiments") / f"{path_or_name}.py", EXPERIMENTS_DIR / f"{path_or_name}.py"]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            known = sorted(f.stem for d in {Path("experiments"), EXPERIMENTS_DIR} if d.is_dir() for f in d.glob("*.py"))
+            known = sorted({f.stem for d in {Path("experiments"), EXPERIMENTS_DIR} if d.is_dir()
+                            for f in d.glob("*.py")})
             close = difflib.get_close_matches(path_or_name, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known experiments: {', '.join(known)}"
             raise FileNotFoundError(f"no experiment {path_or_name!r} (looked for {', '.join(map(str, candidates))})"
@@ -224,10 +233,22 @@ def load_experiment(path_or_name: str) -> Experiment:
         raise FileNotFoundError(f"experiment file {p} does not exist")
     spec = importlib.util.spec_from_file_location(f"starling_experiment_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError:
+        raise  # the CLI guard names its file and line
+    except Exception as e:
+        raise ConfigError(f"{p}: importing the experiment file raised {type(e).__name__}: {e} "
+                          f"(fix the file; --debug shows the traceback)") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{p}: an experiment file must define get_config() -> Experiment")
-    exp = module.get_config()
+    try:
+        exp = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{p}: get_config() raised {type(e).__name__}: {e} (fix the file; --debug shows the "
+                          f"traceback)") from e
     if not isinstance(exp, Experiment):
         raise ConfigError(f"{p}: get_config() returned {type(exp).__name__}, expected starling_jax.config.Experiment")
     return exp

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from starling_jax import models
+from starling_jax.errors import InputError
 from starling_jax.models import ModelConfig
 
 Params = dict[str, Any]
@@ -67,7 +68,7 @@ _LAYOUT = (
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
-class HFFormatError(ValueError):
+class HFFormatError(InputError):
     """A Hugging Face directory we cannot read: the message says what is wrong, where, and what to do."""
 
 

@@ -27,10 +27,12 @@ import os
 import re
 from typing import Iterable, Optional
 
+from starling_jax.errors import InputError
+
 _TURN_RE = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
-class NectarError(ValueError):
+class NectarError(InputError):
     """A bad Nectar row; the message names the source, row, prompt prefix and field."""
 
 

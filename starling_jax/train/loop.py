@@ -277,12 +277,10 @@ def _prepare(args) -> tuple[Experiment, str]:
 
 
 def _guarded(fn):
-    """Turn the errors a user can act on into a one-paragraph message and an exit status (no traceback)."""
+    """Exit statuses of a run that stopped on its own (diverged: 1, interrupted: EXIT_INTERRUPTED). Bad input (ConfigError,
+    a missing file, ...) is left to the guard of every command in starling_jax.cli (one line, exit status 2)."""
     try:
         return fn()
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
