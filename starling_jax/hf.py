@@ -451,8 +451,11 @@ def _check_params(entries: list[_Entry], config: ModelConfig, params: Params) ->
 
 def add_convert_arguments(parser) -> None:
     parser.add_argument("source",
-                        help="a local HF safetensors directory, or preset:NAME (random init, e.g. preset:tiny)")
+                        help="a local HF safetensors directory, preset:NAME (random init, e.g. preset:tiny), or a "
+                             "trained run: WORKDIR, WORKDIR/<stage> or its export (written as a complete HF directory "
+                             "with tokenizer files, chat template and generation config)")
     parser.add_argument("output", help="directory to write (config.json + safetensors)")
+    parser.add_argument("--stage", default=None, help="WORKDIR source only: the stage (default: the last finished)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="parameter dtype to write (default: the source's; float32 for a preset)")
     parser.add_argument("--head", choices=("lm", "score"), default=None, help="preset only: output head")
@@ -462,6 +465,16 @@ def add_convert_arguments(parser) -> None:
 
 
 def convert_cli(args) -> int:
+    from starling_jax import export
+    if export.is_stage_source(args.source):
+        ref = export.resolve_stage(args.source, args.stage)
+        info = export.export_hf(ref, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        print(f"wrote {args.output}: stage {info['stage']} as {info['class']}, {info['parameters']:,} parameters "
+              f"({info['dtype']}), template {info['template']}, stop ids {info['stop_ids']}, "
+              f"{', '.join(info['files'])}")
+        return 0
+    if args.stage:
+        raise SystemExit("convert: --stage applies only to a WORKDIR source")
     if args.source.startswith("preset:"):
         overrides = {"head": args.head} if args.head else {}
         if args.dtype:

@@ -143,3 +143,35 @@ def render_text(messages: Sequence[Message], template: str | ChatTemplate = "ope
                 add_generation_prompt: bool = True) -> str:
     """The rendered conversation as one string (without the BOS the tokenizer adds when template.add_bos)."""
     return "".join(text for text, _ in render(messages, template, add_generation_prompt))
+
+
+def _jinja_literal(text: str) -> str:
+    """`text` as a Jinja string literal (Jinja unescapes it like Python: backslashes, quotes, newlines)."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
+    return "'" + escaped + "'"
+
+
+def jinja_template(template: str | ChatTemplate) -> str:
+    """A Jinja chat template (the `chat_template` of a Hugging Face tokenizer_config.json) that renders like `render`:
+    transformers' `apply_chat_template(messages, tokenize=False)` returns `render_text(messages)` prefixed with the
+    tokenizer's bos_token when the template adds one. Roles must alternate user/assistant from a user turn (anything
+    else raises, as in `check_messages`)."""
+    t = get_template(template)
+    lit = _jinja_literal
+    sep = f"{{% if not loop.first %}}{{{{ {lit(t.separator)} }}}}{{% endif %}}" if t.separator else ""
+    gen_sep = f"{{{{ {lit(t.separator)} }}}}" if t.separator else ""
+    return (
+        ("{{ bos_token }}" if t.add_bos else "")
+        + "{% for message in messages %}"
+        + "{% if (message['role'] == 'user') != loop.index0 is even or message['role'] not in ('user', 'assistant') %}"
+        + "{{ raise_exception('Conversation roles must alternate user/assistant/user/... starting with user') }}"
+        + "{% endif %}"
+        + sep
+        + "{% if message['role'] == 'user' %}"
+        + f"{{{{ {lit(t.user_prefix)} + message['content'] + {lit(t.user_suffix)} }}}}"
+        + "{% else %}"
+        + f"{{{{ {lit(t.assistant_prefix + t.assistant_lead)} + message['content'] + {lit(t.assistant_suffix)} }}}}"
+        + "{% endif %}"
+        + "{% endfor %}"
+        + f"{{% if add_generation_prompt %}}{gen_sep}{{{{ {lit(t.assistant_prefix)} }}}}{{% endif %}}"
+    )

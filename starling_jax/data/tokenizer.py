@@ -40,6 +40,7 @@ class _SentencePieceBackend:
     def __init__(self, path: str):
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.path = path
         self.size = self.sp.get_piece_size()
         self._specials = None
 
@@ -86,6 +87,7 @@ class _HFBackend:
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
         self.tok = HFTokenizer.from_file(path)
+        self.path = path
         self.size = self.tok.get_vocab_size(with_added_tokens=True)
 
     def specials(self) -> dict[str, int]:
@@ -298,3 +300,59 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
         added = {k: v for k, v in added.items() if v >= backend.size}
     return Tokenizer(backend, name_or_path, added=added, bos=_token_name(config.get("bos_token")),
                      eos=_token_name(config.get("eos_token")), pad=_token_name(config.get("pad_token")))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing a Hugging Face tokenizer directory.
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: str, chat_template: Optional[str] = None,
+                      pad: Optional[int] = None, model_max_length: Optional[int] = None) -> list[str]:
+    """Write the files transformers' AutoTokenizer (and load_tokenizer) read for `tokenizer` into `directory`:
+    its model file (tokenizer.model for SentencePiece, tokenizer.json for HF tokenizers, copied as is),
+    tokenizer_config.json (class, bos/eos/pad/unk, every added special token, `chat_template` when given) and
+    special_tokens_map.json. pad: the pad id to declare (default tokenizer.pad_id). Returns the file names written.
+
+    A SentencePiece tokenizer is declared as a "legacy" LlamaTokenizer (what Mistral and OpenChat ship): special-token
+    strings become single ids, the text between them is encoded segment by segment, and BOS is added by the template
+    (`{{ bos_token }}`), not by apply_chat_template."""
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    backend = tokenizer._backend
+    source = getattr(backend, "path", None)
+    if source is None or not os.path.isfile(source):
+        raise ValueError(f"tokenizer {tokenizer.name}: no model file to copy (backend {type(backend).__name__})")
+    sentencepiece = isinstance(backend, _SentencePieceBackend)
+    model_file = "tokenizer.model" if sentencepiece else "tokenizer.json"
+    shutil.copyfile(source, os.path.join(directory, model_file))
+
+    def name(i: Optional[int]) -> Optional[str]:
+        return None if i is None else tokenizer._id_to_special.get(i)
+
+    pad = tokenizer.pad_id if pad is None else pad
+    specials = {"bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id), "pad_token": name(pad),
+                "unk_token": "<unk>" if "<unk>" in tokenizer.special_tokens else None}
+    decoder = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": True}
+               for s, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])}
+    config = {
+        "tokenizer_class": "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast",
+        "added_tokens_decoder": decoder, **specials,
+        "add_bos_token": bool(sentencepiece and tokenizer.bos_id is not None), "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": model_max_length or int(1e30),
+    }
+    if sentencepiece:
+        config.update(legacy=True, add_prefix_space=None, sp_model_kwargs={}, spaces_between_special_tokens=False)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    extra = sorted((s for s, i in tokenizer.special_tokens.items() if i >= backend.size),
+                   key=tokenizer.special_tokens.get)
+    special_map = {k: v for k, v in specials.items() if v is not None}
+    if extra:
+        special_map["additional_special_tokens"] = extra
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+        json.dump(special_map, f, indent=2, ensure_ascii=False)
+    return [model_file, "tokenizer_config.json", "special_tokens_map.json"]
