@@ -380,15 +380,19 @@ HEAD_KEYS = ("lm_head", "score")
 
 def split_params(params: Params, top_layers: int, train_head: bool = True) -> tuple[Params, Params]:
     """(trainable, frozen). trainable = the top `top_layers` layers + final norm (+ the output head if train_head);
-    frozen = embeddings + the layers below (+ the head otherwise). top_layers = 0 means everything is trainable."""
+    frozen = embeddings + the layers below (+ the head otherwise). top_layers = 0 means all layers train (as
+    num_layers does); frozen then has no "layers" (and is {} when the head trains too)."""
     n_layers = params["layers"]["wq"].shape[0]
     if not 0 <= top_layers <= n_layers:
         raise ValueError(f"trainable top layers must be in [0, {n_layers}], got {top_layers}")
-    if (top_layers in (0, n_layers)) and train_head:
+    top_layers = top_layers or n_layers
+    if top_layers == n_layers and train_head:
         return dict(params), {}
     cut = n_layers - top_layers
     trainable = {"layers": jax.tree_util.tree_map(lambda a: a[cut:], params["layers"]), "final_norm": params["final_norm"]}
-    frozen = {"embed": params["embed"], "layers": jax.tree_util.tree_map(lambda a: a[:cut], params["layers"])}
+    frozen = {"embed": params["embed"]}
+    if cut:
+        frozen["layers"] = jax.tree_util.tree_map(lambda a: a[:cut], params["layers"])
     for k in HEAD_KEYS:
         if k in params:
             (trainable if train_head else frozen)[k] = params[k]
@@ -400,8 +404,8 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
     if not frozen:
         return dict(trainable)
     out = {**frozen, **{k: v for k, v in trainable.items() if k != "layers"}}
-    out["layers"] = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=0), frozen["layers"],
-                                           trainable["layers"])
+    out["layers"] = trainable["layers"] if "layers" not in frozen else jax.tree_util.tree_map(
+        lambda a, b: jnp.concatenate([a, b], axis=0), frozen["layers"], trainable["layers"])
     return out
 
 
@@ -410,7 +414,8 @@ def split_hidden_states(trainable: Params, frozen: Params, config: ModelConfig, 
     if not frozen:
         return hidden_states(trainable, config, tokens, attention_mask)
     x = embed_tokens(frozen, config, tokens)
-    x, _ = run_layers(frozen["layers"], config, x, attention_mask)
+    if "layers" in frozen:
+        x, _ = run_layers(frozen["layers"], config, x, attention_mask)
     x = jax.lax.stop_gradient(x)
     x, _ = run_layers(trainable["layers"], config, x, attention_mask)
     return final_norm(trainable, config, x)
