@@ -32,8 +32,11 @@ RM_TOKENIZER, RM_TEMPLATE = "mistral-7b-v0.1", "llama2"
 
 
 def get_config() -> Experiment:
+    # Splits (data.pipelines.Splits): no held-out or tuning prompt string occurs among the training rows, and the
+    # rows phrased with the last prompt template ("I want to learn about {t}.") form the unseen split.
     data = DataConfig(source="synthetic", synthetic_prompts=2000, synthetic_seed=0, synthetic_noise=0.5,
-                      heldout_fraction=0.1, max_length=64, max_prompt_length=40, max_responses=7)
+                      heldout_fraction=0.1, tuning_fraction=0.1, unseen_templates=1, max_length=64,
+                      max_prompt_length=40, max_responses=7)
     return Experiment(
         name="tiny_starling",
         model=ModelSection(config=POLICY, tokenizer="openchat-3.5", template="openchat_3.5"),

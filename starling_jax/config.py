@@ -62,7 +62,9 @@ class DataConfig:
     synthetic_prompts: int = 2000
     synthetic_seed: int = 0
     synthetic_noise: float = 1.0
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = 0.1  # the reporting set: rows whose prompt strings no training row has
+    tuning_fraction: float = 0.0  # a second set of unseen prompt strings, for tuning and periodic eval
+    unseen_templates: int = 0  # synthetic: rows phrased with the last N of synthetic.PROMPTS form the "unseen" split
     max_length: int = 256
     max_prompt_length: int = 128
     max_responses: int = 7  # K for reward-model groups
@@ -508,6 +510,13 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("data.max_length", f"{d.max_length} exceeds model.config.max_seq_len={m.config.max_seq_len}")
     if not 0 <= d.heldout_fraction < 1:
         bad("data.heldout_fraction", f"must be in [0, 1), got {d.heldout_fraction}")
+    if not 0 <= d.tuning_fraction < 1 or d.heldout_fraction + d.tuning_fraction >= 1:
+        bad("data.tuning_fraction", f"must be in [0, 1) with heldout_fraction + tuning_fraction < 1, got "
+            f"{d.tuning_fraction}")
+    if d.unseen_templates and d.source != "synthetic":
+        bad("data.unseen_templates", "needs data.source='synthetic' (it names synthetic prompt templates)")
+    elif not 0 <= d.unseen_templates < 8:
+        bad("data.unseen_templates", f"must be in [0, 7] (synthetic has 8 prompt templates), got {d.unseen_templates}")
     if d.max_responses < 2 and kind in ("rm", "dpo"):
         bad("data.max_responses", f"a ranking needs at least 2 responses, got {d.max_responses}")
     if d.pairs not in DPO_PAIRS:

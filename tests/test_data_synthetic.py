@@ -1,5 +1,6 @@
 """The synthetic Nectar: determinism, the utility's documented properties, Plackett-Luce rank sampling."""
 
+import dataclasses
 import itertools
 import math
 
@@ -111,3 +112,42 @@ def test_true_ranks_sort_by_utility():
     assert by_rank == sorted(row["utilities"], reverse=True)
     with pytest.raises(ValueError, match="no 'utilities'"):
         synthetic.true_ranks({"row": 3, "responses": ["a", "b"]})
+
+
+def _prompts(rows):
+    return {repr(r["messages"]) for r in rows}
+
+
+def test_splits_share_no_prompt_string_and_unseen_templates_are_never_trained_on():
+    from starling_jax.config import DataConfig
+    from starling_jax.data import pipelines, synthetic
+    cfg = DataConfig(synthetic_prompts=600, synthetic_noise=0.5, heldout_fraction=0.1, tuning_fraction=0.1,
+                     unseen_templates=1)
+    s = pipelines.load_splits(cfg)
+    assert len(s.train) + len(s.heldout) + len(s.tuning) + len(s.unseen) == 600
+    train = _prompts(s.train)
+    for part in (s.heldout, s.tuning, s.unseen):
+        assert part and not _prompts(part) & train  # no prompt string of a held-out part is trained on
+    assert not _prompts(s.heldout) & _prompts(s.tuning)
+    # about 10% each: whole prompt groups are moved, so the sizes overshoot by less than one group
+    assert 55 <= len(s.heldout) <= 90 and 55 <= len(s.tuning) <= 90
+    # the unseen split is exactly the rows phrased with the last template, and no other split has that phrasing
+    last = synthetic.PROMPTS[-1]
+    phrased = lambda r: any(r["messages"][0]["content"] == last.format(t=t) for t in synthetic.TOPICS)  # noqa: E731
+    assert all(phrased(r) for r in s.unseen) and not any(phrased(r) for r in s.train + s.heldout + s.tuning)
+    # deterministic, and independent of the data order seed
+    again = pipelines.load_splits(dataclasses.replace(cfg, shuffle_seed=5))
+    assert [r["row"] for r in again.heldout] == [r["row"] for r in s.heldout]
+    # the old row-wise split would have leaked: most held-out rows' prompts repeat among the other rows
+    assert sum(repr(r["messages"]) in _prompts(s.train + s.tuning + s.unseen) for r in s.heldout) == 0
+
+
+def test_split_options_are_validated():
+    from starling_jax.config import ConfigError, DataConfig, Experiment, validate
+    from starling_jax.data import pipelines
+    with pytest.raises(ValueError, match="sum below 1"):
+        pipelines.load_splits(DataConfig(synthetic_prompts=20, heldout_fraction=0.5, tuning_fraction=0.5))
+    with pytest.raises(ConfigError, match="data.unseen_templates"):
+        validate(Experiment(name="x", data=DataConfig(unseen_templates=8)))
+    with pytest.raises(ConfigError, match="data.tuning_fraction"):
+        validate(Experiment(name="x", data=DataConfig(heldout_fraction=0.6, tuning_fraction=0.5)))

@@ -22,6 +22,7 @@ batch_size is per process.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import grain
@@ -265,18 +266,60 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
 
 # -- rows for the loop ---------------------------------------------------------------------------------------------
 
+def _by_prompt(rows: list[dict], fractions: Sequence[float]) -> list[list[dict]]:
+    """Split rows into len(fractions) + 1 parts (the last is the rest) so that no prompt string is in two parts.
+
+    Rows are grouped by their prompt (the Nectar "prompt" string, else the rendered messages); the groups are taken in
+    one fixed random order (the same for every stage and seed) and given to part i until it holds about
+    fractions[i] * len(rows) rows."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        key = r["prompt"] if "prompt" in r else repr([(m["role"], m["content"]) for m in r["messages"]])
+        groups.setdefault(key, []).append(i)
+    order = [list(groups.values())[j] for j in np.random.default_rng(_HELDOUT_SPLIT_SEED).permutation(len(groups))]
+    part_of = np.full(len(rows), len(fractions), np.int64)
+    g = 0
+    for part, fraction in enumerate(fractions):
+        target, taken = int(round(len(rows) * fraction)), 0
+        while taken < target and g < len(order):
+            part_of[order[g]] = part
+            taken += len(order[g])
+            g += 1
+    return [[r for i, r in enumerate(rows) if part_of[i] == part] for part in range(len(fractions) + 1)]
+
+
 def split_heldout(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/held-out split (a fixed permutation, the same for every stage and seed)."""
+    """Deterministic (train, held-out) split by prompt: about `fraction` of the rows are held out, and no held-out
+    prompt string occurs among the training rows."""
     if not 0 <= fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
-    perm = np.random.default_rng(_HELDOUT_SPLIT_SEED).permutation(len(rows))
-    n_heldout = int(round(len(rows) * fraction))
-    held = set(perm[:n_heldout].tolist())
-    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+    heldout, train = _by_prompt(rows, [fraction])
+    return train, heldout
 
 
-def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:
-    """(train_rows, heldout_rows, report) for a DataConfig: source "synthetic", a Nectar file or directory of
+@dataclasses.dataclass
+class Splits:
+    """The rows of a DataConfig, split so that each part means what its name says:
+
+    train    the rows every stage trains on (SFT targets, RM rankings, RL prompts)
+    heldout  the reporting set: prompt strings that no training row has (data.heldout_fraction of the rows)
+    tuning   a separate set of unseen prompt strings for choosing hyperparameters and for the loop's periodic eval
+             (data.tuning_fraction; empty by default), so that the reporting set is never tuned on
+    unseen   synthetic data only: every row whose first user turn uses one of the last data.unseen_templates prompt
+             templates (synthetic.PROMPTS) - a phrasing that no stage ever trains on, reported separately
+    """
+    train: list
+    heldout: list
+    tuning: list
+    unseen: list
+    report: nectar.DataReport
+
+    def named(self) -> dict[str, list]:
+        return {"heldout": self.heldout, "tuning": self.tuning, "unseen": self.unseen}
+
+
+def load_splits(data) -> Splits:
+    """The train / held-out / tuning / unseen rows of a DataConfig: source "synthetic", a Nectar file or directory of
     parquet/JSONL files, or a tensorflow-datasets data_dir holding the `nectar` builder's output."""
     from starling_jax.data import synthetic
     if data.source == "synthetic":
@@ -291,9 +334,33 @@ def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:
             rows, report = nectar.read_rows(data.source, on_bad_row=data.on_bad_row)
     if not rows:
         raise ValueError(f"data source {data.source!r}: no usable rows ({report.summary()})")
-    train, heldout = split_heldout(rows, data.heldout_fraction)
+    unseen_templates = getattr(data, "unseen_templates", 0)
+    tuning_fraction = getattr(data, "tuning_fraction", 0.0)
+    if unseen_templates and data.source != "synthetic":
+        raise ValueError("data.unseen_templates needs data.source='synthetic' (it names synthetic prompt templates)")
+    if not 0 <= data.heldout_fraction < 1 or not 0 <= tuning_fraction < 1 \
+            or data.heldout_fraction + tuning_fraction >= 1:
+        raise ValueError(f"need heldout_fraction, tuning_fraction >= 0 with a sum below 1, got "
+                         f"{data.heldout_fraction} and {tuning_fraction}")
+    unseen = [r for r in rows if synthetic.uses_unseen_template(r["messages"], unseen_templates)] \
+        if unseen_templates else []
+    if unseen:
+        rows = [r for r in rows if not synthetic.uses_unseen_template(r["messages"], unseen_templates)]
+    # fractions of all usable rows (unseen ones included), so adding an unseen split does not grow the others
+    total = len(rows) + len(unseen)
+    heldout, tuning, train = _by_prompt(rows, [data.heldout_fraction * total / len(rows),
+                                               tuning_fraction * total / len(rows)])
+    if not train:
+        raise ValueError(f"data source {data.source!r}: no training rows left after the held-out, tuning and "
+                         f"unseen splits ({len(heldout)}, {len(tuning)}, {len(unseen)} rows)")
     report.train_rows, report.heldout_rows = len(train), len(heldout)
-    return train, heldout, report
+    return Splits(train=train, heldout=heldout, tuning=tuning, unseen=unseen, report=report)
+
+
+def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:
+    """(train_rows, heldout_rows, report) of load_splits(data)."""
+    s = load_splits(data)
+    return s.train, s.heldout, s.report
 
 
 def dataset_for(kind: str, rows, tokenizer, data, batch_size: int, *, template=None, seed: Optional[int] = None,

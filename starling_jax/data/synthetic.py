@@ -19,6 +19,7 @@ and an empty response scores EMPTY_UTILITY.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Sequence
@@ -141,6 +142,20 @@ def _response(rng: np.random.Generator, topic: str, quality: float) -> str:
     words += [pool[i] for i in rng.integers(0, len(pool), n_repeat)]
     words = [words[i] for i in rng.permutation(len(words))]
     return _sentence(words, period=bool(rng.random() < 0.7))
+
+
+@functools.lru_cache(maxsize=None)
+def unseen_prompts(n: int) -> frozenset[str]:
+    """The first user turns a study keeps unseen: every topic in each of the last n templates of PROMPTS."""
+    if not 0 <= n < len(PROMPTS):
+        raise ValueError(f"unseen_templates must be in [0, {len(PROMPTS) - 1}], got {n}")
+    return frozenset(p.format(t=t) for p in PROMPTS[len(PROMPTS) - n:] for t in TOPICS)
+
+
+def uses_unseen_template(messages: Sequence[dict], n: int) -> bool:
+    """Whether the conversation's first user turn uses one of the last n templates of PROMPTS."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return bool(n) and bool(users) and users[0] in unseen_prompts(n)
 
 
 def plackett_luce_ranks(utilities: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:

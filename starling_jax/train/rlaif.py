@@ -238,17 +238,28 @@ def build_rl_stage(ctx):
                                        o.value_head)
     del params
 
-    train_rows, heldout_rows, _ = pipelines.load_rows(c.data)
+    splits = pipelines.load_splits(c.data)
+    train_rows = splits.train
     conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
     shard, shards = jax.process_index(), jax.process_count()
     prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step // shards,
                                          template=c.model.template, seed=c.data.shuffle_seed, shard_index=shard,
                                          shard_count=shards))
-    eval_rows = heldout_rows[:r.eval_prompts] or train_rows[:r.eval_prompts]
-    eval_prompts = next(iter(pipelines.dataset_for("rl", eval_rows, tokenizer, c.data, len(eval_rows),
-                                                   template=c.model.template, shuffle=False, num_epochs=1)))
-    eval_conversations = [conversation_of(row, f"held-out row {i}") for i, row in enumerate(eval_rows)]
-    eval_conversations = [eval_conversations[i] for i in np.asarray(eval_prompts["prompt_id"])]
+    # Evaluation sets, each sampled with its own key: "heldout" (the reporting set: true_reward_before/after in the
+    # summary), "unseen" (prompt templates no stage trained on; unseen_* in the summary) and "tuning" (what the
+    # loop's periodic eval reports, so that choosing hyperparameters by it never looks at the reporting set).
+    eval_sets = {}
+    for i, (split, rows) in enumerate([("heldout", splits.heldout or train_rows), ("unseen", splits.unseen),
+                                       ("tuning", splits.tuning)]):
+        rows = rows[:r.eval_prompts]
+        if not rows:
+            continue
+        batch = next(iter(pipelines.dataset_for("rl", rows, tokenizer, c.data, len(rows), template=c.model.template,
+                                                shuffle=False, num_epochs=1)))
+        convs = [conversation_of(row, f"{split} row {j}") for j, row in enumerate(rows)]
+        eval_sets[split] = (batch, [convs[j] for j in np.asarray(batch["prompt_id"])],
+                            jax.random.fold_in(jax.random.PRNGKey(c.train.seed + 1), i))
+    eval_rows = splits.heldout[:r.eval_prompts] or train_rows[:r.eval_prompts]
 
     # Placement on the mesh (one host; see docs/RLAIF.md for multi-host): the hydra trees shard like the model's
     # params, the batch over its leading axis; the step keeps the state's layout and donates it.
@@ -288,26 +299,18 @@ def build_rl_stage(ctx):
     batches = RolloutSource(prompts=prompts, conversations=conversations, config=config, tokenizer=tokenizer,
                             template=c.model.template, scorer=scorer, experience_fn=experience_fn, objective=o,
                             rollout=r, seed=c.train.seed, true_utility=true_utility)
-    eval_key = jax.random.PRNGKey(c.train.seed + 1)
-
-    def report(state, which: str) -> dict:
+    def report(state, which: str, split: str = "heldout") -> dict:
         full = policy_params(state.params, state.frozen) if which == "policy" else reference_params(state.frozen)
-        return _policy_eval(state.params, state.frozen, full, config, eval_prompts, eval_conversations, tokenizer,
-                            c.model.template, scorer, r, eval_key, true_utility)
-
-    cache: dict = {}  # the loop evaluates at the end and then calls finish: sample the final policy once
-
-    def policy_report(state) -> dict:
-        step_now = int(state.step)
-        if cache.get("step") != step_now:
-            cache.update(step=step_now, report=report(state, "policy"))
-        return cache["report"]
+        prompts_, conversations_, key = eval_sets[split]
+        return _policy_eval(state.params, state.frozen, full, config, prompts_, conversations_, tokenizer,
+                            c.model.template, scorer, r, key, true_utility)
 
     def evaluate(state) -> dict:
-        return {k: v for k, v in policy_report(state).items() if k != "samples"}
+        split = "tuning" if "tuning" in eval_sets else "heldout"
+        return {k: v for k, v in report(state, "policy", split).items() if k != "samples"}
 
     def finish(state, workdir: str) -> dict:
-        before, after = report(state, "reference"), policy_report(state)
+        before, after = report(state, "reference"), report(state, "policy")
         summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": len(eval_rows),
                    "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
                    "kl_to_reference": after["kl_to_reference"],
@@ -316,6 +319,14 @@ def build_rl_stage(ctx):
                    "samples_before": before["samples"], "samples_after": after["samples"]}
         if "true_reward" in after:
             summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
+        if "unseen" in eval_sets:
+            u_before, u_after = report(state, "reference", "unseen"), report(state, "policy", "unseen")
+            summary.update({"unseen_prompts": len(eval_sets["unseen"][1]),
+                            "unseen_rm_score_before": u_before["rm_score"], "unseen_rm_score_after": u_after["rm_score"],
+                            "unseen_kl_to_reference": u_after["kl_to_reference"]})
+            if "true_reward" in u_after:
+                summary["unseen_true_reward_before"] = u_before["true_reward"]
+                summary["unseen_true_reward_after"] = u_after["true_reward"]
         from starling_jax.train.logging import read_metrics
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []

@@ -95,7 +95,8 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
     # Data: this process's share of the rows, batch_size / process_count rows per step.
     shard_index, shard_count = sharding.data_shard()
     local_batch = c.train.batch_size // shard_count
-    train_rows, heldout_rows, report = pipelines.load_rows(c.data)
+    splits = pipelines.load_splits(c.data)
+    train_rows, heldout_rows, report = splits.train, splits.heldout, splits.report
     pipe_kind = "rm" if kind == "rm" else kind
     train_ds = pipelines.dataset_for(pipe_kind, train_rows, tokenizer, c.data, local_batch, template=c.model.template,
                                      seed=c.data.shuffle_seed + c.train.seed, shard_index=shard_index,
@@ -117,11 +118,12 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
         return jitted(state, sharding.put_batch(batch, shard_batch))
 
     # Held-out evaluation: the objective's loss (weighted by its "weight" metric) and, for reward models, ranking
-    # metrics against the observed rankings.
-    def heldout(num_batches: Optional[int]):
-        if not heldout_rows:
+    # metrics against the observed rankings. The loop's periodic eval reads the tuning split when there is one, the
+    # final summary the held-out (reporting) split and the unseen split.
+    def heldout(num_batches: Optional[int], rows=heldout_rows):
+        if not rows:
             return []
-        ds = pipelines.dataset_for(pipe_kind, heldout_rows, tokenizer, c.data, local_batch, template=c.model.template,
+        ds = pipelines.dataset_for(pipe_kind, rows, tokenizer, c.data, local_batch, template=c.model.template,
                                    shuffle=False, num_epochs=1, shard_index=shard_index, shard_count=shard_count)
         out = []
         for b in ds:
@@ -153,7 +155,7 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
             out.update(ranking.result())
         return out
 
-    eval_batches = heldout(c.train.eval_batches)
+    eval_batches = heldout(c.train.eval_batches, splits.tuning or heldout_rows)
 
     def evaluate(state):
         return evaluate_on(state, eval_batches)
@@ -162,6 +164,9 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
         result = evaluate_on(state, heldout(None)) or {}
         summary = {f"heldout_{k}": v for k, v in result.items()}
         summary["heldout_rows"] = len(heldout_rows)
+        if splits.unseen:
+            summary.update({f"unseen_{k}": v for k, v in (evaluate_on(state, heldout(None, splits.unseen)) or {}).items()})
+            summary["unseen_rows"] = len(splits.unseen)
         summary["data"] = report.summary() if hasattr(report, "summary") else str(report)
         return summary
 
