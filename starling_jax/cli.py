@@ -1,4 +1,4 @@
-"""The `starling-jax` command line: run | train | eval | generate | chat | plan | convert | bench.
+"""The `starling-jax` command line: run | train | eval | generate | chat | plan | convert | study | bench.
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and `cli(args) -> int`; this file only
 dispatches (modules are imported lazily so `starling-jax --help` stays fast) and guards: every subcommand runs inside
@@ -25,6 +25,7 @@ COMMANDS = {
     "chat": ("starling_jax.chat", "chat interactively with a checkpoint (OpenChat template, streamed)"),
     "plan": ("starling_jax.plan", "per-device memory and FLOPs of an experiment on a mesh, without hardware"),
     "convert": ("starling_jax.hf", "convert between a Hugging Face directory and a starling_jax checkpoint"),
+    "study": ("starling_jax.study.runner", "run a study (arms x seeds) resumably and aggregate it with intervals"),
 }
 
 

@@ -1,0 +1,160 @@
+"""The study runner (starling_jax.study): paired bootstrap statistics, ranking metrics against scipy, seeding, the
+shared-stage check, the report; and (slow) one shortened cell of each study under experiments/studies/."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from starling_jax.config import ConfigError, apply_overrides, stages_of
+from starling_jax.study import Arm, Study, load_study, report, stats, with_seed
+from starling_jax.study.evaluate import _ranking_metrics
+from starling_jax.study.runner import check_shared
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDIES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "studies"))
+                 if f.endswith(".py") and not f.startswith("_"))
+
+
+def _values(rng, shift=0.0, noise=0.0, seeds=3, n=40):
+    base = {s: rng.normal(size=n) for s in range(seeds)}
+    other = {s: base[s] + shift + noise * rng.normal(size=n) for s in range(seeds)}
+    return {"a": {s: {"x": base[s]} for s in base}, "b": {s: {"x": other[s]} for s in other}}
+
+
+def test_bootstrap_point_estimate_is_the_mean_of_seed_means_and_pairing_cancels_shared_noise():
+    rng = np.random.default_rng(0)
+    values = _values(rng, shift=0.25)
+    clusters = {s: np.arange(40) // 2 for s in range(3)}  # pairs of rows share a prompt
+    out = stats.summarise(values, clusters, ["x"], baseline="a", num_samples=300)
+    want = np.mean([np.mean(values["b"][s]["x"]) for s in range(3)])
+    assert out["b"]["x"]["mean"] == pytest.approx(want)
+    assert out["a"]["x"]["lo"] < out["a"]["x"]["mean"] < out["a"]["x"]["hi"]
+    # b = a + 0.25 on every prompt: the paired difference is exactly 0.25 in every replicate
+    assert out["b"]["x"]["diff"] == pytest.approx(0.25)
+    assert out["b"]["x"]["diff_lo"] == pytest.approx(0.25) and out["b"]["x"]["diff_hi"] == pytest.approx(0.25)
+    # with independent noise added the difference interval is wide, and contains the truth
+    noisy = stats.summarise(_values(np.random.default_rng(1), shift=0.25, noise=1.0), clusters, ["x"], "a",
+                            num_samples=300)["b"]["x"]
+    assert noisy["diff_lo"] < 0.25 < noisy["diff_hi"] and noisy["diff_hi"] - noisy["diff_lo"] > 0.2
+
+
+def test_bootstrap_resamples_whole_prompt_clusters_and_seeds():
+    # one seed whose rows all share one prompt: resampling clusters can only redraw that cluster, so no spread
+    values = {"a": {0: {"x": np.arange(10.0)}}}
+    out = stats.summarise(values, {0: np.zeros(10)}, ["x"], None, num_samples=50)["a"]["x"]
+    assert out["lo"] == out["hi"] == out["mean"] == 4.5
+    # two seeds, one cluster each: replicates are the seed means' resamples -> {mean0, (mean0+mean1)/2, mean1}
+    values = {"a": {0: {"x": np.zeros(4)}, 1: {"x": np.ones(4)}}}
+    _, draws = stats.seed_means(values, {0: np.zeros(4), 1: np.zeros(4)}, ["x"], 400, np.random.default_rng(0))
+    assert set(np.round(draws["a"]["x"], 6)) == {0.0, 0.5, 1.0}
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.summarise({"a": {0: {"x": np.zeros(2)}}, "b": {1: {"x": np.zeros(2)}}}, {0: [0, 1], 1: [0, 1]},
+                        ["x"], "a")
+
+
+def test_derived_ratio_is_the_ratio_of_means():
+    values = {"a": {0: {"gain": np.array([1.0, 3.0]), "kl": np.array([2.0, 2.0])}}}
+    out = stats.summarise(values, {0: [0, 1]}, ["gain", "kl"], None, {"ratio": lambda m: m["gain"] / m["kl"]},
+                          num_samples=100)
+    assert out["a"]["ratio"]["mean"] == pytest.approx(1.0)
+    assert 0.5 <= out["a"]["ratio"]["lo"] <= out["a"]["ratio"]["hi"] <= 1.5
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranking_metrics_against_direct_counts_and_scipy(seed):
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=7)
+    u[3] = u[5]  # a tie in the true utilities: that pair is not counted
+    s = u + rng.normal(scale=0.8, size=7)
+    pair_acc, top1, tau = _ranking_metrics(s, u)
+    pairs = [(i, j) for i in range(7) for j in range(i + 1, 7) if u[i] != u[j]]
+    assert pair_acc == pytest.approx(np.mean([(u[i] - u[j]) * (s[i] - s[j]) > 0 for i, j in pairs]))
+    assert top1 == float(np.argmax(s) == np.argmax(u))
+    keep = [i for i in range(7) if i != 5]  # without the tie, tau over untied pairs is scipy's tau
+    assert _ranking_metrics(s[keep], u[keep])[2] == pytest.approx(scipy.stats.kendalltau(s[keep], u[keep])[0])
+
+
+def test_with_seed_sets_data_order_init_and_sampling_seeds():
+    study = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
+    exp = with_seed(study.arms[0].experiment, 7)
+    for _, c in stages_of(exp):
+        assert (c.data.synthetic_seed, c.data.shuffle_seed, c.train.seed) == (7, 7, 7)
+    assert with_seed(study.arms[0].experiment, 0) == study.arms[0].experiment  # seed 0 is the main job itself
+
+
+def test_shared_stages_must_be_identical_across_arms():
+    study = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
+    check_shared(study, [0, 1, 2])
+    bad = apply_overrides(study.arms[1].experiment, ["stages.rm.train.steps=5"])
+    broken = Study(name="broken", arms=(study.arms[0], Arm("other", bad)), shared_stages=("sft", "rm"))
+    with pytest.raises(ConfigError, match="shared stage.*rm.*'other'"):
+        check_shared(broken, [0])
+    with pytest.raises(ConfigError, match="no stage 'critic'"):
+        check_shared(Study(name="x", arms=(Arm("a", study.arms[0].experiment, policy_stage="critic"),)), [0])
+
+
+def _fake_record(arm, seed, gain, rng):
+    prompts = [f"p{i // 2}" for i in range(20)]
+    ref = rng.normal(size=20)
+    pol = {"prompt": prompts, "true_reward": list(ref + gain), "kl": list(np.full(20, 1.0 + gain)),
+           "rm_score": list(ref), "length": list(np.full(20, 10.0)), "term_relevance": list(ref)}
+    rm = {"prompt": prompts, "pair_accuracy": list(np.full(20, 0.7 + gain / 10)), "top1_accuracy": list(np.ones(20)),
+          "kendall_tau": list(np.full(20, 0.4))}
+    return {"arm": arm, "seed": seed, "wall_s": 1.0, "summary": {},
+            "groups": {"policy/heldout": pol, "reference/heldout": {"prompt": prompts, "true_reward": list(ref)},
+                       "rm/heldout": rm}}
+
+
+def test_report_tables_and_figure(tmp_path):
+    rng = np.random.default_rng(0)
+    study = Study(name="fake", arms=(Arm("a", None), Arm("b", None)))
+    records = [_fake_record(a, s, g, np.random.default_rng(s)) for s in range(3) for a, g in (("a", 0.0), ("b", 0.5))]
+    results = report.aggregate(study, records, {0: 2.0}, this_run_s=3.0, failed=[], num_samples=200)
+    s = results["summary"]
+    assert s["policy/heldout"]["b"]["gain"]["mean"] == pytest.approx(0.5)
+    assert s["policy/heldout"]["b"]["gain_per_kl"]["mean"] == pytest.approx(0.5 / 1.5)
+    assert s["policy/heldout"]["b"]["true_reward"]["diff"] == pytest.approx(0.5)
+    assert s["rm/heldout"]["b"]["pair_accuracy"]["mean"] == pytest.approx(0.75)
+    report.write(study, results, str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert "| b | " in md and "Difference from a" in md and "relevance" in md
+    assert os.path.getsize(tmp_path / "results.png") > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["wall_s"]["shared"] == 2.0
+    del rng
+
+
+def test_study_command_rejects_bad_input(tmp_path):
+    from starling_jax.cli import main
+    assert main(["study", str(tmp_path / "missing.py"), "--workdir", str(tmp_path)]) == 2
+    path = os.path.join(ROOT, "experiments", "studies", "rm_kwise_vs_pairwise.py")
+    assert main(["study", path, "--workdir", str(tmp_path), "--arms", "nope"]) == 2
+    assert main(["study", path, "--workdir", str(tmp_path), "--seeds", "x"]) == 2
+    assert main(["study", path, "--workdir", str(tmp_path), "--jobs", "0"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDIES)
+def test_one_shortened_cell_of_each_study(tmp_path, name):
+    """CI's cell per study: `starling-jax study FILE --quick` trains and measures one shortened cell (first arm,
+    first seed), aggregates it, and a second invocation resumes (runs nothing)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "starling_jax.cli", "study", os.path.join(ROOT, "experiments", "studies", f"{name}.py"),
+           "--workdir", str(tmp_path), "--quick"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else ""
+    assert done.returncode == 0, done.stderr[-2000:] + logs
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quick"] and len(results["cells"]) == 1
+    arm = results["arms"][0]
+    assert {"policy/heldout", "policy/unseen", "rm/heldout", "rm/unseen"} <= set(results["summary"])
+    for group in ("policy/heldout", "policy/unseen"):
+        m = results["summary"][group][arm]
+        assert np.isfinite([m[k]["mean"] for k in ("true_reward", "kl", "rm_score", "length", "gain")]).all()
+    assert os.path.getsize(tmp_path / "results.png") > 1000
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "[study] start" not in again.stderr  # finished cells are skipped
