@@ -54,6 +54,9 @@ class Case:
     pattern: str
 
 
+_STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "studies",
+                      "rm_kwise_vs_pairwise.py")
+
 CASES = [
     Case("experiment file with a syntax error",
          lambda f: ["run", f.write("syn.py", "def get_config(:\n")], 2, r"syn\.py:1: Python syntax error"),
@@ -70,6 +73,14 @@ CASES = [
          r"unknown model preset 'nope'; known presets: .*tiny"),
     Case("generate on a missing checkpoint", lambda f: ["generate", f.path("missing"), "--prompt", "hi"], 2,
          r"checkpoint '.*missing' does not exist"),
+    Case("study file that does not exist", lambda f: ["study", f.path("nope.py"), "--workdir", f.path("d")], 2,
+         r"study file .*nope\.py does not exist"),
+    Case("study file without get_study", lambda f: ["study", f.write("s.py", "x = 1\n"), "--workdir", f.path("d")],
+         2, r"s\.py: a study file must define get_study\(\)"),
+    Case("study with an unknown arm", lambda f: ["study", _STUDY, "--workdir", f.path("d"), "--arms", "nope"], 2,
+         r"no arm 'nope'; arms: plackett_luce, bradley_terry"),
+    Case("study with bad seeds", lambda f: ["study", _STUDY, "--workdir", f.path("d"), "--seeds", "a,b"], 2,
+         r"--seeds 'a,b': expected comma-separated integers"),
 ]
 
 
