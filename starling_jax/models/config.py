@@ -7,6 +7,7 @@ from typing import Optional
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEADS = ("lm", "score")
+ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")  # models/attention_ops.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +17,10 @@ class ModelConfig:
     `head` picks the output head stored in the params: "lm" (vocabulary logits) or "score" (a scalar reward read at
     each row's last non-pad token, HF's *ForSequenceClassification with num_labels=1).
     `dtype` is the compute dtype (activations, matmuls); `param_dtype` the storage dtype of the weights.
+    `attention` picks the attention implementation (models/attention_ops.py): "auto" = the cuDNN flash kernel on GPU
+    (bf16/fp16), Pallas splash attention on TPU, else blockwise flash attention in pure JAX for long sequences
+    (T x S >= 2^20 query-key pairs) and dense scores for short ones and decode steps; `attention_block` is the
+    blockwise tile size (queries and keys).
     """
 
     vocab_size: int
@@ -35,6 +40,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
+    attention_block: int = 512
     pad_token_id: Optional[int] = None
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -48,6 +55,10 @@ class ModelConfig:
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION:
+            problems.append(f"attention={self.attention!r} is not one of {ATTENTION}")
+        if self.attention_block < 1:
+            problems.append(f"attention_block={self.attention_block} must be >= 1")
         if self.head not in HEADS:
             problems.append(f"head={self.head!r} is not one of {HEADS}")
         if self.sliding_window is not None and self.sliding_window < 1:

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starling_jax.models import attention_ops
 from starling_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
-NEG_INF = -1e30  # finite, so a row with no visible key (a pad query) gives a uniform softmax instead of NaN
+NEG_INF = attention_ops.NEG_INF
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -155,24 +156,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window: Optional[int] = None):
-    """Grouped-query attention without repeating K/V.
+def attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window: Optional[int] = None, **options):
+    """Grouped-query attention without repeating K/V (models.attention_ops: implementations and masking rule).
 
     q [B, T, H, E]; k, v [B, S, K, E]; q_pos [B, T]; k_pos [B, S] with -1 marking an empty or padded slot.
+    options: implementation ("dense" by default; see attention_ops.IMPLEMENTATIONS), block_size, self_attention.
     """
-    B, T, H, E = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32) * (E ** -0.5)
-    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
-    if window is not None:
-        allowed &= q_pos[:, :, None] - k_pos[:, None, :] < window
-    if q_seg is not None:
-        allowed &= q_seg[:, :, None] == k_seg[:, None, :]
-    scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v)
-    return out.reshape(B, T, H, E)
+    return attention_ops.attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,19 +216,20 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
     v = _dense(h, layer["wv"], dt)
     new_kv = None
     T = x.shape[1]
+    opts = dict(implementation=config.attention, block_size=config.attention_block)
     if kv is None:
         k_pos = jnp.where(seg > 0, q_pos, -1)
-        a = attention(q, k, v, q_pos, k_pos, seg, seg, config.sliding_window)
+        a = attention(q, k, v, q_pos, k_pos, seg, seg, config.sliding_window, self_attention=True, **opts)
     else:
         cache_k, cache_v, old_pos, slot_pos, slots = kv
         new_kv = (cache_k.at[:, slots].set(k, mode="drop"), cache_v.at[:, slots].set(v, mode="drop"))
         if T == 1:  # one token only overwrites a slot that has left the window: attend over the updated cache
-            a = attention(q, new_kv[0], new_kv[1], q_pos, slot_pos, window=config.sliding_window)
+            a = attention(q, new_kv[0], new_kv[1], q_pos, slot_pos, window=config.sliding_window, **opts)
         else:  # several tokens may overwrite slots that the earlier of them still see (rolling buffer): attend over
             # the cache as it was plus the new keys (also covers a write longer than the buffer)
             k_pos = jnp.where(seg > 0, q_pos, -1)
             a = attention(q, jnp.concatenate([cache_k, k], 1), jnp.concatenate([cache_v, v], 1), q_pos,
-                          jnp.concatenate([old_pos, k_pos], 1), window=config.sliding_window)
+                          jnp.concatenate([old_pos, k_pos], 1), window=config.sliding_window, **opts)
     x = x + _dense(a, layer["wo"], dt, n_in=2)
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     gate = _dense(h, layer["w_gate"], dt)
