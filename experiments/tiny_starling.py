@@ -15,7 +15,9 @@ a hidden true utility, so we can measure whether RL really makes the policy bett
 
 WORKDIR/summary.json holds each stage's summary: rm.heldout_pair_accuracy, and policy.true_reward_before/after (the
 hidden utility of the policy's sampled replies to held-out prompts before and after RL), policy.kl_to_reference,
-policy.rm_score_before/after; WORKDIR/policy/curves.png plots reward, true reward, KL and losses per RL step.
+policy.rm_score_before/after, policy.rm_win_rate_vs_initial (the reward model's verdict, prompt by prompt, on
+the final policy's reply vs the SFT policy's: win rate with a 95% bootstrap interval, ties, length-controlled win
+rate); WORKDIR/policy/curves.png plots reward, true reward, KL and losses per RL step.
 """
 
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, ModelSection,

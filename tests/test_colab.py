@@ -89,6 +89,9 @@ def test_tiny_starling_notebook(tmp_path):
     assert policy["steps"] == 1 and policy["objective"] == "apa"  # the overrides reached the run
     for key in ("true_reward_before", "true_reward_after", "rm_score_before", "rm_score_after", "kl_to_reference"):
         assert math.isfinite(policy[key]), (key, policy)
+    w = policy["rm_win_rate_vs_initial"]  # RM-judged win rate of the RL policy over the SFT policy
+    assert w["n"] == 4 and w["wins"] + w["ties"] + w["losses"] == 4
+    assert w["win_rate"] == (w["wins"] + w["ties"] / 2) / 4 and w["win_rate_ci95"][0] <= w["win_rate"]
     assert os.path.getsize(tmp_path / "run" / "policy" / "curves.png") > 1000
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1  # the curves were displayed

@@ -54,6 +54,12 @@ def test_tiny_starling_end_to_end(tmp_path):
             assert math.isfinite(policy[split + key]), (split + key, policy)
         assert 0 < policy[split + "kl_to_reference"] < 20, policy
     assert policy["rm_score_after"] > policy["rm_score_before"], policy
+    prompts = {"": policy["eval_prompts"], "unseen_": policy["unseen_prompts"]}
+    for split in prompts:  # the RM-judged win rate of the final policy over the SFT policy, with its interval
+        w = policy[split + "rm_win_rate_vs_initial"]
+        assert w["wins"] + w["ties"] + w["losses"] == w["n"] == prompts[split]
+        assert w["win_rate_ci95"][0] <= w["win_rate"] <= w["win_rate_ci95"][1]
+    assert policy["rm_win_rate_vs_initial"]["win_rate"] > 0.5, policy["rm_win_rate_vs_initial"]
     assert os.path.getsize(tmp_path / "policy" / "curves.png") > 1000
     with open(tmp_path / "policy" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]

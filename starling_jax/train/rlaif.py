@@ -168,12 +168,26 @@ def _policy_eval(trainable: Params, frozen: Params, full_params: Params, config:
     attn = np.concatenate([s.prompt_mask, s.mask], axis=1)
     out = _eval_forward(trainable, frozen, config, tokens, attn, P)
     kl = np.sum((np.asarray(out["logprobs"]) - np.asarray(out["ref_logprobs"])) * s.mask, axis=1)
-    report = {"rm_score": float(np.mean(scorer(conversations, s.texts))), "kl_to_reference": float(np.mean(kl)),
-              "response_length": float(np.mean(s.mask.sum(axis=1)))}
+    scores = np.asarray(scorer(conversations, s.texts))
+    report = {"rm_score": float(np.mean(scores)), "kl_to_reference": float(np.mean(kl)),
+              "response_length": float(np.mean(s.mask.sum(axis=1))),
+              "per_prompt": {"rm_scores": scores.tolist(), "texts": list(s.texts)}}
     if true_utility is not None:
         report["true_reward"] = float(np.mean([true_utility(c, t) for c, t in zip(conversations, s.texts)]))
     report["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:4]]
     return report
+
+
+def judged_win_rate(after: dict, before: dict) -> dict:
+    """The reward model's verdict on the same prompts, final policy vs the policy the stage started from (the SFT
+    policy): win rate with its 95% bootstrap interval, ties, losses, mean score gap, length-controlled win rate
+    (eval.stats.head_to_head; replies of equal text tie)."""
+    from starling_jax.eval import stats
+    a, b = after["per_prompt"], before["per_prompt"]
+    result = stats.head_to_head(a["rm_scores"], b["rm_scores"], [len(t) for t in a["texts"]],
+                                [len(t) for t in b["texts"]], identical=[x == y for x, y in zip(a["texts"], b["texts"])])
+    return {k: result[k] for k in ("win_rate", "win_rate_ci95", "wins", "ties", "losses", "n", "mean_score_gap",
+                                   "length_controlled_win_rate")}
 
 
 @functools.partial(jax.jit, static_argnums=(2, 5))
@@ -307,7 +321,7 @@ def build_rl_stage(ctx):
 
     def evaluate(state) -> dict:
         split = "tuning" if "tuning" in eval_sets else "heldout"
-        return {k: v for k, v in report(state, "policy", split).items() if k != "samples"}
+        return {k: v for k, v in report(state, "policy", split).items() if k not in ("samples", "per_prompt")}
 
     def finish(state, workdir: str) -> dict:
         before, after = report(state, "reference"), report(state, "policy")
@@ -319,11 +333,13 @@ def build_rl_stage(ctx):
                    "samples_before": before["samples"], "samples_after": after["samples"]}
         if "true_reward" in after:
             summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
+        summary["rm_win_rate_vs_initial"] = judged_win_rate(after, before)
         if "unseen" in eval_sets:
             u_before, u_after = report(state, "reference", "unseen"), report(state, "policy", "unseen")
             summary.update({"unseen_prompts": len(eval_sets["unseen"][1]),
                             "unseen_rm_score_before": u_before["rm_score"], "unseen_rm_score_after": u_after["rm_score"],
-                            "unseen_kl_to_reference": u_after["kl_to_reference"]})
+                            "unseen_kl_to_reference": u_after["kl_to_reference"],
+                            "unseen_rm_win_rate_vs_initial": judged_win_rate(u_after, u_before)})
             if "true_reward" in u_after:
                 summary["unseen_true_reward_before"] = u_before["true_reward"]
                 summary["unseen_true_reward_after"] = u_after["true_reward"]
