@@ -73,7 +73,7 @@ def learnability(steps: int, batch_size: int, seed: int = 0, learning_rate: floa
     train, test = rows[:1800], rows[1800:]
     T, P = 80, 56
     ds = iter(make_dataset("rm", train, tok, batch_size, max_length=T, max_prompt_length=P, seed=seed))
-    params = init_params(config, jax.random.PRNGKey(seed))
+    params = init_params(config, jax.random.key(seed))
     opt = optax.adamw(learning_rate, weight_decay=0.0)
     opt_state = opt.init(params)
 

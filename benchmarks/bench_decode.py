@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     for B in args.batch:
         prompts = np.random.default_rng(B).integers(3, 32000, (B, P)).astype(np.int32)
         mask = np.ones((B, P), np.int32)
-        key = jax.random.PRNGKey(0)
+        key = jax.random.key(0)
 
         def run_jax():
             return jax.block_until_ready(generate(params, config, prompts, mask, key, N, temperature=0.0))

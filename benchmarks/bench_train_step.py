@@ -82,7 +82,7 @@ def build_jax_step(config, params, lr: float, with_optimizer: bool):
             p, _ = state
             (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, frozen, batch, jax.random.key(0))
             return (p, grads), {"loss": loss}
-        zeros = jax.tree_util.tree_map(jax.numpy.zeros_like, trainable)
+        zeros = jax.tree.map(jax.numpy.zeros_like, trainable)
         return jax.jit(grad_step, donate_argnums=0), (trainable, zeros)
     optimizer = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", b1=0.9, b2=0.95, eps=1e-8,
                                            weight_decay=0.0, grad_clip=1.0), 1000, trainable)

@@ -16,6 +16,7 @@ once per turn.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -25,6 +26,8 @@ import numpy as np
 
 from starling_jax import sampling
 from starling_jax.models import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -75,10 +78,10 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
                 + (f" for stage {stage!r}" if stage else " holding a finished language-model stage"))
         from starling_jax.train.checkpoint import load_export
         config, params, _ = load_export(export)
-        print(f"loaded stage export {export}", file=sys.stderr)
+        log.info("loaded stage export %s", export)
         tokenizer = None
         if dtype is not None:
-            params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+            params = jax.tree.map(lambda a: a.astype(dtype), params)
             config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
     if config.head != "lm":
         raise ValueError(f"{path}: this is a reward model (head {config.head!r}); generation needs a language model")
@@ -134,7 +137,7 @@ class Session:
         self.stop_ids = self.tokenizer.stop_ids(self.template)
         self.stop_strings = self.template.stop_strings
         self.args = args
-        self.key = jax.random.PRNGKey(args.seed)
+        self.key = jax.random.key(args.seed)
 
     def _options(self) -> dict:
         a = self.args
@@ -145,7 +148,7 @@ class Session:
         ids = self.tokenizer.encode_chat(messages, template=self.template)
         room = self.config.max_seq_len - self.args.max_new_tokens
         if len(ids) > room:  # keep the most recent context
-            print(f"[conversation of {len(ids)} tokens cut to its last {room}]", file=sys.stderr)
+            log.warning("conversation of %d tokens cut to its last %d", len(ids), room)
             ids = ids[-room:]
         return ids
 

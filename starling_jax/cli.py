@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -34,7 +35,20 @@ def _debug_flag(parser, default) -> None:
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
 
 
+def setup_logging(level: int = logging.INFO) -> None:
+    """The package's log lines (logging.getLogger("starling_jax.*")) go to stderr as plain messages; other libraries'
+    loggers (absl/orbax, jax) keep their own settings."""
+    logger = logging.getLogger("starling_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def main(argv=None) -> int:
+    setup_logging()
     parser = argparse.ArgumentParser(prog="starling-jax", description=__doc__.splitlines()[0])
     _debug_flag(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -127,7 +127,7 @@ def export_hf(ref: StageRef, out: str, dtype: Optional[str] = None,
         raise ValueError(f"stage {ref.name}: tokenizer {m.tokenizer} has {tokenizer.vocab_size} ids but the model "
                          f"only {config.vocab_size} embedding rows")
     if dtype is not None and dtype != config.param_dtype:
-        params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
         config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
     stop_ids = tokenizer.stop_ids(template)
     pad = _pad_for(tokenizer, stop_ids, config.head)

@@ -32,8 +32,8 @@ from safetensors.numpy import save_file
 from starling_jax import models
 from starling_jax.errors import InputError
 from starling_jax.models import ModelConfig
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 
 ARCHITECTURES = {  # HF class name -> (our architecture, our head)
     "MistralForCausalLM": ("mistral", "lm"),
@@ -340,7 +340,7 @@ def _shardings(config: ModelConfig, mesh, rules) -> Params:
     specs = models.param_specs(config)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree_util.tree_map(lambda _: device, specs, is_leaf=models.transformer.is_spec)
+        return jax.tree.map(lambda _: device, specs, is_leaf=models.transformer.is_spec)
     from starling_jax import sharding  # imported only when a mesh is used
     from starling_jax.config import MeshConfig
 
@@ -379,7 +379,7 @@ def save(path: str, config: ModelConfig, params: Params, max_shard_bytes: int = 
     arrays = _check_params(entries, config, params)
     os.makedirs(path, exist_ok=True)
     hf_config = config_to_hf(config)
-    hf_config["dtype"] = str(np.dtype(jax.tree_util.tree_leaves(params)[0].dtype))
+    hf_config["dtype"] = str(np.dtype(jax.tree.leaves(params)[0].dtype))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
 
@@ -435,7 +435,7 @@ def _check_params(entries: list[_Entry], config: ModelConfig, params: Params) ->
         else:
             out[e.path] = node
     known = {e.path for e in entries}
-    for key, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for key, _ in jax.tree.flatten_with_path(params)[0]:
         p = tuple(getattr(k, "key", k) for k in key)
         if p not in known:
             problems.append(f"unexpected params[{']['.join(map(repr, p))}] (config.head={config.head!r}, "

@@ -53,7 +53,7 @@ def _abstract(specs):
     import jax
     import jax.numpy as jnp
     from starling_jax.models.transformer import is_spec
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), specs, is_leaf=is_spec)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), specs, is_leaf=is_spec)
 
 
 def _layers_note(top: int, num_layers: int) -> str:
@@ -188,7 +188,7 @@ def _tree_bytes(tree, shardings) -> int:
 
 def _count(tree) -> int:
     import jax
-    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def _pick_stage(exp, stage: Optional[str]):

@@ -23,8 +23,8 @@ import numpy as np
 
 from starling_jax.models import (ModelConfig, cache_slots, check_token_ids, embed_tokens, final_norm, init_cache,
                                  lm_logits, run_layers)
+from starling_jax.models import Params
 
-Params = dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,8 +102,8 @@ def split_layers(params: Params) -> Params:
     would first copy its layer's slice of the stacked weights (XLA materialises a dynamic slice that feeds a dot),
     doubling the traffic; separate per-layer arrays made once, outside the loop, are read in place.
     """
-    L = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
-    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda a: a[l:l + 1], params["layers"])
+    L = jax.tree.leaves(params["layers"])[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[l:l + 1], params["layers"])
                                       for l in range(L))}
 
 

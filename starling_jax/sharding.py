@@ -153,7 +153,7 @@ def param_shardings(specs, mesh: Mesh, rules) -> Any:
     Raises on the first parameter whose rule collides or does not divide its shape."""
     def one(path, spec: ParamSpec):
         return NamedSharding(mesh, logical_to_spec(spec.axes, rules, mesh, spec.shape, _path_name(path)))
-    return jax.tree_util.tree_map_with_path(one, specs, is_leaf=is_spec)
+    return jax.tree.map_with_path(one, specs, is_leaf=is_spec)
 
 
 def respec(abstract, specs) -> Any:
@@ -170,7 +170,7 @@ def respec(abstract, specs) -> Any:
         if not is_spec(node):
             raise KeyError(f"respec: {_path_name(path)!r} is a subtree in the specs, not a parameter")
         return ParamSpec(tuple(leaf.shape), node.axes, node.init, str(np.dtype(leaf.dtype)))
-    return jax.tree_util.tree_map_with_path(one, abstract)
+    return jax.tree.map_with_path(one, abstract)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -269,7 +269,7 @@ def _itemsize(leaf) -> int:
 def per_device_bytes(abstract, shardings) -> int:
     """Bytes one device holds of a tree of arrays / ShapeDtypeStructs with matching shardings (None = replicated)."""
     total = 0
-    for leaf, sh in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(
+    for leaf, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(
             shardings, is_leaf=lambda x: isinstance(x, NamedSharding) or x is None)):
         shape = tuple(leaf.shape) if sh is None else shard_shape(leaf.shape, sh)
         total += math.prod(shape) * _itemsize(leaf)

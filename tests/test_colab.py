@@ -128,7 +128,7 @@ def test_chat_with_checkpoint_notebook(tmp_path, tiny_checkpoint):
     assert got["prompt_ids"] == ids
     config, _ = hf.load(path)
     tokens = np.asarray([ids], np.int32)
-    out, mask, _ = sampling.generate(params, config, tokens, np.ones_like(tokens), jax.random.PRNGKey(0), n_new,
+    out, mask, _ = sampling.generate(params, config, tokens, np.ones_like(tokens), jax.random.key(0), n_new,
                                      temperature=0.0, stop_ids=tokenizer.stop_ids(template))
     out, mask = np.asarray(out)[0], np.asarray(mask)[0]
     assert got["greedy_tokens"] == out[mask == 1].tolist() and len(got["greedy_tokens"]) > 0

@@ -85,7 +85,7 @@ def test_policy_export_loads_in_transformers(run, policy_dir):
     assert transformers.GenerationConfig.from_pretrained(policy_dir).eos_token_id == [32000]
     # and it reads back into starling_jax unchanged
     config2, params2 = hf.load(policy_dir)
-    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), params, params2))
+    assert jax.tree_util.tree_all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, params2))
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=
 
 @pytest.fixture(scope="module")
 def params():
-    return models.init_params(CFG, jax.random.PRNGKey(0))
+    return models.init_params(CFG, jax.random.key(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def test_split_params_zero_means_all_layers(params, train_head):
     assert jax.tree_util.tree_structure(trainable) == jax.tree_util.tree_structure(t_all)
     assert jax.tree_util.tree_structure(frozen) == jax.tree_util.tree_structure(f_all)
     merged = models.merge_params(trainable, frozen)
-    for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(params)):
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the split forward equals the full one (the trunk is just the embedding)
     tokens = jnp.array([[5, 6, 7, 8]], jnp.int32)
@@ -42,7 +42,7 @@ def test_split_params_zero_means_all_layers(params, train_head):
 
 
 def test_hydra_zero_top_layers_with_frozen_head_trains_every_layer(params):
-    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(1), 0, train_head=False)
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(1), 0, train_head=False)
     assert trainable["policy"]["layers"]["wq"].shape[0] == CFG.num_layers
     assert "layers" not in frozen["trunk"] and "lm_head" in frozen["trunk"]
     tokens = jnp.array([[0, 5, 6, 7, 8, 9]], jnp.int32)

@@ -38,7 +38,7 @@ def _hf_dir(path, cls=transformers.MistralForCausalLM, **kw):
 def _random_params(config, seed):
     """Random params straight from models.param_specs (numpy: avoids compiling jax.random for every shape)."""
     rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(
+    return jax.tree.map(
         lambda spec: (1.0 + 0.1 * rng.standard_normal(spec.shape) if spec.init == "ones"
                       else 0.05 * rng.standard_normal(spec.shape)).astype(spec.dtype),
         models.param_specs(config), is_leaf=lambda x: isinstance(x, models.ParamSpec))
@@ -87,7 +87,7 @@ def test_save_then_transformers_from_pretrained_same_logits_causal_lm(tmp_path):
     assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
     config2, params2 = hf.load(str(tmp_path))
     assert config2 == config
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
 def test_save_then_transformers_from_pretrained_same_scores_sequence_classification(tmp_path):
@@ -144,7 +144,7 @@ def test_sharded_save_and_load(tmp_path):
     assert max(sizes) < 40_000 + 4096  # each shard holds at most max_shard_bytes of tensors (+ its json header)
     config2, params2 = hf.load(str(tmp_path / "a"))
     assert config2 == config
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "a")).eval()
     np.testing.assert_array_equal(model.score.weight.detach().numpy(), np.asarray(params["score"]).T)
     # Re-saving unsharded into the same directory removes the stale shards and index.
@@ -294,13 +294,13 @@ _MESH_SCRIPT = textwrap.dedent("""
         np.testing.assert_array_equal(np.asarray(x), np.asarray(r), err_msg=name)
         if x.sharding.spec != s.spec:
             raise AssertionError(name)
-    jax.tree_util.tree_map_with_path(check, params, ref, want)
-    split = [k for k, x in jax.tree_util.tree_leaves_with_path(params)
+    jax.tree.map_with_path(check, params, ref, want)
+    split = [k for k, x in jax.tree.leaves_with_path(params)
              if x.addressable_shards[0].data.shape != x.shape]
     assert len(split) >= 8, split  # most weights really are split across devices
     _, default_rules = hf.load(sys.argv[1], mesh=mesh)  # rules=None: MeshConfig's default rules
-    assert all(a.sharding == b.sharding for a, b in zip(jax.tree_util.tree_leaves(default_rules),
-                                                        jax.tree_util.tree_leaves(params)))
+    assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(default_rules),
+                                                        jax.tree.leaves(params)))
     print("sharded ok", len(split))
 """)
 

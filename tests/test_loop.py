@@ -163,7 +163,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(env, tmp_path):
     ckpts = Checkpoints(str(tmp_path / "rm" / "checkpoints"))
     assert ckpts.steps()[-1] == last == bad - 1
     state = ckpts.restore(last, None).state  # raw arrays as saved
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert not (tmp_path / "rm" / "export").exists()
 
 

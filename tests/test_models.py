@@ -112,7 +112,7 @@ def test_reward_head_parity_llama_sequence_classification_right_padding(tmp_path
 def test_left_padded_row_equals_unpadded_sequence():
     config = models.PRESETS["tiny"].replace(vocab_size=VOCAB, sliding_window=4)
     rng = np.random.default_rng(0)  # numpy init: jax.random would compile a kernel per shape
-    params = jax.tree_util.tree_map(lambda spec: (0.05 * rng.standard_normal(spec.shape)).astype(np.float32),
+    params = jax.tree.map(lambda spec: (0.05 * rng.standard_normal(spec.shape)).astype(np.float32),
                                     models.param_specs(config), is_leaf=lambda x: isinstance(x, models.ParamSpec))
     seq = _tokens(1, 10, seed=3)
     alone = np.asarray(models.forward(params, config, seq, np.ones_like(seq)))[0]
@@ -145,7 +145,7 @@ def test_bf16_checkpoint_loads_bf16_params(tmp_path):
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     config, params = hf.load(str(tmp_path / "bf16"))
     assert (config.param_dtype, config.dtype) == ("bfloat16", "bfloat16")
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     ref = model.model.embed_tokens.weight.detach().float().numpy()
     np.testing.assert_array_equal(np.asarray(params["embed"], np.float32), ref)
     c32, p32 = hf.load(str(tmp_path / "bf16"), dtype="float32")
@@ -160,7 +160,7 @@ def test_bf16_checkpoint_loads_bf16_params(tmp_path):
 @pytest.mark.parametrize("preset, published", [("mistral-7b-v0.1", 7_241_732_096), ("llama2-7b", 6_738_415_616)])
 def test_7b_parameter_counts_from_abstract_shapes(preset, published):
     abstract = models.abstract_params(models.PRESETS[preset])
-    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(abstract))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
     assert models.count_params(abstract) == published
 
 

@@ -16,14 +16,14 @@ B, P, N = 8, 6, 5
 
 
 def _leaves_equal(a, b) -> bool:
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
 @pytest.fixture(scope="module")
 def rollout():
     """A fake chunk: left-padded prompts of different lengths, right-padded responses of different lengths."""
-    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    k = jax.random.split(jax.random.key(1), 4)
     tokens = np.array(jax.random.randint(k[0], (B, P + N), 3, CFG.vocab_size), np.int32)
     prompt_mask = (np.arange(P)[None] >= np.array([0, 1, 2, 0, 3, 1, 0, 2])[:, None]).astype(np.int32)
     response_mask = (np.arange(N)[None] < np.array([5, 1, 3, 5, 2, 4, 5, 1])[:, None]).astype(np.int32)
@@ -36,12 +36,12 @@ def rollout():
 
 @pytest.fixture(scope="module")
 def params():
-    return models.init_params(CFG, jax.random.PRNGKey(0))
+    return models.init_params(CFG, jax.random.key(0))
 
 
 @pytest.mark.parametrize("top_layers", [1, 3])
 def test_hydra_reference_equals_initial_policy(params, rollout, top_layers):
-    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), top_layers)
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), top_layers)
     if top_layers < CFG.num_layers:
         assert frozen["trunk"]["layers"]["wq"].shape[0] == CFG.num_layers - top_layers
         assert "embed" not in trainable["policy"]
@@ -61,7 +61,7 @@ def test_hydra_reference_equals_initial_policy(params, rollout, top_layers):
 
 def test_shaped_rewards_and_gae_against_numpy_loops(params, rollout):
     obj = ObjectiveConfig(name="apa", gamma=0.9, gae_lambda=0.8, value_clip=None)
-    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), 1)
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), 1)
     exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
     kl_coef = 0.3
     ex = jax.device_get(exp_fn(trainable, frozen, rollout["tokens"], rollout["attention_mask"],
@@ -84,7 +84,7 @@ def test_shaped_rewards_and_gae_against_numpy_loops(params, rollout):
 
 
 def _one_update(params, rollout, objective, top_layers, optim=OptimConfig(learning_rate=1e-3, weight_decay=0.0)):
-    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), top_layers, value_head_kind="mlp")
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), top_layers, value_head_kind="mlp")
     exp_fn, loss_fn = rlaif.build_rl_functions(CFG, objective, P)
     ex = exp_fn(trainable, frozen, rollout["tokens"], rollout["attention_mask"], rollout["response_mask"],
                 rollout["scores"], jnp.float32(objective.kl_coef))
@@ -92,7 +92,7 @@ def _one_update(params, rollout, objective, top_layers, optim=OptimConfig(learni
     batch.update({k: ex[k] for k in ("old_logprobs", "old_values", "advantages", "returns")})
     batch["stat_reward"] = rollout["scores"]
     optimizer = make_optimizer(optim, 4, trainable)
-    state = init_state(trainable, optimizer, jax.random.PRNGKey(3), frozen)
+    state = init_state(trainable, optimizer, jax.random.key(3), frozen)
     before_trainable = jax.device_get(state.params)
     before_frozen = jax.device_get(state.frozen)
     loss_before, _ = loss_fn(state.params, state.frozen, batch)
@@ -111,7 +111,7 @@ def test_update_lowers_loss_and_keeps_frozen_bits(params, rollout, name, top_lay
     assert int(new_state.step) == 1
     assert _leaves_equal(new_state.frozen, before_f)  # trunk and reference: bit-identical
     if top_layers:
-        assert len(jax.tree_util.tree_leaves(before_f["trunk"])) > 0
+        assert len(jax.tree.leaves(before_f["trunk"])) > 0
     assert not _leaves_equal(new_state.params["policy"], before_t["policy"])
     assert not _leaves_equal(new_state.params["critic"], before_t["critic"])
     np.testing.assert_allclose(float(metrics["reward"]), np.mean(rollout["scores"]), rtol=1e-6)
@@ -139,7 +139,7 @@ def test_cross_tokenizer_scoring_equals_direct_scoring():
     policy_tok, rm_tok = load_tokenizer("openchat-3.5"), load_tokenizer("mistral-7b-v0.1")
     rm_cfg = models.PRESETS["tiny"].replace(head="score", vocab_size=32000, pad_token_id=0, eos_token_id=2,
                                             sliding_window=None)
-    rm_params = models.init_params(rm_cfg, jax.random.PRNGKey(5))
+    rm_params = models.init_params(rm_cfg, jax.random.key(5))
     scorer = RewardScorer(rm_cfg, rm_params, rm_tok, "llama2", max_length=64, pad_multiple=16)
     convs = [[{"role": "user", "content": "Tell me about cats."}],
              [{"role": "user", "content": "Tell me about rain."},

@@ -103,7 +103,7 @@ def test_greedy_matches_transformers_rolling_window(windowed):
     lens = [9, 4, 1]
     toks, mask = _prompts(lens, P)
     assert models.cache_slots(config, P + N) == WINDOW
-    out, out_mask, _ = generate(params, config, toks, mask, jax.random.PRNGKey(0), N, temperature=0.0)
+    out, out_mask, _ = generate(params, config, toks, mask, jax.random.key(0), N, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out), _hf_greedy(hf, toks, mask, N))
     assert np.asarray(out_mask).all()
     for b, n in enumerate(lens):
@@ -117,7 +117,7 @@ def test_greedy_matches_transformers_llama_no_window():
     N, P = 10, 8
     toks, mask = _prompts([8, 3, 5], P, seed=1)
     assert models.cache_slots(config, P + N) == P + N
-    out, _, _ = generate(params, config, toks, mask, jax.random.PRNGKey(0), N, temperature=0.0)
+    out, _, _ = generate(params, config, toks, mask, jax.random.key(0), N, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out), _hf_greedy(hf, toks, mask, N))
 
 
@@ -126,10 +126,10 @@ def test_sampled_logprobs_equal_transformers_forward(windowed):
     hf, params, config = windowed
     lens = [9, 2, 6]
     toks, mask = _prompts(lens, P, seed=2)
-    out, out_mask, logprobs = generate(params, config, toks, mask, jax.random.PRNGKey(3), N, **SAMPLED)
+    out, out_mask, logprobs = generate(params, config, toks, mask, jax.random.key(3), N, **SAMPLED)
     out, out_mask, logprobs = map(np.asarray, (out, out_mask, logprobs))
     assert out_mask.all()
-    greedy, _, _ = generate(params, config, toks, mask, jax.random.PRNGKey(3), N, temperature=0.0)
+    greedy, _, _ = generate(params, config, toks, mask, jax.random.key(3), N, temperature=0.0)
     assert (out != np.asarray(greedy)).any()  # really sampled
     for b, n in enumerate(lens):
         ref = _hf_logprobs(hf, toks[b, P - n:], out[b])
@@ -140,7 +140,7 @@ def test_logprobs_equal_own_forward_over_padded_batch(windowed):
     """The same identity through models.forward over the left-padded prompt + generation, as the RL stage uses it."""
     _, params, config = windowed
     toks, mask = _prompts([9, 5, 3], P, seed=3)
-    out, out_mask, logprobs = generate(params, config, toks, mask, jax.random.PRNGKey(4), N, **SAMPLED)
+    out, out_mask, logprobs = generate(params, config, toks, mask, jax.random.key(4), N, **SAMPLED)
     seq = jnp.concatenate([toks, out], axis=1)
     seq_mask = jnp.concatenate([mask, out_mask], axis=1)
     ref = models.token_logprobs(models.forward(params, config, seq, seq_mask)[:, P - 1:-1], seq[:, P:])
@@ -150,9 +150,9 @@ def test_logprobs_equal_own_forward_over_padded_batch(windowed):
 def test_stop_ids_end_rows(windowed):
     _, params, config = windowed
     toks, mask = _prompts([9, 4, 7], P, seed=4)
-    free, _, free_lp = map(np.asarray, generate(params, config, toks, mask, jax.random.PRNGKey(0), N, temperature=0.0))
+    free, _, free_lp = map(np.asarray, generate(params, config, toks, mask, jax.random.key(0), N, temperature=0.0))
     stop = int(free[0, 3])
-    out, out_mask, lp = map(np.asarray, generate(params, config, toks, mask, jax.random.PRNGKey(0), N,
+    out, out_mask, lp = map(np.asarray, generate(params, config, toks, mask, jax.random.key(0), N,
                                                  temperature=0.0, stop_ids=(stop, V - 1)))
     for b in range(3):
         hits = np.flatnonzero(np.isin(free[b], (stop, V - 1)))
@@ -168,11 +168,11 @@ def test_stream_equals_generate(windowed):
     _, params, config = windowed
     toks, mask = _prompts([9, 3, 5], P, seed=5)
     args = SAMPLED
-    ref = generate(params, config, toks, mask, jax.random.PRNGKey(7), N, **args)
+    ref = generate(params, config, toks, mask, jax.random.key(7), N, **args)
     stop = int(np.asarray(ref[0])[1, 4])
-    ref = [np.asarray(a) for a in generate(params, config, toks, mask, jax.random.PRNGKey(7), N, stop_ids=(stop,),
+    ref = [np.asarray(a) for a in generate(params, config, toks, mask, jax.random.key(7), N, stop_ids=(stop,),
                                            **args)]
-    steps = list(stream(params, config, toks, mask, jax.random.PRNGKey(7), N, stop_ids=(stop,), **args))
+    steps = list(stream(params, config, toks, mask, jax.random.key(7), N, stop_ids=(stop,), **args))
     got = [np.stack(s, axis=1) for s in zip(*steps)]
     n = len(steps)
     assert n == ref[1].sum(axis=1).max()  # stops once all rows have
@@ -214,7 +214,7 @@ def test_sample_frequencies(top_k, top_p, temperature):
     keep = _numpy_filter(logits / temperature, top_k, top_p)
     p = np.where(keep, np.exp(logits / temperature), 0)
     p /= p.sum()
-    tokens, logprobs = choose_tokens(jnp.asarray(np.tile(logits, (n, 1)), jnp.float32), jax.random.PRNGKey(0),
+    tokens, logprobs = choose_tokens(jnp.asarray(np.tile(logits, (n, 1)), jnp.float32), jax.random.key(0),
                                      temperature, top_k, None if top_p == 1 else top_p)
     tokens = np.asarray(tokens)
     assert keep[tokens].all()
@@ -230,7 +230,7 @@ def test_top_k_restricts_generation(windowed):
     """Through the whole loop: each sampled token is among the top-k of the model's logits at its step."""
     _, params, config = windowed
     toks, mask = _prompts([9, 6, 2], P, seed=6)
-    out, _, _ = generate(params, config, toks, mask, jax.random.PRNGKey(1), N, temperature=2.0, top_k=3)
+    out, _, _ = generate(params, config, toks, mask, jax.random.key(1), N, temperature=2.0, top_k=3)
     seq = jnp.concatenate([toks, out], axis=1)
     logits = np.asarray(models.forward(params, config, seq, jnp.concatenate([mask, jnp.ones_like(out)], 1)))
     logits = logits[:, P - 1:-1]
@@ -243,13 +243,13 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     logits = jnp.asarray(np.random.default_rng(0).normal(0, 1, (64, 40)), jnp.float32)
     greedy = np.asarray(jnp.argmax(logits, -1))
     for k, p in [(1, None), (0, 1e-6), (1, 0.5)]:
-        np.testing.assert_array_equal(np.asarray(choose_tokens(logits, jax.random.PRNGKey(k), 3.0, k, p)[0]), greedy)
+        np.testing.assert_array_equal(np.asarray(choose_tokens(logits, jax.random.key(k), 3.0, k, p)[0]), greedy)
 
 
 def test_bad_inputs_raise_clear_errors(windowed):
     _, params, config = windowed
     toks, mask = _prompts([3, 5], 6)
-    key = jax.random.PRNGKey(0)
+    key = jax.random.key(0)
     with pytest.raises(ValueError, match=r"rows \[0\] are not left padded"):
         generate(params, config, toks, np.array([[1, 1, 1, 0, 0, 0], mask[1]]), key, 4)
     with pytest.raises(ValueError, match=r"prompt rows \[1\] have no tokens"):
@@ -367,7 +367,7 @@ def test_load_checkpoint_from_stage_export(tmp_path, windowed):
     for where, stage in [(tmp_path, None), (tmp_path, "sft"), (tmp_path / "sft", None), (tmp_path / "sft" / "export", None)]:
         got_config, got, tok = load_checkpoint(str(where), stage)
         assert got_config == config and tok is None
-        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
         load_checkpoint(str(tmp_path / "sft"), "rm")
@@ -378,7 +378,7 @@ def test_cache_chunked_writes_equal_forward(window, chunk):
     """models.run_layers with a cache, fed in chunks (rolling buffer of `window` slots, wrapping mid-chunk), gives the
     hidden states of one forward pass over the whole left-padded batch."""
     config = models.get_preset("tiny").replace(vocab_size=V, sliding_window=window, init_std=0.3)
-    params = models.init_params(config, jax.random.PRNGKey(0))
+    params = models.init_params(config, jax.random.key(0))
     toks, mask = _prompts([15, 8, 3], 15, seed=7)
     ref = models.hidden_states(params, config, toks, mask)
     cache = models.init_cache(config, 3, models.cache_slots(config, 15))

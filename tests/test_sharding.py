@@ -31,7 +31,7 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tes
 
 
 def _flat(tree):
-    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_sizes():
@@ -168,7 +168,7 @@ def test_jitted_sharded_step_keeps_layouts_donates_state_and_matches_the_loss():
     params, batch, want = _single_device_reference()
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
     t_specs, f_specs = losses.stage_specs("sft", CFG, 1)  # train the top layer; the trunk is frozen
-    trainable, frozen = losses.stage_params("sft", jax.tree_util.tree_map(jnp.copy, params), 1)
+    trainable, frozen = losses.stage_params("sft", jax.tree.map(jnp.copy, params), 1)
     opt = make_optimizer(OptimConfig(learning_rate=1e-3), 10, trainable)
     shardings = state_shardings(opt, abstract_state(trainable, opt, frozen),
                                 sharding.param_shardings(t_specs, mesh, DEFAULT_RULES),

@@ -103,7 +103,7 @@ def test_dpo_loss_matches_closed_form_and_hydra_reference_is_the_initial_policy(
         picked = np.take_along_axis(logp, batch[f"{side}_tokens"][:, 1:, None], -1)[..., 0]
         return (picked * batch[f"{side}_loss_mask"][:, 1:]).sum(-1)
 
-    policy = jax.tree_util.tree_map(lambda a: a * 1.1, params)  # a policy that moved away from the reference
+    policy = jax.tree.map(lambda a: a * 1.1, params)  # a policy that moved away from the reference
     beta = 0.3
     h = beta * ((seq_logp(policy, "chosen") - seq_logp(params, "chosen"))
                 - (seq_logp(policy, "rejected") - seq_logp(params, "rejected")))
@@ -138,7 +138,7 @@ def test_adamw_weight_decay_skips_norms_and_frozen_mask_holds_leaves():
     params = {"w": jnp.ones((2, 2)), "attn_norm": jnp.ones((3, 2)), "held": jnp.ones((2, 2))}
     opt = make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.5, grad_clip=None, schedule="constant"), 10,
                          params, frozen_mask={"w": False, "attn_norm": False, "held": True})
-    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero, opt.init(params), params)
     np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)  # decay only
     np.testing.assert_array_equal(updates["attn_norm"], 0.0)
@@ -151,7 +151,7 @@ def test_grad_accum_2_equals_1_on_the_same_batch_and_frozen_trunk_stays_identica
     loss_fn = losses.build_loss(ObjectiveConfig(name="sft"), CFG)
     results = []
     for accum in (1, 2):
-        trainable, frozen = losses.stage_params("sft", jax.tree_util.tree_map(jnp.copy, params), 1)
+        trainable, frozen = losses.stage_params("sft", jax.tree.map(jnp.copy, params), 1)
         # SGD on the schedule: the update is linear in the gradient, so params compare gradients (Adam's
         # g / sqrt(v) would amplify float noise in near-zero gradients into lr-sized differences)
         sched = make_schedule(OptimConfig(learning_rate=1e-1, warmup_steps=1), 5)
@@ -159,11 +159,11 @@ def test_grad_accum_2_equals_1_on_the_same_batch_and_frozen_trunk_stays_identica
         opt = Optimizer(sgd.init, sgd.update, sched)
         state = create_state(trainable, opt, jax.random.key(7), frozen)
         step = jit_step(make_train_step(loss_fn, opt, accum))
-        trunk_before = jax.tree_util.tree_map(np.asarray, state.frozen)
+        trunk_before = jax.tree.map(np.asarray, state.frozen)
         for _ in range(2):
             state, metrics = step(state, batch)
-        jax.tree_util.tree_map(np.testing.assert_array_equal, trunk_before,
-                               jax.tree_util.tree_map(np.asarray, state.frozen))
+        jax.tree.map(np.testing.assert_array_equal, trunk_before,
+                               jax.tree.map(np.asarray, state.frozen))
         results.append((state, metrics))
     (s1, m1), (s2, m2) = results
     assert int(s1.step) == int(s2.step) == 2
@@ -174,7 +174,7 @@ def test_grad_accum_2_equals_1_on_the_same_batch_and_frozen_trunk_stays_identica
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, err_msg=k)
     np.testing.assert_allclose(float(m1["lr"]), 1e-1, rtol=1e-6)  # the peak, right after the 1-step warmup
     assert float(m1["weight"]) == count
-    for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
     assert not np.allclose(np.asarray(s1.params["layers"]["wq"]), np.asarray(params["layers"]["wq"][1:]))
 

@@ -109,7 +109,7 @@ def load_checkpoint(path: str, *, stage: Optional[str] = None, tokenizer: Option
         config, params, _ = load_export(ref.export_dir, shardings)
         if dtype is not None and dtype != config.param_dtype:
             import jax
-            params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+            params = jax.tree.map(lambda a: a.astype(dtype), params)
             config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
         tok_name = tokenizer or ref.config.model.tokenizer
         tmpl_name = template or ref.config.model.template

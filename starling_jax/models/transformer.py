@@ -23,7 +23,7 @@ import numpy as np
 from starling_jax.models import attention_ops
 from starling_jax.models.config import ModelConfig
 
-Params = dict[str, Any]
+Params = dict[str, Any]  # the one parameter-pytree type (nested dicts of arrays); every module imports this one
 NEG_INF = attention_ops.NEG_INF
 
 
@@ -83,7 +83,7 @@ def is_spec(x) -> bool:
 
 def init_from_specs(specs: Params, key: jax.Array, std: float) -> Params:
     """Materialise a ParamSpec tree. Jittable: wrap in jax.jit(out_shardings=...) to create it already sharded."""
-    leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
 
     def make(spec: ParamSpec, k):
@@ -94,7 +94,7 @@ def init_from_specs(specs: Params, key: jax.Array, std: float) -> Params:
             return jnp.zeros(spec.shape, dtype)
         return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
 
-    return jax.tree_util.tree_unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
@@ -108,12 +108,12 @@ def init_value_head(config: ModelConfig, key: jax.Array, kind: str = "mlp") -> P
 
 def abstract_params(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of the parameters: for counting and planning without allocating."""
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), param_specs(config),
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), param_specs(config),
                                   is_leaf=is_spec)
 
 
 def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,10 +380,10 @@ def split_params(params: Params, top_layers: int, train_head: bool = True) -> tu
     if top_layers == n_layers and train_head:
         return dict(params), {}
     cut = n_layers - top_layers
-    trainable = {"layers": jax.tree_util.tree_map(lambda a: a[cut:], params["layers"]), "final_norm": params["final_norm"]}
+    trainable = {"layers": jax.tree.map(lambda a: a[cut:], params["layers"]), "final_norm": params["final_norm"]}
     frozen = {"embed": params["embed"]}
     if cut:
-        frozen["layers"] = jax.tree_util.tree_map(lambda a: a[:cut], params["layers"])
+        frozen["layers"] = jax.tree.map(lambda a: a[:cut], params["layers"])
     for k in HEAD_KEYS:
         if k in params:
             (trainable if train_head else frozen)[k] = params[k]
@@ -395,7 +395,7 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
     if not frozen:
         return dict(trainable)
     out = {**frozen, **{k: v for k, v in trainable.items() if k != "layers"}}
-    out["layers"] = trainable["layers"] if "layers" not in frozen else jax.tree_util.tree_map(
+    out["layers"] = trainable["layers"] if "layers" not in frozen else jax.tree.map(
         lambda a, b: jnp.concatenate([a, b], axis=0), frozen["layers"], trainable["layers"])
     return out
 

@@ -161,7 +161,7 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
         policy, reference = export(arm.policy_stage), export(study.reference_stage)
         rollout = dataclasses.replace(pol_cfg.rollout, max_new_tokens=study.max_new_tokens)
         for split, rows in split_rows.items():
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), ev.SPLIT_KEYS[split])
+            key = jax.random.fold_in(jax.random.key(seed), ev.SPLIT_KEYS[split])
             m = ev.policy_measurements(policy, reference, scorer, rows, tokenizer=tok, template=pol_cfg.model.template,
                                        data=pol_cfg.data, rollout=rollout, key=key)
             for who in ("policy", "reference"):

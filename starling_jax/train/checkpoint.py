@@ -33,7 +33,7 @@ class Restored:
 
 def _abstract(tree):
     """Restore target: shapes, dtypes and shardings of `tree` (so arrays come back placed like the fresh state)."""
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 class Checkpoints:
@@ -131,10 +131,10 @@ def load_export(directory: str, shardings=None) -> tuple[ModelConfig, Any, dict]
     if callable(shardings):
         shardings = shardings(config)
     if shardings is not None:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
                                         shardings)
     else:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
     params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
     return config, params, summary

@@ -15,15 +15,14 @@ Only `trainable` gets gradients and optimizer state.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from starling_jax import models
 from starling_jax.models import ModelConfig
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 
 
 def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, top_layers: int = 0,
@@ -37,7 +36,7 @@ def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, t
                          f"(keys: {sorted(params)}); is model.path pointing at a reward model?")
     policy, trunk = models.split_params(params, top_layers, train_head)
     # The reference must not alias the trainable arrays: a donated train state would otherwise invalidate it.
-    reference = jax.tree_util.tree_map(jnp.copy, policy)
+    reference = jax.tree.map(jnp.copy, policy)
     critic = models.init_value_head(config, critic_key, value_head_kind)
     return {"policy": policy, "critic": critic}, {"trunk": trunk, "reference": reference}
 

@@ -4,12 +4,14 @@ and a tqdm progress bar. The loop hands over host floats only (it fetches device
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 from typing import Optional
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -88,7 +90,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)
         else:
-            print(message, file=sys.stderr, flush=True)
+            log.info(message)
 
     def close(self) -> None:
         self._file.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -29,6 +30,8 @@ from starling_jax.config import ConfigError, Experiment, apply_overrides, load_e
 from starling_jax.train.checkpoint import Checkpoints, export_done, load_export, save_export
 from starling_jax.train.logging import MetricsLogger, mfu
 from starling_jax.train.program import StageContext, StageExport, build_program
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,7 +98,7 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
     program = build_program(ctx)
     ckpts = Checkpoints(os.path.join(ctx.workdir, "checkpoints"), keep=c.checkpoint.keep)
     state, start = program.state, 0
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if is_main else (lambda msg: None)
+    say = log.info if is_main else (lambda msg: None)
     if c.checkpoint.resume:
         restored = ckpts.restore_latest(program.state)
         if restored is not None:
@@ -228,7 +231,7 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
         if export_done(os.path.join(stage_dir, "export")) and config.checkpoint.resume:
             with open(os.path.join(stage_dir, "export", "summary.json")) as f:
                 summaries[name] = json.load(f)
-            print(f"[{name}] already finished ({stage_dir}/export); skipping", file=sys.stderr, flush=True)
+            log.info("[%s] already finished (%s/export); skipping", name, stage_dir)
             continue
         ctx = StageContext(experiment=exp, config=config, stage_name=name, workdir=stage_dir, mesh=mesh,
                            load_stage=load_stage)

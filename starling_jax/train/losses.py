@@ -27,8 +27,8 @@ from starling_jax import models, objectives
 from starling_jax.config import ObjectiveConfig
 from starling_jax.models import ModelConfig
 from starling_jax.sharding import respec
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 LossFn = Callable[[Params, Params, dict, jax.Array], tuple[jax.Array, dict]]
 Constrain = Optional[Callable[[jax.Array], jax.Array]]
 
@@ -72,7 +72,7 @@ def stage_params(objective_name: str, params: Params, top_layers: int = 0, train
     frozen = {"trunk": trunk}
     if objective_name == "dpo":
         # a real copy: the train state is donated, so the reference must not share buffers with the trainable params
-        frozen["reference"] = jax.tree_util.tree_map(jnp.copy, trainable)
+        frozen["reference"] = jax.tree.map(jnp.copy, trainable)
     return trainable, frozen
 
 

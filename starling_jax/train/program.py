@@ -32,8 +32,8 @@ import numpy as np
 
 from starling_jax.config import OBJECTIVE_KINDS, Experiment, ModelSection, RewardModelSection
 from starling_jax.models.config import ModelConfig
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, Any]  # name -> scalar (a jax array inside the step; floats once fetched)
 
@@ -163,7 +163,7 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
         exported = ctx.load_stage(path[len("stage:"):])
         # A copy: this stage's train state is donated to its step, and a later stage may load the same export
         # (tiny_starling: rm and policy both start from "stage:sft"); aliasing it would leave them deleted arrays.
-        return exported.config, jax.tree_util.tree_map(jax.numpy.copy, exported.params)
+        return exported.config, jax.tree.map(jax.numpy.copy, exported.params)
     if path is not None:
         from starling_jax import hf  # imported lazily: converting weights is not needed for random-init runs
         return hf.load(path, mesh=ctx.mesh)

@@ -29,8 +29,8 @@ from starling_jax.models import ModelConfig
 from starling_jax.objectives import common as obj_common
 from starling_jax.objectives import policy as obj_policy
 from starling_jax.train.hydra import hydra_forward
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 Batch = dict[str, Any]
 
 # Keys of an RL training batch the update reads ([B, ...]); the rest ("stat_*", [B] each) are per-rollout statistics
@@ -122,7 +122,7 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
 
         def update(carry, idx):
             params, opt_state = carry
-            mb = jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
+            mb = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, mb)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -242,7 +242,7 @@ def build_rl_stage(ctx):
     o, r = c.objective, c.rollout
     if c.reward_model is None:
         raise ValueError(f"stage {ctx.stage_name!r}: objective {o.name!r} needs a reward_model section")
-    k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.PRNGKey(c.train.seed), 4)
+    k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.key(c.train.seed), 4)
     config, params = prog.load_model(ctx, c.model, k_policy)
     rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
     if "score" not in rm_params:
@@ -272,7 +272,7 @@ def build_rl_stage(ctx):
                                                 shuffle=False, num_epochs=1)))
         convs = [conversation_of(row, f"{split} row {j}") for j, row in enumerate(rows)]
         eval_sets[split] = (batch, [convs[j] for j in np.asarray(batch["prompt_id"])],
-                            jax.random.fold_in(jax.random.PRNGKey(c.train.seed + 1), i))
+                            jax.random.fold_in(jax.random.key(c.train.seed + 1), i))
     eval_rows = splits.heldout[:r.eval_prompts] or train_rows[:r.eval_prompts]
 
     # Placement on the mesh (one host; see docs/RLAIF.md for multi-host): the hydra trees shard like the model's

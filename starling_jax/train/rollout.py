@@ -20,8 +20,8 @@ from starling_jax.data import get_template
 from starling_jax.models import ModelConfig
 from starling_jax.objectives import kl as obj_kl
 from starling_jax.train.hydra import policy_params
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 Conversation = list  # [{"role": "user" | "assistant", "content": str}, ...] ending with a user turn
 
 
@@ -145,7 +145,7 @@ class RolloutSource:
         ids = np.asarray(p["prompt_id"])
         conversations = [self.conversations[i] for i in ids]
         prompt_tokens, prompt_mask = np.asarray(p["prompt_tokens"]), np.asarray(p["prompt_mask"])
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.chunk)
+        key = jax.random.fold_in(jax.random.key(self.seed), self.chunk)
         r = self.rollout
         s = sample_replies(policy_params(state.params, state.frozen), self.config, self.tokenizer, self.template,
                            conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,

@@ -24,8 +24,8 @@ from starling_jax.train import losses
 from starling_jax.train.program import StageContext, StageProgram, load_model, register_stage_kind
 from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 from starling_jax.train.step import jit_step, make_train_step
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 
 
 class GrainBatches:
@@ -67,7 +67,7 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
     obj = c.objective.name
     mesh = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh)
     rules = c.mesh.rules
-    init_key, head_key, state_key, eval_key = jax.random.split(jax.random.PRNGKey(c.train.seed), 4)
+    init_key, head_key, state_key, eval_key = jax.random.split(jax.random.key(c.train.seed), 4)
 
     model_config, params = load_model(ctx, c.model, init_key)
     if kind == "rm" and model_config.head != "score":

@@ -19,8 +19,8 @@ import optax
 
 from starling_jax.config import OptimConfig
 from starling_jax.sharding import replicated
+from starling_jax.models import Params
 
-Params = dict[str, Any]
 
 # Leaves never decayed: norms (RMSNorm gains, stored [L, D] when stacked, so the rank alone cannot tell) and biases.
 NO_DECAY_NAMES = ("attn_norm", "mlp_norm", "final_norm", "norm", "b", "b1", "b2", "bias")
@@ -66,7 +66,7 @@ def decay_mask(params: Params) -> Params:
     def one(path, leaf):
         name = str(getattr(path[-1], "key", path[-1]))
         return name not in NO_DECAY_NAMES and not name.endswith("_norm") and leaf.ndim >= 2
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree.map_with_path(one, params)
 
 
 def make_optimizer(config: OptimConfig, total_steps: int, params: Params,
@@ -85,7 +85,7 @@ def make_optimizer(config: OptimConfig, total_steps: int, params: Params,
                              mask=decay_mask(params)))
     tx = optax.chain(*parts)
     if frozen_mask is not None:
-        labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train", frozen_mask)
+        labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return Optimizer(tx.init, tx.update, schedule)
 

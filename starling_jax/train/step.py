@@ -52,23 +52,23 @@ def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable
     def accumulate(params, frozen, batch, rng):
         micro = split_micro_batches(batch, grad_accum)
         keys = jax.random.split(rng, grad_accum)
-        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        first = jax.tree.map(lambda x: x[0], micro)
         shapes = jax.eval_shape(grads_and_metrics, params, frozen, first, keys[0])
         # float32 accumulators: summing bf16 gradients over micro-batches would lose their low bits.
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 
         def body(carry, xs):
             g_sum, m_sum, w_sum = carry
             mb, key = xs
             g, m = grads_and_metrics(params, frozen, mb, key)
             w = jnp.asarray(m.get("weight", 1.0), jnp.float32)
-            g_sum = jax.tree_util.tree_map(lambda a, b: a + w * b.astype(jnp.float32), g_sum, g)
+            g_sum = jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), g_sum, g)
             m_sum = {k: m_sum[k] + (m[k] if _is_count(k) else w * m[k]).astype(jnp.float32) for k in m_sum}
             return (g_sum, m_sum, w_sum + w), None
 
         (g_sum, m_sum, w_sum), _ = jax.lax.scan(body, (zeros[0], zeros[1], jnp.zeros((), jnp.float32)), (micro, keys))
         inv = jnp.where(w_sum > 0, 1.0 / jnp.where(w_sum > 0, w_sum, 1.0), 0.0)  # all-empty batch: zero update
-        grads = jax.tree_util.tree_map(lambda g, p: (g * inv).astype(p.dtype), g_sum, params)
+        grads = jax.tree.map(lambda g, p: (g * inv).astype(p.dtype), g_sum, params)
         metrics = {k: v if _is_count(k) else v * inv for k, v in m_sum.items()}
         return grads, metrics
 
