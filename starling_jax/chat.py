@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from starling_jax import sampling
+from starling_jax.errors import InputError
 from starling_jax.models import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
             params = jax.tree.map(lambda a: a.astype(dtype), params)
             config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
     if config.head != "lm":
-        raise ValueError(f"{path}: this is a reward model (head {config.head!r}); generation needs a language model")
+        raise InputError(f"{path}: this is a reward model (head {config.head!r}); generation needs a language model "
+                         f"(an SFT/RL stage or a *ForCausalLM directory)")
     return config, params, tokenizer
 
 
@@ -131,8 +133,12 @@ class Session:
         self.config, self.params, tok_path = load_checkpoint(args.checkpoint, args.stage, args.dtype)
         self.tokenizer = load_tokenizer(tok_path or args.tokenizer)
         if self.tokenizer.vocab_size > self.config.vocab_size:
-            raise ValueError(f"tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} ids but the model's "
+            raise InputError(f"tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} ids but the model's "
                              f"embedding has {self.config.vocab_size} rows: pass the model's own --tokenizer")
+        if args.max_new_tokens >= self.config.max_seq_len:
+            raise InputError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
+                             f"{self.config.max_seq_len} tokens, so at most {self.config.max_seq_len - 1} new tokens "
+                             f"leave room for a prompt")
         self.template = get_template(args.template)
         self.stop_ids = self.tokenizer.stop_ids(self.template)
         self.stop_strings = self.template.stop_strings
@@ -147,6 +153,9 @@ class Session:
     def prompt_ids(self, messages) -> list[int]:
         ids = self.tokenizer.encode_chat(messages, template=self.template)
         room = self.config.max_seq_len - self.args.max_new_tokens
+        if room < 1:  # Session checks this up front; never slice with a negative room
+            raise InputError(f"--max-new-tokens {self.args.max_new_tokens} leaves no room for a prompt in the model's "
+                             f"{self.config.max_seq_len}-token context")
         if len(ids) > room:  # keep the most recent context
             log.warning("conversation of %d tokens cut to its last %d", len(ids), room)
             ids = ids[-room:]
@@ -213,6 +222,23 @@ def _add_common(parser) -> None:
                         help="pad prompt lengths up to a multiple of this (fewer compilations)")
 
 
+def check_options(args) -> None:
+    """The sampling options' ranges, checked before any model is loaded (the context length is checked by Session)."""
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not args.temperature >= 0:  # also catches nan
+        problems.append(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p {args.top_p}: must be in (0, 1] (1 = off)")
+    if args.top_k < 0:
+        problems.append(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
+    if args.length_bucket < 1:
+        problems.append(f"--length-bucket {args.length_bucket}: must be >= 1")
+    if problems:
+        raise InputError("; ".join(problems))
+
+
 def add_generate_arguments(parser) -> None:
     _add_common(parser)
     parser.add_argument("--prompt", action="append", default=[],
@@ -221,6 +247,7 @@ def add_generate_arguments(parser) -> None:
 
 
 def generate_cli(args) -> int:
+    check_options(args)
     prompts = []
     for p in args.prompt:
         prompts += [line for line in sys.stdin.read().splitlines() if line.strip()] if p == "-" else [p]
@@ -242,6 +269,7 @@ def add_chat_arguments(parser) -> None:
 
 def chat_cli(args, input_fn=input, out=None) -> int:
     out = out or sys.stdout
+    check_options(args)
     session = Session(args)
     print(f"chatting with {args.checkpoint} ({session.template.name}); /reset starts over, /exit quits", file=out)
     messages: list[dict] = []

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import jax
 import ml_dtypes  # noqa: F401  registers numpy's "bfloat16" dtype, so safetensors' numpy framework can read BF16
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from starling_jax import models
@@ -227,6 +227,23 @@ def _normalize(index, shape) -> tuple[slice, ...]:
 # Loading
 
 
+def _safe_open(file: str):
+    """safe_open, with a damaged file (truncated, bad header) reported as an HFFormatError naming it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as e:
+        raise HFFormatError(f"{file}: corrupt or truncated safetensors file ({e}); re-download or re-convert "
+                            f"it") from None
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFFormatError(f"{path}: invalid JSON: {e}") from None
+
+
 def _check_directory(path: str) -> tuple[dict, dict[str, str]]:
     """(parsed config.json, {tensor name: safetensors file}) or a clear error."""
     if not os.path.isdir(path):
@@ -235,18 +252,13 @@ def _check_directory(path: str) -> tuple[dict, dict[str, str]]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise HFFormatError(f"{path}: no config.json")
-    with open(cfg_path) as f:
-        try:
-            hf_cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise HFFormatError(f"{cfg_path}: invalid JSON: {e}") from None
+    hf_cfg = _read_json(cfg_path)
+    if not isinstance(hf_cfg, dict):
+        raise HFFormatError(f"{cfg_path}: expected a JSON object of config fields")
     index_path, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            try:
-                weight_map = json.load(f).get("weight_map")
-            except json.JSONDecodeError as e:
-                raise HFFormatError(f"{index_path}: invalid JSON: {e}") from None
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFFormatError(f"{index_path}: no 'weight_map' of tensor name -> file")
         for file in sorted(set(weight_map.values())):
@@ -254,7 +266,7 @@ def _check_directory(path: str) -> tuple[dict, dict[str, str]]:
                 raise HFFormatError(f"{index_path}: lists shard {file!r}, which is not in {path}")
         return hf_cfg, {k: os.path.join(path, v) for k, v in weight_map.items()}
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
+        with _safe_open(single) as f:
             return hf_cfg, {k: single for k in f.keys()}
     pickled = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_SUFFIXES))
     if pickled:
@@ -309,7 +321,7 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     hf_cfg, files = _check_directory(path)
     config = config_from_hf(hf_cfg, where=os.path.join(path, "config.json"))
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
+        handles = {f: stack.enter_context(_safe_open(f)) for f in sorted(set(files.values()))}
         names_in = {f: set(h.keys()) for f, h in handles.items()}
         slices = {}
         for name, file in files.items():
@@ -462,12 +474,33 @@ def add_convert_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="preset only: random-init seed")
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
                         help="split the safetensors into files of at most this many GB (default 5)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty output directory, replacing its config.json and safetensors")
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse to write into a non-empty directory (or over a file) unless `overwrite`; with `overwrite`, remove the
+    model files a previous save left there (config.json, *.safetensors, the index), so no stale shard survives."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a directory; choose another output directory")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not overwrite:
+        raise InputError(f"{path}: output directory is not empty ({', '.join(sorted(os.listdir(path))[:5])}"
+                         f"{' ...' if len(os.listdir(path)) > 5 else ''}); choose an empty or new directory, or pass "
+                         f"--overwrite to replace the model files in it")
+    for name in os.listdir(path):
+        if name in ("config.json", INDEX_FILE) or name.endswith(".safetensors"):
+            os.remove(os.path.join(path, name))
 
 
 def convert_cli(args) -> int:
+    if not args.overwrite:
+        check_output_dir(args.output, overwrite=False)  # fail before loading anything
     from starling_jax import export
     if export.is_stage_source(args.source):
         ref = export.resolve_stage(args.source, args.stage)
+        check_output_dir(args.output, args.overwrite)
         info = export.export_hf(ref, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
         print(f"wrote {args.output}: stage {info['stage']} as {info['class']}, {info['parameters']:,} parameters "
               f"({info['dtype']}), template {info['template']}, stop ids {info['stop_ids']}, "
@@ -485,6 +518,7 @@ def convert_cli(args) -> int:
         if args.head:
             raise SystemExit("convert: --head applies only to preset:NAME sources")
         config, params = load(args.source, dtype=args.dtype)
+    check_output_dir(args.output, args.overwrite)
     files = save(args.output, config, params, max_shard_bytes=int(args.max_shard_gb * 1e9))
     n = models.count_params(params)
     print(f"wrote {args.output}: {HF_CLASS[(config.architecture, config.head)]}, {n:,} parameters "

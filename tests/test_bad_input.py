@@ -12,8 +12,10 @@ message says where the problem is).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +27,74 @@ from starling_jax import cli
 from starling_jax.errors import DEBUG_ENV
 
 REPO = Path(__file__).resolve().parent.parent
+TRAIN = ["train", "tiny_sft", "--set", "train.steps=2", "--set", "data.synthetic_prompts=50", "--workdir", "w"]
+
+
+_SHARED: dict = {}  # inputs built once per test session (tiny HF directories), read-only: copy before damaging
+
+
+def _shared_hf_dir(head: str) -> str:
+    if head not in _SHARED:
+        import tempfile
+
+        import jax
+        import numpy as np
+
+        from starling_jax import hf, models
+        config = models.get_preset("tiny", head=head)
+        path = os.path.join(tempfile.mkdtemp(prefix="bad_input_"), f"hf_{head}")
+        shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))  # no compilation
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(lambda a: (0.02 * rng.standard_normal(a.shape)).astype(a.dtype), shapes)
+        hf.save(path, config, params)
+        _SHARED[head] = path
+    return _SHARED[head]
 
 
 class Files:
-    """A tmp directory with helpers that make the inputs the cases need (built lazily, once per test)."""
+    """A tmp directory with helpers that make the inputs the cases need."""
 
     def __init__(self, root: Path):
         self.root = root
+
+    def hf_dir(self, head: str = "lm") -> str:
+        """A tiny random-init HF directory (MistralForCausalLM, or ...ForSequenceClassification for head="score")."""
+        return _shared_hf_dir(head)
+
+    def hf_copy(self, name: str, head: str = "lm") -> str:
+        """A private copy of hf_dir(head), to damage."""
+        dst = self.root / name
+        shutil.copytree(_shared_hf_dir(head), dst)
+        return str(dst)
+
+    def damaged_hf(self, how: str) -> str:
+        """A tiny HF directory whose model.safetensors is truncated ("truncated"), has a garbled header ("header"),
+        or is replaced by a pickled pytorch_model.bin ("bin_only")."""
+        d = self.hf_copy(f"hf_{how}")
+        st = os.path.join(d, "model.safetensors")
+        if how == "truncated":
+            with open(st, "r+b") as f:
+                f.truncate(os.path.getsize(st) // 2)
+        elif how == "header":
+            data = bytearray(Path(st).read_bytes())
+            data[8:40] = b"x" * 32
+            Path(st).write_bytes(bytes(data))
+        elif how == "bin_only":
+            os.remove(st)
+            Path(d, "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a pickle")
+        else:
+            raise ValueError(how)
+        return d
+
+    def nectar(self, name: str, mutate=None, n: int = 12, text=None) -> str:
+        """A JSONL of n synthetic Nectar rows, after mutate(rows) (edits in place), or the given text/bytes."""
+        if text is None:
+            from starling_jax.data import synthetic
+            rows = synthetic.make_rows(n, seed=0)
+            if mutate:
+                mutate(rows)
+            text = "\n".join(json.dumps(r) for r in rows) + "\n"
+        return self.write(name, text)
 
     def path(self, name: str) -> str:
         return str(self.root / name)
@@ -71,8 +134,91 @@ CASES = [
     Case("unknown experiment name", lambda f: ["run", "no_such_experiment"], 2, r"no experiment 'no_such_experiment'"),
     Case("convert from an unknown preset", lambda f: ["convert", "preset:nope", f.path("out")], 2,
          r"unknown model preset 'nope'; known presets: .*tiny"),
+    # --- train / run: experiments, model.path, data.source
+    Case("model.path that is not a HF directory",
+         lambda f: TRAIN + ["--set", f"model.path={f.write('notmodel/readme.txt', 'hi') and f.path('notmodel')}"], 2,
+         r"notmodel: no config\.json"),
+    Case("model.path with a truncated safetensors",
+         lambda f: TRAIN + ["--set", f"model.path={f.damaged_hf('truncated')}"], 2,
+         r"hf_truncated/model\.safetensors: corrupt or truncated safetensors"),
+    Case("data.source directory without data files",
+         lambda f: TRAIN + ["--set", f"data.source={f.write('d/notes.txt', 'x') and f.path('d')}"], 2,
+         r"no data files under '.*d' .*found only notes\.txt"),
+    Case("data.source with no usable rows",
+         lambda f: TRAIN + ["--set", f"data.source={f.nectar('empty.jsonl', text='')}"], 2,
+         r"empty\.jsonl': no usable rows"),
+    Case("bad Nectar row in strict mode",
+         lambda f: TRAIN + ["--set", f"data.source={f.nectar('bad.jsonl', _bad_rank)}"], 2,
+         r"bad\.jsonl: row 3 .*field answers\[0\]\.rank: .*on_bad_row='skip'"),
+    Case("truncated Nectar JSONL line in strict mode",
+         lambda f: TRAIN + ["--set", f"data.source={f.nectar('cut.jsonl', text=_truncated_jsonl())}"], 2,
+         r"cut\.jsonl: line 3: not valid JSON"),
+    Case("non-UTF-8 Nectar JSONL in strict mode",
+         lambda f: TRAIN + ["--set", f"data.source={f.nectar('latin1.jsonl', text=_latin1_jsonl())}"], 2,
+         r"latin1\.jsonl: line 2: not UTF-8"),
+    Case("0-byte Nectar .json",
+         lambda f: TRAIN + ["--set", f"data.source={f.write('zero.json', b'')}"], 2, r"zero\.json: empty file"),
+    Case("corrupt Nectar .parquet",
+         lambda f: TRAIN + ["--set", f"data.source={f.write('bad.parquet', b'PAR1 this is not parquet PAR1')}"], 2,
+         r"bad\.parquet: unreadable Parquet file"),
+    Case("non-numeric utilities in strict mode",
+         lambda f: TRAIN + ["--set", f"data.source={f.nectar('u.jsonl', _bad_utilities)}"], 2,
+         r"u\.jsonl: row 1 .*field utilities\[2\]: expected a finite number, got 'high'"),
+    Case("metadata of the wrong type in strict mode",
+         lambda f: TRAIN + ["--set", f"data.source={f.nectar('t.jsonl', _bad_turns)}"], 2,
+         r"t\.jsonl: row 0 .*field turns: expected a whole number >= 1, got 'n/a'"),
+    Case("non-UTF-8 .json Nectar file",
+         lambda f: TRAIN + ["--set", "data.source=" + f.write("l.json", b'[{"prompt": "caf\xe9"}]')], 2,
+         r"l\.json: not UTF-8 text"),
+    Case("damaged .jsonl.gz",
+         lambda f: TRAIN + ["--set", "data.source=" + f.write("z.jsonl.gz", b"\x1f\x8b\x08\x00garbage")], 2,
+         r"z\.jsonl\.gz: damaged compressed file"),
+    Case("plan of an experiment with a syntax error",
+         lambda f: ["plan", f.write("syn.py", "x = (\n"), "--devices", 8], 2, r"syn\.py:\d+: Python syntax error"),
+    # --- generate / chat
     Case("generate on a missing checkpoint", lambda f: ["generate", f.path("missing"), "--prompt", "hi"], 2,
          r"checkpoint '.*missing' does not exist"),
+    Case("generate on a directory that is no checkpoint",
+         lambda f: ["generate", f.write("plain/a.txt", "x") and f.path("plain"), "--prompt", "hi"], 2,
+         r"plain' is neither a Hugging Face directory .* nor a starling_jax stage export"),
+    Case("generate on a corrupt safetensors header",
+         lambda f: ["generate", f.damaged_hf("header"), "--prompt", "hi"], 2,
+         r"hf_header/model\.safetensors: corrupt or truncated safetensors"),
+    Case("generate on a .bin-only directory", lambda f: ["generate", f.damaged_hf("bin_only"), "--prompt", "hi"], 2,
+         r"hf_bin_only: only pickled checkpoints \(pytorch_model\.bin\); starling_jax never unpickles"),
+    Case("generate --max-new-tokens 0", lambda f: ["generate", f.hf_dir(), "--prompt", "hi", "--max-new-tokens", 0],
+         2, r"--max-new-tokens 0: must be >= 1"),
+    Case("generate --max-new-tokens beyond the context",
+         lambda f: ["generate", f.hf_dir(), "--prompt", "hi", "--max-new-tokens", 100000], 2,
+         r"--max-new-tokens 100000: the model's context is 512 tokens, so at most 511"),
+    Case("generate --temperature -1", lambda f: ["generate", f.hf_dir(), "--prompt", "hi", "--temperature", -1], 2,
+         r"--temperature -1\.0: must be >= 0"),
+    Case("generate --top-p 0", lambda f: ["generate", f.hf_dir(), "--prompt", "hi", "--top-p", 0], 2,
+         r"--top-p 0\.0: must be in \(0, 1\]"),
+    Case("generate --top-p 1.5", lambda f: ["generate", f.hf_dir(), "--prompt", "hi", "--top-p", 1.5], 2,
+         r"--top-p 1\.5: must be in \(0, 1\]"),
+    Case("generate --top-k -1", lambda f: ["generate", f.hf_dir(), "--prompt", "hi", "--top-k", -1], 2,
+         r"--top-k -1: must be >= 0"),
+    Case("generate with a reward-model checkpoint", lambda f: ["generate", f.hf_dir("score"), "--prompt", "hi"], 2,
+         r"hf_score: this is a reward model \(head 'score'\); generation needs a language model"),
+    Case("chat --temperature -1", lambda f: ["chat", f.hf_dir(), "--temperature", -1], 2,
+         r"--temperature -1\.0: must be >= 0"),
+    Case("chat on a missing checkpoint", lambda f: ["chat", f.path("missing")], 2, r"does not exist"),
+    # --- convert
+    Case("generate --max-new-tokens abc (argparse)",
+         lambda f: ["generate", f.hf_dir(), "--prompt", "hi", "--max-new-tokens", "abc"], 2,
+         r"argument --max-new-tokens: invalid int value: 'abc'"),
+    Case("convert from a missing source", lambda f: ["convert", f.path("missing"), f.path("out")], 2,
+         r"missing: not a directory"),
+    Case("convert from a truncated safetensors", lambda f: ["convert", f.damaged_hf("truncated"), f.path("out")], 2,
+         r"hf_truncated/model\.safetensors: corrupt or truncated safetensors"),
+    Case("convert from a .bin-only directory", lambda f: ["convert", f.damaged_hf("bin_only"), f.path("out")], 2,
+         r"only pickled checkpoints"),
+    Case("convert into a non-empty directory",
+         lambda f: ["convert", "preset:tiny", f.write("full/config.json", "{}") and f.path("full")], 2,
+         r"full: output directory is not empty \(config\.json\); .* --overwrite"),
+    Case("convert into a file", lambda f: ["convert", "preset:tiny", f.write("afile", "x")], 2,
+         r"afile: exists and is not a directory"),
     Case("study file that does not exist", lambda f: ["study", f.path("nope.py"), "--workdir", f.path("d")], 2,
          r"study file .*nope\.py does not exist"),
     Case("study file without get_study", lambda f: ["study", f.write("s.py", "x = 1\n"), "--workdir", f.path("d")],
@@ -84,8 +230,38 @@ CASES = [
 ]
 
 
+
+def _bad_rank(rows):
+    rows[3]["answers"][0]["rank"] = "x"
+
+
+def _bad_utilities(rows):
+    rows[1]["utilities"][2] = "high"
+
+
+def _bad_turns(rows):
+    rows[0]["turns"] = "n/a"
+
+
+def _truncated_jsonl() -> str:
+    from starling_jax.data import synthetic
+    lines = [json.dumps(r) for r in synthetic.make_rows(6, seed=0)]
+    lines[2] = lines[2][: len(lines[2]) // 2]  # a line cut in the middle
+    return "\n".join(lines) + "\n"
+
+
+def _latin1_jsonl() -> bytes:
+    from starling_jax.data import synthetic
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in synthetic.make_rows(4, seed=0)]
+    lines[1] = lines[1].replace(b"Human: ", "Human: caf\u00e9 ".encode("latin-1"), 1)
+    return b"\n".join(lines) + b"\n"
+
+
 def run_main(argv, capsys):
-    status = cli.main([str(a) for a in argv])
+    try:
+        status = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors (a usage line, then "PROG: error: ...", status 2)
+        status = e.code
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -98,7 +274,7 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
     assert "Traceback" not in out + err
     assert status == case.status, err
     assert re.search(case.pattern, err), f"stderr {err!r} does not match {case.pattern!r}"
-    assert err.startswith("error: "), err
+    assert err.startswith("error: ") or re.search(r"^usage: .*\nstarling-jax \w+: error: ", err, re.S), err
 
 
 def test_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypatch):

@@ -20,11 +20,13 @@ pairs, and TIED pairs in data.pipelines) skip tied pairs and count them. ties="r
 from __future__ import annotations
 
 import dataclasses
-import glob
+import gzip
 import json
 import math
+import numbers
 import os
 import re
+import zlib
 from typing import Iterable, Optional
 
 from starling_jax.errors import InputError
@@ -48,6 +50,8 @@ class DataReport:
     prompts_truncated: int = 0  # examples whose prompt lost tokens on the left
     responses_truncated: int = 0  # examples whose response lost tokens on the right (prompt alone did not suffice)
     answers_dropped: int = 0  # answers beyond max_responses left out of K-wise groups
+    files_read: list = dataclasses.field(default_factory=list)  # data files read (a directory source)
+    files_ignored: list = dataclasses.field(default_factory=list)  # files in a data directory that are not data
     train_rows: int = 0
     heldout_rows: int = 0
 
@@ -67,6 +71,10 @@ class DataReport:
                 + f"; prompts truncated {self.prompts_truncated}, responses truncated {self.responses_truncated}")
         if self.answers_dropped:
             text += f"; answers beyond max_responses dropped {self.answers_dropped}"
+        if self.files_ignored:
+            n = len(self.files_ignored)
+            text += (f"; {n} file(s) in the data directory ignored (not {'/'.join(DATA_SUFFIXES)}): "
+                     f"{', '.join(self.files_ignored[:5])}{' ...' if n > 5 else ''}")
         return text
 
 
@@ -149,9 +157,40 @@ def _check_row(row, max_chars: int, ties: str, min_answers: int) -> tuple[dict, 
     for pos, j in enumerate(order):
         ranks[j] = pos + 1
     parsed = {"messages": messages, "responses": texts, "models": models, "raw_ranks": raw, "ranks": ranks}
-    if "utilities" in row and row["utilities"] is not None:
-        parsed["utilities"] = [float(u) for u in row["utilities"]]
+    _check_metadata(row)
+    utilities = row.get("utilities")
+    if utilities is not None:
+        if not isinstance(utilities, (list, tuple)) or len(utilities) != len(answers):
+            raise _Bad("bad_utilities", "utilities", f"expected a list of {len(answers)} numbers (one per answer), "
+                                                     f"got {utilities!r:.80}")
+        for j, u in enumerate(utilities):
+            if isinstance(u, bool) or not isinstance(u, numbers.Real) or not math.isfinite(u):
+                raise _Bad("bad_utilities", f"utilities[{j}]", f"expected a finite number, got {u!r:.40}")
+        parsed["utilities"] = [float(u) for u in utilities]
     return parsed, tied
+
+
+def _is_count(x) -> bool:
+    """A whole number (an int, or a float like 3.0 that parquet/JSON may produce), not a bool."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
+    return isinstance(x, numbers.Integral) or (math.isfinite(x) and float(x).is_integer())
+
+
+def _check_metadata(row: dict) -> None:
+    """Nectar's metadata fields, when present (None = absent): turns and num_responses whole numbers >= 1, source a
+    string or a list of strings, good_natured a boolean (the tfds builder stores them with these types)."""
+    for field in ("turns", "num_responses"):
+        v = row.get(field)
+        if v is not None and not (_is_count(v) and v >= 1):
+            raise _Bad("bad_metadata", field, f"expected a whole number >= 1, got {v!r:.40}")
+    source = row.get("source")
+    if source is not None and not isinstance(source, str) and not (
+            isinstance(source, (list, tuple)) and all(isinstance(x, str) for x in source)):
+        raise _Bad("bad_metadata", "source", f"expected a string or a list of strings, got {source!r:.40}")
+    good = row.get("good_natured")
+    if good is not None and type(good).__name__ not in ("bool", "bool_"):  # numpy's bool_ too
+        raise _Bad("bad_metadata", "good_natured", f"expected true or false, got {good!r:.40}")
 
 
 def parse_rows(rows: Iterable, on_bad_row: str = "error", ties: str = "break", max_chars: int = 100_000,
@@ -181,35 +220,104 @@ def parse_rows(rows: Iterable, on_bad_row: str = "error", ties: str = "break", m
     return out, report
 
 
-def find_files(path: str) -> list[str]:
-    """Nectar files under path: itself if a file, else its *.parquet, *.jsonl, *.json (sorted, recursive)."""
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")  # matched case-insensitively
+
+
+def _suffix(path: str) -> Optional[str]:
+    name = path.lower()
+    return next((sfx for sfx in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(sfx)), None)
+
+
+def find_files(path: str, report: Optional[DataReport] = None) -> list[str]:
+    """Nectar files under path: itself if a file, else every file under it (recursive, sorted by path) whose name
+    ends in .parquet, .jsonl, .json, .jsonl.gz or .json.gz, in any letter case. Other files are listed in
+    report.files_ignored (and so in its summary), never dropped silently."""
     if os.path.isfile(path):
+        if _suffix(path) is None:
+            raise NectarError(f"{path}: not a Nectar data file (expected a name ending in {', '.join(DATA_SUFFIXES)})")
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Nectar source {path!r} does not exist")
-    files = sorted(f for ext in ("parquet", "jsonl", "json")
-                   for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
+    files, ignored = [], []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for name in names:
+            full = os.path.join(root, name)
+            (files if _suffix(name) else ignored).append(full)
+    files.sort()
+    ignored = sorted(os.path.relpath(f, path) for f in ignored)
     if not files:
-        raise FileNotFoundError(f"no .parquet, .jsonl or .json files under {path!r}")
+        raise FileNotFoundError(f"no data files under {path!r} (expected names ending in {', '.join(DATA_SUFFIXES)}"
+                                + (f"; found only {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''})"
+                                   if ignored else "; the directory is empty)"))
+    if report is not None:
+        report.files_read += files
+        report.files_ignored += ignored
     return files
 
 
-def read_file(path: str) -> list:
-    """Raw rows of one parquet / JSONL / JSON (list of rows) file."""
-    if path.endswith(".parquet"):
+def _unreadable(path: str, what: str, e: BaseException) -> NectarError:
+    detail = getattr(e, "msg", None) or str(e) or type(e).__name__
+    return NectarError(f"{path}: {what} ({detail}); re-download or re-export the file, or move it out of the data "
+                       f"directory")
+
+
+def _jsonl_rows(path: str, lines, on_bad_row: str, report: DataReport) -> list:
+    rows = []
+    line_no = 0
+    try:
+        for line_no, raw in enumerate(lines, 1):
+            try:
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                rows.append(json.loads(text))
+                continue
+            except UnicodeDecodeError as e:
+                reason, detail = "not_utf8", f"not UTF-8 text (byte {e.start}: {e.reason})"
+            except json.JSONDecodeError as e:
+                reason, detail = "bad_json", f"not valid JSON ({e.msg} at column {e.colno})"
+            message = f"{path}: line {line_no}: {detail}"
+            if on_bad_row == "error":
+                raise NectarError(message + " (set data.on_bad_row='skip' to skip such lines)")
+            report.rows_read += 1
+            report.skip(reason, message)
+    except (OSError, EOFError, zlib.error) as e:  # a damaged .gz: the rows before the damage are kept only if skipping
+        raise _unreadable(path, f"damaged compressed file after line {line_no}", e) from None
+    return rows
+
+
+def read_file(path: str, on_bad_row: str = "error", report: Optional[DataReport] = None) -> list:
+    """Raw rows of one parquet / JSONL / JSON (a list of rows) file, optionally gzipped (.jsonl.gz, .json.gz).
+
+    A JSONL line that is not UTF-8 or not JSON is a bad row: NectarError naming the file and line (on_bad_row="error")
+    or skipped and counted in `report` with its reason (not_utf8, bad_json). A file that cannot be decoded at all
+    (a corrupt parquet or gzip, an empty or invalid .json) raises NectarError naming it, in either mode."""
+    report = report if report is not None else DataReport()
+    kind = _suffix(path) or ".json"
+    opener = gzip.open if kind.endswith(".gz") else open
+    if kind == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    with open(path) as f:
-        if path.endswith(".jsonl"):
-            rows = []
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise NectarError(f"{path}: line {line_no}: not valid JSON ({e.msg})") from None
-            return rows
-        data = json.load(f)
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise _unreadable(path, "unreadable Parquet file", e) from None
+    if kind.startswith(".jsonl"):
+        with opener(path, "rb") as f:
+            return _jsonl_rows(path, f, on_bad_row, report)
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        if not data.strip():
+            raise NectarError(f"{path}: empty file; a .json Nectar file holds a list of rows (or remove the file)")
+        data = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _unreadable(path, f"not UTF-8 text (byte {e.start})", e) from None
+    except json.JSONDecodeError as e:
+        raise _unreadable(path, f"invalid JSON at line {e.lineno} column {e.colno}", e) from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise _unreadable(path, "damaged compressed file", e) from None
     if not isinstance(data, list):
         raise NectarError(f"{path}: a .json Nectar file must hold a list of rows, got {type(data).__name__}")
     return data
@@ -220,8 +328,8 @@ def read_rows(path: str, on_bad_row: str = "error", ties: str = "break", max_cha
     """Read and parse every Nectar file under path; errors name the file and the row within it."""
     report = DataReport()
     out: list[dict] = []
-    for f in find_files(path):
-        rows, _ = parse_rows(read_file(f), on_bad_row, ties, max_chars, source=f, report=report)
+    for f in find_files(path, report):
+        rows, _ = parse_rows(read_file(f, on_bad_row, report), on_bad_row, ties, max_chars, source=f, report=report)
         for r in rows:
             r["file"] = f
         out += rows

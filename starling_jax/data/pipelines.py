@@ -333,7 +333,8 @@ def load_splits(data) -> Splits:
         else:
             rows, report = nectar.read_rows(data.source, on_bad_row=data.on_bad_row)
     if not rows:
-        raise ValueError(f"data source {data.source!r}: no usable rows ({report.summary()})")
+        raise nectar.NectarError(f"data source {data.source!r}: no usable rows ({report.summary()}); point "
+                                 f"data.source at Nectar files with valid rows")
     unseen_templates = getattr(data, "unseen_templates", 0)
     tuning_fraction = getattr(data, "tuning_fraction", 0.0)
     if unseen_templates and data.source != "synthetic":

@@ -6,7 +6,9 @@ array_record so it reads back without TensorFlow: tfds.data_source -> grain.MapD
     rows, report = nectar.parse_rows(ds)                                 # or data.load_rows(DataConfig(source=...))
 
 The stored rows are the raw Nectar fields (plus the synthetic rows' "utilities" when present); rows that fail
-validation are skipped (on_bad_row="skip", counted in the report) or stop the build ("error").
+validation (nectar.parse_rows: the fields, the metadata's types, utilities) or cannot be decoded (a JSONL line that is
+not UTF-8 or not JSON) are skipped (on_bad_row="skip", counted in the report) or stop the build ("error"), so every
+row written converts to the stored feature types.
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def build(source: str | list, data_dir: str, on_bad_row: str = "error", ties: st
     report = nectar.DataReport()
     if isinstance(source, (str, os.PathLike)):
         raw = []
-        for f in nectar.find_files(str(source)):
-            rows = nectar.read_file(f)
+        for f in nectar.find_files(str(source), report):
+            rows = nectar.read_file(f, on_bad_row, report)
             parsed, _ = nectar.parse_rows(rows, on_bad_row, ties, source=f, report=report)
             raw += [rows[p["row"]] for p in parsed]
     else:

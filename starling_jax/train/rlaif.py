@@ -243,6 +243,8 @@ def build_rl_stage(ctx):
     if c.reward_model is None:
         raise ValueError(f"stage {ctx.stage_name!r}: objective {o.name!r} needs a reward_model section")
     k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.key(c.train.seed), 4)
+    splits = pipelines.load_splits(c.data)  # before the models: bad data fails fast
+    train_rows, data_report = splits.train, splits.report
     config, params = prog.load_model(ctx, c.model, k_policy)
     rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
     if "score" not in rm_params:
@@ -252,8 +254,6 @@ def build_rl_stage(ctx):
                                        o.value_head)
     del params
 
-    splits = pipelines.load_splits(c.data)
-    train_rows = splits.train
     conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
     shard, shards = jax.process_index(), jax.process_count()
     prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step // shards,
@@ -330,7 +330,8 @@ def build_rl_stage(ctx):
                    "kl_to_reference": after["kl_to_reference"],
                    "response_length_before": before["response_length"],
                    "response_length_after": after["response_length"],
-                   "samples_before": before["samples"], "samples_after": after["samples"]}
+                   "samples_before": before["samples"], "samples_after": after["samples"],
+                   "data": data_report.summary()}
         if "true_reward" in after:
             summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
         summary["rm_win_rate_vs_initial"] = judged_win_rate(after, before)

@@ -69,6 +69,9 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
     rules = c.mesh.rules
     init_key, head_key, state_key, eval_key = jax.random.split(jax.random.key(c.train.seed), 4)
 
+    # The rows first: a bad data file is reported before minutes of model loading and compilation.
+    splits = pipelines.load_splits(c.data)
+    train_rows, heldout_rows, report = splits.train, splits.heldout, splits.report
     model_config, params = load_model(ctx, c.model, init_key)
     if kind == "rm" and model_config.head != "score":
         model_config, params = to_reward_model(model_config, params, head_key)
@@ -95,8 +98,6 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
     # Data: this process's share of the rows, batch_size / process_count rows per step.
     shard_index, shard_count = sharding.data_shard()
     local_batch = c.train.batch_size // shard_count
-    splits = pipelines.load_splits(c.data)
-    train_rows, heldout_rows, report = splits.train, splits.heldout, splits.report
     pipe_kind = "rm" if kind == "rm" else kind
     train_ds = pipelines.dataset_for(pipe_kind, train_rows, tokenizer, c.data, local_batch, template=c.model.template,
                                      seed=c.data.shuffle_seed + c.train.seed, shard_index=shard_index,
