@@ -9,6 +9,10 @@ alone.
 Randomness: the token of step i is drawn with `jax.random.fold_in(key, i)`, so `generate` and `stream` give the same
 tokens for the same key.
 
+On a mesh, pass `constrain=sharding.activation_constraint(mesh, rules)`: the prefill's and every decode step's
+residual stream is pinned to the batch axes (so XLA does not follow the FSDP-sharded weights and replicate the
+activations), and the KV cache stays split over the batch axes and over the kv heads (the `kv_heads` rule, e.g. tensor).
+
 Shape letters: B batch, P prompt length, N max_new_tokens, V vocab, S cache slots.
 """
 
@@ -78,21 +82,37 @@ def choose_tokens(logits: jax.Array, key: jax.Array, temperature, top_k: int = 0
 # Prefill and one decode step.
 
 
+def _pin_cache(cache: Params, constrain) -> Params:
+    """The cache's k/v (stacked [L, B, S, K, E] or per-layer tuples of [1, B, S, K, E]) constrained to
+    constrain.kv_cache's layout; unchanged without a constraint."""
+    if constrain is None:
+        return cache
+    pin = lambda a: tuple(constrain.kv_cache(x) for x in a) if isinstance(a, tuple) else constrain.kv_cache(a)
+    return {**cache, "k": pin(cache["k"]), "v": pin(cache["v"])}
+
+
+def _embed(params: Params, config: ModelConfig, tokens: jax.Array, constrain) -> jax.Array:
+    if constrain is None:
+        return embed_tokens(params, config, tokens)
+    return constrain(embed_tokens({**params, "embed": constrain.embedding(params["embed"])}, config, tokens))
+
+
 def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-            slots: int) -> tuple[jax.Array, Params]:
-    """Run the prompt [B, P] into a fresh cache of `slots` slots.
+            slots: int, constrain=None) -> tuple[jax.Array, Params]:
+    """Run the prompt [B, P] into a fresh cache of `slots` slots. constrain: see the module docstring.
 
     Returns (next-token logits [B, V] float32, decode cache): the cache of models.init_cache with k and v split into
     per-layer tuples of [1, B, S, K, E] (see decode_step for why).
     """
-    cache = init_cache(config, prompt_tokens.shape[0], slots)
-    x = embed_tokens(params, config, prompt_tokens)
-    x, cache = run_layers(params["layers"], config, x, prompt_mask, cache)
+    cache = _pin_cache(init_cache(config, prompt_tokens.shape[0], slots), constrain)
+    x = _embed(params, config, prompt_tokens, constrain)
+    x, cache = run_layers(params["layers"], config, x, prompt_mask, cache, constrain=constrain)
+    cache = _pin_cache(cache, constrain)
     # Left padding puts every row's last real token in the last column.
     logits = lm_logits(params, config, final_norm(params, config, x[:, -1]))
     L = config.num_layers
-    return logits, {**cache, "k": tuple(cache["k"][l:l + 1] for l in range(L)),
-                    "v": tuple(cache["v"][l:l + 1] for l in range(L))}
+    return logits, _pin_cache({**cache, "k": tuple(cache["k"][l:l + 1] for l in range(L)),
+                               "v": tuple(cache["v"][l:l + 1] for l in range(L))}, constrain)
 
 
 def split_layers(params: Params) -> Params:
@@ -108,18 +128,20 @@ def split_layers(params: Params) -> Params:
 
 
 def decode_step(params: Params, config: ModelConfig, cache: Params, tokens: jax.Array,
-                active: jax.Array) -> tuple[jax.Array, Params]:
+                active: jax.Array, constrain=None) -> tuple[jax.Array, Params]:
     """Feed one token per row (tokens [B]; active [B] bool, False for rows that already stopped, which are fed as
     padding). params as split_layers gives, cache as prefill gives. Returns (next-token logits [B, V] float32, cache).
+    constrain: see the module docstring.
     """
-    x = embed_tokens(params, config, tokens[:, None])
+    x = _embed(params, config, tokens[:, None], constrain)
     mask = active[:, None].astype(jnp.int32)
     ks, vs = [], []
     for layer, k, v in zip(params["layers"], cache["k"], cache["v"]):  # unrolled: see split_layers
-        x, c = run_layers(layer, config, x, mask, {"k": k, "v": v, "pos": cache["pos"], "index": cache["index"]})
+        x, c = run_layers(layer, config, x, mask, {"k": k, "v": v, "pos": cache["pos"], "index": cache["index"]},
+                          constrain=constrain)
         ks.append(c["k"])
         vs.append(c["v"])
-    cache = {"k": tuple(ks), "v": tuple(vs), "pos": c["pos"], "index": c["index"]}
+    cache = _pin_cache({"k": tuple(ks), "v": tuple(vs), "pos": c["pos"], "index": c["index"]}, constrain)
     return lm_logits(params, config, final_norm(params, config, x[:, 0])), cache
 
 
@@ -136,12 +158,12 @@ def _pad_id(config: ModelConfig) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # The jitted generation loop.
 
-_STATIC = ("config", "max_new_tokens", "top_k", "stop_ids", "greedy", "use_top_p")
+_STATIC = ("config", "max_new_tokens", "top_k", "stop_ids", "greedy", "use_top_p", "constrain")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, config, max_new_tokens, top_k,
-              stop_ids, greedy, use_top_p):
+              stop_ids, greedy, use_top_p, constrain):
     B, P = prompt_tokens.shape
     N = max_new_tokens
     pad = _pad_id(config)
@@ -156,7 +178,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
                logprobs.at[:, i].set(jnp.where(live, lp, 0.0)))
         return tok, done | _is_stop(tok, stop_ids), out
 
-    logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_slots(config, P + N))
+    logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_slots(config, P + N), constrain)
     out = (jnp.full((B, N), pad, jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32))
     tok, done, out = emit(0, logits, jnp.zeros((B,), bool), out)
     step_params = split_layers(params)
@@ -167,7 +189,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
 
     def body(state):
         i, cache, tok, done, out = state
-        logits, cache = decode_step(step_params, config, cache, tok, ~done)
+        logits, cache = decode_step(step_params, config, cache, tok, ~done, constrain)
         tok, done, out = emit(i, logits, done, out)
         return i + 1, cache, tok, done, out
 
@@ -222,7 +244,7 @@ def _check_prompts(config: ModelConfig, prompt_tokens, prompt_mask, max_new_toke
 
 def generate(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, key: jax.Array, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
+             stop_ids: Sequence[int] = (), constrain=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sample up to N = max_new_tokens tokens after left-padded prompts.
 
     prompt_tokens [B, P] int, prompt_mask [B, P] (0 = left padding, 1 = token; None = no padding).
@@ -231,13 +253,16 @@ def generate(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, ke
     generated tokens, the stop token included) and logprobs [B, N] float32: log pi(token | prefix) under the model at
     temperature 1 without filtering (0 where mask is 0).
 
-    Compiled once per (config, shapes, max_new_tokens, top_k, stop_ids, greedy, top_p < 1); temperature and top_p are
-    traced. Options must be Python numbers; the arrays may be traced (callable inside a caller's jit).
+    constrain: None, or sharding.activation_constraint(mesh, rules) to keep activations and the KV cache split over
+    the mesh's batch axes (see the module docstring); the tokens are the same either way.
+
+    Compiled once per (config, shapes, max_new_tokens, top_k, stop_ids, greedy, top_p < 1, constrain); temperature
+    and top_p are traced. Options must be Python numbers; the arrays may be traced (callable inside a caller's jit).
     """
     opts = _options(config, max_new_tokens, temperature, top_k, top_p, stop_ids)
     prompt_tokens, prompt_mask = _check_prompts(config, prompt_tokens, prompt_mask, opts["max_new_tokens"])
     return _generate(params, prompt_tokens, prompt_mask, key, jnp.float32(temperature or 1.0), jnp.float32(top_p),
-                     config=config, **opts)
+                     config=config, constrain=constrain, **opts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

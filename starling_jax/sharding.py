@@ -227,12 +227,26 @@ class ActivationConstraint:
     def __init__(self, mesh: Mesh, rules):
         self.activations = NamedSharding(mesh, logical_to_spec(ACTIVATION_AXES, rules, mesh))
         self.table = NamedSharding(mesh, logical_to_spec(("vocab", None), rules, mesh))
+        self.cache = NamedSharding(mesh, logical_to_spec((None, "batch", None, "kv_heads", None), rules, mesh))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.activations)
 
     def embedding(self, table: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(table, self.table)
+
+    def kv_cache(self, kv: jax.Array) -> jax.Array:
+        """A KV cache array [L, B, S, K, E] split over the batch axes and the kv heads (the kv_heads rule)."""
+        return jax.lax.with_sharding_constraint(kv, self.cache)
+
+    def _key(self):
+        return self.activations, self.table, self.cache
+
+    def __eq__(self, other):  # equal constraints compile to the same program (sampling.generate takes it statically)
+        return isinstance(other, ActivationConstraint) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
 
 def activation_constraint(mesh: Optional[Mesh], rules) -> Optional[ActivationConstraint]:

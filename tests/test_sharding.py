@@ -187,3 +187,35 @@ def test_jitted_sharded_step_keeps_layouts_donates_state_and_matches_the_loss():
     _assert_close(metrics["loss"], want[1], "loss")
     assert state.params["layers"]["wq"].sharding.spec == EXPECTED["layers/wq"]
     assert state.frozen["trunk"]["embed"].sharding.spec == EXPECTED["embed"]
+
+
+@needs8
+def test_sharded_generation_equals_unsharded_and_keeps_the_cache_split():
+    """sampling.generate with the mesh's activation constraint (data=2, fsdp=2, tensor=2: batch over data x fsdp,
+    kv heads over tensor) gives the tokens and log-probs of a single-device run, greedy and sampled, over a rolling
+    cache (window 8 < prompt + new tokens); prefill's KV cache comes out split over batch and kv heads."""
+    from starling_jax import sampling
+
+    config = CFG.replace(init_std=0.3, sliding_window=8)  # peaked logits: no near-ties for greedy to split on
+    params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 128, size=(4, 12)).astype(np.int32)
+    mask = np.ones((4, 12), np.int32)
+    mask[1, :5] = 0
+    mask[3, :2] = 0
+    tokens[mask == 0] = 0
+    mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    constrain = sharding.activation_constraint(mesh, DEFAULT_RULES)
+    p_sh = sharding.param_shardings(models.param_specs(config), mesh, DEFAULT_RULES)
+    b_sh = sharding.batch_shardings({"t": tokens}, mesh, DEFAULT_RULES)["t"]
+    sharded = (jax.device_put(params, p_sh), jax.device_put(tokens, b_sh), jax.device_put(mask, b_sh))
+    for temperature in (0.0, 1.0):
+        want = sampling.generate(params, config, tokens, mask, jax.random.key(5), 10, temperature=temperature)
+        got = sampling.generate(sharded[0], config, sharded[1], sharded[2], jax.random.key(5), 10,
+                                temperature=temperature, constrain=constrain)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+        np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5, atol=1e-5)
+    _, cache = jax.jit(lambda p, t, m: sampling.prefill(p, config, t, m, 8, constrain))(*sharded)
+    assert cache["k"][0].sharding.is_equivalent_to(NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor")), 5)
+    assert cache["k"][0].addressable_shards[0].data.shape == (1, 1, 8, 1, config.head_dim)
