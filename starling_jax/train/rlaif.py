@@ -312,7 +312,7 @@ def build_rl_stage(ctx):
         from starling_jax.data.synthetic import true_utility
     batches = RolloutSource(prompts=prompts, conversations=conversations, config=config, tokenizer=tokenizer,
                             template=c.model.template, scorer=scorer, experience_fn=experience_fn, objective=o,
-                            rollout=r, seed=c.train.seed, true_utility=true_utility)
+                            rollout=r, seed=c.train.seed, true_utility=true_utility, constrain=constrain)
     def report(state, which: str, split: str = "heldout") -> dict:
         full = policy_params(state.params, state.frozen) if which == "policy" else reference_params(state.frozen)
         prompts_, conversations_, key = eval_sets[split]

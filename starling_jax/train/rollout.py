@@ -97,12 +97,13 @@ class Samples:
 
 def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str, conversations, prompt_tokens,
                    prompt_mask, key: jax.Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0) -> Samples:
-    """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template)."""
+                   top_p: float = 1.0, constrain=None) -> Samples:
+    """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template).
+    constrain: the mesh's activation constraint (sampling.generate), None off a mesh."""
     t = get_template(template)
     tokens, mask, _ = sampling.generate(params, config, prompt_tokens, prompt_mask, key, max_new_tokens,
                                         temperature=temperature, top_k=top_k, top_p=top_p,
-                                        stop_ids=tokenizer.stop_ids(t))
+                                        stop_ids=tokenizer.stop_ids(t), constrain=constrain)
     tokens = np.asarray(tokens)
     texts, mask = sampling.apply_stop_strings(tokenizer, tokens, np.asarray(mask), t.stop_strings)
     return Samples(np.asarray(prompt_tokens), np.asarray(prompt_mask), tokens, mask, list(texts), list(conversations))
@@ -118,7 +119,7 @@ class RolloutSource:
 
     def __init__(self, *, prompts, conversations: Sequence[Conversation], config: ModelConfig, tokenizer,
                  template: str, scorer: RewardScorer, experience_fn: Callable, objective, rollout, seed: int,
-                 true_utility: Optional[Callable[[Conversation, str], float]] = None):
+                 true_utility: Optional[Callable[[Conversation, str], float]] = None, constrain=None):
         """prompts: an iterator of RL prompt batches (prompt_tokens [B, P] left padded, prompt_mask, prompt_id [B])
         with get_state/set_state (data.pipelines' "rl" dataset); conversations[prompt_id] is the prompt's
         conversation (for re-rendering it for the reward model)."""
@@ -126,6 +127,7 @@ class RolloutSource:
         self.config, self.tokenizer, self.template = config, tokenizer, template
         self.scorer, self.experience_fn, self.objective, self.rollout = scorer, experience_fn, objective, rollout
         self.seed, self.true_utility = seed, true_utility
+        self.constrain = constrain  # sharding.activation_constraint: generation split over the mesh's batch axes
         self.chunk = 0
         self.kl_coef = float(objective.kl_coef)
         self.moments = {k: float(v) for k, v in obj_kl.running_moments_init().items()}
@@ -149,7 +151,7 @@ class RolloutSource:
         r = self.rollout
         s = sample_replies(policy_params(state.params, state.frozen), self.config, self.tokenizer, self.template,
                            conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
-                           r.top_p)
+                           r.top_p, constrain=self.constrain)
         self.last_samples = s
         raw = self.scorer(conversations, s.texts)
         o = self.objective
