@@ -219,6 +219,37 @@ CASES = [
          r"full: output directory is not empty \(config\.json\); .* --overwrite"),
     Case("convert into a file", lambda f: ["convert", "preset:tiny", f.write("afile", "x")], 2,
          r"afile: exists and is not a directory"),
+    Case("eval policy with a missing questions file",
+         lambda f: ["eval", "policy", f.path("ckpt"), "--questions", f.path("q.jsonl"), "--format", "mt_bench",
+                    "--out", f.path("a.jsonl")], 2, r"q\.jsonl: no such file"),
+    Case("eval policy with a malformed MT-Bench question",
+         lambda f: ["eval", "policy", f.path("ckpt"), "--questions", f.write("q.jsonl", '{"question_id": 1}\n'),
+                    "--format", "mt_bench", "--out", f.path("a.jsonl")], 2, r"q\.jsonl: row 0: field 'turns'"),
+    Case("eval policy with a truncated JSONL line",
+         lambda f: ["eval", "policy", f.path("ckpt"), "--questions", f.write("q.jsonl", '{"question_id": 1, "tu'),
+                    "--format", "alpaca_eval", "--out", f.path("a.json")], 2, r"q\.jsonl:1: invalid JSON"),
+    Case("eval policy on a missing checkpoint",
+         lambda f: ["eval", "policy", f.path("ckpt"), "--questions", f.write("q.json", '[{"instruction": "hi"}]'),
+                    "--format", "alpaca_eval", "--out", f.path("a.json")], 2, r"ckpt: does not exist"),
+    Case("eval policy with an unknown format",
+         lambda f: ["eval", "policy", f.path("ckpt"), "--questions", "q", "--format", "gsm8k", "--out", "o"], 2,
+         r"invalid choice: 'gsm8k'"),
+    Case("eval compare with a prompts file of an unknown type",
+         lambda f: ["eval", "compare", f.path("a"), f.path("b"), "--prompts", f.write("p.csv", "x\n"), "--judge",
+                    f.path("rm")], 2, r"p\.csv: unsupported file type"),
+    Case("eval compare with a negative temperature",
+         lambda f: ["eval", "compare", f.path("a"), f.path("b"), "--prompts", f.write("p.txt", "x\n"), "--judge",
+                    f.path("rm"), "--temperature", "-1"], 2, r"--temperature and --tie-margin must be >= 0"),
+    Case("eval rm with a RewardBench row missing 'rejected'",
+         lambda f: ["eval", "rm", f.path("rm"), "--rewardbench",
+                    f.write("rb.json", '[{"prompt": "p", "chosen": "c", "subset": "s"}]')], 2,
+         r"rb\.json: row 0: field 'rejected' must be a string"),
+    Case("eval rm on a directory that is no model",
+         lambda f: ["eval", "rm", f.write("empty/readme.txt", "x").rsplit("/", 1)[0], "--rewardbench",
+                    f.write("rb.json", '[{"prompt": "p", "chosen": "c", "rejected": "r", "subset": "s"}]')], 2,
+         r"empty: neither a Hugging Face model directory .* nor a starling_jax run"),
+    Case("convert a run with no finished stage",
+         lambda f: ["convert", _run_without_exports(f), f.path("out")], 2, r"no finished stage"),
     Case("study file that does not exist", lambda f: ["study", f.path("nope.py"), "--workdir", f.path("d")], 2,
          r"study file .*nope\.py does not exist"),
     Case("study file without get_study", lambda f: ["study", f.write("s.py", "x = 1\n"), "--workdir", f.path("d")],
@@ -255,6 +286,13 @@ def _latin1_jsonl() -> bytes:
     lines = [json.dumps(r, ensure_ascii=False).encode() for r in synthetic.make_rows(4, seed=0)]
     lines[1] = lines[1].replace(b"Human: ", "Human: caf\u00e9 ".encode("latin-1"), 1)
     return b"\n".join(lines) + b"\n"
+
+
+def _run_without_exports(f: Files) -> str:
+    """A WORKDIR whose config.json names the main job's stages, none of them trained."""
+    from starling_jax.config import load_experiment, to_dict
+    exp = load_experiment(str(REPO / "experiments" / "tiny_starling.py"))
+    return f.write("run/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0]
 
 
 def run_main(argv, capsys):

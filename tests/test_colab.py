@@ -49,7 +49,7 @@ def _execute(name: str, params: dict, dump: str, cwd) -> tuple[dict, "nbformat.N
     return json.loads(line[len(RESULT):]), nb
 
 
-@pytest.mark.parametrize("name", ["tiny_starling.ipynb", "chat_with_checkpoint.ipynb"])
+@pytest.mark.parametrize("name", ["tiny_starling.ipynb", "chat_with_checkpoint.ipynb", "evaluate.ipynb"])
 def test_notebooks_are_valid_and_saved_without_outputs(name):
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
     nbformat.validate(nb)
@@ -139,3 +139,24 @@ def test_chat_with_checkpoint_notebook(tmp_path, tiny_checkpoint):
     roles = [m["role"] for m in got["conversation"]]
     assert roles == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in got["conversation"][::2]] == ["Hi!", "And then?"]
+
+
+@pytest.mark.slow
+def test_evaluate_notebook(tmp_path):
+    """compare on a run of the main job's shape (random weights: the plumbing, not the learning)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from run_fixtures import make_run
+    from starling_jax.eval import stats
+    make_run(str(tmp_path / "run"))
+    got, _ = _execute("evaluate.ipynb", dict(WORKDIR="run", NUM_PROMPTS=4, MAX_NEW_TOKENS=4, EXPORT_DIR="hf_policy"),
+                      '{"result": result, "rows": rows, "prompts": prompts, "info": info}', tmp_path)
+    result, rows = got["result"], got["rows"]
+    assert result["n"] == 4 and [r["prompt"] for r in rows] == got["prompts"]
+    pref = stats.preferences([r["score_a"] for r in rows], [r["score_b"] for r in rows],
+                             identical=[r["reply_a"] == r["reply_b"] for r in rows])
+    assert result["win_rate"] == pytest.approx(pref.mean())
+    assert result["win_rate_ci95"][0] <= result["win_rate"] <= result["win_rate_ci95"][1]
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "generation_config.json"} <= set(
+        os.listdir(tmp_path / "hf_policy"))
+    assert got["info"]["template"] == "openchat_3.5" and got["info"]["stop_ids"] == [32000]

@@ -183,10 +183,21 @@ def _common(p, judge: bool = False) -> None:
         p.add_argument("--length-bucket", type=int, default=64, help="pad prompts to a multiple of this")
 
 
-def _subparsers():
+def _parser_class():
     import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """Usage errors become one InputError line (exit 2 through the CLI guard), like every other bad input."""
+
+        def error(self, message):
+            raise InputError(f"{self.prog}: {message} (see {self.prog} --help)")
+    return Parser
+
+
+def _subparsers():
+    ArgumentParser = _parser_class()
     parsers = {}
-    p = argparse.ArgumentParser(prog="starling-jax eval policy", description="MT-Bench / AlpacaEval answer files "
+    p = ArgumentParser(prog="starling-jax eval policy", description="MT-Bench / AlpacaEval answer files "
                                 "from a policy, with its own chat template (resumable: answers already in --out are "
                                 "kept)")
     p.add_argument("checkpoint", help="a run's stage (WORKDIR/<stage>) or a Hugging Face directory")
@@ -201,7 +212,7 @@ def _subparsers():
     _common(p)
     parsers["policy"] = p
 
-    p = argparse.ArgumentParser(prog="starling-jax eval compare", description="win rate of policy A over policy B "
+    p = ArgumentParser(prog="starling-jax eval compare", description="win rate of policy A over policy B "
                                 "on the same prompts, judged by a reward model")
     p.add_argument("a", help="policy A: a run's stage or a Hugging Face directory")
     p.add_argument("b", help="policy B (the baseline)")
@@ -216,7 +227,7 @@ def _subparsers():
     _common(p)
     parsers["compare"] = p
 
-    p = argparse.ArgumentParser(prog="starling-jax eval rm", description="RewardBench section scores and K-wise "
+    p = ArgumentParser(prog="starling-jax eval rm", description="RewardBench section scores and K-wise "
                                 "ranking metrics of a reward model")
     p.add_argument("checkpoint", help="an rm stage (WORKDIR/<stage>) or a *ForSequenceClassification directory")
     p.add_argument("--rewardbench", default=None, help="RewardBench rows (.parquet/.json/.jsonl: prompt, chosen, "
@@ -310,24 +321,9 @@ def policy_cli(args) -> int:
     return 0
 
 
-def compare(a, b, judge, prompts: list[str], temperature: float, tie_margin: float = 0.0, n_boot: int = 2000,
-            seed: int = 0) -> dict:
-    """A and B (Generators) answer `prompts`; `judge` (a judge.Judge) scores both replies; head-to-head stats."""
-    from starling_jax.eval import stats
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    replies_a, replies_b = a(convs, temperature), b(convs, temperature)
-    scores_a, scores_b = judge(convs, replies_a), judge(convs, replies_b)
-    result = stats.head_to_head(scores_a, scores_b, [len(r) for r in replies_a], [len(r) for r in replies_b],
-                                identical=[x == y for x, y in zip(replies_a, replies_b)], tie_margin=tie_margin,
-                                n_boot=n_boot, seed=seed)
-    result["rows"] = [{"prompt": p, "reply_a": ra, "reply_b": rb, "score_a": float(sa), "score_b": float(sb)}
-                      for p, ra, rb, sa, sb in zip(prompts, replies_a, replies_b, scores_a, scores_b)]
-    return result
-
-
 def compare_cli(args) -> int:
     from starling_jax.eval import benchmarks as bm, stats
-    from starling_jax.eval.judge import Judge
+    from starling_jax.eval.judge import Judge, compare
     if args.temperature < 0 or args.tie_margin < 0 or args.bootstrap < 1:
         raise InputError("--temperature and --tie-margin must be >= 0 and --bootstrap >= 1")
     prompts = bm.read_prompts(args.prompts)
@@ -350,10 +346,11 @@ def rm_cli(args) -> int:
     from starling_jax import export as export_lib
     from starling_jax.eval import benchmarks as bm
     from starling_jax.eval.judge import Judge, rewardbench
+    rb_rows = bm.read_rewardbench(args.rewardbench) if args.rewardbench else None  # bad files fail before loading
     ckpt, _, _ = _load(args.checkpoint, args, "score")
     result: dict = {"model": args.checkpoint, "template": ckpt.template.name}
-    if args.rewardbench:
-        result["rewardbench"] = rewardbench(Judge(ckpt, args.batch_size), bm.read_rewardbench(args.rewardbench))
+    if rb_rows is not None:
+        result["rewardbench"] = rewardbench(Judge(ckpt, args.batch_size), rb_rows)
     if args.nectar:
         from starling_jax.config import DataConfig, ModelSection
         stage = Experiment(model=ModelSection(config=ckpt.config, tokenizer=ckpt.tokenizer_name,
@@ -386,8 +383,7 @@ def eval_cli(args) -> int:
         parsers = _subparsers()
         sub = parsers[argv[0]].parse_args(argv[1:])
         return {"policy": policy_cli, "compare": compare_cli, "rm": rm_cli}[argv[0]](sub)
-    import argparse
-    p = argparse.ArgumentParser(prog="starling-jax eval", description="K-wise ranking metrics of a reward model")
+    p = _parser_class()(prog="starling-jax eval", description="K-wise ranking metrics of a reward model")
     add_ranking_arguments(p)
     return ranking_cli(p.parse_args(argv))
 

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from starling_jax.eval import stats
 from starling_jax.eval.checkpoints import Checkpoint
 
 # allenai/reward-bench rewardbench/constants.py (SUBSET_MAPPING and EXAMPLE_COUNTS), as of commit a32e272b.
@@ -91,4 +92,18 @@ def rewardbench(judge: Judge, rows: list[dict]) -> dict:
     if result["score"] is None and sections:
         result["score_note"] = (f"sections present: {', '.join(sections)}; RewardBench's score averages all four "
                                 f"(Chat, Chat Hard, Safety, Reasoning)")
+    return result
+
+
+def compare(a, b, judge, prompts: list[str], temperature: float, tie_margin: float = 0.0, n_boot: int = 2000,
+            seed: int = 0) -> dict:
+    """A and B (Generators) answer `prompts`; `judge` (a judge.Judge) scores both replies; head-to-head stats."""
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    replies_a, replies_b = a(convs, temperature), b(convs, temperature)
+    scores_a, scores_b = judge(convs, replies_a), judge(convs, replies_b)
+    result = stats.head_to_head(scores_a, scores_b, [len(r) for r in replies_a], [len(r) for r in replies_b],
+                                identical=[x == y for x, y in zip(replies_a, replies_b)], tie_margin=tie_margin,
+                                n_boot=n_boot, seed=seed)
+    result["rows"] = [{"prompt": p, "reply_a": ra, "reply_b": rb, "score_a": float(sa), "score_b": float(sb)}
+                      for p, ra, rb, sa, sb in zip(prompts, replies_a, replies_b, scores_a, scores_b)]
     return result
