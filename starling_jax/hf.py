@@ -507,7 +507,7 @@ def convert_cli(args) -> int:
               f"{', '.join(info['files'])}")
         return 0
     if args.stage:
-        raise SystemExit("convert: --stage applies only to a WORKDIR source")
+        raise HFFormatError(f"convert: --stage applies only to a run (WORKDIR) source, not {args.source}")
     if args.source.startswith("preset:"):
         overrides = {"head": args.head} if args.head else {}
         if args.dtype:
