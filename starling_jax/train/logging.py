@@ -44,6 +44,47 @@ def truncate_metrics(path: str, last_step: int) -> None:
         os.replace(tmp, path)
 
 
+WINDOW_FILE = "metrics_window.json"
+
+
+def save_window(workdir: str, step: int, window: dict, keep_steps) -> None:
+    """Record the logging window a checkpoint at `step` cuts (the per-step host metrics since the last logged step,
+    its first step, tokens and elapsed seconds), so a run resumed from that checkpoint logs the same window mean as
+    one that never stopped. Written before the checkpoint (an entry without its checkpoint is never read); entries
+    of steps not in keep_steps are dropped. JSON floats round-trip exactly, so the completed mean is bit-identical."""
+    path = os.path.join(workdir, WINDOW_FILE)
+    entries = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                entries = json.load(f)
+        except (OSError, ValueError):
+            entries = {}
+    keep = {str(s) for s in keep_steps} | {str(step)}
+    entries = {k: v for k, v in entries.items() if k in keep}
+    entries[str(step)] = window
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f)
+    os.replace(tmp, path)
+
+
+def load_window(workdir: str, step: int) -> Optional[dict]:
+    """The window save_window recorded for the checkpoint at `step`, or None (none recorded, or unreadable)."""
+    path = os.path.join(workdir, WINDOW_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f).get(str(step))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def delete_windows(workdir: str) -> None:
+    path = os.path.join(workdir, WINDOW_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to metrics.jsonl, the same scalars to TensorBoard, and a progress bar.
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from starling_jax.config import ConfigError, Experiment, apply_overrides, load_experiment, stages_of, to_dict, validate
 from starling_jax.train.checkpoint import Checkpoints, export_done, load_export, save_export
-from starling_jax.train.logging import MetricsLogger, mfu
+from starling_jax.train.logging import MetricsLogger, delete_windows, load_window, mfu, save_window
 from starling_jax.train.program import StageContext, StageExport, build_program
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,11 @@ def _mean_metrics(fetched: list[dict]) -> dict:
     return out
 
 
+def _host_scalars(fetched: list[dict]) -> list[dict]:
+    """The scalar metrics of each step of a window as JSON numbers (exact: float32/float64 -> Python float)."""
+    return [{k: float(np.asarray(v)) for k, v in m.items() if np.ndim(v) == 0} for m in fetched]
+
+
 def _first_nonfinite(fetched: list[dict], first_step: int) -> Optional[tuple[int, float]]:
     for i, m in enumerate(fetched):
         loss = float(np.asarray(m["loss"]))
@@ -108,6 +113,8 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
     elif ckpts.steps():
         say(f"[{ctx.stage_name}] checkpoint.resume=False: starting over; deleting checkpoints {ckpts.steps()}")
         ckpts.delete_all()
+    if start == 0 and is_main:
+        delete_windows(ctx.workdir)
     logger = MetricsLogger(ctx.workdir, steps, start, tensorboard=c.logging.tensorboard and is_main,
                            progress=c.logging.progress and is_main, desc=ctx.stage_name) if is_main else None
     config_dict = to_dict(ctx.experiment)
@@ -115,6 +122,19 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
 
     pending: list = []  # device metrics of the steps since the last log
     window_start, window_tokens, window_t0 = start, 0, time.perf_counter()
+    short_window = None  # a resumed window whose steps before the checkpoint were not recorded: log its length
+    if start and start % log_every:
+        cut = load_window(ctx.workdir, start)  # the steps of this window before the checkpoint (save_window)
+        if cut is not None and cut.get("start") == start - len(cut.get("steps", [])):
+            pending = list(cut["steps"])
+            window_start, window_tokens = cut["start"], cut["tokens"]
+            window_t0 -= cut["elapsed"]
+        else:
+            short_window = start
+            say(f"[{ctx.stage_name}] the metrics of steps {start - start % log_every + 1}..{start} were not "
+                f"recorded with checkpoint {start}; the window logged at step "
+                f"{min(start - start % log_every + log_every, steps)} averages only the steps after it "
+                f"(its record says how many: window_steps)")
     last_saved = start
     step = start
     try:
@@ -146,6 +166,9 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
                         u = mfu(program.flops_per_token, values["tokens_per_s"], c.logging.peak_flops, num_devices)
                         if u is not None:
                             values["mfu"] = u
+                        if short_window is not None:
+                            values["window_steps"] = len(fetched)
+                            short_window = None
                         if logger:
                             logger.log(step, values)
                         pending, window_start, window_tokens = [], step, 0
@@ -155,6 +178,10 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
                     if evaluated and logger:
                         logger.log(step, evaluated, prefix="eval/")
                 if ckpt_due:
+                    if is_main and pending:  # the window this checkpoint cuts, for a resumed run to complete
+                        save_window(ctx.workdir, step, {"start": window_start, "steps": _host_scalars(fetched),
+                                                        "tokens": int(window_tokens),
+                                                        "elapsed": time.perf_counter() - window_t0}, ckpts.steps())
                     ckpts.save(step, state, program.batches.get_state(), config_dict)
                     last_saved = step
                 if stopping:
