@@ -248,6 +248,10 @@ CASES = [
          lambda f: ["eval", "rm", f.write("empty/readme.txt", "x").rsplit("/", 1)[0], "--rewardbench",
                     f.write("rb.json", '[{"prompt": "p", "chosen": "c", "rejected": "r", "subset": "s"}]')], 2,
          r"empty: neither a Hugging Face model directory .* nor a starling_jax run"),
+    Case("eval on a HF policy directory", lambda f: ["eval", f.hf_dir()], 2,
+         r"hf_lm is a Hugging Face policy directory, not an experiment or a run\. .*starling-jax eval policy"),
+    Case("eval on a HF reward-model directory", lambda f: ["eval", f.hf_dir("score")], 2,
+         r"hf_score is a Hugging Face reward model directory, not an experiment or a run\. .*starling-jax eval rm"),
     Case("convert a run with no finished stage",
          lambda f: ["convert", _run_without_exports(f), f.path("out")], 2, r"no finished stage"),
     Case("study file that does not exist", lambda f: ["study", f.path("nope.py"), "--workdir", f.path("d")], 2,
@@ -341,3 +345,41 @@ def test_what_a_user_sees_in_a_subprocess(tmp_path):
     done = subprocess.run([sys.executable, "-m", "starling_jax.cli", "--debug", "run", bad], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 1 and "Traceback" in done.stderr
+
+
+def test_convert_overwrite_replaces_the_model_files(tmp_path, capsys):
+    """Refused without --overwrite (the directory is left as it was); with it, the old model files go (no stale shard
+    next to the new single file), other files stay, and the result loads."""
+    from starling_jax import hf
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    (out / "config.json").write_text("{}")
+    (out / "README.md").write_text("notes")
+    assert cli.main(["convert", "preset:tiny", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "config.json").read_text() == "{}"
+    assert cli.main(["convert", "preset:tiny", str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    config, _ = hf.load(str(out))
+    assert config.hidden_size == 64
+
+
+def test_a_long_conversation_is_cut_to_the_room_the_reply_leaves():
+    """Session.prompt_ids keeps the last max_seq_len - max_new_tokens ids (never a negative slice)."""
+    import argparse
+
+    from starling_jax import models
+    from starling_jax.chat import Session
+    from starling_jax.data import get_template, load_tokenizer
+    from starling_jax.errors import InputError
+    s = Session.__new__(Session)  # the prompt logic alone, without loading a model
+    s.config, s.tokenizer = models.get_preset("tiny"), load_tokenizer("openchat-3.5")
+    s.template = get_template("openchat_3.5")
+    messages = [{"role": "user", "content": "word " * 600}]
+    full = s.tokenizer.encode_chat(messages, template=s.template)
+    assert len(full) > 512
+    s.args = argparse.Namespace(max_new_tokens=500)
+    assert s.prompt_ids(messages) == full[-12:]
+    s.args = argparse.Namespace(max_new_tokens=512)
+    with pytest.raises(InputError, match="leaves no room for a prompt"):
+        s.prompt_ids(messages)

@@ -1,6 +1,7 @@
 """Nectar parsing, validation errors, the skip report, the tie policy, local files and the tfds builder."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -36,6 +37,16 @@ def test_parse_multi_turn_prompt():
     (lambda r: r["answers"][1].update(rank="first"), "bad_rank", "field answers[1].rank"),
     (lambda r: r["answers"][1].update(rank=0), "bad_rank", "got 0"),
     (lambda r: r["answers"][1].update(answer="x" * 50), "too_long", "50 characters > max_chars 40"),
+    (lambda r: r.update(utilities=[1.0, "high", 0.0]), "bad_utilities", "field utilities[1]: expected a finite"),
+    (lambda r: r.update(utilities=[1.0, 2.0]), "bad_utilities", "field utilities: expected a list of 3 numbers"),
+    (lambda r: r.update(utilities=[1.0, float("nan"), 0.0]), "bad_utilities", "field utilities[1]"),
+    (lambda r: r.update(utilities="1,2,3"), "bad_utilities", "field utilities: expected a list"),
+    (lambda r: r.update(turns="n/a"), "bad_metadata", "field turns: expected a whole number >= 1, got 'n/a'"),
+    (lambda r: r.update(turns=1.5), "bad_metadata", "field turns"),
+    (lambda r: r.update(num_responses="seven"), "bad_metadata", "field num_responses"),
+    (lambda r: r.update(num_responses=True), "bad_metadata", "field num_responses"),
+    (lambda r: r.update(source=3), "bad_metadata", "field source: expected a string or a list of strings"),
+    (lambda r: r.update(good_natured="false"), "bad_metadata", "field good_natured: expected true or false"),
 ])
 def test_every_validation_error_names_row_prefix_and_field(mutate, reason, field):
     rows = [row(), row(prompt="\n\nHuman: Second prompt here\n\nAssistant: ")]
@@ -168,3 +179,154 @@ def test_tfds_build_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kept 5, skipped 1 (too_few_answers: 1)" in out and "row 5 (prompt" in out
     assert len(tfds_nectar.data_source(str(tmp_path / "tfds"))) == 5
+
+
+def _jsonl(rows) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def test_skip_mode_skips_and_counts_undecodable_lines(tmp_path):
+    """A truncated line and a non-UTF-8 line are bad rows like any other: skip mode drops and counts them (with the
+    file and line), the rest of the file is kept; error mode names the file and line."""
+    good = [row(prompt=f"\n\nHuman: q{i}\n\nAssistant: ") for i in range(4)]
+    lines = _jsonl(good).splitlines(keepends=True)
+    lines[1] = lines[1][:30] + b"\n"  # truncated mid-object
+    lines[2] = lines[2].replace(b"q2", b"caf\xe9")  # latin-1 byte
+    data = b"".join(lines) + _jsonl(good[:1])[:-1][:25]  # and a last line cut without its newline
+    (tmp_path / "n.jsonl").write_bytes(data)
+    kept, report = read_rows(str(tmp_path / "n.jsonl"), on_bad_row="skip")
+    assert [r["messages"][0]["content"] for r in kept] == ["q0", "q3"]
+    assert report.skipped == {"bad_json": 2, "not_utf8": 1}
+    assert report.rows_read == 5 and report.rows_kept == 2
+    assert any("n.jsonl: line 2: not valid JSON" in m for m in report.skipped_examples)
+    assert any("n.jsonl: line 3: not UTF-8 text" in m for m in report.skipped_examples)
+    assert "skipped 3 (bad_json: 2, not_utf8: 1)" in report.summary()
+    with pytest.raises(NectarError, match=r"n\.jsonl: line 2: not valid JSON .*on_bad_row='skip'"):
+        read_rows(str(tmp_path / "n.jsonl"))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("zero.json", b"", r"zero\.json: empty file"),
+    ("cut.json", b'[{"prompt": ', r"cut\.json: invalid JSON at line 1"),
+    ("latin.json", b'[{"prompt": "caf\xe9"}]', r"latin\.json: not UTF-8 text"),
+    ("obj.json", b'{"prompt": "x"}', r"obj\.json: a \.json Nectar file must hold a list of rows"),
+    ("bad.parquet", b"PAR1 garbage PAR1", r"bad\.parquet: unreadable Parquet file"),
+    ("bad.jsonl.gz", b"\x1f\x8b\x08\x00 not gzip", r"bad\.jsonl\.gz: damaged compressed file"),
+    ("notgz.json.gz", b"plain text", r"notgz\.json\.gz: damaged compressed file"),
+])
+def test_an_undecodable_file_is_named_in_both_modes(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    for mode in ("error", "skip"):
+        with pytest.raises(NectarError, match=message):
+            read_rows(str(tmp_path / name), on_bad_row=mode)
+
+
+def test_truncated_gzip_names_the_file_and_line(tmp_path):
+    import gzip
+    data = gzip.compress(_jsonl([row()] * 50))
+    (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NectarError, match=r"t\.jsonl\.gz: damaged compressed file after line \d+"):
+        read_rows(str(tmp_path / "t.jsonl.gz"), on_bad_row="skip")
+
+
+def test_directory_reads_gzip_and_case_variants_and_lists_ignored_files(tmp_path):
+    import gzip
+    (tmp_path / "a.jsonl").write_bytes(_jsonl([row()]))
+    (tmp_path / "B.JSONL").write_bytes(_jsonl([row(), row()]))
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(_jsonl([row()] * 3)))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.Json").write_text(json.dumps([row()] * 4))
+    (tmp_path / "README.md").write_text("Nectar")
+    (tmp_path / "e.jsonl.bz2").write_bytes(b"BZh9")
+    kept, report = read_rows(str(tmp_path))
+    assert len(kept) == 1 + 2 + 3 + 4 and report.rows_read == 10
+    assert sorted(os.path.basename(f) for f in report.files_read) == ["B.JSONL", "a.jsonl", "c.jsonl.gz", "d.Json"]
+    assert report.files_ignored == ["README.md", "e.jsonl.bz2"]
+    assert "2 file(s) in the data directory ignored" in report.summary() and "e.jsonl.bz2" in report.summary()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(NectarError, match=r"notes\.txt: not a Nectar data file"):
+        read_rows(str(tmp_path / "notes.txt"))
+
+
+def test_tfds_builder_honours_on_bad_row(tmp_path):
+    """Rows whose metadata the builder cannot store (turns='n/a', num_responses='seven') are bad rows: skipped and
+    counted with skip, named with error; the built dataset holds exactly the good rows."""
+    from starling_jax.data import tfds_nectar
+    rows = [row(prompt=f"\n\nHuman: q{i}\n\nAssistant: ") for i in range(5)]
+    rows[1]["turns"] = "n/a"
+    rows[3]["num_responses"] = "seven"
+    (tmp_path / "m.jsonl").write_bytes(_jsonl(rows))
+    with pytest.raises(NectarError, match=r"m\.jsonl: row 1 .*field turns"):
+        tfds_nectar.build(str(tmp_path / "m.jsonl"), str(tmp_path / "tfds_error"), on_bad_row="error")
+    (tmp_path / "n.jsonl").write_bytes(_jsonl(rows) + b"{truncated\n")
+    path, report = tfds_nectar.build(str(tmp_path / "n.jsonl"), str(tmp_path / "tfds"), on_bad_row="skip")
+    assert report.skipped == {"bad_metadata": 2, "bad_json": 1} and report.rows_kept == 3 and report.rows_read == 6
+    stored = tfds_nectar.read_raw_rows(str(tmp_path / "tfds"))
+    assert [parse_prompt(r["prompt"])[0]["content"] for r in stored] == ["q0", "q2", "q4"]
+
+
+def _mutations(rng):
+    """Random damage to a raw row or its JSON line (the Nectar fuzz cases)."""
+    def drop_field(r):
+        r.pop(rng.choice(sorted(r)), None)
+
+    def retype_field(r):
+        r[rng.choice(sorted(r))] = rng.choice([None, 3, "x", [], {}, 1.5, True, [1, "a"], float("inf")])
+
+    def damage_answer(r):
+        if isinstance(r.get("answers"), list) and r["answers"]:
+            a = r["answers"][rng.randrange(len(r["answers"]))]
+            if isinstance(a, dict):
+                a[rng.choice(["answer", "rank", "model"])] = rng.choice([None, "", -1, "1", 0.0, [], float("nan")])
+
+    def damage_utilities(r):
+        r["utilities"] = rng.choice([None, "1,2", [1.0], ["a", 2.0, 3.0], [1.0, 2.0, float("nan")]])
+
+    def damage_prompt(r):
+        p = r.get("prompt") if isinstance(r.get("prompt"), str) else ""
+        cut = rng.randrange(len(p) + 1)
+        r["prompt"] = rng.choice([p[:cut], p[cut:], p.replace("Human", "Humn"), p + "\n\nHuman: more"])
+    return [drop_field, retype_field, damage_answer, damage_utilities, damage_prompt]
+
+
+def test_nectar_fuzz(tmp_path):
+    """Randomly damaged rows and lines: skip mode never raises and accounts for every line (kept + skipped =
+    read); error mode raises only NectarError, naming the file; every kept row is a valid parsed row."""
+    import random
+    py = random.Random(0)
+    mutations = _mutations(py)
+    for trial in range(40):
+        rows = [row(prompt=f"\n\nHuman: q{i}\n\nAssistant: ", ranks=(1.0, 2.0, 3.0), utilities=[3.0, 2.0, 1.0])
+                for i in range(6)]
+        for r in rows:
+            for m in mutations:
+                if py.random() < 0.15:
+                    m(r)
+        lines = []
+        for r in rows:
+            try:
+                line = json.dumps(r).encode()
+            except ValueError:
+                line = b"{}"
+            u = py.random()
+            if u < 0.1:
+                line = line[: py.randrange(len(line) + 1)]
+            elif u < 0.15:
+                line = line[:5] + bytes([0xff, 0xfe]) + line[5:]
+            elif u < 0.2:
+                line = bytes(b ^ 0x20 if py.random() < 0.01 else b for b in line)
+            lines.append(line)
+        path = tmp_path / f"f{trial}.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        kept, report = read_rows(str(path), on_bad_row="skip")
+        nonblank = sum(1 for line in lines if line.strip())
+        assert report.rows_read == nonblank and report.rows_kept == len(kept)
+        assert report.rows_kept + sum(report.skipped.values()) == report.rows_read
+        for k in kept:
+            assert k["messages"] and len(k["responses"]) == len(k["ranks"]) >= 2
+            assert sorted(k["ranks"]) == list(range(1, len(k["ranks"]) + 1))
+            assert all(isinstance(u, float) and np.isfinite(u) for u in k.get("utilities", []))
+        try:
+            read_rows(str(path))
+        except NectarError as e:
+            assert f"f{trial}.jsonl" in str(e)
