@@ -93,6 +93,7 @@ class ObjectiveConfig:
     reward_clip: float = 10.0
     scale_reward: bool = True  # divide the RM score by a running std
     whiten_advantages: bool = False  # normalise GAE advantages per rollout chunk (trlx PPO); APA uses raw ones
+    pl_normalize: bool = False  # rm_plackett_luce: divide each prompt's NLL by its K-1 terms (the authors' pl_loss)
 
 
 @dataclasses.dataclass(frozen=True)

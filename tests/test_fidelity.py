@@ -52,3 +52,64 @@ def test_hydra_zero_top_layers_with_frozen_head_trains_every_layer(params):
     want = models.token_logprobs(logits[:, 2:5], tokens[:, 3:])
     np.testing.assert_allclose(out["logprobs"], want, atol=2e-5)
     np.testing.assert_allclose(out["ref_logprobs"], want, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Reward clip -> running moments of the clipped scores -> divide (trlx's order), never clip after dividing.
+
+def test_scale_scores_clips_first_then_moments_then_divides():
+    from starling_jax.objectives import kl as obj_kl
+    from starling_jax.train.rollout import scale_scores
+    m0 = {k: float(v) for k, v in obj_kl.running_moments_init().items()}
+    raw1 = np.array([30.0, -25.0, 1.0, 2.0], np.float32)
+    raw2 = np.array([0.5, 12.0, -3.0, 40.0], np.float32)
+    s1, m1 = scale_scores(raw1, m0, 10.0, True)
+    s2, m2 = scale_scores(raw2, m1, 10.0, True)
+    # independent: the clipped scores seen so far, their sample std (Bessel, trlx RunningMoments.std)
+    seen1 = np.clip(raw1, -10, 10)
+    seen2 = np.concatenate([seen1, np.clip(raw2, -10, 10)])
+    np.testing.assert_allclose(s1, seen1 / np.std(seen1, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(s2, np.clip(raw2, -10, 10) / np.std(seen2, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(m2["mean"], seen2.mean(), rtol=1e-5)
+    # with a small std the scaled scores exceed the clip: trlx does not clip again
+    s3, _ = scale_scores(np.array([10.0, 9.9], np.float32), m0, 10.0, True)
+    assert np.abs(s3).max() > 10.0
+    s4, _ = scale_scores(raw1, m0, 10.0, False)
+    np.testing.assert_allclose(s4, seen1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Plackett-Luce normalised by the K-1 choice terms (the authors' pl_loss) as an option.
+
+def test_plackett_luce_normalize_divides_each_prompt_by_k_minus_1():
+    from starling_jax.objectives import reward as obj_reward
+    rewards = jnp.array([[0.3, -1.0, 2.0, 0.5], [1.0, 0.2, 9.0, 9.0]], jnp.float32)
+    ranks = jnp.array([[2, 1, 4, 3], [1, 2, 3, 4]], jnp.int32)
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]], jnp.int32)
+
+    def nll(r, order):  # independent loop: -sum_j [r_j - log sum_{k >= j} exp r_k]
+        r = np.asarray(r, np.float64)[order]
+        return -sum(r[j] - np.log(np.exp(r[j:]).sum()) for j in range(len(r)))
+
+    n0 = nll(rewards[0], [1, 0, 3, 2])
+    n1 = nll(rewards[1, :3], [0, 1, 2])
+    got_sum = float(obj_reward.plackett_luce_loss(rewards, ranks, mask))
+    got_mean = float(obj_reward.plackett_luce_loss(rewards, ranks, mask, normalize=True))
+    np.testing.assert_allclose(got_sum, (n0 + n1) / 2, rtol=1e-5)
+    np.testing.assert_allclose(got_mean, (n0 / 3 + n1 / 2) / 2, rtol=1e-5)
+
+
+def test_rm_stage_loss_reads_pl_normalize():
+    from starling_jax.config import ObjectiveConfig
+    from starling_jax.train import losses
+    cfg = CFG.replace(head="score")
+    p = models.init_params(cfg, jax.random.PRNGKey(3))
+    K, T = 3, 6
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, K, T), 3, cfg.vocab_size)
+    batch = {"tokens": tokens, "attention_mask": jnp.ones((2, K, T), jnp.int32),
+             "ranks": jnp.array([[1, 2, 3], [3, 1, 2]], jnp.int32), "response_mask": jnp.ones((2, K), jnp.int32)}
+    out = {}
+    for norm in (False, True):
+        fn = losses.build_loss(ObjectiveConfig(name="rm_plackett_luce", pl_normalize=norm), cfg)
+        out[norm] = float(fn(p, {}, batch, jax.random.PRNGKey(0))[0])
+    np.testing.assert_allclose(out[True], out[False] / (K - 1), rtol=1e-5)

@@ -28,7 +28,7 @@ def _pairs(ranks: jax.Array, mask: jax.Array) -> jax.Array:
     return both * (ranks[:, :, None] < ranks[:, None, :])
 
 
-def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) -> jax.Array:
+def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array, normalize: bool = False) -> jax.Array:
     """K-wise Plackett-Luce NLL of each prompt's observed ranking, averaged over prompts (scalar float32).
 
     For prompt b with valid responses ordered best first sigma(1..K_b) (by (rank, index), see the module docstring):
@@ -36,6 +36,8 @@ def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) ->
     (the last term is always 0). The mean is over prompts with at least two valid responses; prompts with fewer
     carry no ranking information and are not counted (a fully padded row changes nothing). With K_b = 2 this is
     -log sigmoid(r_better - r_worse), i.e. Bradley-Terry.
+    normalize=True divides each nll_b by its K_b - 1 choice terms (a per-choice mean, as the Starling authors' RM
+    loss; ObjectiveConfig.pl_normalize): the same minimiser, gradients 1/(K-1) as large (it matters with grad_clip).
     """
     _check("plackett_luce_loss", rewards, ranks, mask)
     valid = as_weights(mask)
@@ -49,6 +51,8 @@ def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) ->
     logz = jax.nn.logsumexp(jnp.where(at_or_after, r[:, None, :], -jnp.inf), axis=-1)  # [B, K], finite: k = i counts
     nll_b = -jnp.sum(jnp.where(valid > 0, r - logz, 0.0), axis=-1)
     counted = (jnp.sum(valid, axis=-1) >= 2).astype(jnp.float32)
+    if normalize:
+        nll_b = safe_div(nll_b, jnp.maximum(jnp.sum(valid, axis=-1) - 1.0, 1.0))
     return safe_div(jnp.sum(nll_b * counted), jnp.sum(counted))
 
 

@@ -166,7 +166,8 @@ def _rm(kind: str):
             ranks, rmask = batch["ranks"], batch["response_mask"]
             metrics = objectives.rm_metrics(rewards, ranks, rmask)
             if kind == "plackett_luce":
-                loss, weight = objectives.plackett_luce_loss(rewards, ranks, rmask), metrics["num_prompts"]
+                loss = objectives.plackett_luce_loss(rewards, ranks, rmask, objective.pl_normalize)
+                weight = metrics["num_prompts"]
             else:
                 loss, weight = objectives.bradley_terry_loss(rewards, ranks, rmask), metrics["num_pairs"]
             valid = (rmask != 0).astype(jnp.float32)

@@ -83,6 +83,17 @@ class RewardScorer:
         return np.asarray(_score(self.params, self.config, tokens, mask))
 
 
+def scale_scores(raw: np.ndarray, moments: dict, reward_clip: float, scale: bool) -> tuple[np.ndarray, dict]:
+    """(scores [B] float32, new moments) in trlx's order (accelerate_ppo_trainer.make_experience at the Starling
+    fork's commit 0fb4e1e, lines 366-379): clip the raw RM scores to +-reward_clip, fold the CLIPPED scores into the
+    running moments, then divide by the running std (scale=True; nothing is clipped after the division)."""
+    clipped = np.clip(np.asarray(raw, np.float32), -reward_clip, reward_clip)
+    new = obj_kl.running_moments_update(moments, jnp.asarray(clipped))
+    new = {k: float(v) for k, v in new.items()}
+    std = float(obj_kl.running_std(new)) if scale else 1.0
+    return (clipped / std).astype(np.float32), new
+
+
 @dataclasses.dataclass
 class Samples:
     """One chunk of sampled replies: prompt_tokens/prompt_mask [B, P], tokens/mask [B, N], texts (decoded, cut at the
@@ -155,10 +166,7 @@ class RolloutSource:
         self.last_samples = s
         raw = self.scorer(conversations, s.texts)
         o = self.objective
-        moments = obj_kl.running_moments_update(self.moments, jnp.asarray(raw))
-        self.moments = {k: float(v) for k, v in moments.items()}
-        std = float(obj_kl.running_std(moments)) if o.scale_reward else 1.0
-        scores = np.clip(raw / std, -o.reward_clip, o.reward_clip).astype(np.float32)
+        scores, self.moments = scale_scores(raw, self.moments, o.reward_clip, o.scale_reward)
         tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
         attention_mask = np.concatenate([s.prompt_mask, s.mask], axis=1)
         exp = self.experience_fn(state.params, state.frozen, tokens, attention_mask, s.mask, scores,
