@@ -573,6 +573,14 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
             bad("rollout.temperature", f"must be > 0, got {r.temperature}")
         if not 0 < r.top_p <= 1:
             bad("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+        # The update scores rollouts under the temperature-scaled distribution (train/hydra.py); a top-k / top-p
+        # filtered sampler would make log pi_old, the KL penalty and the ratios those of another distribution.
+        if r.top_k > 0:
+            bad("rollout.top_k", f"{r.top_k}: RL rollouts must be on-policy; top-k filtering is not supported in RL "
+                "stages (use rollout.top_k=0; rollout.temperature is supported)")
+        elif 0 < r.top_p < 1:
+            bad("rollout.top_p", f"{r.top_p}: RL rollouts must be on-policy; top-p filtering is not supported in RL "
+                "stages (use rollout.top_p=1.0; rollout.temperature is supported)")
 
 
 def validate(exp: Experiment, num_devices: Optional[int] = None) -> Experiment:

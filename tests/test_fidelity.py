@@ -113,3 +113,47 @@ def test_rm_stage_loss_reads_pl_normalize():
         fn = losses.build_loss(ObjectiveConfig(name="rm_plackett_luce", pl_normalize=norm), cfg)
         out[norm] = float(fn(p, {}, batch, jax.random.PRNGKey(0))[0])
     np.testing.assert_allclose(out[True], out[False] / (K - 1), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. RL is on-policy for every accepted sampling setting: the update's log-probs are those of the distribution the
+# sampler drew from (temperature), and filtered sampling (top-k / top-p) is rejected for RL stages.
+
+def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
+    from starling_jax import sampling
+    from starling_jax.config import ObjectiveConfig
+    from starling_jax.train import rlaif
+    T, P, N = 0.6, 4, 6
+    prompt = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10]], jnp.int32)
+    pmask = (prompt > 0).astype(jnp.int32)
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(1), 1)
+    toks, mask, _ = sampling.generate(hydra.policy_params(trainable, frozen), CFG, prompt, pmask,
+                                      jax.random.PRNGKey(5), N, temperature=T, stop_ids=())
+    tokens = jnp.concatenate([prompt, toks], axis=1)
+    attn = jnp.concatenate([pmask, mask], axis=1)
+    # independent: the sampler's distribution at each step is softmax(logits / T) of the full model
+    logits = models.forward(params, CFG, tokens, attn)[:, P - 1:P + N - 1] / T
+    want = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    want = np.take_along_axis(want, np.asarray(toks)[..., None], axis=-1)[..., 0] * np.asarray(mask)
+    obj = ObjectiveConfig(name="apa", apa_lambda=1.0)
+    exp_fn, loss_fn = rlaif.build_rl_functions(CFG, obj, P, temperature=T)
+    scores = jnp.zeros((2,), jnp.float32)
+    exp = exp_fn(trainable, frozen, tokens, attn, mask, scores, jnp.float32(0.1))
+    np.testing.assert_allclose(np.asarray(exp["old_logprobs"]) * np.asarray(mask), want, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(exp["ref_logprobs"]) * np.asarray(mask), want, atol=2e-5)
+    # the training pass sees the same distribution: at the rollout's params the ratio is exactly 1
+    batch = {"tokens": tokens, "attention_mask": attn, "response_mask": mask, "old_logprobs": exp["old_logprobs"],
+             "old_values": exp["old_values"], "advantages": jnp.zeros_like(exp["advantages"]),
+             "returns": exp["old_values"]}
+    _, metrics = loss_fn(trainable, frozen, batch)
+    assert abs(float(metrics["log_ratio"])) < 1e-6
+
+
+@pytest.mark.parametrize("override,field", [("stages.policy.rollout.top_k=5", "rollout.top_k"),
+                                            ("stages.policy.rollout.top_p=0.9", "rollout.top_p")])
+def test_rl_stage_rejects_filtered_sampling(override, field):
+    from starling_jax.config import ConfigError, apply_overrides, load_experiment, validate
+    exp = apply_overrides(load_experiment("tiny_ppo"), [override])
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*on-policy"):
+        validate(exp)
+    validate(apply_overrides(load_experiment("tiny_ppo"), ["stages.policy.rollout.temperature=0.7"]))  # temperature is fine

@@ -52,7 +52,8 @@ def reference_params(frozen: Params) -> Params:
 
 
 def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens: jax.Array,
-                  attention_mask: jax.Array, prompt_len: int, with_reference: bool = True, constrain=None) -> dict:
+                  attention_mask: jax.Array, prompt_len: int, with_reference: bool = True, constrain=None,
+                  temperature: float = 1.0) -> dict:
     """Log-probs of the response tokens under the policy (and the reference), the critic's values, hidden states.
 
     tokens, attention_mask: [B, P + N], a left-padded prompt of P tokens followed by N response tokens.
@@ -61,6 +62,9 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
     Returns {"logprobs" [B, N], "ref_logprobs" [B, N] (if with_reference), "values" [B, N]} float32 and
     "hidden" [B, N, D], the policy's final hidden states at those positions (the critic's input).
     constrain: optional activation sharding constraint for run_layers (sharding.activation_constraint) on a mesh.
+    temperature: the rollout temperature; the policy's and the reference's logits are divided by it (as TRL does in
+    both passes), so log pi_old, log pi_ref, the KL penalty and the ratios are those of the distribution the tokens
+    were sampled from. (top-k / top-p filtering is rejected for RL stages by config validation.)
     """
     trunk, policy, reference = frozen["trunk"], trainable["policy"], frozen["reference"]
     if tokens.shape != attention_mask.shape:
@@ -89,11 +93,17 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
         x_policy = embed({**trunk, **policy})
         x_ref = embed({**trunk, **reference})
 
+    def logprobs(p: Params, h: jax.Array) -> jax.Array:
+        logits = models.lm_logits({**trunk, **p}, config, h)
+        if temperature != 1.0:
+            logits = logits.astype(jnp.float32) / temperature
+        return models.token_logprobs(logits, targets)
+
     h = top(policy, x_policy)
-    out = {"logprobs": models.token_logprobs(models.lm_logits({**trunk, **policy}, config, h), targets),
+    out = {"logprobs": logprobs(policy, h),
            "values": models.value_head(trainable["critic"], h), "hidden": h}
     if with_reference:
         h_ref = top(reference, x_ref)
-        ref = models.token_logprobs(models.lm_logits({**trunk, **reference}, config, h_ref), targets)
+        ref = logprobs(reference, h_ref)
         out["ref_logprobs"] = jax.lax.stop_gradient(ref)
     return out

@@ -53,7 +53,7 @@ def shaped_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Arr
 
 def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attention_mask: jax.Array,
                     response_mask: jax.Array, scores: jax.Array, kl_coef, *, config: ModelConfig,
-                    objective: ObjectiveConfig, prompt_len: int, constrain=None) -> dict:
+                    objective: ObjectiveConfig, prompt_len: int, constrain=None, temperature: float = 1.0) -> dict:
     """Everything the update needs from one chunk of rollouts (jit with config/objective/prompt_len static).
 
     tokens, attention_mask [B, P + N] (prompt left padded, response right padded); response_mask [B, N];
@@ -61,7 +61,7 @@ def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attent
     returns [B, N] and kl [B] (sum over each row's response tokens of logp_old - logp_ref).
     """
     out = jax.lax.stop_gradient(hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len,
-                                              constrain=constrain))
+                                              constrain=constrain, temperature=temperature))
     mask = response_mask
     rewards, kl = shaped_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, kl_coef)
     values = jnp.where(mask > 0, out["values"], 0.0)
@@ -73,7 +73,7 @@ def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attent
 
 
 def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelConfig, objective: ObjectiveConfig,
-            prompt_len: int, constrain=None) -> tuple[jax.Array, dict]:
+            prompt_len: int, constrain=None, temperature: float = 1.0) -> tuple[jax.Array, dict]:
     """APA or PPO policy loss + vf_coef * value loss on a (mini)batch of experience -> (loss, metrics).
 
     With objective.critic_only_above = c (the Starling fork's rule), a minibatch whose value loss exceeds c trains
@@ -81,7 +81,7 @@ def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelCon
     layers beneath it.
     """
     out = hydra_forward(trainable, frozen, config, batch["tokens"], batch["attention_mask"], prompt_len,
-                        with_reference=False, constrain=constrain)
+                        with_reference=False, constrain=constrain, temperature=temperature)
     mask = batch["response_mask"]
     old, adv = batch["old_logprobs"], batch["advantages"]
     if objective.name == "apa":
@@ -138,14 +138,17 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
     return step
 
 
-def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_len: int, constrain=None):
+def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_len: int, constrain=None,
+                       temperature: float = 1.0):
     """(experience_fn, loss_fn) with the static arguments bound; experience_fn is jitted. constrain: optional
-    activation sharding constraint (sharding.activation_constraint(mesh, rules)) applied at layer boundaries."""
+    activation sharding constraint (sharding.activation_constraint(mesh, rules)) applied at layer boundaries.
+    temperature: rollout.temperature (log-probs of the distribution the rollouts were sampled from)."""
     if objective.name not in RL_OBJECTIVES:
         raise ValueError(f"the rl stage needs objective.name in {RL_OBJECTIVES}, got {objective.name!r}")
     experience = jax.jit(functools.partial(make_experience, config=config, objective=objective,
-                                           prompt_len=prompt_len, constrain=constrain))
-    loss = functools.partial(rl_loss, config=config, objective=objective, prompt_len=prompt_len, constrain=constrain)
+                                           prompt_len=prompt_len, constrain=constrain, temperature=temperature))
+    loss = functools.partial(rl_loss, config=config, objective=objective, prompt_len=prompt_len, constrain=constrain,
+                             temperature=temperature)
     return experience, loss
 
 
@@ -166,7 +169,7 @@ def _policy_eval(trainable: Params, frozen: Params, full_params: Params, config:
     P = s.prompt_tokens.shape[1]
     tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
     attn = np.concatenate([s.prompt_mask, s.mask], axis=1)
-    out = _eval_forward(trainable, frozen, config, tokens, attn, P)
+    out = _eval_forward(trainable, frozen, config, tokens, attn, P, float(rollout.temperature))
     kl = np.sum((np.asarray(out["logprobs"]) - np.asarray(out["ref_logprobs"])) * s.mask, axis=1)
     scores = np.asarray(scorer(conversations, s.texts))
     report = {"rm_score": float(np.mean(scores)), "kl_to_reference": float(np.mean(kl)),
@@ -190,9 +193,9 @@ def judged_win_rate(after: dict, before: dict) -> dict:
                                    "length_controlled_win_rate")}
 
 
-@functools.partial(jax.jit, static_argnums=(2, 5))
-def _eval_forward(trainable, frozen, config, tokens, attention_mask, prompt_len):
-    out = hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len)
+@functools.partial(jax.jit, static_argnums=(2, 5, 6))
+def _eval_forward(trainable, frozen, config, tokens, attention_mask, prompt_len, temperature=1.0):
+    out = hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len, temperature=temperature)
     return {"logprobs": out["logprobs"], "ref_logprobs": out["ref_logprobs"]}
 
 
@@ -285,7 +288,8 @@ def build_rl_stage(ctx):
                                        mesh, rules)
     trainable, frozen = jax.device_put(trainable, shard_t), jax.device_put(frozen, shard_f)
     constrain = sharding.activation_constraint(mesh, rules)
-    experience_fn, rl_loss_fn = build_rl_functions(config, o, c.data.max_prompt_length, constrain)
+    experience_fn, rl_loss_fn = build_rl_functions(config, o, c.data.max_prompt_length, constrain,
+                                                   float(r.temperature))
     pin = sharding.batch_constraint(mesh, rules)  # shuffled minibatches stay split over the batch axes
 
     def loss_fn(params, frozen, minibatch):
