@@ -52,9 +52,13 @@ def _export_dir(path: str, stage: Optional[str]) -> Optional[str]:
     for name in sorted(os.listdir(path)):
         d = os.path.join(path, name, "export")
         if is_export(d):
-            with open(os.path.join(d, "model_config.json")) as f:
-                if json.load(f).get("head", "lm") == "lm":
-                    found.append((os.path.getmtime(os.path.join(d, "summary.json")), d))
+            try:
+                with open(os.path.join(d, "model_config.json"), encoding="utf-8") as f:
+                    head = json.load(f).get("head", "lm")
+            except (ValueError, AttributeError) as e:
+                raise InputError(f"{d}/model_config.json: damaged ({e}); delete {d} and run the stage again") from None
+            if head == "lm":
+                found.append((os.path.getmtime(os.path.join(d, "summary.json")), d))
     return max(found)[1] if found else None
 
 

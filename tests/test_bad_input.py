@@ -201,6 +201,12 @@ CASES = [
          r"--top-k -1: must be >= 0"),
     Case("generate with a reward-model checkpoint", lambda f: ["generate", f.hf_dir("score"), "--prompt", "hi"], 2,
          r"hf_score: this is a reward model \(head 'score'\); generation needs a language model"),
+    Case("generate on a run whose export's model_config.json is damaged",
+         lambda f: ["generate", _damaged_export(f, "config"), "--prompt", "hi"], 2,
+         r"run_config/sft/export/model_config\.json: damaged .*run the stage again"),
+    Case("generate on a run whose exported parameters are damaged",
+         lambda f: ["generate", _damaged_export(f, "params"), "--prompt", "hi"], 2,
+         r"run_params/sft/export/params: the exported parameters cannot be read .*run the stage again"),
     Case("chat --temperature -1", lambda f: ["chat", f.hf_dir(), "--temperature", -1], 2,
          r"--temperature -1\.0: must be >= 0"),
     Case("chat on a missing checkpoint", lambda f: ["chat", f.path("missing")], 2, r"does not exist"),
@@ -297,6 +303,29 @@ def _run_without_exports(f: Files) -> str:
     from starling_jax.config import load_experiment, to_dict
     exp = load_experiment(str(REPO / "experiments" / "tiny_starling.py"))
     return f.write("run/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0]
+
+
+def _damaged_export(f: Files, what: str) -> str:
+    """A WORKDIR with a finished sft stage export (tiny, random) whose model_config.json is truncated ("config") or
+    whose parameter files are cut to 10 bytes ("params")."""
+    import jax
+    import numpy as np
+
+    from starling_jax import models
+    from starling_jax.train.checkpoint import save_export
+    run = f.path(f"run_{what}")
+    export = Path(run, "sft", "export")
+    config = models.get_preset("tiny")
+    shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))  # no compilation
+    save_export(str(export), config, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), {"stage": "sft"})
+    if what == "config":
+        (export / "model_config.json").write_text('{"vocab')
+    else:
+        for p in (export / "params").rglob("*"):
+            if p.is_file() and p.parent.name == "d":  # the array data files (orbax OCDBT)
+                with open(p, "r+b") as fh:
+                    fh.truncate(10)
+    return run
 
 
 def run_main(argv, capsys):

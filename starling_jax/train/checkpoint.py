@@ -20,6 +20,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from starling_jax.errors import InputError
 from starling_jax.models.config import ModelConfig
 
 
@@ -122,10 +123,8 @@ def load_export(directory: str, shardings=None) -> tuple[ModelConfig, Any, dict]
     directory = os.path.abspath(directory)
     if not export_done(directory):
         raise FileNotFoundError(f"{directory} holds no finished stage export (no summary.json); run that stage first")
-    with open(os.path.join(directory, "model_config.json")) as f:
-        config = ModelConfig(**json.load(f))
-    with open(os.path.join(directory, "summary.json")) as f:
-        summary = json.load(f)
+    config = ModelConfig(**_read_json(os.path.join(directory, "model_config.json"), "ModelConfig"))
+    summary = _read_json(os.path.join(directory, "summary.json"))
     from starling_jax.models import abstract_params
     target = abstract_params(config)
     if callable(shardings):
@@ -136,5 +135,31 @@ def load_export(directory: str, shardings=None) -> tuple[ModelConfig, Any, dict]
     else:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
-    params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
+    try:
+        params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), target)
+    except Exception as e:  # orbax/tensorstore raise many kinds for damaged or missing files
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:  # the innermost error says what broke
+            root = root.__cause__ or root.__context__
+        detail = (str(root).strip().splitlines() or [type(root).__name__])[0][:300]
+        raise InputError(f"{directory}/params: the exported parameters cannot be read ({detail}); the export is "
+                         f"damaged: delete {directory} and run the stage again (it resumes from its last "
+                         f"checkpoint)") from e
     return config, params, summary
+
+
+def _read_json(path: str, fields_of: Optional[str] = None) -> dict:
+    """A JSON object from an export file, or an InputError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: damaged ({e}); delete the export directory and run the stage again") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if fields_of == "ModelConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(ModelConfig)})
+        if unknown:
+            raise InputError(f"{path}: unknown ModelConfig field(s) {', '.join(unknown)} (written by another "
+                             f"version?)")
+    return data
