@@ -209,6 +209,11 @@ CASES = [
          r"run_params/sft/export/params: the exported parameters cannot be read .*run the stage again"),
     Case("chat --temperature -1", lambda f: ["chat", f.hf_dir(), "--temperature", -1], 2,
          r"--temperature -1\.0: must be >= 0"),
+    Case("chat on a .bin-only directory", lambda f: ["chat", f.damaged_hf("bin_only")], 2, r"only pickled checkpoints"),
+    Case("chat with a reward-model checkpoint", lambda f: ["chat", f.hf_dir("score")], 2, r"this is a reward model"),
+    Case("chat --top-p 0", lambda f: ["chat", f.hf_dir(), "--top-p", 0], 2, r"--top-p 0\.0: must be in \(0, 1\]"),
+    Case("chat --max-new-tokens beyond the context", lambda f: ["chat", f.hf_dir(), "--max-new-tokens", 512], 2,
+         r"--max-new-tokens 512: the model's context is 512 tokens"),
     Case("chat on a missing checkpoint", lambda f: ["chat", f.path("missing")], 2, r"does not exist"),
     # --- convert
     Case("generate --max-new-tokens abc (argparse)",

@@ -330,3 +330,29 @@ def test_nectar_fuzz(tmp_path):
             read_rows(str(path))
         except NectarError as e:
             assert f"f{trial}.jsonl" in str(e)
+
+
+def test_skipped_rows_and_ignored_files_are_said_when_the_data_loads(tmp_path):
+    """A run with skipped rows or ignored files says so when it loads its data (a warning), not only in the summary."""
+    import logging
+    from starling_jax.config import DataConfig
+    from starling_jax.data import pipelines
+    rows = [row(prompt=f"\n\nHuman: q{i}\n\nAssistant: ") for i in range(8)]
+    rows[2]["utilities"] = ["x", 1.0, 2.0]
+    (tmp_path / "a.jsonl").write_bytes(_jsonl(rows) + b"{cut\n")
+    (tmp_path / "notes.txt").write_text("x")
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    logger = logging.getLogger("starling_jax.data.pipelines")
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        splits = pipelines.load_splits(DataConfig(source=str(tmp_path), on_bad_row="skip", heldout_fraction=0.25))
+    finally:
+        logger.removeHandler(handler)
+    assert len(splits.train) + len(splits.heldout) == 7
+    assert len(messages) == 1 and "skipped 2 (bad_json: 1, bad_utilities: 1)" in messages[0]
+    assert "notes.txt" in messages[0] and "a.jsonl: line 9: not valid JSON" in messages[0]

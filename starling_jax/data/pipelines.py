@@ -23,6 +23,7 @@ batch_size is per process.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional, Sequence
 
 import grain
@@ -30,6 +31,8 @@ import numpy as np
 
 from starling_jax.data import nectar
 from starling_jax.data.tokenizer import Tokenizer
+
+_log = logging.getLogger(__name__)
 
 KINDS = ("sft", "rm", "dpo", "rl")
 _HELDOUT_SPLIT_SEED = 20231128  # fixed, so every stage and seed sees the same held-out rows
@@ -335,6 +338,9 @@ def load_splits(data) -> Splits:
     if not rows:
         raise nectar.NectarError(f"data source {data.source!r}: no usable rows ({report.summary()}); point "
                                  f"data.source at Nectar files with valid rows")
+    if report.skipped or report.files_ignored:  # said now, not only in the stage summary at the end
+        _log.warning("data %s: %s%s", data.source, report.summary(),
+                     "".join(f"\n  skipped {m}" for m in report.skipped_examples[:5]))
     unseen_templates = getattr(data, "unseen_templates", 0)
     tuning_fraction = getattr(data, "tuning_fraction", 0.0)
     if unseen_templates and data.source != "synthetic":

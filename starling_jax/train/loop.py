@@ -307,8 +307,8 @@ def _prepare(args) -> tuple[Experiment, str]:
 
 
 def _guarded(fn):
-    """Exit statuses of a run that stopped on its own (diverged: 1, interrupted: EXIT_INTERRUPTED). Bad input (ConfigError,
-    a missing file, ...) is left to the guard of every command in starling_jax.cli (one line, exit status 2)."""
+    """Exit statuses of a run that stopped on its own (diverged: 1, interrupted: EXIT_INTERRUPTED). Bad input
+    (ConfigError, a missing file, ...) is left to the guard of every command in starling_jax.cli (one line, exit 2)."""
     try:
         return fn()
     except TrainingDiverged as e:
