@@ -268,3 +268,20 @@ def test_eval_recognises_a_model_directory(run, tmp_path, capsys):
     assert cli.main(["eval", "policy", os.path.join(run, "rm"), "--questions", q, "--format", "mt_bench",
                      "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "a reward model" in capsys.readouterr().err
+
+
+def test_sharded_generation_equals_one_device(run):
+    """Greedy answers with the parameters and batches sharded over 8 (simulated) devices equal the one-device ones."""
+    import jax
+    from starling_jax import sharding
+    from starling_jax.config import MeshConfig
+    from starling_jax.eval.checkpoints import load_checkpoint
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
+    convs = [[{"role": "user", "content": p}] for p in ("Say hi.", "Name a color.", "What is rain?")]
+    one = answer.Generator(load_checkpoint(os.path.join(run, "sft"), want="lm"), max_new_tokens=4, batch_size=8)
+    ck = load_checkpoint(os.path.join(run, "sft"), want="lm", mesh=mesh)
+    assert len(ck.params["layers"]["wq"].sharding.device_set) == 8
+    sharded = answer.Generator(ck, max_new_tokens=4, batch_size=8, mesh=mesh)
+    assert sharded(convs, 0.0) == one(convs, 0.0)
