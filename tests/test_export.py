@@ -56,7 +56,7 @@ def test_jinja_templates_render_like_ours():
 
 
 @pytest.mark.slow
-def test_policy_export_loads_in_transformers(run, policy_dir):
+def test_policy_export_loads_in_transformers(run, policy_dir, rm_dir):
     files = set(os.listdir(policy_dir))
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
             "special_tokens_map.json", "generation_config.json"} <= files
@@ -83,6 +83,11 @@ def test_policy_export_loads_in_transformers(run, policy_dir):
     gen = json.load(open(os.path.join(policy_dir, "generation_config.json")))
     assert gen["eos_token_id"] == [32000] and gen["bos_token_id"] == 1
     assert transformers.GenerationConfig.from_pretrained(policy_dir).eos_token_id == [32000]
+    # eval reads it with the stage's own template, recognised from the Jinja chat_template
+    from starling_jax.eval.checkpoints import load_checkpoint
+    ck = load_checkpoint(policy_dir, want="lm")
+    assert ck.template.name == "openchat_3.5" and ck.stop_ids == (32000,)
+    assert load_checkpoint(rm_dir, want="score").template.name == "llama2"
     # and it reads back into starling_jax unchanged
     config2, params2 = hf.load(policy_dir)
     assert jax.tree_util.tree_all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, params2))

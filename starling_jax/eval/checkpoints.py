@@ -98,10 +98,7 @@ def load_checkpoint(path: str, *, stage: Optional[str] = None, tokenizer: Option
         tok_name = tokenizer or (path if has_tok else None)
         if tok_name is None:
             raise InputError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model); pass --tokenizer NAME")
-        tmpl_name = template or template_of_hf_dir(path)
-        if tmpl_name is None:
-            raise InputError(f"{path}: its chat_template is not one of ours (or it has none); pass --template NAME "
-                             f"(openchat_3.5, llama2, chatml, ...)")
+        tmpl_name = template or template_of_hf_dir(path) or "auto"  # "auto": the directory's own Jinja template
         name = os.path.basename(os.path.normpath(path))
     elif export_lib.is_stage_source(path):
         from starling_jax.train.checkpoint import load_export
@@ -126,5 +123,12 @@ def load_checkpoint(path: str, *, stage: Optional[str] = None, tokenizer: Option
     if tok.vocab_size > config.vocab_size:
         raise InputError(f"{path}: tokenizer {tok_name} has {tok.vocab_size} ids but the model has "
                          f"{config.vocab_size} embedding rows; pass the model's own --tokenizer")
-    return Checkpoint(path=path, name=name, config=config, params=params, tokenizer=tok,
-                      template=get_template(tmpl_name), tokenizer_name=tok_name)
+    if hasattr(tok, "template"):  # resolves "auto" to the checkpoint's own (Jinja) chat template
+        chat_template = tok.template(tmpl_name)
+    elif tmpl_name == "auto":
+        raise InputError(f"{path}: its chat_template is not one of ours (or it has none); pass --template NAME "
+                         f"(openchat_3.5, llama2, chatml, ...)")
+    else:
+        chat_template = get_template(tmpl_name)
+    return Checkpoint(path=path, name=name, config=config, params=params, tokenizer=tok, template=chat_template,
+                      tokenizer_name=tok_name)
