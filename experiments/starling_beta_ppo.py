@@ -1,4 +1,4 @@
-"""Starling-LM-7B-beta's RL stage: full-parameter PPO on Nectar prompts against Starling-RM-34B.
+"""Starling-LM-7B-beta's RL stage: PPO on Nectar prompts against Starling-RM-34B.
 
     starling-jax plan experiments/starling_beta_ppo.py --devices 16
     starling-jax run experiments/starling_beta_ppo.py --workdir runs/beta
@@ -11,10 +11,17 @@ Needs local copies (HF safetensors directories; nothing is downloaded at run tim
 
 Sources: the Starling-LM-7B-beta and Starling-RM-34B model cards (Nexusflow): policy OpenChat-3.5-0106, reward model
 Starling-RM-34B reading Yi-34B-Chat's ChatML ("<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n..."),
-PPO. The beta run's optimisation hyperparameters were not published; the values below follow the alpha recipe
-(learning rate scale, chunking, sampling, KL 0.01, reward scaling) and trlx's PPO defaults (clip 0.2, value clip 0.2,
-vf_coef 1, 4 PPO epochs per chunk, whitened advantages, the Ziegler adaptive KL controller with target 6 and horizon
-10000). Every layer trains (no hydra), so the reference is a full frozen copy of the initial policy.
+PPO. The beta run's training code and hyperparameters were not published. The optimisation values below are the
+authors' last PPO config for an OpenChat-3.5 successor: thwu1/trlx commit 2400956 (4 Jan 2024), whose
+examples/hh/mistral_apa.py trains openchat-3.5-1210 with the PPO loss of that commit's modeling_ppo.py: top 4 layers
+(hydra), AdamW lr 4e-7 held constant (cosine_annealing with eta_min = lr), betas (0.9, 0.95), weight decay 1e-6,
+64 rollouts and 4 per update per process, 2 PPO epochs, clip 0.2, value clip 0.2, vf_coef 1, no advantage
+whitening, KL coefficient 0.001 fixed, rewards clipped to +-10 and scaled by a running std, max_new_tokens 1024,
+temperature 1, 2148 tokens, 20,000 updates. tests/test_recipes.py lists each value with its line, or "choice".
+
+Choices: 16 devices (one process each: 1,024 rollouts per chunk, minibatches of 64, 32 updates per chunk as the
+fork's 2 x 64 / 4; 625 chunks = 20,000 updates); the MLP critic (the fork's OpenChat critic is a copy of the top
+4 layers, not implemented here); Nectar's prompts (the fork loads ThWu/cleaned_prompt_r_2).
 """
 
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
@@ -22,6 +29,10 @@ from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, Loggi
 from starling_jax.models import PRESETS
 
 SEQ_LEN, MAX_NEW = 2148, 1024
+DEVICES = 16  # a choice: the 34B reward model needs the room
+PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH, PPO_EPOCHS, TOTAL_UPDATES = 64, 4, 2, 20000
+CHUNK, MINIBATCH = PER_PROCESS_ROLLOUTS * DEVICES, PER_PROCESS_BATCH * DEVICES
+CHUNKS = TOTAL_UPDATES // (PPO_EPOCHS * CHUNK // MINIBATCH)  # 625
 
 POLICY = PRESETS["openchat-3.5"].replace(dtype="bfloat16", param_dtype="float32", remat="full")
 REWARD_MODEL = PRESETS["yi-34b"].replace(head="score", dtype="bfloat16", param_dtype="bfloat16")
@@ -31,21 +42,20 @@ def get_config() -> Experiment:
     return Experiment(
         name="starling_beta_ppo",
         model=ModelSection(config=POLICY, path="checkpoints/openchat-3.5-0106", tokenizer="openchat-3.5",
-                           template="openchat_3.5",
-                           trainable_top_layers=0, train_lm_head=True),
+                           template="openchat_3.5", trainable_top_layers=4, train_lm_head=True),
         reward_model=RewardModelSection(config=REWARD_MODEL, path="checkpoints/Starling-RM-34B",
                                         tokenizer="checkpoints/Starling-RM-34B", template="chatml", max_length=2048),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        data=DataConfig(source="data/nectar", heldout_fraction=0.01, max_length=SEQ_LEN,
+        data=DataConfig(source="data/nectar", heldout_fraction=0.001, max_length=SEQ_LEN,
                         max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
-        objective=ObjectiveConfig(name="ppo", ppo_clip=0.2, value_clip=0.2, vf_coef=1.0, kl_coef=0.01, kl_target=6.0,
-                                  kl_horizon=10000, gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0,
-                                  scale_reward=True, whiten_advantages=True),
-        optim=OptimConfig(learning_rate=1e-6, warmup_steps=100, schedule="cosine", end_lr_fraction=0.1, b1=0.9,
+        objective=ObjectiveConfig(name="ppo", ppo_clip=0.2, value_clip=0.2, vf_coef=1.0, kl_coef=0.001,
+                                  kl_target=None, kl_horizon=10000, gamma=1.0, gae_lambda=0.95, value_head="mlp",
+                                  reward_clip=10.0, scale_reward=True, whiten_advantages=False),
+        optim=OptimConfig(learning_rate=4e-7, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,
                           b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),
-        rollout=RolloutConfig(prompts_per_step=64, max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,
-                              epochs=4, minibatch_size=32, eval_prompts=256),
-        train=TrainConfig(steps=1250, batch_size=64, eval_every=125, seed=0),
-        checkpoint=CheckpointConfig(every=50, keep=3),
-        logging=LoggingConfig(every=10, tensorboard=True),
+        rollout=RolloutConfig(prompts_per_step=CHUNK, max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,
+                              epochs=PPO_EPOCHS, minibatch_size=MINIBATCH, eval_prompts=100),
+        train=TrainConfig(steps=CHUNKS, batch_size=CHUNK, eval_every=16, seed=1000),
+        checkpoint=CheckpointConfig(every=16, keep=3),
+        logging=LoggingConfig(every=1, tensorboard=True),
     )

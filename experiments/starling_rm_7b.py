@@ -12,7 +12,9 @@ What the sources say, and where each number comes from:
   - berkeley-nest/Starling-RM-7B-alpha model card: "trained from Llama2-7B-Chat": the last layer (the LM head) is
     removed and a linear layer outputs one scalar for a (prompt, response) pair, read at the last token; trained on
     Nectar with the K-wise maximum likelihood estimator of Zhu, Jiao & Jordan (2023, arXiv 2301.11270), which is the
-    Plackett-Luce loss over each prompt's full ranking of 7 responses (STARLING.md). The card scores conversations
+    Plackett-Luce loss over each prompt's full ranking of 7 responses (STARLING.md), each prompt's NLL divided by its
+    K-1 choice terms as the authors' pl_loss does (objective.pl_normalize; the tiny runs use the plain sum). The
+    identical answers Nectar pads some rows with count once (data.nectar). The card scores conversations
     as "<s>[INST] {user} </s> [/INST] {assistant}</s>" (our template "llama2"); so do we when training.
   - Nectar (berkeley-nest/Nectar): 182,954 prompts x 7 GPT-4-ranked responses.
   - max_length 2048 with left truncation of the prompt: the authors' RL trainer fed the RM 2048 tokens (STARLING.md).
@@ -46,7 +48,7 @@ def get_config() -> Experiment:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed=True),
         data=DataConfig(source="data/nectar", heldout_fraction=0.01, max_length=2048, max_prompt_length=1536,
                         max_responses=7, on_bad_row="skip"),
-        objective=ObjectiveConfig(name="rm_plackett_luce"),
+        objective=ObjectiveConfig(name="rm_plackett_luce", pl_normalize=True),
         optim=OptimConfig(learning_rate=1e-5, warmup_steps=85, schedule="cosine", end_lr_fraction=0.1,
                           b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0),
         train=TrainConfig(steps=STEPS, batch_size=64, grad_accum=1, eval_every=250, eval_batches=8, seed=0),

@@ -5,13 +5,16 @@
 Three stages on the embedded synthetic Nectar (starling_jax/data/synthetic.py: chats whose 7 responses are ranked by
 a hidden true utility, so we can measure whether RL really makes the policy better, not just the reward model happier):
 
-  sft     the tiny 2-layer Mistral-shaped policy learns the chats' best responses (OpenChat-3.5 template/tokenizer)
+  sft     the tiny 4-layer Mistral-shaped policy learns the chats' best responses (OpenChat-3.5 template/tokenizer)
   rm      a reward model initialised from the SFT policy, reading its OWN tokenizer and template like
           Starling-RM-7B-alpha (the Llama SentencePiece vocabulary, "<s>[INST] ... </s> [/INST] ...</s>"), trained
           with the K-wise Plackett-Luce loss on 7-way rankings
   policy  APA against the frozen RM from the SFT policy: rollouts are decoded, re-rendered in the RM's template and
-          re-tokenized for it; KL penalty to the initial policy; MLP critic; hydra (only the top layer and the LM
-          head train, the trunk below runs once for policy and reference)
+          re-tokenized for it; KL penalty to the initial policy; MLP critic; hydra (the top 2 of the 4 layers and
+          the LM head train, the trunk below runs once for policy and reference)
+
+Values checked against this text by tests/test_recipes.py. The tiny reward model uses the Plackett-Luce sum over
+the K-1 choice terms (objective.pl_normalize=False); the 7B recipe uses the authors' per-choice mean.
 
 WORKDIR/summary.json holds each stage's summary: rm.heldout_pair_accuracy, and policy.true_reward_before/after (the
 hidden utility of the policy's sampled replies to held-out prompts before and after RL), policy.kl_to_reference,
