@@ -463,9 +463,10 @@ def _check_params(entries: list[_Entry], config: ModelConfig, params: Params) ->
 
 def add_convert_arguments(parser) -> None:
     parser.add_argument("source",
-                        help="a local HF safetensors directory, preset:NAME (random init, e.g. preset:tiny), or a "
-                             "trained run: WORKDIR, WORKDIR/<stage> or its export (written as a complete HF directory "
-                             "with tokenizer files, chat template and generation config)")
+                        help="a local HF safetensors directory, a llama.cpp .gguf file (llama family), preset:NAME "
+                             "(random init, e.g. preset:tiny), or a trained run: WORKDIR, WORKDIR/<stage> or its export "
+                             "(written as a complete HF directory with tokenizer files, chat template and generation "
+                             "config)")
     parser.add_argument("output", help="directory to write (config.json + safetensors)")
     parser.add_argument("--stage", default=None, help="WORKDIR source only: the stage (default: the last finished)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -497,7 +498,17 @@ def check_output_dir(path: str, overwrite: bool) -> None:
 def convert_cli(args) -> int:
     if not args.overwrite:
         check_output_dir(args.output, overwrite=False)  # fail before loading anything
-    from starling_jax import export
+    from starling_jax import export, gguf
+
+    if gguf.is_gguf(args.source):
+        if args.head or args.stage:
+            raise HFFormatError("convert: --head applies only to preset:NAME sources, --stage only to a run (WORKDIR)")
+        check_output_dir(args.output, args.overwrite)
+        out = gguf.convert(args.source, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        c = out["config"]
+        print(f"wrote {args.output}: LlamaForCausalLM from GGUF ({c.num_layers} layers, width {c.hidden_size}, "
+              f"vocab {c.vocab_size}, {c.param_dtype}), {', '.join(out['files'])}")
+        return 0
     if export.is_stage_source(args.source):
         ref = export.resolve_stage(args.source, args.stage)
         check_output_dir(args.output, args.overwrite)
