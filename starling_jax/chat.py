@@ -6,8 +6,10 @@
 CHECKPOINT is a local Hugging Face directory (config.json + safetensors, e.g. one made by `starling-jax convert`) or a
 starling_jax stage export: WORKDIR/<stage>/export, WORKDIR/<stage>, or WORKDIR (its newest finished language-model
 stage, or --stage NAME). The tokenizer is the HF directory's own when it has one, else --tokenizer (default
-openchat-3.5). Generation stops at the template's stop tokens (<|end_of_turn|>) and EOS, and the reply is cut at its
-stop strings ("GPT4 Correct User:").
+openchat-3.5). The chat template is the checkpoint's own (the Jinja chat_template of its tokenizer_config.json or
+chat_template.jinja, rendered as transformers does) unless --template names a built-in (openchat_3.5, chatml, ...);
+without one it is openchat_3.5. Generation stops at the template's stop tokens (<|im_end|>, <|end_of_turn|>) and EOS,
+and the reply is cut at its stop strings ("GPT4 Correct User:").
 
 Prompt lengths are padded (on the left) up to a multiple of --length-bucket, so a chat compiles once per bucket, not
 once per turn.
@@ -132,7 +134,7 @@ class Session:
     """A model, its tokenizer and a chat template, with the sampling options of the CLI."""
 
     def __init__(self, args):
-        from starling_jax.data import get_template, load_tokenizer
+        from starling_jax.data import load_tokenizer
 
         self.config, self.params, tok_path = load_checkpoint(args.checkpoint, args.stage, args.dtype)
         self.tokenizer = load_tokenizer(tok_path or args.tokenizer)
@@ -143,7 +145,8 @@ class Session:
             raise InputError(f"--max-new-tokens {args.max_new_tokens}: the model's context is "
                              f"{self.config.max_seq_len} tokens, so at most {self.config.max_seq_len - 1} new tokens "
                              f"leave room for a prompt")
-        self.template = get_template(args.template)
+        self.template = self.tokenizer.template(args.template)
+        self.system = getattr(args, "system", None)
         self.stop_ids = self.tokenizer.stop_ids(self.template)
         self.stop_strings = self.template.stop_strings
         self.args = args
@@ -155,6 +158,8 @@ class Session:
                     stop_ids=self.stop_ids)
 
     def prompt_ids(self, messages) -> list[int]:
+        if self.system:
+            messages = [{"role": "system", "content": self.system}] + list(messages)
         ids = self.tokenizer.encode_chat(messages, template=self.template)
         room = self.config.max_seq_len - self.args.max_new_tokens
         if room < 1:  # Session checks this up front; never slice with a negative room
@@ -214,7 +219,11 @@ def _add_common(parser) -> None:
     parser.add_argument("--stage", default=None, help="stage name inside a WORKDIR (default: newest finished LM stage)")
     parser.add_argument("--tokenizer", default="openchat-3.5",
                         help="tokenizer name or path, when the checkpoint has none (default openchat-3.5)")
-    parser.add_argument("--template", default="openchat_3.5", help="chat template (default openchat_3.5)")
+    parser.add_argument("--template", default="auto",
+                        help="chat template: 'auto' (default) = the checkpoint's own (its tokenizer's Jinja "
+                             "chat_template), else openchat_3.5; or a built-in name to override it")
+    parser.add_argument("--system", default=None,
+                        help="a system message (only with a checkpoint's own template; built-ins have none)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")

@@ -41,7 +41,9 @@ class ModelSection:
     config: ModelConfig = PRESETS["tiny"]
     path: Optional[str] = None
     tokenizer: str = "openchat-3.5"  # name for data.load_tokenizer, or a path to a .model / tokenizer.json
-    template: str = "openchat_3.5"
+    # "auto": the tokenizer's own chat template (a checkpoint's Jinja chat_template) when it has one, else
+    # openchat_3.5; or a built-in name (openchat_3.5, llama2, llama2_trainer, chatml) to override it
+    template: str = "auto"
     trainable_top_layers: int = 0  # 0 = all layers; N > 0 trains only the top N (the hydra trick)
     train_lm_head: bool = True
 
@@ -52,7 +54,7 @@ class RewardModelSection:
     config: ModelConfig = PRESETS["tiny"].replace(head="score")
     path: Optional[str] = None  # HF dir (LlamaForSequenceClassification) or "stage:NAME"
     tokenizer: str = "openchat-3.5"
-    template: str = "openchat_3.5"
+    template: str = "auto"  # as ModelSection.template
     max_length: int = 2048
 
 
@@ -542,7 +544,7 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     # the reward_model section is shared by the experiment but only read by rl stages
     sections = [("model", m)] + ([("reward_model", c.reward_model)] if c.reward_model and kind == "rl" else [])
     for sec_name, sec in sections:
-        if templates and sec.template not in templates:
+        if templates and sec.template != "auto" and sec.template not in templates:
             bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {_close(sec.template, templates)}")
         if tokenizers and sec.tokenizer not in tokenizers and not os.path.exists(sec.tokenizer):
             bad(f"{sec_name}.tokenizer", f"{sec.tokenizer!r} is neither a known tokenizer "

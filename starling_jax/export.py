@@ -115,13 +115,13 @@ def export_hf(ref: StageRef, out: str, dtype: Optional[str] = None,
 
     from starling_jax import hf, models
     from starling_jax.data import load_tokenizer
-    from starling_jax.data.templates import get_template, jinja_template
+    from starling_jax.data.templates import jinja_template
     from starling_jax.data.tokenizer import save_hf_tokenizer
     from starling_jax.train.checkpoint import load_export
 
     m = ref.config.model
     tokenizer = load_tokenizer(m.tokenizer)
-    template = get_template(m.template)
+    template = tokenizer.template(m.template)
     config, params, _ = load_export(ref.export_dir)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"stage {ref.name}: tokenizer {m.tokenizer} has {tokenizer.vocab_size} ids but the model "

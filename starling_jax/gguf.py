@@ -302,6 +302,21 @@ def tokenizer_config(meta: dict) -> dict:
     return out
 
 
+def _write_tokenizer_files(meta: dict, tok, output: str) -> dict:
+    os.makedirs(output, exist_ok=True)
+    tok_cfg = tokenizer_config(meta)
+    with open(os.path.join(output, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
+    tok.save(os.path.join(output, "tokenizer.json"))
+    return tok_cfg
+
+
+def convert_tokenizer(path: str, output: str) -> None:
+    """Only the tokenizer files (tokenizer.json, tokenizer_config.json with the chat template) of GGUF `path`."""
+    meta = read_metadata(_reader(path))
+    _write_tokenizer_files(meta, build_tokenizer(meta, path), output)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # convert
 
@@ -366,14 +381,14 @@ def convert(path: str, output: str, dtype: Optional[str] = None, max_shard_bytes
 
     cfg["dtype"] = dtype
     cfg["torch_dtype"] = dtype
-    tok_cfg = tokenizer_config(meta)
+    tok_cfg = _write_tokenizer_files(meta, tok, output)
     gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
     if cfg["pad_token_id"] is not None:
         gen["pad_token_id"] = cfg["pad_token_id"]
-    for fname, obj in (("config.json", cfg), ("tokenizer_config.json", tok_cfg), ("generation_config.json", gen)):
+    for fname, obj in (("config.json", cfg), ("generation_config.json", gen)):
         with open(os.path.join(output, fname), "w") as f:
             json.dump(obj, f, indent=2)
         written.append(fname)
-    tok.save(os.path.join(output, "tokenizer.json"))
-    written.append("tokenizer.json")
+    written += ["tokenizer.json", "tokenizer_config.json"]
+    del tok_cfg
     return {"config": config.replace(param_dtype=dtype), "files": written}

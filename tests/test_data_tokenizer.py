@@ -54,8 +54,10 @@ def _fschat(name, messages, generation_prompt=True):
 def test_openchat_ids_and_specials(openchat):
     assert openchat.vocab_size == 32002
     assert (openchat.bos_id, openchat.eos_id, openchat.pad_id, openchat.end_of_turn_id) == (1, 32000, 32000, 32000)
-    assert openchat.encode("<|end_of_turn|>") == [32000]
-    assert openchat.encode("a<|pad_0|>b").count(32001) == 1
+    assert openchat.encode("<|end_of_turn|>", parse_special=True) == [32000]
+    assert openchat.encode("a<|pad_0|>b", parse_special=True).count(32001) == 1
+    # content never yields control ids: by default the strings stay text
+    assert 32000 not in openchat.encode("<|end_of_turn|>") and 2 not in openchat.encode("a </s>")
     bare = load_tokenizer("mistral-7b-v0.1")
     assert (bare.vocab_size, bare.bos_id, bare.eos_id, bare.pad_id, bare.end_of_turn_id) == (32000, 1, 2, 0, None)
     # The bare Mistral tokenizer splits the string into pieces; asking it for the OpenChat template is an error.
@@ -90,7 +92,7 @@ def test_openchat_tokens_match_transformers(openchat, hf_openchat, generation_pr
     k = ours.index(32000)
     assert ours[k + 1:k + 1 + len(gpt4)] == gpt4 == ours[1:1 + len(gpt4)]
     for s in ("plain text", "<|end_of_turn|>x<|pad_0|>y", "<s>[INST] hi </s>", "tabs\tand\nnewlines  ", "é漢字🙂"):
-        assert openchat.encode(s) == hf_openchat(s, add_special_tokens=False)["input_ids"], s
+        assert openchat.encode(s, parse_special=True) == hf_openchat(s, add_special_tokens=False)["input_ids"], s
 
 
 def test_plain_text_matches_mistral_common(openchat):
@@ -103,7 +105,7 @@ def test_plain_text_matches_mistral_common(openchat):
     text = "a<|end_of_turn|> b</s> [/INST]<|pad_0|>c"
     want = (ref.encode("a", bos=False, eos=False) + [32000] + ref.encode(" b", bos=False, eos=False) + [2]
             + ref.encode(" [/INST]", bos=False, eos=False) + [32001] + ref.encode("c", bos=False, eos=False))
-    assert openchat.encode(text) == want
+    assert openchat.encode(text, parse_special=True) == want
 
 
 def test_loss_mask_marks_every_assistant_turn(openchat):
@@ -129,7 +131,7 @@ def test_loss_mask_marks_every_assistant_turn(openchat):
 
 
 def test_decode_and_stop_ids(openchat):
-    ids = openchat.encode("Hello world<|end_of_turn|>GPT4")
+    ids = openchat.encode("Hello world<|end_of_turn|>GPT4", parse_special=True)
     assert openchat.decode(ids) == "Hello worldGPT4"
     assert openchat.decode(ids, skip_special=False) == "Hello world<|end_of_turn|>GPT4"
     with pytest.raises(ValueError, match="id 32002 at position 1"):
@@ -241,4 +243,5 @@ def test_sentencepiece_model_with_user_defined_specials(tmp_path):
     want = ([4] + sp.encode("user\nhello there") + [5] + sp.encode("\n") + [4] + sp.encode("assistant\nI am fine.")
             + [5])
     assert ids == want
-    assert tok.encode("x<|endoftext|>") == sp.encode("x") + [3]  # a control piece in text becomes its id
+    assert tok.encode("x<|endoftext|>", parse_special=True) == sp.encode("x") + [3]  # parsed: a control piece's id
+    assert 3 not in tok.encode("x<|endoftext|>")  # content: stays text

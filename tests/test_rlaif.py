@@ -160,7 +160,7 @@ def test_cross_tokenizer_scoring_equals_direct_scoring():
     direct = ["<s>[INST] Tell me about cats. </s> [/INST] Cats purr and nap in the sun.</s>",
               "<s>[INST] Tell me about rain. </s> [/INST] Rain falls from grey clouds.</s>"
               "<s>[INST] And what about coffee? </s> [/INST] Coffee beans are roasted, then brewed in a cup.</s>"]
-    ids = [rm_tok.encode(t) for t in direct]
+    ids = [rm_tok.encode(t, parse_special=True) for t in direct]  # the whole string is scaffolding here
     assert all(max(x) < 32000 and x[0] == rm_tok.bos_id for x in ids)
     T = max(len(x) for x in ids)
     want_tokens = np.array([x + [0] * (T - len(x)) for x in ids], np.int32)

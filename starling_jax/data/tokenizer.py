@@ -87,6 +87,8 @@ class _HFBackend:
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
         self.tok = HFTokenizer.from_file(path)
+        # Special tokens are recognised by Tokenizer (only in a template's scaffolding), never by the backend.
+        self.tok.encode_special_tokens = True
         self.path = path
         self.size = self.tok.get_vocab_size(with_added_tokens=True)
 
@@ -132,6 +134,7 @@ class Tokenizer:
         self.bos_id = self._lookup(bos, ("<s>", "<|startoftext|>", "<bos>"))
         self.eos_id = self._lookup(eos, ("</s>", "<|endoftext|>", "<eos>"))
         self.end_of_turn_id = self.special_tokens.get("<|end_of_turn|>")
+        self.chat_template = None  # the checkpoint's own Jinja template (templates.JinjaTemplate), set by load_tokenizer
         self.pad_id = self._lookup(pad, ("<unk>", "<pad>"))
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
@@ -158,12 +161,16 @@ class Tokenizer:
         return self.special_tokens[special]
 
     # -- encoding ------------------------------------------------------------------------------------------------
-    def _encode_with_spans(self, text: str, spans_wanted: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
-        """Split on special tokens, encode each text segment on its own; spans are character offsets in `text`."""
+    def _encode_with_spans(self, text: str, spans_wanted: bool = True, parse_special: bool = True,
+                           protected: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]]]:
+        """Split on special-token strings (parse_special; none inside a `protected` character range), encode each
+        text segment on its own; spans are character offsets in `text`."""
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
         pos = 0
-        matches = list(self._special_re.finditer(text)) if self._special_re else []
+        matches = list(self._special_re.finditer(text)) if self._special_re and parse_special else []
+        if protected:
+            matches = [m for m in matches if not any(a < m.end() and m.start() < b for a, b in protected)]
         for m in matches + [None]:
             end = m.start() if m is not None else len(text)
             if end > pos and spans_wanted:
@@ -178,29 +185,39 @@ class Tokenizer:
                 pos = m.end()
         return ids, spans
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings become single ids."""
-        ids, _ = self._encode_with_spans(text, spans_wanted=False)
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings in it ("</s>", "<|im_end|>") stay text unless parse_special:
+        content (messages, answers, replies, prompts) never yields control ids; only a template's scaffolding does."""
+        ids, _ = self._encode_with_spans(text, spans_wanted=False, parse_special=parse_special)
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
     def encode_batch(self, texts: Iterable[str], add_bos: bool = False) -> list[list[int]]:
         return [self.encode(t, add_bos) for t in texts]
 
+    def template(self, template=None):
+        """The chat template `template` names: "auto" (or None) is this tokenizer's own (the checkpoint's Jinja
+        chat_template) when it has one, else openchat_3.5; a built-in name or a template object is used as is."""
+        if template is None or template == "auto":
+            return self.chat_template if self.chat_template is not None else templates_lib.get_template("openchat_3.5")
+        return templates_lib.get_template(template)
+
     def encode_chat(self, messages: Sequence[dict], template=None, add_generation_prompt: bool = True,
                     return_loss_mask: bool = False):
-        """Token ids of a rendered conversation (template: a name or ChatTemplate; None = openchat_3.5).
+        """Token ids of a rendered conversation (template: see `template`; default "auto").
 
-        return_loss_mask=True returns (ids, loss_mask) with loss_mask[t] = 1 where token t belongs to an assistant
-        reply or the token closing it (e.g. <|end_of_turn|>): what SFT trains on, every turn of a multi-turn chat.
+        Special tokens come only from the template's scaffolding: special-token strings inside message contents are
+        encoded as text. return_loss_mask=True returns (ids, loss_mask) with loss_mask[t] = 1 where token t belongs to
+        an assistant reply or the scaffolding closing it (e.g. <|end_of_turn|>): what SFT trains on, every turn of a
+        multi-turn chat.
         """
-        t = templates_lib.get_template(template or "openchat_3.5")
+        t = self.template(template)
         for s in t.required_special:
             if s not in self.special_tokens:
                 raise ValueError(f"chat template {t.name!r} needs {s!r} as a single special token, but tokenizer "
                                  f"{self.name} has none (its special tokens: {sorted(self.special_tokens)})")
-        parts = templates_lib.render(messages, t, add_generation_prompt)
-        text = "".join(p for p, _ in parts)
-        ids, spans = self._encode_with_spans(text, spans_wanted=return_loss_mask)
+        text, assistant_spans, content = templates_lib.layout(messages, t, add_generation_prompt,
+                                                              assistant_spans=return_loss_mask)
+        ids, spans = self._encode_with_spans(text, spans_wanted=return_loss_mask, protected=content)
         if t.add_bos:
             if self.bos_id is None:
                 raise ValueError(f"chat template {t.name!r} starts with BOS but tokenizer {self.name} has no BOS")
@@ -209,10 +226,8 @@ class Tokenizer:
         if not return_loss_mask:
             return ids
         assistant = np.zeros(len(text) + 1, bool)
-        pos = 0
-        for p, is_assistant in parts:
-            assistant[pos:pos + len(p)] = is_assistant
-            pos += len(p)
+        for a, b in assistant_spans:
+            assistant[a:b] = True
         # A token trains when its first character is assistant text (a BOS or empty span never trains).
         mask = [int(b < e and assistant[b]) for b, e in spans]
         return ids, mask
@@ -240,7 +255,7 @@ class Tokenizer:
 
     def stop_ids(self, template=None) -> tuple[int, ...]:
         """Generation stop ids for a template (those of its stop tokens this tokenizer has) plus EOS."""
-        t = templates_lib.get_template(template or "openchat_3.5")
+        t = self.template(template)
         ids = [self.special_tokens[s] for s in t.stop_tokens if s in self.special_tokens]
         if self.eos_id is not None and self.eos_id not in ids:
             ids.append(self.eos_id)
@@ -298,8 +313,30 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     else:
         backend = _SentencePieceBackend(path)
         added = {k: v for k, v in added.items() if v >= backend.size}
-    return Tokenizer(backend, name_or_path, added=added, bos=_token_name(config.get("bos_token")),
-                     eos=_token_name(config.get("eos_token")), pad=_token_name(config.get("pad_token")))
+    tok = Tokenizer(backend, name_or_path, added=added, bos=_token_name(config.get("bos_token")),
+                    eos=_token_name(config.get("eos_token")), pad=_token_name(config.get("pad_token")))
+    if os.path.isdir(name_or_path):
+        source = _chat_template_source(name_or_path, config)
+        if source is not None:
+            variables = {k: _token_name(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            eos = _token_name(config.get("eos_token")) or tok._id_to_special.get(tok.eos_id)
+            tok.chat_template = templates_lib.jinja_from_tokenizer_config(
+                source, f"{name_or_path} (its chat template)", variables, list(tok.special_tokens), eos)
+    return tok
+
+
+def _chat_template_source(directory: str, config: dict) -> Optional[str]:
+    """The directory's Jinja chat template: chat_template.jinja (transformers 5), else tokenizer_config.json's
+    chat_template (a string, or a list of named templates of which "default" is used)."""
+    path = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read()
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from starling_jax import models, sampling
-from starling_jax.data import get_template
 from starling_jax.models import ModelConfig
 from starling_jax.objectives import kl as obj_kl
 from starling_jax.train.hydra import policy_params
@@ -111,7 +110,7 @@ def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str
                    top_p: float = 1.0, constrain=None) -> Samples:
     """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template).
     constrain: the mesh's activation constraint (sampling.generate), None off a mesh."""
-    t = get_template(template)
+    t = tokenizer.template(template)
     tokens, mask, _ = sampling.generate(params, config, prompt_tokens, prompt_mask, key, max_new_tokens,
                                         temperature=temperature, top_k=top_k, top_p=top_p,
                                         stop_ids=tokenizer.stop_ids(t), constrain=constrain)
