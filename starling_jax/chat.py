@@ -66,7 +66,11 @@ def _export_dir(path: str, stage: Optional[str]) -> Optional[str]:
 
 def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str] = None
                     ) -> tuple[ModelConfig, dict, Optional[str]]:
-    """(config, params, tokenizer path or None) of a HF directory or a stage export (see the module doc)."""
+    """(config, params, tokenizer path or None) of a HF directory (or hub id "hf:ORG/NAME[@REV]") or a stage export
+    (see the module doc)."""
+    from starling_jax import hub
+
+    path = hub.resolve(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     # A run's WORKDIR holds a config.json too (the experiment's): a HF directory is one with weight files.

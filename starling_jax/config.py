@@ -37,7 +37,8 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """The trained model. `config` is the architecture; `path` loads weights (and the architecture) from a local
-    HF safetensors directory, or "stage:NAME" from an earlier stage's final checkpoint."""
+    HF safetensors directory, a Hugging Face Hub id "hf:ORG/NAME[@REVISION]" (safetensors downloaded into the standard
+    cache; HF_HUB_OFFLINE=1 reads only the cache), or "stage:NAME" from an earlier stage's final checkpoint."""
     config: ModelConfig = PRESETS["tiny"]
     path: Optional[str] = None
     tokenizer: str = "openchat-3.5"  # name for data.load_tokenizer, or a path to a .model / tokenizer.json
@@ -546,7 +547,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     for sec_name, sec in sections:
         if templates and sec.template != "auto" and sec.template not in templates:
             bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {_close(sec.template, templates)}")
-        if tokenizers and sec.tokenizer not in tokenizers and not os.path.exists(sec.tokenizer):
+        if (tokenizers and sec.tokenizer not in tokenizers and not os.path.exists(sec.tokenizer)
+                and not sec.tokenizer.startswith("hf:")):
             bad(f"{sec_name}.tokenizer", f"{sec.tokenizer!r} is neither a known tokenizer "
                 f"({', '.join(tokenizers)}) nor an existing path")
         path = sec.path
@@ -557,8 +559,15 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
                     f"{', '.join(earlier) or 'none'})")
             elif sec_name == "reward_model" and earlier[ref] != "rm":
                 bad("reward_model.path", f"{path!r} is a {earlier[ref]!r} stage, not a reward-model (rm) stage")
+        elif path is not None and path.startswith("hf:"):
+            from starling_jax import hub
+            try:
+                hub.parse(path)
+            except hub.HubError as e:
+                bad(f"{sec_name}.path", str(e))
         elif path is not None and not os.path.exists(path):
-            bad(f"{sec_name}.path", f"{path!r} does not exist (a Hugging Face directory or 'stage:NAME')")
+            bad(f"{sec_name}.path", f"{path!r} does not exist (a Hugging Face directory, 'hf:ORG/NAME[@REV]' or "
+                f"'stage:NAME')")
     if kind == "rl":
         if c.reward_model is None:
             bad("reward_model", f"objective {obj!r} needs a reward_model section")

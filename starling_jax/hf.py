@@ -318,6 +318,9 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     models.param_specs(config), mesh, rules) (rules default to MeshConfig().rules; pass the experiment's
     mesh.rules); without a mesh everything goes to the default device.
     """
+    from starling_jax import hub
+
+    path = hub.resolve(path)  # "hf:ORG/NAME[@REV]" -> its local snapshot
     hf_cfg, files = _check_directory(path)
     config = config_from_hf(hf_cfg, where=os.path.join(path, "config.json"))
     with contextlib.ExitStack() as stack:

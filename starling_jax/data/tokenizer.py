@@ -292,6 +292,9 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
                          eos="<|end_of_turn|>", pad="<|end_of_turn|>")
     if name_or_path == "mistral-7b-v0.1":
         return Tokenizer(_SentencePieceBackend(mistral_model_path()), "mistral-7b-v0.1")
+    if name_or_path.startswith("hf:"):
+        from starling_jax import hub
+        name_or_path = hub.resolve(name_or_path)
     path = name_or_path
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer {path!r}: neither a known name ('openchat-3.5', 'mistral-7b-v0.1') nor "
