@@ -137,6 +137,8 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> Optional[int]:
 class Session:
     """A model, its tokenizer and a chat template, with the sampling options of the CLI."""
 
+    system: Optional[str] = None  # a system message put before every conversation (--system)
+
     def __init__(self, args):
         from starling_jax.data import load_tokenizer
 
