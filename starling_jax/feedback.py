@@ -146,3 +146,55 @@ def write_rows(path: str, rows: Sequence[dict]) -> None:
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling K responses per prompt and building the rows (what the feedback stage kind runs)
+
+
+def sample_k(params, config, tokenizer, template, conversations: Sequence[Messages], k: int, key,
+             max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 16,
+             length_bucket: int = 32) -> list[list[str]]:
+    """K sampled replies per conversation from one checkpoint (rendered in `template`, "auto" = the tokenizer's own),
+    decoded and cut at the template's stop tokens and stop strings. Rows are generated batch_size at a time, prompts
+    left padded to a multiple of length_bucket (few compiled shapes)."""
+    import jax
+    import numpy as np
+
+    from starling_jax import sampling
+    from starling_jax.chat import left_pad
+
+    t = tokenizer.template(template)
+    stop_ids = tokenizer.stop_ids(t)
+    prompts = [tokenizer.encode_chat(list(c), template=t) for c in conversations]
+    flat = [p for p in prompts for _ in range(k)]
+    texts: list[str] = []
+    for start in range(0, len(flat), batch_size):
+        rows = flat[start:start + batch_size]
+        rows = rows + [rows[-1]] * (batch_size - len(rows))  # one compiled batch shape
+        tokens, mask = left_pad(rows, tokenizer.pad_id, length_bucket)
+        out, out_mask, _ = sampling.generate(params, config, tokens, mask, jax.random.fold_in(key, start),
+                                             max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids)
+        decoded, _ = sampling.apply_stop_strings(tokenizer, np.asarray(out), np.asarray(out_mask), t.stop_strings)
+        texts += [s.strip() for s in decoded]
+    texts = texts[:len(flat)]
+    return [texts[i * k:(i + 1) * k] for i in range(len(conversations))]
+
+
+def build_rows(conversations: Sequence[Messages], samples: Sequence[Sequence[str]],
+               score: Callable[[Messages, str], float], model: str = "policy") -> tuple[list[dict], dict]:
+    """Nectar rows ranked by a programmatic judge `score(messages, answer)` (higher is better), and counts: rows
+    written, rows skipped because a sample was empty (Nectar rows need non-empty answers), rows whose answers all
+    scored the same (no ranking signal, kept: the rm stage's tie policy decides), and the mean score."""
+    rows, skipped, flat, total, n = [], 0, 0, 0.0, 0
+    for messages, answers in zip(conversations, samples):
+        if any(not a.strip() for a in answers):
+            skipped += 1
+            continue
+        scores = [float(score(messages, a)) for a in answers]
+        total += sum(scores)
+        n += len(scores)
+        flat += len(set(scores)) == 1
+        rows.append(nectar_row(messages, answers, [model] * len(answers), rank_by_scores(scores)))
+    return rows, {"rows": len(rows), "skipped_empty_answer": skipped, "rows_without_signal": flat,
+                  "mean_score": total / n if n else float("nan")}

@@ -79,3 +79,25 @@ def test_load_function_and_bad_specs():
     for bad in ("nocolon", "starling_jax.feedback:missing", "no_such_module_x:f"):
         with pytest.raises(ValueError, match="judge"):
             feedback.load_function(bad)
+
+
+def test_sample_k_and_build_rows_with_a_tiny_policy(tmp_path):
+    import jax
+
+    from starling_jax import models
+    tok = load_tokenizer("openchat-3.5")
+    config = models.get_preset("tiny")
+    params = models.init_params(config, jax.random.key(0))
+    convs = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Count to three."}]]
+    samples = feedback.sample_k(params, config, tok, "auto", convs, 3, jax.random.key(1), max_new_tokens=6,
+                                temperature=1.0, batch_size=4, length_bucket=16)
+    assert [len(s) for s in samples] == [3, 3] and all(isinstance(a, str) for s in samples for a in s)
+    samples = [[a or "(empty)" for a in s] for s in samples]
+    rows, stats = feedback.build_rows(convs, samples, lambda m, a: len(a), model="tiny@t1.0")
+    assert stats["rows"] == 2 and stats["skipped_empty_answer"] == 0
+    parsed, _ = nectar.parse_rows(rows)
+    for p, s in zip(parsed, samples):
+        best = p["responses"][p["ranks"].index(1)]
+        assert len(best) == max(len(a) for a in s)
+    _, stats = feedback.build_rows(convs, [["", "x", "y"], ["a", "a", "a"]], lambda m, a: len(a))
+    assert stats == {"rows": 1, "skipped_empty_answer": 1, "rows_without_signal": 1, "mean_score": 1.0}
