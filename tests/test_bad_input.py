@@ -207,6 +207,16 @@ CASES = [
     Case("generate on a run whose exported parameters are damaged",
          lambda f: ["generate", _damaged_export(f, "params"), "--prompt", "hi"], 2,
          r"run_params/sft/export/params: the exported parameters cannot be read .*run the stage again"),
+    Case("generate with a damaged tokenizer.json",
+         lambda f: ["generate", _with_file(f, "tokenizer.json", '{"version": "1.0", "trunc'), "--prompt", "hi"], 2,
+         r"hf_tokenizer\.json/tokenizer\.json: cannot read this tokenizer\.json"),
+    Case("generate with a 0-byte tokenizer.model",
+         lambda f: ["generate", _with_file(f, "tokenizer.model", b""), "--prompt", "hi"], 2,
+         r"hf_tokenizer\.model/tokenizer\.model: cannot read this SentencePiece model"),
+    Case("generate with a damaged tokenizer_config.json",
+         lambda f: ["generate", _with_file(f, "tokenizer_config.json", '{"bos_token": ', with_sp_model=True),
+                    "--prompt", "hi"], 2,
+         r"tokenizer_config\.json: cannot read this tokenizer_config\.json"),
     Case("chat --temperature -1", lambda f: ["chat", f.hf_dir(), "--temperature", -1], 2,
          r"--temperature -1\.0: must be >= 0"),
     Case("chat on a .bin-only directory", lambda f: ["chat", f.damaged_hf("bin_only")], 2, r"only pickled checkpoints"),
@@ -308,6 +318,17 @@ def _run_without_exports(f: Files) -> str:
     from starling_jax.config import load_experiment, to_dict
     exp = load_experiment(str(REPO / "experiments" / "tiny_starling.py"))
     return f.write("run/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0]
+
+
+def _with_file(f: Files, name: str, content, with_sp_model: bool = False) -> str:
+    """A copy of the tiny HF directory with one more (damaged) file, e.g. a tokenizer file; with_sp_model: and the
+    Mistral SentencePiece model as its tokenizer.model (so the directory's tokenizer files are read)."""
+    d = f.hf_copy(f"hf_{name}")
+    if with_sp_model:
+        from starling_jax.data.tokenizer import mistral_model_path
+        shutil.copy(mistral_model_path(), os.path.join(d, "tokenizer.model"))
+    f.write(os.path.join(d, name), content)
+    return d
 
 
 def _damaged_export(f: Files, what: str) -> str:

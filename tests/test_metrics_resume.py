@@ -118,3 +118,19 @@ def test_kill_after_a_checkpoint_mid_window(reference, tmp_path, monkeypatch):
     interrupted = run(tmp_path, stop_at=9, how="kill", monkeypatch=monkeypatch)
     assert [r["step"] for r in interrupted] == [5]
     check_resumed_equals(reference, run(tmp_path))
+
+
+def test_a_line_half_written_by_a_kill_is_dropped_on_resume(tmp_path):
+    """SIGKILL during a metrics write leaves a partial last line: resuming drops it (and records past the checkpoint)
+    so the next record starts on its own line; read_metrics leaves such a line out instead of failing."""
+    from starling_jax.train.logging import MetricsLogger, truncate_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 1.5}\n{"step": 10, "loss": 1.25}\n{"step": 15, "lo')
+    assert read_metrics(str(path)) == [{"step": 5, "loss": 1.5}, {"step": 10, "loss": 1.25}]
+    truncate_metrics(str(path), 10)
+    assert path.read_text() == '{"step": 5, "loss": 1.5}\n{"step": 10, "loss": 1.25}\n'
+    path.write_text('{"step": 5, "loss": 1.5}')  # a complete record that lost its newline
+    logger = MetricsLogger(str(tmp_path), total_steps=20, start_step=5, tensorboard=False, progress=False)
+    logger.log(10, {"loss": 1.0})
+    logger.close()
+    assert read_metrics(str(path)) == [{"step": 5, "loss": 1.5}, {"step": 10, "loss": 1.0}]

@@ -14,6 +14,7 @@ added_tokens.json / tokenizer_config.json name extra special tokens and bos/eos/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from starling_jax.data import templates as templates_lib
+from starling_jax.errors import InputError
 
 OPENCHAT_SPECIAL = {"<|end_of_turn|>": 32000, "<|pad_0|>": 32001}
 KNOWN_TOKENIZERS = ("openchat-3.5", "mistral-7b-v0.1")  # names load_tokenizer knows besides paths
@@ -36,10 +38,24 @@ def mistral_model_path() -> str:
     return path
 
 
+@contextlib.contextmanager
+def _reading(path: str, what: str):
+    """Any error while a library parses a tokenizer file becomes one InputError naming the file."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # sentencepiece: OSError/RuntimeError; tokenizers: a bare Exception; json: ValueError
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{path}: cannot read this {what} ({detail}); re-download it, or pass another "
+                         f"--tokenizer / model.tokenizer") from e
+
+
 class _SentencePieceBackend:
     def __init__(self, path: str):
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        with _reading(path, "SentencePiece model"):
+            self.sp = spm.SentencePieceProcessor(model_file=path)
         self.path = path
         self.size = self.sp.get_piece_size()
         self._specials = None
@@ -86,7 +102,8 @@ class _SentencePieceBackend:
 class _HFBackend:
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
-        self.tok = HFTokenizer.from_file(path)
+        with _reading(path, "tokenizer.json"):
+            self.tok = HFTokenizer.from_file(path)
         # Special tokens are recognised by Tokenizer (only in a template's scaffolding), never by the backend.
         self.tok.encode_special_tokens = True
         self.path = path
@@ -268,14 +285,14 @@ def _hf_dir_config(directory: str) -> tuple[dict[str, int], dict]:
     config: dict = {}
     path = os.path.join(directory, "added_tokens.json")
     if os.path.exists(path):
-        with open(path) as f:
+        with _reading(path, "added_tokens.json"), open(path, encoding="utf-8") as f:
             added = {str(k): int(v) for k, v in json.load(f).items()}
     path = os.path.join(directory, "tokenizer_config.json")
     if os.path.exists(path):
-        with open(path) as f:
+        with _reading(path, "tokenizer_config.json"), open(path, encoding="utf-8") as f:
             config = json.load(f)
-        for i, tok in (config.get("added_tokens_decoder") or {}).items():
-            added.setdefault(tok["content"] if isinstance(tok, dict) else str(tok), int(i))
+            for i, tok in (config.get("added_tokens_decoder") or {}).items():
+                added.setdefault(tok["content"] if isinstance(tok, dict) else str(tok), int(i))
     return added, config
 
 

@@ -14,12 +14,31 @@ METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
 
 
+def _records(path: str) -> list[tuple[str, Optional[dict]]]:
+    """(line, record) for each non-blank line; record None for a line that is not a JSON object (e.g. the last line
+    half-written when a run was killed), with a warning naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                log.warning("%s: line %d is not a metrics record (cut by a kill?): %.60r; left out", path, n, line)
+                record = None
+            out.append((line if line.endswith("\n") else line + "\n", record))
+    return out
+
+
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl file (or of WORKDIR/<stage>/ given its directory)."""
+    """The records of a metrics.jsonl file (or of WORKDIR/<stage>/ given its directory). A damaged line (a kill
+    mid-write) is left out with a warning."""
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [r for _, r in _records(path) if r is not None]
 
 
 def _jsonable(x):
@@ -30,14 +49,15 @@ def _jsonable(x):
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
-    """Drop records after `last_step` (written by a run that was killed after its last checkpoint), so a resumed
-    run's file reads as if it had never stopped."""
+    """Drop records after `last_step` (written by a run that was killed after its last checkpoint) and any line a kill
+    left half-written, so a resumed run's file reads as if it had never stopped."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
+    with open(path, "rb") as f:
+        raw = f.read()
+    records = _records(path)
+    kept = [line for line, r in records if r is not None and r.get("step", 0) <= last_step]
+    if "".join(kept).encode() != raw:  # records dropped, a damaged line, or a last line without its newline
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
