@@ -253,6 +253,24 @@ def test_eval_compare_and_rm_cli(run, tmp_path, capsys):
     assert result["nectar"]["groups"] == 8  # the K-wise metrics on the stage's held-out rows
     assert "RewardBench:" in text
 
+    # RewardBench as parquet (its native format) and the K-wise metrics on a Nectar file, on the HF export of the RM
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from starling_jax.data import synthetic
+    rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}", "subset": "llmbar-natural", "id": i}
+            for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "rb.parquet"))
+    _write_jsonl(tmp_path / "nectar.jsonl", synthetic.make_rows(5, seed=3))
+    hf_rm = str(tmp_path / "hf_rm")
+    assert cli.main(["convert", os.path.join(run, "rm"), hf_rm]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "rm", hf_rm, "--rewardbench", str(tmp_path / "rb.parquet"), "--nectar",
+                     str(tmp_path / "nectar.jsonl"), "--out", str(tmp_path / "rm.json")]) == 0
+    result = json.load(open(tmp_path / "rm.json"))
+    assert result["template"] == "llama2" and result["rewardbench"]["rows"] == 3
+    assert set(result["rewardbench"]["sections"]) == {"Chat Hard"}
+    assert result["nectar"]["groups"] == 5 and result["nectar"]["pairs"] == 5 * 21
+
 
 def test_eval_recognises_a_model_directory(run, tmp_path, capsys):
     hf_dir = str(tmp_path / "hf_rm")

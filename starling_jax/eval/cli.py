@@ -353,8 +353,10 @@ def rm_cli(args) -> int:
         result["rewardbench"] = rewardbench(Judge(ckpt, args.batch_size), rb_rows)
     if args.nectar:
         from starling_jax.config import DataConfig, ModelSection
-        stage = Experiment(model=ModelSection(config=ckpt.config, tokenizer=ckpt.tokenizer_name,
-                                              template=ckpt.template.name),
+        from starling_jax.data.templates import TEMPLATES
+        template = ckpt.template.name if ckpt.template.name in TEMPLATES else "auto"  # "auto": the dir's own Jinja
+        stage = Experiment(name="eval_rm", model=ModelSection(config=ckpt.config, tokenizer=ckpt.tokenizer_name,
+                                                              template=template),
                            data=DataConfig(source=args.nectar, heldout_fraction=0.0,
                                            max_length=min(ckpt.config.max_seq_len, 1024),
                                            max_prompt_length=min(ckpt.config.max_seq_len // 2, 512)))
