@@ -21,7 +21,8 @@ COMMANDS = {
     # name: (module, one-line help)
     "run": ("starling_jax.train.loop", "run all stages of an experiment end to end and print its summary"),
     "train": ("starling_jax.train.loop", "train an experiment's stages (resumes from WORKDIR by default)"),
-    "eval": ("starling_jax.eval.cli", "reward-model ranking metrics of an experiment or checkpoint on held-out data"),
+    "eval": ("starling_jax.eval.cli", "MT-Bench/AlpacaEval answers (policy), RM-judged win rates (compare), "
+                                      "RewardBench (rm), ranking metrics of an experiment's RM"),
     "generate": ("starling_jax.chat", "generate replies to prompts with a checkpoint"),
     "chat": ("starling_jax.chat", "chat interactively with a checkpoint (OpenChat template, streamed)"),
     "plan": ("starling_jax.plan", "per-device memory and FLOPs of an experiment on a mesh, without hardware"),
