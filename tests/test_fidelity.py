@@ -157,3 +157,22 @@ def test_rl_stage_rejects_filtered_sampling(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*on-policy"):
         validate(exp)
     validate(apply_overrides(load_experiment("tiny_ppo"), ["stages.policy.rollout.temperature=0.7"]))  # temperature is fine
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. The reward model's text for a multi-turn conversation, as the fork's from_openchat_to_llama builds it: each turn
+# stripped, "[INST] u [/INST] a</s>" turns joined by one space (thwu1/trlx examples/hh/utils.py at 0fb4e1e).
+
+def test_llama2_trainer_joins_stripped_turns_like_the_fork():
+    from starling_jax.data.templates import jinja_template, render_text
+    conv = [{"role": "user", "content": " Hi there \n"}, {"role": "assistant", "content": "\nHello! "},
+            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "  Sure.\n\n"}]
+    want = "[INST] Hi there [/INST] Hello!</s> [INST] More? [/INST] Sure.</s>"
+    assert render_text(conv, "llama2_trainer", add_generation_prompt=False) == want
+    assert render_text(conv[:3], "llama2_trainer") == "[INST] Hi there [/INST] Hello!</s> [INST] More? [/INST]"
+    jinja2 = pytest.importorskip("jinja2")
+    env = jinja2.Environment()
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+    text = env.from_string(jinja_template("llama2_trainer")).render(messages=conv, bos_token="<s>",
+                                                                    add_generation_prompt=False)
+    assert text == "<s>" + want

@@ -44,6 +44,7 @@ class ChatTemplate:
     stop_tokens: tuple[str, ...] = ()  # generation stops at these special tokens (their ids from the tokenizer)
     stop_strings: tuple[str, ...] = ()  # ... and at these strings in the decoded text
     source: str = ""
+    strip_content: bool = False  # strip each turn's text of surrounding whitespace before rendering it
 
 
 OPENCHAT_3_5 = ChatTemplate(
@@ -70,13 +71,15 @@ LLAMA2_STARLING_RM = ChatTemplate(
     source="berkeley-nest/Starling-RM-7B-alpha model card",
 )
 
-# The conversion in the authors' RL trainer: "[INST] {user} [/INST] {assistant}</s>" after the tokenizer's BOS.
+# The conversion in the authors' RL trainer (thwu1/trlx examples/hh/utils.py from_openchat_to_llama at 0fb4e1e):
+# each turn's text stripped, "[INST] {user} [/INST] {assistant}</s>" turns joined by one space, after the tokenizer's
+# BOS: "[INST] u1 [/INST] a1</s> [INST] u2 [/INST] a2</s>".
 LLAMA2_TRAINER = ChatTemplate(
     name="llama2_trainer",
-    user_prefix="[INST] ", user_suffix=" [/INST]",
-    assistant_prefix="", assistant_lead=" ", assistant_suffix="</s>",
-    add_bos=True, required_special=("</s>",), stop_tokens=("</s>",),
-    source="Starling RL trainer's OpenChat -> Llama-2 conversion",
+    user_prefix="[INST] ", user_suffix="",
+    assistant_prefix="[/INST]", assistant_lead=" ", assistant_suffix="</s>",
+    separator=" ", add_bos=True, required_special=("</s>",), stop_tokens=("</s>",), strip_content=True,
+    source="Starling RL trainer's OpenChat -> Llama-2 conversion (thwu1/trlx examples/hh/utils.py)",
 )
 
 # Starling-RM-34B (Yi-34B-Chat): ChatML, turns separated by a newline, no BOS.
@@ -165,12 +168,13 @@ def layout(messages: Sequence[Message], template, add_generation_prompt: bool = 
     for i, m in enumerate(messages):
         if i > 0:
             put(t.separator)
+        body = m["content"].strip() if t.strip_content else m["content"]
         if m["role"] == "user":
-            put(t.user_prefix), put(m["content"], True), put(t.user_suffix)
+            put(t.user_prefix), put(body, True), put(t.user_suffix)
         else:
             put(t.assistant_prefix)
             start = len(text)
-            put(t.assistant_lead), put(m["content"], True), put(t.assistant_suffix)
+            put(t.assistant_lead), put(body, True), put(t.assistant_suffix)
             assistant.append((start, len(text)))
     if add_generation_prompt:
         put(t.separator)
@@ -343,6 +347,7 @@ def jinja_template(template: str | ChatTemplate) -> str:
     lit = _jinja_literal
     sep = f"{{% if not loop.first %}}{{{{ {lit(t.separator)} }}}}{{% endif %}}" if t.separator else ""
     gen_sep = f"{{{{ {lit(t.separator)} }}}}" if t.separator else ""
+    content = "(message['content'] | trim)" if t.strip_content else "message['content']"
     return (
         ("{{ bos_token }}" if t.add_bos else "")
         + "{% for message in messages %}"
@@ -351,9 +356,9 @@ def jinja_template(template: str | ChatTemplate) -> str:
         + "{% endif %}"
         + sep
         + "{% if message['role'] == 'user' %}"
-        + f"{{{{ {lit(t.user_prefix)} + message['content'] + {lit(t.user_suffix)} }}}}"
+        + f"{{{{ {lit(t.user_prefix)} + {content} + {lit(t.user_suffix)} }}}}"
         + "{% else %}"
-        + f"{{{{ {lit(t.assistant_prefix + t.assistant_lead)} + message['content'] + {lit(t.assistant_suffix)} }}}}"
+        + f"{{{{ {lit(t.assistant_prefix + t.assistant_lead)} + {content} + {lit(t.assistant_suffix)} }}}}"
         + "{% endif %}"
         + "{% endfor %}"
         + f"{{% if add_generation_prompt %}}{gen_sep}{{{{ {lit(t.assistant_prefix)} }}}}{{% endif %}}"
