@@ -194,3 +194,27 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(tmp_path):
     ref_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     for text in ["What is 17 + 25?", "Tom has 11 apples.\n\nHe buys 71 more.", "émoji 😀 ok"]:
         assert tok.encode(text) == ref_tok(text, add_special_tokens=False).input_ids, text
+
+
+def test_sentencepiece_gguf_vocabulary_encodes_like_sentencepiece(tmp_path):
+    """tokenizer.ggml.model "llama" (Llama/Mistral GGUFs): the BPE rebuilt from pieces + scores encodes and decodes
+    like SentencePiece itself, here on Mistral-7B's vocabulary (shipped in mistral-common)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from starling_jax.data.tokenizer import mistral_model_path
+    sp = spm.SentencePieceProcessor(model_file=mistral_model_path())
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [p.piece for p in proto.pieces],
+            "tokenizer.ggml.scores": [p.score for p in proto.pieces],
+            "tokenizer.ggml.token_type": [int(p.type) for p in proto.pieces], "tokenizer.ggml.unknown_token_id": 0,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_space_prefix": True,
+            "general.architecture": "llama"}
+    sj_gguf._write_tokenizer_files(meta, sj_gguf.build_tokenizer(meta, "mistral"), str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    for text in ["Hello world", "  leading spaces", "é漢字🙂 ok", "GPT4 Correct User: hi\n\nnew", "17 + 25 = 42.",
+                 "a</s>b"]:  # "</s>" in content stays text, as SentencePiece encodes it
+        assert tok.encode(text) == sp.encode(text), text
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text)), text
