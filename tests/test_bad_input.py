@@ -415,9 +415,10 @@ def test_convert_overwrite_replaces_the_model_files(tmp_path, capsys):
     (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
     (out / "config.json").write_text("{}")
     (out / "README.md").write_text("notes")
-    assert cli.main(["convert", "preset:tiny", str(out)]) == 2
+    source = Files(tmp_path).hf_dir()
+    assert cli.main(["convert", source, str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "config.json").read_text() == "{}"
-    assert cli.main(["convert", "preset:tiny", str(out), "--overwrite"]) == 0
+    assert cli.main(["convert", source, str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
     config, _ = hf.load(str(out))
     assert config.hidden_size == 64
