@@ -176,3 +176,40 @@ def test_llama2_trainer_joins_stripped_turns_like_the_fork():
     text = env.from_string(jinja_template("llama2_trainer")).render(messages=conv, bos_token="<s>",
                                                                     add_generation_prompt=False)
     assert text == "<s>" + want
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. Identical Nectar answers are one response (kept at the best rank), counted in the data summary.
+
+def _nectar_row(texts_ranks, utilities=None):
+    row = {"prompt": "\n\nHuman: Say hi\n\nAssistant: ",
+           "answers": [{"answer": t, "model": f"m{k}", "rank": r} for k, (t, r) in enumerate(texts_ranks)]}
+    if utilities is not None:
+        row["utilities"] = utilities
+    return row
+
+
+def test_identical_answers_are_one_response_and_counted():
+    from starling_jax.data.nectar import NectarError, parse_rows
+    padded = _nectar_row([("Hi!", 3.0), ("Hello.", 1.0), ("Hi!", 2.0), ("I can't help.", 5.0), ("Hello.", 4.0),
+                          ("Hey", 6.0), ("I can't help.", 7.0)], utilities=[0, 1, 2, 3, 4, 5, 6])
+    parsed_rows, report = parse_rows([padded, _nectar_row([("a", 1.0), ("b", 2.0)])])
+    parsed = parsed_rows[0]
+    # each text once, at its best rank; the order of the row kept
+    assert parsed["responses"] == ["Hello.", "Hi!", "I can't help.", "Hey"]
+    assert parsed["raw_ranks"] == [1.0, 2.0, 5.0, 6.0] and parsed["ranks"] == [1, 2, 3, 4]
+    assert parsed["models"] == ["m1", "m2", "m3", "m5"] and parsed["utilities"] == [1.0, 2.0, 3.0, 5.0]
+    # no pair of the ranking compares a text with itself
+    texts = parsed["responses"]
+    assert len(set(texts)) == len(texts)
+    assert report.duplicate_answers == 3 and report.rows_with_duplicates == 1
+    assert "identical answers merged 3 (in 1 rows" in report.summary()
+    # equal ranks: the earlier copy is kept
+    [tie], _ = parse_rows([_nectar_row([("x", 1.0), ("y", 2.0), ("y", 2.0)])])
+    assert tie["responses"] == ["x", "y"] and tie["models"] == ["m0", "m1"]
+    # nothing left to rank: a bad row, named, or skipped and counted
+    only_one = _nectar_row([("same", 1.0), ("same ", 2.0)])
+    with pytest.raises(NectarError, match="only 1 distinct"):
+        parse_rows([only_one])
+    kept, report = parse_rows([only_one], on_bad_row="skip")
+    assert kept == [] and report.skipped == {"identical_answers": 1}

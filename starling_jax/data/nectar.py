@@ -15,6 +15,11 @@ NectarError at the first bad row; "skip" drops it and counts the reason in a Dat
 Tie policy: equal raw ranks are a tie. ties="break" (default) keeps the row: for the K-wise (Plackett-Luce) loss
 the tie is broken by answer order in the row (the earlier answer ranks better) and counted; pairwise losses (DPO
 pairs, and TIED pairs in data.pipelines) skip tied pairs and count them. ties="reject" treats a tie as a bad row.
+
+Identical answers (Nectar pads some rows to 7 with repeats): answers with the same text (after stripping) are one
+response, kept once at its best-ranked occurrence; the merged copies are counted in the DataReport
+(duplicate_answers, rows_with_duplicates). A row left with fewer than two distinct answers is bad
+("identical_answers").
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class DataReport:
     prompts_truncated: int = 0  # examples whose prompt lost tokens on the left
     responses_truncated: int = 0  # examples whose response lost tokens on the right (prompt alone did not suffice)
     answers_dropped: int = 0  # answers beyond max_responses left out of K-wise groups
+    duplicate_answers: int = 0  # repeated answers (same text as a better-ranked one in the row) merged into it
+    rows_with_duplicates: int = 0  # rows that had such repeats (Nectar pads some rows to 7 with copies)
     files_read: list = dataclasses.field(default_factory=list)  # data files read (a directory source)
     files_ignored: list = dataclasses.field(default_factory=list)  # files in a data directory that are not data
     train_rows: int = 0
@@ -71,6 +78,9 @@ class DataReport:
                 + f"; prompts truncated {self.prompts_truncated}, responses truncated {self.responses_truncated}")
         if self.answers_dropped:
             text += f"; answers beyond max_responses dropped {self.answers_dropped}"
+        if self.duplicate_answers:
+            text += (f"; identical answers merged {self.duplicate_answers} (in {self.rows_with_duplicates} rows; "
+                     "each kept once, at its best rank)")
         if self.files_ignored:
             n = len(self.files_ignored)
             text += (f"; {n} file(s) in the data directory ignored (not {'/'.join(DATA_SUFFIXES)}): "
@@ -115,7 +125,7 @@ def parse_prompt(prompt: str) -> list[dict]:
     return messages
 
 
-def _check_row(row, max_chars: int, ties: str, min_answers: int) -> tuple[dict, bool]:
+def _check_row(row, max_chars: int, ties: str, min_answers: int) -> tuple[dict, bool, int]:
     if not isinstance(row, dict):
         raise _Bad("not_a_record", "<row>", f"expected a mapping, got {type(row).__name__}")
     for field in ("prompt", "answers"):
@@ -147,10 +157,22 @@ def _check_row(row, max_chars: int, ties: str, min_answers: int) -> tuple[dict, 
         texts.append(text.strip())
         models.append(str(a.get("model") or ""))
         raw.append(float(rank))
-    tied = len(set(raw)) < len(raw)
+    # Identical answers are one response: a copy ranked below its original would tell the ranking loss that a text
+    # beats itself. Keep each text once, at its best-ranked occurrence (the earlier one on equal ranks).
+    keep = sorted({t: j for j in sorted(range(len(raw)), key=lambda j: (raw[j], j), reverse=True)
+                   for t in [texts[j]]}.values())
+    merged = len(raw) - len(keep)
+    if merged and len(keep) < min_answers:
+        raise _Bad("identical_answers", "answers[*].answer", f"{len(raw)} answers but only {len(keep)} distinct "
+                                                              f"text(s); need at least {min_answers} to rank")
+    tied = len({raw[j] for j in keep}) < len(keep)
     if tied and ties == "reject":
         dup = sorted({r for r in raw if raw.count(r) > 1})
         raise _Bad("tied_ranks", "answers[*].rank", f"tied ranks {dup} (ties='reject')")
+    utilities = row.get("utilities")
+    if utilities is not None and isinstance(utilities, (list, tuple)) and len(utilities) == len(answers):
+        utilities = [utilities[j] for j in keep]
+    texts, models, raw = [texts[j] for j in keep], [models[j] for j in keep], [raw[j] for j in keep]
     # Strict order: sort by raw rank, ties by answer position (stable sort).
     order = sorted(range(len(raw)), key=lambda j: raw[j])
     ranks = [0] * len(raw)
@@ -158,16 +180,15 @@ def _check_row(row, max_chars: int, ties: str, min_answers: int) -> tuple[dict, 
         ranks[j] = pos + 1
     parsed = {"messages": messages, "responses": texts, "models": models, "raw_ranks": raw, "ranks": ranks}
     _check_metadata(row)
-    utilities = row.get("utilities")
     if utilities is not None:
-        if not isinstance(utilities, (list, tuple)) or len(utilities) != len(answers):
+        if not isinstance(utilities, (list, tuple)) or len(utilities) != len(raw):
             raise _Bad("bad_utilities", "utilities", f"expected a list of {len(answers)} numbers (one per answer), "
-                                                     f"got {utilities!r:.80}")
+                                                     f"got {row.get('utilities')!r:.80}")
         for j, u in enumerate(utilities):
             if isinstance(u, bool) or not isinstance(u, numbers.Real) or not math.isfinite(u):
                 raise _Bad("bad_utilities", f"utilities[{j}]", f"expected a finite number, got {u!r:.40}")
         parsed["utilities"] = [float(u) for u in utilities]
-    return parsed, tied
+    return parsed, tied, merged
 
 
 def _is_count(x) -> bool:
@@ -206,7 +227,7 @@ def parse_rows(rows: Iterable, on_bad_row: str = "error", ties: str = "break", m
     for index, row in enumerate(rows):
         report.rows_read += 1
         try:
-            parsed, tied = _check_row(row, max_chars, ties, min_answers)
+            parsed, tied, merged = _check_row(row, max_chars, ties, min_answers)
         except _Bad as bad:
             message = f"{_where(index, row, source)}: field {bad.field}: {bad.detail}"
             if on_bad_row == "error":
@@ -214,6 +235,8 @@ def parse_rows(rows: Iterable, on_bad_row: str = "error", ties: str = "break", m
             report.skip(bad.reason, message)
             continue
         report.ties_broken += int(tied)
+        report.duplicate_answers += merged
+        report.rows_with_duplicates += int(merged > 0)
         parsed["row"] = index
         out.append(parsed)
     report.rows_kept = len(out)
