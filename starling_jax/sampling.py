@@ -227,7 +227,9 @@ def _check_prompts(config: ModelConfig, prompt_tokens, prompt_mask, max_new_toke
     if P + max_new_tokens > config.max_seq_len:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len "
                          f"{config.max_seq_len}")
-    if not any(isinstance(a, jax.core.Tracer) for a in (prompt_tokens, prompt_mask)):
+    # value checks need the values: skipped under a caller's jit and for global arrays spread over processes
+    if not any(isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and not a.is_fully_addressable)
+               for a in (prompt_tokens, prompt_mask)):
         check_token_ids(prompt_tokens, config.vocab_size, "prompt_tokens")
         m = np.asarray(prompt_mask)
         if not np.isin(m, (0, 1)).all():

@@ -12,7 +12,9 @@ and on a multi-host pod (MeshConfig.distributed -> jax.distributed.initialize())
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -34,11 +36,80 @@ Rules = Mapping[str, Any]  # logical axis -> None | mesh axis | tuple of mesh ax
 # Mesh and multi-host setup.
 
 
-def initialize_distributed(config: MeshConfig) -> None:
-    """Call jax.distributed.initialize() (coordinator, process count and id from the environment, as on Cloud TPU or
-    SLURM) when the config asks for it. Must run before anything touches a device; calling it twice is harmless."""
-    if config.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joins a multi-process run (jax.distributed.initialize). Fields left None are read from the
+    environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a cluster JAX detects itself (SLURM:
+    SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, with JAX_COORDINATOR_PORT; Cloud TPU;
+    Open MPI). Timeouts bound every wait: joining (init_timeout_s), a peer that stops answering (heartbeat_timeout_s:
+    the others then abort instead of hanging) and the shutdown barrier (shutdown_timeout_s)."""
+    coordinator: Optional[str] = None  # "host:port" of process 0's coordination service
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    init_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
+    shutdown_timeout_s: int = 300
+
+    @property
+    def explicit(self) -> bool:
+        """True when a flag or JAX_* variable names a multi-process run (distributed even if the config says not)."""
+        return self.resolved().coordinator is not None
+
+    def resolved(self) -> "Launch":
+        """The fields with the JAX_* environment variables filled in where a flag left them None."""
+        env = os.environ
+
+        def as_int(name):
+            value = env.get(name)
+            if value is None:
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        return dataclasses.replace(
+            self, coordinator=self.coordinator or env.get("JAX_COORDINATOR_ADDRESS"),
+            num_processes=self.num_processes if self.num_processes is not None else as_int("JAX_NUM_PROCESSES"),
+            process_id=self.process_id if self.process_id is not None else as_int("JAX_PROCESS_ID"))
+
+
+def initialize_distributed(config: MeshConfig, launch: Optional[Launch] = None) -> None:
+    """Join a multi-process run when the config asks for it (mesh.distributed) or the launch names a coordinator.
+
+    Must run before anything touches a device; calling it again is harmless. On CPU the cross-process collectives are
+    gloo's (XLA's default CPU client has none). Raises ValueError with one line when the coordinator, the process
+    count or the process id cannot be determined, or they are inconsistent."""
+    launch = (launch or Launch()).resolved()
+    if not (config.distributed or launch.explicit) or jax.distributed.is_initialized():
+        return
+    given = {"coordinator": launch.coordinator, "num_processes": launch.num_processes,
+             "process_id": launch.process_id}
+    if launch.explicit and None in given.values():
+        missing = [k for k, v in given.items() if v is None]
+        raise ValueError(f"multi-process launch: coordinator {launch.coordinator!r} given but not "
+                         f"{' / '.join(missing)} (use --num-processes/--process-id or JAX_NUM_PROCESSES/"
+                         f"JAX_PROCESS_ID)")
+    if launch.num_processes is not None and launch.process_id is not None and not (
+            launch.num_processes >= 1 and 0 <= launch.process_id < launch.num_processes):
+        raise ValueError(f"multi-process launch: process id {launch.process_id} is not in [0, "
+                         f"{launch.num_processes}) processes")
+    for name in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+        if getattr(launch, name) < 1:
+            raise ValueError(f"multi-process launch: {name} must be >= 1 second, got {getattr(launch, name)}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
+                                   initialization_timeout=launch.init_timeout_s,
+                                   heartbeat_timeout_seconds=launch.heartbeat_timeout_s,
+                                   shutdown_timeout_seconds=launch.shutdown_timeout_s)
+    except ValueError as e:  # no coordinator: neither flags, JAX_* variables nor a detected cluster
+        raise ValueError(f"mesh.distributed: cannot join a multi-process run ({e}); give --coordinator HOST:PORT "
+                         f"--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                         f"JAX_PROCESS_ID), run under SLURM, or set mesh.distributed=false") from None
+
+
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -61,20 +132,23 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None,
+              launch: Optional[Launch] = None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all devices of all processes)."""
-    initialize_distributed(config)
+    initialize_distributed(config, launch)
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(config, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def data_shard(process_index: Optional[int] = None, process_count: Optional[int] = None) -> tuple[int, int]:
-    """(shard index, shard count) for this process's share of the data: each host reads rows i with
-    i % count == index and feeds them to its own devices (see put_batch)."""
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    return index, count
+def process_rows(sharding: NamedSharding, batch_size: int) -> list[int]:
+    """The rows of a global batch of `batch_size` (leading axis sharded by `sharding`) that this process's devices
+    hold, in increasing order: what this process reads from the data and passes to put_batch. On one process, all of
+    them; on several, each its own block (or, when the batch is replicated over processes, the same rows)."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(batch_size)[index[0]])
+    return sorted(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,16 +279,118 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict[str, Na
     return out
 
 
-def put_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
-    """Place this process's rows of a batch on the mesh as global arrays. On one host `batch` is the global batch; on
-    several, each process passes its own share (see data_shard) and the global leading size is the sum over
-    processes."""
+def put_batch(batch: Mapping[str, Any], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Place this process's rows of a batch (numpy, rows process_rows(...) of the global batch) on the mesh as global
+    arrays. On one process `batch` is the global batch. Arrays that are already global jax.Arrays are resharded."""
     out = {}
     for k, local in batch.items():
+        sh = shardings[k]
+        if isinstance(local, jax.Array) and not local.is_fully_addressable:
+            out[k] = local if local.sharding == sh else jax.jit(lambda a: a, out_shardings=sh)(local)
+            continue
         local = np.asarray(local)
-        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(shardings[k], local, global_shape)
+        parts = _batch_parts(sh)
+        global_shape = (local.shape[0] * parts // len(process_rows(sh, parts)),) + local.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sh, local, global_shape)
     return out
+
+
+def _batch_parts(sharding: NamedSharding) -> int:
+    """Into how many blocks `sharding` splits an array's leading axis."""
+    spec = tuple(sharding.spec)
+    return math.prod(sharding.mesh.shape[ax] for ax in _as_tuple(spec[0])) if spec else 1
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array whose leading axis is split over the batch axes (the inverse of
+    put_batch): its addressable shards, in row order, each row once."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    pieces = {}
+    for shard in array.addressable_shards:
+        start = (shard.index[0].start or 0) if shard.index else 0
+        pieces.setdefault(start, shard)
+    return np.concatenate([np.asarray(pieces[s].data) for s in sorted(pieces)], axis=0)
+
+
+def gather(tree) -> Any:
+    """The whole value of every global array in `tree` as numpy, on every process (a cross-process all-gather when
+    the arrays are not fully addressable; the caller's host sync). Numpy leaves pass through."""
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+    return jax.tree_util.tree_map(one, tree)
+
+
+def replicate(tree, mesh: Mesh) -> Any:
+    """Numpy arrays every process holds identically -> global arrays replicated over `mesh` (e.g. evaluation prompts
+    that every device processes whole)."""
+    sh = replicated(mesh)
+    return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(sh, np.asarray(a), np.shape(a)),
+                                  tree)
+
+
+class BatchPlacement:
+    """Moves batch arrays between this process's rows (numpy, rows process_rows(...) of the global batch) and global
+    arrays whose leading axis is split over the mesh's batch axes. Host-side code that works row by row (decoding
+    text, tokenizing for the reward model, true utilities) runs on the local rows; jitted functions take the global
+    arrays; statistics that must agree across processes (reward moments, the KL controller) read `whole`. On one
+    process local rows are the whole batch and every method is a placement or a device_get."""
+
+    def __init__(self, mesh: Mesh, rules):
+        self.mesh, self.rules = mesh, rules
+        self._batch = NamedSharding(mesh, batch_spec(1, rules))
+
+    def sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, batch_spec(ndim, self.rules))
+
+    @property
+    def parts(self) -> int:
+        """Into how many blocks the batch axes split a batch (a global batch size must be a multiple of it)."""
+        return _batch_parts(self._batch)
+
+    def rows(self, batch_size: int) -> list[int]:
+        """The rows of a global batch of `batch_size` that this process reads."""
+        return process_rows(self._batch, batch_size)
+
+    def global_size(self, local_size: int) -> int:
+        return local_size * self.parts // len(process_rows(self._batch, self.parts))
+
+    def shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        """batch_shardings for a batch of local rows (checked against the global shapes)."""
+        return batch_shardings({k: jax.ShapeDtypeStruct((self.global_size(np.shape(v)[0]),) + np.shape(v)[1:],
+                                                        np.asarray(v).dtype) for k, v in batch.items()},
+                               self.mesh, self.rules)
+
+    def put(self, *arrays):
+        """Local rows -> global arrays (one array, or a tuple for several)."""
+        out = tuple(put_batch({"x": a}, {"x": self.sharding(np.ndim(a))})["x"] for a in arrays)
+        return out[0] if len(out) == 1 else out
+
+    def local(self, array) -> np.ndarray:
+        """This process's rows of a global array (resharded over the batch axes first if XLA left it otherwise)."""
+        if not isinstance(array, jax.Array):
+            return np.asarray(array)
+        target = self.sharding(array.ndim)
+        if not array.sharding.is_equivalent_to(target, array.ndim):
+            array = jax.jit(lambda a: a, out_shardings=target)(array)
+        return local_rows(array)
+
+    def whole(self, array) -> np.ndarray:
+        """Every row of the global batch, on every process: a global array, or this process's local rows (numpy),
+        which are placed first."""
+        if not isinstance(array, jax.Array):
+            array = self.put(np.asarray(array))
+        return gather(array)
+
+    def max(self, value: int) -> int:
+        """The largest of an integer over all processes (e.g. a padded length every process must use)."""
+        if jax.process_count() == 1:
+            return int(value)
+        from jax.experimental import multihost_utils
+        return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
 
 
 class ActivationConstraint:

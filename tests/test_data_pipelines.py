@@ -174,12 +174,19 @@ def test_seeds_epochs_and_shards(tok, rows):
     assert a == ids(make_dataset("rl", rows, tok, 4, max_prompt_length=P, seed=1), 12)
     assert a != ids(make_dataset("rl", rows, tok, 4, max_prompt_length=P, seed=2), 12)
     assert sorted(a[:24]) == sorted(a[24:]) == list(range(24)) and a[:24] != a[24:]  # each epoch reshuffled
-    shards = [ids(make_dataset("rl", rows[:23], tok, 1, max_prompt_length=P, shard_index=s, shard_count=3,
-                               num_epochs=1), 7) for s in range(3)]
-    flat = sum(shards, [])
-    assert len(flat) == len(set(flat)) == 21  # disjoint, equal shards of the first 21 rows
-    with pytest.raises(ValueError, match="shard_index 3 must be in"):
-        make_dataset("rl", rows, tok, 1, shard_index=3, shard_count=3)
+    # process_rows: each process reads its positions of every global batch; the union is the one-process batch
+    whole = [b["prompt_id"] for b in take(make_dataset("rl", rows, tok, 6, max_prompt_length=P, seed=1), 5)]
+    for split in ([[0, 1, 2], [3, 4, 5]], [[0, 1], [2, 3], [4, 5]], [[0, 3], [1, 4], [2, 5]]):
+        parts = [[b["prompt_id"] for b in take(make_dataset("rl", rows, tok, 6, max_prompt_length=P, seed=1,
+                                                            process_rows=r), 5)] for r in split]
+        for step, want in enumerate(whole):
+            got = np.empty_like(want)
+            for r, part in zip(split, parts):
+                assert part[step].shape == (len(r),)
+                got[r] = part[step]
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="process_rows must be increasing positions"):
+        make_dataset("rl", rows, tok, 4, process_rows=[0, 4])
     with pytest.raises(ValueError, match="unknown pipeline kind 'ppo'"):
         make_dataset("ppo", rows, tok, 1)
 

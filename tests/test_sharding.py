@@ -149,14 +149,22 @@ def test_forward_loss_and_gradients_on_a_mesh_equal_single_device(shape):
         _assert_close(g, _flat(want[2])[name], f"grad {name}")
 
 
-def test_data_shard_and_put_batch_on_one_process():
-    assert sharding.data_shard() == (0, 1)
-    assert sharding.data_shard(3, 4) == (3, 4)
+def test_process_rows_and_put_batch_on_one_process():
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     batch = {"x": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
-    out = sharding.put_batch(batch, sharding.batch_shardings(batch, mesh, DEFAULT_RULES))
+    shardings = sharding.batch_shardings(batch, mesh, DEFAULT_RULES)
+    assert sharding.process_rows(shardings["x"], 8) == list(range(8))  # one process reads every row
+    out = sharding.put_batch(batch, shardings)
     np.testing.assert_array_equal(np.asarray(out["x"]), batch["x"])
     assert len(out["x"].addressable_shards) == jax.device_count()
+    place = sharding.BatchPlacement(mesh, DEFAULT_RULES)
+    assert place.parts == jax.device_count() and place.global_size(8) == 8 and place.rows(8) == list(range(8))
+    y = place.put(batch["x"])
+    np.testing.assert_array_equal(place.local(y), batch["x"])
+    np.testing.assert_array_equal(place.whole(y), batch["x"])
+    np.testing.assert_array_equal(place.local(jax.jit(lambda a: a * 2, out_shardings=sharding.replicated(mesh))(y)),
+                                  batch["x"] * 2)  # resharded over the batch before taking the rows
+    assert place.max(5) == 5
 
 
 @needs8

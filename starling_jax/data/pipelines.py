@@ -16,8 +16,11 @@ checkpoint and resume it exactly, mid-epoch included. Batches are dicts of numpy
 Truncation: a prompt is cut from the left (its BOS kept) to at most max_prompt_length tokens and to what the
 response leaves of max_length; a response is cut from the right only when it alone would leave the prompt fewer
 than min(prompt length, max_prompt_length, max_length // 2) tokens. Both are counted in the report.
-Sharding: the rows are cut to a multiple of shard_count and process shard_index takes every shard_count-th one;
-batch_size is per process.
+Several processes: the order of examples (shuffled from the seed, epoch after epoch) and the global batches cut
+from it depend only on the data, the seed and the global batch_size, never on the number of processes. A process
+passes `process_rows`, the positions within each global batch that its devices hold (sharding.process_rows), and its
+dataset yields just those rows: it collates (pads, stacks) only its share, and the union over processes is the batch
+one process would read alone.
 """
 
 from __future__ import annotations
@@ -212,17 +215,34 @@ def _packed_to_batch(b):
 
 # -- datasets -----------------------------------------------------------------------------------------------------
 
-def _shard_shuffle_repeat(examples: list, shard_index: int, shard_count: int, shuffle: bool, seed: int,
-                          num_epochs: Optional[int]) -> grain.MapDataset:
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
-    usable = len(examples) // shard_count * shard_count  # equal shards, so every process runs the same steps
-    ds = grain.MapDataset.source(examples)[:usable][shard_index::shard_count]
-    if len(ds) == 0:
-        raise ValueError(f"no examples for shard {shard_index} of {shard_count} ({len(examples)} examples)")
+def _global_order(examples: list, shuffle: bool, seed: int, num_epochs: Optional[int]) -> grain.MapDataset:
+    """Every example in the order all processes agree on: shuffled from `seed` (each epoch reshuffled), repeated."""
+    ds = grain.MapDataset.source(examples)
     if shuffle:
         ds = ds.shuffle(seed)
     return ds.repeat(num_epochs) if num_epochs != 1 else ds
+
+
+def _check_rows(rows: Sequence[int], batch_size: int) -> list[int]:
+    rows = [int(r) for r in rows]
+    if not rows or sorted(set(rows)) != rows or rows[0] < 0 or rows[-1] >= batch_size:
+        raise ValueError(f"process_rows must be increasing positions in [0, batch_size={batch_size}), got {rows}")
+    return rows
+
+
+def _process_share(ds: grain.MapDataset, batch_size: int, rows: Sequence[int], drop_remainder: bool
+                   ) -> grain.MapDataset:
+    """The elements of `ds` at positions `rows` of each consecutive global batch of `batch_size`: element j is
+    ds[(j // k) * batch_size + rows[j % k]] with k = len(rows). Batching the result by k gives this process's share
+    of each global batch; nothing outside it is read."""
+    rows = _check_rows(rows, batch_size)
+    k = len(rows)
+    if k == batch_size:
+        return ds
+    full = len(ds) // batch_size
+    if not drop_remainder and len(ds) % batch_size:
+        raise ValueError("process_rows with a partial last batch: use drop_remainder=True")
+    return grain.MapDataset.range(full * k).map(lambda j: ds[(j // k) * batch_size + rows[j % k]])
 
 
 # The examples are in memory: reading them on threads only adds GIL contention (grain's own advice).
@@ -232,9 +252,12 @@ _READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_size: int, *, template=None,
                  max_length: int = 256, max_prompt_length: int = 128, max_responses: int = 7,
                  pairs: str = "best_vs_rest", pack: bool = False, seed: int = 0, shuffle: bool = True,
-                 num_epochs: Optional[int] = None, shard_index: int = 0, shard_count: int = 1,
+                 num_epochs: Optional[int] = None, process_rows: Optional[Sequence[int]] = None,
                  drop_remainder: bool = True, report: Optional[nectar.DataReport] = None):
-    """A grain dataset of `kind` ("sft" | "rm" | "dpo" | "rl") batches over parsed rows (batch_size per process).
+    """A grain dataset of `kind` ("sft" | "rm" | "dpo" | "rl") batches over parsed rows.
+
+    batch_size is the GLOBAL batch; process_rows (default: all of them) the positions within each global batch this
+    process reads (see the module docstring), so each yielded batch has len(process_rows) rows.
 
     num_epochs None repeats forever (each epoch reshuffled from seed); 1 gives one pass (evaluation). Truncation,
     tie and dropped-answer counts are added to `report` when one is given (e.g. the one from load_rows).
@@ -255,13 +278,24 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
         examples = dpo_examples(rows, tokenizer, template, T, P, pairs, report)
     else:
         examples = rl_examples(rows, tokenizer, template, P, report)
-    ds = _shard_shuffle_repeat(examples, shard_index, shard_count, shuffle, seed, num_epochs)
+    if not examples:
+        raise ValueError(f"no {kind} examples in {len(rows)} rows")
+    ds = _global_order(examples, shuffle, seed, num_epochs)
     if kind == "sft" and pack:
+        # Packing decides which examples share a row from the whole global stream, so every process packs all of
+        # it and keeps its rows of each packed global batch.
         ds = grain.experimental.FirstFitPackIterDataset(
             ds.to_iter_dataset(_READ), length_struct={"tokens": T, "loss_mask": T}, num_packing_bins=batch_size,
             padding_struct={"tokens": pad, "loss_mask": 0.0},
             seed=seed, shuffle_bins=shuffle)
-        return ds.batch(batch_size, drop_remainder=drop_remainder).map(_packed_to_batch)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_packed_to_batch)
+        if process_rows is not None and len(process_rows) != batch_size:
+            keep = np.asarray(_check_rows(process_rows, batch_size))
+            ds = ds.map(lambda b: {k: v[keep] for k, v in b.items()})
+        return ds
+    if process_rows is not None:
+        ds = _process_share(ds, batch_size, process_rows, drop_remainder)
+        batch_size = len(process_rows)
     collate = {"sft": lambda: _collate_sft(pad, T), "rm": lambda: _collate_rm(pad, max_responses, T),
                "dpo": lambda: _collate_dpo(pad, T), "rl": lambda: _collate_rl(pad, P)}[kind]()
     return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate).to_iter_dataset(_READ)
@@ -371,11 +405,10 @@ def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:
 
 
 def dataset_for(kind: str, rows, tokenizer, data, batch_size: int, *, template=None, seed: Optional[int] = None,
-                shuffle: bool = True, num_epochs: Optional[int] = None, shard_index: int = 0, shard_count: int = 1,
+                shuffle: bool = True, num_epochs: Optional[int] = None, process_rows: Optional[Sequence[int]] = None,
                 report: Optional[nectar.DataReport] = None):
     """make_dataset with the lengths, K, pairs and packing of a DataConfig."""
     return make_dataset(kind, rows, tokenizer, batch_size, template=template, max_length=data.max_length,
                         max_prompt_length=data.max_prompt_length, max_responses=data.max_responses,
                         pairs=data.pairs, pack=data.pack, seed=data.shuffle_seed if seed is None else seed,
-                        shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count,
-                        report=report)
+                        shuffle=shuffle, num_epochs=num_epochs, process_rows=process_rows, report=report)

@@ -34,7 +34,9 @@ class RankingAccumulator:
         self._weights = {w: 0.0 for w in WEIGHTS.values()}
 
     def add(self, rewards, ranks, response_mask) -> None:
-        m = jax.device_get(_metrics(rewards, np.asarray(ranks), np.asarray(response_mask)))
+        if not isinstance(ranks, jax.Array):  # global arrays (several processes) stay as they are
+            ranks, response_mask = np.asarray(ranks), np.asarray(response_mask)
+        m = jax.device_get(_metrics(rewards, ranks, response_mask))
         for k, w in WEIGHTS.items():
             self._sums[k] += float(m[k]) * float(m[w])
         for w in self._weights:

@@ -46,14 +46,23 @@ EXIT_INTERRUPTED = 128 + signal.SIGTERM  # the shell's convention for "terminate
 
 
 class _StopFlag:
-    """Turns SIGTERM and SIGINT into a flag the loop checks between steps (a signal never interrupts a save)."""
+    """Turns SIGTERM and SIGINT into a stop the loop checks between steps (a signal never interrupts a save).
+
+    One process: a flag set by the signal handler. Several processes: every process must stop at the same step, so
+    the decision is JAX's preemption sync (jax.experimental.multihost_utils.reached_preemption_sync_point, the
+    mechanism orbax's CheckpointManager.reached_preemption uses): XLA's own SIGTERM handler, installed by
+    jax.distributed.initialize, tells the coordination service; every process then learns of it and they agree on
+    the first step all can still reach. SIGINT is forwarded to that handler as SIGTERM."""
 
     def __init__(self):
         self.signal: Optional[int] = None
         self._previous = {}
+        self.synced = False
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        from jax._src import distributed
+        self.synced = (jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None)
+        for sig in ((signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals cannot be caught here
@@ -64,10 +73,49 @@ class _StopFlag:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal = signum
+        if self.synced:
+            os.kill(os.getpid(), signal.SIGTERM)  # to XLA's preemption notifier: all processes stop together
+
+    def reached(self, step: int) -> bool:
+        """Whether to checkpoint and stop after `step` (call once per step, every step, on every process)."""
+        if self.synced:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signal is not None
+
+    def describe(self) -> str:
+        if self.synced:
+            return "a preemption notice (SIGTERM or SIGINT to one of the processes)"
+        return signal.Signals(self.signal).name
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _check_same_on_every_process(data_state: dict, what: str) -> None:
+    """Several processes: the host state saved with a checkpoint (written by process 0 only) must be every
+    process's. Raises when it is not, naming the first differing process."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+    from jax.experimental import multihost_utils
+    digest = hashlib.sha256(json.dumps(data_state, sort_keys=True, default=float).encode()).digest()
+    mine = np.frombuffer(digest, np.uint8).astype(np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    bad = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+    if bad:
+        raise RuntimeError(f"{what}: the data/rollout state of process {bad[0]} differs from process 0's; the "
+                           f"processes have diverged (their checkpoint would not resume them all)")
+
+
+def _write_process_state(directory: str, data_state: dict) -> None:
+    """Several processes: each writes the host state it ends with to DIR/process_state/<index>.json, so one can see
+    that they agree (the checkpoint holds process 0's)."""
+    if jax.process_count() == 1:
+        return
+    os.makedirs(os.path.join(directory, "process_state"), exist_ok=True)
+    _write_json(os.path.join(directory, "process_state", f"{jax.process_index()}.json"), data_state)
 
 
 def _mean_metrics(fetched: list[dict]) -> dict:
@@ -145,8 +193,8 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
                 state, metrics = program.step(state, batch)
                 pending.append(metrics)
                 step += 1
-                # read the flag once: a signal arriving later in this iteration is handled after the next step
-                stopping = stop.signal is not None
+                # decided once per step: a signal arriving later in this iteration is handled after the next step
+                stopping = stop.reached(step)
                 log_due = step % log_every == 0 or step == steps
                 ckpt_due = (ckpt_every and step % ckpt_every == 0) or stopping
                 if log_due or ckpt_due:
@@ -182,15 +230,20 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
                         save_window(ctx.workdir, step, {"start": window_start, "steps": _host_scalars(fetched),
                                                         "tokens": int(window_tokens),
                                                         "elapsed": time.perf_counter() - window_t0}, ckpts.steps())
-                    ckpts.save(step, state, program.batches.get_state(), config_dict)
+                    data_state = program.batches.get_state()
+                    _check_same_on_every_process(data_state, f"stage {ctx.stage_name!r} step {step}")
+                    ckpts.save(step, state, data_state, config_dict)
                     last_saved = step
                 if stopping:
                     ckpts.wait()
-                    name = signal.Signals(stop.signal).name
-                    raise StageInterrupted(f"stage {ctx.stage_name!r}: {name} at step {step}; checkpoint saved in "
-                                           f"{ckpts.directory}/{step}. Run the same command again to resume.")
+                    raise StageInterrupted(f"stage {ctx.stage_name!r}: {stop.describe()} at step {step}; checkpoint "
+                                           f"saved in {ckpts.directory}/{step}. Run the same command again to "
+                                           f"resume.")
+        data_state = program.batches.get_state()
+        _check_same_on_every_process(data_state, f"stage {ctx.stage_name!r} step {steps}")
+        _write_process_state(ctx.workdir, data_state)
         if last_saved != steps or not ckpts.steps():
-            ckpts.save(steps, state, program.batches.get_state(), config_dict)
+            ckpts.save(steps, state, data_state, config_dict)
         ckpts.wait()
         evaluated = program.evaluate(state)
         if evaluated and logger:
@@ -208,23 +261,17 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
             logger.close()
 
 
-def _make_mesh(exp: Experiment):
-    """The experiment's device mesh (None when the sharding module is unavailable and there is one device)."""
-    try:
-        from starling_jax.sharding import make_mesh
-    except ImportError:
-        if jax.device_count() > 1:
-            raise
-        return None
-    return make_mesh(exp.mesh)
-
-
-def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = None) -> dict:
+def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = None, launch=None) -> dict:
     """Run the experiment's stages in order in WORKDIR; stages already exported are skipped (their summaries kept).
     Returns {stage name: summary} and writes it to WORKDIR/summary.json. only_stage: train just that stage (the
-    stages it depends on must be finished)."""
-    if exp.mesh.distributed:
-        jax.distributed.initialize()
+    stages it depends on must be finished). launch: a sharding.Launch (coordinator, process count and id, timeouts)
+    for a multi-process run; mesh.distributed or a coordinator in it or in JAX_COORDINATOR_ADDRESS starts one.
+    Every process runs this same function on the same WORKDIR (a shared filesystem)."""
+    from starling_jax import sharding
+    try:
+        sharding.initialize_distributed(exp.mesh, launch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     validate(exp, num_devices=jax.device_count())
     stages = stages_of(exp)
     names = [n for n, _ in stages]
@@ -232,7 +279,7 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
         raise ConfigError(f"--stage {only_stage}: no such stage; stages: {', '.join(names)}")
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, "config.json"), to_dict(exp))
-    mesh = _make_mesh(exp)
+    mesh = sharding.make_mesh(exp.mesh)
     exports: dict[str, StageExport] = {}
 
     def shardings_of(config):
@@ -286,6 +333,18 @@ def _add_common(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.steps=10 --set stages.rm.optim.learning_rate=1e-5")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and exports (start over)")
+    group = parser.add_argument_group(
+        "multi-process runs", "start one process per host (or per accelerator) with the same command and WORKDIR; "
+        "unset flags come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or a cluster JAX detects "
+        "(SLURM, Cloud TPU); see docs/SHARDING.md")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address for the coordination service (implies a multi-process run)")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N")
+    group.add_argument("--process-id", type=int, default=None, metavar="I")
+    group.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                       help="seconds to wait for every process to join (default 300)")
+    group.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                       help="seconds after which a silent process counts as dead and the others abort (default 100)")
 
 
 def add_train_arguments(parser) -> None:
@@ -295,6 +354,12 @@ def add_train_arguments(parser) -> None:
 
 def add_run_arguments(parser) -> None:
     _add_common(parser)
+
+
+def _launch(args):
+    from starling_jax.sharding import Launch
+    return Launch(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                  init_timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
 
 
 def _prepare(args) -> tuple[Experiment, str]:
@@ -322,7 +387,7 @@ def _guarded(fn):
 def train_cli(args) -> int:
     def go():
         exp, workdir = _prepare(args)
-        run_experiment(exp, workdir, only_stage=args.stage)
+        run_experiment(exp, workdir, only_stage=args.stage, launch=_launch(args))
         print(f"done: {workdir}", file=sys.stderr)
         return 0
     return _guarded(go)
@@ -331,8 +396,9 @@ def train_cli(args) -> int:
 def run_cli(args) -> int:
     def go():
         exp, workdir = _prepare(args)
-        summaries = run_experiment(exp, workdir)
-        print(json.dumps(summaries, indent=1, default=float))
+        summaries = run_experiment(exp, workdir, launch=_launch(args))
+        if jax.process_index() == 0:
+            print(json.dumps(summaries, indent=1, default=float))
         print(f"summary: {os.path.join(workdir, 'summary.json')}", file=sys.stderr)
         return 0
     return _guarded(go)

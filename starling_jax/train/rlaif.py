@@ -158,25 +158,38 @@ def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_l
 
 def _policy_eval(trainable: Params, frozen: Params, full_params: Params, config: ModelConfig, prompts: dict,
                  conversations: list, tokenizer, template: str, scorer, rollout, key: jax.Array,
-                 true_utility=None) -> dict:
+                 true_utility=None, place=None) -> dict:
     """Sample replies to held-out prompts with `full_params`; their mean RM score, true utility (synthetic data),
     length and KL to the reference (mean over rows of sum_t log pi(a_t) - log pi_ref(a_t), under the current policy
-    trees `trainable`/`frozen`, so it is the KL of whichever model sampled only when that model is the policy)."""
+    trees `trainable`/`frozen`, so it is the KL of whichever model sampled only when that model is the policy).
+    With a `place` the prompts are this process's rows of the global set of held-out prompts; the means and the
+    per-prompt lists cover all of them, the samples are the first rows of this process (process 0: the set's first)."""
+    import zlib
+
     from starling_jax.train.rollout import sample_replies  # rollout imports this module's siblings only
     s = sample_replies(full_params, config, tokenizer, template, conversations, prompts["prompt_tokens"],
                        prompts["prompt_mask"], key, rollout.max_new_tokens, rollout.temperature, rollout.top_k,
-                       rollout.top_p)
+                       rollout.top_p, place=place)
     P = s.prompt_tokens.shape[1]
     tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
     attn = np.concatenate([s.prompt_mask, s.mask], axis=1)
-    out = _eval_forward(trainable, frozen, config, tokens, attn, P, float(rollout.temperature))
+    if place is not None:
+        out = _eval_forward(trainable, frozen, config, *place.put(tokens, attn), P, float(rollout.temperature))
+        out = {k: place.local(v) for k, v in out.items()}
+    else:
+        out = _eval_forward(trainable, frozen, config, tokens, attn, P, float(rollout.temperature))
     kl = np.sum((np.asarray(out["logprobs"]) - np.asarray(out["ref_logprobs"])) * s.mask, axis=1)
-    scores = np.asarray(scorer(conversations, s.texts))
-    report = {"rm_score": float(np.mean(scores)), "kl_to_reference": float(np.mean(kl)),
-              "response_length": float(np.mean(s.mask.sum(axis=1))),
-              "per_prompt": {"rm_scores": scores.tolist(), "texts": list(s.texts)}}
+    whole = (lambda local: place.whole(np.asarray(local))) if place is not None else np.asarray  # every prompt's
+    scores = whole(np.asarray(scorer(conversations, s.texts), np.float32))
+    text_ids = [zlib.crc32(t.encode()) & 0x7FFFFFFF for t in s.texts]  # equal replies <-> equal ids (gatherable)
+    report = {"rm_score": float(np.mean(scores)), "kl_to_reference": float(np.mean(whole(kl.astype(np.float32)))),
+              "response_length": float(np.mean(whole(s.mask.sum(axis=1).astype(np.float32)))),
+              "per_prompt": {"rm_scores": scores.tolist(),
+                             "lengths": whole(np.asarray([len(t) for t in s.texts], np.int32)).tolist(),
+                             "text_ids": whole(np.asarray(text_ids, np.int32)).tolist()}}
     if true_utility is not None:
-        report["true_reward"] = float(np.mean([true_utility(c, t) for c, t in zip(conversations, s.texts)]))
+        report["true_reward"] = float(np.mean(whole(np.asarray(
+            [true_utility(c, t) for c, t in zip(conversations, s.texts)], np.float32))))
     report["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:4]]
     return report
 
@@ -187,8 +200,8 @@ def judged_win_rate(after: dict, before: dict) -> dict:
     (eval.stats.head_to_head; replies of equal text tie)."""
     from starling_jax.eval import stats
     a, b = after["per_prompt"], before["per_prompt"]
-    result = stats.head_to_head(a["rm_scores"], b["rm_scores"], [len(t) for t in a["texts"]],
-                                [len(t) for t in b["texts"]], identical=[x == y for x, y in zip(a["texts"], b["texts"])])
+    result = stats.head_to_head(a["rm_scores"], b["rm_scores"], a["lengths"], b["lengths"],
+                                identical=[x == y for x, y in zip(a["text_ids"], b["text_ids"])])
     return {k: result[k] for k in ("win_rate", "win_rate_ci95", "wins", "ties", "losses", "n", "mean_score_gap",
                                    "length_controlled_win_rate")}
 
@@ -257,30 +270,35 @@ def build_rl_stage(ctx):
                                        o.value_head)
     del params
 
+    # Placement on the mesh: the hydra trees shard like the model's params, the batch over its leading axis; the step
+    # keeps the state's layout and donates it. Each process reads its rows of every global batch of prompts
+    # (sharding.BatchPlacement; the global batches do not depend on the number of processes).
+    mesh, rules = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh), c.mesh.rules
+    place = sharding.BatchPlacement(mesh, rules)
     conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
-    shard, shards = jax.process_index(), jax.process_count()
-    prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step // shards,
-                                         template=c.model.template, seed=c.data.shuffle_seed, shard_index=shard,
-                                         shard_count=shards))
+    sharding.describe_rows(ctx.stage_name, place.rows(r.prompts_per_step), r.prompts_per_step)
+    prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step,
+                                         template=c.model.template, seed=c.data.shuffle_seed,
+                                         process_rows=place.rows(r.prompts_per_step)))
     # Evaluation sets, each sampled with its own key: "heldout" (the reporting set: true_reward_before/after in the
     # summary), "unseen" (prompt templates no stage trained on; unseen_* in the summary) and "tuning" (what the
     # loop's periodic eval reports, so that choosing hyperparameters by it never looks at the reporting set).
-    eval_sets = {}
+    eval_sets, eval_sizes = {}, {}
     for i, (split, rows) in enumerate([("heldout", splits.heldout or train_rows), ("unseen", splits.unseen),
                                        ("tuning", splits.tuning)]):
         rows = rows[:r.eval_prompts]
+        rows = rows[:len(rows) // place.parts * place.parts]  # split evenly over the batch shards of the mesh
         if not rows:
             continue
         batch = next(iter(pipelines.dataset_for("rl", rows, tokenizer, c.data, len(rows), template=c.model.template,
-                                                shuffle=False, num_epochs=1)))
+                                                shuffle=False, num_epochs=1, process_rows=place.rows(len(rows)))))
+        eval_sizes[split] = len(rows)
         convs = [conversation_of(row, f"{split} row {j}") for j, row in enumerate(rows)]
         eval_sets[split] = (batch, [convs[j] for j in np.asarray(batch["prompt_id"])],
                             jax.random.fold_in(jax.random.key(c.train.seed + 1), i))
-    eval_rows = splits.heldout[:r.eval_prompts] or train_rows[:r.eval_prompts]
-
-    # Placement on the mesh (one host; see docs/RLAIF.md for multi-host): the hydra trees shard like the model's
-    # params, the batch over its leading axis; the step keeps the state's layout and donates it.
-    mesh, rules = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh), c.mesh.rules
+    if "heldout" not in eval_sets:
+        raise ValueError(f"stage {ctx.stage_name!r}: rollout.eval_prompts={r.eval_prompts} held-out prompts cannot be "
+                         f"split over the {place.parts} batch shards of the mesh; use at least {place.parts}")
     model_specs = models.param_specs(config)
     shard_t = sharding.param_shardings(sharding.respec(trainable, {
         "policy": model_specs, "critic": models.value_head_specs(config, o.value_head)}), mesh, rules)
@@ -305,23 +323,25 @@ def build_rl_stage(ctx):
     def step(state, batch):
         keys = tuple(sorted(batch))
         if keys not in jitted:
-            shard_batch = sharding.batch_shardings(batch, mesh, rules)
+            shard_batch = place.shardings(batch)
             jitted[keys] = (jit_step(update, mesh, shard_state, shard_batch), shard_batch)
         fn, shard_batch = jitted[keys]
         return fn(state, sharding.put_batch(batch, shard_batch))
 
-    scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, c.reward_model.template, c.reward_model.max_length)
+    scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, c.reward_model.template, c.reward_model.max_length,
+                          place=place)
     true_utility = None
     if c.data.source == "synthetic":
         from starling_jax.data.synthetic import true_utility
     batches = RolloutSource(prompts=prompts, conversations=conversations, config=config, tokenizer=tokenizer,
                             template=c.model.template, scorer=scorer, experience_fn=experience_fn, objective=o,
-                            rollout=r, seed=c.train.seed, true_utility=true_utility, constrain=constrain)
+                            rollout=r, seed=c.train.seed, true_utility=true_utility, constrain=constrain,
+                            place=place)
     def report(state, which: str, split: str = "heldout") -> dict:
         full = policy_params(state.params, state.frozen) if which == "policy" else reference_params(state.frozen)
         prompts_, conversations_, key = eval_sets[split]
         return _policy_eval(state.params, state.frozen, full, config, prompts_, conversations_, tokenizer,
-                            c.model.template, scorer, r, key, true_utility)
+                            c.model.template, scorer, r, key, true_utility, place)
 
     def evaluate(state) -> dict:
         split = "tuning" if "tuning" in eval_sets else "heldout"
@@ -329,7 +349,7 @@ def build_rl_stage(ctx):
 
     def finish(state, workdir: str) -> dict:
         before, after = report(state, "reference"), report(state, "policy")
-        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": len(eval_rows),
+        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": eval_sizes["heldout"],
                    "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
                    "kl_to_reference": after["kl_to_reference"],
                    "response_length_before": before["response_length"],
@@ -341,7 +361,7 @@ def build_rl_stage(ctx):
         summary["rm_win_rate_vs_initial"] = judged_win_rate(after, before)
         if "unseen" in eval_sets:
             u_before, u_after = report(state, "reference", "unseen"), report(state, "policy", "unseen")
-            summary.update({"unseen_prompts": len(eval_sets["unseen"][1]),
+            summary.update({"unseen_prompts": eval_sizes["unseen"],
                             "unseen_rm_score_before": u_before["rm_score"], "unseen_rm_score_after": u_after["rm_score"],
                             "unseen_kl_to_reference": u_after["kl_to_reference"],
                             "unseen_rm_win_rate_vs_initial": judged_win_rate(u_after, u_before)})

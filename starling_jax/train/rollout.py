@@ -57,7 +57,9 @@ class RewardScorer:
     """A frozen reward model with its own tokenizer and chat template: scores (conversation, reply text) pairs.
 
     Inputs are right padded to a multiple of `pad_multiple` tokens (fewer compiled shapes) and left truncated to
-    max_length (keeping the reply's end, where the score is read).
+    max_length (keeping the reply's end, where the score is read). With a `place` (sharding.BatchPlacement) the
+    (conversation, reply) pairs are this process's rows of a global batch: every process pads to the same length and
+    the scores come back for the local rows.
     """
     config: ModelConfig
     params: Params
@@ -65,12 +67,15 @@ class RewardScorer:
     template: str
     max_length: int
     pad_multiple: int = 32
+    place: Any = None
 
     def encode(self, conversations: Sequence[Conversation], replies: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Reward-model inputs (tokens, attention_mask) [B, T], right padded."""
         ids = [self.tokenizer.encode_chat(list(c) + [{"role": "assistant", "content": r}], template=self.template,
                                           add_generation_prompt=False) for c, r in zip(conversations, replies)]
         longest = max(len(x) for x in ids)
+        if self.place is not None:  # every process's rows go into one global array: one length for all
+            longest = self.place.max(longest)
         length = min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
         tokens, mask = right_pad(ids, length, self.tokenizer.pad_id)
         models.check_token_ids(tokens, self.config.vocab_size, f"reward model input ({self.template} template)")
@@ -79,15 +84,20 @@ class RewardScorer:
     def __call__(self, conversations: Sequence[Conversation], replies: Sequence[str]) -> np.ndarray:
         """Raw reward-model scores [B] float32."""
         tokens, mask = self.encode(conversations, replies)
-        return np.asarray(_score(self.params, self.config, tokens, mask))
+        if self.place is None:
+            return np.asarray(_score(self.params, self.config, tokens, mask))
+        return self.place.local(_score(self.params, self.config, *self.place.put(tokens, mask)))
 
 
-def scale_scores(raw: np.ndarray, moments: dict, reward_clip: float, scale: bool) -> tuple[np.ndarray, dict]:
+def scale_scores(raw: np.ndarray, moments: dict, reward_clip: float, scale: bool,
+                 every_row: Callable = np.asarray) -> tuple[np.ndarray, dict]:
     """(scores [B] float32, new moments) in trlx's order (accelerate_ppo_trainer.make_experience at the Starling
     fork's commit 0fb4e1e, lines 366-379): clip the raw RM scores to +-reward_clip, fold the CLIPPED scores into the
-    running moments, then divide by the running std (scale=True; nothing is clipped after the division)."""
+    running moments, then divide by the running std (scale=True; nothing is clipped after the division).
+    every_row: local rows -> every row of the global batch (BatchPlacement.whole with several processes), so the
+    moments are those of the whole chunk on every process (trlx all-reduces them)."""
     clipped = np.clip(np.asarray(raw, np.float32), -reward_clip, reward_clip)
-    new = obj_kl.running_moments_update(moments, jnp.asarray(clipped))
+    new = obj_kl.running_moments_update(moments, jnp.asarray(every_row(clipped)))
     new = {k: float(v) for k, v in new.items()}
     std = float(obj_kl.running_std(new)) if scale else 1.0
     return (clipped / std).astype(np.float32), new
@@ -107,15 +117,22 @@ class Samples:
 
 def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str, conversations, prompt_tokens,
                    prompt_mask, key: jax.Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, constrain=None) -> Samples:
+                   top_p: float = 1.0, constrain=None, place=None) -> Samples:
     """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template).
-    constrain: the mesh's activation constraint (sampling.generate), None off a mesh."""
+    constrain: the mesh's activation constraint (sampling.generate), None off a mesh. place: a
+    sharding.BatchPlacement when the prompts are this process's rows of a global batch (generation then runs on the
+    global batch, split over the batch axes; the replies come back for the local rows)."""
     t = tokenizer.template(template)
-    tokens, mask, _ = sampling.generate(params, config, prompt_tokens, prompt_mask, key, max_new_tokens,
-                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                        stop_ids=tokenizer.stop_ids(t), constrain=constrain)
-    tokens = np.asarray(tokens)
-    texts, mask = sampling.apply_stop_strings(tokenizer, tokens, np.asarray(mask), t.stop_strings)
+    prompts = (prompt_tokens, prompt_mask)
+    if place is not None:
+        models.check_token_ids(prompt_tokens, config.vocab_size, "prompt_tokens")  # on the local rows
+        prompts = place.put(np.asarray(prompt_tokens), np.asarray(prompt_mask))
+    tokens, mask, _ = sampling.generate(params, config, *prompts, key, max_new_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids(t),
+                                        constrain=constrain)
+    local = place.local if place is not None else np.asarray
+    tokens = local(tokens)
+    texts, mask = sampling.apply_stop_strings(tokenizer, tokens, local(mask), t.stop_strings)
     return Samples(np.asarray(prompt_tokens), np.asarray(prompt_mask), tokens, mask, list(texts), list(conversations))
 
 
@@ -125,18 +142,23 @@ class RolloutSource:
 
     Host state (saved in checkpoints): the prompt stream's position, the chunk counter (the sampling key is
     fold_in(seed key, chunk)), the running moments of the RM score and the (adaptive) KL coefficient.
+
+    Several processes (`place`, a sharding.BatchPlacement): each reads its rows of the global chunk of prompts;
+    generation, scoring and the experience pass run on the global batch; the running moments and the KL controller
+    are updated from every row of the chunk (gathered across processes, as trlx all-reduces them), so they are the
+    same on every process and equal to a one-process run's.
     """
 
     def __init__(self, *, prompts, conversations: Sequence[Conversation], config: ModelConfig, tokenizer,
                  template: str, scorer: RewardScorer, experience_fn: Callable, objective, rollout, seed: int,
-                 true_utility: Optional[Callable[[Conversation, str], float]] = None, constrain=None):
+                 true_utility: Optional[Callable[[Conversation, str], float]] = None, constrain=None, place=None):
         """prompts: an iterator of RL prompt batches (prompt_tokens [B, P] left padded, prompt_mask, prompt_id [B])
         with get_state/set_state (data.pipelines' "rl" dataset); conversations[prompt_id] is the prompt's
         conversation (for re-rendering it for the reward model)."""
         self.prompts, self.conversations = prompts, list(conversations)
         self.config, self.tokenizer, self.template = config, tokenizer, template
         self.scorer, self.experience_fn, self.objective, self.rollout = scorer, experience_fn, objective, rollout
-        self.seed, self.true_utility = seed, true_utility
+        self.seed, self.true_utility, self.place = seed, true_utility, place
         self.constrain = constrain  # sharding.activation_constraint: generation split over the mesh's batch axes
         self.chunk = 0
         self.kl_coef = float(objective.kl_coef)
@@ -161,16 +183,20 @@ class RolloutSource:
         r = self.rollout
         s = sample_replies(policy_params(state.params, state.frozen), self.config, self.tokenizer, self.template,
                            conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
-                           r.top_p, constrain=self.constrain)
+                           r.top_p, constrain=self.constrain, place=self.place)
         self.last_samples = s
-        raw = self.scorer(conversations, s.texts)
+        raw = self.scorer(conversations, s.texts)  # this process's rows
+        whole = self.place.whole if self.place is not None else np.asarray  # every row of the chunk
         o = self.objective
-        scores, self.moments = scale_scores(raw, self.moments, o.reward_clip, o.scale_reward)
+        scores, self.moments = scale_scores(raw, self.moments, o.reward_clip, o.scale_reward, every_row=whole)
         tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
         attention_mask = np.concatenate([s.prompt_mask, s.mask], axis=1)
-        exp = self.experience_fn(state.params, state.frozen, tokens, attention_mask, s.mask, scores,
-                                 jnp.float32(self.kl_coef))
-        exp = jax.device_get(exp)
+        inputs = (tokens, attention_mask, s.mask, scores)
+        if self.place is not None:
+            inputs = self.place.put(*inputs)
+        exp = self.experience_fn(state.params, state.frozen, *inputs, jnp.float32(self.kl_coef))
+        kl_all = whole(exp["kl"])
+        exp = {k: self.place.local(v) for k, v in exp.items()} if self.place is not None else jax.device_get(exp)
         batch = {"tokens": tokens, "attention_mask": attention_mask, "response_mask": s.mask.astype(np.int32),
                  "old_logprobs": exp["old_logprobs"], "old_values": exp["old_values"],
                  "advantages": exp["advantages"], "returns": exp["returns"],
@@ -180,7 +206,7 @@ class RolloutSource:
         if self.true_utility is not None:
             batch["stat_true_reward"] = np.array([self.true_utility(c, t) for c, t in zip(conversations, s.texts)],
                                                  np.float32)
-        self.kl_coef = float(obj_kl.update_kl_coef(self.kl_coef, float(np.mean(exp["kl"])), len(ids),
+        self.kl_coef = float(obj_kl.update_kl_coef(self.kl_coef, float(np.mean(kl_all)), len(kl_all),
                                                    o.kl_target, o.kl_horizon))
         self.chunk += 1
         return batch

@@ -95,15 +95,16 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
     shard_state = state_shardings(optimizer, abstract_state(trainable, optimizer, frozen), shard_t, shard_f, mesh)
     state = create_state(trainable, optimizer, state_key, frozen, shard_state)
 
-    # Data: this process's share of the rows, batch_size / process_count rows per step.
-    shard_index, shard_count = sharding.data_shard()
-    local_batch = c.train.batch_size // shard_count
-    pipe_kind = "rm" if kind == "rm" else kind
-    train_ds = pipelines.dataset_for(pipe_kind, train_rows, tokenizer, c.data, local_batch, template=c.model.template,
-                                     seed=c.data.shuffle_seed + c.train.seed, shard_index=shard_index,
-                                     shard_count=shard_count, report=report)
+    # Data: the global batches are the same whatever the number of processes; this process reads only the rows its
+    # devices hold (sharding.process_rows) and put_batch assembles the global arrays.
     batch_abstract = losses.batch_spec(obj, c.train.batch_size, c.data.max_length, c.data.max_responses)
     shard_batch = sharding.batch_shardings(batch_abstract, mesh, rules)
+    my_rows = sharding.process_rows(next(iter(shard_batch.values())), c.train.batch_size)
+    sharding.describe_rows(ctx.stage_name, my_rows, c.train.batch_size)
+    pipe_kind = "rm" if kind == "rm" else kind
+    train_ds = pipelines.dataset_for(pipe_kind, train_rows, tokenizer, c.data, c.train.batch_size,
+                                     template=c.model.template, seed=c.data.shuffle_seed + c.train.seed,
+                                     process_rows=my_rows, report=report)
 
     loss_fn = losses.build_loss(c.objective, model_config, sharding.activation_constraint(mesh, rules))
     jitted = jit_step(make_train_step(loss_fn, optimizer, c.train.grad_accum), mesh, shard_state, shard_batch)
@@ -124,8 +125,8 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
     def heldout(num_batches: Optional[int], rows=heldout_rows):
         if not rows:
             return []
-        ds = pipelines.dataset_for(pipe_kind, rows, tokenizer, c.data, local_batch, template=c.model.template,
-                                   shuffle=False, num_epochs=1, shard_index=shard_index, shard_count=shard_count)
+        ds = pipelines.dataset_for(pipe_kind, rows, tokenizer, c.data, c.train.batch_size, template=c.model.template,
+                                   shuffle=False, num_epochs=1, process_rows=my_rows)
         out = []
         for b in ds:
             if num_batches is not None and len(out) >= num_batches:
@@ -149,8 +150,8 @@ def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
             w = float(metrics.get("weight", 1.0))
             total, weight = total + float(loss) * w, weight + w
             if reward_fn is not None:
-                ranking.add(reward_fn(full, placed["tokens"], placed["attention_mask"]), b["ranks"],
-                            b["response_mask"])
+                ranking.add(reward_fn(full, placed["tokens"], placed["attention_mask"]), placed["ranks"],
+                            placed["response_mask"])
         out = {"loss": total / max(weight, 1e-9)}
         if reward_fn is not None:
             out.update(ranking.result())
