@@ -96,6 +96,7 @@ def initialize_distributed(config: MeshConfig, launch: Optional[Launch] = None) 
     for name in ("init_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
         if getattr(launch, name) < 1:
             raise ValueError(f"multi-process launch: {name} must be >= 1 second, got {getattr(launch, name)}")
+    previous = jax.config.jax_cpu_collectives_implementation
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
@@ -103,6 +104,7 @@ def initialize_distributed(config: MeshConfig, launch: Optional[Launch] = None) 
                                    heartbeat_timeout_seconds=launch.heartbeat_timeout_s,
                                    shutdown_timeout_seconds=launch.shutdown_timeout_s)
     except ValueError as e:  # no coordinator: neither flags, JAX_* variables nor a detected cluster
+        jax.config.update("jax_cpu_collectives_implementation", previous)
         raise ValueError(f"mesh.distributed: cannot join a multi-process run ({e}); give --coordinator HOST:PORT "
                          f"--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                          f"JAX_PROCESS_ID), run under SLURM, or set mesh.distributed=false") from None
@@ -330,6 +332,14 @@ def replicate(tree, mesh: Mesh) -> Any:
     sh = replicated(mesh)
     return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(sh, np.asarray(a), np.shape(a)),
                                   tree)
+
+
+def describe_rows(stage: str, rows: Sequence[int], batch_size: int) -> None:
+    """Several processes: each says on stderr which rows of every global batch it reads (one line per process)."""
+    if jax.process_count() > 1:
+        import sys
+        print(f"[{stage}] process {jax.process_index()} of {jax.process_count()} reads rows {list(rows)} of each "
+              f"global batch of {batch_size}", file=sys.stderr, flush=True)
 
 
 class BatchPlacement:

@@ -227,3 +227,29 @@ def test_sharded_generation_equals_unsharded_and_keeps_the_cache_split():
     _, cache = jax.jit(lambda p, t, m: sampling.prefill(p, config, t, m, 8, constrain))(*sharded)
     assert cache["k"][0].sharding.is_equivalent_to(NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor")), 5)
     assert cache["k"][0].addressable_shards[0].data.shape == (1, 1, 8, 1, config.head_dim)
+
+
+def test_launch_reads_flags_then_jax_environment_and_rejects_bad_input(monkeypatch):
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert not sharding.Launch().explicit
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:5")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    got = sharding.Launch(process_id=1).resolved()
+    assert (got.coordinator, got.num_processes, got.process_id) == ("127.0.0.1:5", 4, 1)  # a flag wins
+    monkeypatch.setenv("JAX_PROCESS_ID", "x")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='x' is not an integer"):
+        sharding.Launch().resolved()
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    # every error below is raised before jax.distributed.initialize is called
+    with pytest.raises(ValueError, match="given but not num_processes / process_id"):
+        sharding.initialize_distributed(MeshConfig())
+    with pytest.raises(ValueError, match=r"process id 2 is not in \[0, 2\)"):
+        sharding.initialize_distributed(MeshConfig(), sharding.Launch(num_processes=2, process_id=2))
+    with pytest.raises(ValueError, match="heartbeat_timeout_s must be >= 1"):
+        sharding.initialize_distributed(MeshConfig(), sharding.Launch(num_processes=2, process_id=0,
+                                                                      heartbeat_timeout_s=0))
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    sharding.initialize_distributed(MeshConfig())  # not distributed: nothing to do
