@@ -112,6 +112,15 @@ def state_shardings(optimizer, state: TrainState, params_shardings, frozen_shard
     return TrainState(step=rep, params=params_shardings, frozen=frozen_shardings, opt_state=opt, rng=rep)
 
 
+def _put_key(key: jax.Array, sharding) -> jax.Array:
+    """device_put for a typed PRNG key: JAX cannot put one on devices of other processes directly, so its key data
+    travels and is wrapped again (the same key, placed like `sharding`)."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.device_put(key, sharding)
+    data = jax.device_put(jax.random.key_data(key), sharding)
+    return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=jax.random.key_impl(key)), out_shardings=sharding)(data)
+
+
 def create_state(params: Params, optimizer, rng: jax.Array, frozen: Optional[Params] = None,
                  shardings: Optional[TrainState] = None) -> TrainState:
     """A fresh TrainState around existing (already placed) params. With `shardings` (see state_shardings) the Adam
@@ -119,6 +128,6 @@ def create_state(params: Params, optimizer, rng: jax.Array, frozen: Optional[Par
     init = jax.jit(optimizer.init, out_shardings=None if shardings is None else shardings.opt_state)
     step = jnp.zeros((), jnp.int32)
     if shardings is not None:
-        step, rng = jax.device_put(step, shardings.step), jax.device_put(rng, shardings.rng)
+        step, rng = jax.device_put(step, shardings.step), _put_key(rng, shardings.rng)
     return TrainState(step=step, params=params, frozen={} if frozen is None else frozen, opt_state=init(params),
                       rng=rng)
