@@ -275,6 +275,9 @@ def build_rl_stage(ctx):
     # (sharding.BatchPlacement; the global batches do not depend on the number of processes).
     mesh, rules = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh), c.mesh.rules
     place = sharding.BatchPlacement(mesh, rules)
+    # Host-side rollout code works on global arrays only across processes; one process keeps numpy batches (and any
+    # number of evaluation prompts).
+    spread = place if jax.process_count() > 1 else None
     conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
     sharding.describe_rows(ctx.stage_name, place.rows(r.prompts_per_step), r.prompts_per_step)
     prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step,
@@ -287,16 +290,18 @@ def build_rl_stage(ctx):
     for i, (split, rows) in enumerate([("heldout", splits.heldout or train_rows), ("unseen", splits.unseen),
                                        ("tuning", splits.tuning)]):
         rows = rows[:r.eval_prompts]
-        rows = rows[:len(rows) // place.parts * place.parts]  # split evenly over the batch shards of the mesh
+        if spread is not None:  # split evenly over the batch shards of the mesh
+            rows = rows[:len(rows) // place.parts * place.parts]
         if not rows:
             continue
         batch = next(iter(pipelines.dataset_for("rl", rows, tokenizer, c.data, len(rows), template=c.model.template,
-                                                shuffle=False, num_epochs=1, process_rows=place.rows(len(rows)))))
+                                                shuffle=False, num_epochs=1,
+                                                process_rows=spread.rows(len(rows)) if spread else None)))
         eval_sizes[split] = len(rows)
         convs = [conversation_of(row, f"{split} row {j}") for j, row in enumerate(rows)]
         eval_sets[split] = (batch, [convs[j] for j in np.asarray(batch["prompt_id"])],
                             jax.random.fold_in(jax.random.key(c.train.seed + 1), i))
-    if "heldout" not in eval_sets:
+    if "heldout" not in eval_sets and spread is not None:
         raise ValueError(f"stage {ctx.stage_name!r}: rollout.eval_prompts={r.eval_prompts} held-out prompts cannot be "
                          f"split over the {place.parts} batch shards of the mesh; use at least {place.parts}")
     model_specs = models.param_specs(config)
@@ -329,19 +334,19 @@ def build_rl_stage(ctx):
         return fn(state, sharding.put_batch(batch, shard_batch))
 
     scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, c.reward_model.template, c.reward_model.max_length,
-                          place=place)
+                          place=spread)
     true_utility = None
     if c.data.source == "synthetic":
         from starling_jax.data.synthetic import true_utility
     batches = RolloutSource(prompts=prompts, conversations=conversations, config=config, tokenizer=tokenizer,
                             template=c.model.template, scorer=scorer, experience_fn=experience_fn, objective=o,
                             rollout=r, seed=c.train.seed, true_utility=true_utility, constrain=constrain,
-                            place=place)
+                            place=spread)
     def report(state, which: str, split: str = "heldout") -> dict:
         full = policy_params(state.params, state.frozen) if which == "policy" else reference_params(state.frozen)
         prompts_, conversations_, key = eval_sets[split]
         return _policy_eval(state.params, state.frozen, full, config, prompts_, conversations_, tokenizer,
-                            c.model.template, scorer, r, key, true_utility, place)
+                            c.model.template, scorer, r, key, true_utility, spread)
 
     def evaluate(state) -> dict:
         split = "tuning" if "tuning" in eval_sets else "heldout"
@@ -349,7 +354,7 @@ def build_rl_stage(ctx):
 
     def finish(state, workdir: str) -> dict:
         before, after = report(state, "reference"), report(state, "policy")
-        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": eval_sizes["heldout"],
+        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": eval_sizes.get("heldout", 0),
                    "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
                    "kl_to_reference": after["kl_to_reference"],
                    "response_length_before": before["response_length"],
