@@ -213,3 +213,28 @@ def test_identical_answers_are_one_response_and_counted():
         parse_rows([only_one])
     kept, report = parse_rows([only_one], on_bad_row="skip")
     assert kept == [] and report.skipped == {"identical_answers": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. The reward model's template travels with its export: chaining our RM into an RL stage feeds it the template
+# (and tokenizer) it was trained with, whatever the rl config's reward_model section says.
+
+def test_reward_model_uses_the_template_it_was_trained_with(tmp_path):
+    import dataclasses
+    import json
+    from starling_jax.config import load_experiment
+    from starling_jax.data.templates import jinja_template
+    from starling_jax.train.rollout import trained_reward_template
+    exp = load_experiment("tiny_starling")  # rm stage: mistral-7b-v0.1 tokenizer, "llama2" template
+    section = dataclasses.replace(exp.reward_model, template="llama2_trainer", tokenizer="openchat-3.5")
+    template, tokenizer, note = trained_reward_template(exp, section)
+    assert (template, tokenizer) == ("llama2", "mistral-7b-v0.1")
+    assert "'llama2'" in note and "'llama2_trainer'" in note and "stage 'rm'" in note
+    assert trained_reward_template(exp, exp.reward_model) == ("llama2", "mistral-7b-v0.1", None)
+    # an HF export carries its template as Jinja (convert writes jinja_template of the stage's template)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": jinja_template("chatml")}))
+    hf_section = dataclasses.replace(exp.reward_model, path=str(tmp_path), template="llama2")
+    assert trained_reward_template(exp, hf_section)[0] == "chatml"
+    # a checkpoint without a recognisable template keeps the configured one
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert trained_reward_template(exp, hf_section) == ("llama2", hf_section.tokenizer, None)

@@ -244,12 +244,13 @@ def plot_curves(records: list[dict], path: str, title: str = "") -> Optional[str
 def build_rl_stage(ctx):
     """StageProgram of an "apa"/"ppo" stage (see starling_jax.train.program)."""
     import os
+    import sys
 
     from starling_jax.data import load_tokenizer
     from starling_jax.data import pipelines
     from starling_jax.train import program as prog
     from starling_jax.train.hydra import init_rl_params, policy_params, reference_params
-    from starling_jax.train.rollout import RewardScorer, RolloutSource, conversation_of
+    from starling_jax.train.rollout import RewardScorer, RolloutSource, conversation_of, trained_reward_template
     from starling_jax import sharding
     from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
     from starling_jax.train.step import jit_step
@@ -265,7 +266,11 @@ def build_rl_stage(ctx):
     rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
     if "score" not in rm_params:
         raise ValueError(f"stage {ctx.stage_name!r}: reward_model (path {c.reward_model.path!r}) has no 'score' head")
-    tokenizer, rm_tokenizer = load_tokenizer(c.model.tokenizer), load_tokenizer(c.reward_model.tokenizer)
+    # the reward model is fed in the template (and tokenizer) it was trained with, when its export says which
+    rm_template, rm_tokenizer_name, note = trained_reward_template(ctx.experiment, c.reward_model)
+    if note:
+        print(f"[{ctx.stage_name}] {note}", file=sys.stderr, flush=True)
+    tokenizer, rm_tokenizer = load_tokenizer(c.model.tokenizer), load_tokenizer(rm_tokenizer_name)
     trainable, frozen = init_rl_params(params, config, k_critic, c.model.trainable_top_layers, c.model.train_lm_head,
                                        o.value_head)
     del params
@@ -333,7 +338,7 @@ def build_rl_stage(ctx):
         fn, shard_batch = jitted[keys]
         return fn(state, sharding.put_batch(batch, shard_batch))
 
-    scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, c.reward_model.template, c.reward_model.max_length,
+    scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, rm_template, c.reward_model.max_length,
                           place=spread)
     true_utility = None
     if c.data.source == "synthetic":

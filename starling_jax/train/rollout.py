@@ -9,6 +9,7 @@ then scored.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -36,6 +37,39 @@ def conversation_of(row: dict, where: str = "row") -> Conversation:
         return parse_prompt(row["prompt"])
     except Exception as e:  # nectar's own error type carries the detail
         raise ValueError(f"{where}: bad 'prompt': {e}") from None
+
+
+def trained_reward_template(experiment, section) -> tuple[str, str, Optional[str]]:
+    """(template, tokenizer, note) the reward model of `section` (a RewardModelSection) must be fed with: the ones
+    it was trained with when its export says so, else the section's own.
+
+    "stage:NAME": the rm stage NAME's model.template and model.tokenizer (so chaining our own RM into an RL stage
+    renders replies as that RM saw its training data). A Hugging Face directory whose tokenizer_config.json carries a
+    chat_template equal to one of ours (`convert` writes data.templates.jinja_template of the stage's template): that
+    template. note: one line saying what overrode the section's setting, or None."""
+    template, tokenizer, path = section.template, section.tokenizer, section.path or ""
+    origin = None
+    if path.startswith("stage:"):
+        from starling_jax.config import stages_of
+        trained = dict(stages_of(experiment)).get(path[len("stage:"):])
+        if trained is not None:
+            template, tokenizer, origin = trained.model.template, trained.model.tokenizer, f"stage {path[6:]!r}"
+    elif os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        import json
+
+        from starling_jax.data.templates import TEMPLATES, jinja_template
+        try:
+            with open(os.path.join(path, "tokenizer_config.json")) as f:
+                jinja = json.load(f).get("chat_template")
+        except (OSError, ValueError):
+            jinja = None
+        named = [name for name in TEMPLATES if isinstance(jinja, str) and jinja == jinja_template(name)]
+        if named:
+            template, origin = named[0], f"{path}/tokenizer_config.json"
+    changed = [f"{what} {new!r} (the config says {old!r})" for what, new, old in
+               (("template", template, section.template), ("tokenizer", tokenizer, section.tokenizer)) if new != old]
+    note = f"reward_model: using the {' and the '.join(changed)} it was trained with ({origin})" if changed else None
+    return template, tokenizer, note
 
 
 def right_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
