@@ -13,6 +13,7 @@ and on a multi-host pod (MeshConfig.distributed -> jax.distributed.initialize())
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -108,10 +109,6 @@ def initialize_distributed(config: MeshConfig, launch: Optional[Launch] = None) 
         raise ValueError(f"mesh.distributed: cannot join a multi-process run ({e}); give --coordinator HOST:PORT "
                          f"--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                          f"JAX_PROCESS_ID), run under SLURM, or set mesh.distributed=false") from None
-
-
-def is_multiprocess() -> bool:
-    return jax.process_count() > 1
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -335,11 +332,10 @@ def replicate(tree, mesh: Mesh) -> Any:
 
 
 def describe_rows(stage: str, rows: Sequence[int], batch_size: int) -> None:
-    """Several processes: each says on stderr which rows of every global batch it reads (one line per process)."""
+    """Several processes: each logs which rows of every global batch it reads (one line per process)."""
     if jax.process_count() > 1:
-        import sys
-        print(f"[{stage}] process {jax.process_index()} of {jax.process_count()} reads rows {list(rows)} of each "
-              f"global batch of {batch_size}", file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info("[%s] process %d of %d reads rows %s of each global batch of %d", stage,
+                                         jax.process_index(), jax.process_count(), list(rows), batch_size)
 
 
 class BatchPlacement:
