@@ -278,7 +278,8 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
     if only_stage is not None and only_stage not in names:
         raise ConfigError(f"--stage {only_stage}: no such stage; stages: {', '.join(names)}")
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), to_dict(exp))
+    if jax.process_index() == 0:  # one writer: every process shares WORKDIR (and the temporary file's name)
+        _write_json(os.path.join(workdir, "config.json"), to_dict(exp))
     mesh = sharding.make_mesh(exp.mesh)
     exports: dict[str, StageExport] = {}
 

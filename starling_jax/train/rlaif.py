@@ -381,7 +381,9 @@ def build_rl_stage(ctx):
         from starling_jax.train.logging import read_metrics
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-        png = plot_curves(records, os.path.join(workdir, "curves.png"), f"{ctx.stage_name}: {o.name.upper()}")
+        png = os.path.join(workdir, "curves.png")
+        if jax.process_index() == 0:  # one writer of the shared WORKDIR
+            png = plot_curves(records, png, f"{ctx.stage_name}: {o.name.upper()}")
         if png:
             summary["curves_png"] = png
         return summary
