@@ -118,3 +118,21 @@ def test_grpo_matches_trl_loss_and_gradient(seed):
     want.backward()
     assert float(loss) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(np.asarray(grad), lp.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_group_experience_places_the_kl_in_the_reward_or_not(kl_in, estimator):
+    from starling_jax.objectives.group import group_experience
+    logp, _, ref, mask, _ = _batch(3, B=6)
+    scores = np.random.default_rng(4).normal(size=6).astype(np.float32)
+    out = group_experience(jnp.asarray(scores), logp, ref, mask, 3, "rloo", 0.1, kl_in, estimator)
+    d = ref.astype(np.float64) - logp
+    per_token = -d if estimator == "k1" else np.exp(d) - d - 1
+    kl = (per_token * mask).sum(axis=1)
+    np.testing.assert_allclose(np.asarray(out["kl"]), kl, rtol=1e-5)
+    rewards = scores - 0.1 * kl if kl_in == "reward" else scores
+    np.testing.assert_allclose(np.asarray(out["rewards"]), rewards, rtol=1e-5, atol=1e-6)
+    r = rewards.reshape(2, 3)
+    loo = (r - (r.sum(axis=1, keepdims=True) - r) / 2).reshape(-1)
+    np.testing.assert_allclose(np.asarray(out["advantages"]), loo[:, None] * mask, rtol=1e-5, atol=1e-6)

@@ -150,9 +150,14 @@ def test_one_shortened_cell_of_each_study(tmp_path, name):
     assert done.returncode == 0, done.stderr[-2000:] + logs
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] and len(results["cells"]) == 1
+    study = load_study(os.path.join(ROOT, "experiments", "studies", f"{name}.py"))
     arm = results["arms"][0]
-    assert {"policy/heldout", "policy/unseen", "rm/heldout", "rm/unseen"} <= set(results["summary"])
-    for group in ("policy/heldout", "policy/unseen"):
+    policy = ["policy/heldout", "policy/unseen"] if study.arms[0].policy_stage else []
+    assert set(results["summary"]) == {"rm/heldout", "rm/unseen", *policy}
+    for group in ("rm/heldout", "rm/unseen"):
+        m = results["summary"][group][arm]
+        assert 0 <= m["pair_accuracy"]["lo"] <= m["pair_accuracy"]["mean"] <= m["pair_accuracy"]["hi"] <= 1
+    for group in policy:
         m = results["summary"][group][arm]
         assert np.isfinite([m[k]["mean"] for k in ("true_reward", "kl", "rm_score", "length", "gain")]).all()
     assert os.path.getsize(tmp_path / "results.png") > 1000

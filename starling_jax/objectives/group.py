@@ -94,3 +94,24 @@ def group_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs
     return loss, {"clip_fraction": masked_mean((clipped < unclipped).astype(jnp.float32), mask),
                   "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
                   "ref_kl": masked_mean(kl, mask), "ratio": masked_mean(ratio, mask)}
+
+
+def group_experience(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array,
+                     group_size: int, kind: str, kl_coef, kl_in: str = "reward", kl_estimator: str = "k1",
+                     eps: float = 1e-4) -> dict[str, jax.Array]:
+    """Rewards, advantages and KL of a chunk of grouped rollouts (no critic).
+
+    scores [B] (the scaled RM scores), logprobs/ref_logprobs/mask [B, T] of the sampled replies under the rollout
+    policy and the reference. kl_in="reward": the reply's reward is score - kl_coef * sum_t k(t) (a sequence-level
+    penalty, RLOO's); "loss": the reward is the score alone and the KL enters the loss per token (GRPO's). Returns
+    rewards [B], advantages [B, T] (the reply's group advantage on each of its tokens, 0 on padding) and kl [B]
+    (sum_t k(t) with the chosen estimator).
+    """
+    if kl_in not in KL_PLACEMENTS:
+        raise ValueError(f"kl_in must be one of {KL_PLACEMENTS}, got {kl_in!r}")
+    w = as_weights(mask)
+    k = jnp.where(w > 0, kl_estimate(logprobs, ref_logprobs, kl_estimator), 0.0)
+    kl = jnp.sum(k, axis=1)
+    rewards = scores.astype(jnp.float32) - (kl_coef * kl if kl_in == "reward" else 0.0)
+    adv = group_advantages(rewards, group_size, kind, eps)
+    return {"rewards": rewards, "advantages": adv[:, None] * w, "kl": kl}

@@ -40,7 +40,7 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)
     baseline: Optional[str] = None  # the arm the others are compared with (default: the first)
     shared_stages: tuple[str, ...] = ()  # trained once per seed, linked into every arm (configs must be identical)
-    reference_stage: str = "sft"  # the policy KL is measured against (the SFT policy every arm starts from)
+    reference_stage: Optional[str] = "sft"  # the policy KL is measured against (the SFT policy every arm starts from)
     reward_stage: Optional[str] = "rm"  # scores the policies' replies; its ranking accuracy is measured too
     eval_prompts: int = 256  # per split (held-out, unseen): the first N rows
     max_new_tokens: int = 24  # reply length when sampling for evaluation (every arm alike)

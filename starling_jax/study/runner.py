@@ -134,8 +134,8 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
 
     stages = dict(stages_of(exp))
     n = study.quick_eval_prompts if quick else study.eval_prompts
-    ref_cfg = stages[study.reference_stage]
-    splits = pipelines.load_splits(ref_cfg.data)
+    data_stage = study.reference_stage or study.reward_stage or arm.policy_stage
+    splits = pipelines.load_splits(stages[data_stage].data)  # every stage of the main job reads the same data
     split_rows = {k: v[:n] for k, v in (("heldout", splits.heldout), ("unseen", splits.unseen)) if v}
 
     def export(stage):
@@ -152,6 +152,9 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
             groups[f"rm/{split}"] = ev.reward_model_measurements(rm, rows, tokenizer=rm_tok,
                                                                  template=rm_cfg.model.template, data=rm_cfg.data)
     if arm.policy_stage is not None:
+        if study.reference_stage is None:
+            raise ConfigError(f"study {study.name!r}: evaluating a policy needs a reference_stage (its KL is measured "
+                              f"against it)")
         pol_cfg = stages[arm.policy_stage]
         section = pol_cfg.reward_model or exp.reward_model
         if rm is None or section is None:
