@@ -97,6 +97,12 @@ class ObjectiveConfig:
     scale_reward: bool = True  # divide the RM score by a running std
     whiten_advantages: bool = False  # normalise GAE advantages per rollout chunk (trlx PPO); APA uses raw ones
     pl_normalize: bool = False  # rm_plackett_luce: divide each prompt's NLL by its K-1 terms (the authors' pl_loss)
+    # GRPO / RLOO (critic-free, objectives/group.py): rollout.prompts_per_step replies = prompts_per_step / group_size
+    # prompts x group_size samples each; advantages relative to the group (GRPO: mean/std; RLOO: leave-one-out mean).
+    group_size: int = 4
+    kl_in: Optional[str] = None  # "reward" (sequence-level penalty) | "loss" (per-token term); None: grpo loss, rloo reward
+    kl_estimator: Optional[str] = None  # "k1" | "k3"; None: grpo k3, rloo k1
+    loss_aggregation: str = "sequence"  # "sequence" (mean of each reply's token mean, GRPO) | "token"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +202,8 @@ OBJECTIVE_KINDS = {
     "dpo": "dpo",
     "apa": "rl",
     "ppo": "rl",
+    "grpo": "rl",
+    "rloo": "rl",
 }
 SCHEDULES = ("cosine", "linear", "constant")
 DPO_PAIRS = ("best_vs_rest", "all")
@@ -582,6 +590,22 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
                 f"{r.minibatch_size}")
         if r.temperature <= 0:
             bad("rollout.temperature", f"must be > 0, got {r.temperature}")
+        ob = c.objective
+        if obj in ("grpo", "rloo"):
+            if ob.group_size < 2:
+                bad("objective.group_size", f"{obj} needs at least 2 samples per prompt, got {ob.group_size}")
+            elif r.prompts_per_step % ob.group_size:
+                bad("rollout.prompts_per_step", f"{r.prompts_per_step} replies are not a whole number of groups of "
+                    f"objective.group_size={ob.group_size}")
+            if ob.kl_in not in (None, "reward", "loss"):
+                bad("objective.kl_in", f"{ob.kl_in!r} is not one of reward, loss")
+            if ob.kl_estimator not in (None, "k1", "k3"):
+                bad("objective.kl_estimator", f"{ob.kl_estimator!r} is not one of k1, k3")
+            if ob.loss_aggregation not in ("sequence", "token"):
+                bad("objective.loss_aggregation", f"{ob.loss_aggregation!r} is not one of sequence, token")
+            if ob.kl_target is not None and (ob.kl_in or ("loss" if obj == "grpo" else "reward")) == "loss":
+                bad("objective.kl_target", "the adaptive KL controller acts on a KL penalty in the reward; with "
+                    "kl_in='loss' set kl_target=None")
         if not 0 < r.top_p <= 1:
             bad("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
         # The update scores rollouts under the temperature-scaled distribution (train/hydra.py); a top-k / top-p

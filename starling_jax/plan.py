@@ -276,7 +276,8 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     from starling_jax import models, sampling, sharding
 
     stage_name, cfg = _pick_stage(exp, stage)
-    if cfg.objective.name not in ("apa", "ppo"):
+    from starling_jax.config import OBJECTIVE_KINDS
+    if OBJECTIVE_KINDS.get(cfg.objective.name) != "rl":
         raise ValueError(f"--rollout plans an RL stage's generation; stage {stage_name!r} is {cfg.objective.name!r}")
     mesh_config = mesh_config or cfg.mesh
     mesh = sharding.make_mesh(dataclasses.replace(mesh_config, distributed=False), devices)

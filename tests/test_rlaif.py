@@ -89,7 +89,7 @@ def _one_update(params, rollout, objective, top_layers, optim=OptimConfig(learni
     ex = exp_fn(trainable, frozen, rollout["tokens"], rollout["attention_mask"], rollout["response_mask"],
                 rollout["scores"], jnp.float32(objective.kl_coef))
     batch = {k: rollout[k] for k in ("tokens", "attention_mask", "response_mask")}
-    batch.update({k: ex[k] for k in ("old_logprobs", "old_values", "advantages", "returns")})
+    batch.update({k: ex[k] for k in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns")})
     batch["stat_reward"] = rollout["scores"]
     optimizer = make_optimizer(optim, 4, trainable)
     state = init_state(trainable, optimizer, jax.random.key(3), frozen)
@@ -115,6 +115,35 @@ def test_update_lowers_loss_and_keeps_frozen_bits(params, rollout, name, top_lay
     assert not _leaves_equal(new_state.params["policy"], before_t["policy"])
     assert not _leaves_equal(new_state.params["critic"], before_t["critic"])
     np.testing.assert_allclose(float(metrics["reward"]), np.mean(rollout["scores"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,kl_in,estimator", [("grpo", None, None), ("rloo", None, None), ("grpo", "reward", "k1"),
+                                                  ("rloo", "loss", "k3")])
+def test_group_objectives_in_the_rl_stage(params, rollout, name, kl_in, estimator):
+    """GRPO/RLOO through the rl stage's own experience and update functions: group-relative advantages of the
+    (KL-penalised) scores on every token of a reply, no critic update, the policy moves, the loss falls."""
+    from starling_jax.objectives.group import group_advantages, kl_settings
+    obj = ObjectiveConfig(name=name, kl_coef=0.1, group_size=4, kl_in=kl_in, kl_estimator=estimator)
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), 1, value_head_kind="mlp")
+    exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
+    ex = jax.device_get(exp_fn(trainable, frozen, rollout["tokens"], rollout["attention_mask"],
+                               rollout["response_mask"], rollout["scores"], jnp.float32(0.1)))
+    where, est = kl_settings(name, kl_in, estimator)
+    mask = rollout["response_mask"]
+    d = ex["ref_logprobs"].astype(np.float64) - ex["old_logprobs"]
+    k = (-d if est == "k1" else np.exp(d) - d - 1) * mask
+    rewards = rollout["scores"] - (0.1 * k.sum(1) if where == "reward" else 0.0)
+    want = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), 4, name))
+    np.testing.assert_allclose(ex["advantages"], want[:, None] * mask, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ex["kl"], ((ex["old_logprobs"] - ex["ref_logprobs"]) * mask).sum(1), rtol=1e-5,
+                               atol=1e-5)  # the logged KL is k1, as for APA/PPO
+    assert not ex["old_values"].any() and not ex["returns"].any()
+    before_t, before_f, new_state, metrics, l0, l1 = _one_update(params, rollout, obj, 1)
+    assert l1 < l0, (l0, l1)
+    assert float(metrics["value_loss"]) == 0.0
+    assert _leaves_equal(new_state.params["critic"], before_t["critic"])  # no critic: zero gradient, no decay
+    assert not _leaves_equal(new_state.params["policy"], before_t["policy"])
+    assert _leaves_equal(new_state.frozen, before_f)
 
 
 def test_critic_only_above_trains_only_the_critic(params, rollout):

@@ -115,3 +115,14 @@ def group_experience(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.A
     rewards = scores.astype(jnp.float32) - (kl_coef * kl if kl_in == "reward" else 0.0)
     adv = group_advantages(rewards, group_size, kind, eps)
     return {"rewards": rewards, "advantages": adv[:, None] * w, "kl": kl}
+
+
+# Each algorithm's own KL placement and estimator (GRPO: a per-token k3 term in the loss, DeepSeekMath; RLOO: a
+# sequence-level k1 penalty in the reward, Ahmadian et al.), used where the config leaves them None.
+KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1")}
+
+
+def kl_settings(kind: str, kl_in=None, kl_estimator=None) -> tuple[str, str]:
+    """(kl_in, kl_estimator) of a group objective, the algorithm's defaults filling what is None."""
+    default_in, default_est = KL_DEFAULTS[kind]
+    return kl_in or default_in, kl_estimator or default_est

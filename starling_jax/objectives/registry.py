@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from starling_jax.objectives.dpo import dpo_loss
+from starling_jax.objectives.group import group_policy_loss
 from starling_jax.objectives.policy import apa_loss, ppo_policy_loss
 from starling_jax.objectives.reward import bradley_terry_loss, plackett_luce_loss
 from starling_jax.objectives.sft import sft_loss
@@ -40,3 +41,5 @@ register("rm_bradley_terry", bradley_terry_loss)
 register("dpo", dpo_loss)
 register("apa", apa_loss)
 register("ppo", ppo_policy_loss)
+register("grpo", group_policy_loss)  # group-normalised advantages (objectives.group.group_advantages "grpo")
+register("rloo", group_policy_loss)  # leave-one-out advantages (objectives.group.group_advantages "rloo")

@@ -27,6 +27,7 @@ from starling_jax import models
 from starling_jax.config import ObjectiveConfig
 from starling_jax.models import ModelConfig
 from starling_jax.objectives import common as obj_common
+from starling_jax.objectives import group as obj_group
 from starling_jax.objectives import policy as obj_policy
 from starling_jax.train.hydra import hydra_forward
 from starling_jax.models import Params
@@ -35,8 +36,15 @@ Batch = dict[str, Any]
 
 # Keys of an RL training batch the update reads ([B, ...]); the rest ("stat_*", [B] each) are per-rollout statistics
 # that the step only averages into its metrics.
-TRAIN_KEYS = ("tokens", "attention_mask", "response_mask", "old_logprobs", "old_values", "advantages", "returns")
-RL_OBJECTIVES = ("apa", "ppo")
+TRAIN_KEYS = ("tokens", "attention_mask", "response_mask", "old_logprobs", "old_values", "advantages", "returns",
+              "ref_logprobs")  # ref_logprobs: read by GRPO/RLOO's per-token KL term only (optional for APA/PPO)
+RL_OBJECTIVES = ("apa", "ppo", "grpo", "rloo")
+GROUP_OBJECTIVES = obj_group.ADVANTAGES  # critic-free, G samples per prompt: "grpo", "rloo"
+
+
+def group_size(objective: ObjectiveConfig) -> int:
+    """Replies sampled per prompt: objective.group_size for GRPO/RLOO, 1 otherwise."""
+    return objective.group_size if objective.name in GROUP_OBJECTIVES else 1
 
 
 def shaped_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array, response_mask: jax.Array,
@@ -63,6 +71,15 @@ def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attent
     out = jax.lax.stop_gradient(hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len,
                                               constrain=constrain, temperature=temperature))
     mask = response_mask
+    if objective.name in GROUP_OBJECTIVES:  # critic-free: group-relative advantages of whole replies
+        kl_in, estimator = obj_group.kl_settings(objective.name, objective.kl_in, objective.kl_estimator)
+        g = obj_group.group_experience(scores, out["logprobs"], out["ref_logprobs"], mask, objective.group_size,
+                                       objective.name, kl_coef, kl_in, estimator)
+        zeros = jnp.zeros_like(out["logprobs"])
+        _, kl = shaped_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, kl_coef)  # k1, as for APA/PPO
+        return {"old_logprobs": out["logprobs"], "ref_logprobs": out["ref_logprobs"], "old_values": zeros,
+                "rewards": zeros.at[:, 0].set(g["rewards"]), "advantages": g["advantages"], "returns": zeros,
+                "kl": kl}
     rewards, kl = shaped_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, kl_coef)
     values = jnp.where(mask > 0, out["values"], 0.0)
     advantages, returns = obj_policy.gae(rewards, values, mask, objective.gamma, objective.gae_lambda)
@@ -84,6 +101,15 @@ def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelCon
                         with_reference=False, constrain=constrain, temperature=temperature)
     mask = batch["response_mask"]
     old, adv = batch["old_logprobs"], batch["advantages"]
+    if objective.name in GROUP_OBJECTIVES:  # no critic: the policy term only
+        kl_in, estimator = obj_group.kl_settings(objective.name, objective.kl_in, objective.kl_estimator)
+        w = obj_common.as_weights(mask)
+        per_reply = obj_common.safe_div(jnp.sum(adv * w, axis=1), jnp.sum(w, axis=1))  # constant over a reply
+        loss, metrics = obj_group.group_policy_loss(
+            out["logprobs"], old, batch["ref_logprobs"], per_reply, mask, objective.ppo_clip,
+            objective.kl_coef if kl_in == "loss" else 0.0, estimator, objective.loss_aggregation)
+        zero = jnp.zeros((), jnp.float32)
+        return loss, {**metrics, "policy_loss": loss, "value_loss": zero, "critic_only": zero}
     if objective.name == "apa":
         policy_loss, metrics = obj_policy.apa_loss(out["logprobs"], old, adv, mask, objective.apa_lambda)
     elif objective.name == "ppo":
@@ -112,7 +138,7 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
     its step counts chunks. Metrics are means over the updates, plus the means of the batch's "stat_*" rows."""
 
     def step(state, batch: Batch):
-        data = {k: batch[k] for k in TRAIN_KEYS}
+        data = {k: batch[k] for k in TRAIN_KEYS if k in batch}
         B = data["tokens"].shape[0]
         if B % minibatch_size:
             raise ValueError(f"rl step: the chunk of {B} rollouts is not divisible by minibatch_size={minibatch_size}")
@@ -284,10 +310,14 @@ def build_rl_stage(ctx):
     # number of evaluation prompts).
     spread = place if jax.process_count() > 1 else None
     conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
-    sharding.describe_rows(ctx.stage_name, place.rows(r.prompts_per_step), r.prompts_per_step)
-    prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step,
+    G = group_size(o)  # GRPO/RLOO: a chunk is prompts_per_step / G prompts, each sampled G times in a row
+    if G > 1 and jax.process_count() > 1:
+        raise ValueError(f"stage {ctx.stage_name!r}: {o.name} runs on one process for now (a group of {G} replies "
+                         f"must not be split across processes)")
+    sharding.describe_rows(ctx.stage_name, place.rows(r.prompts_per_step // G), r.prompts_per_step // G)
+    prompts = iter(pipelines.dataset_for("rl", train_rows, tokenizer, c.data, r.prompts_per_step // G,
                                          template=c.model.template, seed=c.data.shuffle_seed,
-                                         process_rows=place.rows(r.prompts_per_step)))
+                                         process_rows=place.rows(r.prompts_per_step // G)))
     # Evaluation sets, each sampled with its own key: "heldout" (the reporting set: true_reward_before/after in the
     # summary), "unseen" (prompt templates no stage trained on; unseen_* in the summary) and "tuning" (what the
     # loop's periodic eval reports, so that choosing hyperparameters by it never looks at the reporting set).
@@ -346,7 +376,7 @@ def build_rl_stage(ctx):
     batches = RolloutSource(prompts=prompts, conversations=conversations, config=config, tokenizer=tokenizer,
                             template=c.model.template, scorer=scorer, experience_fn=experience_fn, objective=o,
                             rollout=r, seed=c.train.seed, true_utility=true_utility, constrain=constrain,
-                            place=spread)
+                            place=spread, group=G)
     def report(state, which: str, split: str = "heldout") -> dict:
         full = policy_params(state.params, state.frozen) if which == "policy" else reference_params(state.frozen)
         prompts_, conversations_, key = eval_sets[split]

@@ -185,14 +185,16 @@ class RolloutSource:
 
     def __init__(self, *, prompts, conversations: Sequence[Conversation], config: ModelConfig, tokenizer,
                  template: str, scorer: RewardScorer, experience_fn: Callable, objective, rollout, seed: int,
-                 true_utility: Optional[Callable[[Conversation, str], float]] = None, constrain=None, place=None):
+                 true_utility: Optional[Callable[[Conversation, str], float]] = None, constrain=None, place=None,
+                 group: int = 1):
         """prompts: an iterator of RL prompt batches (prompt_tokens [B, P] left padded, prompt_mask, prompt_id [B])
         with get_state/set_state (data.pipelines' "rl" dataset); conversations[prompt_id] is the prompt's
-        conversation (for re-rendering it for the reward model)."""
+        conversation (for re-rendering it for the reward model). group: each prompt of a batch is repeated `group`
+        times in a row (GRPO/RLOO sample G replies per prompt; the rows of a group are consecutive)."""
         self.prompts, self.conversations = prompts, list(conversations)
         self.config, self.tokenizer, self.template = config, tokenizer, template
         self.scorer, self.experience_fn, self.objective, self.rollout = scorer, experience_fn, objective, rollout
-        self.seed, self.true_utility, self.place = seed, true_utility, place
+        self.seed, self.true_utility, self.place, self.group = seed, true_utility, place, group
         self.constrain = constrain  # sharding.activation_constraint: generation split over the mesh's batch axes
         self.chunk = 0
         self.kl_coef = float(objective.kl_coef)
@@ -210,6 +212,8 @@ class RolloutSource:
 
     def next_batch(self, state) -> dict:
         p = next(self.prompts)
+        if self.group > 1:
+            p = {k: np.repeat(np.asarray(v), self.group, axis=0) for k, v in p.items()}
         ids = np.asarray(p["prompt_id"])
         conversations = [self.conversations[i] for i in ids]
         prompt_tokens, prompt_mask = np.asarray(p["prompt_tokens"]), np.asarray(p["prompt_mask"])
@@ -232,8 +236,8 @@ class RolloutSource:
         kl_all = whole(exp["kl"])
         exp = {k: self.place.local(v) for k, v in exp.items()} if self.place is not None else jax.device_get(exp)
         batch = {"tokens": tokens, "attention_mask": attention_mask, "response_mask": s.mask.astype(np.int32),
-                 "old_logprobs": exp["old_logprobs"], "old_values": exp["old_values"],
-                 "advantages": exp["advantages"], "returns": exp["returns"],
+                 "old_logprobs": exp["old_logprobs"], "ref_logprobs": exp["ref_logprobs"],
+                 "old_values": exp["old_values"], "advantages": exp["advantages"], "returns": exp["returns"],
                  "stat_reward": raw.astype(np.float32), "stat_scaled_reward": scores, "stat_kl": exp["kl"],
                  "stat_kl_coef": np.full(len(ids), self.kl_coef, np.float32),
                  "stat_response_length": s.mask.sum(axis=1).astype(np.float32)}
