@@ -468,7 +468,7 @@ def test_registry_names_and_errors():
     assert obj.names() == sorted(["sft", "rm_plackett_luce", "rm_bradley_terry", "dpo", "apa", "ppo", "grpo", "rloo"])
     assert obj.get("rm_plackett_luce") is obj.plackett_luce_loss
     assert obj.get("apa") is obj.apa_loss and obj.get("ppo") is obj.ppo_policy_loss
-    with pytest.raises(ValueError, match="unknown objective 'rm_kwise'; known objectives: apa, dpo, ppo"):
+    with pytest.raises(ValueError, match="unknown objective 'rm_kwise'; known objectives: apa, dpo, grpo, ppo, rloo"):
         obj.get("rm_kwise")
     with pytest.raises(ValueError, match="already registered"):
         obj.register("sft", obj.dpo_loss)
