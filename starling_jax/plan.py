@@ -292,7 +292,7 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
 
     def rollout(p, batch, key):
         return sampling.generate(p, config, batch["prompt_tokens"], batch["prompt_mask"], key, r.max_new_tokens,
-                                 r.temperature, r.top_k, r.top_p)
+                                 r.temperature, r.top_k, r.top_p, constrain=sharding.activation_constraint(mesh, rules))
 
     t0 = time.time()
     fn = jax.jit(rollout, in_shardings=(p_sh, b_sh, sharding.replicated(mesh)), out_shardings=b_sh["prompt_tokens"])

@@ -106,7 +106,8 @@ def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, promp
     """
     cache = _pin_cache(init_cache(config, prompt_tokens.shape[0], slots), constrain)
     x = _embed(params, config, prompt_tokens, constrain)
-    x, cache = run_layers(params["layers"], config, x, prompt_mask, cache, constrain=constrain)
+    start = jnp.int32(0) if prompt_tokens.shape[1] <= slots else None  # a fresh cache: slots 0..P-1, no wrap
+    x, cache = run_layers(params["layers"], config, x, prompt_mask, cache, constrain=constrain, write_start=start)
     cache = _pin_cache(cache, constrain)
     # Left padding puts every row's last real token in the last column.
     logits = lm_logits(params, config, final_norm(params, config, x[:, -1]))
@@ -133,12 +134,18 @@ def decode_step(params: Params, config: ModelConfig, cache: Params, tokens: jax.
     padding). params as split_layers gives, cache as prefill gives. Returns (next-token logits [B, V] float32, cache).
     constrain: see the module docstring.
     """
-    x = _embed(params, config, tokens[:, None], constrain)
+    # One token per row: the residual stream [B, 1, D] is tiny, so on a mesh it is kept whole on every device and the
+    # matmuls run against the weights' FSDP shards in place (partial sums over the split embed axis, then a small
+    # all-reduce). Split over the batch instead, XLA all-gathers every layer's weights each step and hoists those
+    # gathers out of the decode loop: the whole model on every device. The KV cache stays split (see _pin_cache).
+    pin = None if constrain is None else constrain.whole
+    x = embed_tokens(params, config, tokens[:, None])
+    x = x if pin is None else pin(x)
     mask = active[:, None].astype(jnp.int32)
     ks, vs = [], []
     for layer, k, v in zip(params["layers"], cache["k"], cache["v"]):  # unrolled: see split_layers
         x, c = run_layers(layer, config, x, mask, {"k": k, "v": v, "pos": cache["pos"], "index": cache["index"]},
-                          constrain=constrain)
+                          constrain=pin)
         ks.append(c["k"])
         vs.append(c["v"])
     cache = _pin_cache({"k": tuple(ks), "v": tuple(vs), "pos": c["pos"], "index": c["index"]}, constrain)

@@ -410,6 +410,7 @@ class ActivationConstraint:
         self.activations = NamedSharding(mesh, logical_to_spec(ACTIVATION_AXES, rules, mesh))
         self.table = NamedSharding(mesh, logical_to_spec(("vocab", None), rules, mesh))
         self.cache = NamedSharding(mesh, logical_to_spec((None, "batch", None, "kv_heads", None), rules, mesh))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.activations)
@@ -417,12 +418,16 @@ class ActivationConstraint:
     def embedding(self, table: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(table, self.table)
 
+    def whole(self, x: jax.Array) -> jax.Array:
+        """x replicated on every device (for a decode step's one-token activations, see sampling.decode_step)."""
+        return jax.lax.with_sharding_constraint(x, self.replicated)
+
     def kv_cache(self, kv: jax.Array) -> jax.Array:
         """A KV cache array [L, B, S, K, E] split over the batch axes and the kv heads (the kv_heads rule)."""
         return jax.lax.with_sharding_constraint(kv, self.cache)
 
     def _key(self):
-        return self.activations, self.table, self.cache
+        return self.activations, self.table, self.cache, self.replicated
 
     def __eq__(self, other):  # equal constraints compile to the same program (sampling.generate takes it statically)
         return isinstance(other, ActivationConstraint) and self._key() == other._key()

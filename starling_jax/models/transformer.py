@@ -207,8 +207,9 @@ def _dense(x, w, dtype, n_in: int = 1, out_dtype=None):
 
 
 def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
-    """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, old_pos [B,S], slot_pos [B,S], slots [T]) or None
-    (attend to self); old_pos / slot_pos: each slot's position before / after this write."""
+    """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, old_pos [B,S], slot_pos [B,S], slots [T], start) or None
+    (attend to self); old_pos / slot_pos: each slot's position before / after this write; start: None, or the first
+    slot when the T slots are start..start+T-1 (then one dynamic_update_slice writes them instead of a scatter)."""
     dt = jnp.dtype(config.dtype)
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     q = apply_rope(_dense(h, layer["wq"], dt), cos, sin)
@@ -221,8 +222,12 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
         k_pos = jnp.where(seg > 0, q_pos, -1)
         a = attention(q, k, v, q_pos, k_pos, seg, seg, config.sliding_window, self_attention=True, **opts)
     else:
-        cache_k, cache_v, old_pos, slot_pos, slots = kv
-        new_kv = (cache_k.at[:, slots].set(k, mode="drop"), cache_v.at[:, slots].set(v, mode="drop"))
+        cache_k, cache_v, old_pos, slot_pos, slots, start = kv
+        if start is None:
+            new_kv = (cache_k.at[:, slots].set(k, mode="drop"), cache_v.at[:, slots].set(v, mode="drop"))
+        else:  # in place, without the scatter's index arrays (or, on CPU, a bf16 -> f32 round trip of the cache)
+            new_kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1)
+                           for c, new in ((cache_k, k), (cache_v, v)))
         if T == 1:  # one token only overwrites a slot that has left the window: attend over the updated cache
             a = attention(q, new_kv[0], new_kv[1], q_pos, slot_pos, window=config.sliding_window, **opts)
         else:  # several tokens may overwrite slots that the earlier of them still see (rolling buffer): attend over
@@ -246,13 +251,17 @@ _REMAT = {
 
 
 def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask: jax.Array,
-               cache: Optional[Params] = None, constrain: Optional[Callable[[jax.Array], jax.Array]] = None):
+               cache: Optional[Params] = None, constrain: Optional[Callable[[jax.Array], jax.Array]] = None,
+               write_start: Optional[jax.Array] = None):
     """Run a stack of layers (any slice of params["layers"]) over x [B, T, D] with one lax.scan.
 
     With a cache (see init_cache; its k/v must hold exactly these layers), the new tokens' K/V are written and
     attention runs over the cache; positions continue from the cache's. Returns (x, cache or None).
     constrain: optional x -> x applied to the residual stream at every layer boundary, e.g. a sharding constraint
     (starling_jax.sharding.activation_constraint); None leaves the layout to XLA.
+    write_start: with a cache, the caller's promise that the new tokens go to the contiguous slots
+    write_start..write_start+T-1 (no wrap, e.g. 0 for a prompt into a fresh cache of >= T slots): they are then written
+    in place. A single token (T = 1) is always written that way.
     """
     pin = constrain if constrain is not None else (lambda h: h)
     if cache is None:
@@ -272,12 +281,13 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
     else:
         S = cache["pos"].shape[1]
         slots = _write_slots(cache["index"], x.shape[1], S)
+        start = cache["index"] % S if x.shape[1] == 1 else write_start
         slot_pos = cache["pos"].at[:, slots].set(jnp.where(seg > 0, q_pos, -1), mode="drop")
 
         def body(h, xs_l):
             layer, ck, cv = xs_l
             h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg,
-                                        (ck, cv, cache["pos"], slot_pos, slots))
+                                        (ck, cv, cache["pos"], slot_pos, slots, start))
             return pin(h), (ck, cv)
         xs = (layers, cache["k"], cache["v"])
     if config.remat != "none":
