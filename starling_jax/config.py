@@ -138,6 +138,9 @@ class RolloutConfig:
     epochs: int = 2  # optimisation epochs over each rollout batch
     minibatch_size: int = 8
     eval_prompts: int = 64  # held-out prompts sampled at the start and the end of the stage (true reward, KL)
+    # rows per sampling.generate call when sampling a chunk (0 = the whole chunk in one call). Memory only: the KV
+    # cache and prefill activations scale with it; the chunk, the updates and the sampling distribution do not.
+    generation_batch: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,6 +588,9 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
                              r.minibatch_size)):
             if value < 1:
                 bad(field, f"must be >= 1, got {value}")
+        if r.generation_batch < 0 or (r.generation_batch and r.prompts_per_step % r.generation_batch):
+            bad("rollout.generation_batch", f"{r.generation_batch} must be 0 (the whole chunk) or a divisor of "
+                f"rollout.prompts_per_step={r.prompts_per_step}")
         if r.minibatch_size >= 1 and r.prompts_per_step % r.minibatch_size:
             bad("rollout.prompts_per_step", f"{r.prompts_per_step} is not divisible by rollout.minibatch_size="
                 f"{r.minibatch_size}")

@@ -285,7 +285,7 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     config, r = cfg.model.config.replace(head="lm"), cfg.rollout
     specs = models.param_specs(config)
     params, p_sh = _abstract(specs), sharding.param_shardings(specs, mesh, rules)
-    B, P = r.prompts_per_step, cfg.data.max_prompt_length
+    B, P = r.generation_batch or r.prompts_per_step, cfg.data.max_prompt_length  # one generate call
     prompts = {"prompt_tokens": jax.ShapeDtypeStruct((B, P), jnp.int32),
                "prompt_mask": jax.ShapeDtypeStruct((B, P), jnp.int32)}
     b_sh = sharding.batch_shardings(prompts, mesh, rules)
@@ -315,7 +315,8 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
                                                                 "generated_code_size_in_bytes")},
         "param_counts": {"policy": _count(params)}, "flops_per_step": None,
         "compile_seconds": round(time.time() - t0, 1),
-        "notes": [f"rollout generation: {B} prompts of {P} tokens + {r.max_new_tokens} new tokens with the full policy "
+        "notes": [f"rollout generation: one generate call over {B} of the chunk's {r.prompts_per_step} prompts "
+                  f"(rollout.generation_batch), {P} tokens + {r.max_new_tokens} new tokens with the full policy "
                   f"(KV cache included in temp); the reward model is counted as other live state"],
     }
 

@@ -151,22 +151,33 @@ class Samples:
 
 def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str, conversations, prompt_tokens,
                    prompt_mask, key: jax.Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, constrain=None, place=None) -> Samples:
+                   top_p: float = 1.0, constrain=None, place=None, generation_batch: int = 0) -> Samples:
     """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template).
     constrain: the mesh's activation constraint (sampling.generate), None off a mesh. place: a
     sharding.BatchPlacement when the prompts are this process's rows of a global batch (generation then runs on the
-    global batch, split over the batch axes; the replies come back for the local rows)."""
+    global batch, split over the batch axes; the replies come back for the local rows). generation_batch: global rows
+    per generate call (0 = the whole batch in one call; memory only); call j samples with fold_in(key, j) when there
+    are several, each process generating its share of every call."""
     t = tokenizer.template(template)
-    prompts = (prompt_tokens, prompt_mask)
+    n = len(prompt_tokens)
+    total = place.global_size(n) if place is not None else n
+    calls = total // generation_batch if 0 < generation_batch < total else 1
     if place is not None:
         models.check_token_ids(prompt_tokens, config.vocab_size, "prompt_tokens")  # on the local rows
-        prompts = place.put(np.asarray(prompt_tokens), np.asarray(prompt_mask))
-    tokens, mask, _ = sampling.generate(params, config, *prompts, key, max_new_tokens, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids(t),
-                                        constrain=constrain)
     local = place.local if place is not None else np.asarray
-    tokens = local(tokens)
-    texts, mask = sampling.apply_stop_strings(tokenizer, tokens, local(mask), t.stop_strings)
+    parts = []
+    for j, rows in enumerate(np.array_split(np.arange(n), calls)):
+        prompts = (np.asarray(prompt_tokens)[rows], np.asarray(prompt_mask)[rows])
+        if place is not None:
+            prompts = place.put(*prompts)
+        k = key if calls == 1 else jax.random.fold_in(key, j)
+        tokens, mask, _ = sampling.generate(params, config, *prompts, k, max_new_tokens, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids(t),
+                                            constrain=constrain)
+        parts.append((local(tokens), local(mask)))
+    tokens = np.concatenate([p[0] for p in parts])
+    texts, mask = sampling.apply_stop_strings(tokenizer, tokens, np.concatenate([p[1] for p in parts]),
+                                              t.stop_strings)
     return Samples(np.asarray(prompt_tokens), np.asarray(prompt_mask), tokens, mask, list(texts), list(conversations))
 
 
@@ -221,7 +232,7 @@ class RolloutSource:
         r = self.rollout
         s = sample_replies(policy_params(state.params, state.frozen), self.config, self.tokenizer, self.template,
                            conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
-                           r.top_p, constrain=self.constrain, place=self.place)
+                           r.top_p, constrain=self.constrain, place=self.place, generation_batch=r.generation_batch)
         self.last_samples = s
         raw = self.scorer(conversations, s.texts)  # this process's rows
         whole = self.place.whole if self.place is not None else np.asarray  # every row of the chunk
