@@ -247,7 +247,8 @@ def main(argv=None) -> int:
           f"[{facts['peak_source']}], {facts['peak_bw'] / 1e9:.3g} GB/s [{facts['bw_source']}]", flush=True)
     report["train"] = t = bench_train_mfu(args, facts)
     print(f"train: {t['layers']} 7B-shaped layers, {t['tokens']} tokens, attention {t['attention']}: "
-          f"{t['seconds'] * 1e3:.1f} ms fwd+bwd, {t['tflops_per_s']:.3g} TFLOP/s, MFU {100 * t['mfu']:.1f}%", flush=True)
+          f"{t['seconds'] * 1e3:.1f} ms fwd+bwd, {t['tflops_per_s']:.3g} TFLOP/s, MFU {100 * t['mfu']:.1f}%",
+          flush=True)
     report["decode"] = rows = bench_decode(args, facts)
     for r in rows:
         print(f"decode batch {r['batch']}: {r['tokens_per_s']:.1f} tok/s ({r['ms_per_step']:.2f} ms/step), "
