@@ -7,7 +7,8 @@ compare with the K-wise Plackett-Luce estimator the Starling RM used.
 import dataclasses
 from pathlib import Path
 
-from starling_jax.config import Experiment, ObjectiveConfig, load_experiment
+from starling_jax.config import Experiment, ObjectiveConfig
+from starling_jax.config_loading import load_experiment
 
 
 def get_config() -> Experiment:

@@ -26,7 +26,7 @@ COMMANDS = {
     "generate": ("starling_jax.chat", "generate replies to prompts with a checkpoint"),
     "chat": ("starling_jax.chat", "chat interactively with a checkpoint (OpenChat template, streamed)"),
     "plan": ("starling_jax.plan", "per-device memory and FLOPs of an experiment on a mesh, without hardware"),
-    "convert": ("starling_jax.hf", "convert between a Hugging Face directory and a starling_jax checkpoint"),
+    "convert": ("starling_jax.convert", "convert between a Hugging Face directory and a starling_jax checkpoint"),
     "study": ("starling_jax.study.runner", "run a study (arms x seeds) resumably and aggregate it with intervals"),
 }
 

@@ -23,7 +23,8 @@ import json
 import os
 from typing import Optional
 
-from starling_jax.config import Experiment, load_experiment, stages_of
+from starling_jax.config import Experiment
+from starling_jax.config_loading import load_experiment, stages_of
 
 
 @dataclasses.dataclass(frozen=True)

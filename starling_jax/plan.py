@@ -27,26 +27,27 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Optional
 
 GiB = 1024 ** 3
 _REEXEC_GUARD = "STARLING_PLAN_REEXEC"
 
 
-@dataclasses.dataclass
-class PlanParts:
-    """Everything needed to lower one stage's step from abstract shapes."""
-    step: Callable  # (state, batch) -> (state, metrics), not yet jitted
-    state: Any  # abstract TrainState (ShapeDtypeStructs)
-    state_shardings: Any  # TrainState of NamedShardings
-    batch: dict  # abstract global batch
-    batch_shardings: dict
-    extra: dict  # name -> (abstract tree, shardings): live state outside the step (e.g. the RL reward model)
-    notes: list  # human-readable facts about what was planned
+def stage_setup(cfg, mesh):
+    """The StageSetup (train/program.py) of stage config `cfg` on `mesh`, built by its stage kind's `setup` - the
+    function the training stage builds its state and step with - from ShapeDtypeStructs of the model's params
+    (cfg.model.config with the algorithm's head), so nothing is allocated."""
+    import jax
+    from starling_jax import models
+    from starling_jax.algorithms import registry
+    from starling_jax.train import kinds  # noqa: F401  (registers the stage kinds)
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Building a stage's step abstractly.
+    algorithm = registry.get(cfg.objective.name)
+    kind = registry.stage_kind(algorithm.kind)
+    if kind.setup is None:
+        raise KeyError(f"stage kind {kind.name!r} registers no setup, so it cannot be planned")
+    model_config = cfg.model.config.replace(head=algorithm.head)
+    return kind.setup(cfg, model_config, _abstract(models.param_specs(model_config)), mesh, jax.random.key(0))
 
 
 def _abstract(specs):
@@ -54,88 +55,6 @@ def _abstract(specs):
     import jax.numpy as jnp
     from starling_jax.models.transformer import is_spec
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), specs, is_leaf=is_spec)
-
-
-def _layers_note(top: int, num_layers: int) -> str:
-    return "all layers" if top in (0, num_layers) else f"top {top} of {num_layers} layers"
-
-
-def _supervised_parts(exp, mesh, rules) -> PlanParts:
-    """sft / rm_* / dpo: the step of train/step.py around the loss of train/losses.py."""
-    from starling_jax import sharding
-    from starling_jax.train import losses
-    from starling_jax.train.state import abstract_state, make_optimizer, state_shardings
-    from starling_jax.train.step import make_train_step
-
-    name = exp.objective.name
-    config = exp.model.config.replace(head=losses.HEAD_OF[name])
-    top, head = exp.model.trainable_top_layers, exp.model.train_lm_head
-    t_specs, f_specs = losses.stage_specs(name, config, top, head)
-    t_abs, f_abs = _abstract(t_specs), _abstract(f_specs)
-    optimizer = make_optimizer(exp.optim, exp.train.steps, t_abs)
-    state = abstract_state(t_abs, optimizer, f_abs)
-    shardings = state_shardings(optimizer, state, sharding.param_shardings(t_specs, mesh, rules),
-                                sharding.param_shardings(f_specs, mesh, rules), mesh)
-    loss = losses.build_loss(exp.objective, config, sharding.activation_constraint(mesh, rules))
-    batch = losses.batch_spec(name, exp.train.batch_size, exp.data.max_length, exp.data.max_responses)
-    notes = [f"objective {name}: global batch {exp.train.batch_size} x {exp.data.max_length} tokens"
-             + (f" x K={exp.data.max_responses}" if name.startswith("rm_") else "")
-             + f", grad_accum {exp.train.grad_accum}",
-             f"trainable: {_layers_note(top, config.num_layers)}"
-             + (", head" if head else ", head frozen")]
-    return PlanParts(make_train_step(loss, optimizer, exp.train.grad_accum), state, shardings, batch,
-                     sharding.batch_shardings(batch, mesh, rules), {}, notes)
-
-
-def _rl_parts(exp, mesh, rules) -> PlanParts:
-    """apa / ppo: the RL stage's optimisation step (train/rlaif.py make_rl_step over rl_loss) on the hydra trees of
-    train/hydra.py; the reward model is extra live state (it scores rollouts between steps)."""
-    import jax
-    import jax.numpy as jnp
-    from starling_jax import models, sharding
-    from starling_jax.train import hydra, rlaif
-    from starling_jax.train.state import abstract_state, make_optimizer, state_shardings
-
-    config, o, r = exp.model.config.replace(head="lm"), exp.objective, exp.rollout
-    top, head = exp.model.trainable_top_layers, exp.model.train_lm_head
-    model_specs = models.param_specs(config)
-    critic_kind = getattr(o, "value_head", "mlp")
-    trainable, frozen = jax.eval_shape(
-        lambda p, k: hydra.init_rl_params(p, config, k, top, head, critic_kind), _abstract(model_specs),
-        jax.random.key(0))
-    critic_specs = models.value_head_specs(config, critic_kind)
-    t_specs = sharding.respec(trainable, {"policy": model_specs, "critic": critic_specs})
-    f_specs = sharding.respec(frozen, {"trunk": model_specs, "reference": model_specs})
-    optimizer = make_optimizer(exp.optim, exp.train.steps, trainable)
-    state = abstract_state(trainable, optimizer, frozen)
-    shardings = state_shardings(optimizer, state, sharding.param_shardings(t_specs, mesh, rules),
-                                sharding.param_shardings(f_specs, mesh, rules), mesh)
-    P, N, B = exp.data.max_prompt_length, r.max_new_tokens, r.prompts_per_step
-    _, rl_loss = rlaif.build_rl_functions(config, o, P, sharding.activation_constraint(mesh, rules))
-    pin = sharding.batch_constraint(mesh, rules)  # the step gathers shuffled minibatches: keep them split
-
-    def loss(params, frozen, minibatch):
-        return rl_loss(params, frozen, pin(minibatch))
-    step = rlaif.make_rl_step(loss, optimizer, r.epochs, r.minibatch_size)
-    S = jax.ShapeDtypeStruct
-    batch = {"tokens": S((B, P + N), jnp.int32), "attention_mask": S((B, P + N), jnp.int32),
-             "response_mask": S((B, N), jnp.int32)}
-    batch.update({k: S((B, N), jnp.float32) for k in ("old_logprobs", "old_values", "advantages", "returns")})
-    extra = {}
-    if exp.reward_model is not None:
-        rm_specs = models.param_specs(exp.reward_model.config.replace(head="score"))
-        extra["reward_model"] = (_abstract(rm_specs), sharding.param_shardings(rm_specs, mesh, rules))
-    notes = [f"objective {o.name}: {B} rollouts of {P} prompt + {N} response tokens per step, {r.epochs} epochs of "
-             f"minibatches of {r.minibatch_size}",
-             f"trainable: {_layers_note(top, config.num_layers)}"
-             f" + {critic_kind} critic; reference: frozen copy of the trainable layers",
-             "not planned: rollout generation (KV cache) and the experience pass (they run between steps)"]
-    return PlanParts(step, state, shardings, batch, sharding.batch_shardings(batch, mesh, rules), extra, notes)
-
-
-PLANNERS: dict[str, Callable] = {"sft": _supervised_parts, "rm_plackett_luce": _supervised_parts,
-                                 "rm_bradley_terry": _supervised_parts, "dpo": _supervised_parts,
-                                 "apa": _rl_parts, "ppo": _rl_parts}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,7 +112,7 @@ def _count(tree) -> int:
 
 def _pick_stage(exp, stage: Optional[str]):
     """(name, resolved config) of `stage`, by default the last one (normally the heaviest: RL, or the RM after SFT)."""
-    from starling_jax.config import stages_of
+    from starling_jax.config_loading import stages_of
     stages = stages_of(exp)
     names = [n for n, _ in stages]
     if stage is None:
@@ -208,26 +127,21 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
     """Plan one stage of `exp` (an Experiment) on `devices` (a list of jax devices). Returns the report dict."""
     import jax
     from starling_jax import sharding
-    from starling_jax.train.step import jit_step
 
     stage_name, cfg = _pick_stage(exp, stage)
-    if cfg.objective.name not in PLANNERS:
-        raise KeyError(f"stage {stage_name!r}: no planner for objective {cfg.objective.name!r}; known: "
-                       f"{', '.join(PLANNERS)}")
-    mesh_config = mesh_config or cfg.mesh
-    mesh = sharding.make_mesh(dataclasses.replace(mesh_config, distributed=False), devices)
-    rules = sharding.rules_dict(mesh_config)
-    parts = PLANNERS[cfg.objective.name](cfg, mesh, rules)
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(mesh_config or cfg.mesh, distributed=False))
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    parts = stage_setup(cfg, mesh)
 
     t0 = time.time()
-    step = jit_step(parts.step, mesh, parts.state_shardings, parts.batch_shardings)
+    step = parts.jit(mesh)
     lowered = step.lower(parts.state, parts.batch)
     compiled = lowered.compile()
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = jaxpr_flops(jax.make_jaxpr(parts.step)(parts.state, parts.batch).jaxpr)
+    flops = jaxpr_flops(jax.make_jaxpr(parts.update)(parts.state, parts.batch).jaxpr)
 
     s, sh = parts.state, parts.state_shardings
     b = {
@@ -235,7 +149,7 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
         "optimizer": _tree_bytes(s.opt_state, sh.opt_state),
         "frozen": _tree_bytes(s.frozen, sh.frozen),
         "step_and_rng": _tree_bytes((s.step, s.rng), (sh.step, sh.rng)),
-        "extra": sum(_tree_bytes(t, tsh) for t, tsh in parts.extra.values()),
+        "extra": sum(_tree_bytes(t, tsh) for t, tsh in parts.resident.values()),
         "batch": _tree_bytes(parts.batch, parts.batch_shardings),
         "temp": int(mem.temp_size_in_bytes),
         # outputs that could not reuse a donated input buffer (the metrics, mostly)
@@ -253,12 +167,13 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
                                                                 "alias_size_in_bytes", "temp_size_in_bytes",
                                                                 "generated_code_size_in_bytes")},
         "param_counts": {"trainable": _count(s.params), "frozen": _count(s.frozen),
-                         **{k: _count(t) for k, (t, _) in parts.extra.items()}},
+                         **{k: _count(t) for k, (t, _) in parts.resident.items()}},
+        "optimizer_updates": parts.total_updates,
         "flops_per_step": flops,
         "flops_per_device": flops / n,
         "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
         "compile_seconds": round(compile_s, 1),
-        "notes": parts.notes,
+        "notes": list(parts.notes),
     }
     peak = peak_flops if peak_flops is not None else cfg.logging.peak_flops
     if step_time and peak:
@@ -276,8 +191,8 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     from starling_jax import models, sampling, sharding
 
     stage_name, cfg = _pick_stage(exp, stage)
-    from starling_jax.config import OBJECTIVE_KINDS
-    if OBJECTIVE_KINDS.get(cfg.objective.name) != "rl":
+    from starling_jax.algorithms import registry
+    if registry.get(cfg.objective.name).kind != "rl":
         raise ValueError(f"--rollout plans an RL stage's generation; stage {stage_name!r} is {cfg.objective.name!r}")
     mesh_config = mesh_config or cfg.mesh
     mesh = sharding.make_mesh(dataclasses.replace(mesh_config, distributed=False), devices)
@@ -406,7 +321,7 @@ def _ensure_devices(args) -> list:
 
 
 def plan_cli(args) -> int:
-    from starling_jax.config import apply_overrides, load_experiment
+    from starling_jax.config_loading import apply_overrides, load_experiment
     exp = load_experiment(args.experiment)
     if args.overrides:
         exp = apply_overrides(exp, args.overrides)

@@ -319,7 +319,7 @@ def _latin1_jsonl() -> bytes:
 
 def _run_without_exports(f: Files) -> str:
     """A WORKDIR whose config.json names the main job's stages, none of them trained."""
-    from starling_jax.config import load_experiment, to_dict
+    from starling_jax.config_loading import load_experiment, to_dict
     exp = load_experiment(str(REPO / "experiments" / "tiny_starling.py"))
     return f.write("run/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0]
 
@@ -391,6 +391,7 @@ def test_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypatch):
     assert cli.main(["run", bad]) == 2
 
 
+@pytest.mark.slow
 def test_what_a_user_sees_in_a_subprocess(tmp_path):
     """The real entry point: one line on stderr, exit 2, no traceback; with --debug the traceback is back."""
     bad = Files(tmp_path).write("syn.py", "def get_config(:\n")

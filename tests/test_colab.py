@@ -73,6 +73,7 @@ SHRINK = [
 ]
 
 
+@pytest.mark.slow
 def test_tiny_starling_notebook(tmp_path):
     num = 3
     got, nb = _execute(
@@ -113,6 +114,7 @@ def tiny_checkpoint(tmp_path):
     return str(path), params
 
 
+@pytest.mark.slow
 def test_chat_with_checkpoint_notebook(tmp_path, tiny_checkpoint):
     path, params = tiny_checkpoint
     n_new, prompt = 8, "What is the capital of France?"

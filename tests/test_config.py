@@ -5,10 +5,9 @@ import json
 
 import pytest
 
-from starling_jax.config import (
-    CheckpointConfig, ConfigError, DataConfig, Experiment, ModelSection, ObjectiveConfig, RewardModelSection, Stage,
-    TrainConfig, apply_overrides, from_dict, load_experiment, stages_of, to_dict, validate,
-)
+from starling_jax.config import (CheckpointConfig, ConfigError, DataConfig, Experiment, ModelSection, ObjectiveConfig,
+                                 OptimConfig, RewardModelSection, Stage, TrainConfig)
+from starling_jax.config_loading import apply_overrides, from_dict, load_experiment, stages_of, to_dict, validate
 from starling_jax.models import PRESETS
 
 
@@ -70,6 +69,9 @@ def test_stage_overrides_start_from_experiment_section():
     ("train.steps.x=3", "'steps' is a int, it has no field 'x'"),
     ("model=tiny", "cannot be set from text; set its fields"),
     ("train.steps=None", "bad value for type int"),
+    ("optim.schedule=cosine_decay", "--set optim.schedule=cosine_decay: bad value for type Literal: Input should be "
+     "'cosine', 'linear' or 'constant'"),
+    ("data.pairs=some", "Input should be 'best_vs_rest' or 'all'"),
 ])
 def test_override_errors(override, message):
     with pytest.raises(ConfigError) as e:
@@ -85,7 +87,7 @@ def test_validate_accepts_defaults_and_staged():
 def test_validate_collects_every_problem():
     exp = apply_overrides(Experiment(name="x"), [
         "train.batch_size=12", "train.grad_accum=5", "objective.name=rm_plackett", "data.max_length=1024",
-        "optim.schedule=cosine_decay", "train.steps=0", "model.template=vicuna", "model.tokenizer=nope",
+        "train.steps=0", "model.template=vicuna", "model.tokenizer=nope",
         "data.heldout_fraction=1.5", "model.trainable_top_layers=5",
     ])
     with pytest.raises(ConfigError) as e:
@@ -96,7 +98,6 @@ def test_validate_collects_every_problem():
         "train.batch_size: 12 is not divisible by train.grad_accum=5",
         "train.steps: must be >= 1, got 0",
         "data.max_length: 1024 exceeds model.config.max_seq_len=512",
-        "optim.schedule: 'cosine_decay' is not one of",
         "model.template: unknown chat template 'vicuna'",
         "model.tokenizer: 'nope' is neither a known tokenizer",
         "data.heldout_fraction: must be in [0, 1), got 1.5",
@@ -105,6 +106,13 @@ def test_validate_collects_every_problem():
     for part in expected:
         assert part in msg, (part, msg)
     assert msg.startswith(f"experiment 'x' has {msg.count(chr(10) + '  - ')} problem(s)")
+
+
+def test_validate_checks_field_types_of_experiments_built_in_python():
+    exp = dataclasses.replace(Experiment(name="x"), optim=OptimConfig(schedule="cosine_decay"))
+    with pytest.raises(ConfigError, match=r"optim.schedule: expected Literal, got 'cosine_decay' \(Input should be "
+                                          r"'cosine', 'linear' or 'constant'\)"):
+        validate(exp, num_devices=1)
 
 
 def test_validate_mesh_divisibility():

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from starling_jax.cli import main as cli_main
-from starling_jax.config import apply_overrides, load_experiment, stages_of, validate
+from starling_jax.config_loading import apply_overrides, load_experiment, stages_of, validate
 from starling_jax.data.pipelines import load_splits
 from starling_jax.train.logging import read_metrics
 from starling_jax.train.loop import run_experiment
@@ -55,6 +55,7 @@ def tiny_rm_run(tmp_path_factory):
     return workdir, run_experiment(exp, str(workdir)), len(load_splits(exp.data).heldout)
 
 
+@pytest.mark.slow
 def test_tiny_rm_learns_the_rankings(tiny_rm_run):
     workdir, summary, n_heldout = tiny_rm_run
     rm = summary["rm"]
@@ -67,6 +68,7 @@ def test_tiny_rm_learns_the_rankings(tiny_rm_run):
     assert abs(first["loss"] - math.log(math.factorial(7))) < 0.3, first
 
 
+@pytest.mark.slow
 def test_eval_cli_matches_training_summary(tiny_rm_run, capsys):
     workdir, summary, n_heldout = tiny_rm_run
     assert cli_main(["eval", str(workdir / "rm")]) == 0
@@ -83,6 +85,7 @@ def test_eval_cli_errors(tmp_path, capsys):
     assert "no reward model at" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tiny_dpo_chains_sft_into_dpo(tmp_path):
     exp = apply_overrides(load_experiment("tiny_dpo"), QUIET + [
         "data.synthetic_prompts=80", "data.max_length=48", "data.max_prompt_length=32", "model.config.num_layers=1",

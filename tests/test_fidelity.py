@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from starling_jax import models
-from starling_jax.train import hydra
+from starling_jax import algorithms, models
+from starling_jax.train import hydra, losses
 
 CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)
 
@@ -29,15 +29,15 @@ def test_split_params_zero_means_all_layers(params, train_head):
     assert ("lm_head" in trainable) == train_head and ("lm_head" in frozen) != train_head
     # same split as naming every layer explicitly
     t_all, f_all = models.split_params(params, CFG.num_layers, train_head)
-    assert jax.tree_util.tree_structure(trainable) == jax.tree_util.tree_structure(t_all)
-    assert jax.tree_util.tree_structure(frozen) == jax.tree_util.tree_structure(f_all)
+    assert jax.tree.structure(trainable) == jax.tree.structure(t_all)
+    assert jax.tree.structure(frozen) == jax.tree.structure(f_all)
     merged = models.merge_params(trainable, frozen)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the split forward equals the full one (the trunk is just the embedding)
     tokens = jnp.array([[5, 6, 7, 8]], jnp.int32)
     mask = jnp.ones_like(tokens)
-    np.testing.assert_allclose(models.split_hidden_states(trainable, frozen, CFG, tokens, mask),
+    np.testing.assert_allclose(losses.hidden(trainable, frozen, CFG, tokens, mask),
                                models.hidden_states(params, CFG, tokens, mask), atol=1e-6)
 
 
@@ -110,7 +110,7 @@ def test_rm_stage_loss_reads_pl_normalize():
              "ranks": jnp.array([[1, 2, 3], [3, 1, 2]], jnp.int32), "response_mask": jnp.ones((2, K), jnp.int32)}
     out = {}
     for norm in (False, True):
-        fn = losses.build_loss(ObjectiveConfig(name="rm_plackett_luce", pl_normalize=norm), cfg)
+        fn = algorithms.build_loss(ObjectiveConfig(name="rm_plackett_luce", pl_normalize=norm), cfg)
         out[norm] = float(fn(p, {}, batch, jax.random.PRNGKey(0))[0])
     np.testing.assert_allclose(out[True], out[False] / (K - 1), rtol=1e-5)
 
@@ -152,7 +152,8 @@ def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
 @pytest.mark.parametrize("override,field", [("stages.policy.rollout.top_k=5", "rollout.top_k"),
                                             ("stages.policy.rollout.top_p=0.9", "rollout.top_p")])
 def test_rl_stage_rejects_filtered_sampling(override, field):
-    from starling_jax.config import ConfigError, apply_overrides, load_experiment, validate
+    from starling_jax.config import ConfigError
+    from starling_jax.config_loading import apply_overrides, load_experiment, validate
     exp = apply_overrides(load_experiment("tiny_ppo"), [override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*on-policy"):
         validate(exp)

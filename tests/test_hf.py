@@ -305,6 +305,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_load_straight_into_shards_on_8_cpu_devices(tmp_path):
     _hf_dir(tmp_path, num_key_value_heads=2)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}

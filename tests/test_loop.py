@@ -17,9 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from starling_jax.config import apply_overrides, load_experiment
+from starling_jax.config_loading import apply_overrides, load_experiment
 from starling_jax.train.checkpoint import Checkpoints
 from starling_jax.train.logging import read_metrics
+
+pytestmark = pytest.mark.slow  # every test here trains or runs a subprocess end to end
 
 STEPS = 24
 OVERRIDES = [

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from starling_jax.config import apply_overrides, load_experiment, stages_of, validate
+from starling_jax.config_loading import apply_overrides, load_experiment, stages_of, validate
+
+pytestmark = pytest.mark.slow  # every test here trains or runs a subprocess end to end
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from starling_jax.config import apply_overrides, load_experiment
+from starling_jax.config_loading import apply_overrides, load_experiment
 from starling_jax.train import loop
 from starling_jax.train.logging import WINDOW_FILE, read_metrics
 

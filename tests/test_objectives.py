@@ -461,19 +461,6 @@ def test_masked_mean_and_whiten():
     assert np.isfinite(float(obj.masked_mean(x_nan, mask)))
 
 
-# -------------------------------------------------------------------------------------------------------- registry
-
-
-def test_registry_names_and_errors():
-    assert obj.names() == sorted(["sft", "rm_plackett_luce", "rm_bradley_terry", "dpo", "apa", "ppo", "grpo", "rloo"])
-    assert obj.get("rm_plackett_luce") is obj.plackett_luce_loss
-    assert obj.get("apa") is obj.apa_loss and obj.get("ppo") is obj.ppo_policy_loss
-    with pytest.raises(ValueError, match="unknown objective 'rm_kwise'; known objectives: apa, dpo, grpo, ppo, rloo"):
-        obj.get("rm_kwise")
-    with pytest.raises(ValueError, match="already registered"):
-        obj.register("sft", obj.dpo_loss)
-
-
 def test_shape_mismatch_errors_name_both_tensors():
     with pytest.raises(ValueError, match=r"plackett_luce_loss: ranks has shape \(2, 3\) but rewards has shape \(2, 4\)"):
         obj.plackett_luce_loss(np.zeros((2, 4)), np.ones((2, 3), np.int32), np.ones((2, 4)))

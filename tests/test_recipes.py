@@ -21,7 +21,8 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from starling_jax.config import Experiment, load_experiment, to_dict
+from starling_jax.config import Experiment
+from starling_jax.config_loading import load_experiment, to_dict
 from starling_jax.models import PRESETS
 from starling_jax.train.state import make_schedule
 

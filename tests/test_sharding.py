@@ -5,11 +5,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from starling_jax import models, sharding
 from starling_jax.config import MeshConfig, ObjectiveConfig
+from starling_jax import algorithms
 from starling_jax.train import losses
 
 CFG = models.PRESETS["tiny"].replace(vocab_size=128, pad_token_id=0, eos_token_id=2)
@@ -108,7 +110,7 @@ def _batch(rng, B=8, T=16):
 
 
 def _logits_loss_grads(params, batch, constrain):
-    loss_fn = losses.build_loss(ObjectiveConfig(name="sft"), CFG, constrain)
+    loss_fn = algorithms.build_loss(ObjectiveConfig(name="sft"), CFG, constrain)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, {"trunk": {}}, batch, jax.random.key(0))
     h = models.embed_tokens(params, CFG, batch["tokens"])
     h, _ = models.run_layers(params["layers"], CFG, h, batch["attention_mask"], constrain=constrain)
@@ -175,18 +177,18 @@ def test_jitted_sharded_step_keeps_layouts_donates_state_and_matches_the_loss():
 
     params, batch, want = _single_device_reference()
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
-    t_specs, f_specs = losses.stage_specs("sft", CFG, 1)  # train the top layer; the trunk is frozen
-    trainable, frozen = losses.stage_params("sft", jax.tree.map(jnp.copy, params), 1)
+    t_specs, f_specs = losses.stage_specs(CFG, 1)  # train the top layer; the trunk is frozen
+    trainable, frozen = losses.stage_params(jax.tree.map(jnp.copy, params), 1)
     opt = make_optimizer(OptimConfig(learning_rate=1e-3), 10, trainable)
     shardings = state_shardings(opt, abstract_state(trainable, opt, frozen),
                                 sharding.param_shardings(t_specs, mesh, DEFAULT_RULES),
                                 sharding.param_shardings(f_specs, mesh, DEFAULT_RULES), mesh)
     state = create_state(jax.device_put(trainable, shardings.params), opt, jax.random.key(0),
                          jax.device_put(frozen, shardings.frozen), shardings)
-    mu = state.opt_state[1][0].mu["layers"]["w_up"]  # Adam's first moment lives in the parameter's shards
+    mu = optax.tree_utils.tree_get(state.opt_state, "mu")["layers"]["w_up"]  # Adam's first moment: the param's shards
     assert mu.sharding.spec == EXPECTED["layers/w_up"] and mu.addressable_shards[0].data.shape == (1, 16, 128)
     b_sh = sharding.batch_shardings(batch, mesh, DEFAULT_RULES)
-    step = jit_step(make_train_step(losses.build_loss(ObjectiveConfig(name="sft"), CFG,
+    step = jit_step(make_train_step(algorithms.build_loss(ObjectiveConfig(name="sft"), CFG,
                                                       sharding.activation_constraint(mesh, DEFAULT_RULES)), opt, 2),
                     mesh, shardings, b_sh)
     old = state

@@ -10,6 +10,7 @@ import pytest
 
 from starling_jax import models
 from starling_jax.config import ObjectiveConfig, OptimConfig
+from starling_jax import algorithms
 from starling_jax.train import losses
 from starling_jax.train.state import Optimizer, create_state, decay_mask, make_optimizer, make_schedule
 from starling_jax.train.step import jit_step, make_train_step, split_micro_batches
@@ -47,9 +48,9 @@ def test_sft_loss_with_top_layers_matches_numpy_on_full_forward():
     params = models.init_params(CFG, jax.random.key(0))
     batch = _sft_batch(np.random.default_rng(0))
     want, count = _numpy_sft(params, batch)
-    loss_fn = losses.build_loss(ObjectiveConfig(name="sft"), CFG)
+    loss_fn = algorithms.build_loss(ObjectiveConfig(name="sft"), CFG)
     for top in (0, 1):
-        trainable, frozen = losses.stage_params("sft", params, top)
+        trainable, frozen = losses.stage_params(params, top)
         loss, metrics = jax.jit(loss_fn)(trainable, frozen, batch, jax.random.key(0))
         np.testing.assert_allclose(float(loss), want, rtol=1e-5)
         assert float(metrics["weight"]) == count
@@ -78,14 +79,14 @@ def test_rm_losses_match_numpy_on_models_score():
             for k in range(i + 1, len(order)):
                 bt.append(np.log1p(np.exp(-(r[b, order[i]] - r[b, order[k]]))))
                 n_pairs += 1
-    trainable, frozen = losses.stage_params("rm_plackett_luce", params, 1)
+    trainable, frozen = losses.stage_params(params, 1)
     for name, want, weight in (("rm_plackett_luce", np.mean(pl), n_prompts), ("rm_bradley_terry", np.mean(bt),
                                                                                n_pairs)):
-        loss, metrics = jax.jit(losses.build_loss(ObjectiveConfig(name=name), RM_CFG))(trainable, frozen, batch, None)
+        loss, metrics = jax.jit(algorithms.build_loss(ObjectiveConfig(name=name), RM_CFG))(trainable, frozen, batch, None)
         np.testing.assert_allclose(float(loss), want, rtol=1e-5, err_msg=name)
         assert float(metrics["weight"]) == weight
     with pytest.raises(ValueError, match="head='score'"):
-        losses.build_loss(ObjectiveConfig(name="rm_plackett_luce"), CFG)
+        algorithms.build_loss(ObjectiveConfig(name="rm_plackett_luce"), CFG)
 
 
 def test_dpo_loss_matches_closed_form_and_hydra_reference_is_the_initial_policy():
@@ -108,14 +109,14 @@ def test_dpo_loss_matches_closed_form_and_hydra_reference_is_the_initial_policy(
     h = beta * ((seq_logp(policy, "chosen") - seq_logp(params, "chosen"))
                 - (seq_logp(policy, "rejected") - seq_logp(params, "rejected")))
     want = np.mean(np.log1p(np.exp(-h)))
-    loss_fn = losses.build_loss(ObjectiveConfig(name="dpo", dpo_beta=beta), CFG)
+    loss_fn = algorithms.build_loss(ObjectiveConfig(name="dpo", dpo_beta=beta), CFG)
     # every layer trained: the reference is a full copy of the initial params
-    _, f_full = losses.stage_params("dpo", params, 0)
+    _, f_full = losses.stage_params(params, 0, reference=True)
     loss, metrics = jax.jit(loss_fn)(policy, f_full, batch, None)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     assert float(metrics["weight"]) == B
     # at the start of training the hydra reference equals the policy: loss = log 2
-    t0, f0 = losses.stage_params("dpo", params, 1)
+    t0, f0 = losses.stage_params(params, 1, reference=True)
     np.testing.assert_allclose(float(jax.jit(loss_fn)(t0, f0, batch, None)[0]), math.log(2), rtol=1e-6)
 
 
@@ -148,14 +149,14 @@ def test_adamw_weight_decay_skips_norms_and_frozen_mask_holds_leaves():
 def test_grad_accum_2_equals_1_on_the_same_batch_and_frozen_trunk_stays_identical():
     params = models.init_params(CFG, jax.random.key(5))
     batch = _sft_batch(np.random.default_rng(6))
-    loss_fn = losses.build_loss(ObjectiveConfig(name="sft"), CFG)
+    loss_fn = algorithms.build_loss(ObjectiveConfig(name="sft"), CFG)
     results = []
     for accum in (1, 2):
-        trainable, frozen = losses.stage_params("sft", jax.tree.map(jnp.copy, params), 1)
+        trainable, frozen = losses.stage_params(jax.tree.map(jnp.copy, params), 1)
         # SGD on the schedule: the update is linear in the gradient, so params compare gradients (Adam's
         # g / sqrt(v) would amplify float noise in near-zero gradients into lr-sized differences)
         sched = make_schedule(OptimConfig(learning_rate=1e-1, warmup_steps=1), 5)
-        sgd = optax.sgd(sched)
+        sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=sched)  # the lr metric reads its state
         opt = Optimizer(sgd.init, sgd.update, sched)
         state = create_state(trainable, opt, jax.random.key(7), frozen)
         step = jit_step(make_train_step(loss_fn, opt, accum))
@@ -187,11 +188,14 @@ def test_split_micro_batches_is_strided_and_checks_divisibility():
         split_micro_batches({"x": jnp.asarray(x)}, 4)
 
 
-def test_batch_spec_layouts():
-    spec = losses.batch_spec("rm_plackett_luce", 8, 64, 7)
+def test_abstract_batch_layouts():
+    spec = algorithms.abstract_batch("rm_plackett_luce", 8, 64, 7)
     assert spec["tokens"].shape == (8, 7, 64) and spec["ranks"].shape == (8, 7)
-    assert losses.batch_spec("dpo", 4, 16)["rejected_loss_mask"].dtype == jnp.float32
-    with pytest.raises(KeyError, match="no batch layout"):
-        losses.batch_spec("apa", 1, 1)
-    with pytest.raises(KeyError, match="known: dpo, rm_bradley_terry, rm_plackett_luce, sft"):
-        losses.build_loss(ObjectiveConfig(name="nope"), CFG)
+    assert algorithms.abstract_batch("dpo", 4, 16)["rejected_loss_mask"].dtype == jnp.float32
+    with pytest.raises(KeyError, match="no registered data batch layout"):
+        algorithms.abstract_batch("apa", 1, 1)
+    with pytest.raises(KeyError, match="build_loss covers the data-driven algorithms: dpo, rm_bradley_terry, "
+                                       "rm_plackett_luce, sft"):
+        algorithms.build_loss(ObjectiveConfig(name="ppo"), CFG)
+    with pytest.raises(KeyError, match="unknown objective 'nope'"):
+        algorithms.build_loss(ObjectiveConfig(name="nope"), CFG)

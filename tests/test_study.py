@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from starling_jax.config import ConfigError, apply_overrides, stages_of
+from starling_jax.config import ConfigError
+from starling_jax.config_loading import apply_overrides, stages_of
 from starling_jax.study import Arm, Study, load_study, report, stats, with_seed
 from starling_jax.study.evaluate import _ranking_metrics
 from starling_jax.study.runner import check_shared

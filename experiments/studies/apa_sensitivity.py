@@ -11,7 +11,7 @@ Budget (2-core CPU, alone): per seed one shared SFT + RM, then 9 APA runs (40 st
 evaluation; 3 seeds = 27 APA runs. docs/REPRODUCTION.md has the measured times. CI: one `--quick` cell.
 """
 
-from starling_jax.config import apply_overrides
+from starling_jax.config_loading import apply_overrides
 from starling_jax.study import Arm, Study
 
 from _base import QUICK, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import grain
 import numpy as np
@@ -344,12 +344,16 @@ class Splits:
              (data.tuning_fraction; empty by default), so that the reporting set is never tuned on
     unseen   synthetic data only: every row whose first user turn uses one of the last data.unseen_templates prompt
              templates (synthetic.PROMPTS) - a phrasing that no stage ever trains on, reported separately
+    true_utility  the data source's own evaluation hook: (conversation, reply) -> the true utility of a reply, where
+             the source knows it (synthetic data: synthetic.true_utility, the hidden reward its preferences are
+             drawn from); None for real data
     """
     train: list
     heldout: list
     tuning: list
     unseen: list
     report: nectar.DataReport
+    true_utility: Optional[Callable[[list, str], float]] = None
 
     def named(self) -> dict[str, list]:
         return {"heldout": self.heldout, "tuning": self.tuning, "unseen": self.unseen}
@@ -395,7 +399,8 @@ def load_splits(data) -> Splits:
         raise ValueError(f"data source {data.source!r}: no training rows left after the held-out, tuning and "
                          f"unseen splits ({len(heldout)}, {len(tuning)}, {len(unseen)} rows)")
     report.train_rows, report.heldout_rows = len(train), len(heldout)
-    return Splits(train=train, heldout=heldout, tuning=tuning, unseen=unseen, report=report)
+    return Splits(train=train, heldout=heldout, tuning=tuning, unseen=unseen, report=report,
+                  true_utility=synthetic.true_utility if data.source == "synthetic" else None)
 
 
 def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:

@@ -34,8 +34,9 @@ import os
 import sys
 from typing import Optional
 
-from starling_jax.config import ConfigError, Experiment, apply_overrides, load_experiment, stages_of
-from starling_jax.config import OBJECTIVE_KINDS
+from starling_jax.config import ConfigError, Experiment
+from starling_jax.config_loading import apply_overrides, load_experiment, stages_of
+from starling_jax.algorithms import registry
 from starling_jax.errors import InputError
 
 
@@ -93,7 +94,8 @@ def pick_stage(exp: Experiment, stage: Optional[str]) -> tuple[str, Experiment]:
         if not found:
             raise ConfigError(f"--stage {stage}: no such stage; stages: {', '.join(n for n, _ in stages)}")
         return found[0]
-    rm = [s for s in stages if OBJECTIVE_KINDS.get(s[1].objective.name) == "rm"]
+    rm = [s for s in stages if s[1].objective.name in registry.ALGORITHMS
+          and registry.get(s[1].objective.name).head == "score"]
     if not rm:
         raise ConfigError(f"experiment {exp.name!r} has no reward-model stage; stages: "
                           f"{', '.join(n for n, _ in stages)}")

@@ -408,15 +408,3 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
     out["layers"] = trainable["layers"] if "layers" not in frozen else jax.tree.map(
         lambda a, b: jnp.concatenate([a, b], axis=0), frozen["layers"], trainable["layers"])
     return out
-
-
-def split_hidden_states(trainable: Params, frozen: Params, config: ModelConfig, tokens, attention_mask):
-    """hidden_states() on split params: the frozen trunk runs without gradient, then the trainable top layers."""
-    if not frozen:
-        return hidden_states(trainable, config, tokens, attention_mask)
-    x = embed_tokens(frozen, config, tokens)
-    if "layers" in frozen:
-        x, _ = run_layers(frozen["layers"], config, x, attention_mask)
-    x = jax.lax.stop_gradient(x)
-    x, _ = run_layers(trainable["layers"], config, x, attention_mask)
-    return final_norm(trainable, config, x)

@@ -16,7 +16,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from starling_jax.config import ConfigError, Experiment, apply_overrides, stages_of, to_dict
+from starling_jax.config import ConfigError, Experiment
+from starling_jax.config_loading import apply_overrides, stages_of, to_dict
 from starling_jax.study import Arm, Study, load_study, with_seed
 
 

@@ -15,6 +15,7 @@ Only `trainable` gets gradients and optimizer state.
 
 from __future__ import annotations
 
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from starling_jax import models
 from starling_jax.models import ModelConfig
 from starling_jax.models import Params
+from starling_jax.sharding import ActivationConstraint
 
 
 
@@ -51,9 +53,43 @@ def reference_params(frozen: Params) -> Params:
     return models.merge_params(frozen["reference"], frozen["trunk"])
 
 
+def trunk_forward(trunk: Params, config: ModelConfig, tokens: jax.Array, attention_mask: jax.Array,
+                  constrain: Optional[ActivationConstraint] = None) -> Optional[jax.Array]:
+    """The frozen trunk's output [B, T, D] without gradient (its embeddings, then its layers if it has any), or None
+    when the trunk holds no embeddings (every layer and the embeddings train: each top stack embeds for itself)."""
+    if "embed" not in trunk:
+        return None
+    x = _embed(trunk, config, tokens, constrain)
+    if "layers" in trunk:
+        x, _ = models.run_layers(trunk["layers"], config, x, attention_mask, constrain=constrain)
+    return jax.lax.stop_gradient(x)
+
+
+def top_forward(top: Params, trunk: Params, shared: Optional[jax.Array], config: ModelConfig, tokens: jax.Array,
+                attention_mask: jax.Array, constrain: Optional[ActivationConstraint] = None,
+                window: Optional[tuple[int, int]] = None) -> jax.Array:
+    """Final-norm hidden states of the trainable-shaped stack `top` (a policy, a reference copy, a reward model's top
+    layers) run over the trunk's output `shared` (trunk_forward), or over its own embeddings when that is None.
+    window = (start, length): keep only those positions before the final norm (static ints), [B, length, D];
+    otherwise all positions, [B, T, D]."""
+    x = _embed({**trunk, **top}, config, tokens, constrain) if shared is None else shared
+    x, _ = models.run_layers(top["layers"], config, x, attention_mask, constrain=constrain)
+    if window is not None:
+        x = jax.lax.dynamic_slice_in_dim(x, window[0], window[1], axis=1)
+    return models.final_norm({**trunk, **top}, config, x)
+
+
+def _embed(src: Params, config: ModelConfig, tokens: jax.Array, constrain: Optional[ActivationConstraint]):
+    """Token embeddings; on a mesh the table is pinned for the lookup and the output to the activation layout (see
+    sharding.ActivationConstraint)."""
+    if constrain is None:
+        return models.embed_tokens(src, config, tokens)
+    return constrain(models.embed_tokens({"embed": constrain.embedding(src["embed"])}, config, tokens))
+
+
 def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens: jax.Array,
-                  attention_mask: jax.Array, prompt_len: int, with_reference: bool = True, constrain=None,
-                  temperature: float = 1.0) -> dict:
+                  attention_mask: jax.Array, prompt_len: int, with_reference: bool = True,
+                  constrain: Optional[ActivationConstraint] = None, temperature: float = 1.0) -> dict:
     """Log-probs of the response tokens under the policy (and the reference), the critic's values, hidden states.
 
     tokens, attention_mask: [B, P + N], a left-padded prompt of P tokens followed by N response tokens.
@@ -61,7 +97,7 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
     response token j is read at the same position (the state before the token is chosen), as in trlx.
     Returns {"logprobs" [B, N], "ref_logprobs" [B, N] (if with_reference), "values" [B, N]} float32 and
     "hidden" [B, N, D], the policy's final hidden states at those positions (the critic's input).
-    constrain: optional activation sharding constraint for run_layers (sharding.activation_constraint) on a mesh.
+    constrain: the activation sharding constraint on a mesh (sharding.activation_constraint), else None.
     temperature: the rollout temperature; the policy's and the reference's logits are divided by it (as TRL does in
     both passes), so log pi_old, log pi_ref, the KL penalty and the ratios are those of the distribution the tokens
     were sampled from. (top-k / top-p filtering is rejected for RL stages by config validation.)
@@ -70,28 +106,8 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
     if tokens.shape != attention_mask.shape:
         raise ValueError(f"hydra_forward: tokens {tokens.shape} and attention_mask {attention_mask.shape} differ")
     targets = tokens[:, prompt_len:]
-    N = targets.shape[1]
-
-    def top(p: Params, x: jax.Array) -> jax.Array:
-        """The trainable-shaped subtree p over the trunk's output x -> hidden states [B, N, D] of the predicting
-        positions (only those go through the vocabulary projection)."""
-        x, _ = models.run_layers(p["layers"], config, x, attention_mask, constrain=constrain)
-        x = jax.lax.dynamic_slice_in_dim(x, prompt_len - 1, N, axis=1)
-        return models.final_norm(p, config, x)
-
-    def embed(p: Params) -> jax.Array:
-        # on a mesh, pin the table for the lookup (see sharding.ActivationConstraint.embedding)
-        pin = getattr(constrain, "embedding", None)
-        return models.embed_tokens(p if pin is None else {"embed": pin(p["embed"])}, config, tokens)
-
-    if "layers" in trunk:
-        # The frozen trunk runs once; its output feeds both heads of the hydra.
-        x = embed(trunk)
-        x, _ = models.run_layers(trunk["layers"], config, x, attention_mask, constrain=constrain)
-        x_policy = x_ref = jax.lax.stop_gradient(x)
-    else:
-        x_policy = embed({**trunk, **policy})
-        x_ref = embed({**trunk, **reference})
+    window = (prompt_len - 1, targets.shape[1])  # only the predicting positions go through the vocabulary projection
+    shared = trunk_forward(trunk, config, tokens, attention_mask, constrain)  # once; it feeds both heads
 
     def logprobs(p: Params, h: jax.Array) -> jax.Array:
         logits = models.lm_logits({**trunk, **p}, config, h)
@@ -99,11 +115,10 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
             logits = logits.astype(jnp.float32) / temperature
         return models.token_logprobs(logits, targets)
 
-    h = top(policy, x_policy)
-    out = {"logprobs": logprobs(policy, h),
-           "values": models.value_head(trainable["critic"], h), "hidden": h}
+    h = top_forward(policy, trunk, shared, config, tokens, attention_mask, constrain, window)
+    out = {"logprobs": logprobs(policy, h), "values": models.value_head(trainable["critic"], h), "hidden": h}
     if with_reference:
-        h_ref = top(reference, x_ref)
+        h_ref = top_forward(reference, trunk, shared, config, tokens, attention_mask, constrain, window)
         ref = logprobs(reference, h_ref)
         out["ref_logprobs"] = jax.lax.stop_gradient(ref)
     return out

@@ -166,3 +166,32 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float, num_devi
     if flops_per_token <= 0 or peak_flops <= 0:
         return None
     return flops_per_token * tokens_per_s / (peak_flops * num_devices)
+
+
+def plot_metrics(records: list[dict], path: str, panels, xlabel: str = "step", title: str = "") -> Optional[str]:
+    """A PNG of metrics.jsonl records: one panel per (title, metric names) of `panels`, each metric against "step".
+    None (and no file) when no record has a "loss". matplotlib is imported here, only when a plot is made."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if "loss" in r]
+    if not records:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    steps = [r["step"] for r in records]
+    for ax, (name, keys) in zip(axes[0], panels):
+        for k in keys:
+            if k in records[0]:
+                ax.plot(steps, [r.get(k, float("nan")) for r in records], label=k, marker=".")
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log.info("wrote %s", path)
+    return path

@@ -26,7 +26,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from starling_jax.config import ConfigError, Experiment, apply_overrides, load_experiment, stages_of, to_dict, validate
+from starling_jax.config import ConfigError, Experiment
+from starling_jax.config_loading import apply_overrides, load_experiment, stages_of, to_dict, validate
 from starling_jax.train.checkpoint import Checkpoints, export_done, load_export, save_export
 from starling_jax.train.logging import MetricsLogger, delete_windows, load_window, mfu, save_window
 from starling_jax.train.program import StageContext, StageExport, build_program

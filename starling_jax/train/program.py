@@ -1,8 +1,9 @@
 """What one stage kind (sft, rm, dpo, rl) provides to the one training loop (starling_jax.train.loop).
 
-A stage kind is a function `build(ctx: StageContext) -> StageProgram`, registered under a name with
-`@register_stage_kind("rl")`. The objective's name picks the kind (OBJECTIVE_KINDS): sft -> "sft", rm_* -> "rm",
-dpo -> "dpo", apa/ppo -> "rl". The loop then does, for every kind alike:
+A stage kind is a function `build(ctx: StageContext) -> StageProgram`, registered once under a name by the module
+that implements it (`@register_stage_kind("rl")`; train/kinds.py imports every such module). The objective's
+algorithm (starling_jax/algorithms/, Algorithm.kind) picks the kind: sft -> "sft", rm_* -> "rm", dpo -> "dpo",
+apa/ppo -> "rl". The loop then does, for every kind alike:
 
     program = build_program(ctx)
     state = program.state                      # restored over from the latest checkpoint when resuming
@@ -24,15 +25,16 @@ e.g. the data iterator position, a running reward std or an adaptive KL coeffici
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Optional, Protocol
 
 import jax
 import numpy as np
 
-from starling_jax.config import OBJECTIVE_KINDS, Experiment, ModelSection, RewardModelSection
+from starling_jax.algorithms import registry
+from starling_jax.config import Experiment, ModelSection, RewardModelSection
 from starling_jax.models.config import ModelConfig
 from starling_jax.models import Params
+from starling_jax.train.step import jit_step
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, Any]  # name -> scalar (a jax array inside the step; floats once fetched)
@@ -105,6 +107,7 @@ class StageProgram:
     finish: Callable[[Any, str], dict] = _no_summary
     tokens_per_batch: Callable[[Batch], int] = lambda batch: count_tokens(batch)
     flops_per_token: float = 0.0
+    setup: Optional["StageSetup"] = None  # the shared train/plan setup the program was built on (see StageSetup)
 
 
 def count_tokens(batch: Batch) -> int:
@@ -116,39 +119,69 @@ def count_tokens(batch: Batch) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # Registry.
 
-STAGE_KINDS: dict[str, Callable[[StageContext], StageProgram]] = {}
+@dataclasses.dataclass(frozen=True)
+class StageSetup:
+    """A stage's trees, shardings, optimiser and (unjitted) update step: what training and planning share.
+
+    A stage kind's `setup(config, model_config, params, mesh, key)` builds it from the stage's resolved config and
+    the model's params given either as arrays (the loop: the state is created in its shards) or as
+    ShapeDtypeStructs (the planner: nothing is allocated). Training and `starling-jax plan` call the same function,
+    so the planned schedule, shardings and step are the trained ones.
+    """
+    state: Any  # TrainState of arrays, or of ShapeDtypeStructs when the params were abstract
+    state_shardings: Any  # TrainState of NamedShardings
+    optimizer: Any  # train.state.Optimizer
+    total_updates: int  # optimiser updates the learning-rate schedule spans
+    update: Callable  # (state, batch) -> (state, metrics), not jitted
+    loss: Callable  # the algorithm's loss as the update calls it
+    batch: dict  # ShapeDtypeStructs of one global batch
+    batch_shardings: dict
+    resident: dict = dataclasses.field(default_factory=dict)  # name -> (abstract tree, shardings): other live state
+    notes: tuple = ()  # human-readable facts (the planner prints them)
+
+    def jit(self, mesh) -> Callable:
+        """The update jitted with the state donated and the setup's in/out shardings (train/step.py jit_step)."""
+        return jit_step(self.update, mesh, self.state_shardings, self.batch_shardings)
 
 
-# modules whose import registers each kind (imported lazily so a missing optional kind only fails when used)
-KIND_MODULES = {
-    "sft": "starling_jax.train.stages",
-    "rm": "starling_jax.train.stages",
-    "dpo": "starling_jax.train.stages",
-    "rl": "starling_jax.train.rlaif",
-}
+def layers_note(top: int, num_layers: int) -> str:
+    """"all layers" or "top N of L layers" (model.trainable_top_layers), for setup notes."""
+    return "all layers" if top in (0, num_layers) else f"top {top} of {num_layers} layers"
 
 
-def register_stage_kind(name: str):
-    """Decorator: `@register_stage_kind("rl") def build(ctx: StageContext) -> StageProgram`."""
+def is_abstract(tree) -> bool:
+    """True when every leaf of `tree` is a jax.ShapeDtypeStruct (planning), False for arrays (training)."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    """A registered stage kind: `build(ctx)` makes the training program of a stage whose algorithm has this kind;
+    `setup(config, model_config, params, mesh, key) -> StageSetup` (optional) is the part the planner shares."""
+    name: str
+    build: Callable[[StageContext], StageProgram]
+    setup: Optional[Callable[..., StageSetup]] = None
+
+
+def register_stage_kind(name: str, setup: Optional[Callable[..., StageSetup]] = None):
+    """Decorator: `@register_stage_kind("rl", setup=rl_setup) def build(ctx: StageContext) -> StageProgram` registers
+    the kind once (in the registry of starling_jax/algorithms/registry.py, beside the algorithms)."""
     def deco(fn):
-        STAGE_KINDS[name] = fn
+        registry.register_stage_kind(StageKind(name, fn, setup))
         return fn
     return deco
 
 
 def stage_kind(objective_name: str) -> str:
-    if objective_name not in OBJECTIVE_KINDS:
-        raise KeyError(f"unknown objective {objective_name!r}; known objectives: {', '.join(OBJECTIVE_KINDS)}")
-    return OBJECTIVE_KINDS[objective_name]
+    """The stage kind that trains objective `objective_name` (its registered Algorithm.kind)."""
+    return registry.get(objective_name).kind
 
 
 def build_program(ctx: StageContext) -> StageProgram:
+    """The StageProgram of ctx's stage, built by the stage kind of its objective's algorithm."""
     kind = stage_kind(ctx.config.objective.name)
-    if kind not in STAGE_KINDS and kind in KIND_MODULES:
-        importlib.import_module(KIND_MODULES[kind])
-    if kind not in STAGE_KINDS:
-        raise KeyError(f"stage {ctx.stage_name!r}: no stage kind {kind!r} is registered (known: {sorted(STAGE_KINDS)})")
-    return STAGE_KINDS[kind](ctx)
+    return registry.stage_kind(kind).build(ctx)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -194,6 +194,14 @@ class RolloutSource:
     same on every process and equal to a one-process run's.
     """
 
+    # the per-rollout statistics rows of every batch ([B] float32 each; the step averages them into its metrics)
+    STAT_KEYS = ("stat_reward", "stat_scaled_reward", "stat_kl", "stat_kl_coef", "stat_response_length")
+
+    @property
+    def stat_keys(self) -> tuple[str, ...]:
+        """The "stat_*" keys next_batch returns (plus stat_true_reward where the data source has a true utility)."""
+        return self.STAT_KEYS + (("stat_true_reward",) if self.true_utility is not None else ())
+
     def __init__(self, *, prompts, conversations: Sequence[Conversation], config: ModelConfig, tokenizer,
                  template: str, scorer: RewardScorer, experience_fn: Callable, objective, rollout, seed: int,
                  true_utility: Optional[Callable[[Conversation, str], float]] = None, constrain=None, place=None,

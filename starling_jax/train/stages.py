@@ -9,33 +9,45 @@ gets a fresh Linear(hidden, 1) score head.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from starling_jax import models, sharding
+from starling_jax.algorithms import registry
 from starling_jax.data import load_tokenizer
 from starling_jax.data import pipelines
 from starling_jax.eval.ranking import RankingAccumulator, make_reward_fn
 from starling_jax.models import ModelConfig
 from starling_jax.train import losses
-from starling_jax.train.program import StageContext, StageProgram, load_model, register_stage_kind
+from starling_jax.config import Experiment
+from starling_jax.train.program import (StageContext, StageProgram, StageSetup, is_abstract, layers_note,
+                                        load_model, register_stage_kind)
 from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
-from starling_jax.train.step import jit_step, make_train_step
+from starling_jax.train.step import make_train_step
 from starling_jax.models import Params
 
 
 
 class GrainBatches:
-    """A BatchSource over a grain dataset (numpy batches; the step places them on the mesh)."""
+    """A BatchSource over a grain dataset (numpy batches; the step places them on the mesh). The first batch's token
+    ids are checked against the model's vocabulary (a bad id would gather garbage silently on an accelerator)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, vocab_size: int, where: str):
         self._iter = iter(dataset)
+        self.vocab_size, self.where = vocab_size, where
+        self.checked = False
 
     def next_batch(self, state) -> dict:
-        return next(self._iter)
+        batch = next(self._iter)
+        if not self.checked:
+            for k, v in batch.items():
+                if k.endswith("tokens"):
+                    models.check_token_ids(v, self.vocab_size, where=f"{self.where} batch[{k!r}]")
+            self.checked = True
+        return batch
 
     def get_state(self) -> dict:
         return self._iter.get_state()
@@ -58,140 +70,150 @@ def _count(tree, skip=("embed",)) -> int:
     return models.count_params({k: v for k, v in tree.items() if k not in skip}) if tree else 0
 
 
-def _place(tree, shardings_tree):
-    return jax.device_put(tree, shardings_tree)
-
-
-def build_data_stage(ctx: StageContext, kind: str) -> StageProgram:
-    c = ctx.config
-    obj = c.objective.name
-    mesh = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh)
+def data_setup(c: Experiment, model_config: ModelConfig, params: Params, mesh, key: jax.Array) -> StageSetup:
+    """The trees, shardings, optimiser and step of a data-driven stage (sft, rm, dpo) from full model params given as
+    arrays (training: placed in their shards) or ShapeDtypeStructs (planning). See program.StageSetup."""
+    algorithm = registry.get(c.objective.name)
     rules = c.mesh.rules
-    init_key, head_key, state_key, eval_key = jax.random.split(jax.random.key(c.train.seed), 4)
-
-    # The rows first: a bad data file is reported before minutes of model loading and compilation.
-    splits = pipelines.load_splits(c.data)
-    train_rows, heldout_rows, report = splits.train, splits.heldout, splits.report
-    model_config, params = load_model(ctx, c.model, init_key)
-    if kind == "rm" and model_config.head != "score":
-        model_config, params = to_reward_model(model_config, params, head_key)
-    if kind != "rm" and model_config.head != "lm":
-        raise ValueError(f"stage {ctx.stage_name!r}: objective {obj!r} needs a language model (head 'lm'), but "
-                         f"model.path={c.model.path!r} holds a {model_config.head!r} head")
-    tokenizer = load_tokenizer(c.model.tokenizer)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"stage {ctx.stage_name!r}: tokenizer {c.model.tokenizer!r} has {tokenizer.vocab_size} ids "
-                         f"but the model's embedding has {model_config.vocab_size} rows")
-
-    # Trees, shardings, optimiser, state.
+    abstract = is_abstract(params)
     top, train_head = c.model.trainable_top_layers, c.model.train_lm_head
-    trainable, frozen = losses.stage_params(obj, params, top, train_head)
-    del params
-    specs_t, specs_f = losses.stage_specs(obj, model_config, top, train_head)
+
+    def split(p):
+        return losses.stage_params(p, top, train_head, algorithm.reference)
+    trainable, frozen = jax.eval_shape(split, params) if abstract else split(params)
+    specs_t, specs_f = losses.stage_specs(model_config, top, train_head, algorithm.reference)
     shard_t = sharding.param_shardings(specs_t, mesh, rules)
     shard_f = sharding.param_shardings(specs_f, mesh, rules)
-    trainable, frozen = _place(trainable, shard_t), _place(frozen, shard_f)
-    optimizer = make_optimizer(c.optim, c.train.steps, trainable)
-    shard_state = state_shardings(optimizer, abstract_state(trainable, optimizer, frozen), shard_t, shard_f, mesh)
-    state = create_state(trainable, optimizer, state_key, frozen, shard_state)
+    if not abstract:
+        trainable, frozen = jax.device_put(trainable, shard_t), jax.device_put(frozen, shard_f)
+    total = c.train.steps  # one optimiser update per step
+    optimizer = make_optimizer(c.optim, total, trainable)
+    empty = abstract_state(trainable, optimizer, frozen)
+    shard_state = state_shardings(optimizer, empty, shard_t, shard_f, mesh)
+    state = empty if abstract else create_state(trainable, optimizer, key, frozen, shard_state)
+    loss = algorithm.loss(c.objective, model_config, sharding.activation_constraint(mesh, rules))
+    batch = algorithm.batch(c.train.batch_size, c.data.max_length, c.data.max_responses)
+    notes = (f"objective {c.objective.name}: global batch {c.train.batch_size} x {c.data.max_length} tokens"
+             + (f" x K={c.data.max_responses}" if algorithm.kind == "rm" else "") + f", grad_accum {c.train.grad_accum}",
+             f"trainable: {layers_note(top, model_config.num_layers)}" + (", head" if train_head else ", head frozen"))
+    return StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
+                      update=make_train_step(loss, optimizer, c.train.grad_accum), loss=loss, batch=batch,
+                      batch_shardings=sharding.batch_shardings(batch, mesh, rules), notes=notes)
 
-    # Data: the global batches are the same whatever the number of processes; this process reads only the rows its
-    # devices hold (sharding.process_rows) and put_batch assembles the global arrays.
-    batch_abstract = losses.batch_spec(obj, c.train.batch_size, c.data.max_length, c.data.max_responses)
-    shard_batch = sharding.batch_shardings(batch_abstract, mesh, rules)
-    my_rows = sharding.process_rows(next(iter(shard_batch.values())), c.train.batch_size)
-    sharding.describe_rows(ctx.stage_name, my_rows, c.train.batch_size)
-    pipe_kind = "rm" if kind == "rm" else kind
-    train_ds = pipelines.dataset_for(pipe_kind, train_rows, tokenizer, c.data, c.train.batch_size,
-                                     template=c.model.template, seed=c.data.shuffle_seed + c.train.seed,
-                                     process_rows=my_rows, report=report)
 
-    loss_fn = losses.build_loss(c.objective, model_config, sharding.activation_constraint(mesh, rules))
-    jitted = jit_step(make_train_step(loss_fn, optimizer, c.train.grad_accum), mesh, shard_state, shard_batch)
-    vocab = model_config.vocab_size
-    checked = []
+class DataStage:
+    """The program of a data-driven stage: a model, the algorithm's loss, a grain pipeline, held-out evaluation.
 
-    def step(state, batch):
-        if not checked:  # once: a bad id would gather garbage silently on an accelerator
-            for k, v in batch.items():
-                if k.endswith("tokens"):
-                    models.check_token_ids(v, vocab, where=f"stage {ctx.stage_name!r} batch[{k!r}]")
-            checked.append(True)
-        return jitted(state, sharding.put_batch(batch, shard_batch))
+    Built once from the StageContext; its methods are the StageProgram the loop runs (program()). The loop's periodic
+    eval reads the tuning split when there is one, the final summary the held-out (reporting) split and the unseen
+    split; for reward models the evaluation adds ranking metrics against the observed rankings.
+    """
 
-    # Held-out evaluation: the objective's loss (weighted by its "weight" metric) and, for reward models, ranking
-    # metrics against the observed rankings. The loop's periodic eval reads the tuning split when there is one, the
-    # final summary the held-out (reporting) split and the unseen split.
-    def heldout(num_batches: Optional[int], rows=heldout_rows):
+    def __init__(self, ctx: StageContext):
+        c = self.c = ctx.config
+        self.algorithm = algorithm = registry.get(c.objective.name)
+        self.mesh = mesh = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh)
+        init_key, head_key, state_key, self.eval_key = jax.random.split(jax.random.key(c.train.seed), 4)
+
+        # The rows first: a bad data file is reported before minutes of model loading and compilation.
+        self.splits = pipelines.load_splits(c.data)
+        model_config, params = load_model(ctx, c.model, init_key)
+        if algorithm.head == "score" and model_config.head != "score":
+            model_config, params = to_reward_model(model_config, params, head_key)
+        if algorithm.head == "lm" and model_config.head != "lm":
+            raise ValueError(f"stage {ctx.stage_name!r}: objective {c.objective.name!r} needs a language model (head "
+                             f"'lm'), but model.path={c.model.path!r} holds a {model_config.head!r} head")
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer(c.model.tokenizer)
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"stage {ctx.stage_name!r}: tokenizer {c.model.tokenizer!r} has "
+                             f"{self.tokenizer.vocab_size} ids but the model's embedding has {model_config.vocab_size} "
+                             f"rows")
+        self.setup = data_setup(c, model_config, params, mesh, state_key)
+        del params
+        self.update = self.setup.jit(mesh)
+        self.eval_loss = jax.jit(lambda st, b: self.setup.loss(st.params, st.frozen, b, self.eval_key))
+        self.merge = jax.jit(lambda st: models.merge_params(st.params, st.frozen["trunk"]))
+        self.reward_fn = make_reward_fn(model_config) if algorithm.head == "score" else None
+
+        # Data: the global batches are the same whatever the number of processes; this process reads only the rows
+        # its devices hold (sharding.process_rows) and put_batch assembles the global arrays.
+        self.my_rows = sharding.process_rows(next(iter(self.setup.batch_shardings.values())), c.train.batch_size)
+        sharding.describe_rows(ctx.stage_name, self.my_rows, c.train.batch_size)
+        train_ds = self._dataset(self.splits.train, seed=c.data.shuffle_seed + c.train.seed, report=self.splits.report)
+        self.batches = GrainBatches(train_ds, model_config.vocab_size, f"stage {ctx.stage_name!r}")
+        self.eval_batches = self.heldout(c.train.eval_batches, self.splits.tuning or self.splits.heldout)
+
+    def _dataset(self, rows, **kwargs):
+        c = self.c
+        return pipelines.dataset_for(self.algorithm.kind, rows, self.tokenizer, c.data, c.train.batch_size,
+                                     template=c.model.template, process_rows=self.my_rows, **kwargs)
+
+    def heldout(self, num_batches: Optional[int], rows=None) -> list:
+        rows = self.splits.heldout if rows is None else rows
         if not rows:
             return []
-        ds = pipelines.dataset_for(pipe_kind, rows, tokenizer, c.data, c.train.batch_size, template=c.model.template,
-                                   shuffle=False, num_epochs=1, process_rows=my_rows)
         out = []
-        for b in ds:
+        for b in self._dataset(rows, shuffle=False, num_epochs=1):
             if num_batches is not None and len(out) >= num_batches:
                 break
             out.append(b)
         return out
 
-    eval_loss = jax.jit(lambda st, b: loss_fn(st.params, st.frozen, b, eval_key))
-    reward_fn = make_reward_fn(model_config) if kind == "rm" else None
-    merge = jax.jit(lambda st: models.merge_params(st.params, st.frozen["trunk"]))
+    def step(self, state, batch):
+        return self.update(state, sharding.put_batch(batch, self.setup.batch_shardings))
 
-    def evaluate_on(state, batches) -> Optional[dict]:
+    def evaluate_on(self, state, batches) -> Optional[dict]:
+        """The algorithm's loss (weighted by its "weight" metric) over `batches`, plus ranking metrics for an RM."""
         if not batches:
             return None
         total, weight = 0.0, 0.0
         ranking = RankingAccumulator()
-        full = merge(state) if reward_fn is not None else None
+        full = self.merge(state) if self.reward_fn is not None else None
         for b in batches:
-            placed = sharding.put_batch(b, shard_batch)
-            loss, metrics = eval_loss(state, placed)
+            placed = sharding.put_batch(b, self.setup.batch_shardings)
+            loss, metrics = self.eval_loss(state, placed)
             w = float(metrics.get("weight", 1.0))
             total, weight = total + float(loss) * w, weight + w
-            if reward_fn is not None:
-                ranking.add(reward_fn(full, placed["tokens"], placed["attention_mask"]), placed["ranks"],
+            if self.reward_fn is not None:
+                ranking.add(self.reward_fn(full, placed["tokens"], placed["attention_mask"]), placed["ranks"],
                             placed["response_mask"])
         out = {"loss": total / max(weight, 1e-9)}
-        if reward_fn is not None:
+        if self.reward_fn is not None:
             out.update(ranking.result())
         return out
 
-    eval_batches = heldout(c.train.eval_batches, splits.tuning or heldout_rows)
+    def evaluate(self, state) -> Optional[dict]:
+        return self.evaluate_on(state, self.eval_batches)
 
-    def evaluate(state):
-        return evaluate_on(state, eval_batches)
-
-    def finish(state, workdir):
-        result = evaluate_on(state, heldout(None)) or {}
+    def finish(self, state, workdir: str) -> dict:
+        splits = self.splits
+        result = self.evaluate_on(state, self.heldout(None)) or {}
         summary = {f"heldout_{k}": v for k, v in result.items()}
-        summary["heldout_rows"] = len(heldout_rows)
+        summary["heldout_rows"] = len(splits.heldout)
         if splits.unseen:
-            summary.update({f"unseen_{k}": v for k, v in (evaluate_on(state, heldout(None, splits.unseen)) or {}).items()})
+            unseen = self.evaluate_on(state, self.heldout(None, splits.unseen)) or {}
+            summary.update({f"unseen_{k}": v for k, v in unseen.items()})
             summary["unseen_rows"] = len(splits.unseen)
+        report = splits.report
         summary["data"] = report.summary() if hasattr(report, "summary") else str(report)
         return summary
 
-    def export(state):
-        return merge(state)
+    def export(self, state) -> Params:
+        return self.merge(state)
 
-    trained = _count(trainable)
-    frozen_work = _count(frozen.get("trunk", {})) + _count(frozen.get("reference", {}))
-    return StageProgram(
-        state=state, step=step, batches=GrainBatches(train_ds), export=export, model_config=model_config,
-        evaluate=evaluate, finish=finish, flops_per_token=6.0 * trained + 2.0 * frozen_work)
-
-
-@register_stage_kind("sft")
-def build_sft(ctx: StageContext) -> StageProgram:
-    return build_data_stage(ctx, "sft")
+    def program(self) -> StageProgram:
+        state = self.setup.state
+        trained = _count(state.params)
+        frozen_work = _count(state.frozen.get("trunk", {})) + _count(state.frozen.get("reference", {}))
+        return StageProgram(state=state, step=self.step, batches=self.batches, export=self.export,
+                            model_config=self.model_config, evaluate=self.evaluate, finish=self.finish,
+                            flops_per_token=6.0 * trained + 2.0 * frozen_work, setup=self.setup)
 
 
-@register_stage_kind("rm")
-def build_rm(ctx: StageContext) -> StageProgram:
-    return build_data_stage(ctx, "rm")
+def build_data_stage(ctx: StageContext) -> StageProgram:
+    return DataStage(ctx).program()
 
 
-@register_stage_kind("dpo")
-def build_dpo(ctx: StageContext) -> StageProgram:
-    return build_data_stage(ctx, "dpo")
+for _kind in ("sft", "rm", "dpo"):  # one builder for the three data-driven kinds; the algorithm says the rest
+    register_stage_kind(_kind, setup=data_setup)(build_data_stage)

@@ -44,13 +44,13 @@ class Optimizer(NamedTuple):
 
 def make_schedule(config: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
     """Learning rate by update count: linear warmup from 0 over warmup_steps, then cosine or linear decay to
-    end_lr_fraction * learning_rate at total_steps, or constant."""
+    end_lr_fraction * learning_rate at total_steps, or constant (optax's schedules)."""
     lr, warmup = config.learning_rate, config.warmup_steps
     end = lr * config.end_lr_fraction
     decay_steps = max(total_steps - warmup, 1)
     if config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=config.end_lr_fraction)
-    elif config.schedule == "linear":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, warmup + decay_steps, end_value=end)
+    if config.schedule == "linear":
         main = optax.linear_schedule(lr, end, decay_steps)
     elif config.schedule == "constant":
         main = optax.constant_schedule(lr)
@@ -81,13 +81,23 @@ def make_optimizer(config: OptimConfig, total_steps: int, params: Params,
     parts = []
     if config.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
-                             mask=decay_mask(params)))
+    # inject_hyperparams keeps the learning rate of the latest update in the optimiser state (learning_rate(state))
+    parts.append(optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+        mask=decay_mask(params)))
     tx = optax.chain(*parts)
     if frozen_mask is not None:
         labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return Optimizer(tx.init, tx.update, schedule)
+
+
+def learning_rate(opt_state) -> Optional[jax.Array]:
+    """The learning rate of the latest update, from an optimiser state made by make_optimizer (optax's
+    inject_hyperparams state); None for an optimiser without one."""
+    found = [node.hyperparams["learning_rate"] for node in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")) if hasattr(node, "hyperparams")]
+    return found[0] if found else None
 
 
 def init_state(params: Params, optimizer, rng: jax.Array, frozen: Optional[Params] = None) -> TrainState:

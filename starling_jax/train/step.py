@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from starling_jax.sharding import replicated
-from starling_jax.train.state import TrainState
+from starling_jax.train.state import TrainState, learning_rate
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -39,11 +39,11 @@ def split_micro_batches(batch: dict, grad_accum: int) -> dict:
 def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable[[TrainState, dict],
                                                                                  tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). Metrics: the loss's metrics plus loss, grad_norm (before clipping)
-    and lr (the rate of this update, when the optimiser carries a schedule). Pure and jittable; no host syncs."""
+    and lr (the rate of this update, from the optimiser state of train.state.make_optimizer). Pure and jittable; no
+    host syncs."""
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    schedule = getattr(optimizer, "schedule", None)
 
     def grads_and_metrics(params, frozen, batch, rng):
         (loss, metrics), grads = grad_fn(params, frozen, batch, rng)
@@ -79,9 +79,10 @@ def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable
         else:
             grads, metrics = accumulate(state.params, state.frozen, batch, step_rng)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        lr = learning_rate(opt_state)
+        if lr is not None:
+            metrics["lr"] = jnp.asarray(lr, jnp.float32)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics

@@ -1,0 +1,118 @@
+"""The one registry of training algorithms (ObjectiveConfig.name -> Algorithm) and of stage kinds (the loop's and the
+planner's way to build a stage that trains one).
+
+An algorithm is registered once, in its own module under starling_jax/algorithms/ (every module there is imported by
+starling_jax.algorithms, so a new file is all it takes):
+
+    register(Algorithm(name="dpo", kind="dpo", head="lm", loss=build_dpo_loss, batch=pair_batch, reference=True))
+
+Everything that used to be a table keyed by the objective name reads the record instead: the config's choices and
+checks (config loading), the stage kinds (train/stages.py, train/rlaif.py), the planner (plan.py), the docs.
+
+A stage kind is registered once, by the module that implements it (register_stage_kind); see train/program.py for
+what it provides. This module imports nothing of the project: it is a pair of dictionaries with checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Literal, Optional
+
+Head = Literal["lm", "score"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """One training algorithm: what the stage kind `kind` needs to train it.
+
+    name:      the ObjectiveConfig.name that selects it.
+    kind:      the stage kind that trains it ("sft", "rm", "dpo", "rl", or any registered kind). Data-driven kinds
+               also use it as the data pipeline's name (data/pipelines.py dataset_for).
+    head:      the head of the model it trains: "lm" (language model) or "score" (reward model).
+    loss:      what the kind calls to get the loss; its signature is the kind's contract:
+               data kinds (sft, rm, dpo): loss(objective, model_config, mesh_rules) -> loss_fn(params, frozen, batch,
+                 rng) -> (loss, metrics with "weight"), where mesh_rules is a sharding.MeshRules or None;
+               rl kind: loss(out, batch, objective) -> (policy loss, metrics), `out` the policy's hydra_forward
+                 outputs on the minibatch ("logprobs", "values", "hidden" [B, N, ...]) and `batch` the minibatch of
+                 experience (tokens, masks, old_logprobs, ref_logprobs, old_values, advantages, returns).
+    batch:     data kinds: batch(batch_size, seq_len, num_responses) -> {key: jax.ShapeDtypeStruct}, the global
+               batch layout (the planner compiles against it; the loss checks its keys). The rl kind's layout is
+               the kind's own (train/rlaif.py experience_spec).
+    reference: the stage keeps a frozen copy of the trainable part taken at its start (DPO; every RL algorithm).
+    advantages: rl kind: advantages(rewards, values, mask, objective, group_size, scores, logprobs, ref_logprobs,
+               kl_coef) -> (advantages, returns), all [B, N] float32 (called with keywords); `rewards` are the
+               per-token shaped rewards (the k1 KL penalty on every token, the RM score added at the last one),
+               `values` the critic's, `scores` [B] the scaled RM scores. None = GAE (objectives.gae) with the critic.
+    critic:    rl kind: the loss adds vf_coef * value_loss (the critic trains); False = critic-free (GRPO, RLOO).
+    group_size: rl kind: group_size(objective) -> rollouts sampled per prompt (consecutive rows) from the
+               ObjectiveConfig's options; None = 1.
+    check:     check(stage_config) -> [(field, message)]: the algorithm's own config checks, run by validation.
+    summary:   one line for docs and error messages.
+    """
+    name: str
+    kind: str
+    head: Head
+    loss: Callable[..., Any]
+    batch: Optional[Callable[[int, int, int], dict]] = None
+    reference: bool = False
+    advantages: Optional[Callable[..., Any]] = None
+    critic: bool = True
+    group_size: Optional[Callable[[Any], int]] = None
+    check: Optional[Callable[[Any], list]] = None
+    summary: str = ""
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+STAGE_KINDS: dict[str, Any] = {}  # kind name -> the kind's StageKind (train/program.py)
+
+
+def _close(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(options))}"
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    """Add `algorithm` under algorithm.name. Registering a second, different algorithm under a taken name is an
+    error (re-importing the same module registers an equal record again, which is allowed)."""
+    if algorithm.head not in ("lm", "score"):
+        raise ValueError(f"algorithm {algorithm.name!r}: head must be 'lm' or 'score', got {algorithm.head!r}")
+    old = ALGORITHMS.get(algorithm.name)
+    if old is not None and old != algorithm:
+        raise ValueError(f"algorithm {algorithm.name!r} is already registered (kind {old.kind!r})")
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+def get(name: str) -> Algorithm:
+    """The algorithm registered as `name`; a KeyError names the close matches otherwise."""
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise KeyError(f"unknown objective {name!r}; {_close(name, ALGORITHMS)}") from None
+
+
+def names() -> list[str]:
+    return sorted(ALGORITHMS)
+
+
+def of_kind(kind: str) -> list[str]:
+    """Names of the algorithms a stage kind trains."""
+    return sorted(n for n, a in ALGORITHMS.items() if a.kind == kind)
+
+
+def register_stage_kind(kind) -> Any:
+    """Add a stage kind (an object with a `name`, see train/program.py StageKind). Re-registering the same name
+    replaces it only with an equal object."""
+    old = STAGE_KINDS.get(kind.name)
+    if old is not None and old is not kind and old != kind:
+        raise ValueError(f"stage kind {kind.name!r} is already registered")
+    STAGE_KINDS[kind.name] = kind
+    return kind
+
+
+def stage_kind(name: str):
+    try:
+        return STAGE_KINDS[name]
+    except KeyError:
+        raise KeyError(f"no stage kind {name!r} is registered; {_close(name, STAGE_KINDS)}") from None

@@ -1,0 +1,43 @@
+"""Reward models from rankings of K responses per prompt: the K-wise Plackett-Luce loss (Starling-RM) and the
+pairwise Bradley-Terry loss over every ordered pair of the ranking."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from starling_jax import objectives
+from starling_jax.algorithms.registry import Algorithm, register
+from starling_jax.train import losses
+
+
+def _build(name: str, loss):
+    def build_loss(objective, config, constrain=None) -> losses.LossFn:
+        if config.head != "score":
+            raise ValueError(f"objective {name} needs a reward model (model config head='score'), got "
+                             f"head={config.head!r}")
+
+        def loss_fn(params, frozen, batch, rng):
+            """tokens, attention_mask [B, K, T] (right padded); ranks [B, K] (1 = best); response_mask [B, K]."""
+            losses.check_batch(name, batch, losses.ranking_batch(1, 1))
+            rewards = losses.sequence_rewards(params, frozen.get("trunk", {}), config, batch["tokens"],
+                                              batch["attention_mask"], constrain)
+            ranks, rmask = batch["ranks"], batch["response_mask"]
+            metrics = objectives.rm_metrics(rewards, ranks, rmask)
+            value, weight = loss(rewards, ranks, rmask, metrics, objective)
+            valid = (rmask != 0).astype(jnp.float32)
+            metrics["reward_mean"] = jnp.sum(rewards * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+            return value, {**metrics, "weight": weight}
+        return loss_fn
+    return build_loss
+
+
+register(Algorithm(
+    name="rm_plackett_luce", kind="rm", head="score", batch=losses.ranking_batch,
+    loss=_build("rm_plackett_luce", lambda r, ranks, m, metrics, o: (
+        objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize), metrics["num_prompts"])),
+    summary="reward model, K-wise Plackett-Luce likelihood of each prompt's ranking (Starling-RM)"))
+register(Algorithm(
+    name="rm_bradley_terry", kind="rm", head="score", batch=losses.ranking_batch,
+    loss=_build("rm_bradley_terry", lambda r, ranks, m, metrics, o: (objectives.bradley_terry_loss(r, ranks, m),
+                                                                     metrics["num_pairs"])),
+    summary="reward model, pairwise Bradley-Terry over every ordered pair of each ranking"))

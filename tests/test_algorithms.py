@@ -1,0 +1,123 @@
+"""The one registry: built-in algorithms and stage kinds, what a registration holds, and that an algorithm registered
+by one module is picked up by config validation and trained by its stage kind without touching any other table."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from starling_jax import algorithms, models
+from starling_jax.algorithms import registry
+from starling_jax.config import ConfigError, Experiment, ObjectiveConfig, RewardModelSection
+from starling_jax.config_loading import stages_of, validate
+from starling_jax.objectives import policy as obj_policy
+from starling_jax.train import hydra, kinds, rlaif
+
+BUILT_IN = {"sft": ("sft", "lm", False), "rm_plackett_luce": ("rm", "score", False),
+            "rm_bradley_terry": ("rm", "score", False), "dpo": ("dpo", "lm", True), "apa": ("rl", "lm", True),
+            "ppo": ("rl", "lm", True)}
+
+
+def test_built_in_algorithms_and_kinds():
+    for name, (kind, head, reference) in BUILT_IN.items():
+        a = registry.get(name)
+        assert (a.kind, a.head, a.reference) == (kind, head, reference), name
+        assert (a.batch is None) == (kind == "rl"), name
+    assert set(BUILT_IN) <= set(registry.names())
+    assert {"sft", "rm", "dpo", "rl"} <= set(kinds.names())
+    assert registry.of_kind("rm") == ["rm_bradley_terry", "rm_plackett_luce"]
+    with pytest.raises(KeyError, match="unknown objective 'rm_kwise'; known: apa, dpo, ppo, rm_bradley_terry"):
+        registry.get("rm_kwise")
+    with pytest.raises(KeyError, match="no stage kind 'rlhf' is registered"):
+        registry.stage_kind("rlhf")
+
+
+def test_register_rejects_a_second_algorithm_under_a_taken_name():
+    sft = registry.get("sft")
+    registry.register(sft)  # re-importing a module registers the same record again: allowed
+    with pytest.raises(ValueError, match="algorithm 'sft' is already registered"):
+        registry.register(dataclasses.replace(sft, head="score"))
+    with pytest.raises(ValueError, match="head must be 'lm' or 'score'"):
+        registry.register(dataclasses.replace(sft, name="x", head="value"))
+    assert registry.get("sft") is sft
+
+
+# A critic-free REINFORCE with a per-batch mean baseline: registered here the way a new module under
+# starling_jax/algorithms/ registers itself, then trained by the rl kind's own functions.
+
+def _reinforce_advantages(rewards, values, mask, objective, group_size, **_):
+    returns = jnp.sum(rewards * mask, axis=1)  # the whole reply's shaped reward
+    adv = returns - jnp.mean(returns)
+    return jnp.broadcast_to(adv[:, None], rewards.shape) * mask, jnp.zeros_like(rewards)
+
+
+def _reinforce_loss(out, batch, objective):
+    mask = batch["response_mask"].astype(jnp.float32)
+    loss = -jnp.sum(out["logprobs"] * batch["advantages"] * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss, {"mean_advantage": jnp.mean(batch["advantages"])}
+
+
+@pytest.fixture
+def reinforce():
+    algorithm = registry.register(registry.Algorithm(
+        name="test_reinforce", kind="rl", head="lm", loss=_reinforce_loss, reference=True,
+        advantages=_reinforce_advantages, critic=False, group_size=lambda objective: 2))
+    yield algorithm
+    del registry.ALGORITHMS["test_reinforce"]
+
+
+def test_a_registered_algorithm_is_validated_and_trained_by_its_kind(reinforce):
+    exp = Experiment(name="x", objective=ObjectiveConfig(name="test_reinforce"), reward_model=RewardModelSection())
+    validate(exp, num_devices=1)
+    assert [n for n, _ in stages_of(exp)] == ["rl"]  # a single stage is named after its algorithm's kind
+    odd = dataclasses.replace(exp, rollout=dataclasses.replace(exp.rollout, prompts_per_step=15, minibatch_size=5))
+    with pytest.raises(ConfigError, match="15 rollouts are not whole groups of 2 per prompt"):
+        validate(odd, num_devices=1)
+    with pytest.raises(ConfigError, match="unknown objective 'test_reinforc'; did you mean test_reinforce"):
+        validate(dataclasses.replace(exp, objective=ObjectiveConfig(name="test_reinforc")), num_devices=1)
+
+    cfg = models.PRESETS["tiny"].replace(num_layers=2, vocab_size=64)
+    params = models.init_params(cfg, jax.random.key(0))
+    trainable, frozen = hydra.init_rl_params(params, cfg, jax.random.key(1), 1)
+    rng = np.random.default_rng(0)
+    B, P, N = 4, 3, 4
+    tokens = rng.integers(3, 64, (B, P + N)).astype(np.int32)
+    attention = np.ones((B, P + N), np.int32)
+    response_mask = np.ones((B, N), np.int32)
+    scores = np.array([1.0, -1.0, 0.5, 0.0], np.float32)
+    experience_fn, loss_fn = rlaif.build_rl_functions(cfg, exp.objective, P, group=2)
+    ex = experience_fn(trainable, frozen, tokens, attention, response_mask, scores, jnp.float32(0.0))
+    # with kl_coef 0 a reply's shaped reward is its score: the advantage is the score minus the batch mean
+    np.testing.assert_allclose(np.asarray(ex["advantages"])[:, 0], scores - scores.mean(), atol=1e-6)
+    batch = {"tokens": tokens, "attention_mask": attention, "response_mask": response_mask,
+             **{k: ex[k] for k in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns")}}
+    loss, metrics = loss_fn(trainable, frozen, batch)
+    logp = hydra.hydra_forward(trainable, frozen, cfg, tokens, attention, P)["logprobs"]
+    want = -float(np.mean(np.asarray(logp) * np.asarray(ex["advantages"])))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert "value_loss" not in metrics  # critic-free: no value term
+    grads = jax.grad(lambda t: loss_fn(t, frozen, batch)[0])(trainable)
+    assert all(float(jnp.abs(g).sum()) == 0.0 for g in jax.tree.leaves(grads["critic"]))
+
+
+def test_built_in_rl_losses_are_the_objectives():
+    """apa / ppo registrations call the pure objectives with their config fields."""
+    rng = np.random.default_rng(1)
+    logp, old, adv = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3))
+    mask = np.ones((3, 4), np.float32)
+    batch = {"old_logprobs": old, "advantages": adv, "response_mask": mask}
+    o = ObjectiveConfig(apa_lambda=0.3, ppo_clip=0.1)
+    got, _ = registry.get("apa").loss({"logprobs": logp}, batch, o)
+    np.testing.assert_allclose(float(got), float(obj_policy.apa_loss(logp, old, adv, mask, 0.3)[0]))
+    got, _ = registry.get("ppo").loss({"logprobs": logp}, batch, o)
+    np.testing.assert_allclose(float(got), float(obj_policy.ppo_policy_loss(logp, old, adv, mask, 0.1)[0]))
+
+
+def test_build_loss_covers_the_data_algorithms():
+    cfg = models.PRESETS["tiny"]
+    for name in ("sft", "dpo"):
+        assert callable(algorithms.build_loss(ObjectiveConfig(name=name), cfg))
+    with pytest.raises(ValueError, match="needs a reward model"):
+        algorithms.build_loss(ObjectiveConfig(name="rm_plackett_luce"), cfg)
