@@ -393,7 +393,7 @@ def _field(exp, field: str):
 @pytest.mark.parametrize("recipe", list(DOC_CLAIMS))
 def test_recipe_docstring_states_the_config_values(recipe):
     import importlib.util
-    from starling_jax.config import EXPERIMENTS_DIR
+    from starling_jax.config_loading import EXPERIMENTS_DIR
     spec = importlib.util.spec_from_file_location(f"_doc_{recipe}", EXPERIMENTS_DIR / f"{recipe}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
