@@ -123,8 +123,9 @@ def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelCon
     mask = batch["response_mask"]
     algorithm = rl_algorithm(objective.name)
     policy_loss, metrics = algorithm.loss(out, batch, objective)
-    if not algorithm.critic:
-        return policy_loss, {**metrics, "policy_loss": policy_loss}
+    if not algorithm.critic:  # the same metric names as with a critic (the curves and logs read them)
+        zero = jnp.zeros((), jnp.float32)
+        return policy_loss, {**metrics, "policy_loss": policy_loss, "value_loss": zero, "critic_only": zero}
     v_loss, v_metrics = obj_policy.value_loss(out["values"], batch["old_values"], batch["returns"], mask,
                                               objective.value_clip)
     loss = policy_loss + objective.vf_coef * v_loss
