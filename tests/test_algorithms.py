@@ -28,7 +28,7 @@ def test_built_in_algorithms_and_kinds():
     assert set(BUILT_IN) <= set(registry.names())
     assert {"sft", "rm", "dpo", "rl"} <= set(kinds.names())
     assert registry.of_kind("rm") == ["rm_bradley_terry", "rm_plackett_luce"]
-    with pytest.raises(KeyError, match="unknown objective 'rm_kwise'; known: apa, dpo, ppo, rm_bradley_terry"):
+    with pytest.raises(KeyError, match="unknown objective 'rm_kwise'; known: apa, dpo, grpo, ppo, rloo"):
         registry.get("rm_kwise")
     with pytest.raises(KeyError, match="no stage kind 'rlhf' is registered"):
         registry.stage_kind("rlhf")

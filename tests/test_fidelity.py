@@ -223,7 +223,7 @@ def test_identical_answers_are_one_response_and_counted():
 def test_reward_model_uses_the_template_it_was_trained_with(tmp_path):
     import dataclasses
     import json
-    from starling_jax.config import load_experiment
+    from starling_jax.config_loading import load_experiment
     from starling_jax.data.templates import jinja_template
     from starling_jax.train.rollout import trained_reward_template
     exp = load_experiment("tiny_starling")  # rm stage: mistral-7b-v0.1 tokenizer, "llama2" template

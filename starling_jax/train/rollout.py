@@ -50,10 +50,10 @@ def trained_reward_template(experiment, section) -> tuple[str, str, Optional[str
     template, tokenizer, path = section.template, section.tokenizer, section.path or ""
     origin = None
     if path.startswith("stage:"):
-        from starling_jax.config import stages_of
-        trained = dict(stages_of(experiment)).get(path[len("stage:"):])
-        if trained is not None:
-            template, tokenizer, origin = trained.model.template, trained.model.tokenizer, f"stage {path[6:]!r}"
+        stage = next((st for st in experiment.stages if st.name == path[len("stage:"):]), None)
+        if stage is not None:  # that stage's model section, or the experiment's when the stage leaves it unset
+            model = stage.model or experiment.model
+            template, tokenizer, origin = model.template, model.tokenizer, f"stage {path[6:]!r}"
     elif os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         import json
 
