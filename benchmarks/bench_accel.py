@@ -184,9 +184,7 @@ def bench_apa(args, facts) -> dict:
     import jax.numpy as jnp
 
     from starling_jax import plan, sharding
-    from starling_jax.config import load_experiment
-    from starling_jax.train.step import jit_step
-
+    from starling_jax.config_loading import load_experiment
     exp = load_experiment(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                                        "starling_alpha_apa.py"))
     one_b = exp.model.config.replace(num_layers=16, hidden_size=2048, num_heads=16, num_kv_heads=8, head_dim=128,
@@ -202,8 +200,8 @@ def bench_apa(args, facts) -> dict:
         data=dataclasses.replace(exp.data, max_length=P + N, max_prompt_length=P),
         rollout=dataclasses.replace(exp.rollout, prompts_per_step=B, minibatch_size=B, epochs=1, max_new_tokens=N))
     mesh = sharding.make_mesh(exp.mesh, jax.devices()[:1])
-    rules = sharding.rules_dict(exp.mesh)
-    parts = plan.PLANNERS["apa"](exp, mesh, rules)
+    _, cfg = plan._pick_stage(exp, None)  # the recipe's rl stage, resolved as training resolves it
+    parts = plan.stage_setup(cfg, mesh)  # the setup training builds (train/program.py StageSetup), abstract
 
     def materialise(leaf, k):
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -222,8 +220,8 @@ def bench_apa(args, facts) -> dict:
     batch["tokens"] = jax.random.randint(jax.random.key(3), batch["tokens"].shape, 0, one_b.vocab_size, jnp.int32)
     batch["attention_mask"] = jnp.ones_like(batch["tokens"])
     batch["response_mask"] = jnp.ones(batch["response_mask"].shape, jnp.int32)
-    step = jit_step(parts.step, mesh, parts.state_shardings, parts.batch_shardings)
-    flops = plan.jaxpr_flops(jax.make_jaxpr(parts.step)(parts.state, parts.batch).jaxpr)
+    step = parts.jit(mesh)
+    flops = plan.jaxpr_flops(jax.make_jaxpr(parts.update)(parts.state, parts.batch).jaxpr)
     holder = {"state": state}
 
     def run():

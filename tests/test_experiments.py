@@ -39,11 +39,13 @@ def test_recipes_at_scale_validate_on_a_pod(name):
         assert stage.model.template == "llama2"
 
 
-# Measured on this machine on the synthetic data with decorrelated defects: 120 steps give held-out pairwise accuracy
-# 0.588, 0.590, 0.601 for train.seed 0, 1, 2 (chance 0.5; 1,680 held-out pairs; measured before the held-out split
-# became prompt-disjoint, data.pipelines.load_splits). A 2-layer RM from scratch learns the
-# defect terms slowly; the main job's RM (initialised from the SFT policy, 600 steps) reaches 0.78.
-RM_THRESHOLD = 0.55
+# What a 2-layer RM from scratch learns in 120 steps is the TRAINING rankings: measured (seed 0, this CPU) its
+# training-window pair accuracy rises 0.54 -> 0.63 (mean of the last three windows 0.629) and the K-wise loss falls
+# 8.48 -> 8.18 (log 7! = 8.53). On the prompt-disjoint held-out split (data.pipelines.load_splits) it stays at chance:
+# 0.506 at 120 steps, 0.514 at 300 (a null result, docs/REPRODUCTION.md rm_small measures it over seeds). So the test
+# guards learning on the training stream; held-out ranking quality is the main job's test (RM from the SFT policy).
+MIN_TRAIN_ACCURACY = 0.58
+MIN_LOSS_DROP = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +61,18 @@ def tiny_rm_run(tmp_path_factory):
 def test_tiny_rm_learns_the_rankings(tiny_rm_run):
     workdir, summary, n_heldout = tiny_rm_run
     rm = summary["rm"]
-    assert rm["heldout_groups"] == n_heldout and rm["heldout_pairs"] == n_heldout * 21
-    assert rm["heldout_pair_accuracy"] > RM_THRESHOLD, rm
+    evaluated = n_heldout - n_heldout % 8  # whole batches of train.batch_size = 8 (the rest is logged as left out)
+    assert rm["heldout_rows"] == n_heldout and rm["heldout_groups"] == evaluated
+    assert rm["heldout_pairs"] == evaluated * 21
     # every group ranks all 7 responses (21 pairs), so without reward ties Kendall's tau = 2 * accuracy - 1
     assert rm["heldout_kendall_tau"] == pytest.approx(2 * rm["heldout_pair_accuracy"] - 1, abs=1e-5)
     # the first logged window starts near the K-wise loss of a constant reward: sum_j log(K - j + 1) = log 7!
-    first = read_metrics(str(workdir / "rm"))[0]
+    records = [r for r in read_metrics(str(workdir / "rm")) if "loss" in r]
+    first = records[0]
     assert abs(first["loss"] - math.log(math.factorial(7))) < 0.3, first
+    last = records[-3:]
+    assert sum(r["pair_accuracy"] for r in last) / 3 > MIN_TRAIN_ACCURACY, last
+    assert first["loss"] - sum(r["loss"] for r in last) / 3 > MIN_LOSS_DROP, (first, last)
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_tiny_ppo_is_the_main_job_with_ppo():
         assert dataclasses.replace(p[stage], name=a[stage].name) == a[stage]
 
 
-@pytest.mark.parametrize("name,objective,top_layers", [("starling_alpha_apa", "apa", 4), ("starling_beta_ppo", "ppo", 0)])
+@pytest.mark.parametrize("name,objective,top_layers", [("starling_alpha_apa", "apa", 4), ("starling_beta_ppo", "ppo", 4)])
 def test_7b_recipes_validate_given_local_checkpoints(tmp_path, name, objective, top_layers):
     exp = _experiment(name)
     (cfg,) = [c for _, c in stages_of(exp)]

@@ -9,6 +9,7 @@ gets a fresh Linear(hidden, 1) score head.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import jax
@@ -29,6 +30,7 @@ from starling_jax.train.state import abstract_state, create_state, make_optimize
 from starling_jax.train.step import make_train_step
 from starling_jax.models import Params
 
+log = logging.getLogger(__name__)
 
 
 class GrainBatches:
@@ -153,6 +155,10 @@ class DataStage:
         rows = self.splits.heldout if rows is None else rows
         if not rows:
             return []
+        left_out = len(rows) % self.c.train.batch_size
+        if num_batches is None and left_out:  # batches keep the training shapes (and shardings): whole batches only
+            log.warning("held-out evaluation reads whole batches of %d: the last %d of %d rows are not evaluated "
+                        "(the summary's *_rows counts every row)", self.c.train.batch_size, left_out, len(rows))
         out = []
         for b in self._dataset(rows, shuffle=False, num_epochs=1):
             if num_batches is not None and len(out) >= num_batches:
