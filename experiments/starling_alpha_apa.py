@@ -23,6 +23,10 @@ What the fork's config says (and this recipe follows):
   - rollouts: 64 per process per chunk, 4 per process per update, 2 epochs per chunk (32 updates per chunk); 20,000
     updates; max_new_tokens 1024, top_k 0, top_p 1, temperature 1; prompts left-truncated to 2148 - 1024 tokens;
     100 held-out prompts from a 0.001 test split.
+  - critic: value_head="layers" with value_head_layers=4: the fork's OpenChat model class
+    (MistralModelWithHydraValueHead) gives the critic its own trainable copy of the top 4 layers and the final norm,
+    taken from the policy at the start, plus Linear(4096, 1) without bias, run over the frozen hidden state entering
+    the top 4 layers.
   - loss: APA (logp - logp_old - A)^2, i.e. lambda = 1; value loss 0.5 max((V-R)^2, (V_clip-R)^2) with the values
     clipped to old +- 0.2, vf_coef 1; a minibatch whose value loss exceeds 1 trains only the critic; GAE gamma 1,
     lambda 0.95, no advantage whitening; KL coefficient 0.01, fixed.
@@ -34,10 +38,6 @@ Deviations (choices, each with its reason in tests/test_recipes.py and docs/RLAI
   - the process count is not recorded (the yaml says 8 processes, the launch comment --num_processes 2): we take 8
     devices, one process each: 512 rollouts per chunk (64 x 8), minibatches of 32 (4 x 8), 625 chunks = 20,000
     updates. The reward model is sharded over the same mesh instead of sitting on the last GPU.
-  - the critic: the fork's OpenChat path (MistralModelWithHydraValueHead) trains a separate copy of the top 4 layers
-    plus Linear(4096, 1); this recipe uses value_head="mlp" (trlx's generic Linear(4096, 8192)-ReLU-Linear(8192, 1)
-    head on the policy's last hidden state, which the fork's later commit 700287b uses), because a layer-copy critic
-    is not implemented here yet.
   - prompts: Nectar's prompts (the fork loads a cleaned prompt set, ThWu/rlhf_cleaned_prompt, not available here).
   - the released Starling-RM-7B-alpha as the reward model (the fork's config loads banghua/refine_rm).
 """
@@ -71,7 +71,8 @@ def get_config() -> Experiment:
                         max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
         objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.01, kl_target=None, kl_horizon=10000,
                                   vf_coef=1.0, value_clip=0.2, gamma=1.0, gae_lambda=0.95, critic_only_above=1.0,
-                                  value_head="mlp", reward_clip=10.0, scale_reward=True, whiten_advantages=False),
+                                  value_head="layers", value_head_layers=4, reward_clip=10.0, scale_reward=True,
+                                  whiten_advantages=False),
         # cosine_annealing(T_max=10000, eta_min=lr) is a constant rate: cosine with end_lr_fraction = 1
         optim=OptimConfig(learning_rate=2e-7, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,
                           b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),

@@ -14,14 +14,14 @@ Starling-RM-34B reading Yi-34B-Chat's ChatML ("<|im_start|>user\\n...<|im_end|>\
 PPO. The beta run's training code and hyperparameters were not published. The optimisation values below are the
 authors' last PPO config for an OpenChat-3.5 successor: thwu1/trlx commit 2400956 (4 Jan 2024), whose
 examples/hh/mistral_apa.py trains openchat-3.5-1210 with the PPO loss of that commit's modeling_ppo.py: top 4 layers
-(hydra), AdamW lr 4e-7 held constant (cosine_annealing with eta_min = lr), betas (0.9, 0.95), weight decay 1e-6,
-64 rollouts and 4 per update per process, 2 PPO epochs, clip 0.2, value clip 0.2, vf_coef 1, no advantage
+(hydra), a critic that is its own trainable copy of those top 4 layers + final norm + Linear(4096, 1)
+(MistralModelWithHydraValueHead: value_head="layers", value_head_layers=4), AdamW lr 4e-7 held constant
+(cosine_annealing with eta_min = lr), betas (0.9, 0.95), weight decay 1e-6, 64 rollouts and 4 per update per process, 2 PPO epochs, clip 0.2, value clip 0.2, vf_coef 1, no advantage
 whitening, KL coefficient 0.001 fixed, rewards clipped to +-10 and scaled by a running std, max_new_tokens 1024,
 temperature 1, 2148 tokens, 20,000 updates. tests/test_recipes.py lists each value with its line, or "choice".
 
 Choices: 16 devices (one process each: 1,024 rollouts per chunk, minibatches of 64, 32 updates per chunk as the
-fork's 2 x 64 / 4; 625 chunks = 20,000 updates); the MLP critic (the fork's OpenChat critic is a copy of the top
-4 layers, not implemented here); Nectar's prompts (the fork loads ThWu/cleaned_prompt_r_2).
+fork's 2 x 64 / 4; 625 chunks = 20,000 updates); Nectar's prompts (the fork loads ThWu/cleaned_prompt_r_2).
 """
 
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
@@ -49,8 +49,8 @@ def get_config() -> Experiment:
         data=DataConfig(source="data/nectar", heldout_fraction=0.001, max_length=SEQ_LEN,
                         max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
         objective=ObjectiveConfig(name="ppo", ppo_clip=0.2, value_clip=0.2, vf_coef=1.0, kl_coef=0.001,
-                                  kl_target=None, kl_horizon=10000, gamma=1.0, gae_lambda=0.95, value_head="mlp",
-                                  reward_clip=10.0, scale_reward=True, whiten_advantages=False),
+                                  kl_target=None, kl_horizon=10000, gamma=1.0, gae_lambda=0.95, value_head="layers",
+                                  value_head_layers=4, reward_clip=10.0, scale_reward=True, whiten_advantages=False),
         optim=OptimConfig(learning_rate=4e-7, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,
                           b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),
         rollout=RolloutConfig(prompts_per_step=CHUNK, max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,

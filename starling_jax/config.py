@@ -93,7 +93,12 @@ class ObjectiveConfig:
     kl_target: Optional[float] = None  # adaptive KL controller target (None = fixed coefficient)
     kl_horizon: int = 10000
     critic_only_above: Optional[float] = None  # Starling fork: a step whose value loss exceeds this trains the critic only
-    value_head: Literal["mlp", "linear"] = "mlp"  # "mlp" is Starling's
+    # the critic: "mlp" (trlx make_head: Linear(D, 2D)-ReLU-Linear(2D, 1)) or "linear" on the policy's last hidden
+    # state, or "layers": a trainable copy of the model's top value_head_layers layers + final norm + Linear(D, 1),
+    # initialised from the policy and reading the (frozen) hidden state below them (the Starling fork's OpenChat
+    # critic, MistralModelWithHydraValueHead; train/hydra.py)
+    value_head: Literal["mlp", "linear", "layers"] = "mlp"
+    value_head_layers: int = 0  # with value_head="layers": how many top layers the critic copies (1..num_layers)
     reward_clip: float = 10.0
     scale_reward: bool = True  # divide the RM score by a running std
     whiten_advantages: bool = False  # normalise GAE advantages per rollout chunk (trlx PPO); APA uses raw ones

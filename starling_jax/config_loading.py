@@ -359,6 +359,13 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("optim.grad_clip", f"must be > 0 or None, got {o.grad_clip}")
     if not 0 <= m.trainable_top_layers <= m.config.num_layers:
         bad("model.trainable_top_layers", f"{m.trainable_top_layers} is not in [0, {m.config.num_layers}]")
+    ob = c.objective
+    if ob.value_head == "layers" and not 1 <= ob.value_head_layers <= m.config.num_layers:
+        bad("objective.value_head_layers", f"{ob.value_head_layers} is not in [1, {m.config.num_layers}] (the critic "
+            f"value_head='layers' copies that many top layers)")
+    elif ob.value_head != "layers" and ob.value_head_layers != 0:
+        bad("objective.value_head_layers", f"{ob.value_head_layers} is only read with value_head='layers' (got "
+            f"value_head={ob.value_head!r}); leave it 0")
     want_head = algorithm.head if algorithm else "lm"
     if kind and m.path is None and m.config.head != want_head:
         bad("model.config.head", f"objective {obj!r} trains a {want_head!r} head but the model has head="

@@ -155,6 +155,36 @@ def test_plan_rl_update_and_rollout(tmp_path):
     assert gb["total"] == gb["params"] + gb["other"] + gb["batch"] + gb["temp"] + gb["output_not_aliased"]
 
 
+@needs8
+@pytest.mark.slow
+def test_plan_counts_and_shards_the_layer_critic(tmp_path):
+    """value_head="layers": the planned trainable state holds the critic's own copy of the top layers (+ norm +
+    Linear(D, 1), no bias) instead of the MLP head, sharded like the model's layers, with Adam moments for it."""
+    from starling_jax import sharding
+    from starling_jax.config_loading import load_experiment, stages_of
+
+    path = tmp_path / "tiny_rl_plan.py"
+    path.write_text(RL_EXPERIMENT.replace('ObjectiveConfig(name="apa")', 'ObjectiveConfig(name="apa", '
+                                          'value_head="layers", value_head_layers=2)'))
+    exp = load_experiment(str(path))
+    D, V = 64, 128
+    layer = D * 64 * 2 + D * 32 * 2 + 3 * D * 128 + 2 * D  # with its two norms
+    r = plan.plan_experiment(exp, jax.devices()[:8])
+    assert r["param_counts"]["trainable"] == (layer + D + D * V) + (2 * layer + D + D)  # policy + critic
+    assert r["param_counts"]["frozen"] == V * D + layer + (layer + D + D * V)
+    b = r["per_device_bytes"]
+    assert 2 * b["params"] <= b["optimizer"] < 2 * b["params"] + 64  # Adam's two moments of every trainable leaf
+    assert any("a copy of the top 2 layers" in n for n in r["notes"])
+
+    (_, cfg), = stages_of(exp)
+    setup = plan.stage_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:8]))
+    shard = setup.state_shardings.params
+    for name in shard["policy"]["layers"]:
+        assert shard["critic"]["layers"][name].spec == shard["policy"]["layers"][name].spec, name
+    assert shard["critic"]["final_norm"].spec == shard["policy"]["final_norm"].spec
+    assert setup.state.params["critic"]["layers"]["wq"].shape == (2, D, 4, 16)
+
+
 def _specs(tree):
     return jax.tree.map(lambda s: s.spec, tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
 

@@ -35,6 +35,7 @@ APA_CFG, PPO_MOD, TRAINER = "examples/hh/mistral_apa.py", "trlx/models/modeling_
     "trlx/trainer/accelerate_ppo_trainer.py"
 YAML, UTILS, FREEZE = "configs/accelerate/zero2-bf16.yaml", "examples/hh/utils.py", "trlx/utils/modeling.py"
 TRLX_PY, TRLX_CONFIGS = "trlx/trlx.py", "trlx/data/configs.py"
+BASE_TRAINER = "trlx/trainer/accelerate_base_trainer.py"
 OPENCHAT_CARD = "huggingface openchat/openchat_3.5 model card + config.json (Mistral-7B-v0.1, vocab 32002)"
 RM_CARD = "huggingface berkeley-nest/Starling-RM-7B-alpha model card"
 BETA_CARD = "huggingface Nexusflow/Starling-LM-7B-beta and Nexusflow/Starling-RM-34B model cards"
@@ -84,9 +85,13 @@ ALPHA = [
     ("objective.gamma", 1.0, fork(APA_CFG, 54)),
     ("objective.gae_lambda", 0.95, fork(APA_CFG, 55)),
     ("objective.critic_only_above", 1.0, fork(PPO_MOD, 221) + "-224 if vf_loss > 1: loss = vf_coef * vf_loss"),
-    ("objective.value_head", "mlp", f"choice: {fork(TRAINER, 109)}-112 + {fork(PPO_MOD, 273)}-279 use a trainable "
-     "copy of the top 4 layers + Linear(4096, 1) for OpenChat; a layer-copy critic is not implemented here, so the "
-     "MLP head of trlx's make_head (utils/modeling.py L13-19), which the fork's 700287b uses"),
+    ("objective.value_head", "layers", f"{fork(TRAINER, 109)}-112 get_arch: openchat/openchat_3.5 -> "
+     f"MistralModelWithHydraValueHead; {fork(PPO_MOD, 464)} its v_head = make_mistral_value_branch, "
+     f"{fork(PPO_MOD, 273)}-279 a MistralModelBranch whose head is Linear(4096, 1, bias=False), "
+     f"{fork(PPO_MOD, 294)}-295 deep copies of the top layers and the norm (made before {fork(BASE_TRAINER, 156)} "
+     f"freezes the base: all trainable), run over {fork(PPO_MOD, 493)} hidden_states[-(N + 1)]"),
+    ("objective.value_head_layers", 4, f"{fork(PPO_MOD, 464)} make_mistral_value_branch(base_model, "
+     f"num_layers_unfrozen); {fork(APA_CFG, 42)} num_layers_unfrozen=4"),
     ("objective.reward_clip", 10.0, f"{fork(APA_CFG, 62)} cliprange_reward; applied first: {fork(TRAINER, 366)}"),
     ("objective.scale_reward", True, f"{fork(APA_CFG, 59)} scale_reward='running'; {fork(TRAINER, 372)}-379 "
      "moments of the clipped scores, then divide by the running std"),
@@ -147,8 +152,13 @@ BETA_ROWS = [
     ("objective.kl_target", None, fork(APA_CFG, 53, BETA)),
     ("objective.kl_horizon", 10000, fork(APA_CFG, 54, BETA)),
     ("objective.gamma", 1.0, fork(APA_CFG, 55, BETA)), ("objective.gae_lambda", 0.95, fork(APA_CFG, 56, BETA)),
-    ("objective.value_head", "mlp", "choice: the fork's OpenChat critic is a copy of the top 4 layers "
-     f"({fork(TRAINER, 'get_arch', BETA)}); not implemented here"),
+    ("objective.value_head", "layers", f"{fork(TRAINER, 110, BETA)}-113 get_arch: a model path with 'openchat' "
+     f"({fork(APA_CFG, 27, BETA)} banghua/openchat-3.5-1210-bin) -> MistralModelWithHydraValueHead; "
+     f"{fork(PPO_MOD, 461, BETA)} v_head = make_mistral_value_branch ({fork(PPO_MOD, 270, BETA)}-276 "
+     f"Linear(4096, 1, bias=False); {fork(PPO_MOD, 291, BETA)}-292 copies of the top layers and the norm), over "
+     f"{fork(PPO_MOD, 490, BETA)} hidden_states[-(N + 1)]"),
+    ("objective.value_head_layers", 4, f"{fork(PPO_MOD, 461, BETA)} num_layers_unfrozen; "
+     f"{fork(APA_CFG, 43, BETA)} num_layers_unfrozen=4"),
     ("objective.reward_clip", 10.0, fork(APA_CFG, 63, BETA)),
     ("objective.scale_reward", True, fork(APA_CFG, 60, BETA)),
     ("objective.whiten_advantages", False, fork(PPO_MOD, 144, BETA) + " use_whitening=False"),
@@ -246,8 +256,8 @@ TABLE = {"starling_alpha_apa": ALPHA, "starling_beta_ppo": BETA_ROWS, "starling_
 # Hyperparameters a stage kind reads: each needs a row even where it equals the default.
 READ = {
     "rl": ["objective." + k for k in ("name", "kl_coef", "kl_target", "vf_coef", "value_clip", "gamma", "gae_lambda",
-                                       "critic_only_above", "value_head", "reward_clip", "scale_reward",
-                                       "whiten_advantages")]
+                                       "critic_only_above", "value_head", "value_head_layers", "reward_clip",
+                                       "scale_reward", "whiten_advantages")]
           + ["rollout." + k for k in ("prompts_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "epochs",
                                       "minibatch_size")],
     "rm": ["objective.name", "objective.pl_normalize", "data.max_responses", "train.batch_size", "train.grad_accum"],
@@ -362,6 +372,7 @@ DOC_CLAIMS = {
                            (r"minibatches of (\d+)", "rollout.minibatch_size", int),
                            (r"(\d+) chunks", "train.steps", int),
                            (r'value_head="(\w+)"', "objective.value_head", str),
+                           (r"value_head_layers=(\d+)", "objective.value_head_layers", int),
                            (r'template "(\w+)"', "reward_model.template", str)],
     "starling_beta_ppo": [(r"lr ([\d.e-]+) held constant", "optim.learning_rate", float),
                           (r"top (\d+) layers", "model.trainable_top_layers", int),
@@ -370,7 +381,9 @@ DOC_CLAIMS = {
                           (r"value clip ([\d.]+)", "objective.value_clip", float),
                           (r"([\d,]+) rollouts per chunk", "rollout.prompts_per_step", int),
                           (r"minibatches of (\d+)", "rollout.minibatch_size", int),
-                          (r"(\d+) chunks", "train.steps", int)],
+                          (r"(\d+) chunks", "train.steps", int),
+                          (r'value_head="(\w+)"', "objective.value_head", str),
+                          (r"value_head_layers=(\d+)", "objective.value_head_layers", int)],
     "starling_rm_7b": [(r"AdamW lr ([\d.e-]+)", "optim.learning_rate", float),
                        (r"([\d,]+) steps", "train.steps", int),
                        (r"our template \"(\w+)\"", "model.template", str),

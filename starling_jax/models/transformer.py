@@ -35,7 +35,7 @@ NEG_INF = attention_ops.NEG_INF
 class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[Optional[str], ...]  # logical axis names, mapped to mesh axes by starling_jax.sharding rules
-    init: str  # "normal" (std = config.init_std), "ones" or "zeros"
+    init: str  # "normal" (std = config.init_std), "ones", "zeros" or "fan_in_uniform" (torch Linear's)
     dtype: str = "float32"
 
 
@@ -66,15 +66,30 @@ def param_specs(config: ModelConfig) -> Params:
     return specs
 
 
-def value_head_specs(config: ModelConfig, kind: str = "mlp") -> Params:
-    """A per-token critic on the last hidden state: Starling's MLP Linear(D, 2D)-ReLU-Linear(2D, 1), or a Linear(D, 1)."""
+VALUE_HEADS = ("mlp", "linear", "layers")
+
+
+def value_head_specs(config: ModelConfig, kind: str = "mlp", layers: int = 0) -> Params:
+    """A per-token critic. On the policy's last hidden state: "mlp", Linear(D, 2D)-ReLU-Linear(2D, 1) (trlx's
+    make_head), or "linear", Linear(D, 1). Or "layers": its own stack of `layers` decoder layers (the shapes and
+    logical axes of the model's, so they shard like them) + a final norm + Linear(D, 1) without bias (the Starling
+    fork's OpenChat critic; train/hydra.py runs it)."""
     D, dt = config.hidden_size, config.param_dtype
     if kind == "mlp":
         return {"w1": ParamSpec((D, 2 * D), ("embed", "mlp"), "normal", dt), "b1": ParamSpec((2 * D,), ("mlp",), "zeros", dt),
                 "w2": ParamSpec((2 * D, 1), ("mlp", None), "normal", dt), "b2": ParamSpec((1,), (None,), "zeros", dt)}
     if kind == "linear":
         return {"w": ParamSpec((D, 1), ("embed", None), "normal", dt), "b": ParamSpec((1,), (None,), "zeros", dt)}
-    raise ValueError(f"value head kind must be 'mlp' or 'linear', got {kind!r}")
+    if kind == "layers":
+        if not 1 <= layers <= config.num_layers:
+            raise ValueError(f"a 'layers' value head copies 1..{config.num_layers} layers, got {layers}")
+        model = param_specs(config)
+        stack = jax.tree.map(lambda s: dataclasses.replace(s, shape=(layers, *s.shape[1:])), model["layers"],
+                             is_leaf=is_spec)
+        # torch nn.Linear's default init (uniform in +-1/sqrt(fan_in)), as the fork's freshly made Linear(4096, 1)
+        return {"layers": stack, "final_norm": model["final_norm"],
+                "w": ParamSpec((D, 1), ("embed", None), "fan_in_uniform", dt)}
+    raise ValueError(f"value head kind must be one of {', '.join(VALUE_HEADS)}, got {kind!r}")
 
 
 def is_spec(x) -> bool:
@@ -92,6 +107,9 @@ def init_from_specs(specs: Params, key: jax.Array, std: float) -> Params:
             return jnp.ones(spec.shape, dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, dtype)
+        if spec.init == "fan_in_uniform":  # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / np.sqrt(spec.shape[0])
+            return jax.random.uniform(k, spec.shape, jnp.float32, -bound, bound).astype(dtype)
         return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
 
     return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
@@ -102,8 +120,19 @@ def init_params(config: ModelConfig, key: jax.Array) -> Params:
     return init_from_specs(param_specs(config), key, config.init_std)
 
 
-def init_value_head(config: ModelConfig, key: jax.Array, kind: str = "mlp") -> Params:
-    return init_from_specs(value_head_specs(config, kind), key, config.init_std)
+def init_value_head(config: ModelConfig, key: jax.Array, kind: str = "mlp", layers: int = 0,
+                    source: Optional[Params] = None) -> Params:
+    """A fresh critic (value_head_specs). kind "layers" copies the top `layers` layers and the final norm of `source`
+    (the policy's full params; new arrays, never aliases) and draws only its Linear(D, 1)."""
+    specs = value_head_specs(config, kind, layers)
+    if kind != "layers":
+        return init_from_specs(specs, key, config.init_std)
+    if source is None:
+        raise ValueError("a 'layers' value head is initialised from the policy: pass its full params as source")
+    n = source["layers"]["wq"].shape[0]
+    return {"layers": jax.tree.map(lambda a: jnp.copy(a[n - layers:]), source["layers"]),
+            "final_norm": jnp.copy(source["final_norm"]),
+            "w": init_from_specs(specs["w"], key, config.init_std)}
 
 
 def abstract_params(config: ModelConfig) -> Params:
@@ -347,12 +376,14 @@ def score(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask
 
 
 def value_head(head: Params, h: jax.Array) -> jax.Array:
-    """Per-token values [B, T] (float32) from hidden states [B, T, D]."""
+    """Per-token values [B, T] (float32) from hidden states [B, T, D]: the "mlp" or "linear" head, or the scalar
+    Linear (no bias) of a "layers" critic (whose stack train/hydra.py runs first)."""
     h = h.astype(jnp.float32)
     if "w1" in head:
         h = jax.nn.relu(h @ head["w1"].astype(jnp.float32) + head["b1"].astype(jnp.float32))
         return (h @ head["w2"].astype(jnp.float32) + head["b2"].astype(jnp.float32))[..., 0]
-    return (h @ head["w"].astype(jnp.float32) + head["b"].astype(jnp.float32))[..., 0]
+    out = h @ head["w"].astype(jnp.float32)
+    return (out + head["b"].astype(jnp.float32) if "b" in head else out)[..., 0]
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:

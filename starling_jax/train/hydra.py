@@ -2,12 +2,22 @@
 
 Starling-alpha trains only the top N transformer layers (trlx's num_layers_unfrozen=4). The layers below are frozen,
 so they run once per batch, without gradient, and their output feeds both the trainable top layers (the policy) and a
-frozen copy of those same top layers taken at the start of RL (the reference). The critic is a head on the policy's
-last hidden state. With N = all layers (or 0, "train everything"), the trunk is empty and the reference is a full
-frozen copy of the initial policy.
+frozen copy of those same top layers taken at the start of RL (the reference). With N = all layers (or 0, "train
+everything"), the trunk is empty and the reference is a full frozen copy of the initial policy.
+
+The critic (objective.value_head) is either a head on the policy's last hidden state ("mlp", "linear"), or ("layers")
+a network of its own: a trainable copy of the model's top M layers (M = objective.value_head_layers) + final norm +
+Linear(D, 1), initialised from the policy at the start of RL and run over the hidden state entering those M layers
+(the branch), taken without gradient. This is the Starling fork's OpenChat critic (thwu1/trlx 0fb4e1e,
+trlx/models/modeling_ppo.py MistralModelWithHydraValueHead: its v_head deep-copies the top num_layers_unfrozen layers
+and the norm, replaces the LM head by Linear(4096, 1, bias=False), and reads hidden_states[-(num_layers_unfrozen+1)]
+of the frozen base). With M = N the branch is the trunk's output, computed once for all three; with M != N the branch
+is another layer of the trunk (the trunk's scan is split there) or of the current policy (those policy layers run
+once more without gradient), so the critic's value loss never reaches the policy or the trunk.
 
 Trees (nested dicts of arrays):
-  trainable = {"policy": the top layers + final norm (+ lm head), "critic": value-head params}
+  trainable = {"policy": the top layers + final norm (+ lm head), "critic": value-head params ("layers": {"layers":
+               M stacked layers, "final_norm", "w" [D, 1]})}
   frozen    = {"trunk": embeddings + lower layers (+ lm head when it is not trained; {} when every layer trains),
                "reference": a copy of the initial "policy" subtree}
 Only `trainable` gets gradients and optimizer state.
@@ -28,10 +38,12 @@ from starling_jax.sharding import ActivationConstraint
 
 
 def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, top_layers: int = 0,
-                   train_head: bool = True, value_head_kind: str = "mlp") -> tuple[Params, Params]:
+                   train_head: bool = True, value_head_kind: str = "mlp",
+                   value_head_layers: int = 0) -> tuple[Params, Params]:
     """Split full policy params into (trainable, frozen) for an RL stage (see the module docstring).
 
     top_layers = 0 or num_layers trains every layer (the reference is then a full frozen copy).
+    value_head_kind "layers": the critic copies the top value_head_layers layers and the final norm of `params`.
     """
     if "lm_head" not in params and not config.tie_embeddings:
         raise ValueError("the RL policy needs a language-model head: params have no 'lm_head' "
@@ -39,7 +51,7 @@ def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, t
     policy, trunk = models.split_params(params, top_layers, train_head)
     # The reference must not alias the trainable arrays: a donated train state would otherwise invalidate it.
     reference = jax.tree.map(jnp.copy, policy)
-    critic = models.init_value_head(config, critic_key, value_head_kind)
+    critic = models.init_value_head(config, critic_key, value_head_kind, value_head_layers, source=params)
     return {"policy": policy, "critic": critic}, {"trunk": trunk, "reference": reference}
 
 
@@ -79,6 +91,66 @@ def top_forward(top: Params, trunk: Params, shared: Optional[jax.Array], config:
     return models.final_norm({**trunk, **top}, config, x)
 
 
+def _layers(tree: Params) -> int:
+    """How many stacked layers a params subtree holds (0 without "layers")."""
+    return tree["layers"]["wq"].shape[0] if "layers" in tree else 0
+
+
+def _slice_layers(layers: Params, start: int, stop: int) -> Params:
+    return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def trunk_and_branch(trunk: Params, policy: Params, config: ModelConfig, tokens: jax.Array,
+                     attention_mask: jax.Array, branch_at: int,
+                     constrain: Optional[ActivationConstraint] = None) -> tuple[Optional[jax.Array], jax.Array]:
+    """(trunk_forward's output, the hidden state entering layer `branch_at` of the model), both without gradient.
+
+    branch_at <= the trunk's layer count: the trunk's scan is split there (no extra compute; equal to the trunk's
+    output when it is the cut). Above it: the current policy's layers below branch_at run once more, without
+    gradient (the branch is a value, not a path for gradients into the policy)."""
+    cut = _layers(trunk)
+    if "embed" in trunk and branch_at <= cut:
+        x = _embed(trunk, config, tokens, constrain)
+        if 0 < branch_at < cut:
+            x, _ = models.run_layers(_slice_layers(trunk["layers"], 0, branch_at), config, x, attention_mask,
+                                     constrain=constrain)
+            branch = jax.lax.stop_gradient(x)
+            x, _ = models.run_layers(_slice_layers(trunk["layers"], branch_at, cut), config, x, attention_mask,
+                                     constrain=constrain)
+        else:
+            branch = jax.lax.stop_gradient(x) if branch_at == 0 else None
+            if cut:
+                x, _ = models.run_layers(trunk["layers"], config, x, attention_mask, constrain=constrain)
+        shared = jax.lax.stop_gradient(x)
+        return shared, shared if branch is None else branch
+    shared = trunk_forward(trunk, config, tokens, attention_mask, constrain)
+    x = _embed({**trunk, **policy}, config, tokens, constrain) if shared is None else shared
+    if branch_at > cut:
+        x, _ = models.run_layers(_slice_layers(policy["layers"], 0, branch_at - cut), config, x, attention_mask,
+                                 constrain=constrain)
+    return shared, jax.lax.stop_gradient(x)
+
+
+def critic_values(critic: Params, config: ModelConfig, branch: jax.Array, attention_mask: jax.Array,
+                  window: Optional[tuple[int, int]] = None,
+                  constrain: Optional[ActivationConstraint] = None) -> jax.Array:
+    """Values [B, T] (or [B, length] with window = (start, length), float32) of a "layers" critic: its copied layers
+    over the branch hidden state [B, T, D] (trunk_and_branch), its final norm, its Linear(D, 1)."""
+    x, _ = models.run_layers(critic["layers"], config, branch, attention_mask, constrain=constrain)
+    if window is not None:
+        x = jax.lax.dynamic_slice_in_dim(x, window[0], window[1], axis=1)
+    return models.value_head({"w": critic["w"]}, models.final_norm(critic, config, x))
+
+
+def critic_only_values(trainable: Params, out: dict) -> jax.Array:
+    """hydra_forward's values with their gradient reaching the critic only (the fork's critic-only steps): a head
+    critic re-reads the policy's hidden states detached; a "layers" critic's input is already detached."""
+    critic = trainable["critic"]
+    if "layers" in critic:
+        return out["values"]
+    return models.value_head(critic, jax.lax.stop_gradient(out["hidden"]))
+
+
 def _embed(src: Params, config: ModelConfig, tokens: jax.Array, constrain: Optional[ActivationConstraint]):
     """Token embeddings; on a mesh the table is pinned for the lookup and the output to the activation layout (see
     sharding.ActivationConstraint)."""
@@ -96,7 +168,8 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
     prompt_len: P (static). The logits at position P - 1 + j predict response token j; the critic's value for
     response token j is read at the same position (the state before the token is chosen), as in trlx.
     Returns {"logprobs" [B, N], "ref_logprobs" [B, N] (if with_reference), "values" [B, N]} float32 and
-    "hidden" [B, N, D], the policy's final hidden states at those positions (the critic's input).
+    "hidden" [B, N, D], the policy's final hidden states at those positions (a head critic's input; a "layers"
+    critic reads the branch hidden state instead, see trunk_and_branch).
     constrain: the activation sharding constraint on a mesh (sharding.activation_constraint), else None.
     temperature: the rollout temperature; the policy's and the reference's logits are divided by it (as TRL does in
     both passes), so log pi_old, log pi_ref, the KL penalty and the ratios are those of the distribution the tokens
@@ -107,7 +180,12 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
         raise ValueError(f"hydra_forward: tokens {tokens.shape} and attention_mask {attention_mask.shape} differ")
     targets = tokens[:, prompt_len:]
     window = (prompt_len - 1, targets.shape[1])  # only the predicting positions go through the vocabulary projection
-    shared = trunk_forward(trunk, config, tokens, attention_mask, constrain)  # once; it feeds both heads
+    critic = trainable["critic"]
+    if "layers" in critic:  # once; the trunk's output feeds the policy and the reference, the branch the critic
+        shared, branch = trunk_and_branch(trunk, policy, config, tokens, attention_mask,
+                                          config.num_layers - _layers(critic), constrain)
+    else:  # once; it feeds the policy and the reference
+        shared = trunk_forward(trunk, config, tokens, attention_mask, constrain)
 
     def logprobs(p: Params, h: jax.Array) -> jax.Array:
         logits = models.lm_logits({**trunk, **p}, config, h)
@@ -116,7 +194,9 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
         return models.token_logprobs(logits, targets)
 
     h = top_forward(policy, trunk, shared, config, tokens, attention_mask, constrain, window)
-    out = {"logprobs": logprobs(policy, h), "values": models.value_head(trainable["critic"], h), "hidden": h}
+    values = (critic_values(critic, config, branch, attention_mask, window, constrain) if "layers" in critic
+              else models.value_head(critic, h))
+    out = {"logprobs": logprobs(policy, h), "values": values, "hidden": h}
     if with_reference:
         h_ref = top_forward(reference, trunk, shared, config, tokens, attention_mask, constrain, window)
         ref = logprobs(reference, h_ref)

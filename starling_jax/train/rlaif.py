@@ -39,7 +39,8 @@ from starling_jax.models import ModelConfig, Params
 from starling_jax.objectives import common as obj_common
 from starling_jax.objectives import policy as obj_policy
 from starling_jax.train import program as prog
-from starling_jax.train.hydra import hydra_forward, init_rl_params, policy_params, reference_params
+from starling_jax.train.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_params,
+                                      reference_params)
 from starling_jax.train.logging import plot_metrics, read_metrics
 from starling_jax.train.rollout import (RewardScorer, RolloutSource, conversation_of, sample_replies,
                                         trained_reward_template)
@@ -132,7 +133,7 @@ def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelCon
     critic_only = jnp.zeros((), jnp.bool_)
     if objective.critic_only_above is not None:
         critic_only = jax.lax.stop_gradient(v_loss) > objective.critic_only_above
-        detached = models.value_head(trainable["critic"], jax.lax.stop_gradient(out["hidden"]))
+        detached = critic_only_values(trainable, out)
         v_loss_critic, _ = obj_policy.value_loss(detached, batch["old_values"], batch["returns"], mask,
                                                  objective.value_clip)
         loss = jnp.where(critic_only, objective.vf_coef * v_loss_critic, loss)
@@ -281,13 +282,14 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     k_critic, k_state = jax.random.split(key) if critic_key is None else (critic_key, key)
 
     def split(p, k):
-        return init_rl_params(p, model_config, k, top, head, o.value_head)
+        return init_rl_params(p, model_config, k, top, head, o.value_head, o.value_head_layers)
     trainable, frozen = jax.eval_shape(split, params, k_critic) if abstract else split(params, k_critic)
     # Placement on the mesh: the hydra trees shard like the model's params, the batch over its leading axis; the
     # step keeps the state's layout and donates it.
     model_specs = models.param_specs(model_config)
     shard_t = sharding.param_shardings(sharding.respec(trainable, {
-        "policy": model_specs, "critic": models.value_head_specs(model_config, o.value_head)}), mesh, rules)
+        "policy": model_specs, "critic": models.value_head_specs(model_config, o.value_head, o.value_head_layers)}), mesh,
+        rules)
     shard_f = sharding.param_shardings(sharding.respec(frozen, {"trunk": model_specs, "reference": model_specs}),
                                        mesh, rules)
     if not abstract:
@@ -313,7 +315,9 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
         resident["reward_model"] = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)),
                                                  rm_specs, is_leaf=models.transformer.is_spec),
                                     sharding.param_shardings(rm_specs, mesh, rules))
-    critic = f" + {o.value_head} critic" if algorithm.critic else " (critic-free)"
+    critic_kind = (f"layers critic (a copy of the top {o.value_head_layers} layers + final norm + Linear)"
+                   if o.value_head == "layers" else f"{o.value_head} critic")
+    critic = f" + {critic_kind}" if algorithm.critic else " (critic-free)"
     notes = (f"objective {o.name}: {B} rollouts of {P} prompt + {N} response tokens per step, {r.epochs} epochs of "
              f"minibatches of {r.minibatch_size} = {updates_per_step} optimiser updates per step",
              f"trainable: {prog.layers_note(top, model_config.num_layers)}{critic}; reference: frozen copy of the "
