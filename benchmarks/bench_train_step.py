@@ -1,6 +1,11 @@
-"""One training step of a 44.8M-parameter Mistral-shaped model: starling_jax (jax.jit) vs transformers + PyTorch eager.
+"""One training step of a decoder: starling_jax (jax.jit) vs transformers + PyTorch eager.
 
-    python benchmarks/bench_train_step.py          # batch 4 x 256 tokens, 10 interleaved rounds
+    python benchmarks/bench_train_step.py                   # 44.8M Mistral-shaped toy, batch 4 x 256, 10 rounds
+    python benchmarks/bench_train_step.py --shape smollm2   # SmolLM2-135M's shape, batch 2 x 256
+
+Shapes (--shape): "toy" = 4 layers x 512, GQA 8/2, MLP 1536, vocab 32002, untied head (transformers'
+MistralForCausalLM); "smollm2" = SmolLM2-135M (Llama: 30 layers x 576, GQA 9/3, head_dim 64, MLP 1536, vocab 49152,
+tied embeddings, rope theta 1e5; transformers' LlamaForCausalLM). Random weights, the same in both frameworks.
 
 The step: forward + backward of the mean next-token cross-entropy over every position, global-norm gradient clipping
 at 1.0 and an AdamW update (b2 0.95, constant rate, no weight decay), fp32, from the same initial weights in both
@@ -28,13 +33,20 @@ import numpy as np
 
 import common
 
-SHAPE = dict(vocab_size=32002, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64, mlp_dim=1536)
+# name -> (matmul shape, other ModelConfig fields, default batch, default seq)
+SHAPES = {
+    "toy": (dict(vocab_size=32002, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
+                 mlp_dim=1536), dict(architecture="mistral"), 4, 256),
+    "smollm2": (dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                     mlp_dim=1536), dict(architecture="llama", tie_embeddings=True, rope_theta=100000.0), 2, 256),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="toy", help="model shape (see above)")
+    p.add_argument("--batch", type=int, default=None, help="rows per step (default: 4 toy, 2 smollm2)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 256)")
     p.add_argument("--rounds", type=int, default=10, help="timed steps per framework (interleaved)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per framework (compilation, allocator; >= 2)")
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only (gradients returned)")
@@ -96,22 +108,29 @@ def build_jax_step(config, params, lr: float, with_optimizer: bool):
 
 
 def torch_model_from_params(config, params):
-    """MistralForCausalLM holding the same weights as our params tree (layout conversion only)."""
+    """MistralForCausalLM (LlamaForCausalLM for architecture "llama") holding the same weights as our params tree
+    (layout conversion only; a tied head shares the embedding)."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    import transformers
 
     c = config
-    hf_config = MistralConfig(
+    common_args = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_dim, num_hidden_layers=c.num_layers,
         num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, sliding_window=c.sliding_window,
-        max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, attention_dropout=0.0)
-    model = MistralForCausalLM(hf_config).float()
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, max_position_embeddings=c.max_seq_len,
+        tie_word_embeddings=c.tie_embeddings, attention_dropout=0.0)
+    if c.architecture == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common_args, attention_bias=False,
+                                                                       mlp_bias=False)).float()
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            **common_args, sliding_window=c.sliding_window)).float()
     p = {k: np.asarray(v) for k, v in params.items() if k != "layers"}
     layers = {k: np.asarray(v) for k, v in params["layers"].items()}
     D = c.hidden_size
-    sd = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"],
-          "lm_head.weight": p["lm_head"].T}
+    sd = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]}
+    if not c.tie_embeddings:
+        sd["lm_head.weight"] = p["lm_head"].T
     for i in range(c.num_layers):
         pre = f"model.layers.{i}."
         sd[pre + "input_layernorm.weight"] = layers["attn_norm"][i]
@@ -125,7 +144,7 @@ def torch_model_from_params(config, params):
         sd[pre + "mlp.down_proj.weight"] = layers["w_down"][i].T
     state = {k: torch.from_numpy(np.array(v, np.float32, copy=True)) for k, v in sd.items()}  # writable copies
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if "rotary" not in m]
+    missing = [m for m in missing if "rotary" not in m and not (c.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"weight conversion: missing {missing}, unexpected {unexpected}")
     model.train()
@@ -160,14 +179,18 @@ def main(argv=None):
 
     from starling_jax.models import ModelConfig, count_params, init_params
 
-    config = ModelConfig(**SHAPE, sliding_window=None, max_seq_len=max(4096, args.seq), remat=args.remat)
+    shape, extra, default_batch, default_seq = SHAPES[args.shape]
+    args.batch = args.batch or default_batch
+    args.seq = args.seq or default_seq
+    config = ModelConfig(**shape, **extra, sliding_window=None, max_seq_len=max(4096, args.seq), remat=args.remat)
     params = init_params(config, jax.random.key(0))
     n_params = count_params(params)
-    flops = common.decoder_train_flops(**SHAPE, batch=args.batch, seq=args.seq)
+    flops = common.decoder_train_flops(**shape, batch=args.batch, seq=args.seq)
     with_opt = not args.no_optimizer
     tokens_np, mask_np = make_batch(args.batch, args.seq, config.vocab_size)
 
-    print(f"model: Mistral-shaped, {SHAPE}, untied LM head, no sliding window, fp32: {n_params:,} parameters "
+    print(f"model: {args.shape} ({config.architecture}-shaped), {shape}, "
+          f"{'tied' if config.tie_embeddings else 'untied'} LM head, no sliding window, fp32: {n_params:,} parameters "
           f"({flops['matmul_params']:,} in matmuls)")
     print(f"step: batch {args.batch} x seq {args.seq} = {flops['tokens']} tokens, mean next-token cross-entropy, "
           f"forward + backward{' + grad clip + AdamW update' if with_opt else ''}; "
