@@ -70,12 +70,25 @@ def choose_tokens(logits: jax.Array, key: jax.Array, temperature, top_k: int = 0
     """
     logits = logits.astype(jnp.float32)
     if greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens, picked = greedy_tokens(logits)
     else:
         tokens = jax.random.categorical(key, filter_logits(logits / temperature, top_k, top_p), axis=-1)
-    tokens = tokens.astype(jnp.int32)
-    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+        tokens = tokens.astype(jnp.int32)
+        picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     return tokens, picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def greedy_tokens(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(argmax [B] int32, max [B]) of logits [B, V]: the first index of the row's maximum, as jnp.argmax gives.
+
+    Why not jnp.argmax: XLA:CPU emits its (value, index) reduction as a slow scalar loop; a max, then the smallest
+    index holding it, are two plain vectorised reductions (about 3x faster on [8, 32002], a few % of a batch-8 decode
+    step). A row with a NaN has no index equal to its max: it gets V - 1 (jnp.argmax would give the NaN's index).
+    """
+    V = logits.shape[-1]
+    best = jnp.max(logits, axis=-1)
+    index = jnp.min(jnp.where(logits == best[:, None], jnp.arange(V, dtype=jnp.int32), V - 1), axis=-1)
+    return index, best
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -116,16 +129,34 @@ def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, promp
                                "v": tuple(cache["v"][l:l + 1] for l in range(L))}, constrain)
 
 
-def split_layers(params: Params) -> Params:
+def split_layers(params: Params, head_vd: bool = True) -> Params:
     """params with "layers" as a tuple of one-layer stacks ([1, ...] leaves), the form decode_step runs fastest on.
 
     Why: a decode step reads every weight once, so it is bound by memory traffic. Run as one lax.scan, each step
     would first copy its layer's slice of the stacked weights (XLA materialises a dynamic slice that feeds a dot),
     doubling the traffic; separate per-layer arrays made once, outside the loop, are read in place.
+
+    head_vd: store an untied LM head [D, V] transposed, as "lm_head_vd" [V, D] (a tied head is the embedding, [V, D]
+    already). XLA:CPU's kernels for a [B, D] @ [D, V] matmul with a few rows (B = 8) run well below the memory bound;
+    with the vocabulary rows outermost (h @ W^T) the batch-8 head is ~25% faster, the whole batch-8 decode ~12%.
+    At batch 1 the [D, V] layout is as fast, so generate passes head_vd = batch > 1 (benchmarks/RESULTS.md).
+    decode_logits reads either form.
     """
     L = jax.tree.leaves(params["layers"])[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda a: a[l:l + 1], params["layers"])
-                                      for l in range(L))}
+    out = dict(params)
+    out["layers"] = tuple(jax.tree.map(lambda a: a[l:l + 1], params["layers"]) for l in range(L))
+    if head_vd and "lm_head" in out:
+        out["lm_head_vd"] = out.pop("lm_head").T
+    return out
+
+
+def decode_logits(params: Params, config: ModelConfig, h: jax.Array) -> jax.Array:
+    """models.lm_logits for params as split_layers gives: [B, D] -> [B, V] float32."""
+    if config.tie_embeddings or "lm_head_vd" in params:
+        w = params["embed"] if config.tie_embeddings else params["lm_head_vd"]
+        return jax.lax.dot_general(h, w.astype(h.dtype), (((h.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    return lm_logits(params, config, h)
 
 
 def decode_step(params: Params, config: ModelConfig, cache: Params, tokens: jax.Array,
@@ -149,7 +180,7 @@ def decode_step(params: Params, config: ModelConfig, cache: Params, tokens: jax.
         ks.append(c["k"])
         vs.append(c["v"])
     cache = _pin_cache({"k": tuple(ks), "v": tuple(vs), "pos": c["pos"], "index": c["index"]}, constrain)
-    return lm_logits(params, config, final_norm(params, config, x[:, 0])), cache
+    return decode_logits(params, config, final_norm(params, config, x[:, 0])), cache
 
 
 def _is_stop(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
@@ -188,7 +219,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
     logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_slots(config, P + N), constrain)
     out = (jnp.full((B, N), pad, jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32))
     tok, done, out = emit(0, logits, jnp.zeros((B,), bool), out)
-    step_params = split_layers(params)
+    step_params = split_layers(params, head_vd=B > 1)
 
     def cond(state):
         i, _, _, done, _ = state
@@ -310,7 +341,7 @@ def stream(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, key:
     temperature, top_p = jnp.float32(temperature or 1.0), jnp.float32(top_p)
     slots = cache_slots(config, prompt_tokens.shape[1] + N)
     cache, tok, lp = _stream_start(params, prompt_tokens, prompt_mask, key, temperature, top_p, slots=slots, **static)
-    step_params = jax.jit(split_layers)(params)
+    step_params = jax.jit(split_layers, static_argnums=1)(params, prompt_tokens.shape[0] > 1)
     done = np.zeros(prompt_tokens.shape[0], bool)
     for i in range(N):
         if i > 0:

@@ -11,7 +11,8 @@ import torch
 import transformers
 
 from starling_jax import models
-from starling_jax.sampling import apply_stop_strings, choose_tokens, filter_logits, generate, stream
+from starling_jax.sampling import (apply_stop_strings, choose_tokens, decode_logits, filter_logits, generate,
+                                   greedy_tokens, split_layers, stream)
 
 V, D, L, H, K, E, F = 97, 32, 2, 4, 2, 8, 64
 WINDOW = 6
@@ -244,6 +245,34 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     greedy = np.asarray(jnp.argmax(logits, -1))
     for k, p in [(1, None), (0, 1e-6), (1, 0.5)]:
         np.testing.assert_array_equal(np.asarray(choose_tokens(logits, jax.random.key(k), 3.0, k, p)[0]), greedy)
+
+
+def test_greedy_tokens_is_argmax_with_its_tie_rule():
+    """greedy_tokens (max, then the first index holding it) against numpy's argmax, ties included, and the greedy
+    choose_tokens' log-prob against the direct formula."""
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-3, 4, (64, 40)).astype(np.float32)  # small integers: many rows with tied maxima
+    logits[0] = 2.0  # a row that is all one value: index 0
+    tokens, best = greedy_tokens(jnp.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(tokens), logits.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(best), logits.max(-1))
+    tok, lp = choose_tokens(jnp.asarray(logits), jax.random.key(0), 1.0, greedy=True)
+    full = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(lp), full[np.arange(64), logits.argmax(-1)], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied,head_vd", [(False, True), (False, False), (True, True)])
+def test_decode_logits_equal_lm_logits(tied, head_vd):
+    """The decode loop's head (split_layers' [V, D] copy of an untied head, or the tied embedding) gives
+    models.lm_logits' values."""
+    config = models.ModelConfig(vocab_size=V, hidden_size=D, num_layers=L, num_heads=H, num_kv_heads=K, head_dim=E,
+                                mlp_dim=F, tie_embeddings=tied)
+    params = models.init_params(config, jax.random.key(0))
+    h = jax.random.normal(jax.random.key(1), (3, D))
+    step_params = split_layers(params, head_vd)
+    assert ("lm_head_vd" in step_params) == (head_vd and not tied)
+    np.testing.assert_allclose(np.asarray(decode_logits(step_params, config, h)),
+                               np.asarray(models.lm_logits(params, config, h)), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_raise_clear_errors(windowed):
