@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per framework (compilation, allocator; >= 2)")
     p.add_argument("--no-optimizer", action="store_true", help="time forward + backward only (gradients returned)")
     p.add_argument("--remat", default="none", help="starling_jax remat policy (none, full, dots, dots_no_batch)")
+    p.add_argument("--scan-unroll", type=int, default=1,
+                   help="starling_jax ModelConfig.scan_unroll (layers per scan iteration; >= layers: fully unrolled)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch intra-op threads (default: the cores this process may use; XLA sizes its pool the "
@@ -182,7 +184,8 @@ def main(argv=None):
     shape, extra, default_batch, default_seq = SHAPES[args.shape]
     args.batch = args.batch or default_batch
     args.seq = args.seq or default_seq
-    config = ModelConfig(**shape, **extra, sliding_window=None, max_seq_len=max(4096, args.seq), remat=args.remat)
+    config = ModelConfig(**shape, **extra, sliding_window=None, max_seq_len=max(4096, args.seq), remat=args.remat,
+                         scan_unroll=args.scan_unroll)
     params = init_params(config, jax.random.key(0))
     n_params = count_params(params)
     flops = common.decoder_train_flops(**shape, batch=args.batch, seq=args.seq)
@@ -196,7 +199,7 @@ def main(argv=None):
           f"forward + backward{' + grad clip + AdamW update' if with_opt else ''}; "
           f"{flops['total'] / 1e9:.1f} GFLOP of matmuls per step ({flops['attention'] / 1e9:.1f} of them attention)")
     print(f"jax {jax.__version__} ({jax.default_backend()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
-          f"remat={args.remat}")
+          f"remat={args.remat}, scan_unroll={args.scan_unroll}")
     print(common.machine_line())
     print("glibc malloc: " + (" ".join(f"{k}={v}" for k, v in common.MALLOC_ENV.items()) if malloc_tuned
                               else "default settings"))

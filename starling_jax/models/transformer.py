@@ -321,7 +321,7 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
         xs = (layers, cache["k"], cache["v"])
     if config.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
-    x, ys = jax.lax.scan(body, x, xs)
+    x, ys = jax.lax.scan(body, x, xs, unroll=min(config.scan_unroll, jax.tree.leaves(xs)[0].shape[0]))
     if cache is None:
         return x, None
     return x, {"k": ys[0], "v": ys[1], "pos": slot_pos, "index": cache["index"] + x.shape[1]}
