@@ -68,14 +68,13 @@ def write_f32_gguf(src: str, dst: str) -> None:
     tmp = dst + ".part"
     writer = gguf.GGUFWriter(tmp, arch)
     for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue  # written by GGUFWriter itself
-        if field.name == gguf.Keys.General.FILE_TYPE:
-            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-            continue
+        if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE,
+                                                            gguf.Keys.General.FILE_TYPE):
+            continue  # written by GGUFWriter itself, or below
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)).astype(np.float32)
         # GGUF lists dims innermost first; numpy wants them outermost first

@@ -218,3 +218,28 @@ def test_sentencepiece_gguf_vocabulary_encodes_like_sentencepiece(tmp_path):
                  "a</s>b"]:  # "</s>" in content stays text, as SentencePiece encodes it
         assert tok.encode(text) == sp.encode(text), text
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+def test_bench_llamacpp_writes_an_all_f32_copy(tmp_path):
+    """benchmarks/bench_llamacpp.write_f32_gguf: every tensor of a Q8_0 file dequantized to F32 with its shape, every
+    metadata key copied (file type ALL_F32), so llama.cpp and starling_jax read the same fp32 weights."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_llamacpp
+
+    src, dst = tmp_path / "q.gguf", tmp_path / "f32.gguf"
+    write_tiny_gguf(src, quant=gguf.GGMLQuantizationType.Q8_0)
+    bench_llamacpp.write_f32_gguf(str(src), str(dst))
+    a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(dst))
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in a.tensors)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert tb.tensor_type == gguf.GGMLQuantizationType.F32 and list(ta.shape) == list(tb.shape), ta.name
+        np.testing.assert_array_equal(np.asarray(tb.data).reshape(-1),
+                                      gguf.quants.dequantize(ta.data, ta.tensor_type).reshape(-1))
+    keys = lambda r: {k for k in r.fields if not k.startswith("GGUF.")}  # noqa: E731
+    assert keys(a) - {gguf.Keys.General.FILE_TYPE} <= keys(b)
+    assert b.fields[gguf.Keys.General.FILE_TYPE].contents() == gguf.LlamaFileType.ALL_F32
+    template = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    assert b.fields[template].contents() == a.fields[template].contents()
