@@ -104,19 +104,6 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
 # Prompts and streamed text.
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token lists to one length, rounded up to a multiple of `bucket`. Returns tokens, mask [B, P] int32."""
-    P = max(len(r) for r in rows)
-    P = -(-P // bucket) * bucket
-    tokens = np.full((len(rows), P), pad_id, np.int32)
-    mask = np.zeros((len(rows), P), np.int32)
-    for b, r in enumerate(rows):
-        if r:
-            tokens[b, P - len(r):] = r
-            mask[b, P - len(r):] = 1
-    return tokens, mask
-
-
 def printable_prefix(text: str, stop_strings: Sequence[str]) -> int:
     """How much of a growing reply can be shown now: not a trailing partial UTF-8 character (decoded as U+FFFD) and
     not a tail that may be the start of a stop string."""
@@ -183,7 +170,7 @@ class Session:
     def generate(self, prompts: Sequence[str]) -> list[str]:
         """One reply per single-turn prompt, generated together as one left-padded batch."""
         rows = [self.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
-        tokens, mask = left_pad(rows, self.tokenizer.pad_id, self.args.length_bucket)
+        tokens, mask = sampling.left_pad(rows, self.tokenizer.pad_id, self.args.length_bucket)
         out, out_mask, _ = sampling.generate(self.params, self.config, tokens, mask, self._next_key(),
                                              **self._options())
         texts, _ = sampling.apply_stop_strings(self.tokenizer, np.asarray(out), np.asarray(out_mask),
@@ -192,7 +179,7 @@ class Session:
 
     def stream_reply(self, messages, write) -> str:
         """Generate the assistant's reply to `messages`, calling write(text) with each new piece as it comes."""
-        tokens, mask = left_pad([self.prompt_ids(messages)], self.tokenizer.pad_id, self.args.length_bucket)
+        tokens, mask = sampling.left_pad([self.prompt_ids(messages)], self.tokenizer.pad_id, self.args.length_bucket)
         ids: list[int] = []
         shown = 0
         text = ""

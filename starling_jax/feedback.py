@@ -162,7 +162,6 @@ def sample_k(params, config, tokenizer, template, conversations: Sequence[Messag
     import numpy as np
 
     from starling_jax import sampling
-    from starling_jax.chat import left_pad
 
     t = tokenizer.template(template)
     stop_ids = tokenizer.stop_ids(t)
@@ -172,7 +171,7 @@ def sample_k(params, config, tokenizer, template, conversations: Sequence[Messag
     for start in range(0, len(flat), batch_size):
         rows = flat[start:start + batch_size]
         rows = rows + [rows[-1]] * (batch_size - len(rows))  # one compiled batch shape
-        tokens, mask = left_pad(rows, tokenizer.pad_id, length_bucket)
+        tokens, mask = sampling.left_pad(rows, tokenizer.pad_id, length_bucket)
         out, out_mask, _ = sampling.generate(params, config, tokens, mask, jax.random.fold_in(key, start),
                                              max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids)
         decoded, _ = sampling.apply_stop_strings(tokenizer, np.asarray(out), np.asarray(out_mask), t.stop_strings)

@@ -392,3 +392,16 @@ def apply_stop_strings(tokenizer, tokens, mask, stop_strings: Sequence[str]) -> 
             lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
         mask[b, cols[lo:]] = 0
     return texts, mask
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to one length, rounded up to a multiple of `bucket`. Returns tokens, mask [B, P] int32."""
+    P = max(len(r) for r in rows)
+    P = -(-P // bucket) * bucket
+    tokens = np.full((len(rows), P), pad_id, np.int32)
+    mask = np.zeros((len(rows), P), np.int32)
+    for b, r in enumerate(rows):
+        if r:
+            tokens[b, P - len(r):] = r
+            mask[b, P - len(r):] = 1
+    return tokens, mask

@@ -23,16 +23,6 @@ from starling_jax.eval.checkpoints import Checkpoint
 GREEDY_BELOW = 1e-4  # fschat: a temperature below this decodes greedily
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    P = -(-max(len(r) for r in rows) // bucket) * bucket
-    tokens = np.full((len(rows), P), pad_id, np.int32)
-    mask = np.zeros((len(rows), P), np.int32)
-    for b, r in enumerate(rows):
-        tokens[b, P - len(r):] = r
-        mask[b, P - len(r):] = 1
-    return tokens, mask
-
-
 class Generator:
     """Replies from one checkpoint. Call with conversations (lists of {"role", "content"} ending with a user turn)."""
 
@@ -80,7 +70,7 @@ class Generator:
             chunk = [self.prompt_ids(c) for c in conversations[start:start + self.batch_size]]
             n = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - n)  # a fixed batch shape: one compilation
-            tokens, mask = _left_pad(chunk, ck.tokenizer.pad_id, self.length_bucket)
+            tokens, mask = sampling.left_pad(chunk, ck.tokenizer.pad_id, self.length_bucket)
             if self._put is not None:
                 tokens, mask = self._put(tokens, mask)
             key = jax.random.fold_in(self.key, self.calls)
