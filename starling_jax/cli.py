@@ -1,4 +1,4 @@
-"""The `starling-jax` command line: run | train | eval | generate | chat | plan | convert | study | bench.
+"""The `starling-jax` command line: run | train | feedback | eval | generate | chat | plan | convert | study | bench.
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and `cli(args) -> int`; this file only
 dispatches (modules are imported lazily so `starling-jax --help` stays fast) and guards: every subcommand runs inside
@@ -21,6 +21,8 @@ COMMANDS = {
     # name: (module, one-line help)
     "run": ("starling_jax.train.loop", "run all stages of an experiment end to end and print its summary"),
     "train": ("starling_jax.train.loop", "train an experiment's stages (resumes from WORKDIR by default)"),
+    "feedback": ("starling_jax.train.loop", "AI feedback: sample K replies per prompt, rank them with a judge, write "
+                                            "Nectar rows (an experiment's feedback stages)"),
     "eval": ("starling_jax.eval.cli", "MT-Bench/AlpacaEval answers (policy), RM-judged win rates (compare), "
                                       "RewardBench (rm), ranking metrics of an experiment's RM"),
     "generate": ("starling_jax.chat", "generate replies to prompts with a checkpoint"),

@@ -62,7 +62,9 @@ class RewardModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" | path to local Nectar parquet/jsonl files | a tfds data_dir
+    # "synthetic" | "task:NAME" (data/tasks.py) | "stage:NAME" (a feedback stage's rows) | local Nectar parquet/jsonl
+    # files | a tfds data_dir
+    source: str = "synthetic"
     synthetic_prompts: int = 2000
     synthetic_seed: int = 0
     synthetic_noise: float = 1.0
@@ -150,6 +152,24 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FeedbackConfig:
+    """The feedback stage kind (train/feedback_stage.py): K sampled replies per training prompt from model, ranked by a
+    judge, written as Nectar rows (WORKDIR/<stage>/feedback.jsonl) that a later stage reads as data.source='stage:NAME'.
+    The stage covers train.steps * prompts_per_step training prompts (data.shuffle_seed fixes which)."""
+    k: int = 7  # replies per prompt (Nectar: 7)
+    judge: str = "task"  # "task" (the data source's own judge) | "reward_model" | "llm" | "package.module:function"
+    judge_model: Optional[str] = None  # judge="llm": the judging checkpoint (HF dir, "hf:ORG/NAME" or "stage:NAME")
+    judge_template: str = "auto"  # judge="llm": its chat template
+    judge_max_new_tokens: int = 48  # judge="llm": room for "[[B]] > [[A]] > ..."
+    agreement_prompts: int = 8  # judge="llm": prompts ranked twice under independent shuffles (self-agreement)
+    prompts_per_step: int = 16
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generation_batch: int = 32  # rows per sampling.generate call (memory only)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep: int = 2
@@ -174,6 +194,7 @@ class Stage:
     optim: Optional[OptimConfig] = None
     train: Optional[TrainConfig] = None
     rollout: Optional[RolloutConfig] = None
+    feedback: Optional[FeedbackConfig] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +208,7 @@ class Experiment:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     rollout: RolloutConfig = RolloutConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     stages: tuple[Stage, ...] = ()  # empty: one stage built from the top-level sections

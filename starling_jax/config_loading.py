@@ -272,7 +272,7 @@ def apply_overrides(exp: Experiment, overrides) -> Experiment:
 def resolve_stage(exp: Experiment, stage: Stage) -> Experiment:
     """This stage's view of the experiment: its sections (where set) replace the experiment's; stages == ()."""
     changes = {"objective": stage.objective, "stages": ()}
-    for section in ("model", "data", "optim", "train", "rollout"):
+    for section in ("model", "data", "optim", "train", "rollout", "feedback"):
         if getattr(stage, section) is not None:
             changes[section] = getattr(stage, section)
     return dataclasses.replace(exp, **changes)
@@ -351,8 +351,18 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("data.unseen_templates", f"must be in [0, 7] (synthetic has 8 prompt templates), got {d.unseen_templates}")
     if d.max_responses < 2 and kind in ("rm", "dpo"):
         bad("data.max_responses", f"a ranking needs at least 2 responses, got {d.max_responses}")
-    if d.source != "synthetic" and not os.path.exists(d.source) and "://" not in d.source:
-        bad("data.source", f"{d.source!r} is neither 'synthetic' nor an existing path")
+    if d.source.startswith("task:"):
+        from starling_jax.data import tasks
+        if d.source[len("task:"):] not in tasks.TASKS:
+            bad("data.source", f"{d.source!r}: no such task; known: "
+                f"{', '.join('task:' + n for n in sorted(tasks.TASKS))}")
+    elif d.source.startswith("stage:"):
+        ref = d.source[len("stage:"):]
+        if ref not in earlier or earlier[ref] is None or earlier[ref].kind != "feedback":
+            bad("data.source", f"{d.source!r} does not name an earlier feedback stage (earlier: "
+                f"{', '.join(earlier) or 'none'})")
+    elif d.source != "synthetic" and not os.path.exists(d.source) and "://" not in d.source:
+        bad("data.source", f"{d.source!r} is neither 'synthetic', 'task:NAME', 'stage:NAME' nor an existing path")
     if o.learning_rate <= 0:
         bad("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
     if o.grad_clip is not None and o.grad_clip <= 0:
@@ -397,6 +407,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         elif path is not None and not os.path.exists(path):
             bad(f"{sec_name}.path", f"{path!r} does not exist (a Hugging Face directory, 'hf:ORG/NAME[@REV]' or "
                 f"'stage:NAME')")
+    if kind == "feedback":
+        _check_feedback(c, earlier, bad)
     if kind == "rl":
         if c.reward_model is None:
             bad("reward_model", f"objective {obj!r} needs a reward_model section")
@@ -430,6 +442,38 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         elif 0 < r.top_p < 1:
             bad("rollout.top_p", f"{r.top_p}: RL rollouts must be on-policy; top-p filtering is not supported in RL "
                 "stages (use rollout.top_p=1.0; rollout.temperature is supported)")
+
+
+def _check_feedback(c: Experiment, earlier: dict, bad) -> None:
+    f = c.feedback
+    for field, value in (("feedback.k", f.k - 1), ("feedback.prompts_per_step", f.prompts_per_step),
+                         ("feedback.max_new_tokens", f.max_new_tokens), ("feedback.generation_batch",
+                         f.generation_batch), ("feedback.judge_max_new_tokens", f.judge_max_new_tokens)):
+        if value < 1:
+            bad(field, f"must be >= {2 if field == 'feedback.k' else 1}, got {value + (field == 'feedback.k')}")
+    if f.temperature <= 0:
+        bad("feedback.temperature", f"must be > 0, got {f.temperature}")
+    if not 0 < f.top_p <= 1:
+        bad("feedback.top_p", f"must be in (0, 1], got {f.top_p}")
+    if f.judge == "task":
+        if not (c.data.source.startswith("task:") or c.data.source == "synthetic"):
+            bad("feedback.judge", f"'task' needs a data source that knows its answers ('task:NAME' or 'synthetic'), "
+                f"got data.source={c.data.source!r}; name a judge function 'package.module:function' instead")
+    elif f.judge == "reward_model":
+        if c.reward_model is None:
+            bad("feedback.judge", "'reward_model' needs a reward_model section")
+        elif (c.reward_model.path or "").startswith("stage:") and c.reward_model.path[6:] not in earlier:
+            bad("reward_model.path", f"{c.reward_model.path!r} does not name an earlier stage")
+    elif f.judge == "llm":
+        if not f.judge_model:
+            bad("feedback.judge_model", "judge='llm' needs the judging checkpoint (HF dir, 'hf:ORG/NAME' or "
+                "'stage:NAME')")
+        elif f.judge_model.startswith("stage:") and f.judge_model[6:] not in earlier:
+            bad("feedback.judge_model", f"{f.judge_model!r} does not name an earlier stage")
+        elif not f.judge_model.startswith(("stage:", "hf:")) and not os.path.exists(f.judge_model):
+            bad("feedback.judge_model", f"{f.judge_model!r} does not exist")
+    elif ":" not in f.judge:
+        bad("feedback.judge", f"{f.judge!r}: expected 'task', 'reward_model', 'llm' or 'package.module:function'")
 
 
 def validate(exp: Experiment, num_devices: Optional[int] = None) -> Experiment:

@@ -53,7 +53,7 @@ class Algorithm:
     name: str
     kind: str
     head: Head
-    loss: Callable[..., Any]
+    loss: Optional[Callable[..., Any]]  # None for a kind that trains nothing (feedback)
     batch: Optional[Callable[[int, int, int], dict]] = None
     reference: bool = False
     advantages: Optional[Callable[..., Any]] = None

@@ -360,12 +360,20 @@ class Splits:
 
 
 def load_splits(data) -> Splits:
-    """The train / held-out / tuning / unseen rows of a DataConfig: source "synthetic", a Nectar file or directory of
-    parquet/JSONL files, or a tensorflow-datasets data_dir holding the `nectar` builder's output."""
+    """The train / held-out / tuning / unseen rows of a DataConfig: source "synthetic", a verifiable task
+    ("task:NAME", data/tasks.py), a Nectar file or directory of parquet/JSONL files, or a tensorflow-datasets data_dir
+    holding the `nectar` builder's output."""
     from starling_jax.data import synthetic
+    true_utility = synthetic.true_utility if data.source == "synthetic" else None
     if data.source == "synthetic":
         raw = synthetic.make_rows(data.synthetic_prompts, data.synthetic_seed, data.synthetic_noise)
         rows, report = nectar.parse_rows(raw, on_bad_row=data.on_bad_row, source="synthetic")
+    elif data.source.startswith("task:"):
+        from starling_jax.data import tasks
+        task = tasks.get(data.source)
+        rows, report = nectar.parse_rows(task.make_rows(data.synthetic_seed), on_bad_row="error", min_answers=1,
+                                         source=data.source)
+        true_utility = task.true_utility
     else:
         from starling_jax.data import tfds_nectar
         if tfds_nectar.is_tfds_dir(data.source):
@@ -400,7 +408,7 @@ def load_splits(data) -> Splits:
                          f"unseen splits ({len(heldout)}, {len(tuning)}, {len(unseen)} rows)")
     report.train_rows, report.heldout_rows = len(train), len(heldout)
     return Splits(train=train, heldout=heldout, tuning=tuning, unseen=unseen, report=report,
-                  true_utility=synthetic.true_utility if data.source == "synthetic" else None)
+                  true_utility=true_utility)
 
 
 def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:

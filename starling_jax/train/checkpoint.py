@@ -97,12 +97,14 @@ class Checkpoints:
 # A finished stage's exported model.
 
 def save_export(directory: str, model_config: ModelConfig, params, summary: dict) -> None:
-    """Write params (orbax), the ModelConfig and the stage summary; the summary goes last, marking the stage done."""
+    """Write params (orbax), the ModelConfig and the stage summary; the summary goes last, marking the stage done.
+    params None: a stage that trains no model (feedback) writes only its summary."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(directory, "params"), params, force=True)
-    ckptr.wait_until_finished()
+    if params is not None:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(directory, "params"), params, force=True)
+        ckptr.wait_until_finished()
     if jax.process_index() != 0:  # every process writes its shards above; one writes the small files
         return
     with open(os.path.join(directory, "model_config.json"), "w") as f:
@@ -123,6 +125,9 @@ def load_export(directory: str, shardings=None) -> tuple[ModelConfig, Any, dict]
     directory = os.path.abspath(directory)
     if not export_done(directory):
         raise FileNotFoundError(f"{directory} holds no finished stage export (no summary.json); run that stage first")
+    if not os.path.isdir(os.path.join(directory, "params")):
+        raise FileNotFoundError(f"{directory}: that stage exports no model (a feedback stage writes rows: read them "
+                                f"with data.source='stage:NAME', not model.path)")
     config = ModelConfig(**_read_json(os.path.join(directory, "model_config.json"), "ModelConfig"))
     summary = _read_json(os.path.join(directory, "summary.json"))
     from starling_jax.models import abstract_params

@@ -6,7 +6,7 @@ A new stage kind is a module that calls `@register_stage_kind("name")` (train/pr
 
 from starling_jax import algorithms  # noqa: F401  (registers every algorithm)
 from starling_jax.algorithms.registry import STAGE_KINDS
-from starling_jax.train import rlaif, stages  # noqa: F401  (register the kinds "sft", "rm", "dpo" and "rl")
+from starling_jax.train import feedback_stage, rlaif, stages  # noqa: F401  (the kinds sft, rm, dpo, rl, feedback)
 
 
 def names() -> list[str]:

@@ -136,6 +136,8 @@ def _host_scalars(fetched: list[dict]) -> list[dict]:
 
 def _first_nonfinite(fetched: list[dict], first_step: int) -> Optional[tuple[int, float]]:
     for i, m in enumerate(fetched):
+        if "loss" not in m:  # a stage that trains nothing (feedback)
+            continue
         loss = float(np.asarray(m["loss"]))
         if not math.isfinite(loss):
             return first_step + i, loss
@@ -252,7 +254,7 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
         summary = dict(program.finish(state, ctx.workdir) or {})
         if evaluated:
             summary.setdefault("eval", evaluated)
-        params = program.export(state)
+        params = program.export(state) if program.export is not None else None  # None: the stage trains no model
         export = StageExport(config=program.model_config, params=params, summary=summary)
         save_export(os.path.join(ctx.workdir, "export"), program.model_config, params, summary)
         return summary, export
@@ -293,7 +295,7 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
 
     def load_stage(name: str) -> StageExport:
         """An earlier stage's export: in memory if it ran in this process, else read from disk onto the mesh."""
-        if name not in exports:
+        if name not in exports or exports[name].params is None:
             config, params, summary = load_export(os.path.join(workdir, name, "export"), shardings_of)
             exports[name] = StageExport(config=config, params=params, summary=summary)
         return exports[name]
@@ -309,6 +311,10 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
                 summaries[name] = json.load(f)
             log.info("[%s] already finished (%s/export); skipping", name, stage_dir)
             continue
+        if config.data.source.startswith("stage:"):  # the rows a feedback stage wrote
+            from starling_jax.train.feedback_stage import rows_path
+            config = dataclasses.replace(config, data=dataclasses.replace(
+                config.data, source=rows_path(workdir, config.data.source[len("stage:"):])))
         ctx = StageContext(experiment=exp, config=config, stage_name=name, workdir=stage_dir, mesh=mesh,
                            load_stage=load_stage)
         summary, export = train_stage(ctx)
@@ -402,6 +408,35 @@ def run_cli(args) -> int:
         if jax.process_index() == 0:
             print(json.dumps(summaries, indent=1, default=float))
         print(f"summary: {os.path.join(workdir, 'summary.json')}", file=sys.stderr)
+        return 0
+    return _guarded(go)
+
+
+def add_feedback_arguments(parser) -> None:
+    _add_common(parser)
+    parser.add_argument("--stage", default=None, help="the feedback stage to run (default: every feedback stage)")
+
+
+def feedback_cli(args) -> int:
+    """Run the experiment's feedback stage(s) (train/feedback_stage.py) and print their summaries: the Nectar rows
+    written, judge counts and where the rows are."""
+    def go():
+        exp, workdir = _prepare(args)
+        from starling_jax.algorithms import registry
+        from starling_jax.train import kinds  # noqa: F401  (registers the feedback algorithm)
+        stages = [n for n, c in stages_of(exp) if registry.ALGORITHMS.get(c.objective.name) is not None
+                  and registry.ALGORITHMS[c.objective.name].kind == "feedback"]
+        if args.stage is not None and args.stage not in stages:
+            raise ConfigError(f"--stage {args.stage}: not a feedback stage of {exp.name!r} (feedback stages: "
+                              f"{', '.join(stages) or 'none'})")
+        if not stages:
+            raise ConfigError(f"experiment {exp.name!r} has no feedback stage (a stage with objective.name="
+                              f"'feedback')")
+        summaries = {}
+        for name in [args.stage] if args.stage else stages:
+            summaries[name] = run_experiment(exp, workdir, only_stage=name, launch=_launch(args))[name]
+        if jax.process_index() == 0:
+            print(json.dumps(summaries, indent=1, default=float))
         return 0
     return _guarded(go)
 

@@ -58,7 +58,7 @@ class BatchSource(Protocol):
 class StageExport:
     """A finished stage's model as later stages see it ("stage:NAME" in model.path or reward_model.path)."""
     config: ModelConfig
-    params: Params  # full params (merged if the stage trained only the top layers)
+    params: Optional[Params]  # full params (merged if the stage trained only the top layers); None: no model
     summary: dict  # the stage's finish() summary
 
 
@@ -101,7 +101,7 @@ class StageProgram:
     state: Any
     step: Callable[[Any, Batch], tuple[Any, Metrics]]
     batches: BatchSource
-    export: Callable[[Any], Params]
+    export: Optional[Callable[[Any], Params]]  # None: the stage trains no model (feedback) and exports none
     model_config: ModelConfig
     evaluate: Callable[[Any], Optional[dict]] = _no_eval
     finish: Callable[[Any, str], dict] = _no_summary

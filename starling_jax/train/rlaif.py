@@ -226,8 +226,9 @@ def _policy_eval(trainable: Params, frozen: Params, full_params: Params, config:
                              "lengths": whole(np.asarray([len(t) for t in s.texts], np.int32)).tolist(),
                              "text_ids": whole(np.asarray(text_ids, np.int32)).tolist()}}
     if true_utility is not None:
-        report["true_reward"] = float(np.mean(whole(np.asarray(
-            [true_utility(c, t) for c, t in zip(conversations, s.texts)], np.float32))))
+        truth = whole(np.asarray([true_utility(c, t) for c, t in zip(conversations, s.texts)], np.float32))
+        report["true_reward"] = float(np.mean(truth))
+        report["per_prompt"]["true_rewards"] = truth.tolist()
     report["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:4]]
     return report
 
@@ -437,6 +438,9 @@ class RLStage:
                    "data": self.splits.report.summary()}
         if "true_reward" in after:
             summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
+            # prompt by prompt (the held-out rows in order), for paired intervals over prompts and seeds
+            summary["true_rewards_before"] = before["per_prompt"]["true_rewards"]
+            summary["true_rewards_after"] = after["per_prompt"]["true_rewards"]
         summary["rm_win_rate_vs_initial"] = judged_win_rate(after, before)
         if "unseen" in self.eval_sets:
             u_before, u_after = self.report(state, "reference", "unseen"), self.report(state, "policy", "unseen")
