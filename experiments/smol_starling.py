@@ -26,7 +26,7 @@ every sampling key; the problems and the held-out split are fixed. The table in 
 first command (mean over seeds; 95% paired bootstrap over seeds and held-out problems).
 
 Sizes were chosen to fit a 2-core CPU in about 20 minutes per seed (choice, not tuned on the held-out set): 80
-ranked prompts, 24 new tokens, RM 40 steps of 4 rankings, APA 25 steps x 16 rollouts, lr 1e-5 (RM 5e-5).
+ranked prompts, 24 new tokens, RM 40 steps of 4 rankings, APA 25 steps x 16 rollouts, lr 2e-5 (RM 5e-5).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def get_config() -> Experiment:
                   objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.05, value_clip=None, vf_coef=0.5,
                                             gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
                   model=dataclasses.replace(model, trainable_top_layers=2, train_lm_head=False),
-                  optim=OptimConfig(learning_rate=1e-5, warmup_steps=2, schedule="constant", weight_decay=0.0,
+                  optim=OptimConfig(learning_rate=2e-5, warmup_steps=2, schedule="constant", weight_decay=0.0,
                                     grad_clip=1.0),
                   rollout=RolloutConfig(prompts_per_step=16, max_new_tokens=24, temperature=1.0, epochs=2,
                                         minibatch_size=8, eval_prompts=64),
