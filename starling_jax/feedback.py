@@ -88,19 +88,31 @@ def parse_ranking(reply: str, k: int) -> Optional[list[int]]:
     return [names.index(x) for x in found]
 
 
+def shuffled_prompt(messages: Messages, answers: Sequence[str], rng: random.Random) -> tuple[list[int], str]:
+    """(order, judge prompt): the answers shown in a random order (order[i] = the answer shown under label i)."""
+    order = list(range(len(answers)))
+    rng.shuffle(order)
+    return order, judge_prompt(messages, [answers[i] for i in order])
+
+
+def ranks_from_reply(reply: str, order: Sequence[int]) -> Optional[list[int]]:
+    """Nectar ranks of the answers in their own order from the judge's reply to a shuffled_prompt; None if the reply
+    does not name every label exactly once."""
+    best_first = parse_ranking(reply, len(order))
+    if best_first is None:
+        return None
+    ranks = [0] * len(order)
+    for position, shown in enumerate(best_first):
+        ranks[order[shown]] = position + 1
+    return ranks
+
+
 def llm_rank(judge: Callable[[str], str], messages: Messages, answers: Sequence[str], rng: random.Random
              ) -> Optional[list[int]]:
     """Nectar ranks of `answers` (in their own order) from an LLM judge that sees them shuffled; None if the reply
     cannot be parsed."""
-    order = list(range(len(answers)))
-    rng.shuffle(order)
-    best_first = parse_ranking(judge(judge_prompt(messages, [answers[i] for i in order])), len(answers))
-    if best_first is None:
-        return None
-    ranks = [0] * len(answers)
-    for position, shown in enumerate(best_first):
-        ranks[order[shown]] = position + 1
-    return ranks
+    order, prompt = shuffled_prompt(messages, answers, rng)
+    return ranks_from_reply(judge(prompt), order)
 
 
 def self_agreement(rank_fn: Callable[[int, random.Random], Optional[list[int]]], items: int, seed: int = 0) -> dict:

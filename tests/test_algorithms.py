@@ -17,18 +17,18 @@ from starling_jax.train import hydra, kinds, rlaif
 
 BUILT_IN = {"sft": ("sft", "lm", False), "rm_plackett_luce": ("rm", "score", False),
             "rm_bradley_terry": ("rm", "score", False), "dpo": ("dpo", "lm", True), "apa": ("rl", "lm", True),
-            "ppo": ("rl", "lm", True)}
+            "ppo": ("rl", "lm", True), "feedback": ("feedback", "lm", False)}
 
 
 def test_built_in_algorithms_and_kinds():
     for name, (kind, head, reference) in BUILT_IN.items():
         a = registry.get(name)
         assert (a.kind, a.head, a.reference) == (kind, head, reference), name
-        assert (a.batch is None) == (kind == "rl"), name
+        assert (a.batch is None) == (kind in ("rl", "feedback")), name
     assert set(BUILT_IN) <= set(registry.names())
-    assert {"sft", "rm", "dpo", "rl"} <= set(kinds.names())
+    assert {"sft", "rm", "dpo", "rl", "feedback"} <= set(kinds.names())
     assert registry.of_kind("rm") == ["rm_bradley_terry", "rm_plackett_luce"]
-    with pytest.raises(KeyError, match="unknown objective 'rm_kwise'; known: apa, dpo, grpo, ppo, rloo"):
+    with pytest.raises(KeyError, match="unknown objective 'rm_kwise'; known: apa, dpo, feedback, grpo, ppo, rloo"):
         registry.get("rm_kwise")
     with pytest.raises(KeyError, match="no stage kind 'rlhf' is registered"):
         registry.stage_kind("rlhf")

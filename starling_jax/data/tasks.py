@@ -25,6 +25,7 @@ PHRASINGS = ("What is {a} + {b}?", "Compute {a} + {b}.", "Calculate {a} plus {b}
              "Add {a} and {b}.", "{a} + {b} = ?")
 OPERANDS = (1, 20)
 _INT = re.compile(r"-?\d+")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _PROBLEM = re.compile(r"(\d+)\D+?(\d+)")
 
 
@@ -39,7 +40,7 @@ class Task:
 
 def reply_answer(reply: str) -> Optional[int]:
     """The answer a reply gives: its last integer (thousands separators ignored), None when it has none."""
-    found = _INT.findall(reply.replace(",", ""))
+    found = _INT.findall(_THOUSANDS.sub("", reply))
     return int(found[-1]) if found else None
 
 

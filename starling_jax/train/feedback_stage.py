@@ -17,7 +17,8 @@ reward_model section scores every reply; "llm" - feedback.judge_model reads a K-
 shuffled and answers "[[C]] > [[A]] > ..."; rows it cannot parse are counted and left out, and its agreement with
 itself under two shuffles is measured on feedback.agreement_prompts prompts.
 
-The stage trains nothing and exports no model (only its summary): "stage:NAME" names its rows, not weights.
+The stage trains nothing and exports no model (only its summary): "stage:NAME" names its rows, not weights. It runs
+in one process (its generation is not sharded over hosts): on a pod, run it first on one host.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ class FeedbackSource:
         c = self.c = ctx.config
         f = self.f = c.feedback
         self.stage_name, self.workdir = ctx.stage_name, ctx.workdir
+        if jax.process_count() > 1:
+            raise ValueError(f"stage {ctx.stage_name!r}: the feedback stage runs in one process (its sampling is not "
+                             f"sharded over hosts); run `starling-jax feedback` in one process, then the training "
+                             f"stages on the pod")
         self.splits = splits = pipelines.load_splits(c.data)
         need = c.train.steps * f.prompts_per_step
         if need > len(splits.train):
@@ -138,7 +143,6 @@ class FeedbackSource:
         self.position, self.rows_written = 0, 0
         self.counts = {"skipped_empty_answer": 0, "unparseable_ranking": 0, "rows_without_signal": 0}
         self.sums = {"score": 0.0, "scored": 0, "true": 0.0, "true_n": 0, "best_true": 0.0, "prompts": 0}
-        _truncate_lines(self.path, 0)  # a fresh stage starts a fresh file (set_state cuts it back on resume)
 
     def _rank(self, convs: list, replies: list, step: int):
         """(ranks per kept conversation or None, scores per conversation or None)."""
@@ -146,23 +150,9 @@ class FeedbackSource:
             scores = self.judge(convs, replies)
             return [fb.rank_by_scores(s) for s in scores], scores
         rng = random.Random(self.c.train.seed * 1_000_003 + step)
-        orders = []
-        prompts = []
-        for m, answers in zip(convs, replies):
-            order = list(range(len(answers)))
-            rng.shuffle(order)
-            orders.append(order)
-            prompts.append(fb.judge_prompt(m, [answers[i] for i in order]))
-        ranks = []
-        for order, reply in zip(orders, self.llm.many(prompts)):
-            best_first = fb.parse_ranking(reply, len(order))
-            if best_first is None:
-                ranks.append(None)
-                continue
-            r = [0] * len(order)
-            for position, shown in enumerate(best_first):
-                r[order[shown]] = position + 1
-            ranks.append(r)
+        shown = [fb.shuffled_prompt(m, answers, rng) for m, answers in zip(convs, replies)]
+        verdicts = self.llm.many([prompt for _, prompt in shown])
+        ranks = [fb.ranks_from_reply(reply, order) for (order, _), reply in zip(shown, verdicts)]
         return ranks, None
 
     def next_batch(self, state) -> dict:
@@ -173,6 +163,8 @@ class FeedbackSource:
                               f.max_new_tokens, temperature=f.temperature, top_p=f.top_p,
                               batch_size=min(f.generation_batch, len(convs) * f.k))
         ranks, scores = self._rank(convs, replies, step)
+        if step == 0:  # a fresh stage starts a fresh file (a resumed one was cut back to its checkpoint: set_state)
+            _truncate_lines(self.path, 0)
         rows, true_means = [], []
         for i, (m, answers) in enumerate(zip(convs, replies)):
             if self.true_utility is not None:
