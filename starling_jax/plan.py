@@ -14,8 +14,9 @@ as in the usual MFU convention; recomputation from remat is included (it is work
 
 Caveats: CPU compilation plans the memory of a CPU program. Temporaries on TPU/GPU differ somewhat (fusion, bf16
 handled natively where the CPU backend may upcast), so treat `temp` as an estimate and keep headroom. The RL plan
-covers the optimisation step (minibatch epochs); rollout generation (KV cache) and the experience pass run at other
-times and are not part of it.
+covers the optimisation step (minibatch epochs); `--rollout` plans the rollout phase instead (the resident train state
+and reward model + the largest of its compiled calls: generation with the KV cache, reward-model scoring, the
+experience pass).
 """
 
 from __future__ import annotations
@@ -182,57 +183,72 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
     return report
 
 
+_MEMORY_KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                "generated_code_size_in_bytes")
+
+
 def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) -> dict:
-    """Memory of an RL stage's rollout generation (sampling.generate over one chunk of prompts with the full policy),
-    compiled for the mesh like the step; the reward model counts as extra live state. Returns a report dict like
-    plan_experiment's (no optimiser; FLOPs not counted: the decode loop's trip count is dynamic)."""
+    """Memory of an RL stage's rollout phase (RolloutSource.next_batch): the train state and the reward model stay on
+    the devices while the phase's compiled calls run one after the other (StageSetup.between_steps, built by the
+    stage's own setup: the generate call, reward-model scoring, the experience pass). Each call is compiled for the
+    mesh like the step; the phase needs the resident state + the reward model + the largest call's own inputs,
+    temporaries and outputs. Returns a report dict like plan_experiment's, plus "calls" (each call's figures) and
+    "largest_call"; FLOPs are not counted (the decode loop's trip count is dynamic).
+
+    per_device_bytes: params = the policy the generate call reads (trainable top + frozen trunk), optimizer = the
+    optimiser state, critic = the rest of the trainable params, frozen = the rest of the frozen params (the
+    reference), step_and_rng, extra = the reward model, state = the whole train state (the sum of those five but
+    extra), other = critic + frozen + step_and_rng + extra; batch, temp, output_not_aliased = the largest call's;
+    total = params + optimizer + other + batch + temp + output_not_aliased."""
     import jax
-    import jax.numpy as jnp
-    from starling_jax import models, sampling, sharding
+    from starling_jax import sharding
+    from starling_jax.algorithms import registry
 
     stage_name, cfg = _pick_stage(exp, stage)
-    from starling_jax.algorithms import registry
     if registry.get(cfg.objective.name).kind != "rl":
         raise ValueError(f"--rollout plans an RL stage's generation; stage {stage_name!r} is {cfg.objective.name!r}")
-    mesh_config = mesh_config or cfg.mesh
-    mesh = sharding.make_mesh(dataclasses.replace(mesh_config, distributed=False), devices)
-    rules = sharding.rules_dict(mesh_config)
-    config, r = cfg.model.config.replace(head="lm"), cfg.rollout
-    specs = models.param_specs(config)
-    params, p_sh = _abstract(specs), sharding.param_shardings(specs, mesh, rules)
-    B, P = r.generation_batch or r.prompts_per_step, cfg.data.max_prompt_length  # one generate call
-    prompts = {"prompt_tokens": jax.ShapeDtypeStruct((B, P), jnp.int32),
-               "prompt_mask": jax.ShapeDtypeStruct((B, P), jnp.int32)}
-    b_sh = sharding.batch_shardings(prompts, mesh, rules)
-
-    def rollout(p, batch, key):
-        return sampling.generate(p, config, batch["prompt_tokens"], batch["prompt_mask"], key, r.max_new_tokens,
-                                 r.temperature, r.top_k, r.top_p, constrain=sharding.activation_constraint(mesh, rules))
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(mesh_config or cfg.mesh, distributed=False))
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    parts = stage_setup(cfg, mesh)
+    s, sh = parts.state, parts.state_shardings
+    policy = (s.params["policy"], s.frozen["trunk"]), (sh.params["policy"], sh.frozen["trunk"])
+    rest = lambda tree, drop: {k: v for k, v in tree.items() if k != drop}
+    b = {"params": _tree_bytes(*policy),
+         "optimizer": _tree_bytes(s.opt_state, sh.opt_state),
+         "critic": _tree_bytes(rest(s.params, "policy"), rest(sh.params, "policy")),
+         "frozen": _tree_bytes(rest(s.frozen, "trunk"), rest(sh.frozen, "trunk")),
+         "step_and_rng": _tree_bytes((s.step, s.rng), (sh.step, sh.rng)),
+         "extra": sum(_tree_bytes(t, tsh) for t, tsh in parts.resident.values())}
+    b["state"] = b["params"] + b["optimizer"] + b["critic"] + b["frozen"] + b["step_and_rng"]
+    b["other"] = b["critic"] + b["frozen"] + b["step_and_rng"] + b["extra"]
 
     t0 = time.time()
-    fn = jax.jit(rollout, in_shardings=(p_sh, b_sh, sharding.replicated(mesh)), out_shardings=b_sh["prompt_tokens"])
-    compiled = fn.lower(params, prompts, jax.random.key(0)).compile()
-    mem = compiled.memory_analysis()
-    b = {"params": _tree_bytes(params, p_sh), "optimizer": 0, "frozen": 0, "step_and_rng": 0, "extra": 0,
-         "batch": _tree_bytes(prompts, b_sh), "temp": int(mem.temp_size_in_bytes),
-         "output_not_aliased": int(mem.output_size_in_bytes)}
-    if cfg.reward_model is not None:
-        rm_specs = models.param_specs(cfg.reward_model.config.replace(head="score"))
-        b["extra"] = _tree_bytes(_abstract(rm_specs), sharding.param_shardings(rm_specs, mesh, rules))
-    b["other"] = b["extra"]
-    b["total"] = b["params"] + b["other"] + b["batch"] + b["temp"] + b["output_not_aliased"]
+    calls = {}
+    for name, call in parts.between_steps.items():
+        fn = jax.jit(call.fn, in_shardings=(*call.resident_shardings, *call.input_shardings))
+        mem = fn.lower(*call.resident, *call.inputs).compile().memory_analysis()
+        c = {"batch": sum(_tree_bytes(x, xs) for x, xs in zip(call.inputs, call.input_shardings)),
+             "temp": int(mem.temp_size_in_bytes), "output_not_aliased": int(mem.output_size_in_bytes)}
+        c["own"] = c["batch"] + c["temp"] + c["output_not_aliased"]  # on top of the resident state and reward model
+        c["total"] = b["state"] + b["extra"] + c["own"]
+        calls[name] = {"per_device_bytes": c, "per_device_gib": {k: round(v / GiB, 3) for k, v in c.items()},
+                       "memory_analysis": {k: int(getattr(mem, k)) for k in _MEMORY_KEYS}, "note": call.note}
+    largest = max(calls, key=lambda n: calls[n]["per_device_bytes"]["own"])
+    big = calls[largest]["per_device_bytes"]
+    b.update(batch=big["batch"], temp=big["temp"], output_not_aliased=big["output_not_aliased"])
+    b["total"] = b["params"] + b["optimizer"] + b["other"] + b["batch"] + b["temp"] + b["output_not_aliased"]
     return {
         "experiment": exp.name, "stage": stage_name, "objective": cfg.objective.name, "phase": "rollout",
         "devices": len(devices), "mesh": dict(mesh.shape), "platform": devices[0].platform,
         "per_device_bytes": b, "per_device_gib": {k: round(v / GiB, 3) for k, v in b.items()},
-        "memory_analysis": {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                                "alias_size_in_bytes", "temp_size_in_bytes",
-                                                                "generated_code_size_in_bytes")},
-        "param_counts": {"policy": _count(params)}, "flops_per_step": None,
+        "memory_analysis": calls[largest]["memory_analysis"], "largest_call": largest, "calls": calls,
+        "param_counts": {"policy": _count(policy[0]), "trainable": _count(s.params), "frozen": _count(s.frozen),
+                         **{k: _count(t) for k, (t, _) in parts.resident.items()}},
+        "flops_per_step": None,
         "compile_seconds": round(time.time() - t0, 1),
-        "notes": [f"rollout generation: one generate call over {B} of the chunk's {r.prompts_per_step} prompts "
-                  f"(rollout.generation_batch), {P} tokens + {r.max_new_tokens} new tokens with the full policy "
-                  f"(KV cache included in temp); the reward model is counted as other live state"],
+        "notes": [f"rollout phase: the train state and the reward model stay resident while these calls run one "
+                  f"after another; batch/temp/outputs below are the largest call's ({largest})",
+                  *(calls[n]["note"] for n in calls)],
     }
 
 
@@ -247,11 +263,19 @@ def format_report(r: dict) -> str:
     human = lambda v: f"{v / 1e9:.3f}B" if v >= 1e8 else (f"{v / 1e6:.3f}M" if v else "0")
     lines.append("  parameters: " + ", ".join(f"{k} {human(v)}" for k, v in counts.items()))
     lines.append(f"  per-device memory ({unit}):")
-    for key, label in (("params", "policy params" if phase else "trainable params"), ("optimizer", "optimizer state"),
-                       ("other", "other live state (frozen trunk/reference, reward model, step, rng)"),
-                       ("batch", "batch"), ("temp", "temporaries (XLA)"),
-                       ("output_not_aliased", "outputs not aliased to donated inputs"), ("total", "total")):
+    rows = (("params", "policy params (trainable top + frozen trunk)" if phase else "trainable params"),
+            ("optimizer", "optimizer state"),
+            ("other", "other live state (critic, reference, reward model, step, rng)" if phase else
+             "other live state (frozen trunk/reference, reward model, step, rng)"),
+            ("batch", "batch" + (f" (largest call: {r['largest_call']})" if phase else "")),
+            ("temp", "temporaries (XLA)"), ("output_not_aliased", "outputs not aliased to donated inputs"),
+            ("total", "total"))
+    for key, label in rows:
         lines.append(f"    {label:<70} {b[key] / scale:9.3f}")
+    for name, call in r.get("calls", {}).items():
+        c = call["per_device_bytes"]
+        lines.append(f"    call {name + ':':<13} inputs {c['batch'] / scale:.3f} + temp {c['temp'] / scale:.3f} + "
+                     f"outputs {c['output_not_aliased'] / scale:.3f}; phase total with it {c['total'] / scale:.3f}")
     if r["flops_per_step"] is not None:
         lines.append(f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device; matmuls, "
                      f"scans counted per iteration)")
@@ -289,7 +313,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak FLOP/s per device for MFU (default: the experiment's logging.peak_flops)")
     parser.add_argument("--rollout", action="store_true",
-                        help="RL stages: plan rollout generation (full policy + KV cache) instead of the update step")
+                        help="RL stages: plan the rollout phase (train state + reward model resident, and the largest of "
+                             "generate / reward-model scoring / experience pass) instead of the update step")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

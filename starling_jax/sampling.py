@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from starling_jax.models import (ModelConfig, cache_slots, check_token_ids, embed_tokens, final_norm, init_cache,
-                                 lm_logits, run_layers)
+                                 lm_logits, merge_params, run_layers)
 from starling_jax.models import Params
 
 
@@ -202,6 +202,8 @@ _STATIC = ("config", "max_new_tokens", "top_k", "stop_ids", "greedy", "use_top_p
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, config, max_new_tokens, top_k,
               stop_ids, greedy, use_top_p, constrain):
+    if isinstance(params, tuple):  # (top, rest) of models.split_params: merged here, inside the compiled call
+        params = merge_params(*params)
     B, P = prompt_tokens.shape
     N = max_new_tokens
     pad = _pad_id(config)
@@ -287,6 +289,8 @@ def generate(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, ke
              stop_ids: Sequence[int] = (), constrain=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sample up to N = max_new_tokens tokens after left-padded prompts.
 
+    params: the model's params, or a pair (top, rest) as models.split_params gives them (an RL stage's trainable top
+    layers and frozen trunk), merged inside the compiled call: no merged copy of the weights outlives the call.
     prompt_tokens [B, P] int, prompt_mask [B, P] (0 = left padding, 1 = token; None = no padding).
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. A row stops after the first token in stop_ids.
     Returns tokens [B, N] int32 (padding after a row's stop: config.pad_token_id, or 0), mask [B, N] int32 (1 on the

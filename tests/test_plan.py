@@ -152,7 +152,47 @@ def test_plan_rl_update_and_rollout(tmp_path):
     # the full policy, every matrix split 8 ways over fsdp (float32), norms replicated
     assert gb["params"] == 4 * ((V * D * 2 + L * layer) // 8 + L * norms + D)
     assert gb["extra"] == b["extra"] and gb["temp"] == g["memory_analysis"]["temp_size_in_bytes"] > 0
-    assert gb["total"] == gb["params"] + gb["other"] + gb["batch"] + gb["temp"] + gb["output_not_aliased"]
+    assert gb["total"] == (gb["params"] + gb["optimizer"] + gb["other"] + gb["batch"] + gb["temp"]
+                           + gb["output_not_aliased"])
+
+
+@needs8
+def test_plan_rollout_holds_the_train_state(tmp_path):
+    """The rollout phase keeps the whole train state (trainable layers, critic, Adam moments, trunk, reference) and
+    the reward model on the devices while its calls run; the plan adds the largest call (generate, reward model,
+    experience pass) to them, each compiled with the arguments the stage passes."""
+    from starling_jax.config_loading import load_experiment
+
+    path = tmp_path / "tiny_rl_plan.py"
+    path.write_text(RL_EXPERIMENT)
+    exp = load_experiment(str(path))
+    b = plan.plan_experiment(exp, jax.devices()[:8])["per_device_bytes"]
+    g = plan.plan_rollout(exp, jax.devices()[:8])
+    gb = g["per_device_bytes"]
+    state = b["params"] + b["optimizer"] + b["frozen"] + b["step_and_rng"]  # the update plan's state
+    assert gb["state"] == state and gb["optimizer"] == b["optimizer"] > 0
+    assert gb["state"] == gb["params"] + gb["optimizer"] + gb["critic"] + gb["frozen"] + gb["step_and_rng"]
+    assert gb["critic"] > 0 and gb["frozen"] > 0  # the MLP value head; the reference's top layer, norm and head
+    calls = g["calls"]
+    assert set(calls) == {"generate", "reward_model", "experience"}
+    for call in calls.values():
+        c = call["per_device_bytes"]
+        assert c["total"] == state + gb["extra"] + c["batch"] + c["temp"] + c["output_not_aliased"]
+    assert gb["total"] == max(c["per_device_bytes"]["total"] for c in calls.values())
+    assert gb["total"] >= state + gb["extra"] + gb["temp"]
+    assert g["largest_call"] in calls and gb["temp"] == calls[g["largest_call"]]["per_device_bytes"]["temp"]
+    # each call is compiled on what the stage hands it: generate reads the policy's (top, trunk) pair, the prompts
+    # (8 x 8 int32 tokens and mask, one row per device) and a key (2 x uint32, replicated); the experience pass the
+    # whole state's params and frozen trees and the chunk; the reward model its params and the chunk's tokens
+    gen = calls["generate"]
+    assert gen["per_device_bytes"]["batch"] == 2 * 8 * 4 + 8
+    assert gen["memory_analysis"]["argument_size_in_bytes"] == gb["params"] + gen["per_device_bytes"]["batch"]
+    exp_args = calls["experience"]["memory_analysis"]["argument_size_in_bytes"]
+    assert exp_args <= b["params"] + b["frozen"] + calls["experience"]["per_device_bytes"]["batch"] + 4
+    rm = calls["reward_model"]
+    assert rm["memory_analysis"]["argument_size_in_bytes"] == gb["extra"] + rm["per_device_bytes"]["batch"]
+    text = plan.format_report(g)
+    assert "call generate:" in text and "largest call" in text
 
 
 @needs8

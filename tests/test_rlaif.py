@@ -59,6 +59,22 @@ def test_hydra_reference_equals_initial_policy(params, rollout, top_layers):
     assert _leaves_equal(hydra.reference_params(frozen), params)
 
 
+@pytest.mark.parametrize("top_layers", [1, 3])
+def test_sampling_from_the_policy_parts_equals_the_merged_policy(params, rollout, top_layers):
+    """sampling.generate on the hydra's (top, trunk) pair (merged inside the compiled call; what the rollouts and the
+    held-out evaluation sample from) gives the tokens, mask and log-probs of the merged params."""
+    from starling_jax import sampling
+
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), top_layers)
+    prompts, mask = rollout["tokens"][:, :P], rollout["attention_mask"][:, :P]
+    for parts, full in ((hydra.policy_parts(trainable, frozen), hydra.policy_params(trainable, frozen)),
+                        (hydra.reference_parts(frozen), hydra.reference_params(frozen))):
+        got = sampling.generate(parts, CFG, prompts, mask, jax.random.key(3), N, temperature=1.0)
+        want = sampling.generate(full, CFG, prompts, mask, jax.random.key(3), N, temperature=1.0)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_shaped_rewards_and_gae_against_numpy_loops(params, rollout):
     obj = ObjectiveConfig(name="apa", gamma=0.9, gae_lambda=0.8, value_clip=None)
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), 1)

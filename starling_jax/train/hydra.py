@@ -65,6 +65,17 @@ def reference_params(frozen: Params) -> Params:
     return models.merge_params(frozen["reference"], frozen["trunk"])
 
 
+def policy_parts(trainable: Params, frozen: Params) -> tuple[Params, Params]:
+    """The current policy as the pair (top, trunk) that sampling.generate merges inside its compiled call: sampling
+    from it makes no merged copy of the weights outside that call (policy_params would: a new stack of every layer)."""
+    return trainable["policy"], frozen["trunk"]
+
+
+def reference_parts(frozen: Params) -> tuple[Params, Params]:
+    """The reference as the pair (top, trunk) for sampling.generate (see policy_parts)."""
+    return frozen["reference"], frozen["trunk"]
+
+
 def trunk_forward(trunk: Params, config: ModelConfig, tokens: jax.Array, attention_mask: jax.Array,
                   constrain: Optional[ActivationConstraint] = None) -> Optional[jax.Array]:
     """The frozen trunk's output [B, T, D] without gradient (its embeddings, then its layers if it has any), or None

@@ -120,6 +120,20 @@ def count_tokens(batch: Batch) -> int:
 # Registry.
 
 @dataclasses.dataclass(frozen=True)
+class PhaseCall:
+    """One compiled call a stage runs between its steps (an rl stage's generate call, reward-model scoring, experience
+    pass), in the form the planner compiles it: fn(*resident, *inputs). `resident` are trees that stay on the devices
+    anyway (parts of the train state, the reward model), `inputs` the call's own arguments (prompts, tokens); both as
+    ShapeDtypeStructs, with their shardings. fn is the function the stage calls (jitted or not)."""
+    fn: Callable
+    resident: tuple
+    resident_shardings: tuple
+    inputs: tuple
+    input_shardings: tuple
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class StageSetup:
     """A stage's trees, shardings, optimiser and (unjitted) update step: what training and planning share.
 
@@ -138,6 +152,7 @@ class StageSetup:
     batch_shardings: dict
     resident: dict = dataclasses.field(default_factory=dict)  # name -> (abstract tree, shardings): other live state
     notes: tuple = ()  # human-readable facts (the planner prints them)
+    between_steps: dict = dataclasses.field(default_factory=dict)  # name -> PhaseCall (`plan --rollout` compiles them)
 
     def jit(self, mesh) -> Callable:
         """The update jitted with the state donated and the setup's in/out shardings (train/step.py jit_step)."""

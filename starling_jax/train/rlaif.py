@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from starling_jax import models, sharding
+from starling_jax import models, sampling, sharding
 from starling_jax.algorithms import registry
 from starling_jax.config import ObjectiveConfig
 from starling_jax.data import load_tokenizer, pipelines
@@ -39,8 +39,8 @@ from starling_jax.models import ModelConfig, Params
 from starling_jax.objectives import common as obj_common
 from starling_jax.objectives import policy as obj_policy
 from starling_jax.train import program as prog
-from starling_jax.train.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_params,
-                                      reference_params)
+from starling_jax.train.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_parts,
+                                      policy_params, reference_parts)
 from starling_jax.train.logging import plot_metrics, read_metrics
 from starling_jax.train.rollout import (RewardScorer, RolloutSource, conversation_of, sample_replies,
                                         trained_reward_template)
@@ -195,17 +195,18 @@ def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_l
 # The "rl" stage kind for the loop.
 
 
-def _policy_eval(trainable: Params, frozen: Params, full_params: Params, config: ModelConfig, prompts: dict,
+def _policy_eval(trainable: Params, frozen: Params, sample_params, config: ModelConfig, prompts: dict,
                  conversations: list, tokenizer, template: str, scorer, rollout, key: jax.Array,
                  true_utility=None, place=None) -> dict:
-    """Sample replies to held-out prompts with `full_params`; their mean RM score, true utility (synthetic data),
+    """Sample replies to held-out prompts with `sample_params` (full params, or a (top, trunk) pair: hydra.policy_parts);
+    their mean RM score, true utility (synthetic data),
     length and KL to the reference (mean over rows of sum_t log pi(a_t) - log pi_ref(a_t), under the current policy
     trees `trainable`/`frozen`, so it is the KL of whichever model sampled only when that model is the policy).
     With a `place` the prompts are this process's rows of the global set of held-out prompts; the means and the
     per-prompt lists cover all of them, the samples are the first rows of this process (process 0: the set's first)."""
     import zlib
 
-    s = sample_replies(full_params, config, tokenizer, template, conversations, prompts["prompt_tokens"],
+    s = sample_replies(sample_params, config, tokenizer, template, conversations, prompts["prompt_tokens"],
                        prompts["prompt_mask"], key, rollout.max_new_tokens, rollout.temperature, rollout.top_k,
                        rollout.top_p, place=place)
     P = s.prompt_tokens.shape[1]
@@ -303,8 +304,9 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     state = empty if abstract else create_state(trainable, optimizer, k_state, frozen, shard_state)
 
     P, N, B = c.data.max_prompt_length, r.max_new_tokens, r.prompts_per_step
-    _, rl_loss_fn = build_rl_functions(model_config, o, P, sharding.activation_constraint(mesh, rules),
-                                       float(r.temperature), group=group_size(algorithm, c.objective))
+    constrain = sharding.activation_constraint(mesh, rules)
+    experience_fn, rl_loss_fn = build_rl_functions(model_config, o, P, constrain, float(r.temperature),
+                                                   group=group_size(algorithm, c.objective))
     pin = sharding.batch_constraint(mesh, rules)  # shuffled minibatches stay split over the batch axes
 
     def loss(params, frozen, minibatch):
@@ -323,11 +325,64 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
              f"minibatches of {r.minibatch_size} = {updates_per_step} optimiser updates per step",
              f"trainable: {prog.layers_note(top, model_config.num_layers)}{critic}; reference: frozen copy of the "
              f"trainable layers",
-             "not planned: rollout generation (KV cache) and the experience pass (they run between steps)")
+             "the rollout phase (generation with its KV cache, reward-model scoring, the experience pass) runs "
+             "between steps: `plan --rollout` plans it")
+    between = rollout_calls(c, model_config, state, shard_state, resident, experience_fn, constrain, mesh)
     return prog.StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
                            update=make_rl_step(loss, optimizer, r.epochs, r.minibatch_size), loss=loss, batch=batch,
                            batch_shardings=sharding.batch_shardings(batch, mesh, rules), resident=resident,
-                           notes=notes)
+                           notes=notes, between_steps=between)
+
+
+def rollout_calls(c, model_config: ModelConfig, state, shard_state, resident: dict, experience_fn, constrain,
+                  mesh) -> dict:
+    """The compiled calls of one chunk's rollout phase (RolloutSource.next_batch), as program.PhaseCall: while they
+    run, the train state and the reward model stay on the devices. In order: "generate" (one sampling.generate call
+    of rollout.generation_batch global rows from the policy's (top, trunk) pair, merged inside the call),
+    "reward_model" (models.score of the whole chunk at reward_model.max_length tokens, the longest RewardScorer pads
+    to) and "experience" (make_experience over the whole chunk: policy, reference and critic forward)."""
+    r, rules = c.rollout, c.mesh.rules
+    B, P, N = r.prompts_per_step, c.data.max_prompt_length, r.max_new_tokens
+    shape = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    S = jax.ShapeDtypeStruct
+
+    def rows(**arrays):  # split over the mesh's batch axes, as BatchPlacement.put places a global batch
+        spec = {k: S(shp, dt) for k, (shp, dt) in arrays.items()}
+        shard = sharding.batch_shardings(spec, mesh, rules)
+        return tuple(spec.values()), tuple(shard[k] for k in spec)
+
+    G = r.generation_batch if 0 < r.generation_batch < B else B
+    prompts, prompts_sh = rows(prompt_tokens=((G, P), jnp.int32), prompt_mask=((G, P), jnp.int32))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+
+    def generate(top, trunk, prompt_tokens, prompt_mask, key):
+        return sampling.generate((top, trunk), model_config, prompt_tokens, prompt_mask, key, N, r.temperature,
+                                 r.top_k, r.top_p, constrain=constrain)
+
+    calls = {"generate": prog.PhaseCall(
+        generate, shape((state.params["policy"], state.frozen["trunk"])),
+        (shard_state.params["policy"], shard_state.frozen["trunk"]), (*prompts, key),
+        (*prompts_sh, sharding.replicated(mesh)),
+        f"generate: {G} of the chunk's {B} prompts per call (rollout.generation_batch), {P} + {N} tokens")}
+    if "reward_model" in resident:
+        rm, rm_sh = resident["reward_model"]
+        rm_config, T = c.reward_model.config.replace(head="score"), c.reward_model.max_length
+        rm_inputs, rm_inputs_sh = rows(tokens=((B, T), jnp.int32), attention_mask=((B, T), jnp.int32))
+        calls["reward_model"] = prog.PhaseCall(
+            functools.partial(_rm_score, rm_config), (rm,), (rm_sh,), rm_inputs, rm_inputs_sh,
+            f"reward_model: the chunk's {B} replies in one call, up to {T} tokens (reward_model.max_length)")
+    exp_inputs, exp_sh = rows(tokens=((B, P + N), jnp.int32), attention_mask=((B, P + N), jnp.int32),
+                              response_mask=((B, N), jnp.int32), scores=((B,), jnp.float32))
+    calls["experience"] = prog.PhaseCall(
+        experience_fn, shape((state.params, state.frozen)), (shard_state.params, shard_state.frozen),
+        (*exp_inputs, S((), jnp.float32)), (*exp_sh, sharding.replicated(mesh)),
+        f"experience: policy, reference and critic over the chunk's {B} rollouts of {P} + {N} tokens")
+    return calls
+
+
+def _rm_score(rm_config: ModelConfig, params: Params, tokens, attention_mask):
+    """The reward model's scoring call as RewardScorer makes it (models.score)."""
+    return models.score(params, rm_config, tokens, attention_mask)
 
 
 class RLStage:
@@ -416,9 +471,9 @@ class RLStage:
 
     def report(self, state, which: str, split: str = "heldout") -> dict:
         """Sampled replies of the policy (or the reference) to an eval split: RM score, KL, length, true reward."""
-        full = policy_params(state.params, state.frozen) if which == "policy" else reference_params(state.frozen)
+        parts = policy_parts(state.params, state.frozen) if which == "policy" else reference_parts(state.frozen)
         prompts, conversations, key = self.eval_sets[split]
-        return _policy_eval(state.params, state.frozen, full, self.model_config, prompts, conversations,
+        return _policy_eval(state.params, state.frozen, parts, self.model_config, prompts, conversations,
                             self.tokenizer, self.c.model.template, self.scorer, self.c.rollout, key, self.true_utility,
                             self.spread)
 

@@ -19,7 +19,7 @@ import numpy as np
 from starling_jax import models, sampling
 from starling_jax.models import ModelConfig
 from starling_jax.objectives import kl as obj_kl
-from starling_jax.train.hydra import policy_params
+from starling_jax.train.hydra import policy_parts
 from starling_jax.models import Params
 
 Conversation = list  # [{"role": "user" | "assistant", "content": str}, ...] ending with a user turn
@@ -153,6 +153,8 @@ def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str
                    prompt_mask, key: jax.Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, constrain=None, place=None, generation_batch: int = 0) -> Samples:
     """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template).
+    params: the policy's params, or the pair (top, trunk) of an RL stage (hydra.policy_parts; merged inside each
+    generate call, not copied outside it).
     constrain: the mesh's activation constraint (sampling.generate), None off a mesh. place: a
     sharding.BatchPlacement when the prompts are this process's rows of a global batch (generation then runs on the
     global batch, split over the batch axes; the replies come back for the local rows). generation_batch: global rows
@@ -238,7 +240,7 @@ class RolloutSource:
         prompt_tokens, prompt_mask = np.asarray(p["prompt_tokens"]), np.asarray(p["prompt_mask"])
         key = jax.random.fold_in(jax.random.key(self.seed), self.chunk)
         r = self.rollout
-        s = sample_replies(policy_params(state.params, state.frozen), self.config, self.tokenizer, self.template,
+        s = sample_replies(policy_parts(state.params, state.frozen), self.config, self.tokenizer, self.template,
                            conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
                            r.top_p, constrain=self.constrain, place=self.place, generation_batch=r.generation_batch)
         self.last_samples = s
