@@ -146,8 +146,9 @@ class RolloutConfig:
     epochs: int = 2  # optimisation epochs over each rollout batch
     minibatch_size: int = 8
     eval_prompts: int = 64  # held-out prompts sampled at the start and the end of the stage (true reward, KL)
-    # rows per sampling.generate call when sampling a chunk (0 = the whole chunk in one call). Memory only: the KV
-    # cache and prefill activations scale with it; the chunk, the updates and the sampling distribution do not.
+    # rows per compiled call of the rollout phase: each sampling.generate call, reward-model scoring call and
+    # experience forward (policy, reference, critic) over a chunk (0 = the whole chunk in one call). Memory only: the
+    # KV cache and the activations scale with it; the chunk, the updates and the sampling distribution do not.
     generation_batch: int = 0
 
 

@@ -313,8 +313,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak FLOP/s per device for MFU (default: the experiment's logging.peak_flops)")
     parser.add_argument("--rollout", action="store_true",
-                        help="RL stages: plan the rollout phase (train state + reward model resident, and the largest of "
-                             "generate / reward-model scoring / experience pass) instead of the update step")
+                        help="RL stages: plan the rollout phase (train state + reward model resident, and the "
+                             "largest of generate / reward-model scoring / experience pass) instead of the update "
+                             "step")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from starling_jax.models import (ModelConfig, cache_slots, check_token_ids, embed_tokens, final_norm, init_cache,
-                                 lm_logits, merge_params, run_layers)
+                                 lm_logits, run_layers)
 from starling_jax.models import Params
 
 
@@ -110,27 +110,50 @@ def _embed(params: Params, config: ModelConfig, tokens: jax.Array, constrain) ->
     return constrain(embed_tokens({**params, "embed": constrain.embedding(params["embed"])}, config, tokens))
 
 
+def _stacks(params) -> tuple[Params, tuple]:
+    """(params without their layers, the layer stacks bottom to top) of full params or of a (top, rest) pair of
+    models.split_params parts: the parts' stacks are used as they are (no concatenated copy of the layers)."""
+    if not isinstance(params, tuple):
+        return params, (params["layers"],)
+    top, rest = params
+    outer = {**{k: v for k, v in rest.items() if k != "layers"}, **{k: v for k, v in top.items() if k != "layers"}}
+    return outer, tuple(p["layers"] for p in (rest, top) if "layers" in p)
+
+
 def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, prompt_mask: jax.Array,
             slots: int, constrain=None) -> tuple[jax.Array, Params]:
-    """Run the prompt [B, P] into a fresh cache of `slots` slots. constrain: see the module docstring.
+    """Run the prompt [B, P] into a fresh cache of `slots` slots. constrain: see the module docstring. params: full
+    params, or a (top, rest) pair of models.split_params parts (their layer stacks run one after the other).
 
     Returns (next-token logits [B, V] float32, decode cache): the cache of models.init_cache with k and v split into
     per-layer tuples of [1, B, S, K, E] (see decode_step for why).
     """
+    params, stacks = _stacks(params)
     cache = _pin_cache(init_cache(config, prompt_tokens.shape[0], slots), constrain)
     x = _embed(params, config, prompt_tokens, constrain)
     start = jnp.int32(0) if prompt_tokens.shape[1] <= slots else None  # a fresh cache: slots 0..P-1, no wrap
-    x, cache = run_layers(params["layers"], config, x, prompt_mask, cache, constrain=constrain, write_start=start)
-    cache = _pin_cache(cache, constrain)
+    ks, vs, first = [], [], 0
+    for layers in stacks:  # each stack writes its layers' slice of the cache; pos and index move the same for all
+        n = jax.tree.leaves(layers)[0].shape[0]
+        part = {**cache, "k": cache["k"][first:first + n], "v": cache["v"][first:first + n]}
+        x, part = run_layers(layers, config, x, prompt_mask, part, constrain=constrain, write_start=start)
+        part = _pin_cache(part, constrain)
+        ks += [part["k"][l:l + 1] for l in range(n)]
+        vs += [part["v"][l:l + 1] for l in range(n)]
+        first += n
     # Left padding puts every row's last real token in the last column.
     logits = lm_logits(params, config, final_norm(params, config, x[:, -1]))
-    L = config.num_layers
-    return logits, _pin_cache({**cache, "k": tuple(cache["k"][l:l + 1] for l in range(L)),
-                               "v": tuple(cache["v"][l:l + 1] for l in range(L))}, constrain)
+    return logits, _pin_cache({**part, "k": tuple(ks), "v": tuple(vs)}, constrain)
 
 
-def split_layers(params: Params, head_vd: bool = True) -> Params:
+_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # used only through models' _dense, cast to dtype
+
+
+def split_layers(params: Params, head_vd: bool = True, dtype=None) -> Params:
     """params with "layers" as a tuple of one-layer stacks ([1, ...] leaves), the form decode_step runs fastest on.
+    params: full params or a (top, rest) pair of models.split_params parts. dtype: the compute dtype
+    (config.dtype): the layers' matrices, which every matmul casts to it anyway, are stored in it (the same
+    numbers; with float32 master weights and bfloat16 compute, half the bytes to keep and to read per token).
 
     Why: a decode step reads every weight once, so it is bound by memory traffic. Run as one lax.scan, each step
     would first copy its layer's slice of the stacked weights (XLA materialises a dynamic slice that feeds a dot),
@@ -142,9 +165,13 @@ def split_layers(params: Params, head_vd: bool = True) -> Params:
     At batch 1 the [D, V] layout is as fast, so generate passes head_vd = batch > 1 (benchmarks/RESULTS.md).
     decode_logits reads either form.
     """
-    L = jax.tree.leaves(params["layers"])[0].shape[0]
-    out = dict(params)
-    out["layers"] = tuple(jax.tree.map(lambda a: a[l:l + 1], params["layers"]) for l in range(L))
+    outer, stacks = _stacks(params)
+
+    def one(name, a, l):
+        a = a[l:l + 1]
+        return a.astype(dtype) if dtype is not None and name in _MATRICES else a
+    out = {**outer, "layers": tuple({k: one(k, a, l) for k, a in layers.items()}
+                                    for layers in stacks for l in range(jax.tree.leaves(layers)[0].shape[0]))}
     if head_vd and "lm_head" in out:
         out["lm_head_vd"] = out.pop("lm_head").T
     return out
@@ -202,8 +229,6 @@ _STATIC = ("config", "max_new_tokens", "top_k", "stop_ids", "greedy", "use_top_p
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, config, max_new_tokens, top_k,
               stop_ids, greedy, use_top_p, constrain):
-    if isinstance(params, tuple):  # (top, rest) of models.split_params: merged here, inside the compiled call
-        params = merge_params(*params)
     B, P = prompt_tokens.shape
     N = max_new_tokens
     pad = _pad_id(config)
@@ -221,7 +246,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
     logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_slots(config, P + N), constrain)
     out = (jnp.full((B, N), pad, jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32))
     tok, done, out = emit(0, logits, jnp.zeros((B,), bool), out)
-    step_params = split_layers(params, head_vd=B > 1)
+    step_params = split_layers(params, head_vd=B > 1, dtype=jnp.dtype(config.dtype))
 
     def cond(state):
         i, _, _, done, _ = state
@@ -290,7 +315,7 @@ def generate(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, ke
     """Sample up to N = max_new_tokens tokens after left-padded prompts.
 
     params: the model's params, or a pair (top, rest) as models.split_params gives them (an RL stage's trainable top
-    layers and frozen trunk), merged inside the compiled call: no merged copy of the weights outlives the call.
+    layers and frozen trunk), used as they are: no merged copy of the weights is made.
     prompt_tokens [B, P] int, prompt_mask [B, P] (0 = left padding, 1 = token; None = no padding).
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. A row stops after the first token in stop_ids.
     Returns tokens [B, N] int32 (padding after a row's stop: config.pad_token_id, or 0), mask [B, N] int32 (1 on the

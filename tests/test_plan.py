@@ -160,7 +160,7 @@ def test_plan_rl_update_and_rollout(tmp_path):
 def test_plan_rollout_holds_the_train_state(tmp_path):
     """The rollout phase keeps the whole train state (trainable layers, critic, Adam moments, trunk, reference) and
     the reward model on the devices while its calls run; the plan adds the largest call (generate, reward model,
-    experience pass) to them, each compiled with the arguments the stage passes."""
+    experience forward, advantages) to them, each compiled with the arguments the stage passes."""
     from starling_jax.config_loading import load_experiment
 
     path = tmp_path / "tiny_rl_plan.py"
@@ -174,7 +174,7 @@ def test_plan_rollout_holds_the_train_state(tmp_path):
     assert gb["state"] == gb["params"] + gb["optimizer"] + gb["critic"] + gb["frozen"] + gb["step_and_rng"]
     assert gb["critic"] > 0 and gb["frozen"] > 0  # the MLP value head; the reference's top layer, norm and head
     calls = g["calls"]
-    assert set(calls) == {"generate", "reward_model", "experience"}
+    assert set(calls) == {"generate", "reward_model", "experience", "advantages"}
     for call in calls.values():
         c = call["per_device_bytes"]
         assert c["total"] == state + gb["extra"] + c["batch"] + c["temp"] + c["output_not_aliased"]

@@ -75,6 +75,30 @@ def test_sampling_from_the_policy_parts_equals_the_merged_policy(params, rollout
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+@pytest.mark.parametrize("name", ["ppo", "rloo"])
+def test_experience_in_parts_equals_the_whole_chunk(params, rollout, name):
+    """RolloutSource.experience with rollout.generation_batch rows per forward call (memory only) gives the
+    experience of one call over the whole chunk: the forward is row by row, the advantages (GAE; RLOO's group
+    baselines over consecutive rows) are computed once over the chunk."""
+    from types import SimpleNamespace
+
+    from starling_jax.train.rollout import RolloutSource
+
+    obj = ObjectiveConfig(name=name, group_size=2, whiten_advantages=True)
+    trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), 1)
+    exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
+    state = SimpleNamespace(params=trainable, frozen=frozen)
+    args = (rollout["tokens"], rollout["attention_mask"], rollout["response_mask"], rollout["scores"])
+    whole = jax.device_get(exp_fn(trainable, frozen, *args, jnp.float32(0.3)))
+    for rows in (0, 2, 3):  # one call; 4 calls of 2 rows; 2 calls (of 4 rows each: array_split of 8 into 8 // 3)
+        source = SimpleNamespace(place=None, experience_fn=exp_fn, kl_coef=0.3,
+                                 rollout=SimpleNamespace(generation_batch=rows))
+        got = jax.device_get(RolloutSource.experience(source, state, *args))
+        assert set(got) == set(whole)
+        for k in whole:
+            np.testing.assert_allclose(got[k], whole[k], rtol=1e-5, atol=1e-6, err_msg=f"{k}, {rows} rows per call")
+
+
 def test_shaped_rewards_and_gae_against_numpy_loops(params, rollout):
     obj = ObjectiveConfig(name="apa", gamma=0.9, gae_lambda=0.8, value_clip=None)
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), 1)
@@ -212,6 +236,8 @@ def test_cross_tokenizer_scoring_equals_direct_scoring():
     want_mask = np.array([[1] * len(x) + [0] * (T - len(x)) for x in ids], np.int32)
     want = np.asarray(models.score(rm_params, rm_cfg, want_tokens, want_mask))
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # in calls of one row each (rollout.generation_batch, memory only): the same scores
+    np.testing.assert_allclose(scorer(convs, texts, batch=1), got, rtol=1e-6)
     # The policy's own rendering of the same chat is another sequence (the re-rendering matters).
     assert policy_tok.encode_chat(convs[0] + [{"role": "assistant", "content": replies[0]}], template="openchat_3.5",
                                   add_generation_prompt=False) != ids[0]

@@ -335,11 +335,18 @@ def final_norm(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
     return rms_norm(x, params["final_norm"], config.rms_norm_eps)
 
 
-def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask=None) -> jax.Array:
-    """The final-norm hidden states [B, T, D] (compute dtype)."""
+def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask=None,
+                  constrain=None) -> jax.Array:
+    """The final-norm hidden states [B, T, D] (compute dtype). constrain: None, or a mesh's
+    sharding.ActivationConstraint (the embedding table pinned for the lookup, the residual stream split over the batch
+    axes at every layer boundary)."""
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    x, _ = run_layers(params["layers"], config, embed_tokens(params, config, tokens), attention_mask)
+    if constrain is None:
+        x = embed_tokens(params, config, tokens)
+    else:
+        x = constrain(embed_tokens({"embed": constrain.embedding(params["embed"])}, config, tokens))
+    x, _ = run_layers(params["layers"], config, x, attention_mask, constrain=constrain)
     return final_norm(params, config, x)
 
 
@@ -365,11 +372,12 @@ def reward_values(params: Params, config: ModelConfig, h: jax.Array) -> jax.Arra
     return jnp.einsum("btd,do->bto", h, params["score"].astype(h.dtype), preferred_element_type=jnp.float32)[..., 0]
 
 
-def score(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Reward [B] (float32): the score head read at each row's last non-pad token."""
+def score(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask: jax.Array,
+          constrain=None) -> jax.Array:
+    """Reward [B] (float32): the score head read at each row's last non-pad token. constrain: see hidden_states."""
     if "score" not in params:
         raise ValueError("score() needs a reward model: params have no 'score' head (build it with head='score')")
-    h = hidden_states(params, config, tokens, attention_mask)
+    h = hidden_states(params, config, tokens, attention_mask, constrain)
     last = last_token_index(attention_mask)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
     return reward_values(params, config, h_last)[:, 0]

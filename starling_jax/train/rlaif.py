@@ -20,6 +20,7 @@ optionally `advantages`, `critic=False` and `group_size`. Trees: see starling_ja
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -42,7 +43,7 @@ from starling_jax.train import program as prog
 from starling_jax.train.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_parts,
                                       policy_params, reference_parts)
 from starling_jax.train.logging import plot_metrics, read_metrics
-from starling_jax.train.rollout import (RewardScorer, RolloutSource, conversation_of, sample_replies,
+from starling_jax.train.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls, sample_replies,
                                         trained_reward_template)
 from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 
@@ -81,19 +82,18 @@ def shaped_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Arr
     return rewards * mask, jnp.sum(kl, axis=-1)
 
 
-def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attention_mask: jax.Array,
-                    response_mask: jax.Array, scores: jax.Array, kl_coef, *, config: ModelConfig,
-                    objective: ObjectiveConfig, prompt_len: int, constrain=None, temperature: float = 1.0,
-                    group: int = 1) -> dict:
-    """Everything the update needs from one chunk of rollouts (jit with config/objective/prompt_len/temperature/group
-    static; group = rollouts per prompt, consecutive rows).
-
-    tokens, attention_mask [B, P + N] (prompt left padded, response right padded); response_mask [B, N];
-    scores [B] the scaled and clipped RM scores. Returns old_logprobs, ref_logprobs, old_values, rewards, advantages,
-    returns [B, N] and kl [B] (sum over each row's response tokens of logp_old - logp_ref).
-    """
+def experience_forward(trainable: Params, frozen: Params, tokens: jax.Array, attention_mask: jax.Array, *,
+                       config: ModelConfig, prompt_len: int, constrain=None, temperature: float = 1.0) -> dict:
+    """The forward pass of make_experience, row by row independent (so a chunk may run it in parts): logprobs,
+    ref_logprobs and values [B, N] float32, without gradient."""
     out = jax.lax.stop_gradient(hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len,
                                               constrain=constrain, temperature=temperature))
+    return {k: out[k] for k in ("logprobs", "ref_logprobs", "values")}
+
+
+def experience_from_forward(out: dict, response_mask: jax.Array, scores: jax.Array, kl_coef, *,
+                            objective: ObjectiveConfig, group: int = 1) -> dict:
+    """The rest of make_experience, over the whole chunk (advantage whitening and group baselines need every row)."""
     mask = response_mask
     rewards, kl = shaped_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, kl_coef)
     algorithm = rl_algorithm(objective.name)
@@ -108,6 +108,34 @@ def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attent
         advantages = obj_common.masked_whiten(advantages, mask)
     return {"old_logprobs": out["logprobs"], "ref_logprobs": out["ref_logprobs"], "old_values": values,
             "rewards": rewards, "advantages": advantages, "returns": returns, "kl": kl}
+
+
+def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attention_mask: jax.Array,
+                    response_mask: jax.Array, scores: jax.Array, kl_coef, *, config: ModelConfig,
+                    objective: ObjectiveConfig, prompt_len: int, constrain=None, temperature: float = 1.0,
+                    group: int = 1) -> dict:
+    """Everything the update needs from one chunk of rollouts (jit with config/objective/prompt_len/temperature/group
+    static; group = rollouts per prompt, consecutive rows): experience_forward, then experience_from_forward.
+
+    tokens, attention_mask [B, P + N] (prompt left padded, response right padded); response_mask [B, N];
+    scores [B] the scaled and clipped RM scores. Returns old_logprobs, ref_logprobs, old_values, rewards, advantages,
+    returns [B, N] and kl [B] (sum over each row's response tokens of logp_old - logp_ref).
+    """
+    out = experience_forward(trainable, frozen, tokens, attention_mask, config=config, prompt_len=prompt_len,
+                             constrain=constrain, temperature=temperature)
+    return experience_from_forward(out, response_mask, scores, kl_coef, objective=objective, group=group)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperienceFn:
+    """make_experience as two jitted calls: forward(trainable, frozen, tokens, attention_mask) (row by row, so a chunk
+    may run it in parts) and finish(out, response_mask, scores, kl_coef) over the whole chunk; calling it runs both
+    over the whole chunk."""
+    forward: Callable
+    finish: Callable
+
+    def __call__(self, trainable, frozen, tokens, attention_mask, response_mask, scores, kl_coef) -> dict:
+        return self.finish(self.forward(trainable, frozen, tokens, attention_mask), response_mask, scores, kl_coef)
 
 
 def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelConfig, objective: ObjectiveConfig,
@@ -177,15 +205,17 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
 
 def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_len: int, constrain=None,
                        temperature: float = 1.0, group: Optional[int] = None):
-    """(experience_fn, loss_fn) with the static arguments bound; experience_fn is jitted. constrain: optional
-    activation sharding constraint (sharding.activation_constraint(mesh, rules)) applied at layer boundaries.
+    """(experience_fn, loss_fn) with the static arguments bound; experience_fn is an ExperienceFn (two jitted
+    calls). constrain: optional activation sharding constraint (sharding.activation_constraint(mesh, rules)) applied
+    at layer boundaries.
     temperature: rollout.temperature (log-probs of the distribution the rollouts were sampled from); group: rollouts
     per prompt (default: the algorithm's, from the objective's options)."""
     algorithm = rl_algorithm(objective.name)
     group = group_size(algorithm, objective) if group is None else group
-    experience = jax.jit(functools.partial(make_experience, config=config, objective=objective,
-                                           prompt_len=prompt_len, constrain=constrain, temperature=temperature,
-                                           group=group))
+    experience = ExperienceFn(
+        forward=jax.jit(functools.partial(experience_forward, config=config, prompt_len=prompt_len,
+                                          constrain=constrain, temperature=temperature)),
+        finish=jax.jit(functools.partial(experience_from_forward, objective=objective, group=group)))
     loss = functools.partial(rl_loss, config=config, objective=objective, prompt_len=prompt_len, constrain=constrain,
                              temperature=temperature)
     return experience, loss
@@ -198,8 +228,8 @@ def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_l
 def _policy_eval(trainable: Params, frozen: Params, sample_params, config: ModelConfig, prompts: dict,
                  conversations: list, tokenizer, template: str, scorer, rollout, key: jax.Array,
                  true_utility=None, place=None) -> dict:
-    """Sample replies to held-out prompts with `sample_params` (full params, or a (top, trunk) pair: hydra.policy_parts);
-    their mean RM score, true utility (synthetic data),
+    """Sample replies to held-out prompts with `sample_params` (full params, or a (top, trunk) pair:
+    hydra.policy_parts); their mean RM score, true utility (synthetic data),
     length and KL to the reference (mean over rows of sum_t log pi(a_t) - log pi_ref(a_t), under the current policy
     trees `trainable`/`frozen`, so it is the KL of whichever model sampled only when that model is the policy).
     With a `place` the prompts are this process's rows of the global set of held-out prompts; the means and the
@@ -338,9 +368,10 @@ def rollout_calls(c, model_config: ModelConfig, state, shard_state, resident: di
                   mesh) -> dict:
     """The compiled calls of one chunk's rollout phase (RolloutSource.next_batch), as program.PhaseCall: while they
     run, the train state and the reward model stay on the devices. In order: "generate" (one sampling.generate call
-    of rollout.generation_batch global rows from the policy's (top, trunk) pair, merged inside the call),
-    "reward_model" (models.score of the whole chunk at reward_model.max_length tokens, the longest RewardScorer pads
-    to) and "experience" (make_experience over the whole chunk: policy, reference and critic forward)."""
+    of rollout.generation_batch global rows from the policy's (top, trunk) pair, no merged copy),
+    "reward_model" (models.score of rollout.generation_batch rows at reward_model.max_length tokens, the longest
+    RewardScorer pads to), "experience" (experience_forward of as many rows: policy, reference and critic) and
+    "advantages" (experience_from_forward over the whole chunk)."""
     r, rules = c.rollout, c.mesh.rules
     B, P, N = r.prompts_per_step, c.data.max_prompt_length, r.max_new_tokens
     shape = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
@@ -351,7 +382,7 @@ def rollout_calls(c, model_config: ModelConfig, state, shard_state, resident: di
         shard = sharding.batch_shardings(spec, mesh, rules)
         return tuple(spec.values()), tuple(shard[k] for k in spec)
 
-    G = r.generation_batch if 0 < r.generation_batch < B else B
+    G = -(-B // len(row_calls(B, r.generation_batch)))  # rows of the largest call
     prompts, prompts_sh = rows(prompt_tokens=((G, P), jnp.int32), prompt_mask=((G, P), jnp.int32))
     key = jax.eval_shape(lambda: jax.random.key(0))
 
@@ -367,22 +398,30 @@ def rollout_calls(c, model_config: ModelConfig, state, shard_state, resident: di
     if "reward_model" in resident:
         rm, rm_sh = resident["reward_model"]
         rm_config, T = c.reward_model.config.replace(head="score"), c.reward_model.max_length
-        rm_inputs, rm_inputs_sh = rows(tokens=((B, T), jnp.int32), attention_mask=((B, T), jnp.int32))
+        rm_inputs, rm_inputs_sh = rows(tokens=((G, T), jnp.int32), attention_mask=((G, T), jnp.int32))
         calls["reward_model"] = prog.PhaseCall(
-            functools.partial(_rm_score, rm_config), (rm,), (rm_sh,), rm_inputs, rm_inputs_sh,
-            f"reward_model: the chunk's {B} replies in one call, up to {T} tokens (reward_model.max_length)")
-    exp_inputs, exp_sh = rows(tokens=((B, P + N), jnp.int32), attention_mask=((B, P + N), jnp.int32),
-                              response_mask=((B, N), jnp.int32), scores=((B,), jnp.float32))
+            functools.partial(_rm_score, rm_config, constrain), (rm,), (rm_sh,), rm_inputs, rm_inputs_sh,
+            f"reward_model: {G} of the chunk's {B} replies per call, up to {T} tokens (reward_model.max_length)")
+    exp_inputs, exp_sh = rows(tokens=((G, P + N), jnp.int32), attention_mask=((G, P + N), jnp.int32))
     calls["experience"] = prog.PhaseCall(
-        experience_fn, shape((state.params, state.frozen)), (shard_state.params, shard_state.frozen),
-        (*exp_inputs, S((), jnp.float32)), (*exp_sh, sharding.replicated(mesh)),
-        f"experience: policy, reference and critic over the chunk's {B} rollouts of {P} + {N} tokens")
+        experience_fn.forward, shape((state.params, state.frozen)), (shard_state.params, shard_state.frozen),
+        exp_inputs, exp_sh,
+        f"experience: policy, reference and critic forward over {G} of the chunk's {B} rollouts per call, {P} + {N} "
+        f"tokens")
+    out, out_sh = rows(logprobs=((B, N), jnp.float32), ref_logprobs=((B, N), jnp.float32),
+                       values=((B, N), jnp.float32))
+    finish_inputs, finish_sh = rows(response_mask=((B, N), jnp.int32), scores=((B,), jnp.float32))
+    calls["advantages"] = prog.PhaseCall(
+        lambda lp, ref, v, mask, scores, kl: experience_fn.finish(
+            {"logprobs": lp, "ref_logprobs": ref, "values": v}, mask, scores, kl),
+        (), (), (*out, *finish_inputs, S((), jnp.float32)), (*out_sh, *finish_sh, sharding.replicated(mesh)),
+        f"advantages: rewards and advantages over the chunk's {B} rollouts")
     return calls
 
 
-def _rm_score(rm_config: ModelConfig, params: Params, tokens, attention_mask):
-    """The reward model's scoring call as RewardScorer makes it (models.score)."""
-    return models.score(params, rm_config, tokens, attention_mask)
+def _rm_score(rm_config: ModelConfig, constrain, params: Params, tokens, attention_mask):
+    """The reward model's scoring call as RewardScorer makes it for the rollouts (models.score)."""
+    return models.score(params, rm_config, tokens, attention_mask, constrain)
 
 
 class RLStage:

@@ -83,7 +83,15 @@ def right_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[
     return tokens, mask
 
 
-_score = jax.jit(models.score, static_argnums=1)
+_score = jax.jit(models.score, static_argnames=("config", "constrain"))
+
+
+def row_calls(n: int, rows_per_call: int, place=None) -> list:
+    """This process's row indices of each call when a global batch (n local rows; the global count from `place`)
+    runs in calls of rows_per_call global rows (0 or >= the batch: one call): rollout.generation_batch."""
+    total = place.global_size(n) if place is not None else n
+    calls = total // rows_per_call if 0 < rows_per_call < total else 1
+    return np.array_split(np.arange(n), calls)
 
 
 @dataclasses.dataclass
@@ -115,12 +123,19 @@ class RewardScorer:
         models.check_token_ids(tokens, self.config.vocab_size, f"reward model input ({self.template} template)")
         return tokens, mask
 
-    def __call__(self, conversations: Sequence[Conversation], replies: Sequence[str]) -> np.ndarray:
-        """Raw reward-model scores [B] float32."""
+    def __call__(self, conversations: Sequence[Conversation], replies: Sequence[str], constrain=None,
+                 batch: int = 0) -> np.ndarray:
+        """Raw reward-model scores [B] float32. constrain: the mesh's activation constraint (models.score); batch:
+        global rows per scoring call (0 = all in one; memory only, see row_calls)."""
         tokens, mask = self.encode(conversations, replies)
-        if self.place is None:
-            return np.asarray(_score(self.params, self.config, tokens, mask))
-        return self.place.local(_score(self.params, self.config, *self.place.put(tokens, mask)))
+        out = []
+        for rows in row_calls(len(tokens), batch, self.place):
+            t, m = tokens[rows], mask[rows]
+            if self.place is None:
+                out.append(np.asarray(_score(self.params, self.config, t, m, constrain)))
+            else:
+                out.append(self.place.local(_score(self.params, self.config, *self.place.put(t, m), constrain)))
+        return np.concatenate(out)
 
 
 def scale_scores(raw: np.ndarray, moments: dict, reward_clip: float, scale: bool,
@@ -161,18 +176,16 @@ def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str
     per generate call (0 = the whole batch in one call; memory only); call j samples with fold_in(key, j) when there
     are several, each process generating its share of every call."""
     t = tokenizer.template(template)
-    n = len(prompt_tokens)
-    total = place.global_size(n) if place is not None else n
-    calls = total // generation_batch if 0 < generation_batch < total else 1
+    calls = row_calls(len(prompt_tokens), generation_batch, place)
     if place is not None:
         models.check_token_ids(prompt_tokens, config.vocab_size, "prompt_tokens")  # on the local rows
     local = place.local if place is not None else np.asarray
     parts = []
-    for j, rows in enumerate(np.array_split(np.arange(n), calls)):
+    for j, rows in enumerate(calls):
         prompts = (np.asarray(prompt_tokens)[rows], np.asarray(prompt_mask)[rows])
         if place is not None:
             prompts = place.put(*prompts)
-        k = key if calls == 1 else jax.random.fold_in(key, j)
+        k = key if len(calls) == 1 else jax.random.fold_in(key, j)
         tokens, mask, _ = sampling.generate(params, config, *prompts, k, max_new_tokens, temperature=temperature,
                                             top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids(t),
                                             constrain=constrain)
@@ -222,6 +235,21 @@ class RolloutSource:
         self.moments = {k: float(v) for k, v in obj_kl.running_moments_init().items()}
         self.last_samples: Optional[Samples] = None
 
+    def experience(self, state, tokens, attention_mask, response_mask, scores) -> dict:
+        """make_experience of this chunk: the policy/reference/critic forward in calls of rollout.generation_batch
+        rows (memory only: every row's forward is its own), then the rewards and advantages over the whole chunk."""
+        place, fn = self.place, self.experience_fn
+        put = place.put if place is not None else (lambda *a: a)
+        calls = row_calls(len(tokens), self.rollout.generation_batch, place)
+        if len(calls) == 1:
+            out = fn.forward(state.params, state.frozen, *put(tokens, attention_mask))
+        else:
+            local = place.local if place is not None else np.asarray
+            parts = [jax.tree.map(local, fn.forward(state.params, state.frozen,
+                                                    *put(tokens[rows], attention_mask[rows]))) for rows in calls]
+            out = dict(zip(parts[0], put(*(np.concatenate([p[k] for p in parts]) for k in parts[0]))))
+        return fn.finish(out, *put(response_mask, scores), jnp.float32(self.kl_coef))
+
     def get_state(self) -> dict:
         return {"prompts": self.prompts.get_state(), "chunk": self.chunk, "kl_coef": self.kl_coef,
                 "moments": dict(self.moments)}
@@ -244,16 +272,13 @@ class RolloutSource:
                            conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
                            r.top_p, constrain=self.constrain, place=self.place, generation_batch=r.generation_batch)
         self.last_samples = s
-        raw = self.scorer(conversations, s.texts)  # this process's rows
+        raw = self.scorer(conversations, s.texts, self.constrain, r.generation_batch)  # this process's rows
         whole = self.place.whole if self.place is not None else np.asarray  # every row of the chunk
         o = self.objective
         scores, self.moments = scale_scores(raw, self.moments, o.reward_clip, o.scale_reward, every_row=whole)
         tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
         attention_mask = np.concatenate([s.prompt_mask, s.mask], axis=1)
-        inputs = (tokens, attention_mask, s.mask, scores)
-        if self.place is not None:
-            inputs = self.place.put(*inputs)
-        exp = self.experience_fn(state.params, state.frozen, *inputs, jnp.float32(self.kl_coef))
+        exp = self.experience(state, tokens, attention_mask, s.mask, scores)
         kl_all = whole(exp["kl"])
         exp = {k: self.place.local(v) for k, v in exp.items()} if self.place is not None else jax.device_get(exp)
         batch = {"tokens": tokens, "attention_mask": attention_mask, "response_mask": s.mask.astype(np.int32),
