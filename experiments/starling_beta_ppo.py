@@ -55,7 +55,7 @@ def get_config() -> Experiment:
                           b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),
         rollout=RolloutConfig(prompts_per_step=CHUNK, max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,
                               epochs=PPO_EPOCHS, minibatch_size=MINIBATCH, eval_prompts=100,
-                              generation_batch=64),  # memory only: 4 prompts per device per generate call
+                              generation_batch=64),  # memory only: 4 prompts per device per rollout call
         train=TrainConfig(steps=CHUNKS, batch_size=CHUNK, eval_every=16, seed=1000),
         checkpoint=CheckpointConfig(every=16, keep=3),
         logging=LoggingConfig(every=1, tensorboard=True),

@@ -112,7 +112,8 @@ ALPHA = [
     ("rollout.top_k", 0, fork(APA_CFG, 65)), ("rollout.top_p", 1.0, fork(APA_CFG, 66)),
     ("rollout.eval_prompts", 100, fork(APA_CFG, 204)),
     ("rollout.generation_batch", 32, "choice: memory only (the samples are the same rows); 4 prompts per device "
-     "per generate call keeps rollout generation <= 16 GiB/device on 8 devices (benchmarks/RESULTS.md)"),
+     "per generate, scoring and experience call: the rollout phase with the train state plans at 17.3 GiB/device "
+     "on 8 devices, and no value fits 16 there (16.005 at 1 row per device; 12.1 on 16 devices; RESULTS.md)"),
     ("train.steps", 625, f"{fork(APA_CFG, 31)} total_steps=20000 updates / 32 updates per chunk"),
     ("train.batch_size", 512, "choice: the chunk size (an rl stage's batch is one chunk of rollouts)"),
     ("train.eval_every", 16, f"{fork(APA_CFG, 35)} eval_interval=500 updates ~ 16 chunks of 32"),
@@ -177,8 +178,9 @@ BETA_ROWS = [
     ("rollout.temperature", 1.0, fork(APA_CFG, 69, BETA)),
     ("rollout.top_k", 0, fork(APA_CFG, 66, BETA)), ("rollout.top_p", 1.0, fork(APA_CFG, 67, BETA)),
     ("rollout.eval_prompts", 100, fork(APA_CFG, 98, BETA)),
-    ("rollout.generation_batch", 64, "choice: memory only; 4 prompts per device per generate call keeps "
-     "rollout generation <= 16 GiB/device on 16 devices (benchmarks/RESULTS.md)"),
+    ("rollout.generation_batch", 64, "choice: memory only; 4 prompts per device per generate, scoring and "
+     "experience call: generation plans at 15.3 GiB/device on 16 devices with the train state, reward-model scoring "
+     "at 18.0 (17.6 at 32 rows: no value fits 16 there; benchmarks/RESULTS.md)"),
     ("train.steps", 625, fork(APA_CFG, 32, BETA) + " 20000 updates / 32 per chunk"),
     ("train.batch_size", 1024, "choice: the chunk size"),
     ("train.eval_every", 16, fork(APA_CFG, 36, BETA) + " 500 updates ~ 16 chunks"),
