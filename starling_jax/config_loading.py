@@ -373,6 +373,9 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     if ob.value_head == "layers" and not 1 <= ob.value_head_layers <= m.config.num_layers:
         bad("objective.value_head_layers", f"{ob.value_head_layers} is not in [1, {m.config.num_layers}] (the critic "
             f"value_head='layers' copies that many top layers)")
+    elif ob.value_head == "layers" and algorithm is not None and kind == "rl" and not algorithm.critic:
+        bad("objective.value_head", f"objective {obj!r} is critic-free: value_head='layers' would hold a copy of "
+            f"{ob.value_head_layers} layers that never trains; use the default value_head='mlp'")
     elif ob.value_head != "layers" and ob.value_head_layers != 0:
         bad("objective.value_head_layers", f"{ob.value_head_layers} is only read with value_head='layers' (got "
             f"value_head={ob.value_head!r}); leave it 0")

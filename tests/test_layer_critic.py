@@ -137,13 +137,13 @@ def test_rl_update_with_the_layer_critic(params, rollout, critic_only_above):
     assert float(metrics["critic_only"]) == (1.0 if critic_only_above == 0.0 else 0.0)
 
 
-def _experiment(**objective):
+def _experiment(name="apa", **objective):
     from starling_jax.config import DataConfig, Experiment, ModelSection, RewardModelSection, RolloutConfig
     model = models.PRESETS["tiny"]
     return Experiment(name="x", model=ModelSection(config=model, trainable_top_layers=1),
                       reward_model=RewardModelSection(config=model.replace(head="score")),
                       data=DataConfig(max_length=32, max_prompt_length=16),
-                      objective=ObjectiveConfig(name="apa", **objective),
+                      objective=ObjectiveConfig(name=name, **objective),
                       rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, minibatch_size=8))
 
 
@@ -152,6 +152,8 @@ def _experiment(**objective):
     (dict(value_head="layers", value_head_layers=3), r"objective.value_head_layers: 3 is not in \[1, 2\]"),
     (dict(value_head="mlp", value_head_layers=2), r"objective.value_head_layers: 2 is only read with "
                                                   r"value_head='layers'"),
+    (dict(name="grpo", value_head="layers", value_head_layers=2), r"objective.value_head: objective 'grpo' is "
+                                                                  r"critic-free"),
 ])
 def test_value_head_layers_validation(objective, message):
     from starling_jax.config_loading import validate
