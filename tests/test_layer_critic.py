@@ -175,7 +175,7 @@ def test_value_head_specs_shard_the_copied_layers_like_the_models():
 
 
 @pytest.mark.slow
-def test_tiny_rl_stage_runs_and_resumes_with_the_layer_critic(tmp_path, caplog):
+def test_tiny_rl_stage_runs_and_resumes_with_the_layer_critic(tmp_path, caplog, monkeypatch):
     """A whole APA stage (random 2-layer policy and reward model, synthetic prompts) with value_head="layers" on the
     test's 8 simulated devices: it trains, checkpoints the critic's layer stack, and a run resumed from the step-1
     checkpoint reproduces step 2 exactly (metrics and every parameter, critic included)."""
@@ -215,6 +215,8 @@ def test_tiny_rl_stage_runs_and_resumes_with_the_layer_critic(tmp_path, caplog):
     shutil.rmtree(second / "rl" / "export")
     shutil.rmtree(second / "rl" / "checkpoints" / "2")
     (second / "summary.json").unlink()
+    # the CLI's setup_logging (run in-process by earlier tests) stops "starling_jax" records at their own handler
+    monkeypatch.setattr(logging.getLogger("starling_jax"), "propagate", True)
     with caplog.at_level(logging.INFO):
         run_experiment(exp, str(second))
     assert "[rl] resumed from" in caplog.text and caplog.text.split("resumed from ")[1].split()[0].endswith("/1")
