@@ -77,6 +77,7 @@ def chained(tmp_path_factory):
     return workdir, loop.run_experiment(experiment(), workdir)
 
 
+@pytest.mark.slow
 def test_feedback_rows_are_judged_nectar_rows_that_the_rm_stage_reads(chained):
     workdir, summaries = chained
     s = summaries["feedback"]
@@ -98,6 +99,7 @@ def test_feedback_rows_are_judged_nectar_rows_that_the_rm_stage_reads(chained):
         loop.load_export(os.path.join(workdir, "feedback", "export"))
 
 
+@pytest.mark.slow
 def test_a_killed_feedback_stage_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, monkeypatch):
     exp = experiment(steps=3, with_rm=False, every=1)
     straight = str(tmp_path / "straight")
@@ -142,6 +144,7 @@ class _LengthJudge:
         return out
 
 
+@pytest.mark.slow
 def test_llm_judge_unshuffles_counts_unparseable_and_reports_self_agreement(tmp_path, monkeypatch):
     monkeypatch.setattr(feedback_stage, "_LLMJudge", _LengthJudge)
     exp = experiment(steps=2, judge="llm", with_rm=False)
