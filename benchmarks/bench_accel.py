@@ -81,6 +81,15 @@ def _median_seconds(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+def _peak(given, flag: str, datasheet, kind: str, measured: float, what: str) -> tuple[float, str]:
+    """(peak, where it came from): the command-line value, else the device table's, else the measured figure."""
+    if given:
+        return given, flag
+    if datasheet:
+        return datasheet, f"datasheet ({kind})"
+    return measured, f"measured {what} (device not in the table)"
+
+
 def device_facts(args) -> dict:
     """Name from the device; peaks from DEVICE_PEAKS (or measured when the device is not listed)."""
     import jax
@@ -98,18 +107,10 @@ def device_facts(args) -> dict:
     copy = jax.jit(lambda x: x + 1)
     measured_bw = 2 * big.nbytes / _median_seconds(lambda: copy(big), 3)  # read + write
     facts["measured_bf16_matmul_flops"], facts["measured_copy_bytes_per_s"] = measured_flops, measured_bw
-    if args.peak_flops:
-        facts["peak_flops"], facts["peak_source"] = args.peak_flops, "--peak-flops"
-    elif known:
-        facts["peak_flops"], facts["peak_source"] = known[0], f"datasheet ({kind})"
-    else:
-        facts["peak_flops"], facts["peak_source"] = measured_flops, "measured bf16 matmul (device not in the table)"
-    if args.peak_bw:
-        facts["peak_bw"], facts["bw_source"] = args.peak_bw, "--peak-bw"
-    elif known:
-        facts["peak_bw"], facts["bw_source"] = known[1], f"datasheet ({kind})"
-    else:
-        facts["peak_bw"], facts["bw_source"] = measured_bw, "measured copy (device not in the table)"
+    facts["peak_flops"], facts["peak_source"] = _peak(args.peak_flops, "--peak-flops", known and known[0], kind,
+                                                      measured_flops, "bf16 matmul")
+    facts["peak_bw"], facts["bw_source"] = _peak(args.peak_bw, "--peak-bw", known and known[1], kind, measured_bw,
+                                                 "copy")
     return facts
 
 
