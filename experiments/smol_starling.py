@@ -99,13 +99,8 @@ def get_config() -> Experiment:
 
 def with_seed(exp: Experiment, seed: int) -> Experiment:
     """Seed `seed`: every stage's train.seed and data.shuffle_seed (the task's problems and split stay fixed)."""
-    def data(d):
-        return None if d is None else dataclasses.replace(d, shuffle_seed=seed)
-
-    def train(t):
-        return None if t is None else dataclasses.replace(t, seed=seed)
-    stages = tuple(dataclasses.replace(s, data=data(s.data), train=train(s.train)) for s in exp.stages)
-    return dataclasses.replace(exp, data=data(exp.data), train=train(exp.train), stages=stages)
+    from starling_jax.study import with_seed as study_seed
+    return study_seed(exp, seed, vary_data=False)
 
 
 def report(summaries: dict, wall: dict, n_boot: int = 2000) -> tuple[dict, str]:

@@ -353,9 +353,10 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("data.max_responses", f"a ranking needs at least 2 responses, got {d.max_responses}")
     if d.source.startswith("task:"):
         from starling_jax.data import tasks
-        if d.source[len("task:"):] not in tasks.TASKS:
-            bad("data.source", f"{d.source!r}: no such task; known: "
-                f"{', '.join('task:' + n for n in sorted(tasks.TASKS))}")
+        try:
+            tasks.get(d.source)
+        except ValueError as e:
+            bad("data.source", str(e))
     elif d.source.startswith("stage:"):
         ref = d.source[len("stage:"):]
         if ref not in earlier or earlier[ref] is None or earlier[ref].kind != "feedback":

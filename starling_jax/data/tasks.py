@@ -97,6 +97,6 @@ def get(source: str) -> Task:
     """The task of a data.source "task:NAME"."""
     name = source[len("task:"):] if source.startswith("task:") else source
     if name not in TASKS:
-        raise ValueError(f"data.source {source!r}: no such task; known: "
+        raise ValueError(f"{source!r}: no such task; known: "
                          f"{', '.join('task:' + n for n in sorted(TASKS))}")
     return TASKS[name]

@@ -81,11 +81,14 @@ def load_study(path: str) -> Study:
     return study
 
 
-def with_seed(exp: Experiment, seed: int) -> Experiment:
-    """The experiment at study seed `seed`: the synthetic data (data.synthetic_seed), its order (data.shuffle_seed)
-    and every stage's train.seed (new heads' init, rollout and evaluation sampling keys) are all set to `seed`."""
+def with_seed(exp: Experiment, seed: int, vary_data: bool = True) -> Experiment:
+    """The experiment at study seed `seed`: the synthetic data (data.synthetic_seed; kept when vary_data is False, e.g.
+    a fixed task's problems and split), its order (data.shuffle_seed) and every stage's train.seed (new heads' init,
+    rollout and evaluation sampling keys) are all set to `seed`."""
     def data(d):
-        return None if d is None else dataclasses.replace(d, synthetic_seed=seed, shuffle_seed=seed)
+        if d is None:
+            return None
+        return dataclasses.replace(d, shuffle_seed=seed, **({"synthetic_seed": seed} if vary_data else {}))
 
     def train(t):
         return None if t is None else dataclasses.replace(t, seed=seed)

@@ -65,13 +65,6 @@ def _truncate_lines(path: str, keep: int) -> None:
 def _score_judge(ctx: prog.StageContext, splits):
     """judge(conversations, replies per conversation) -> scores per conversation, for every judge but "llm"."""
     c, f = ctx.config, ctx.config.feedback
-    if f.judge == "task":
-        if c.data.source.startswith("task:"):
-            from starling_jax.data import tasks
-            fn = tasks.get(c.data.source).judge
-        else:
-            fn = splits.true_utility
-        return lambda convs, replies: [[float(fn(m, a)) for a in answers] for m, answers in zip(convs, replies)]
     if f.judge == "reward_model":
         rm_config, rm_params = prog.load_model(ctx, c.reward_model, jax.random.key(0))
         template, tokenizer_name, note = trained_reward_template(ctx.experiment, c.reward_model)
@@ -90,7 +83,11 @@ def _score_judge(ctx: prog.StageContext, splits):
                 i += len(answers)
             return out
         return judge
-    fn = fb.load_function(f.judge)
+    if f.judge == "task":
+        from starling_jax.data import tasks
+        fn = tasks.get(c.data.source).judge if c.data.source.startswith("task:") else splits.true_utility
+    else:
+        fn = fb.load_function(f.judge)
     return lambda convs, replies: [[float(fn(m, a)) for a in answers] for m, answers in zip(convs, replies)]
 
 
