@@ -1,6 +1,7 @@
 """The study runner (starling_jax.study): paired bootstrap statistics, ranking metrics against scipy, seeding, the
 shared-stage check, the report; and (slow) one shortened cell of each study under experiments/studies/."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -127,6 +128,45 @@ def test_report_tables_and_figure(tmp_path):
     assert os.path.getsize(tmp_path / "results.png") > 1000
     assert json.loads((tmp_path / "results.json").read_text())["wall_s"]["shared"] == 2.0
     del rng
+
+
+def test_reuse_adopts_only_identical_shared_stages_and_cells(tmp_path):
+    """--reuse: a cell of another study whose saved config equals ours (seed included) is adopted under our arm's
+    name; one that differs in anything (here only its evaluation prompts) is not; shared stages are linked when the
+    source's configs of our shared stages are the same (the source may have trained more shared stages)."""
+    from starling_jax.study.runner import _canonical, _cell_dir, _shared_dir, cell_experiment, reuse_finished
+    rl = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
+    rm = load_study(os.path.join(ROOT, "experiments", "studies", "rm_kwise_vs_pairwise.py"))
+    source, mine = str(tmp_path / "rl"), str(tmp_path / "rm")
+
+    def save(directory, exp, **files):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(_canonical(exp), f)
+        for name, obj in files.items():
+            with open(os.path.join(directory, name), "w") as f:
+                json.dump(obj, f)
+    apa = cell_experiment(rl, rl.arm("apa"), 0)
+    save(_cell_dir(source, "apa", 0), apa,
+         **{"cell.json": {**_fake_record("apa", 0, 0.0, np.random.default_rng(0)), "wall_s": 7.0}})
+    save(_cell_dir(source, "apa", 1), apply_overrides(cell_experiment(rl, rl.arm("apa"), 1),
+                                                      ["stages.policy.rollout.eval_prompts=8"]),
+         **{"cell.json": {"arm": "apa", "seed": 1, "wall_s": 7.0}})
+    save(_cell_dir(source, "ppo", 0), cell_experiment(rl, rl.arm("ppo"), 0), **{"cell.json": {"arm": "ppo"}})
+    shared = dataclasses.replace(apa, stages=tuple(st for st in apa.stages if st.name in ("sft", "rm")))
+    save(_shared_dir(source, 0), shared, **{"done.json": {"seed": 0, "wall_s": 3.0}})
+    notes = reuse_finished(rm, mine, [0, 1], ["plackett_luce", "bradley_terry"], [source])
+    assert len(notes) == 2 and all("seed 0" in n for n in notes)
+    with open(os.path.join(_cell_dir(mine, "plackett_luce", 0), "cell.json")) as f:
+        record = json.load(f)
+    assert record["arm"] == "plackett_luce" and record["reused_from"].endswith(os.path.join("apa", "seed0"))
+    assert not os.path.exists(_cell_dir(mine, "plackett_luce", 1))  # differs in eval_prompts: trained, not reused
+    assert not os.path.exists(_cell_dir(mine, "bradley_terry", 0))  # a different loss: no identical cell
+    assert os.path.realpath(_shared_dir(mine, 0)) == os.path.realpath(_shared_dir(source, 0))
+    assert not os.path.lexists(_shared_dir(mine, 1))
+    results = report.aggregate(rm, [record], {}, this_run_s=0.0, failed=[], num_samples=10)
+    assert results["wall_s"]["cells"] == 0.0 and results["wall_s"]["reused_cells"] == 7.0
+    assert list(results["reused"]) == ["plackett_luce@0"]
 
 
 def test_study_command_rejects_bad_input(tmp_path):

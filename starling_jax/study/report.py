@@ -68,7 +68,9 @@ def aggregate(study: Study, records: list, shared_times: dict, this_run_s: float
         "cells": [{"arm": r["arm"], "seed": r["seed"], "wall_s": r["wall_s"], "summary": r["summary"],
                    "means": {g: {k: float(np.nanmean(v)) for k, v in m.items() if k not in ("prompt", "samples")}
                              for g, m in r["groups"].items()}} for r in records],
-        "wall_s": {"cells": float(sum(r["wall_s"] for r in records)),
+        "reused": {f"{r['arm']}@{r['seed']}": r["reused_from"] for r in records if r.get("reused_from")},
+        "wall_s": {"cells": float(sum(r["wall_s"] for r in records if not r.get("reused_from"))),
+                   "reused_cells": float(sum(r["wall_s"] for r in records if r.get("reused_from"))),
                    "shared": float(sum(shared_times.values())), "this_invocation": this_run_s},
     }
 
@@ -110,6 +112,9 @@ def markdown(results: dict) -> str:
     w = results["wall_s"]
     lines += ["", f"Wall time: cells {w['cells']:.0f} s + shared stages {w['shared']:.0f} s "
               f"(this invocation {w['this_invocation']:.0f} s)."]
+    if results.get("reused"):
+        lines += ["", f"Reused from identical cells of another study (`--reuse`; their {w['reused_cells']:.0f} s not "
+                      f"counted above): " + ", ".join(f"{k} <- {v}" for k, v in results["reused"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -174,6 +174,71 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Reusing another study's finished work.
+
+def _canonical(exp: Experiment) -> dict:
+    return json.loads(json.dumps(to_dict(exp)))
+
+
+def _saved_config(directory: str) -> Optional[dict]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def reuse_finished(study: Study, workdir: str, seeds: Sequence[int], arm_names: Sequence[str],
+                   sources: Sequence[str], quick: bool = False) -> list[str]:
+    """Adopt what other study workdirs (`sources`) already trained on an IDENTICAL experiment, instead of training it
+    again: a seed's shared stages (linked, when the source's saved config has the same top-level sections and the
+    same configs for our shared stages) and whole cells (their cell.json copied under our arm's name with
+    "reused_from", when the source cell's saved config equals our cell's experiment exactly, seed included).
+    Returns one line per adoption (the runner prints them). Identity is checked on the full saved config, so a study
+    cannot borrow a cell that differs in anything, including evaluation settings."""
+    notes = []
+    for seed in seeds:
+        mine = _shared_dir(workdir, seed)
+        if study.shared_stages and not os.path.exists(os.path.join(mine, "done.json")) and not os.path.lexists(mine):
+            exp = cell_experiment(study, study.arms[0], seed, quick)
+            want = _canonical(dataclasses.replace(exp, stages=tuple(s for s in exp.stages
+                                                                    if s.name in study.shared_stages)))
+            for source in sources:
+                theirs = _shared_dir(source, seed)
+                saved = _saved_config(theirs)
+                if saved is None or not os.path.exists(os.path.join(theirs, "done.json")):
+                    continue
+                saved["stages"] = [s for s in saved.get("stages", []) if s.get("name") in study.shared_stages]
+                if saved == want:
+                    os.makedirs(os.path.dirname(mine), exist_ok=True)
+                    os.symlink(os.path.abspath(theirs), mine)
+                    notes.append(f"shared stages of seed {seed}: reused {theirs}")
+                    break
+        for arm_name in arm_names:
+            directory = _cell_dir(workdir, arm_name, seed)
+            if os.path.exists(os.path.join(directory, "cell.json")):
+                continue
+            want = _canonical(cell_experiment(study, study.arm(arm_name), seed, quick))
+            for source in sources:
+                found = None
+                cells = os.path.join(source, "cells")
+                for other in sorted(os.listdir(cells)) if os.path.isdir(cells) else ():
+                    theirs = _cell_dir(source, other, seed)
+                    if os.path.exists(os.path.join(theirs, "cell.json")) and _saved_config(theirs) == want:
+                        found = theirs
+                        break
+                if found:
+                    with open(os.path.join(found, "cell.json")) as f:
+                        record = json.load(f)
+                    record.update(arm=arm_name, reused_from=os.path.abspath(found))
+                    os.makedirs(directory, exist_ok=True)
+                    _write_json(os.path.join(directory, "cell.json"), record)
+                    notes.append(f"cell {arm_name} seed {seed}: reused {found}")
+                    break
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The grid.
 
 def _child(study_path: str, workdir: str, what: list, quick: bool, log: str) -> subprocess.Popen:
@@ -209,8 +274,9 @@ def _run_pool(jobs: list[tuple[str, list, str]], study_path: str, workdir: str, 
 
 
 def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, seeds: Optional[Sequence[int]] = None,
-              arms: Optional[Sequence[str]] = None, quick: bool = False) -> dict:
-    """Run every unfinished cell (shared stages first), then aggregate into D/results.{json,md,png}."""
+              arms: Optional[Sequence[str]] = None, quick: bool = False, reuse: Sequence[str] = ()) -> dict:
+    """Run every unfinished cell (shared stages first), then aggregate into D/results.{json,md,png}. reuse: other
+    study workdirs whose identical shared stages and cells are adopted instead of retrained (reuse_finished)."""
     from starling_jax.study import report
     seeds = list(seeds if seeds is not None else study.seeds)
     arm_names = list(arms) if arms is not None else [a.name for a in study.arms]
@@ -220,6 +286,11 @@ def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, see
         study.arm(a)
     check_shared(study, seeds, quick)
     os.makedirs(workdir, exist_ok=True)
+    for source in reuse:
+        if not os.path.isdir(source):
+            raise FileNotFoundError(f"--reuse {source}: no such study workdir")
+    for note in reuse_finished(study, workdir, seeds, arm_names, reuse, quick):
+        print(f"[study] {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     logs = os.path.join(workdir, "logs")
     shared = [(f"shared stages of seed {s}", ["--shared", str(s)], os.path.join(logs, f"shared_seed{s}.log"))
@@ -259,6 +330,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms")
     parser.add_argument("--quick", action="store_true", help="one shortened cell (first arm, first seed), for CI")
     parser.add_argument("--report-only", action="store_true", help="aggregate the finished cells; run nothing")
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                        help="another study's workdir: its shared stages and cells whose saved config is identical "
+                             "to one of ours are adopted instead of retrained (repeatable)")
     parser.add_argument("--cell", default=None, help=argparse_suppress())
     parser.add_argument("--shared", default=None, help=argparse_suppress())
 
@@ -303,7 +377,7 @@ def cli(args) -> int:
             report.write(study, results, args.workdir)
         else:
             results = run_study(study, args.study, args.workdir, jobs=args.jobs, seeds=seeds, arms=arms,
-                                quick=args.quick)
+                                quick=args.quick, reuse=args.reuse)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
