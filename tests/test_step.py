@@ -120,6 +120,44 @@ def test_dpo_loss_matches_closed_form_and_hydra_reference_is_the_initial_policy(
     np.testing.assert_allclose(float(jax.jit(loss_fn)(t0, f0, batch, None)[0]), math.log(2), rtol=1e-6)
 
 
+def test_frozen_weights_stored_in_compute_dtype_give_the_same_losses():
+    """bf16 compute over fp32 master weights: the frozen trunk and reference are stored in bf16 (half the memory), the
+    norms in fp32, and the SFT/DPO losses and the hydra RL forward equal those computed from the fp32 frozen trees
+    bit for bit; the merged export comes back in fp32."""
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="float32")
+    params = models.init_params(cfg, jax.random.key(0))
+    batch = _sft_batch(np.random.default_rng(0))
+    t_wide, f_wide = losses.stage_params(params, 1, reference=True)  # no config: stored as loaded
+    t, f = losses.stage_params(params, 1, reference=True, config=cfg)
+    assert f["trunk"]["layers"]["wq"].dtype == jnp.bfloat16 and f["trunk"]["embed"].dtype == jnp.bfloat16
+    assert f["reference"]["lm_head"].dtype == jnp.bfloat16
+    assert f["trunk"]["layers"]["attn_norm"].dtype == jnp.float32 and f["reference"]["final_norm"].dtype == jnp.float32
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(t))  # what trains keeps its fp32 master copy
+    wide_bytes = sum(a.nbytes for a in jax.tree.leaves(f_wide))
+    assert sum(a.nbytes for a in jax.tree.leaves(f)) < 0.52 * wide_bytes
+    sft = jax.jit(algorithms.build_loss(ObjectiveConfig(name="sft"), cfg))
+    assert float(sft(t, f, batch, jax.random.key(0))[0]) == float(sft(t_wide, f_wide, batch, jax.random.key(0))[0])
+    dpo = jax.jit(algorithms.build_loss(ObjectiveConfig(name="dpo"), cfg))
+    pairs = {f"{side}_{k}": v for side, seed in (("chosen", 1), ("rejected", 2))
+             for k, v in _sft_batch(np.random.default_rng(seed)).items()}
+    moved = jax.tree.map(lambda a: a * 1.1, t)  # the policy away from its reference
+    assert float(dpo(moved, f, pairs, None)[0]) == float(dpo(moved, f_wide, pairs, None)[0])
+    specs_t, specs_f = losses.stage_specs(cfg, 1, True, True)
+    assert specs_f["trunk"]["layers"]["wq"].dtype == "bfloat16" and specs_t["layers"]["wq"].dtype == "float32"
+    merged = models.merge_params(t, f["trunk"])
+    assert {a.dtype for a in jax.tree.leaves(merged)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(merged["embed"], params["embed"].astype(jnp.bfloat16).astype(jnp.float32))
+    # the RL hydra trees: same rule
+    from starling_jax.train import hydra
+    rl_t, rl_f = hydra.init_rl_params(params, cfg, jax.random.key(1), 1)
+    assert rl_f["trunk"]["layers"]["w_up"].dtype == jnp.bfloat16
+    assert rl_f["reference"]["layers"]["wo"].dtype == jnp.bfloat16
+    assert rl_t["policy"]["layers"]["wo"].dtype == jnp.float32
+    # an fp32 model is untouched
+    _, f32 = losses.stage_params(models.init_params(CFG, jax.random.key(0)), 1, config=CFG)
+    assert f32["trunk"]["embed"].dtype == jnp.float32
+
+
 def test_schedule_and_weight_decay_mask():
     cfg = OptimConfig(learning_rate=1e-3, warmup_steps=4, schedule="cosine", end_lr_fraction=0.1)
     sched = make_schedule(cfg, total_steps=20)

@@ -439,10 +439,33 @@ def split_params(params: Params, top_layers: int, train_head: bool = True) -> tu
     return trainable, frozen
 
 
+def frozen_storage(params: Params, config: ModelConfig) -> Params:
+    """Weights that never train, stored in the compute dtype (config.dtype) instead of param_dtype.
+
+    Every matrix is cast to the compute dtype where it is used (_dense, the embedding lookup, the score head), so
+    storing a frozen matrix already cast gives bit-identical forwards and halves its memory when the model computes
+    in bf16 over fp32 master weights (fp32 copies matter only for weights that receive updates; DeepSpeed's bf16 mode
+    likewise keeps fp32 masters for the optimised parameters alone). Norm weights (used in fp32) keep param_dtype.
+    A no-op when dtype == param_dtype (every fp32 model)."""
+    dt = jnp.dtype(config.dtype)
+    if dt == jnp.dtype(config.param_dtype):
+        return params
+
+    def one(path, a):
+        name = getattr(path[-1], "key", "")
+        return a if str(name).endswith("norm") else a.astype(dt)
+    return jax.tree.map_with_path(one, params)
+
+
 def merge_params(trainable: Params, frozen: Params) -> Params:
-    """Inverse of split_params."""
+    """Inverse of split_params. Frozen leaves stored narrower (frozen_storage) come back in the trainable part's
+    dtype, so the merged model (an export) has one parameter dtype; widening bf16 to fp32 is exact."""
     if not frozen:
         return dict(trainable)
+    dtypes = {a.dtype for a in jax.tree.leaves(trainable)}
+    if len(dtypes) == 1:
+        dt = dtypes.pop()
+        frozen = jax.tree.map(lambda a: a if a.dtype == dt else a.astype(dt), frozen)
     out = {**frozen, **{k: v for k, v in trainable.items() if k != "layers"}}
     out["layers"] = trainable["layers"] if "layers" not in frozen else jax.tree.map(
         lambda a, b: jnp.concatenate([a, b], axis=0), frozen["layers"], trainable["layers"])

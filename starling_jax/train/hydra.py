@@ -52,7 +52,8 @@ def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, t
     # The reference must not alias the trainable arrays: a donated train state would otherwise invalidate it.
     reference = jax.tree.map(jnp.copy, policy)
     critic = models.init_value_head(config, critic_key, value_head_kind, value_head_layers, source=params)
-    return {"policy": policy, "critic": critic}, {"trunk": trunk, "reference": reference}
+    # frozen weights in the compute dtype (models.frozen_storage: the same forwards, half the memory under bf16)
+    return {"policy": policy, "critic": critic}, models.frozen_storage({"trunk": trunk, "reference": reference}, config)
 
 
 def policy_params(trainable: Params, frozen: Params) -> Params:

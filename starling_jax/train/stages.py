@@ -81,7 +81,7 @@ def data_setup(c: Experiment, model_config: ModelConfig, params: Params, mesh, k
     top, train_head = c.model.trainable_top_layers, c.model.train_lm_head
 
     def split(p):
-        return losses.stage_params(p, top, train_head, algorithm.reference)
+        return losses.stage_params(p, top, train_head, algorithm.reference, model_config)
     trainable, frozen = jax.eval_shape(split, params) if abstract else split(params)
     specs_t, specs_f = losses.stage_specs(model_config, top, train_head, algorithm.reference)
     shard_t = sharding.param_shardings(specs_t, mesh, rules)
