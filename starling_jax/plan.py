@@ -12,8 +12,10 @@ compiled.cost_analysis(), because XLA's cost analysis counts a while-loop body o
 as one layer. The XLA figure is kept in the JSON (xla_flops_per_device) for reference. Elementwise work is left out,
 as in the usual MFU convention; recomputation from remat is included (it is work the device does).
 
-Caveats: CPU compilation plans the memory of a CPU program. Temporaries on TPU/GPU differ somewhat (fusion, bf16
-handled natively where the CPU backend may upcast), so treat `temp` as an estimate and keep headroom. The RL plan
+Caveats: CPU compilation plans the memory of a CPU program. XLA:CPU has no bf16 dot: it keeps an f32 copy of every
+bf16 weight a loop's dots read. `accelerator_estimate` is the same compiled schedule without those copies (from XLA's
+buffer assignment and live ranges, starling_jax/hlo_memory.py); other differences on TPU/GPU (fusion, scheduling)
+remain, so treat both as estimates and keep headroom. The RL plan
 covers the optimisation step (minibatch epochs); `--rollout` plans the rollout phase instead (the resident train state
 and reward model + the largest of its compiled calls: generation with the KV cache, reward-model scoring, the
 experience pass).
@@ -127,7 +129,7 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
                     peak_flops: Optional[float] = None) -> dict:
     """Plan one stage of `exp` (an Experiment) on `devices` (a list of jax devices). Returns the report dict."""
     import jax
-    from starling_jax import sharding
+    from starling_jax import hlo_memory, sharding
 
     stage_name, cfg = _pick_stage(exp, stage)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(mesh_config or cfg.mesh, distributed=False))
@@ -137,7 +139,7 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
     t0 = time.time()
     step = parts.jit(mesh)
     lowered = step.lower(parts.state, parts.batch)
-    compiled = lowered.compile()
+    compiled, upcasts = hlo_memory.upcast_report(lowered)
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -175,6 +177,7 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
         "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
         "compile_seconds": round(compile_s, 1),
         "notes": list(parts.notes),
+        "accelerator_estimate": _accelerator_estimate(b, upcasts),
     }
     peak = peak_flops if peak_flops is not None else cfg.logging.peak_flops
     if step_time and peak:
@@ -201,7 +204,7 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     extra), other = critic + frozen + step_and_rng + extra; batch, temp, output_not_aliased = the largest call's;
     total = params + optimizer + other + batch + temp + output_not_aliased."""
     import jax
-    from starling_jax import sharding
+    from starling_jax import hlo_memory, sharding
     from starling_jax.algorithms import registry
 
     stage_name, cfg = _pick_stage(exp, stage)
@@ -226,22 +229,31 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     calls = {}
     for name, call in parts.between_steps.items():
         fn = jax.jit(call.fn, in_shardings=(*call.resident_shardings, *call.input_shardings))
-        mem = fn.lower(*call.resident, *call.inputs).compile().memory_analysis()
+        compiled, upcasts = hlo_memory.upcast_report(fn.lower(*call.resident, *call.inputs))
+        mem = compiled.memory_analysis()
         c = {"batch": sum(_tree_bytes(x, xs) for x, xs in zip(call.inputs, call.input_shardings)),
              "temp": int(mem.temp_size_in_bytes), "output_not_aliased": int(mem.output_size_in_bytes)}
         c["own"] = c["batch"] + c["temp"] + c["output_not_aliased"]  # on top of the resident state and reward model
         c["total"] = b["state"] + b["extra"] + c["own"]
         calls[name] = {"per_device_bytes": c, "per_device_gib": {k: round(v / GiB, 3) for k, v in c.items()},
-                       "memory_analysis": {k: int(getattr(mem, k)) for k in _MEMORY_KEYS}, "note": call.note}
+                       "memory_analysis": {k: int(getattr(mem, k)) for k in _MEMORY_KEYS}, "note": call.note,
+                       "accelerator_estimate": _accelerator_estimate(c, upcasts)}
     largest = max(calls, key=lambda n: calls[n]["per_device_bytes"]["own"])
     big = calls[largest]["per_device_bytes"]
     b.update(batch=big["batch"], temp=big["temp"], output_not_aliased=big["output_not_aliased"])
     b["total"] = b["params"] + b["optimizer"] + b["other"] + b["batch"] + b["temp"] + b["output_not_aliased"]
+    estimates = {n: calls[n]["accelerator_estimate"] for n in calls}
+    if all("per_device_bytes" in e for e in estimates.values()):
+        largest_acc = max(estimates, key=lambda n: estimates[n]["per_device_bytes"]["total"])
+        acc = dict(estimates[largest_acc], largest_call=largest_acc)
+    else:
+        acc = {"error": "; ".join(f"{n}: {e['error']}" for n, e in estimates.items() if "error" in e)}
     return {
         "experiment": exp.name, "stage": stage_name, "objective": cfg.objective.name, "phase": "rollout",
         "devices": len(devices), "mesh": dict(mesh.shape), "platform": devices[0].platform,
         "per_device_bytes": b, "per_device_gib": {k: round(v / GiB, 3) for k, v in b.items()},
         "memory_analysis": calls[largest]["memory_analysis"], "largest_call": largest, "calls": calls,
+        "accelerator_estimate": acc,
         "param_counts": {"policy": _count(policy[0]), "trainable": _count(s.params), "frozen": _count(s.frozen),
                          **{k: _count(t) for k, (t, _) in parts.resident.items()}},
         "flops_per_step": None,
@@ -250,6 +262,22 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
                   f"after another; batch/temp/outputs below are the largest call's ({largest})",
                   *(calls[n]["note"] for n in calls)],
     }
+
+
+UPCAST_NOTE = ("the same compiled schedule with XLA:CPU's bf16->f32 upcasts of weights read by dots removed (a backend "
+               "with bf16 dots, TPU/GPU, holds none: nothing for a plain convert of a bf16 array, the bf16 array for "
+               "a rounding or sliced one); everything else as CPU-compiled (starling_jax/hlo_memory.py)")
+
+
+def _accelerator_estimate(b: dict, upcasts: Optional[dict]) -> dict:
+    """per-device bytes `b` (with "temp" and "total") with temp replaced by hlo_memory's temp_accelerator_estimate."""
+    if upcasts is None or "error" in upcasts:
+        return {"error": (upcasts or {}).get("error", "no buffer dump")}
+    temp = upcasts["temp_accelerator_estimate"]
+    out = {"temp": temp, "total": b["total"] - b["temp"] + temp}
+    return {"per_device_bytes": out, "per_device_gib": {k: round(v / GiB, 3) for k, v in out.items()},
+            "upcast_buffers": upcasts["upcast_buffers"], "temp_peak_live": upcasts["peak_live"],
+            "temp_peak_live_without_upcasts": upcasts["peak_live_without_upcasts"], "note": UPCAST_NOTE}
 
 
 def format_report(r: dict) -> str:
@@ -274,8 +302,17 @@ def format_report(r: dict) -> str:
         lines.append(f"    {label:<70} {b[key] / scale:9.3f}")
     for name, call in r.get("calls", {}).items():
         c = call["per_device_bytes"]
+        acc = call["accelerator_estimate"].get("per_device_bytes")
         lines.append(f"    call {name + ':':<13} inputs {c['batch'] / scale:.3f} + temp {c['temp'] / scale:.3f} + "
-                     f"outputs {c['output_not_aliased'] / scale:.3f}; phase total with it {c['total'] / scale:.3f}")
+                     f"outputs {c['output_not_aliased'] / scale:.3f}; phase total with it {c['total'] / scale:.3f}"
+                     + (f" (accelerator estimate: temp {acc['temp'] / scale:.3f}, total {acc['total'] / scale:.3f})"
+                        if acc else ""))
+    acc = r.get("accelerator_estimate", {})
+    if "per_device_bytes" in acc:
+        lines.append(f"  accelerator estimate ({unit}): temp {acc['per_device_bytes']['temp'] / scale:.3f}, total "
+                     f"{acc['per_device_bytes']['total'] / scale:.3f}: {acc['note']}")
+    elif acc:
+        lines.append(f"  accelerator estimate: not available ({acc['error']})")
     if r["flops_per_step"] is not None:
         lines.append(f"  FLOPs per step: {r['flops_per_step']:.4g} ({r['flops_per_device']:.4g} per device; matmuls, "
                      f"scans counted per iteration)")

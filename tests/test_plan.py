@@ -65,6 +65,11 @@ def test_plan_json_bytes_add_up_and_match_memory_analysis(tmp_path, capsys):
     assert report["mfu"] == pytest.approx(_expected_flops() / 8 / (0.5 * 1e9))
     text = plan.format_report(report)
     assert "optimizer state" in text and "temporaries (XLA)" in text and "MFU at 0.5 s/step" in text
+    # a float32 model has no bf16 weights for XLA:CPU to upcast: the accelerator estimate is the CPU figure
+    acc = report["accelerator_estimate"]
+    assert acc["upcast_buffers"] == 0 and acc["per_device_bytes"] == {"temp": b["temp"], "total": b["total"]}
+    assert acc["temp_peak_live"] == acc["temp_peak_live_without_upcasts"] <= b["temp"]
+    assert "accelerator estimate" in text
 
 
 @pytest.mark.slow
@@ -193,6 +198,14 @@ def test_plan_rollout_holds_the_train_state(tmp_path):
     assert rm["memory_analysis"]["argument_size_in_bytes"] == gb["extra"] + rm["per_device_bytes"]["batch"]
     text = plan.format_report(g)
     assert "call generate:" in text and "largest call" in text
+    # the accelerator estimate: the largest call with its CPU-only weight upcasts removed (hlo_memory), never more
+    acc = g["accelerator_estimate"]
+    assert acc["largest_call"] in calls
+    assert acc["per_device_bytes"]["total"] == max(c["accelerator_estimate"]["per_device_bytes"]["total"]
+                                                   for c in calls.values()) <= gb["total"]
+    for call in calls.values():
+        c, e = call["per_device_bytes"], call["accelerator_estimate"]["per_device_bytes"]
+        assert e["total"] - e["temp"] == c["total"] - c["temp"] and e["temp"] <= c["temp"]
 
 
 @needs8
