@@ -23,8 +23,8 @@ identifies the upcast buffers strictly, and replays the live ranges of the tempo
 An upcast buffer is the output of a fusion (or a bare convert) that only moves data (parameter, convert, bitcast,
 copy, reshape, transpose, slice, dynamic-slice, scalar index arithmetic) from one array to an f32 array through a
 convert from bf16 (or an all-gather or slice of an upcast); whose source array traces back, through the same data
-movement, all-gathers, tuples and while-loop state, to a parameter of the program (a weight; a loop-carried element
-counts when its initial value is one: the params an update loop trains) or to another upcast; and whose every
+movement, all-gathers, tuples and while-loop state, to a parameter of the program (a weight; a loop-carried float32
+element counts when its initial value is one: the master weights an update loop trains) or to another upcast; and whose every
 use, followed through the same data movement and while-loop tuples, is an operand of a dot. Anything else stays
 counted. Only the temporaries are replayed: parameters, outputs and the rest are as the CPU compile gives them.
 """
@@ -227,9 +227,10 @@ def _source(mod: Module, name: str, upcasts: dict, seen=None):
                              and mod.instrs[carried.operands[0]].opcode == "parameter")
                 init = mod.instrs[loop.operands[0]]
                 source = _source(mod, init.operands[index], upcasts, seen) if init.opcode == "tuple" else None
-                # a loop-invariant element is its initial value; one the loop updates is still "a weight" when it
-                # starts as a parameter (the params an update loop trains), not when it starts as an upcast
-                found.add(source if invariant or source == "param" else None)
+                # a loop-invariant element is its initial value; one the loop updates is still "a weight" when it is
+                # float32 and starts as a parameter (the master weights an update loop trains), not when it starts as
+                # an upcast or is bf16 (an activation carried through the loop)
+                found.add(source if invariant or (source == "param" and ins.dtype == "f32") else None)
             return found.pop() if len(found) == 1 else None
     return None
 

@@ -92,3 +92,17 @@ def test_upcasts_that_are_not_only_dot_operands_stay_counted():
         return jax.lax.fori_loop(0, 10, body, (x, ws[0]))[0]
     r = _report(g, ws, _x())
     assert r["upcast_buffers"] == 0
+
+
+def test_master_weights_an_update_loop_trains_count_as_weights():
+    """An f32 weight the loop updates (an optimiser loop), cast to bf16 for its dot: the rounded f32 copy is an
+    upcast (the bf16 cast remains); the bf16 activation the loop carries is not a weight."""
+    def f(w, x):
+        def body(i, carry):
+            w, x = carry
+            y = jnp.dot(x, w.astype(jnp.bfloat16))
+            return w * 0.5 + 1.0, y
+        return jax.lax.fori_loop(0, 10, body, (w, x))
+    r = _report(f, jax.ShapeDtypeStruct((N, N), jnp.float32), _x())
+    assert r["upcast_buffers"] == 1
+    assert r["peak_live"] - r["peak_live_without_upcasts"] == UPCAST // 2
