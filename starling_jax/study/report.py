@@ -136,6 +136,9 @@ def plot(results: dict, path: str) -> Optional[str]:
             x, y = m["kl"], m["true_reward"]
             ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["lo"]], [x["hi"] - x["mean"]]],
                         yerr=[[y["mean"] - y["lo"]], [y["hi"] - y["mean"]]], fmt="o", capsize=3, label=arm)
+        kls = [m["kl"]["mean"] for m in s[group].values()]
+        if min(kls) > 0 and max(kls) / min(kls) > 10:  # an arm far out (e.g. a collapsed one) would flatten the rest
+            ax.set_xscale("log")
         ax.set_xlabel("KL to the SFT policy (per reply)")
         ax.set_ylabel("true reward")
         ax.set_title(f"{group}: true reward vs KL")

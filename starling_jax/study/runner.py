@@ -308,15 +308,21 @@ def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, see
             if os.path.exists(path):
                 with open(path) as f:
                     records.append(json.load(f))
-    shared_times = {}
+    results = report.aggregate(study, records, shared_times(workdir, seeds), this_run_s=time.perf_counter() - t0,
+                               failed=failed)
+    report.write(study, results, workdir)
+    return results
+
+
+def shared_times(workdir: str, seeds: Sequence[int]) -> dict:
+    """{seed: wall seconds} of the shared stages trained (or adopted) for each seed."""
+    out = {}
     for s in seeds:
         path = os.path.join(_shared_dir(workdir, s), "done.json")
         if os.path.exists(path):
             with open(path) as f:
-                shared_times[s] = json.load(f)["wall_s"]
-    results = report.aggregate(study, records, shared_times, this_run_s=time.perf_counter() - t0, failed=failed)
-    report.write(study, results, workdir)
-    return results
+                out[s] = json.load(f)["wall_s"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -373,7 +379,9 @@ def cli(args) -> int:
                         records.append(json.load(f))
             if not records:
                 raise FileNotFoundError(f"{args.workdir}: no finished cells to report")
-            results = report.aggregate(study, records, {}, this_run_s=0.0, failed=[])
+            seeds_done = sorted({r["seed"] for r in records})
+            results = report.aggregate(study, records, shared_times(args.workdir, seeds_done), this_run_s=0.0,
+                                       failed=[])
             report.write(study, results, args.workdir)
         else:
             results = run_study(study, args.study, args.workdir, jobs=args.jobs, seeds=seeds, arms=arms,
