@@ -191,6 +191,39 @@ def test_seeds_epochs_and_shards(tok, rows):
         make_dataset("ppo", rows, tok, 1)
 
 
+# the keys whose zeros make a row weigh nothing in each kind's objective (data.pipelines.padding_example)
+WEIGHT_MASKS = {"sft": ("loss_mask",), "rm": ("response_mask",), "dpo": ("chosen_loss_mask", "rejected_loss_mask")}
+
+
+@pytest.mark.parametrize("kind, pack", [("sft", False), ("sft", True), ("rm", False), ("dpo", False)])
+def test_pad_last_reads_every_example_in_whole_batches(tok, rows, kind, pack):
+    """pad_last: one pass in batches of the full global shape; the real rows are those drop_remainder=False reads,
+    then padding rows (copies of a real one) without weight; each process's rows are its share of the same batches."""
+    kw = dict(max_length=T, max_prompt_length=P, max_responses=4, pack=pack, shuffle=False, num_epochs=1)
+    few = rows[:7] if kind != "dpo" else rows[:3]  # 7 sft/rm examples, 3 * 3 = 9 dpo pairs (K = 4): not whole batches
+    plain = list(make_dataset(kind, few, tok, 4, drop_remainder=False, **kw))
+    padded = list(make_dataset(kind, few, tok, 4, pad_last=True, **kw))
+    assert len(plain[-1][WEIGHT_MASKS[kind][0]]) < 4 and len(padded) == len(plain)
+    for want, got in zip(plain, padded):
+        n = len(want[WEIGHT_MASKS[kind][0]])
+        for k in want:
+            assert got[k].shape[0] == 4
+            np.testing.assert_array_equal(got[k][:n], want[k])  # the real rows, unchanged
+        for k in WEIGHT_MASKS[kind]:
+            assert not got[k][n:].any()  # the padding rows weigh nothing ...
+        if n < 4:  # ... and are real tokens (copies of a row), so a forward over them stays finite
+            tokens = [k for k in got if k.endswith("tokens")]
+            assert all((got[k][n:] != tok.pad_id).any(axis=-1).all() for k in tokens)
+    for split in ([[0, 1], [2, 3]], [[0, 2], [1, 3]]):
+        parts = [list(make_dataset(kind, few, tok, 4, pad_last=True, process_rows=r, **kw)) for r in split]
+        for step, want in enumerate(padded):
+            for r, part in zip(split, parts):
+                for k in want:
+                    np.testing.assert_array_equal(part[step][k], want[k][r])
+    with pytest.raises(ValueError, match="needs num_epochs=1"):
+        make_dataset(kind, few, tok, 4, pad_last=True, **{**kw, "num_epochs": None})
+
+
 def test_dataset_for_uses_the_data_config(tok, rows):
     from starling_jax.config import DataConfig
     from starling_jax.data import dataset_for

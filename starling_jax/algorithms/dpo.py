@@ -13,7 +13,8 @@ from starling_jax.train.hydra import top_forward, trunk_forward
 
 def build_loss(objective, config, constrain=None) -> losses.LossFn:
     def loss_fn(params, frozen, batch, rng):
-        """chosen_* / rejected_* tokens, attention_mask, loss_mask [B, T]; frozen["reference"] is the reference."""
+        """chosen_* / rejected_* tokens, attention_mask, loss_mask [B, T]; frozen["reference"] is the reference.
+        The mean (and "weight") is over the pairs whose chosen and rejected replies each have a loss token."""
         losses.check_batch("dpo", batch, losses.pair_batch(1, 1))
         if "reference" not in frozen:
             raise KeyError("dpo loss: frozen has no 'reference' (build the trees with losses.stage_params(..., "
@@ -33,8 +34,12 @@ def build_loss(objective, config, constrain=None) -> losses.LossFn:
         B = batch["chosen_tokens"].shape[0]
         policy = logps(params)
         ref = jax.lax.stop_gradient(logps(reference))
-        loss, metrics = objectives.dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], objective.dpo_beta)
-        return loss, {**metrics, "weight": jnp.asarray(B, jnp.float32)}
+        # A pair counts when both its replies have a loss token: one without has no log-probability to compare (a
+        # padding row of an evaluation batch has none on either side, data.pipelines.padding_example).
+        has_tokens = jnp.sum(loss_mask[:, 1:] != 0, axis=-1) > 0
+        pair = has_tokens[:B] & has_tokens[B:]
+        loss, metrics = objectives.dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], objective.dpo_beta, mask=pair)
+        return loss, {**metrics, "weight": jnp.sum(pair.astype(jnp.float32))}
     return loss_fn
 
 

@@ -182,7 +182,7 @@ def _collate_rm(pad_id, K, T):
             for k, ids in enumerate(x["responses"]):
                 tokens[b, k, :len(ids)] = ids
                 attention[b, k, :len(ids)] = 1
-            response_mask[b, :len(x["responses"])] = 1
+            response_mask[b, :len(x["responses"])] = 0 if x.get("padding") else 1
         return {"tokens": tokens, "attention_mask": attention, "ranks": np.stack([x["ranks"] for x in xs]),
                 "response_mask": response_mask}
     return collate
@@ -211,6 +211,41 @@ def _collate_rl(pad_id, P):
 def _packed_to_batch(b):
     return {"tokens": b["tokens"].astype(np.int32), "attention_mask": b["tokens_segment_ids"].astype(np.int32),
             "loss_mask": b["loss_mask"].astype(np.float32)}
+
+
+# -- padding rows (evaluation reads every example in batches of the training shape) ---------------------------------
+
+def padding_example(kind: str, example: dict) -> dict:
+    """A copy of `example` that weighs nothing in its kind's objective and metrics: its weight masks are zero (sft:
+    no loss token; rm: no counted response, so no prompt, pair or ranking metric; dpo: no loss token on either side,
+    which dpo's loss counts as no pair). The tokens stay real ones, so every forward over it stays finite."""
+    if kind == "sft":
+        return {**example, "loss_mask": np.zeros_like(example["loss_mask"])}
+    if kind == "rm":
+        return {**example, "padding": True}
+    if kind == "dpo":
+        return {side: (example[side][0], np.zeros_like(example[side][1])) for side in ("chosen", "rejected")}
+    raise ValueError(f"pad_last: {kind!r} batches have no padding rows (kinds sft, rm, dpo)")
+
+
+def _pad_examples(ds: grain.MapDataset, kind: str, batch_size: int) -> grain.MapDataset:
+    """ds completed to a multiple of batch_size with padding examples (copies of its first, weightless)."""
+    n = len(ds)
+    total = -(-n // batch_size) * batch_size
+    if total == n:
+        return ds
+    pad = padding_example(kind, ds[0])
+    return grain.MapDataset.range(total).map(lambda j: ds[j] if j < n else pad)
+
+
+def _pad_packed_batch(b: dict, batch_size: int) -> dict:
+    """A packed sft batch completed to batch_size rows with copies of its first row without loss tokens."""
+    n = len(b["tokens"])
+    if n == batch_size:
+        return b
+    extra = {k: np.repeat(v[:1], batch_size - n, axis=0) for k, v in b.items()}
+    extra["loss_mask"] = np.zeros_like(extra["loss_mask"])
+    return {k: np.concatenate([v, extra[k]]) for k, v in b.items()}
 
 
 # -- datasets -----------------------------------------------------------------------------------------------------
@@ -253,7 +288,7 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
                  max_length: int = 256, max_prompt_length: int = 128, max_responses: int = 7,
                  pairs: str = "best_vs_rest", pack: bool = False, seed: int = 0, shuffle: bool = True,
                  num_epochs: Optional[int] = None, process_rows: Optional[Sequence[int]] = None,
-                 drop_remainder: bool = True, report: Optional[nectar.DataReport] = None):
+                 drop_remainder: bool = True, pad_last: bool = False, report: Optional[nectar.DataReport] = None):
     """A grain dataset of `kind` ("sft" | "rm" | "dpo" | "rl") batches over parsed rows.
 
     batch_size is the GLOBAL batch; process_rows (default: all of them) the positions within each global batch this
@@ -261,6 +296,9 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
 
     num_epochs None repeats forever (each epoch reshuffled from seed); 1 gives one pass (evaluation). Truncation,
     tie and dropped-answer counts are added to `report` when one is given (e.g. the one from load_rows).
+    pad_last=True (one pass, kinds sft, rm, dpo) reads every example in whole global batches: the last partial batch
+    is completed with padding rows (padding_example) that weigh nothing in the kind's objective and metrics, so an
+    evaluation keeps the training batch shape (and shardings) and averages over exactly the real examples.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}; known: {KINDS}")
@@ -281,6 +319,13 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
     if not examples:
         raise ValueError(f"no {kind} examples in {len(rows)} rows")
     ds = _global_order(examples, shuffle, seed, num_epochs)
+    if pad_last:
+        if num_epochs != 1:
+            raise ValueError(f"pad_last completes the last batch of one pass: it needs num_epochs=1, got {num_epochs}")
+        padding_example(kind, examples[0])  # the kind has padding rows
+        drop_remainder = False
+        if not (kind == "sft" and pack):  # packing decides the rows itself: its last batch is padded below
+            ds = _pad_examples(ds, kind, batch_size)
     if kind == "sft" and pack:
         # Packing decides which examples share a row from the whole global stream, so every process packs all of
         # it and keeps its rows of each packed global batch.
@@ -289,6 +334,8 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
             padding_struct={"tokens": pad, "loss_mask": 0.0},
             seed=seed, shuffle_bins=shuffle)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(_packed_to_batch)
+        if pad_last:
+            ds = ds.map(lambda b: _pad_packed_batch(b, batch_size))
         if process_rows is not None and len(process_rows) != batch_size:
             keep = np.asarray(_check_rows(process_rows, batch_size))
             ds = ds.map(lambda b: {k: v[keep] for k, v in b.items()})
@@ -419,9 +466,10 @@ def load_rows(data) -> tuple[list[dict], list[dict], nectar.DataReport]:
 
 def dataset_for(kind: str, rows, tokenizer, data, batch_size: int, *, template=None, seed: Optional[int] = None,
                 shuffle: bool = True, num_epochs: Optional[int] = None, process_rows: Optional[Sequence[int]] = None,
-                report: Optional[nectar.DataReport] = None):
+                pad_last: bool = False, report: Optional[nectar.DataReport] = None):
     """make_dataset with the lengths, K, pairs and packing of a DataConfig."""
     return make_dataset(kind, rows, tokenizer, batch_size, template=template, max_length=data.max_length,
                         max_prompt_length=data.max_prompt_length, max_responses=data.max_responses,
                         pairs=data.pairs, pack=data.pack, seed=data.shuffle_seed if seed is None else seed,
-                        shuffle=shuffle, num_epochs=num_epochs, process_rows=process_rows, report=report)
+                        shuffle=shuffle, num_epochs=num_epochs, process_rows=process_rows, pad_last=pad_last,
+                        report=report)

@@ -9,7 +9,6 @@ gets a fresh Linear(hidden, 1) score head.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import jax
@@ -29,8 +28,6 @@ from starling_jax.train.program import (StageContext, StageProgram, StageSetup, 
 from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
 from starling_jax.train.step import make_train_step
 from starling_jax.models import Params
-
-log = logging.getLogger(__name__)
 
 
 class GrainBatches:
@@ -152,15 +149,14 @@ class DataStage:
                                      template=c.model.template, process_rows=self.my_rows, **kwargs)
 
     def heldout(self, num_batches: Optional[int], rows=None) -> list:
+        """The first num_batches (None: all) evaluation batches of `rows` (default: the held-out split), in order.
+        They keep the training batch shape (and shardings): the last one is completed with padding rows that weigh
+        nothing in the objective and its metrics (data.pipelines.padding_example), so every row is evaluated once."""
         rows = self.splits.heldout if rows is None else rows
         if not rows:
             return []
-        left_out = len(rows) % self.c.train.batch_size
-        if num_batches is None and left_out:  # batches keep the training shapes (and shardings): whole batches only
-            log.warning("held-out evaluation reads whole batches of %d: the last %d of %d rows are not evaluated "
-                        "(the summary's *_rows counts every row)", self.c.train.batch_size, left_out, len(rows))
         out = []
-        for b in self._dataset(rows, shuffle=False, num_epochs=1):
+        for b in self._dataset(rows, shuffle=False, num_epochs=1, pad_last=True):
             if num_batches is not None and len(out) >= num_batches:
                 break
             out.append(b)

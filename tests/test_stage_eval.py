@@ -1,0 +1,78 @@
+"""A data stage's held-out evaluation reads every row: its batches keep the training shape (and shardings), the last
+one completed with padding rows that weigh nothing, so the weighted loss and the reward model's ranking metrics equal
+the ones computed in one batch of exactly the real rows (on the 8-device CPU mesh of conftest.py)."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from starling_jax import objectives
+from starling_jax.config import DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig, TrainConfig
+from starling_jax.config_loading import stages_of
+from starling_jax.data import pipelines
+from starling_jax.models import PRESETS
+from starling_jax.train.program import StageContext
+from starling_jax.train.stages import DataStage
+
+B = 8
+
+
+def make_stage(objective: str, tmp_path) -> DataStage:
+    model = PRESETS["tiny"].replace(num_layers=1)
+    # 150 synthetic prompts: 15 held-out rows -> 15 sft examples and rm groups, 45 dpo pairs (K = 4); the test
+    # checks that none is a multiple of the batch of 8
+    exp = Experiment(name="evaluate_every_row", model=ModelSection(config=model), mesh=MeshConfig(data=2, fsdp=-1),
+                     data=DataConfig(synthetic_prompts=150, max_length=32, max_prompt_length=16, max_responses=4),
+                     objective=ObjectiveConfig(name=objective), train=TrainConfig(steps=1, batch_size=B))
+    (name, cfg), = stages_of(exp)
+    return DataStage(StageContext(experiment=exp, config=cfg, stage_name=name, workdir=str(tmp_path), mesh=None,
+                                  load_stage=lambda n: None))
+
+
+def one_batch(stage: DataStage, rows) -> dict:
+    """Every example of `rows` in one batch of exactly that many rows (no padding)."""
+    d = stage.c.data
+    batches = list(pipelines.make_dataset(
+        stage.algorithm.kind, rows, stage.tokenizer, 100_000, template=stage.c.model.template,
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length, max_responses=d.max_responses,
+        pairs=d.pairs, shuffle=False, num_epochs=1, drop_remainder=False))
+    assert len(batches) == 1
+    return batches[0]
+
+
+@pytest.mark.parametrize("objective", ["sft", "rm_plackett_luce", "rm_bradley_terry", "dpo"])
+def test_heldout_evaluation_reads_every_row(objective, tmp_path, caplog):
+    stage = make_stage(objective, tmp_path)
+    state = stage.setup.state
+    # move the policy away from its start, so DPO's reference differs from it (at the start every pair's margin is 0)
+    state = state.replace(params=jax.tree.map(lambda x: x * 1.5, state.params))
+    rows = stage.splits.heldout
+    whole = one_batch(stage, rows)
+    n = len(next(iter(whole.values())))
+    assert n % B, f"{n} examples fill whole batches of {B}: the test needs a partial last batch"
+
+    with caplog.at_level(logging.WARNING):
+        batches = stage.heldout(None)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(batches) == -(-n // B)  # ceil: the partial last batch is read, padded to the training shape
+    assert all(len(v) == B for b in batches for v in b.values())
+    result = stage.evaluate_on(state, batches)
+
+    loss, metrics = jax.jit(stage.setup.loss)(state.params, state.frozen, whole, stage.eval_key)
+    # the weight counts the real units: reply tokens, prompts (K = 4 responses each), pairs of a ranking, pairs
+    want_weight = {"sft": lambda: np.sum(whole["loss_mask"][:, 1:] != 0), "rm_plackett_luce": lambda: n,
+                   "rm_bradley_terry": lambda: 6 * n, "dpo": lambda: n}[objective]()
+    assert float(metrics["weight"]) == want_weight
+    assert result["loss"] == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
+
+    if stage.reward_fn is not None:
+        rewards = stage.reward_fn(stage.merge(state), whole["tokens"], whole["attention_mask"])
+        want = objectives.rm_metrics(rewards, whole["ranks"], whole["response_mask"])
+        for k in ("pair_accuracy", "top1_accuracy", "kendall_tau"):
+            assert result[k] == pytest.approx(float(want[k]), abs=1e-6), k
+        assert result["groups"] == n == len(rows) and result["pairs"] == int(want["num_pairs"])
+    # and the summary: the finish reads the held-out split the same way
+    summary = stage.finish(state, str(tmp_path))
+    assert summary["heldout_loss"] == pytest.approx(result["loss"], rel=1e-6)
