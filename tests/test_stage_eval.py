@@ -42,7 +42,8 @@ def one_batch(stage: DataStage, rows) -> dict:
     return batches[0]
 
 
-@pytest.mark.parametrize("objective", ["sft", "rm_plackett_luce", "rm_bradley_terry", "dpo"])
+@pytest.mark.parametrize("objective", ["sft", "rm_plackett_luce", "rm_bradley_terry",
+                                       pytest.param("dpo", marks=pytest.mark.slow)])  # dpo: ~20 s here
 def test_heldout_evaluation_reads_every_row(objective, tmp_path, caplog):
     stage = make_stage(objective, tmp_path)
     state = stage.setup.state
