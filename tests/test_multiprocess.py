@@ -1,7 +1,8 @@
 """Real multi-process runs on localhost: 2 processes x 2 simulated CPU devices (gloo collectives, a coordinator on a
 free port, short heartbeat timeouts) against 1 process x 4 devices, on the same global mesh (data=4), running the
 whole tiny pipeline of tests/multiprocess_experiment.py: SFT, a Plackett-Luce reward model, APA with an adaptive KL
-controller and reward scaling.
+controller and reward scaling; and GRPO and RLOO (tests/multiprocess_group_experiment.py), whose groups of samples
+of a prompt are rows of the global chunk like any other.
 
 One 2-process workdir goes through a SIGTERM to one process (both stop at the same step with a checkpoint), a resume,
 a SIGKILL of one process (the other exits with an error within the heartbeat bound), and a final resume that runs to
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = str(REPO / "tests" / "multiprocess_experiment.py")
+GROUP_EXPERIMENT = str(REPO / "tests" / "multiprocess_group_experiment.py")  # GRPO and RLOO, G = 2
 STAGES = ("sft", "rm", "policy")
 RL_STEPS = 6  # tests/multiprocess_experiment.py
 HEARTBEAT_S = 10  # a silent process counts as dead after this long
@@ -49,15 +51,15 @@ def base_env(cache, devices: int) -> dict:
     return env
 
 
-def command(workdir, *extra) -> list[str]:
-    return [sys.executable, "-m", "starling_jax.cli", "train", EXPERIMENT, "--workdir", str(workdir), *extra]
+def command(workdir, *extra, experiment=EXPERIMENT) -> list[str]:
+    return [sys.executable, "-m", "starling_jax.cli", "train", experiment, "--workdir", str(workdir), *extra]
 
 
 class Launch:
     """2 processes of one run. Process 0 uses the JAX_* environment variables, process 1 the command-line flags (both
     launcher paths). Output goes to files (a full pipe could block a process)."""
 
-    def __init__(self, workdir, cache, tag):
+    def __init__(self, workdir, cache, tag, experiment=EXPERIMENT):
         port = free_port()
         self.procs, self.logs = [], []
         for i in range(2):
@@ -70,8 +72,8 @@ class Launch:
             log = Path(workdir).parent / f"{Path(workdir).name}.{tag}.p{i}.log"
             self.logs.append(log)
             with open(log, "wb") as out:
-                self.procs.append(subprocess.Popen(command(workdir, *extra), stdout=out, stderr=subprocess.STDOUT,
-                                                   cwd=REPO, env=env, start_new_session=True))
+                self.procs.append(subprocess.Popen(command(workdir, *extra, experiment=experiment), stdout=out,
+                                                   stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True))
 
     def wait(self, timeout=RUN_TIMEOUT_S) -> list[int]:
         deadline = time.time() + timeout
@@ -241,3 +243,41 @@ def test_each_process_reads_only_its_rows(two_process):
         for k in batch:
             assert halves[0][step][k].shape[0] == 4
             np.testing.assert_array_equal(np.concatenate([halves[0][step][k], halves[1][step][k]]), batch[k])
+
+
+
+@pytest.fixture(scope="module")
+def group_runs(tmp_path_factory, cache):
+    """GRPO (G = 2 samples per prompt): one process x 4 devices and 2 processes x 2, the same global mesh."""
+    one = tmp_path_factory.mktemp("group_one_process") / "run"
+    done = subprocess.run(command(one, experiment=GROUP_EXPERIMENT), capture_output=True, cwd=REPO,
+                          env=base_env(cache, 4), timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    two = tmp_path_factory.mktemp("group_two_processes") / "run"
+    launch = Launch(two, cache, "group", experiment=GROUP_EXPERIMENT)
+    try:
+        rc = launch.wait()
+    finally:
+        launch.kill()
+    assert rc == [0, 0], [launch.output(i)[-3000:] for i in range(2)]
+    return one, two, [launch.output(i) for i in range(2)]
+
+
+def test_group_objectives_across_processes_match_one_process(group_runs):
+    """The chunk's prompts are repeated G times and each process keeps its rows of that global chunk, so the rewards,
+    the group-relative advantages (computed on the global arrays), the losses and the KL controller are the
+    one-process run's."""
+    one, two, outputs = group_runs
+    for i, out in enumerate(outputs):
+        said = out.split(f"[grpo] process {i} of 2 reads rows ")[1].split(" of each global batch")[0]
+        assert json.loads(said) == list(range(4 * i, 4 * i + 4)), said
+    want = {r["step"]: r for r in read_metrics(os.path.join(one, "grpo")) if "loss" in r}
+    got = {r["step"]: r for r in read_metrics(os.path.join(two, "grpo")) if "loss" in r}
+    assert sorted(want) == sorted(got) == [1, 2], (sorted(want), sorted(got))
+    for k in ("loss", "reward", "scaled_reward", "true_reward", "kl", "kl_coef", "response_length"):
+        np.testing.assert_allclose([got[s][k] for s in (1, 2)], [want[s][k] for s in (1, 2)], rtol=5e-5, atol=1e-6,
+                                   err_msg=k)
+    assert want[1]["reward"] != want[2]["reward"]  # rewards that vary: a comparison that means something
+    states = [json.loads((two / "grpo" / "process_state" / f"{i}.json").read_text()) for i in range(2)]
+    assert states[0] == states[1] and states[0]["chunk"] == 2
+    assert states[0]["kl_coef"] != 0.05  # the adaptive controller moved, from every row of the chunks

@@ -457,9 +457,10 @@ class RLStage:
         # processes; one process keeps numpy batches (and any number of evaluation prompts).
         place = sharding.BatchPlacement(mesh, c.mesh.rules)
         self.spread = spread = place if jax.process_count() > 1 else None
-        if group > 1 and spread is not None:
-            raise ValueError(f"stage {ctx.stage_name!r}: objective {o.name!r} samples {group} rollouts per prompt, "
-                             f"which is not supported across several processes yet")
+        if r.prompts_per_step % place.parts:
+            raise ValueError(f"stage {ctx.stage_name!r}: rollout.prompts_per_step={r.prompts_per_step} rollouts cannot "
+                             f"be split over the {place.parts} batch shards of the mesh; use a multiple of "
+                             f"{place.parts}")
         self.true_utility = splits.true_utility
         stat_keys = RolloutSource.STAT_KEYS + (("stat_true_reward",) if self.true_utility is not None else ())
         self.setup = rl_setup(c, config, params, mesh, k_state, stat_keys, critic_key=k_critic)
@@ -468,10 +469,14 @@ class RLStage:
 
         conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
         chunk_prompts = r.prompts_per_step // group  # each sampled `group` times
-        sharding.describe_rows(ctx.stage_name, place.rows(chunk_prompts), chunk_prompts)
+        # This process's rows of the chunk of rollouts. With groups (G rows per prompt, consecutive) every process reads
+        # the chunk's prompts, repeats each G times and keeps its rows of that global chunk: a group may straddle
+        # processes (its statistics are computed on the global arrays), and the chunk is the one-process chunk.
+        rollout_rows = place.rows(r.prompts_per_step)
+        sharding.describe_rows(ctx.stage_name, rollout_rows, r.prompts_per_step)
         prompts = iter(pipelines.dataset_for("rl", train_rows, self.tokenizer, c.data, chunk_prompts,
                                              template=c.model.template, seed=c.data.shuffle_seed,
-                                             process_rows=place.rows(chunk_prompts)))
+                                             process_rows=rollout_rows if group == 1 else None))
         # Evaluation sets, each sampled with its own key: "heldout" (the reporting set: true_reward_before/after in
         # the summary), "unseen" (prompt templates no stage trained on; unseen_* in the summary) and "tuning" (what
         # the loop's periodic eval reports, so that choosing hyperparameters by it never looks at the reporting set).
@@ -503,7 +508,7 @@ class RLStage:
                                      tokenizer=self.tokenizer, template=c.model.template, scorer=self.scorer,
                                      experience_fn=experience_fn, objective=o, rollout=r, seed=c.train.seed,
                                      true_utility=self.true_utility, constrain=constrain, place=spread,
-                                     group=group)
+                                     group=group, group_rows=rollout_rows if group > 1 else None)
 
     def step(self, state, batch):
         return self.update(state, sharding.put_batch(batch, self.setup.batch_shardings))

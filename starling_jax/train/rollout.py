@@ -220,15 +220,18 @@ class RolloutSource:
     def __init__(self, *, prompts, conversations: Sequence[Conversation], config: ModelConfig, tokenizer,
                  template: str, scorer: RewardScorer, experience_fn: Callable, objective, rollout, seed: int,
                  true_utility: Optional[Callable[[Conversation, str], float]] = None, constrain=None, place=None,
-                 group: int = 1):
+                 group: int = 1, group_rows: Optional[Sequence[int]] = None):
         """prompts: an iterator of RL prompt batches (prompt_tokens [B, P] left padded, prompt_mask, prompt_id [B])
         with get_state/set_state (data.pipelines' "rl" dataset); conversations[prompt_id] is the prompt's
         conversation (for re-rendering it for the reward model). group: each prompt of a batch is repeated `group`
-        times in a row (GRPO/RLOO sample G replies per prompt; the rows of a group are consecutive)."""
+        times in a row (GRPO/RLOO sample G replies per prompt; the rows of a group are consecutive). group_rows
+        (several processes, with group > 1): the prompt batches are the whole chunk's prompts, and this process keeps
+        rows group_rows of the repeated chunk (its rows of the global chunk, place.rows)."""
         self.prompts, self.conversations = prompts, list(conversations)
         self.config, self.tokenizer, self.template = config, tokenizer, template
         self.scorer, self.experience_fn, self.objective, self.rollout = scorer, experience_fn, objective, rollout
         self.seed, self.true_utility, self.place, self.group = seed, true_utility, place, group
+        self.group_rows = None if group_rows is None else np.asarray(group_rows, np.int64)
         self.constrain = constrain  # sharding.activation_constraint: generation split over the mesh's batch axes
         self.chunk = 0
         self.kl_coef = float(objective.kl_coef)
@@ -263,6 +266,8 @@ class RolloutSource:
         p = next(self.prompts)
         if self.group > 1:
             p = {k: np.repeat(np.asarray(v), self.group, axis=0) for k, v in p.items()}
+            if self.group_rows is not None:
+                p = {k: v[self.group_rows] for k, v in p.items()}
         ids = np.asarray(p["prompt_id"])
         conversations = [self.conversations[i] for i in ids]
         prompt_tokens, prompt_mask = np.asarray(p["prompt_tokens"]), np.asarray(p["prompt_mask"])
