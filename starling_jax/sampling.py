@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starling_jax.models import (ModelConfig, cache_slots, check_token_ids, embed_tokens, final_norm, init_cache,
-                                 lm_logits, run_layers)
+from starling_jax.models import (ModelConfig, cache_slots, cast_matrices, check_token_ids, embed_tokens, final_norm,
+                                 init_cache, lm_logits, run_layers)
 from starling_jax.models import Params
 
 
@@ -146,9 +146,6 @@ def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, promp
     return logits, _pin_cache({**part, "k": tuple(ks), "v": tuple(vs)}, constrain)
 
 
-_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # used only through models' _dense, cast to dtype
-
-
 def split_layers(params: Params, head_vd: bool = True, dtype=None) -> Params:
     """params with "layers" as a tuple of one-layer stacks ([1, ...] leaves), the form decode_step runs fastest on.
     params: full params or a (top, rest) pair of models.split_params parts. dtype: the compute dtype
@@ -167,11 +164,11 @@ def split_layers(params: Params, head_vd: bool = True, dtype=None) -> Params:
     """
     outer, stacks = _stacks(params)
 
-    def one(name, a, l):
-        a = a[l:l + 1]
-        return a.astype(dtype) if dtype is not None and name in _MATRICES else a
-    out = {**outer, "layers": tuple({k: one(k, a, l) for k, a in layers.items()}
-                                    for layers in stacks for l in range(jax.tree.leaves(layers)[0].shape[0]))}
+    def one(layers, l):
+        layer = {k: a[l:l + 1] for k, a in layers.items()}
+        return layer if dtype is None else cast_matrices(layer, dtype)
+    out = {**outer, "layers": tuple(one(layers, l) for layers in stacks
+                                    for l in range(jax.tree.leaves(layers)[0].shape[0]))}
     if head_vd and "lm_head" in out:
         out["lm_head_vd"] = out.pop("lm_head").T
     return out

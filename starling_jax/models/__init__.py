@@ -3,9 +3,9 @@
 from starling_jax.models.config import PRESETS, ModelConfig, get_preset
 from starling_jax.models.transformer import (
     Params, ParamSpec, abstract_params, attention, cache_slots, check_token_ids, count_params, embed_tokens, final_norm,
-    forward, frozen_storage, hidden_states, init_cache, merge_params, split_params, init_from_specs, init_params,
-    init_value_head, last_token_index, lm_logits, param_specs, positions_and_segments, reward_values, run_layers, score, token_logprobs, value_head,
-    value_head_specs,
+    cast_matrices, forward, frozen_storage, hidden_states, init_cache, merge_params, split_params, init_from_specs,
+    init_params, init_value_head, last_token_index, lm_logits, param_specs, positions_and_segments, reward_values,
+    run_layers, score, token_logprobs, value_head, value_head_specs,
 )
 
 __all__ = [
@@ -13,5 +13,5 @@ __all__ = [
     "check_token_ids", "count_params", "embed_tokens", "final_norm", "forward", "hidden_states", "init_cache",
     "init_from_specs", "init_params", "init_value_head", "last_token_index", "lm_logits", "param_specs",
     "positions_and_segments", "reward_values", "run_layers", "score", "token_logprobs", "value_head",
-    "value_head_specs", "merge_params", "split_params", "frozen_storage",
+    "value_head_specs", "merge_params", "split_params", "frozen_storage", "cast_matrices",
 ]

@@ -448,12 +448,14 @@ def frozen_storage(params: Params, config: ModelConfig) -> Params:
     likewise keeps fp32 masters for the optimised parameters alone). Norm weights (used in fp32) keep param_dtype.
     A no-op when dtype == param_dtype (every fp32 model)."""
     dt = jnp.dtype(config.dtype)
-    if dt == jnp.dtype(config.param_dtype):
-        return params
+    return params if dt == jnp.dtype(config.param_dtype) else cast_matrices(params, dt)
 
+
+def cast_matrices(params: Params, dtype) -> Params:
+    """params with every weight but the norms cast to `dtype` (the compute dtype): the matrices are only ever used
+    cast to it (_dense, the embedding lookup, the score head), the norm weights are used in fp32 and keep theirs."""
     def one(path, a):
-        name = getattr(path[-1], "key", "")
-        return a if str(name).endswith("norm") else a.astype(dt)
+        return a if str(getattr(path[-1], "key", "")).endswith("norm") else a.astype(dtype)
     return jax.tree.map_with_path(one, params)
 
 
