@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starling_jax.models import (ModelConfig, cache_slots, cast_matrices, check_token_ids, embed_tokens, final_norm,
-                                 init_cache, lm_logits, run_layers)
+from starling_jax.models import (ModelConfig, cache_slots, cast_matrices, check_token_ids, decode_layers, embed_tokens,
+                                 final_norm, fuse_projections, init_cache, lm_logits, run_layers)
 from starling_jax.models import Params
 
 
@@ -146,15 +146,19 @@ def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, promp
     return logits, _pin_cache({**part, "k": tuple(ks), "v": tuple(vs)}, constrain)
 
 
-def split_layers(params: Params, head_vd: bool = True, dtype=None) -> Params:
-    """params with "layers" as a tuple of one-layer stacks ([1, ...] leaves), the form decode_step runs fastest on.
-    params: full params or a (top, rest) pair of models.split_params parts. dtype: the compute dtype
-    (config.dtype): the layers' matrices, which every matmul casts to it anyway, are stored in it (the same
-    numbers; with float32 master weights and bfloat16 compute, half the bytes to keep and to read per token).
+def split_layers(params: Params, head_vd: bool = True, dtype=None, fuse: bool = True) -> Params:
+    """params with "layers" as a tuple of one dict per layer (no leading layer axis; with `fuse`, q/k/v and gate/up
+    fused, see models.fuse_projections): the form decode_step runs fastest on. params: full params or a (top, rest) pair of
+    models.split_params parts. dtype: the compute dtype (config.dtype): the layers' matrices, which every matmul casts
+    to it anyway, are stored in it (the same numbers; with float32 master weights and bfloat16 compute, half the bytes
+    to keep and to read per token).
 
     Why: a decode step reads every weight once, so it is bound by memory traffic. Run as one lax.scan, each step
     would first copy its layer's slice of the stacked weights (XLA materialises a dynamic slice that feeds a dot),
-    doubling the traffic; separate per-layer arrays made once, outside the loop, are read in place.
+    doubling the traffic; separate per-layer arrays made once, outside the loop, are read in place. Fusing the
+    projections while copying costs nothing more and makes 4 matrix-vector products per layer instead of 7. Not on
+    a mesh (generate passes fuse = constrain is None): with heads split over a tensor axis the concatenation would
+    mix two shardings and make XLA regather the weights.
 
     head_vd: store an untied LM head [D, V] transposed, as "lm_head_vd" [V, D] (a tied head is the embedding, [V, D]
     already). XLA:CPU's kernels for a [B, D] @ [D, V] matmul with a few rows (B = 8) run well below the memory bound;
@@ -165,7 +169,8 @@ def split_layers(params: Params, head_vd: bool = True, dtype=None) -> Params:
     outer, stacks = _stacks(params)
 
     def one(layers, l):
-        layer = {k: a[l:l + 1] for k, a in layers.items()}
+        layer = {k: a[l] for k, a in layers.items()}
+        layer = fuse_projections(layer) if fuse else layer
         return layer if dtype is None else cast_matrices(layer, dtype)
     out = {**outer, "layers": tuple(one(layers, l) for layers in stacks
                                     for l in range(jax.tree.leaves(layers)[0].shape[0]))}
@@ -196,14 +201,8 @@ def decode_step(params: Params, config: ModelConfig, cache: Params, tokens: jax.
     pin = None if constrain is None else constrain.whole
     x = embed_tokens(params, config, tokens[:, None])
     x = x if pin is None else pin(x)
-    mask = active[:, None].astype(jnp.int32)
-    ks, vs = [], []
-    for layer, k, v in zip(params["layers"], cache["k"], cache["v"]):  # unrolled: see split_layers
-        x, c = run_layers(layer, config, x, mask, {"k": k, "v": v, "pos": cache["pos"], "index": cache["index"]},
-                          constrain=pin)
-        ks.append(c["k"])
-        vs.append(c["v"])
-    cache = _pin_cache({"k": tuple(ks), "v": tuple(vs), "pos": c["pos"], "index": c["index"]}, constrain)
+    x, cache = decode_layers(params["layers"], config, x, active[:, None].astype(jnp.int32), cache, constrain=pin)
+    cache = _pin_cache(cache, constrain)
     return decode_logits(params, config, final_norm(params, config, x[:, 0])), cache
 
 
@@ -243,7 +242,7 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
     logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_slots(config, P + N), constrain)
     out = (jnp.full((B, N), pad, jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32))
     tok, done, out = emit(0, logits, jnp.zeros((B,), bool), out)
-    step_params = split_layers(params, head_vd=B > 1, dtype=jnp.dtype(config.dtype))
+    step_params = split_layers(params, head_vd=B > 1, dtype=jnp.dtype(config.dtype), fuse=constrain is None)
 
     def cond(state):
         i, _, _, done, _ = state

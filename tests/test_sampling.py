@@ -418,3 +418,27 @@ def test_cache_chunked_writes_equal_forward(window, chunk):
         outs.append(models.final_norm(params, config, x))
     got = jnp.concatenate(outs, axis=1)
     np.testing.assert_allclose(np.asarray(got)[mask > 0], np.asarray(ref)[mask > 0], atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [6, None])
+def test_decode_layers_fused_equal_forward(window):
+    """The decode step's form (sampling.split_layers: one dict per layer with q/k/v and gate/up fused by
+    models.fuse_projections; models.decode_layers over per-layer caches, no scan), fed one token at a time through a
+    rolling buffer that wraps, gives the hidden states of one forward pass over the left-padded batch."""
+    config = models.get_preset("tiny").replace(vocab_size=V, sliding_window=window, init_std=0.3)
+    params = models.init_params(config, jax.random.key(0))
+    step_params = split_layers(params)
+    assert {"wqkv", "w_gate_up"} <= set(step_params["layers"][0]) and "wq" not in step_params["layers"][0]
+    toks, mask = _prompts([15, 8, 3], 15, seed=7)
+    ref = models.hidden_states(params, config, toks, mask)
+    cache = models.init_cache(config, 3, models.cache_slots(config, 15))
+    cache = {**cache, "k": tuple(cache["k"][l:l + 1] for l in range(config.num_layers)),
+             "v": tuple(cache["v"][l:l + 1] for l in range(config.num_layers))}
+    step = jax.jit(lambda p, c, t, m: models.decode_layers(p["layers"], config, models.embed_tokens(p, config, t),
+                                                           m, c))
+    outs = []
+    for s in range(15):
+        x, cache = step(step_params, cache, toks[:, s:s + 1], mask[:, s:s + 1])
+        outs.append(models.final_norm(params, config, x))
+    got = jnp.concatenate(outs, axis=1)
+    np.testing.assert_allclose(np.asarray(got)[mask > 0], np.asarray(ref)[mask > 0], atol=2e-5)

@@ -14,7 +14,7 @@ rolling buffer for windowed models) needs no special casing beyond storing each 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,14 +236,17 @@ def _dense(x, w, dtype, n_in: int = 1, out_dtype=None):
 
 
 def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
-    """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, old_pos [B,S], slot_pos [B,S], slots [T], start) or None
-    (attend to self); old_pos / slot_pos: each slot's position before / after this write; start: None, or the first
-    slot when the T slots are start..start+T-1 (then one dynamic_update_slice writes them instead of a scatter)."""
+    """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, old_pos [B,S], slots [T], start) or None (attend to
+    self); old_pos: each slot's position before this write; start: None, or the first slot when the T slots are
+    start..start+T-1 (then one dynamic_update_slice writes them instead of a scatter)."""
     dt = jnp.dtype(config.dtype)
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    q = apply_rope(_dense(h, layer["wq"], dt), cos, sin)
-    k = apply_rope(_dense(h, layer["wk"], dt), cos, sin)
-    v = _dense(h, layer["wv"], dt)
+    if "wqkv" in layer:  # the decode layout (fuse_projections): q, k and v from one matmul
+        q, k, v = jnp.split(_dense(h, layer["wqkv"], dt), [config.num_heads, config.num_heads + config.num_kv_heads],
+                            axis=2)
+    else:
+        q, k, v = _dense(h, layer["wq"], dt), _dense(h, layer["wk"], dt), _dense(h, layer["wv"], dt)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
     T = x.shape[1]
     opts = dict(implementation=config.attention, block_size=config.attention_block)
@@ -251,25 +254,39 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
         k_pos = jnp.where(seg > 0, q_pos, -1)
         a = attention(q, k, v, q_pos, k_pos, seg, seg, config.sliding_window, self_attention=True, **opts)
     else:
-        cache_k, cache_v, old_pos, slot_pos, slots, start = kv
+        cache_k, cache_v, old_pos, slots, start = kv
         if start is None:
             new_kv = (cache_k.at[:, slots].set(k, mode="drop"), cache_v.at[:, slots].set(v, mode="drop"))
         else:  # in place, without the scatter's index arrays (or, on CPU, a bf16 -> f32 round trip of the cache)
             new_kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), start, axis=1)
                            for c, new in ((cache_k, k), (cache_v, v)))
-        if T == 1:  # one token only overwrites a slot that has left the window: attend over the updated cache
-            a = attention(q, new_kv[0], new_kv[1], q_pos, slot_pos, window=config.sliding_window, **opts)
-        else:  # several tokens may overwrite slots that the earlier of them still see (rolling buffer): attend over
-            # the cache as it was plus the new keys (also covers a write longer than the buffer)
-            k_pos = jnp.where(seg > 0, q_pos, -1)
-            a = attention(q, jnp.concatenate([cache_k, k], 1), jnp.concatenate([cache_v, v], 1), q_pos,
-                          jnp.concatenate([old_pos, k_pos], 1), window=config.sliding_window, **opts)
+        # Attend over the cache as it was plus the new keys: a write may overwrite slots that the earlier of several
+        # new tokens still see (rolling buffer; also covers a write longer than the buffer). For a decode step this
+        # is also the fast form: attending over the updated cache instead, XLA:CPU fuses the write into the
+        # transposes feeding the attention matmuls and copies the cache twice more per layer and step.
+        k_pos = jnp.where(seg > 0, q_pos, -1)
+        a = attention(q, jnp.concatenate([cache_k, k], 1), jnp.concatenate([cache_v, v], 1), q_pos,
+                      jnp.concatenate([old_pos, k_pos], 1), window=config.sliding_window, **opts)
     x = x + _dense(a, layer["wo"], dt, n_in=2)
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-    gate = _dense(h, layer["w_gate"], dt)
-    up = _dense(h, layer["w_up"], dt)
+    if "w_gate_up" in layer:  # [D, 2, F]: gate and up from one matmul
+        gate, up = jnp.moveaxis(_dense(h, layer["w_gate_up"], dt), -2, 0)
+    else:
+        gate, up = _dense(h, layer["w_gate"], dt), _dense(h, layer["w_up"], dt)
     x = x + _dense(jax.nn.silu(gate) * up, layer["w_down"], dt)
     return x, new_kv
+
+
+def fuse_projections(layer: Params) -> Params:
+    """A layer's weights (any leading axes) with q/k/v as one matrix "wqkv" [..., D, H + 2K, E] and gate/up as one
+    "w_gate_up" [..., D, 2, F]; decoder_layer reads either form (the same numbers: the fused matmul's columns are the
+    separate ones'). For decoding, where each step reads every weight once: fewer, larger matrix-vector products
+    (7 -> 4 per layer) run closer to the memory bandwidth on CPU (benchmarks/RESULTS.md). A copy of the weights:
+    made once per generation, outside the decode loop."""
+    out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
+    out["wqkv"] = jnp.concatenate([layer["wq"], layer["wk"], layer["wv"]], axis=-2)
+    out["w_gate_up"] = jnp.stack([layer["w_gate"], layer["w_up"]], axis=-2)
+    return out
 
 
 _REMAT = {
@@ -293,30 +310,21 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
     in place. A single token (T = 1) is always written that way.
     """
     pin = constrain if constrain is not None else (lambda h: h)
+    x = x.astype(jnp.dtype(config.dtype))
     if cache is None:
         q_pos, seg = positions_and_segments(attention_mask)
-    else:
-        real = attention_mask > 0
-        last = jnp.max(cache["pos"], axis=1, keepdims=True)  # -1 for an empty cache
-        q_pos = jnp.where(real, last + jnp.cumsum(real, axis=1, dtype=jnp.int32), -1)
-        seg = real.astype(jnp.int32)
-    cos, sin = rope_tables(q_pos, config.head_dim, config.rope_theta)
-    x = x.astype(jnp.dtype(config.dtype))
+        cos, sin = rope_tables(q_pos, config.head_dim, config.rope_theta)
 
-    if cache is None:
         def body(h, layer):
             return pin(decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg)[0]), None
         xs = layers
     else:
-        S = cache["pos"].shape[1]
-        slots = _write_slots(cache["index"], x.shape[1], S)
-        start = cache["index"] % S if x.shape[1] == 1 else write_start
-        slot_pos = cache["pos"].at[:, slots].set(jnp.where(seg > 0, q_pos, -1), mode="drop")
+        q_pos, seg, cos, sin, slot_pos, slots, start = _cache_write(config, cache, attention_mask, write_start)
 
         def body(h, xs_l):
             layer, ck, cv = xs_l
-            h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg,
-                                        (ck, cv, cache["pos"], slot_pos, slots, start))
+            kv = (ck, cv, cache["pos"], slots, start)
+            h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, kv)
             return pin(h), (ck, cv)
         xs = (layers, cache["k"], cache["v"])
     if config.remat != "none":
@@ -325,6 +333,39 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
     if cache is None:
         return x, None
     return x, {"k": ys[0], "v": ys[1], "pos": slot_pos, "index": cache["index"] + x.shape[1]}
+
+
+def _cache_write(config: ModelConfig, cache: Params, attention_mask: jax.Array, write_start):
+    """The new tokens' (attention_mask [B, T]) positions after the cache's and where they go: (q_pos, seg, cos, sin,
+    slot_pos: each slot's position after the write, slots [T], start: see run_layers' write_start)."""
+    real = attention_mask > 0
+    last = jnp.max(cache["pos"], axis=1, keepdims=True)  # -1 for an empty cache
+    q_pos = jnp.where(real, last + jnp.cumsum(real, axis=1, dtype=jnp.int32), -1)
+    seg = real.astype(jnp.int32)
+    T, S = attention_mask.shape[1], cache["pos"].shape[1]
+    slots = _write_slots(cache["index"], T, S)
+    start = cache["index"] % S if T == 1 else write_start
+    slot_pos = cache["pos"].at[:, slots].set(jnp.where(seg > 0, q_pos, -1), mode="drop")
+    return (q_pos, seg, *rope_tables(q_pos, config.head_dim, config.rope_theta), slot_pos, slots, start)
+
+
+def decode_layers(layers: Sequence[Params], config: ModelConfig, x: jax.Array, attention_mask: jax.Array,
+                  cache: Params, constrain: Optional[Callable[[jax.Array], jax.Array]] = None):
+    """run_layers with a cache, for a decode step: `layers` one dict per layer (no leading layer axis, either
+    projection form, see fuse_projections) and the cache's k and v tuples of one [1, B, S, K, E] array per layer.
+    No scan: each layer reads its own weights in place and writes its own cache array in place (a scan over a stack
+    would copy each step's slice of the weights and of the cache). Returns (x, cache in the same form)."""
+    pin = constrain if constrain is not None else (lambda h: h)
+    x = x.astype(jnp.dtype(config.dtype))
+    q_pos, seg, cos, sin, slot_pos, slots, start = _cache_write(config, cache, attention_mask, None)
+    ks, vs = [], []
+    for layer, ck, cv in zip(layers, cache["k"], cache["v"]):
+        kv = (ck[0], cv[0], cache["pos"], slots, start)
+        x, (ck, cv) = decoder_layer(config, pin(x), layer, cos, sin, q_pos, seg, kv)
+        x = pin(x)
+        ks.append(ck[None])
+        vs.append(cv[None])
+    return x, {"k": tuple(ks), "v": tuple(vs), "pos": slot_pos, "index": cache["index"] + x.shape[1]}
 
 
 def embed_tokens(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array:
