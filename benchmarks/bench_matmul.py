@@ -85,8 +85,9 @@ def main(argv=None) -> int:
             flops = 2 * M * K * N * count
             for k in total:
                 total[k] += med[k]
-            print(f"  {name:16s} {M:>6} x {K:>6} x {N:>6} ({layout}) x{count:<3d} xla {flops / med['xla'] / 1e9:6.0f} "
-                  f"GFLOP/s, torch {flops / med['torch'] / 1e9:6.0f} GFLOP/s, xla speed {med['torch'] / med['xla']:.2f}x")
+            print(f"  {name:16s} {M:>6} x {K:>6} x {N:>6} ({layout}) x{count:<3d} "
+                  f"xla {flops / med['xla'] / 1e9:6.0f} GFLOP/s, torch {flops / med['torch'] / 1e9:6.0f} GFLOP/s, "
+                  f"xla speed {med['torch'] / med['xla']:.2f}x")
         r = total["torch"] / total["xla"]
         print(f"  step's dense products: xla {total['xla']:.3f} s, torch {total['torch']:.3f} s; xla speed {r:.2f}x; "
               f"bound on the whole step's speed vs torch's with matmuls at 75% of torch's step: {r / 0.75:.2f}x")

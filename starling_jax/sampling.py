@@ -148,10 +148,10 @@ def prefill(params: Params, config: ModelConfig, prompt_tokens: jax.Array, promp
 
 def split_layers(params: Params, head_vd: bool = True, dtype=None, fuse: bool = True) -> Params:
     """params with "layers" as a tuple of one dict per layer (no leading layer axis; with `fuse`, q/k/v and gate/up
-    fused, see models.fuse_projections): the form decode_step runs fastest on. params: full params or a (top, rest) pair of
-    models.split_params parts. dtype: the compute dtype (config.dtype): the layers' matrices, which every matmul casts
-    to it anyway, are stored in it (the same numbers; with float32 master weights and bfloat16 compute, half the bytes
-    to keep and to read per token).
+    fused, see models.fuse_projections): the form decode_step runs fastest on. params: full params or a (top, rest)
+    pair of models.split_params parts. dtype: the compute dtype (config.dtype): the layers' matrices, which every
+    matmul casts to it anyway, are stored in it (the same numbers; with float32 master weights and bfloat16 compute,
+    half the bytes to keep and to read per token).
 
     Why: a decode step reads every weight once, so it is bound by memory traffic. Run as one lax.scan, each step
     would first copy its layer's slice of the stacked weights (XLA materialises a dynamic slice that feeds a dot),
