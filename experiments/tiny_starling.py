@@ -23,9 +23,16 @@ the final policy's reply vs the SFT policy's: win rate with a 95% bootstrap inte
 rate); WORKDIR/policy/curves.png plots reward, true reward, KL and losses per RL step.
 """
 
+import os
+
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, ModelSection,
                                  ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage, TrainConfig)
 from starling_jax.models import PRESETS
+from starling_jax.study import read_selection
+
+# The settings chosen on the tuning split by the selection studies (experiments/studies/select_rm.py and
+# select_main_job.py), never by looking at a reporting row; the files say how, or that the choice is provisional.
+SELECTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "studies", "selected")
 
 POLICY = PRESETS["tiny"].replace(num_layers=4)  # 4 layers x 64 hidden, GQA, sliding window 32, OpenChat vocab (32002)
 # The reward model starts from the SFT policy's weights (InstructGPT's recipe: Starling started its RM from
@@ -37,10 +44,13 @@ RM_TOKENIZER, RM_TEMPLATE = "mistral-7b-v0.1", "llama2"
 
 
 def get_config() -> Experiment:
-    # Splits (data.pipelines.Splits): no held-out or tuning prompt string occurs among the training rows, and the
-    # rows phrased with the last prompt template ("I want to learn about {t}.") form the unseen split.
+    rm = read_selection(os.path.join(SELECTED, "main_job_rm.json"))
+    rl = read_selection(os.path.join(SELECTED, "main_job_policy.json"))
+    # Splits (data.pipelines.Splits, docs/DATA.md): 10% of the 2,000 training-distribution rows (whole prompt groups)
+    # are the tuning split; the reporting splits are generated apart (data.report_rows): 256 held-out rows about
+    # topics no stage trains on and 256 unseen rows whose every user turn uses an untrained template.
     data = DataConfig(source="synthetic", synthetic_prompts=2000, synthetic_seed=0, synthetic_noise=0.5,
-                      heldout_fraction=0.1, tuning_fraction=0.1, unseen_templates=1, max_length=64,
+                      heldout_fraction=0.0, tuning_fraction=0.1, report_rows=256, max_length=64,
                       max_prompt_length=40, max_responses=7)
     return Experiment(
         name="tiny_starling",
@@ -57,16 +67,17 @@ def get_config() -> Experiment:
             Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
                   model=ModelSection(config=RM, path="stage:sft", tokenizer=RM_TOKENIZER, template=RM_TEMPLATE),
                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0),
-                  train=TrainConfig(steps=1200, batch_size=8, seed=0)),
+                  train=TrainConfig(steps=rm["stages.rm.train.steps"], batch_size=8, seed=0)),
             Stage(name="policy",
-                  objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.2, value_clip=None, vf_coef=0.5,
+                  objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=rl["stages.policy.objective.kl_coef"],
+                                            value_clip=None, vf_coef=0.5,
                                             gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
                   model=ModelSection(config=POLICY, path="stage:sft", tokenizer="openchat-3.5",
                                      template="openchat_3.5", trainable_top_layers=2, train_lm_head=True),
-                  optim=OptimConfig(learning_rate=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0,
-                                    grad_clip=1.0),
+                  optim=OptimConfig(learning_rate=rl["stages.policy.optim.learning_rate"], warmup_steps=5,
+                                    schedule="constant", weight_decay=0.0, grad_clip=1.0),
                   rollout=RolloutConfig(prompts_per_step=64, max_new_tokens=24, temperature=1.0, epochs=2,
                                         minibatch_size=16, eval_prompts=256),
-                  train=TrainConfig(steps=40, batch_size=64, seed=0)),
+                  train=TrainConfig(steps=rl["stages.policy.train.steps"], batch_size=64, seed=0)),
         ),
     )

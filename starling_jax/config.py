@@ -71,6 +71,10 @@ class DataConfig:
     heldout_fraction: float = 0.1  # the reporting set: rows whose prompt strings no training row has
     tuning_fraction: float = 0.0  # a second set of unseen prompt strings, for tuning and periodic eval
     unseen_templates: int = 0  # synthetic: rows phrased with the last N of synthetic.PROMPTS form the "unseen" split
+    # synthetic: > 0 generates the held-out and unseen splits apart from the training rows (N rows each,
+    # synthetic.make_report_rows: topics no training row names / every user turn in an untrained template; they
+    # share no prompt string with any row make_rows can draw); needs heldout_fraction = 0 and unseen_templates = 0
+    report_rows: int = 0
     max_length: int = 256
     max_prompt_length: int = 128
     max_responses: int = 7  # K for reward-model groups

@@ -345,6 +345,13 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     if not 0 <= d.tuning_fraction < 1 or d.heldout_fraction + d.tuning_fraction >= 1:
         bad("data.tuning_fraction", f"must be in [0, 1) with heldout_fraction + tuning_fraction < 1, got "
             f"{d.tuning_fraction}")
+    if d.report_rows and d.source != "synthetic":
+        bad("data.report_rows", "needs data.source='synthetic' (it generates synthetic reporting rows)")
+    elif d.report_rows < 0:
+        bad("data.report_rows", f"must be >= 0, got {d.report_rows}")
+    elif d.report_rows and (d.heldout_fraction or d.unseen_templates):
+        bad("data.report_rows", f"generates the held-out and unseen splits itself: set data.heldout_fraction=0 and "
+            f"data.unseen_templates=0 (got {d.heldout_fraction} and {d.unseen_templates})")
     if d.unseen_templates and d.source != "synthetic":
         bad("data.unseen_templates", "needs data.source='synthetic' (it names synthetic prompt templates)")
     elif not 0 <= d.unseen_templates < 8:

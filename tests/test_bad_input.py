@@ -120,7 +120,30 @@ class Case:
 _STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "studies",
                       "rm_kwise_vs_pairwise.py")
 
+_RL_WITHOUT_HELDOUT = """
+from starling_jax.config import (DataConfig, Experiment, ModelSection, ObjectiveConfig, RewardModelSection,
+                                 RolloutConfig, TrainConfig)
+from starling_jax.models import PRESETS
+
+def get_config():
+    tiny = PRESETS["tiny"]
+    return Experiment(name="rl_no_heldout", model=ModelSection(config=tiny, trainable_top_layers=1),
+                      reward_model=RewardModelSection(config=tiny.replace(head="score"), max_length=48),
+                      data=DataConfig(synthetic_prompts=32, heldout_fraction=0.0, max_length=40, max_prompt_length=32),
+                      objective=ObjectiveConfig(name="apa"),
+                      rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, minibatch_size=8, eval_prompts=8),
+                      train=TrainConfig(steps=1, batch_size=8))
+"""
+
 CASES = [
+    Case("rl stage without held-out rows (never reports training prompts as held-out)",
+         lambda f: ["train", f.write("rl_no_heldout.py", _RL_WITHOUT_HELDOUT), "--workdir", f.path("w")], 2,
+         r"no held-out rows to report on .*data\.heldout_fraction > 0"),
+    Case("data.report_rows beside a carved held-out split", lambda f: TRAIN + ["--set", "data.report_rows=16"], 2,
+         r"data\.report_rows: generates the held-out and unseen splits itself"),
+    Case("data.report_rows on Nectar files",
+         lambda f: TRAIN + ["--set", f"data.source={f.write('n.jsonl', '')}", "--set", "data.heldout_fraction=0",
+                            "--set", "data.report_rows=16"], 2, r"data\.report_rows: needs data\.source='synthetic'"),
     Case("experiment file with a syntax error",
          lambda f: ["run", f.write("syn.py", "def get_config(:\n")], 2, r"syn\.py:1: Python syntax error"),
     Case("experiment whose get_config raises",

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -152,3 +153,73 @@ def test_split_options_are_validated():
         validate(Experiment(name="x", data=DataConfig(unseen_templates=8)))
     with pytest.raises(ConfigError, match="data.tuning_fraction"):
         validate(Experiment(name="x", data=DataConfig(heldout_fraction=0.6, tuning_fraction=0.5)))
+
+
+def _old_selection_rows():
+    """The rows the main job's settings were first chosen on (commit ffcaa51): the old row-wise held-out split of
+    seed 0, a fixed permutation (seed 20231128) of make_rows(2000, 0, 0.5), its first 10%."""
+    from starling_jax.data import synthetic
+    rows = synthetic.make_rows(2000, seed=0, noise=0.5)
+    perm = np.random.default_rng(20231128).permutation(len(rows))
+    return [rows[i] for i in perm[:200]]
+
+
+def _user_turns(prompt: str) -> list[str]:
+    return [t.split("\n\nAssistant:")[0] for t in prompt.split("\n\nHuman: ")[1:]]
+
+
+@pytest.mark.slow  # 14,000 rows generated
+def test_reporting_splits_share_no_prompt_with_any_training_or_selection_row():
+    from starling_jax.data import synthetic
+    seeds = (0, 1, 2, 3, 4, 100, 101)  # every reporting and selection seed
+    trained = {r["prompt"] for s in seeds for r in synthetic.make_rows(2000, seed=s, noise=0.5)}
+    old = {r["prompt"] for r in _old_selection_rows()}
+    assert len(old) > 100 and old <= trained  # the emulation is the real thing: those rows are training rows
+    report_words = {w for t, ws in synthetic.REPORT_TOPICS.items() for w in (t,) + ws}
+    trained_words = {w for p in trained for turn in _user_turns(p) for w in re.findall(r"[a-z']+", turn.lower())}
+    assert not report_words & trained_words  # no training (or old selection) question names a reporting topic
+    untrained = [re.escape(t).replace(r"\{t\}", "[a-z]+") for t in synthetic.UNSEEN_PROMPTS + synthetic.UNSEEN_FOLLOW_UPS]
+    untrained_re = re.compile("|".join(f"(?:{u})" for u in untrained))
+    assert not any(untrained_re.fullmatch(turn) for p in trained for turn in _user_turns(p))
+    for seed in seeds:
+        heldout = synthetic.make_report_rows("heldout", 256, seed=seed, noise=0.5)
+        unseen = synthetic.make_report_rows("unseen", 256, seed=seed, noise=0.5)
+        for part in (heldout, unseen):
+            prompts = {r["prompt"] for r in part}
+            assert len(prompts) > 60 and not prompts & trained and not prompts & old
+        for r in heldout:  # every question is about a topic no stage trains on, asked in a trained template
+            turns = _user_turns(r["prompt"])
+            assert all(synthetic.topic_of([{"role": "user", "content": t}]) in synthetic.REPORT_TOPICS for t in turns)
+        for r in unseen:  # every user turn uses an untrained template, about a trained topic
+            turns = _user_turns(r["prompt"])
+            assert all(untrained_re.fullmatch(t) for t in turns), turns
+            assert synthetic.topic_of([{"role": "user", "content": turns[-1]}]) in synthetic.TOPICS
+        assert any(len(_user_turns(r["prompt"])) == 2 for r in unseen)  # multi-turn rows too
+        assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in unseen}
+
+
+def test_report_rows_splits_of_the_main_job():
+    from starling_jax.config import DataConfig
+    from starling_jax.data import pipelines, synthetic
+    cfg = DataConfig(synthetic_prompts=600, synthetic_noise=0.5, heldout_fraction=0.0, tuning_fraction=0.1,
+                     report_rows=64)
+    s = pipelines.load_splits(cfg)
+    assert len(s.train) + len(s.tuning) == 600 and len(s.heldout) == len(s.unseen) == 64
+    assert not _prompts(s.tuning) & _prompts(s.train)
+    trained = _prompts(s.train) | _prompts(s.tuning)
+    assert not _prompts(s.heldout) & trained and not _prompts(s.unseen) & trained
+    # the reporting rows are those of make_report_rows (row i depends on (seed, split, i) only)
+    want = synthetic.make_report_rows("heldout", 64, seed=0, noise=0.5)
+    assert [synthetic.nectar_prompt(r["messages"]) for r in s.heldout] == [r["prompt"] for r in want]
+    with pytest.raises(ValueError, match="reporting split must be one of"):
+        synthetic.make_report_rows("train", 4)
+
+
+def test_make_rows_is_unchanged_by_the_reporting_splits():
+    """The training rows do not draw on the reporting lexicon: no training row's question or answer names a
+    reporting topic or one of its words (so adding the reporting topics changed no training row or its utility)."""
+    from starling_jax.data import synthetic
+    report_words = {w for t, ws in synthetic.REPORT_TOPICS.items() for w in (t,) + ws}
+    for r in synthetic.make_rows(300, seed=3, noise=0.5):
+        text = " ".join([r["prompt"]] + [a["answer"] for a in r["answers"]]).lower()
+        assert not set(re.findall(r"[a-z']+", text)) & report_words

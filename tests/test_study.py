@@ -130,6 +130,57 @@ def test_report_tables_and_figure(tmp_path):
     del rng
 
 
+def _tuning_record(arm, seed, true_reward):
+    prompts = [f"p{i // 2}" for i in range(10)]
+    pol = {"prompt": prompts, "true_reward": [true_reward + 0.01 * i for i in range(10)], "kl": [1.0] * 10}
+    return {"arm": arm, "seed": seed, "wall_s": 1.0, "summary": {},
+            "groups": {"policy/tuning": pol, "reference/tuning": {"prompt": prompts, "true_reward": [0.0] * 10}}}
+
+
+def test_selection_picks_the_best_arm_per_family_on_the_tuning_split(tmp_path, capsys):
+    from starling_jax.study import Selection, read_selection
+    from starling_jax.study.runner import choose, write_selection
+    settings = {"a1": {"x": 1}, "a2": {"x": 2}, "b1": {"x": 1}, "b2": {"x": 2}}
+    study = Study(name="sel", arms=tuple(Arm(a, None) for a in settings), seeds=(100, 101), splits=("tuning",),
+                  selection=Selection(group="policy/tuning", metric="true_reward", path="selected/x.json",
+                                      settings=settings, families={"a": ("a1", "a2"), "b": ("b1", "b2")}))
+    means = {"a1": 1.0, "a2": 0.5, "b1": 0.2, "b2": 0.9}
+    records = [_tuning_record(a, s, m + 0.1 * s) for s in (100, 101) for a, m in means.items()]
+    results = report.aggregate(study, records, {}, this_run_s=0.0, failed=[], num_samples=50)
+    record = choose(study, results)
+    assert {f: c["arm"] for f, c in record["choice"].items()} == {"a": "a1", "b": "b2"}
+    assert record["choice"]["b"]["settings"] == {"x": 2} and len(record["grid"]) == 4
+    a1 = next(g for g in record["grid"] if g["arm"] == "a1")
+    assert a1["per_seed"] == pytest.approx([11.045, 11.145]) and a1["lo"] <= a1["mean"] <= a1["hi"]
+    study_file = tmp_path / "sel.py"
+    write_selection(study, str(study_file), results)
+    assert read_selection(str(tmp_path / "selected" / "x.json"), "b") == {"x": 2}
+    # not every arm at every seed (or a shortened run): nothing is written
+    partial = report.aggregate(study, records[:-1], {}, this_run_s=0.0, failed=[], num_samples=50)
+    assert choose(study, partial) is None
+    minimize = dataclasses.replace(study, selection=dataclasses.replace(study.selection, maximize=False))
+    assert choose(minimize, results)["choice"]["a"]["arm"] == "a2"
+    with pytest.raises(ConfigError, match="no choice for 'c'"):
+        read_selection(str(tmp_path / "selected" / "x.json"), "c")
+
+
+def test_the_main_job_uses_the_committed_selection():
+    """experiments/tiny_starling.py's searched settings are the ones its selection files hold."""
+    from starling_jax.study import read_selection
+    exp = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py")).arm("apa").experiment
+    stages = dict(stages_of(exp))
+    selected = os.path.join(ROOT, "experiments", "studies", "selected")
+    chosen = {**read_selection(os.path.join(selected, "main_job_rm.json")),
+              **read_selection(os.path.join(selected, "main_job_policy.json"))}
+    for dotted, value in chosen.items():
+        _, stage, section, field = dotted.split(".")
+        assert getattr(getattr(stages[stage], section), field) == value, dotted
+    rl = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
+    for name in ("ppo", "grpo", "rloo", "dpo"):
+        rate = read_selection(os.path.join(selected, "rl_algorithms.json"), name)["stages.policy.optim.learning_rate"]
+        assert dict(stages_of(rl.arm(name).experiment))["policy"].optim.learning_rate == rate
+
+
 def test_reuse_adopts_only_identical_shared_stages_and_cells(tmp_path):
     """--reuse: a cell of another study whose saved config equals ours (seed included) is adopted under our arm's
     name; one that differs in anything (here only its evaluation prompts) is not; shared stages are linked when the
@@ -193,14 +244,16 @@ def test_one_shortened_cell_of_each_study(tmp_path, name):
     assert results["quick"] and len(results["cells"]) == 1
     study = load_study(os.path.join(ROOT, "experiments", "studies", f"{name}.py"))
     arm = results["arms"][0]
-    policy = ["policy/heldout", "policy/unseen"] if study.arms[0].policy_stage else []
-    assert set(results["summary"]) == {"rm/heldout", "rm/unseen", *policy}
-    for group in ("rm/heldout", "rm/unseen"):
+    policy = [f"policy/{s}" for s in study.splits] if study.arms[0].policy_stage else []
+    assert set(results["summary"]) == {*(f"rm/{s}" for s in study.splits), *policy}
+    for group in (f"rm/{s}" for s in study.splits):
         m = results["summary"][group][arm]
         assert 0 <= m["pair_accuracy"]["lo"] <= m["pair_accuracy"]["mean"] <= m["pair_accuracy"]["hi"] <= 1
     for group in policy:
         m = results["summary"][group][arm]
         assert np.isfinite([m[k]["mean"] for k in ("true_reward", "kl", "rm_score", "length", "gain")]).all()
     assert os.path.getsize(tmp_path / "results.png") > 1000
+    if study.selection is not None:  # a shortened run never writes a choice
+        assert "selection not written" in done.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "[study] start" not in again.stderr  # finished cells are skipped

@@ -1,11 +1,19 @@
-"""Shared pieces of the study files: the main job as every study's base, and the CI shortening."""
+"""Shared pieces of the study files: the main job as every study's base, the seeds, and the CI shortening."""
 
 import os
 
 from starling_jax.config import Experiment
 from starling_jax.config_loading import load_experiment
+from starling_jax.study import read_selection
 
 EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SELECTED = os.path.join(EXPERIMENTS, "studies", "selected")
+
+# Reporting studies run at REPORT_SEEDS and measure the held-out and unseen splits; selection studies (select_*.py)
+# run at SELECTION_SEEDS (their data, order and sampling differ from every reporting seed's) and measure the tuning
+# split only.
+REPORT_SEEDS = (0, 1, 2, 3, 4)
+SELECTION_SEEDS = (100, 101)
 
 
 def main_job() -> Experiment:
@@ -13,7 +21,12 @@ def main_job() -> Experiment:
     return load_experiment(os.path.join(EXPERIMENTS, "tiny_starling.py"))
 
 
+def selected(name: str, family: str = "all") -> dict:
+    """The settings a selection study chose (selected/NAME.json), as {dotted field: value}."""
+    return read_selection(os.path.join(SELECTED, f"{name}.json"), family)
+
+
 # `--quick` (CI): one cell, every stage cut to a few steps on 400 synthetic prompts; checks the machinery only.
-QUICK = ("data.synthetic_prompts=400", "stages.sft.train.steps=8", "stages.rm.train.steps=8",
+QUICK = ("data.synthetic_prompts=400", "data.report_rows=32", "stages.sft.train.steps=8", "stages.rm.train.steps=8",
          "stages.policy.train.steps=2", "stages.policy.train.batch_size=16",
          "stages.policy.rollout.prompts_per_step=16", "stages.policy.rollout.minibatch_size=8")

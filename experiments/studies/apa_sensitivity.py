@@ -10,13 +10,13 @@ two studies; the design was fixed before any arm ran. Measured on held-out and u
 the SFT policy, KL, gain per unit KL, RM score, length, utility terms.
 
 Budget (2-core CPU, alone, 2 cells at a time): per seed one shared SFT + RM (~9 min), then 5 APA cells (~5 min each
-incl. evaluation); 3 seeds = 15 APA runs, ~45 min. docs/REPRODUCTION.md has the measured times. CI: one `--quick` cell.
+incl. evaluation); 5 seeds = 25 APA runs, ~75 min. docs/REPRODUCTION.md has the measured times. CI: one `--quick` cell.
 """
 
 from starling_jax.config_loading import apply_overrides
 from starling_jax.study import Arm, Study
 
-from _base import QUICK, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
+from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
 
 LAMBDAS = (0.1, 1.0, 3.0)
 KL_COEFS = (0.05, 0.2, 0.5)
@@ -32,5 +32,5 @@ def get_study() -> Study:
         name="apa_sensitivity",
         description="APA lambda and KL coefficient, one at a time around the main job's policy stage (shared SFT "
                     "and RM per seed).",
-        arms=arms, seeds=(0, 1, 2), baseline="lam1_kl0.2", shared_stages=("sft", "rm"), quick=QUICK,
-        budget="3 seeds x (shared SFT + RM, then 5 APA runs); see docs/REPRODUCTION.md")
+        arms=arms, seeds=REPORT_SEEDS, baseline="lam1_kl0.2", shared_stages=("sft", "rm"), quick=QUICK,
+        budget="5 seeds x (shared SFT + RM, then 5 APA runs); see docs/REPRODUCTION.md")

@@ -11,14 +11,14 @@ Measured per arm: the RM's ranking of held-out and unseen groups against the TRU
 top-1, Kendall tau), and the true reward, KL and RM score of the APA policy trained against that RM.
 
 Budget (2-core CPU, this machine alone): per seed one SFT (400 steps) and, per arm, one RM (1200 steps) and one APA
-run (40 steps x 64 rollouts) plus evaluation: 3 seeds x (1 SFT + 2 x (RM + APA)). Each arm-cell costs about as much
+run (40 steps x 64 rollouts) plus evaluation: 5 seeds x (1 SFT + 2 x (RM + APA)). Each arm-cell costs about as much
 as the main job minus its SFT (docs/REPRODUCTION.md has the measured wall times). CI runs one `--quick` cell.
 """
 
 from starling_jax.config_loading import apply_overrides
 from starling_jax.study import Arm, Study
 
-from _base import QUICK, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
+from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
 
 
 def get_study() -> Study:
@@ -29,5 +29,5 @@ def get_study() -> Study:
         description="K-wise Plackett-Luce vs pairwise Bradley-Terry reward model on the same 7-wise rankings, and "
                     "APA against each.",
         arms=(Arm("plackett_luce", kwise), Arm("bradley_terry", pairwise)),
-        seeds=(0, 1, 2), baseline="plackett_luce", shared_stages=("sft",), quick=QUICK,
-        budget="3 seeds x (1 SFT + 2 arms x (RM 1200 steps + APA 40 steps)); see docs/REPRODUCTION.md")
+        seeds=REPORT_SEEDS, baseline="plackett_luce", shared_stages=("sft",), quick=QUICK,
+        budget="5 seeds x (1 SFT + 2 arms x (RM 1200 steps + APA 40 steps)); see docs/REPRODUCTION.md")

@@ -350,6 +350,11 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
 
 # -- rows for the loop ---------------------------------------------------------------------------------------------
 
+def _prompt_key(row: dict) -> str:
+    """What makes two rows "the same prompt": the Nectar prompt string, else the conversation's messages."""
+    return row["prompt"] if "prompt" in row else repr([(m["role"], m["content"]) for m in row["messages"]])
+
+
 def _by_prompt(rows: list[dict], fractions: Sequence[float]) -> list[list[dict]]:
     """Split rows into len(fractions) + 1 parts (the last is the rest) so that no prompt string is in two parts.
 
@@ -358,8 +363,7 @@ def _by_prompt(rows: list[dict], fractions: Sequence[float]) -> list[list[dict]]
     fractions[i] * len(rows) rows."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
-        key = r["prompt"] if "prompt" in r else repr([(m["role"], m["content"]) for m in r["messages"]])
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(_prompt_key(r), []).append(i)
     order = [list(groups.values())[j] for j in np.random.default_rng(_HELDOUT_SPLIT_SEED).permutation(len(groups))]
     part_of = np.full(len(rows), len(fractions), np.int64)
     g = 0
@@ -436,6 +440,9 @@ def load_splits(data) -> Splits:
                      "".join(f"\n  skipped {m}" for m in report.skipped_examples[:5]))
     unseen_templates = getattr(data, "unseen_templates", 0)
     tuning_fraction = getattr(data, "tuning_fraction", 0.0)
+    report_rows = getattr(data, "report_rows", 0)
+    if report_rows:
+        return _with_report_rows(data, rows, report, tuning_fraction, report_rows, true_utility)
     if unseen_templates and data.source != "synthetic":
         raise ValueError("data.unseen_templates needs data.source='synthetic' (it names synthetic prompt templates)")
     if not 0 <= data.heldout_fraction < 1 or not 0 <= tuning_fraction < 1 \
@@ -455,6 +462,33 @@ def load_splits(data) -> Splits:
                          f"unseen splits ({len(heldout)}, {len(tuning)}, {len(unseen)} rows)")
     report.train_rows, report.heldout_rows = len(train), len(heldout)
     return Splits(train=train, heldout=heldout, tuning=tuning, unseen=unseen, report=report,
+                  true_utility=true_utility)
+
+
+def _with_report_rows(data, rows, report, tuning_fraction: float, n: int, true_utility) -> Splits:
+    """Splits of synthetic data with generated reporting splits (data.report_rows): every make_rows row is a training
+    or (tuning_fraction, by prompt group) a tuning row; held-out and unseen rows come from synthetic.make_report_rows."""
+    from starling_jax.data import synthetic
+    if data.source != "synthetic":
+        raise ValueError("data.report_rows needs data.source='synthetic' (it generates synthetic reporting rows)")
+    if data.heldout_fraction or getattr(data, "unseen_templates", 0):
+        raise ValueError("data.report_rows generates the held-out and unseen splits itself: set "
+                         "data.heldout_fraction=0 and data.unseen_templates=0")
+    if not 0 <= tuning_fraction < 1:
+        raise ValueError(f"need 0 <= tuning_fraction < 1, got {tuning_fraction}")
+    reporting = {}
+    for split in ("heldout", "unseen"):
+        raw = synthetic.make_report_rows(split, n, data.synthetic_seed, data.synthetic_noise)
+        reporting[split], _ = nectar.parse_rows(raw, on_bad_row="error", source=f"synthetic {split}")
+    tuning, train = _by_prompt(rows, [tuning_fraction])
+    trained = {_prompt_key(r) for r in rows}
+    for split, part in reporting.items():  # true by construction (synthetic.make_report_rows); checked, not assumed
+        shared = sorted({_prompt_key(r) for r in part} & trained)
+        if shared:
+            raise ValueError(f"synthetic {split} split shares {len(shared)} prompt string(s) with training or tuning "
+                             f"rows, e.g. {shared[0]!r}")
+    report.train_rows, report.heldout_rows = len(train), len(reporting["heldout"])
+    return Splits(train=train, heldout=reporting["heldout"], tuning=tuning, unseen=reporting["unseen"], report=report,
                   true_utility=true_utility)
 
 

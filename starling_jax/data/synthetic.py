@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -59,12 +59,28 @@ PROMPTS = ("Tell me about {t}.", "What do you know about {t}?", "Describe {t} br
 FOLLOW_UPS = ("Now tell me about {t}.", "And what about {t}?", "Thanks. What about {t}?", "Next, describe {t}.")
 EMPTY_UTILITY = -3.0
 
-_WORD_TOPIC = {w: t for t, words in TOPICS.items() for w in (t,) + words}
+# The reporting splits (make_report_rows), generated apart from the training rows and sharing no prompt string with
+# any row make_rows can draw: "heldout" conversations are about REPORT_TOPICS only (make_rows never names them; the
+# trained templates ask), "unseen" conversations are about the training TOPICS with every user turn in a template
+# make_rows never uses (UNSEEN_PROMPTS, UNSEEN_FOLLOW_UPS). docs/DATA.md says what each split shares with training.
+REPORT_TOPICS: dict[str, tuple[str, ...]] = {
+    "volcanoes": ("lava", "ash", "crater", "magma", "erupt", "molten", "vent", "smoke"),
+    "bees": ("honey", "hive", "pollen", "queen", "buzz", "wax", "sting", "nectar"),
+    "islands": ("beach", "palm", "sand", "shore", "lagoon", "ferry", "harbor", "tropical"),
+    "chess": ("board", "pawn", "knight", "bishop", "castle", "checkmate", "rook", "opening"),
+    "weddings": ("bride", "groom", "vows", "ring", "cake", "dress", "guests", "dance"),
+    "deserts": ("dunes", "cactus", "camel", "dry", "heat", "oasis", "mirage", "scorpion"),
+}
+UNSEEN_PROMPTS = ("Please share what you know of {t}.", "Could you talk a little about {t}?",
+                  "What is worth knowing about {t}?", "Explain {t} to me in one line.")
+UNSEEN_FOLLOW_UPS = ("Switching subjects: {t}?", "One more question, on {t}.", "Let us move on to {t}.")
+
+_ALL_TOPICS = {**TOPICS, **REPORT_TOPICS}
+_WORD_TOPIC = {w: t for t, words in _ALL_TOPICS.items() for w in (t,) + words}
 _GENERIC = frozenset(GENERIC)
-_OWN = {t: (t,) + words for t, words in TOPICS.items()}
-_OTHERS = {t: tuple(w for u, ws in TOPICS.items() if u != t for w in ws) for t in TOPICS}
+_OWN = {t: (t,) + words for t, words in _ALL_TOPICS.items()}
 _WORD_RE = re.compile(r"[a-z']+")
-assert len(_WORD_TOPIC) == sum(len(w) + 1 for w in TOPICS.values()), "topic word sets must be disjoint"
+assert len(_WORD_TOPIC) == sum(len(w) + 1 for w in _ALL_TOPICS.values()), "topic word sets must be disjoint"
 assert not _GENERIC & set(_WORD_TOPIC) and not set(JUNK) & (set(_WORD_TOPIC) | _GENERIC)
 
 
@@ -73,7 +89,7 @@ def topic_of(messages: Sequence[dict]) -> str | None:
     users = [m["content"] for m in messages if m["role"] == "user"]
     if not users:
         return None
-    found = [_WORD_TOPIC[w] for w in _WORD_RE.findall(users[-1].lower()) if w in TOPICS]
+    found = [_WORD_TOPIC[w] for w in _WORD_RE.findall(users[-1].lower()) if w in _ALL_TOPICS]
     return found[-1] if found else None
 
 
@@ -117,18 +133,24 @@ def _sentence(words: list[str], period: bool) -> str:
     return text[:1].upper() + text[1:] + ("." if period else "")
 
 
-def _response(rng: np.random.Generator, topic: str, quality: float) -> str:
+@functools.lru_cache(maxsize=None)
+def _others(topic: str, pool: tuple[str, ...]) -> tuple[str, ...]:
+    """The words of the pool's other topics (a reply's off-topic defects)."""
+    return tuple(w for u in pool if u != topic for w in _ALL_TOPICS[u])
+
+
+def _response(rng: np.random.Generator, topic: str, quality: float, pool: tuple[str, ...] = tuple(TOPICS)) -> str:
     """A response whose expected utility grows with quality in [0, 1].
 
     Quality sets the on-topic content; the defects (off-topic words, repeats, which mostly repeat topic words, junk,
     a missing period, now and then a reply about another topic altogether) vary independently of it, so that
     rankings carry evidence about every term of the utility and a reward model can tell each one apart. Were they
     all tied to quality, a reward model could score "more topic words" alone and RL would exploit it (stuffing the
-    reply with repeated topic words).
+    reply with repeated topic words). pool: the topics its defects come from (the training rows: TOPICS only).
     """
-    own, others = _OWN[topic], _OTHERS[topic]
+    own, others = _OWN[topic], _others(topic, pool)
     if rng.random() < 0.1:  # a fluent reply about the wrong topic
-        own = _OWN[str(rng.choice([t for t in TOPICS if t != topic]))]
+        own = _OWN[str(rng.choice([t for t in pool if t != topic]))]
     n_on = int(rng.binomial(5, quality))
     n_off = int(rng.choice([0, 0, 0, 1, 2]))
     n_generic = int(rng.integers(1, 7))
@@ -176,14 +198,20 @@ def nectar_prompt(messages: Sequence[dict]) -> str:
     return out + "\n\nAssistant: "
 
 
-def make_conversation(rng: np.random.Generator, multi_turn_fraction: float = 0.2) -> list[dict]:
-    topics = list(TOPICS)
+def make_conversation(rng: np.random.Generator, multi_turn_fraction: float = 0.2, topics: Sequence[str] = tuple(TOPICS),
+                      prompts: Sequence[str] = PROMPTS, follow_ups: Sequence[str] = FOLLOW_UPS,
+                      pool: Optional[tuple[str, ...]] = None) -> list[dict]:
+    """A conversation ending with a user turn: a question about one of `topics` in one of `prompts`, sometimes
+    (multi_turn_fraction) after an exchange about another of them, asked in one of `follow_ups`; the earlier reply's
+    defects come from the `pool` topics (default: `topics`)."""
+    pool = tuple(topics) if pool is None else pool
+    topics = list(topics)
     topic = str(rng.choice(topics))
-    messages = [{"role": "user", "content": str(rng.choice(PROMPTS)).format(t=topic)}]
+    messages = [{"role": "user", "content": str(rng.choice(prompts)).format(t=topic)}]
     if rng.random() < multi_turn_fraction:
-        messages.append({"role": "assistant", "content": _response(rng, topic, quality=0.9)})
+        messages.append({"role": "assistant", "content": _response(rng, topic, 0.9, pool)})
         topic = str(rng.choice([t for t in topics if t != topic]))
-        messages.append({"role": "user", "content": str(rng.choice(FOLLOW_UPS)).format(t=topic)})
+        messages.append({"role": "user", "content": str(rng.choice(follow_ups)).format(t=topic)})
     return messages
 
 
@@ -194,33 +222,63 @@ def make_rows(num_prompts: int = 2000, seed: int = 0, noise: float = 1.0, num_re
     Row i depends only on (seed, i), so a smaller num_prompts gives a prefix of a larger one. Each row also carries
     "utilities" (the true utility of each answer, same order) for measuring reward-model ranking accuracy.
     """
+    _check(noise, num_responses)
+    return [_row(np.random.default_rng([seed, i]), make_conversation, tuple(TOPICS), noise, num_responses,
+                 multi_turn_fraction) for i in range(num_prompts)]
+
+
+# The reporting splits: (topics asked about, first-turn templates, follow-up templates, the topics a reply's defects
+# come from, stream tag) of each. The unseen split changes only the phrasing, so its replies use the training lexicon.
+REPORT_SPLITS = {
+    "heldout": (tuple(REPORT_TOPICS), PROMPTS, FOLLOW_UPS, tuple(_ALL_TOPICS), 1),
+    "unseen": (tuple(TOPICS), UNSEEN_PROMPTS, UNSEEN_FOLLOW_UPS, tuple(TOPICS), 2),
+}
+
+
+def make_report_rows(split: str, num_prompts: int, seed: int = 0, noise: float = 1.0, num_responses: int = 7,
+                     multi_turn_fraction: float = 0.2) -> list[dict]:
+    """Rows of a reporting split ("heldout": conversations about REPORT_TOPICS, which no training row names, in the
+    trained templates; "unseen": the training topics with every user turn in an untrained template), in the format of
+    make_rows. Row i depends only on (seed, split, i), drawn from a random stream that make_rows never uses, and no
+    row shares a prompt string with any row make_rows can produce (whatever its seed)."""
+    if split not in REPORT_SPLITS:
+        raise ValueError(f"reporting split must be one of {', '.join(REPORT_SPLITS)}, got {split!r}")
+    _check(noise, num_responses)
+    topics, prompts, follow_ups, pool, tag = REPORT_SPLITS[split]
+    conversation = functools.partial(make_conversation, topics=topics, prompts=prompts, follow_ups=follow_ups,
+                                     pool=pool)
+    return [_row(np.random.default_rng([seed, i, tag]), conversation, pool, noise, num_responses, multi_turn_fraction)
+            for i in range(num_prompts)]
+
+
+def _check(noise: float, num_responses: int) -> None:
     if noise < 0:
         raise ValueError(f"synthetic noise must be >= 0, got {noise}")
     if num_responses < 2:
         raise ValueError(f"synthetic num_responses must be >= 2, got {num_responses}")
-    rows = []
-    for i in range(num_prompts):
-        rng = np.random.default_rng([seed, i])
-        messages = make_conversation(rng, multi_turn_fraction)
-        topic = topic_of(messages)
-        answers: list[str] = []
-        qualities = np.linspace(0.0, 1.0, num_responses)
-        for q in rng.permutation(qualities):
-            for _ in range(20):  # distinct answers, so that a strict order means something
-                a = _response(rng, topic, float(q))
-                if a not in answers:
-                    break
-            answers.append(a)
-        utilities = np.array([true_utility(messages, a) for a in answers])
-        ranks = plackett_luce_ranks(utilities, noise, rng)
-        rows.append({
-            "prompt": nectar_prompt(messages),
-            "answers": [{"answer": a, "model": f"synthetic-{j}", "rank": float(r)}
-                        for j, (a, r) in enumerate(zip(answers, ranks))],
-            "turns": (len(messages) + 1) // 2,
-            "num_responses": num_responses,
-            "source": ["synthetic"],
-            "good_natured": True,
-            "utilities": [float(u) for u in utilities],
-        })
-    return rows
+
+
+def _row(rng: np.random.Generator, conversation, pool: tuple[str, ...], noise: float, num_responses: int,
+         multi_turn_fraction: float) -> dict:
+    messages = conversation(rng, multi_turn_fraction)
+    topic = topic_of(messages)
+    answers: list[str] = []
+    qualities = np.linspace(0.0, 1.0, num_responses)
+    for q in rng.permutation(qualities):
+        for _ in range(20):  # distinct answers, so that a strict order means something
+            a = _response(rng, topic, float(q), pool)
+            if a not in answers:
+                break
+        answers.append(a)
+    utilities = np.array([true_utility(messages, a) for a in answers])
+    ranks = plackett_luce_ranks(utilities, noise, rng)
+    return {
+        "prompt": nectar_prompt(messages),
+        "answers": [{"answer": a, "model": f"synthetic-{j}", "rank": float(r)}
+                    for j, (a, r) in enumerate(zip(answers, ranks))],
+        "turns": (len(messages) + 1) // 2,
+        "num_responses": num_responses,
+        "source": ["synthetic"],
+        "good_natured": True,
+        "utilities": [float(u) for u in utilities],
+    }

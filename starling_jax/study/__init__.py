@@ -34,6 +34,20 @@ class Arm:
 
 
 @dataclasses.dataclass(frozen=True)
+class Selection:
+    """A selection study's rule: within each family of arms (default: all arms, one family named "all"), the arm with
+    the best mean of `metric` in measurement `group` (e.g. "policy/tuning", "rm/tuning": measured on the tuning split
+    only) over every seed and prompt is chosen; the runner writes the grid and the choice to `path` (relative to the
+    study file), which the experiments read. settings[arm] = the dotted --set values that arm stands for."""
+    group: str
+    metric: str
+    path: str
+    settings: dict
+    maximize: bool = True
+    families: Optional[dict] = None  # {family: (arm, ...)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Study:
     name: str
     arms: tuple[Arm, ...]
@@ -48,6 +62,10 @@ class Study:
     quick_eval_prompts: int = 16
     budget: str = ""  # the CPU budget, in words (measured where known)
     description: str = ""
+    # which splits a cell is measured on: ("heldout", "unseen") for reporting studies; ("tuning",) for selection
+    # studies, which never look at the reporting prompts
+    splits: tuple[str, ...] = ("heldout", "unseen")
+    selection: Optional[Selection] = None
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -81,6 +99,21 @@ def load_study(path: str) -> Study:
     return study
 
 
+def read_selection(path: str, family: str = "all") -> dict:
+    """The chosen settings ({dotted field: value}) of one family in a selection file a selection study wrote
+    (Study.selection), e.g. experiments/studies/selected/main_job_policy.json."""
+    import json
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        return dict(record["choice"][family]["settings"])
+    except FileNotFoundError:
+        raise ConfigError(f"selection file {path} does not exist: run the selection study that writes it") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"selection file {path}: no choice for {family!r} ({type(e).__name__}: {e}); rerun the "
+                          f"selection study that writes it") from None
+
+
 def with_seed(exp: Experiment, seed: int, vary_data: bool = True) -> Experiment:
     """The experiment at study seed `seed`: the synthetic data (data.synthetic_seed; kept when vary_data is False, e.g.
     a fixed task's problems and split), its order (data.shuffle_seed) and every stage's train.seed (new heads' init,
@@ -97,4 +130,4 @@ def with_seed(exp: Experiment, seed: int, vary_data: bool = True) -> Experiment:
     return dataclasses.replace(exp, data=data(exp.data), train=train(exp.train), stages=stages)
 
 
-__all__ = ["Arm", "Study", "load_study", "with_seed"]
+__all__ = ["Arm", "Selection", "Study", "load_study", "read_selection", "with_seed"]

@@ -137,7 +137,11 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
     n = study.quick_eval_prompts if quick else study.eval_prompts
     data_stage = study.reference_stage or study.reward_stage or arm.policy_stage
     splits = pipelines.load_splits(stages[data_stage].data)  # every stage of the main job reads the same data
-    split_rows = {k: v[:n] for k, v in (("heldout", splits.heldout), ("unseen", splits.unseen)) if v}
+    named = splits.named()
+    split_rows = {k: named[k][:n] for k in study.splits if named[k]}
+    if not split_rows:
+        raise ConfigError(f"study {study.name!r}: the data has no rows in the splits it measures "
+                          f"({', '.join(study.splits)})")
 
     def export(stage):
         config, params, _ = load_export(os.path.join(directory, stage, "export"))
@@ -311,7 +315,52 @@ def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, see
     results = report.aggregate(study, records, shared_times(workdir, seeds), this_run_s=time.perf_counter() - t0,
                                failed=failed)
     report.write(study, results, workdir)
+    write_selection(study, study_path, results)
     return results
+
+
+def choose(study: Study, results: dict) -> Optional[dict]:
+    """The selection study's grid and choice (Study.selection), or None while any arm lacks any of the study's seeds
+    (or the run was shortened): {"study", "group", "metric", "maximize", "seeds", "grid": [...], "choice": {family:
+    {"arm", "settings", "mean"}}}."""
+    sel = study.selection
+    if sel is None or results.get("quick") or sorted(results["seeds"]) != sorted(study.seeds):
+        return None
+    if sorted(results["complete_arms"]) != sorted(a.name for a in study.arms):
+        return None
+    summary = results["summary"].get(sel.group)
+    if summary is None:
+        raise ConfigError(f"study {study.name!r}: selection group {sel.group!r} was not measured (groups: "
+                          f"{', '.join(results['summary'])})")
+    per_seed: dict = {}
+    for cell in results["cells"]:
+        per_seed.setdefault(cell["arm"], {})[cell["seed"]] = cell["means"][sel.group][sel.metric]
+    grid = [{"arm": arm, "settings": sel.settings[arm], **{k: m[sel.metric][k] for k in ("mean", "lo", "hi")},
+             "per_seed": [per_seed[arm][s] for s in sorted(per_seed[arm])]} for arm, m in summary.items()]
+    families = sel.families or {"all": tuple(a.name for a in study.arms)}
+    sign = 1.0 if sel.maximize else -1.0
+    choice = {}
+    for family, arms in families.items():
+        best = max((g for g in grid if g["arm"] in arms), key=lambda g: sign * g["mean"])
+        choice[family] = {"arm": best["arm"], "settings": best["settings"], "mean": best["mean"]}
+    return {"study": study.name, "group": sel.group, "metric": sel.metric, "maximize": sel.maximize,
+            "seeds": sorted(study.seeds), "interval": results["interval"], "grid": grid, "choice": choice}
+
+
+def write_selection(study: Study, study_path: str, results: dict) -> None:
+    """Write choose()'s record to the selection's path (beside the study file), or say why not yet."""
+    if study.selection is None:
+        return
+    record = choose(study, results)
+    path = os.path.join(os.path.dirname(os.path.abspath(study_path)), study.selection.path)
+    if record is None:
+        print(f"[study] selection not written: it needs every arm at every seed of {list(study.seeds)}, not "
+              f"shortened ({path} unchanged)", file=sys.stderr, flush=True)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, record)
+    chosen = ", ".join(f"{family}: {c['arm']}" for family, c in record["choice"].items())
+    print(f"[study] selection: {chosen} -> {path}", file=sys.stderr, flush=True)
 
 
 def shared_times(workdir: str, seeds: Sequence[int]) -> dict:
@@ -383,6 +432,7 @@ def cli(args) -> int:
             results = report.aggregate(study, records, shared_times(args.workdir, seeds_done), this_run_s=0.0,
                                        failed=[])
             report.write(study, results, args.workdir)
+            write_selection(study, args.study, results)
         else:
             results = run_study(study, args.study, args.workdir, jobs=args.jobs, seeds=seeds, arms=arms,
                                 quick=args.quick, reuse=args.reuse)

@@ -439,6 +439,10 @@ class RLStage:
             raise ValueError(f"stage {ctx.stage_name!r}: objective {o.name!r} needs a reward_model section")
         k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.key(c.train.seed), 4)
         self.splits = splits = pipelines.load_splits(c.data)  # before the models: bad data fails fast
+        if not splits.heldout:  # never report the training prompts under the held-out name
+            raise ValueError(f"stage {ctx.stage_name!r}: no held-out rows to report on (data.source "
+                             f"{c.data.source!r}); set data.heldout_fraction > 0 (or data.report_rows > 0 for "
+                             f"synthetic data)")
         train_rows = splits.train
         self.model_config, params = config, params = prog.load_model(ctx, c.model, k_policy)
         rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
@@ -481,7 +485,7 @@ class RLStage:
         # the summary), "unseen" (prompt templates no stage trained on; unseen_* in the summary) and "tuning" (what
         # the loop's periodic eval reports, so that choosing hyperparameters by it never looks at the reporting set).
         self.eval_sets, self.eval_sizes = {}, {}
-        for i, (split, rows) in enumerate([("heldout", splits.heldout or train_rows), ("unseen", splits.unseen),
+        for i, (split, rows) in enumerate([("heldout", splits.heldout), ("unseen", splits.unseen),
                                            ("tuning", splits.tuning)]):
             rows = rows[:r.eval_prompts]
             if spread is not None:  # split evenly over the batch shards of the mesh
