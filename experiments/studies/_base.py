@@ -3,7 +3,7 @@
 import os
 
 from starling_jax.config import Experiment
-from starling_jax.config_loading import load_experiment
+from starling_jax.stages.experiment import load_experiment
 
 EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,7 +25,7 @@ cell.
 import dataclasses
 
 from starling_jax.config import ObjectiveConfig, OptimConfig, Stage, TrainConfig
-from starling_jax.study import Arm, Study
+from starling_jax.commands.study import Arm, Study
 
 from _base import QUICK, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
 
