@@ -8,12 +8,12 @@ step of a 1B-shaped hydra, on jax.devices()[0].
 1. Training MFU: forward + backward (no optimizer) of a Mistral-7B-shaped stack of `--layers` decoder layers (4096
    wide, 32/8 heads, MLP 14336, window 4096), bf16 weights and compute, one row of `--train-tokens` tokens (4k), full
    remat, attention "auto" (the cuDNN flash kernel on GPU, Pallas splash attention on TPU, blockwise flash attention
-   elsewhere). FLOPs are the matmul FLOPs of the jaxpr (starling_jax.plan.jaxpr_flops: remat recomputation and the
+   elsewhere). FLOPs are the matmul FLOPs of the jaxpr (starling_jax.commands.plan.jaxpr_flops: remat recomputation and the
    full T x T attention square included, as the kernels compute it; causal halving is not credited).
 2. Decode: sampling.generate, greedy, a Mistral-7B-shaped model (`--decode-layers` layers, bf16), `--prompt` prompt
    tokens then `--new` new tokens, at batch 1 and 64. tokens/s = batch x new / (generate - prefill-only time), and the
    fraction of HBM bandwidth = (bytes of weights + the KV cache read per step) x steps / decode time / peak bandwidth.
-3. APA update: the RL stage's whole optimisation step (starling_jax.plan's builder for experiments/starling_alpha_apa.py
+3. APA update: the RL stage's whole optimisation step (starling_jax.commands.plan's builder for experiments/starling_alpha_apa.py
    with the model swapped for a 1B-shaped Llama: 16 layers x 2048, 16/8 heads, MLP 5632, vocab 32000; hydra top 4
    layers + head trainable, reference copy and MLP critic), `--apa-rollouts` rollouts of 512 prompt + 512 response
    tokens, one epoch of one minibatch, as jitted for training (donated state).
@@ -129,7 +129,7 @@ def bench_train_mfu(args, facts) -> dict:
     import jax.numpy as jnp
 
     from starling_jax import models
-    from starling_jax.plan import jaxpr_flops
+    from starling_jax.commands.plan import jaxpr_flops
 
     config = seven_b(args.layers, args.smoke)
     T = args.train_tokens
@@ -153,7 +153,8 @@ def bench_decode(args, facts) -> list:
     import jax
     import jax.numpy as jnp
 
-    from starling_jax import models, sampling
+    from starling_jax import models
+    from starling_jax.generation import sampling
 
     config = seven_b(args.decode_layers, args.smoke).replace(remat="none")
     params = jax.jit(lambda k: models.init_params(config, k))(jax.random.key(0))
@@ -184,8 +185,9 @@ def bench_apa(args, facts) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from starling_jax import plan, sharding
-    from starling_jax.config_loading import load_experiment
+    from starling_jax.commands import plan
+    from starling_jax.parallel import sharding
+    from starling_jax.stages.experiment import load_experiment
     exp = load_experiment(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
                                        "starling_alpha_apa.py"))
     one_b = exp.model.config.replace(num_layers=16, hidden_size=2048, num_heads=16, num_kv_heads=8, head_dim=128,
@@ -202,7 +204,7 @@ def bench_apa(args, facts) -> dict:
         rollout=dataclasses.replace(exp.rollout, prompts_per_step=B, minibatch_size=B, epochs=1, max_new_tokens=N))
     mesh = sharding.make_mesh(exp.mesh, jax.devices()[:1])
     _, cfg = plan._pick_stage(exp, None)  # the recipe's rl stage, resolved as training resolves it
-    parts = plan.stage_setup(cfg, mesh)  # the setup training builds (train/program.py StageSetup), abstract
+    parts = plan.stage_setup(cfg, mesh)  # the setup training builds (stages/program.py StageSetup), abstract
 
     def materialise(leaf, k):
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):

@@ -1,4 +1,4 @@
-"""Decode throughput of the 44.8M-parameter Mistral-shaped model: starling_jax.sampling.generate vs transformers'
+"""Decode throughput of the 44.8M-parameter Mistral-shaped model: starling_jax.generation.sampling.generate vs transformers'
 generate, side by side in one process.
 
     python benchmarks/bench_decode.py                      # batch 1 and 8, 32-token prompts, 128 new tokens
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     import torch
 
     from starling_jax.models import ModelConfig
-    from starling_jax.sampling import generate
+    from starling_jax.generation.sampling import generate
 
     model = hf_model()
     params = params_from_hf(model)

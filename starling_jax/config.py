@@ -1,7 +1,7 @@
 """One typed experiment config: frozen dataclasses from mesh and model to data, objective, optimiser, rollouts,
 checkpoints and logging. An experiment is a Python file under experiments/ with `get_config() -> Experiment`.
 
-The types only: loading, `--set a.b=c` overrides, validation and JSON round trips are in config_loading.py, which
+The types only: loading, `--set a.b=c` overrides, validation and JSON round trips are in stages/experiment.py, which
 sits above the algorithm registry it checks objective names against.
 """
 
@@ -102,7 +102,7 @@ class ObjectiveConfig:
     # the critic: "mlp" (trlx make_head: Linear(D, 2D)-ReLU-Linear(2D, 1)) or "linear" on the policy's last hidden
     # state, or "layers": a trainable copy of the model's top value_head_layers layers + final norm + Linear(D, 1),
     # initialised from the policy and reading the (frozen) hidden state below them (the Starling fork's OpenChat
-    # critic, MistralModelWithHydraValueHead; train/hydra.py)
+    # critic, MistralModelWithHydraValueHead; step/hydra.py)
     value_head: Literal["mlp", "linear", "layers"] = "mlp"
     value_head_layers: int = 0  # with value_head="layers": how many top layers the critic copies (1..num_layers)
     reward_clip: float = 10.0
@@ -158,7 +158,7 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FeedbackConfig:
-    """The feedback stage kind (train/feedback_stage.py): K sampled replies per training prompt from model, ranked by a
+    """The feedback stage kind (stages/feedback_stage.py): K sampled replies per training prompt from model, ranked by a
     judge, written as Nectar rows (WORKDIR/<stage>/feedback.jsonl) that a later stage reads as data.source='stage:NAME'.
     The stage covers train.steps * prompts_per_step training prompts (data.shuffle_seed fixes which)."""
     k: int = 7  # replies per prompt (Nectar: 7)

@@ -2,7 +2,7 @@
 
 Raise `InputError` (or a subclass: ConfigError, NectarError, HFFormatError, ...) with a message that names the file
 (and row / field where there is one) and says what to do; `starling-jax` prints it as `error: <message>` and exits
-with status 2, without a traceback (`--debug` or STARLING_JAX_DEBUG=1 shows it). The guard in starling_jax.cli also
+with status 2, without a traceback (`--debug` or STARLING_JAX_DEBUG=1 shows it). The guard in starling_jax.commands.cli also
 turns the library errors a damaged or wrong file raises (SyntaxError, JSONDecodeError, UnicodeDecodeError, OSError,
 safetensors' SafetensorError, pyarrow's ArrowException, KeyError, ValueError) into such a line, with the file when the
 exception carries it; a reader that knows the file should still catch those and raise InputError naming it.

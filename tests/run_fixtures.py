@@ -8,8 +8,8 @@ import os
 import jax
 
 from starling_jax import models
-from starling_jax.config_loading import load_experiment, stages_of, to_dict
-from starling_jax.train.checkpoint import save_export
+from starling_jax.stages.experiment import load_experiment, stages_of, to_dict
+from starling_jax.step.checkpoint import save_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

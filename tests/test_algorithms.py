@@ -11,9 +11,10 @@ import pytest
 from starling_jax import algorithms, models
 from starling_jax.algorithms import registry
 from starling_jax.config import ConfigError, Experiment, ObjectiveConfig, RewardModelSection
-from starling_jax.config_loading import stages_of, validate
+from starling_jax.stages.experiment import stages_of, validate
 from starling_jax.objectives import policy as obj_policy
-from starling_jax.train import hydra, kinds, rlaif
+from starling_jax.step import hydra
+from starling_jax.stages import kinds, rlaif
 
 BUILT_IN = {"sft": ("sft", "lm", False), "rm_plackett_luce": ("rm", "score", False),
             "rm_bradley_terry": ("rm", "score", False), "dpo": ("dpo", "lm", True), "apa": ("rl", "lm", True),

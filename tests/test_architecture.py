@@ -1,5 +1,5 @@
-"""No module imports upward: every import in the package (lazy ones inside functions included) goes to the same or a
-lower layer of the table in docs/ARCHITECTURE.md, and every module has a row."""
+"""The folders are the layers: every import in the package (lazy ones inside functions included) goes to the same or a
+lower layer of the table in docs/ARCHITECTURE.md, every module lies in a folder (or is a file) that has a row."""
 
 import ast
 import fnmatch
@@ -10,31 +10,42 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "starling_jax"
+DOC = ROOT / "docs" / "ARCHITECTURE.md"
 
 
-def layer_table() -> list[tuple[str, list[str]]]:
-    """[(layer name, [module patterns])] from the import table, top layer first."""
-    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    section = text.split("## Modules and the direction of imports", 1)[1].split("\n## ", 1)[0]
+def _section(title: str) -> str:
+    return DOC.read_text().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The cells of every row of the first markdown table in `text` (header and rule skipped)."""
     rows = []
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 2 or cells[0] in ("layer", "") or set(cells[0]) <= {"-"}:
+    for line in text.split("\n\n|", 1)[-1].splitlines() if "\n\n|" in text else text.splitlines():
+        line = line.strip()
+        if not line.startswith("|"):
             continue
-        rows.append((cells[0], re.findall(r"`([^`]+)`", cells[1])))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if set(cells[0]) <= {"-"} or cells[0] in ("layer", "module"):
+            continue
+        rows.append(cells)
     return rows
 
 
+def layer_table() -> list[tuple[str, list[str]]]:
+    """[(layer name, [folders 'x/' and top-level files 'y.py'])] from the import table, top layer first."""
+    section = _section("Folders and the direction of imports")
+    return [(cells[0], re.findall(r"`([^`]+)`", cells[1])) for cells in _rows(section) if len(cells) >= 2]
+
+
 def layer_of(rel: str, table) -> int:
-    """Rank of module file `rel` (relative to starling_jax/): 0 = the bottom row. An exact path beats a folder/*."""
+    """Rank of module file `rel` (relative to starling_jax/): 0 = the bottom row. A file lies in the layer of its
+    top-level folder; a top-level file needs a row of its own."""
     n = len(table)
-    exact = [n - 1 - i for i, (_, pats) in enumerate(table) if rel in pats]
-    if exact:
-        return exact[0]
-    wild = [n - 1 - i for i, (_, pats) in enumerate(table) for p in pats if "*" in p and fnmatch.fnmatch(rel, p)]
-    if not wild:
+    top = rel.split("/", 1)[0] + "/" if "/" in rel else rel
+    found = [n - 1 - i for i, (_, entries) in enumerate(table) if top in entries]
+    if not found:
         raise KeyError(rel)
-    return wild[0]
+    return found[0]
 
 
 def module_files() -> dict[str, Path]:
@@ -49,12 +60,14 @@ def module_files() -> dict[str, Path]:
     return out
 
 
-def imported_modules(path: Path, name: str, modules: dict) -> set[str]:
-    """Project modules an import in `path` runs: the named module, its parent packages' __init__, and for
-    `from pkg import sub` the submodule `sub`."""
+def imports_of(path: Path, name: str, modules: dict) -> dict[str, bool]:
+    """Project modules an import in `path` runs -> whether every such import sits inside a function: the named
+    module, its parent packages' __init__, and for `from pkg import sub` the submodule `sub`."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    found = set()
+    inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for n in ast.walk(f)}
+    found: dict[str, bool] = {}
     for node in ast.walk(tree):
         targets = []
         if isinstance(node, ast.Import):
@@ -69,19 +82,29 @@ def imported_modules(path: Path, name: str, modules: dict) -> set[str]:
                 continue
             parts = t.split(".")
             for i in range(1, len(parts) + 1):
-                if ".".join(parts[:i]) in modules:
-                    found.add(".".join(parts[:i]))
-    found.discard(name)
+                m = ".".join(parts[:i])
+                if m in modules and m != name:
+                    found[m] = found.get(m, True) and id(node) in inner
     return found
 
 
-def test_every_module_has_a_row_and_no_import_points_up():
+def imported_modules(path: Path, name: str, modules: dict) -> set[str]:
+    return set(imports_of(path, name, modules))
+
+
+def _rel(modules: dict) -> dict[str, str]:
+    return {m: str(p.relative_to(PACKAGE)) for m, p in modules.items()}
+
+
+def test_every_folder_has_a_row_and_no_import_points_up():
     table = layer_table()
     assert [t for t, _ in table][-1] == "foundation" and len(table) >= 6, table
+    for layer, entries in table[:-3]:  # only the bottom rows (config types, pure math, foundation) hold files
+        assert all(e.endswith("/") for e in entries), f"layer {layer!r}: name folders, not files: {entries}"
     modules = module_files()
-    rel = {m: str(p.relative_to(PACKAGE)) for m, p in modules.items()}
+    rel = _rel(modules)
     missing = [r for r in rel.values() if _safe_layer(r, table) is None]
-    assert not missing, f"modules without a row in docs/ARCHITECTURE.md: {missing}"
+    assert not missing, f"modules outside every folder of docs/ARCHITECTURE.md's table: {missing}"
     upward = []
     for name, path in sorted(modules.items()):
         mine = layer_of(rel[name], table)
@@ -101,11 +124,15 @@ def _safe_layer(rel, table):
 
 
 def test_the_check_catches_an_upward_import(tmp_path):
-    table = [("top", ["cli.py"]), ("bottom", ["models/*"])]
-    assert layer_of("cli.py", table) == 1 and layer_of("models/transformer.py", table) == 0
+    table = [("top", ["commands/"]), ("bottom", ["models/", "errors.py"])]
+    assert layer_of("commands/cli.py", table) == 1 and layer_of("models/transformer.py", table) == 0
+    assert layer_of("commands/eval/cli.py", table) == 1 and layer_of("errors.py", table) == 0
     with pytest.raises(KeyError):
         layer_of("plan.py", table)
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from starling_jax.train import loop\n")
-    modules = {"starling_jax.train": tmp_path / "t" / "__init__.py", "starling_jax.train.loop": tmp_path / "l.py"}
-    assert imported_modules(f, "starling_jax.models.m", modules) == {"starling_jax.train", "starling_jax.train.loop"}
+    f.write_text("import starling_jax.models\ndef f():\n    from starling_jax.stages import loop\n")
+    modules = {"starling_jax.stages": tmp_path / "t" / "__init__.py", "starling_jax.stages.loop": tmp_path / "l.py",
+               "starling_jax.models": tmp_path / "n" / "__init__.py"}
+    assert imports_of(f, "starling_jax.io.m", modules) == {"starling_jax.stages": True,
+                                                           "starling_jax.stages.loop": True,
+                                                           "starling_jax.models": False}

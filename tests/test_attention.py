@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from starling_jax import models, sampling
+from starling_jax import models
+from starling_jax.generation import sampling
 from starling_jax.models import attention_ops as ops
 from starling_jax.models.transformer import positions_and_segments
 

@@ -1,7 +1,7 @@
 """Bad input never crashes: each case below is a bad input to the command line -> the exit status, a pattern the one
 line on stderr must match, and no "Traceback" anywhere in the output.
 
-Cases run in-process through starling_jax.cli.main (cheap); a few run as a real subprocess to check what a user sees.
+Cases run in-process through starling_jax.commands.cli.main (cheap); a few run as a real subprocess to check what a user sees.
 
 To add a case: append Case(id, argv, status, pattern) to CASES. `argv` is a function of a `Files` helper (a tmp
 directory plus ready-made inputs: files.write(name, text_or_bytes), files.hf_dir(), ...) returning the argument list;
@@ -23,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from starling_jax import cli
+from starling_jax.commands import cli
 from starling_jax.errors import DEBUG_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,8 @@ def _shared_hf_dir(head: str) -> str:
         import jax
         import numpy as np
 
-        from starling_jax import hf, models
+        from starling_jax.io import hf
+        from starling_jax import models
         config = models.get_preset("tiny", head=head)
         path = os.path.join(tempfile.mkdtemp(prefix="bad_input_"), f"hf_{head}")
         shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))  # no compilation
@@ -342,7 +343,7 @@ def _latin1_jsonl() -> bytes:
 
 def _run_without_exports(f: Files) -> str:
     """A WORKDIR whose config.json names the main job's stages, none of them trained."""
-    from starling_jax.config_loading import load_experiment, to_dict
+    from starling_jax.stages.experiment import load_experiment, to_dict
     exp = load_experiment(str(REPO / "experiments" / "tiny_starling.py"))
     return f.write("run/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0]
 
@@ -365,7 +366,7 @@ def _damaged_export(f: Files, what: str) -> str:
     import numpy as np
 
     from starling_jax import models
-    from starling_jax.train.checkpoint import save_export
+    from starling_jax.step.checkpoint import save_export
     run = f.path(f"run_{what}")
     export = Path(run, "sft", "export")
     config = models.get_preset("tiny")
@@ -420,12 +421,12 @@ def test_what_a_user_sees_in_a_subprocess(tmp_path):
     bad = Files(tmp_path).write("syn.py", "def get_config(:\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(DEBUG_ENV, None)
-    done = subprocess.run([sys.executable, "-m", "starling_jax.cli", "run", bad], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "starling_jax.commands.cli", "run", bad], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr, done.stderr
     assert re.match(r"error: .*syn\.py:1: Python syntax error", done.stderr)
-    done = subprocess.run([sys.executable, "-m", "starling_jax.cli", "--debug", "run", bad], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "starling_jax.commands.cli", "--debug", "run", bad], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 1 and "Traceback" in done.stderr
 
@@ -433,7 +434,7 @@ def test_what_a_user_sees_in_a_subprocess(tmp_path):
 def test_convert_overwrite_replaces_the_model_files(tmp_path, capsys):
     """Refused without --overwrite (the directory is left as it was); with it, the old model files go (no stale shard
     next to the new single file), other files stay, and the result loads."""
-    from starling_jax import hf
+    from starling_jax.io import hf
     out = tmp_path / "out"
     out.mkdir()
     (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
@@ -453,7 +454,7 @@ def test_a_long_conversation_is_cut_to_the_room_the_reply_leaves():
     import argparse
 
     from starling_jax import models
-    from starling_jax.chat import Session
+    from starling_jax.commands.chat import Session
     from starling_jax.data import get_template, load_tokenizer
     from starling_jax.errors import InputError
     s = Session.__new__(Session)  # the prompt logic alone, without loading a model

@@ -8,7 +8,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from starling_jax import gguf as sj_gguf  # noqa: E402
+from starling_jax.io import gguf as sj_gguf  # noqa: E402
 from starling_jax.data import load_tokenizer, pipelines  # noqa: E402
 from starling_jax.data.tokenizer import save_hf_tokenizer  # noqa: E402
 from tests.test_gguf import smollm2_gguf, write_tiny_gguf  # noqa: E402
@@ -149,7 +149,7 @@ def test_content_specials_stay_text_in_jinja_and_builtin_templates(chatml_dir):
 def test_policy_reply_to_reward_model_tokens(chatml_dir):
     """A policy that spells the RM's end-of-turn cannot end its reply early in the reward model's eyes."""
     from starling_jax import models
-    from starling_jax.train.rollout import RewardScorer
+    from starling_jax.stages.rollout import RewardScorer
 
     tok = load_tokenizer(chatml_dir)
     config = models.get_preset("tiny").replace(vocab_size=tok.vocab_size, head="score")

@@ -17,7 +17,9 @@ import pytest
 import nbformat  # the test extra needs nbclient, nbformat and ipykernel
 from nbclient import NotebookClient
 
-from starling_jax import hf, models, sampling
+from starling_jax.io import hf
+from starling_jax import models
+from starling_jax.generation import sampling
 from starling_jax.data import get_template, load_tokenizer, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +151,7 @@ def test_evaluate_notebook(tmp_path):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from run_fixtures import make_run
-    from starling_jax.eval import stats
+    from starling_jax.metrics import stats
     make_run(str(tmp_path / "run"))
     got, _ = _execute("evaluate.ipynb", dict(WORKDIR="run", NUM_PROMPTS=4, MAX_NEW_TOKENS=4, EXPORT_DIR="hf_policy"),
                       '{"result": result, "rows": rows, "prompts": prompts, "info": info}', tmp_path)

@@ -12,8 +12,9 @@ import types
 import numpy as np
 import pytest
 
-from starling_jax import cli
-from starling_jax.eval import answer, benchmarks as bm, judge, stats
+from starling_jax.commands import cli
+from starling_jax.commands.eval import answer, benchmarks as bm, judge
+from starling_jax.metrics import stats
 
 from run_fixtures import make_run
 
@@ -291,9 +292,9 @@ def test_eval_recognises_a_model_directory(run, tmp_path, capsys):
 def test_sharded_generation_equals_one_device(run):
     """Greedy answers with the parameters and batches sharded over 8 (simulated) devices equal the one-device ones."""
     import jax
-    from starling_jax import sharding
+    from starling_jax.parallel import sharding
     from starling_jax.config import MeshConfig
-    from starling_jax.eval.checkpoints import load_checkpoint
+    from starling_jax.commands.eval.checkpoints import load_checkpoint
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py simulates them on CPU)")
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))

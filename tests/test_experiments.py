@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from starling_jax.cli import main as cli_main
-from starling_jax.config_loading import apply_overrides, load_experiment, stages_of, validate
+from starling_jax.commands.cli import main as cli_main
+from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of, validate
 from starling_jax.data.pipelines import load_splits
-from starling_jax.train.logging import read_metrics
-from starling_jax.train.loop import run_experiment
+from starling_jax.step.logging import read_metrics
+from starling_jax.stages.loop import run_experiment
 
 TINY = ["tiny_sft", "tiny_rm", "tiny_rm_pairwise", "tiny_dpo"]
 AT_SCALE = ["starling_rm_7b", "openchat_sft"]

@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from starling_jax import cli, export, hf, models
+from starling_jax.commands import cli
+from starling_jax.stages import export
+from starling_jax.io import hf
+from starling_jax import models
 from starling_jax.data import load_tokenizer
 from starling_jax.data.templates import jinja_template, render_text, TEMPLATES
 
@@ -61,7 +64,7 @@ def test_policy_export_loads_in_transformers(run, policy_dir, rm_dir):
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
             "special_tokens_map.json", "generation_config.json"} <= files
     ref = export.resolve_stage(os.path.join(run, "policy"))
-    from starling_jax.train.checkpoint import load_export
+    from starling_jax.step.checkpoint import load_export
     config, params, _ = load_export(ref.export_dir)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
@@ -84,7 +87,7 @@ def test_policy_export_loads_in_transformers(run, policy_dir, rm_dir):
     assert gen["eos_token_id"] == [32000] and gen["bos_token_id"] == 1
     assert transformers.GenerationConfig.from_pretrained(policy_dir).eos_token_id == [32000]
     # eval reads it with the stage's own template, recognised from the Jinja chat_template
-    from starling_jax.eval.checkpoints import load_checkpoint
+    from starling_jax.commands.eval.checkpoints import load_checkpoint
     ck = load_checkpoint(policy_dir, want="lm")
     assert ck.template.name == "openchat_3.5" and ck.stop_ids == (32000,)
     assert load_checkpoint(rm_dir, want="score").template.name == "llama2"
@@ -96,7 +99,7 @@ def test_policy_export_loads_in_transformers(run, policy_dir, rm_dir):
 @pytest.mark.slow
 def test_reward_model_export_scores_like_ours(run, rm_dir):
     ref = export.resolve_stage(os.path.join(run, "rm"))
-    from starling_jax.train.checkpoint import load_export
+    from starling_jax.step.checkpoint import load_export
     config, params, _ = load_export(ref.export_dir)
     assert "generation_config.json" not in os.listdir(rm_dir)
     tok = transformers.AutoTokenizer.from_pretrained(rm_dir)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from starling_jax import feedback
+from starling_jax.generation import feedback
 from starling_jax.data import load_tokenizer, nectar, pipelines
 
 
@@ -75,8 +75,8 @@ def test_feedback_rows_round_trip_into_the_rm_pipeline(tmp_path):
 
 
 def test_load_function_and_bad_specs():
-    assert feedback.load_function("starling_jax.feedback:rank_by_scores") is feedback.rank_by_scores
-    for bad in ("nocolon", "starling_jax.feedback:missing", "no_such_module_x:f"):
+    assert feedback.load_function("starling_jax.generation.feedback:rank_by_scores") is feedback.rank_by_scores
+    for bad in ("nocolon", "starling_jax.generation.feedback:missing", "no_such_module_x:f"):
         with pytest.raises(ValueError, match="judge"):
             feedback.load_function(bad)
 

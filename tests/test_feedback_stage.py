@@ -19,14 +19,14 @@ import sys
 
 import pytest
 
-from starling_jax import feedback as fb
+from starling_jax.generation import feedback as fb
 from starling_jax.config import (CheckpointConfig, ConfigError, DataConfig, Experiment, FeedbackConfig, LoggingConfig,
                                  ModelSection, ObjectiveConfig, OptimConfig, Stage, TrainConfig)
-from starling_jax.config_loading import validate
+from starling_jax.stages.experiment import validate
 from starling_jax.data import pipelines, tasks
 from starling_jax.data.nectar import parse_prompt, read_rows
 from starling_jax.models import PRESETS
-from starling_jax.train import feedback_stage, loop
+from starling_jax.stages import feedback_stage, loop
 
 POLICY = PRESETS["tiny"].replace(num_layers=1)
 RM = POLICY.replace(head="score")
@@ -182,7 +182,7 @@ def test_feedback_config_checks():
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "starling_jax.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "starling_jax.commands.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from starling_jax import algorithms, models
-from starling_jax.train import hydra, losses
+from starling_jax.step import hydra, losses
 
 CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)
 
@@ -59,7 +59,7 @@ def test_hydra_zero_top_layers_with_frozen_head_trains_every_layer(params):
 
 def test_scale_scores_clips_first_then_moments_then_divides():
     from starling_jax.objectives import kl as obj_kl
-    from starling_jax.train.rollout import scale_scores
+    from starling_jax.stages.rollout import scale_scores
     m0 = {k: float(v) for k, v in obj_kl.running_moments_init().items()}
     raw1 = np.array([30.0, -25.0, 1.0, 2.0], np.float32)
     raw2 = np.array([0.5, 12.0, -3.0, 40.0], np.float32)
@@ -101,7 +101,7 @@ def test_plackett_luce_normalize_divides_each_prompt_by_k_minus_1():
 
 def test_rm_stage_loss_reads_pl_normalize():
     from starling_jax.config import ObjectiveConfig
-    from starling_jax.train import losses
+    from starling_jax.step import losses
     cfg = CFG.replace(head="score")
     p = models.init_params(cfg, jax.random.PRNGKey(3))
     K, T = 3, 6
@@ -120,9 +120,9 @@ def test_rm_stage_loss_reads_pl_normalize():
 # sampler drew from (temperature), and filtered sampling (top-k / top-p) is rejected for RL stages.
 
 def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
-    from starling_jax import sampling
+    from starling_jax.generation import sampling
     from starling_jax.config import ObjectiveConfig
-    from starling_jax.train import rlaif
+    from starling_jax.stages import rlaif
     T, P, N = 0.6, 4, 6
     prompt = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10]], jnp.int32)
     pmask = (prompt > 0).astype(jnp.int32)
@@ -153,7 +153,7 @@ def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
                                             ("stages.policy.rollout.top_p=0.9", "rollout.top_p")])
 def test_rl_stage_rejects_filtered_sampling(override, field):
     from starling_jax.config import ConfigError
-    from starling_jax.config_loading import apply_overrides, load_experiment, validate
+    from starling_jax.stages.experiment import apply_overrides, load_experiment, validate
     exp = apply_overrides(load_experiment("tiny_ppo"), [override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*on-policy"):
         validate(exp)
@@ -223,9 +223,9 @@ def test_identical_answers_are_one_response_and_counted():
 def test_reward_model_uses_the_template_it_was_trained_with(tmp_path):
     import dataclasses
     import json
-    from starling_jax.config_loading import load_experiment
+    from starling_jax.stages.experiment import load_experiment
     from starling_jax.data.templates import jinja_template
-    from starling_jax.train.rollout import trained_reward_template
+    from starling_jax.stages.rollout import trained_reward_template
     exp = load_experiment("tiny_starling")  # rm stage: mistral-7b-v0.1 tokenizer, "llama2" template
     section = dataclasses.replace(exp.reward_model, template="llama2_trainer", tokenizer="openchat-3.5")
     template, tokenizer, note = trained_reward_template(exp, section)

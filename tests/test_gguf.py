@@ -16,8 +16,10 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from starling_jax import cli, hf, models  # noqa: E402
-from starling_jax import gguf as sj_gguf  # noqa: E402
+from starling_jax.commands import cli  # noqa: E402
+from starling_jax.io import hf
+from starling_jax import models
+from starling_jax.io import gguf as sj_gguf  # noqa: E402
 from starling_jax.data import load_tokenizer  # noqa: E402
 
 

@@ -14,8 +14,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from starling_jax import hf, models
-from starling_jax.cli import main as cli_main
+from starling_jax.io import hf
+from starling_jax import models
+from starling_jax.commands.cli import main as cli_main
 
 torch.set_num_threads(1)
 VOCAB = 128
@@ -269,7 +270,9 @@ def test_error_save_params_do_not_match_config(tmp_path):
 _MESH_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from starling_jax import hf, models, sharding
+    from starling_jax.io import hf
+    from starling_jax import models
+    from starling_jax.parallel import sharding
     from starling_jax.config import MeshConfig
     assert jax.device_count() == 8, jax.devices()
     mesh_config = MeshConfig(data=1, fsdp=4, tensor=2)

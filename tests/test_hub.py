@@ -9,9 +9,11 @@ import pytest
 pytest.importorskip("huggingface_hub")
 pytest.importorskip("gguf")
 
-from starling_jax import cli, hf, hub, models  # noqa: E402
-from starling_jax import gguf as sj_gguf  # noqa: E402
-from starling_jax.chat import load_checkpoint  # noqa: E402
+from starling_jax.commands import cli  # noqa: E402
+from starling_jax.io import hf, hub
+from starling_jax import models
+from starling_jax.io import gguf as sj_gguf  # noqa: E402
+from starling_jax.commands.chat import load_checkpoint  # noqa: E402
 from starling_jax.data import load_tokenizer  # noqa: E402
 from tests.test_gguf import write_tiny_gguf  # noqa: E402
 
@@ -72,7 +74,7 @@ def test_generate_from_hub_id_with_its_own_template(cache, capsys):
 
 def test_config_accepts_hub_ids(cache):
     from starling_jax import config as cfg
-    from starling_jax.config_loading import validate
+    from starling_jax.stages.experiment import validate
     model = cfg.ModelSection(config=models.get_preset("tiny"), path="hf:org/tiny", tokenizer="hf:org/tiny")
     validate(cfg.Experiment(name="hub", model=model))
     with pytest.raises(cfg.ConfigError, match="model.path.*expected hf:ORG/NAME"):

@@ -1,4 +1,4 @@
-"""The Starling fork's OpenChat critic, value_head="layers" (train/hydra.py): a trainable copy of the top M layers +
+"""The Starling fork's OpenChat critic, value_head="layers" (step/hydra.py): a trainable copy of the top M layers +
 final norm + Linear(D, 1), initialised from the policy, reading the hidden state entering those M layers without
 gradient (thwu1/trlx 0fb4e1e trlx/models/modeling_ppo.py MistralModelWithHydraValueHead, L451-495)."""
 
@@ -11,8 +11,9 @@ import pytest
 
 from starling_jax import models
 from starling_jax.config import ConfigError, ObjectiveConfig, OptimConfig
-from starling_jax.train import hydra, rlaif
-from starling_jax.train.state import init_state, make_optimizer
+from starling_jax.step import hydra
+from starling_jax.stages import rlaif
+from starling_jax.step.state import init_state, make_optimizer
 
 CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)
 L, B, P, N = 3, 4, 6, 5
@@ -156,7 +157,7 @@ def _experiment(name="apa", **objective):
                                                                   r"critic-free"),
 ])
 def test_value_head_layers_validation(objective, message):
-    from starling_jax.config_loading import validate
+    from starling_jax.stages.experiment import validate
     validate(_experiment(value_head="layers", value_head_layers=2))
     with pytest.raises(ConfigError, match=message) as e:
         validate(_experiment(**objective))
@@ -184,9 +185,9 @@ def test_tiny_rl_stage_runs_and_resumes_with_the_layer_critic(tmp_path, caplog, 
 
     from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
                                      RewardModelSection, RolloutConfig, TrainConfig)
-    from starling_jax.train.checkpoint import Checkpoints
-    from starling_jax.train.logging import read_metrics
-    from starling_jax.train.loop import run_experiment
+    from starling_jax.step.checkpoint import Checkpoints
+    from starling_jax.step.logging import read_metrics
+    from starling_jax.stages.loop import run_experiment
 
     model = models.PRESETS["tiny"]
     exp = Experiment(

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from starling_jax.config_loading import apply_overrides, load_experiment
-from starling_jax.train.checkpoint import Checkpoints
-from starling_jax.train.logging import read_metrics
+from starling_jax.stages.experiment import apply_overrides, load_experiment
+from starling_jax.step.checkpoint import Checkpoints
+from starling_jax.step.logging import read_metrics
 
 pytestmark = pytest.mark.slow  # every test here trains or runs a subprocess end to end
 
@@ -50,7 +50,7 @@ def env(tmp_path_factory):
 
 
 def train_command(workdir, extra=()):
-    args = [sys.executable, "-m", "starling_jax.cli", "train", "tiny_rm", "--workdir", str(workdir)]
+    args = [sys.executable, "-m", "starling_jax.commands.cli", "train", "tiny_rm", "--workdir", str(workdir)]
     for o in OVERRIDES + list(extra):
         args += ["--set", o]
     return args

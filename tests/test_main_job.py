@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from starling_jax.config_loading import apply_overrides, load_experiment, stages_of, validate
+from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of, validate
 
 pytestmark = pytest.mark.slow  # every test here trains or runs a subprocess end to end
 
@@ -35,7 +35,7 @@ MIN_RM_ACCURACY = 0.6
 def test_tiny_starling_end_to_end(tmp_path):
     # The user's command, in a subprocess on one CPU device (tests/conftest.py simulates 8 for the sharding tests).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "starling_jax.cli", "run", os.path.join(ROOT, "experiments", "tiny_starling.py"),
+    cmd = [sys.executable, "-m", "starling_jax.commands.cli", "run", os.path.join(ROOT, "experiments", "tiny_starling.py"),
            "--workdir", str(tmp_path)] + [a for o in ARGS for a in ("--set", o)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,9 +12,9 @@ import signal
 
 import pytest
 
-from starling_jax.config_loading import apply_overrides, load_experiment
-from starling_jax.train import loop
-from starling_jax.train.logging import WINDOW_FILE, read_metrics
+from starling_jax.stages.experiment import apply_overrides, load_experiment
+from starling_jax.stages import loop
+from starling_jax.step.logging import WINDOW_FILE, read_metrics
 
 STEPS = 12
 OVERRIDES = [
@@ -123,7 +123,7 @@ def test_kill_after_a_checkpoint_mid_window(reference, tmp_path, monkeypatch):
 def test_a_line_half_written_by_a_kill_is_dropped_on_resume(tmp_path):
     """SIGKILL during a metrics write leaves a partial last line: resuming drops it (and records past the checkpoint)
     so the next record starts on its own line; read_metrics leaves such a line out instead of failing."""
-    from starling_jax.train.logging import MetricsLogger, truncate_metrics
+    from starling_jax.step.logging import MetricsLogger, truncate_metrics
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "loss": 1.5}\n{"step": 10, "loss": 1.25}\n{"step": 15, "lo')
     assert read_metrics(str(path)) == [{"step": 5, "loss": 1.5}, {"step": 10, "loss": 1.25}]

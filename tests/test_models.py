@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 
-from starling_jax import hf, models
+from starling_jax.io import hf
+from starling_jax import models
 
 torch.set_num_threads(1)  # the test machine is shared
 VOCAB = 128

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from starling_jax.train.logging import read_metrics
+from starling_jax.step.logging import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def base_env(cache, devices: int) -> dict:
 
 
 def command(workdir, *extra, experiment=EXPERIMENT) -> list[str]:
-    return [sys.executable, "-m", "starling_jax.cli", "train", experiment, "--workdir", str(workdir), *extra]
+    return [sys.executable, "-m", "starling_jax.commands.cli", "train", experiment, "--workdir", str(workdir), *extra]
 
 
 class Launch:

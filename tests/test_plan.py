@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from starling_jax import cli, plan
+from starling_jax.commands import cli, plan
 
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
 
@@ -83,7 +83,7 @@ def test_plan_reexecutes_itself_on_simulated_devices(tmp_path):
     path.write_text(EXPERIMENT)  # its mesh (2, 2, 2) needs 8 devices; --mesh overrides it
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "STARLING_PLAN_REEXEC")}
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-m", "starling_jax.cli", "plan", str(path), "--devices", "2", "--json",
+    out = subprocess.run([sys.executable, "-m", "starling_jax.commands.cli", "plan", str(path), "--devices", "2", "--json",
                           "--mesh", "data=2,fsdp=1,tensor=1", "--set", "data.max_length=8"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -110,7 +110,7 @@ def test_parse_mesh_and_unknown_stage(tmp_path):
         plan.parse_mesh("model=2")
     path = tmp_path / "tiny_plan.py"
     path.write_text(EXPERIMENT)
-    from starling_jax.config_loading import load_experiment
+    from starling_jax.stages.experiment import load_experiment
     with pytest.raises(KeyError, match="no stage 'rl'; its stages: sft"):
         plan.plan_experiment(load_experiment(str(path)), jax.devices()[:1], stage="rl")
 
@@ -132,7 +132,7 @@ RL_EXPERIMENT = textwrap.dedent('''
 
 @needs8
 def test_plan_rl_update_and_rollout(tmp_path):
-    from starling_jax.config_loading import load_experiment
+    from starling_jax.stages.experiment import load_experiment
 
     path = tmp_path / "tiny_rl_plan.py"
     path.write_text(RL_EXPERIMENT)
@@ -166,7 +166,7 @@ def test_plan_rollout_holds_the_train_state(tmp_path):
     """The rollout phase keeps the whole train state (trainable layers, critic, Adam moments, trunk, reference) and
     the reward model on the devices while its calls run; the plan adds the largest call (generate, reward model,
     experience forward, advantages) to them, each compiled with the arguments the stage passes."""
-    from starling_jax.config_loading import load_experiment
+    from starling_jax.stages.experiment import load_experiment
 
     path = tmp_path / "tiny_rl_plan.py"
     path.write_text(RL_EXPERIMENT)
@@ -213,8 +213,8 @@ def test_plan_rollout_holds_the_train_state(tmp_path):
 def test_plan_counts_and_shards_the_layer_critic(tmp_path):
     """value_head="layers": the planned trainable state holds the critic's own copy of the top layers (+ norm +
     Linear(D, 1), no bias) instead of the MLP head, sharded like the model's layers, with Adam moments for it."""
-    from starling_jax import sharding
-    from starling_jax.config_loading import load_experiment, stages_of
+    from starling_jax.parallel import sharding
+    from starling_jax.stages.experiment import load_experiment, stages_of
 
     path = tmp_path / "tiny_rl_plan.py"
     path.write_text(RL_EXPERIMENT.replace('ObjectiveConfig(name="apa")', 'ObjectiveConfig(name="apa", '
@@ -253,9 +253,9 @@ def test_plan_builds_the_training_stage_setup(tmp_path, objective):
     shapes and shardings, batch layout. The rl schedule spans steps x updates per step (epochs x minibatches)."""
     from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig,
                                      RewardModelSection, RolloutConfig, TrainConfig)
-    from starling_jax.config_loading import stages_of
+    from starling_jax.stages.experiment import stages_of
     from starling_jax.models import PRESETS
-    from starling_jax.train.program import StageContext, build_program
+    from starling_jax.stages.program import StageContext, build_program
 
     model = PRESETS["tiny"]
     exp = Experiment(name="same_setup", model=ModelSection(config=model, trainable_top_layers=1),
@@ -269,7 +269,7 @@ def test_plan_builds_the_training_stage_setup(tmp_path, objective):
     ctx = StageContext(experiment=exp, config=cfg, stage_name=name, workdir=str(tmp_path), mesh=None,
                        load_stage=lambda n: None)
     trained = build_program(ctx).setup
-    from starling_jax import sharding
+    from starling_jax.parallel import sharding
     planned = plan.stage_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:8]))
     want = 5 * 3 * (8 // 4) if objective == "apa" else 5
     assert trained.total_updates == planned.total_updates == want

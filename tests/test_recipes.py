@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import pytest
 
 from starling_jax.config import Experiment
-from starling_jax.config_loading import load_experiment, to_dict
+from starling_jax.stages.experiment import load_experiment, to_dict
 from starling_jax.models import PRESETS
-from starling_jax.train.state import make_schedule
+from starling_jax.step.state import make_schedule
 
 
 def fork(path: str, line, commit: str = "0fb4e1e") -> str:
@@ -412,7 +412,7 @@ def _field(exp, field: str):
 @pytest.mark.parametrize("recipe", list(DOC_CLAIMS))
 def test_recipe_docstring_states_the_config_values(recipe):
     import importlib.util
-    from starling_jax.config_loading import EXPERIMENTS_DIR
+    from starling_jax.stages.experiment import EXPERIMENTS_DIR
     spec = importlib.util.spec_from_file_location(f"_doc_{recipe}", EXPERIMENTS_DIR / f"{recipe}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -8,8 +8,9 @@ import pytest
 
 from starling_jax import models
 from starling_jax.config import ObjectiveConfig, OptimConfig
-from starling_jax.train import hydra, rlaif
-from starling_jax.train.state import init_state, make_optimizer
+from starling_jax.step import hydra
+from starling_jax.stages import rlaif
+from starling_jax.step.state import init_state, make_optimizer
 
 CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)
 B, P, N = 8, 6, 5
@@ -63,7 +64,7 @@ def test_hydra_reference_equals_initial_policy(params, rollout, top_layers):
 def test_sampling_from_the_policy_parts_equals_the_merged_policy(params, rollout, top_layers):
     """sampling.generate on the hydra's (top, trunk) pair (merged inside the compiled call; what the rollouts and the
     held-out evaluation sample from) gives the tokens, mask and log-probs of the merged params."""
-    from starling_jax import sampling
+    from starling_jax.generation import sampling
 
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), top_layers)
     prompts, mask = rollout["tokens"][:, :P], rollout["attention_mask"][:, :P]
@@ -82,7 +83,7 @@ def test_experience_in_parts_equals_the_whole_chunk(params, rollout, name):
     baselines over consecutive rows) are computed once over the chunk."""
     from types import SimpleNamespace
 
-    from starling_jax.train.rollout import RolloutSource
+    from starling_jax.stages.rollout import RolloutSource
 
     obj = ObjectiveConfig(name=name, group_size=2, whiten_advantages=True)
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), 1)
@@ -201,9 +202,9 @@ def test_cross_tokenizer_scoring_equals_direct_scoring():
     """Policy (OpenChat tokenizer, openchat_3.5 template) replies decoded, re-rendered in the Llama-2 chat template
     and encoded with the reward model's own (Mistral/Llama SentencePiece, 32000-row) tokenizer give the same score as
     the same text written out by hand in that template and encoded directly."""
-    from starling_jax import sampling
+    from starling_jax.generation import sampling
     from starling_jax.data import load_tokenizer
-    from starling_jax.train.rollout import RewardScorer
+    from starling_jax.stages.rollout import RewardScorer
 
     policy_tok, rm_tok = load_tokenizer("openchat-3.5"), load_tokenizer("mistral-7b-v0.1")
     rm_cfg = models.PRESETS["tiny"].replace(head="score", vocab_size=32000, pad_token_id=0, eos_token_id=2,

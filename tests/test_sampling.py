@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from starling_jax import models
-from starling_jax.sampling import (apply_stop_strings, choose_tokens, decode_logits, filter_logits, generate,
+from starling_jax.generation.sampling import (apply_stop_strings, choose_tokens, decode_logits, filter_logits, generate,
                                    greedy_tokens, split_layers, stream)
 
 V, D, L, H, K, E, F = 97, 32, 2, 4, 2, 8, 64
@@ -345,7 +345,7 @@ def _hf_reply(model, tokenizer, prompt, n):
 
 
 def test_generate_cli_matches_transformers(hf_dir, capsys):
-    from starling_jax.cli import main
+    from starling_jax.commands.cli import main
     from starling_jax.data import load_tokenizer
 
     path, model = hf_dir
@@ -362,7 +362,7 @@ def test_chat_cli_streams_the_same_reply(hf_dir):
     import argparse
     import io
 
-    from starling_jax import chat
+    from starling_jax.commands import chat
     from starling_jax.data import load_tokenizer
 
     path, model = hf_dir
@@ -378,7 +378,7 @@ def test_chat_cli_streams_the_same_reply(hf_dir):
 
 
 def test_printable_prefix_holds_back_partial_stops():
-    from starling_jax.chat import printable_prefix
+    from starling_jax.commands.chat import printable_prefix
 
     stops = ["GPT4 Correct User:"]
     assert printable_prefix("Sure, here", stops) == len("Sure, here")
@@ -387,8 +387,8 @@ def test_printable_prefix_holds_back_partial_stops():
 
 
 def test_load_checkpoint_from_stage_export(tmp_path, windowed):
-    from starling_jax.chat import load_checkpoint
-    from starling_jax.train.checkpoint import save_export
+    from starling_jax.commands.chat import load_checkpoint
+    from starling_jax.step.checkpoint import save_export
 
     _, params, config = windowed
     save_export(str(tmp_path / "sft" / "export"), config, params, {"loss": 1.0})

@@ -9,10 +9,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from starling_jax import models, sharding
+from starling_jax import models
+from starling_jax.parallel import sharding
 from starling_jax.config import MeshConfig, ObjectiveConfig
 from starling_jax import algorithms
-from starling_jax.train import losses
+from starling_jax.step import losses
 
 CFG = models.PRESETS["tiny"].replace(vocab_size=128, pad_token_id=0, eos_token_id=2)
 DEFAULT_RULES = sharding.rules_dict(MeshConfig())
@@ -172,8 +173,8 @@ def test_process_rows_and_put_batch_on_one_process():
 @needs8
 def test_jitted_sharded_step_keeps_layouts_donates_state_and_matches_the_loss():
     from starling_jax.config import OptimConfig
-    from starling_jax.train.state import abstract_state, create_state, make_optimizer, state_shardings
-    from starling_jax.train.step import jit_step, make_train_step
+    from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
+    from starling_jax.step.step import jit_step, make_train_step
 
     params, batch, want = _single_device_reference()
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
@@ -204,7 +205,7 @@ def test_sharded_generation_equals_unsharded_and_keeps_the_cache_split():
     """sampling.generate with the mesh's activation constraint (data=2, fsdp=2, tensor=2: batch over data x fsdp,
     kv heads over tensor) gives the tokens and log-probs of a single-device run, greedy and sampled, over a rolling
     cache (window 8 < prompt + new tokens); prefill's KV cache comes out split over batch and kv heads."""
-    from starling_jax import sampling
+    from starling_jax.generation import sampling
 
     config = CFG.replace(init_std=0.3, sliding_window=8)  # peaked logits: no near-ties for greedy to split on
     params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(3))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from starling_jax.config_loading import apply_overrides, load_experiment
+from starling_jax.stages.experiment import apply_overrides, load_experiment
 
 SHORT = ["stages.feedback.train.steps=1", "stages.feedback.feedback.prompts_per_step=16",
          "stages.feedback.feedback.max_new_tokens=8", "stages.rm.train.steps=1", "stages.rm.train.batch_size=8",
@@ -30,7 +30,7 @@ def test_smol_starling_chains_feedback_rm_and_apa_on_the_real_model(tmp_path, mo
     exp = apply_overrides(smol_starling.with_seed(load_experiment("experiments/smol_starling.py"), 5), SHORT)
     assert exp.model.path == str(tmp_path / "smol") and os.path.isfile(tmp_path / "smol" / "config.json")
     assert [s.train.seed for s in exp.stages] == [5, 5, 5]
-    from starling_jax.train.loop import run_experiment
+    from starling_jax.stages.loop import run_experiment
     summary = run_experiment(exp, str(tmp_path / "run"))
     fb, rm, policy = summary["feedback"], summary["rm"], summary["policy"]
     assert fb["prompts"] == 16 and fb["k"] == 7 and fb["rows"] == 16 - fb["skipped_empty_answer"]

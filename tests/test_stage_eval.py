@@ -10,11 +10,11 @@ import pytest
 
 from starling_jax import objectives
 from starling_jax.config import DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig, TrainConfig
-from starling_jax.config_loading import stages_of
+from starling_jax.stages.experiment import stages_of
 from starling_jax.data import pipelines
 from starling_jax.models import PRESETS
-from starling_jax.train.program import StageContext
-from starling_jax.train.stages import DataStage
+from starling_jax.stages.program import StageContext
+from starling_jax.stages.data_stage import DataStage
 
 B = 8
 

@@ -11,9 +11,9 @@ import pytest
 from starling_jax import models
 from starling_jax.config import ObjectiveConfig, OptimConfig
 from starling_jax import algorithms
-from starling_jax.train import losses
-from starling_jax.train.state import Optimizer, create_state, decay_mask, make_optimizer, make_schedule
-from starling_jax.train.step import jit_step, make_train_step, split_micro_batches
+from starling_jax.step import losses
+from starling_jax.step.state import Optimizer, create_state, decay_mask, make_optimizer, make_schedule
+from starling_jax.step.step import jit_step, make_train_step, split_micro_batches
 
 CFG = models.PRESETS["tiny"].replace(vocab_size=128, pad_token_id=0, eos_token_id=2)
 RM_CFG = CFG.replace(head="score")
@@ -148,7 +148,7 @@ def test_frozen_weights_stored_in_compute_dtype_give_the_same_losses():
     assert {a.dtype for a in jax.tree.leaves(merged)} == {jnp.dtype(jnp.float32)}
     np.testing.assert_array_equal(merged["embed"], params["embed"].astype(jnp.bfloat16).astype(jnp.float32))
     # the RL hydra trees: same rule
-    from starling_jax.train import hydra
+    from starling_jax.step import hydra
     rl_t, rl_f = hydra.init_rl_params(params, cfg, jax.random.key(1), 1)
     assert rl_f["trunk"]["layers"]["w_up"].dtype == jnp.bfloat16
     assert rl_f["reference"]["layers"]["wo"].dtype == jnp.bfloat16

@@ -1,4 +1,4 @@
-"""The study runner (starling_jax.study): paired bootstrap statistics, ranking metrics against scipy, seeding, the
+"""The study runner (starling_jax.commands.study): paired bootstrap statistics, ranking metrics against scipy, seeding, the
 shared-stage check, the report; and (slow) one shortened cell of each study under experiments/studies/."""
 
 import dataclasses
@@ -12,10 +12,10 @@ import pytest
 import scipy.stats
 
 from starling_jax.config import ConfigError
-from starling_jax.config_loading import apply_overrides, stages_of
-from starling_jax.study import Arm, Study, load_study, report, stats, with_seed
-from starling_jax.study.evaluate import _ranking_metrics
-from starling_jax.study.runner import check_shared
+from starling_jax.stages.experiment import apply_overrides, stages_of
+from starling_jax.commands.study import Arm, Study, load_study, report, stats, with_seed
+from starling_jax.commands.study.evaluate import _ranking_metrics
+from starling_jax.commands.study.runner import check_shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "studies"))
@@ -138,8 +138,8 @@ def _tuning_record(arm, seed, true_reward):
 
 
 def test_selection_picks_the_best_arm_per_family_on_the_tuning_split(tmp_path, capsys):
-    from starling_jax.study import Selection, read_selection
-    from starling_jax.study.runner import choose, write_selection
+    from starling_jax.commands.study import Selection, read_selection
+    from starling_jax.commands.study.runner import choose, write_selection
     settings = {"a1": {"x": 1}, "a2": {"x": 2}, "b1": {"x": 1}, "b2": {"x": 2}}
     study = Study(name="sel", arms=tuple(Arm(a, None) for a in settings), seeds=(100, 101), splits=("tuning",),
                   selection=Selection(group="policy/tuning", metric="true_reward", path="selected/x.json",
@@ -166,7 +166,7 @@ def test_selection_picks_the_best_arm_per_family_on_the_tuning_split(tmp_path, c
 
 def test_the_main_job_uses_the_committed_selection():
     """experiments/tiny_starling.py's searched settings are the ones its selection files hold."""
-    from starling_jax.study import read_selection
+    from starling_jax.commands.study import read_selection
     exp = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py")).arm("apa").experiment
     stages = dict(stages_of(exp))
     selected = os.path.join(ROOT, "experiments", "studies", "selected")
@@ -185,7 +185,7 @@ def test_reuse_adopts_only_identical_shared_stages_and_cells(tmp_path):
     """--reuse: a cell of another study whose saved config equals ours (seed included) is adopted under our arm's
     name; one that differs in anything (here only its evaluation prompts) is not; shared stages are linked when the
     source's configs of our shared stages are the same (the source may have trained more shared stages)."""
-    from starling_jax.study.runner import _canonical, _cell_dir, _shared_dir, cell_experiment, reuse_finished
+    from starling_jax.commands.study.runner import _canonical, _cell_dir, _shared_dir, cell_experiment, reuse_finished
     rl = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
     rm = load_study(os.path.join(ROOT, "experiments", "studies", "rm_kwise_vs_pairwise.py"))
     source, mine = str(tmp_path / "rl"), str(tmp_path / "rm")
@@ -221,7 +221,7 @@ def test_reuse_adopts_only_identical_shared_stages_and_cells(tmp_path):
 
 
 def test_study_command_rejects_bad_input(tmp_path):
-    from starling_jax.cli import main
+    from starling_jax.commands.cli import main
     assert main(["study", str(tmp_path / "missing.py"), "--workdir", str(tmp_path)]) == 2
     path = os.path.join(ROOT, "experiments", "studies", "rm_kwise_vs_pairwise.py")
     assert main(["study", path, "--workdir", str(tmp_path), "--arms", "nope"]) == 2
@@ -235,7 +235,7 @@ def test_one_shortened_cell_of_each_study(tmp_path, name):
     """CI's cell per study: `starling-jax study FILE --quick` trains and measures one shortened cell (first arm,
     first seed), aggregates it, and a second invocation resumes (runs nothing)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "starling_jax.cli", "study", os.path.join(ROOT, "experiments", "studies", f"{name}.py"),
+    cmd = [sys.executable, "-m", "starling_jax.commands.cli", "study", os.path.join(ROOT, "experiments", "studies", f"{name}.py"),
            "--workdir", str(tmp_path), "--quick"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else ""

@@ -3,8 +3,8 @@
 import os
 
 from starling_jax.config import Experiment
-from starling_jax.config_loading import load_experiment
-from starling_jax.study import read_selection
+from starling_jax.commands.study import read_selection
+from starling_jax.stages.experiment import load_experiment
 
 EXPERIMENTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELECTED = os.path.join(EXPERIMENTS, "studies", "selected")

@@ -13,8 +13,8 @@ Budget (2-core CPU, alone, 2 cells at a time): per seed one shared SFT + RM (~9 
 incl. evaluation); 5 seeds = 25 APA runs, ~75 min. docs/REPRODUCTION.md has the measured times. CI: one `--quick` cell.
 """
 
-from starling_jax.config_loading import apply_overrides
-from starling_jax.study import Arm, Study
+from starling_jax.stages.experiment import apply_overrides
+from starling_jax.commands.study import Arm, Study
 
 from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
 

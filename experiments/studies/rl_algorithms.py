@@ -26,7 +26,7 @@ Budget (2-core CPU, alone): per seed one SFT + one RM (shared), then per arm one
 import dataclasses
 
 from starling_jax.config import ObjectiveConfig, OptimConfig, Stage, TrainConfig
-from starling_jax.study import Arm, Study
+from starling_jax.commands.study import Arm, Study
 
 from _base import QUICK, REPORT_SEEDS, main_job, selected  # experiments/studies/_base.py
 

@@ -15,8 +15,8 @@ run (40 steps x 64 rollouts) plus evaluation: 5 seeds x (1 SFT + 2 x (RM + APA))
 as the main job minus its SFT (docs/REPRODUCTION.md has the measured wall times). CI runs one `--quick` cell.
 """
 
-from starling_jax.config_loading import apply_overrides
-from starling_jax.study import Arm, Study
+from starling_jax.stages.experiment import apply_overrides
+from starling_jax.commands.study import Arm, Study
 
 from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
 

@@ -14,8 +14,8 @@ top-1, Kendall tau), 5 seeds (data generation, order, init), 95% paired bootstra
 Budget: 10 cells of 300 RM steps of a 2-layer model; docs/REPRODUCTION.md has the measured wall time.
 """
 
-from starling_jax.config_loading import apply_overrides, load_experiment
-from starling_jax.study import Arm, Study
+from starling_jax.stages.experiment import apply_overrides, load_experiment
+from starling_jax.commands.study import Arm, Study
 
 from _base import EXPERIMENTS, REPORT_SEEDS  # experiments/studies/_base.py (load_study puts this folder on the path)
 

@@ -11,7 +11,7 @@ selected/rl_algorithms.json, which rl_algorithms.py reads.
 Budget (2-core CPU, alone): per seed one shared SFT + RM, then 9 policy runs.
 """
 
-from starling_jax.study import Arm, Selection, Study
+from starling_jax.commands.study import Arm, Selection, Study
 
 from _base import QUICK, SELECTION_SEEDS, main_job  # experiments/studies/_base.py
 from rl_algorithms import variant  # experiments/studies/rl_algorithms.py

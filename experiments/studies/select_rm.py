@@ -13,8 +13,8 @@ Budget (2-core CPU, alone): per seed one SFT (400 steps) and two RMs (600 + 1200
 
 import dataclasses
 
-from starling_jax.config_loading import apply_overrides
-from starling_jax.study import Arm, Selection, Study
+from starling_jax.stages.experiment import apply_overrides
+from starling_jax.commands.study import Arm, Selection, Study
 
 from _base import QUICK, SELECTION_SEEDS, main_job  # experiments/studies/_base.py
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 from starling_jax import models, objectives
 from starling_jax.algorithms.registry import Algorithm, register
-from starling_jax.train import losses
-from starling_jax.train.hydra import top_forward, trunk_forward
+from starling_jax.step import losses
+from starling_jax.step.hydra import top_forward, trunk_forward
 
 
 def build_loss(objective, config, constrain=None) -> losses.LossFn:

@@ -7,9 +7,9 @@ starling_jax.algorithms, so a new file is all it takes):
     register(Algorithm(name="dpo", kind="dpo", head="lm", loss=build_dpo_loss, batch=pair_batch, reference=True))
 
 Everything that used to be a table keyed by the objective name reads the record instead: the config's choices and
-checks (config loading), the stage kinds (train/stages.py, train/rlaif.py), the planner (plan.py), the docs.
+checks (config loading), the stage kinds (stages/data_stage.py, stages/rlaif.py), the planner (commands/plan.py), the docs.
 
-A stage kind is registered once, by the module that implements it (register_stage_kind); see train/program.py for
+A stage kind is registered once, by the module that implements it (register_stage_kind); see stages/program.py for
 what it provides. This module imports nothing of the project: it is a pair of dictionaries with checks.
 """
 
@@ -38,7 +38,7 @@ class Algorithm:
                  experience (tokens, masks, old_logprobs, ref_logprobs, old_values, advantages, returns).
     batch:     data kinds: batch(batch_size, seq_len, num_responses) -> {key: jax.ShapeDtypeStruct}, the global
                batch layout (the planner compiles against it; the loss checks its keys). The rl kind's layout is
-               the kind's own (train/rlaif.py experience_spec).
+               the kind's own (stages/rlaif.py experience_spec).
     reference: the stage keeps a frozen copy of the trainable part taken at its start (DPO; every RL algorithm).
     advantages: rl kind: advantages(rewards, values, mask, objective, group_size, scores, logprobs, ref_logprobs,
                kl_coef) -> (advantages, returns), all [B, N] float32 (called with keywords); `rewards` are the
@@ -64,7 +64,7 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
-STAGE_KINDS: dict[str, Any] = {}  # kind name -> the kind's StageKind (train/program.py)
+STAGE_KINDS: dict[str, Any] = {}  # kind name -> the kind's StageKind (stages/program.py)
 
 
 def _close(name: str, options) -> str:
@@ -102,7 +102,7 @@ def of_kind(kind: str) -> list[str]:
 
 
 def register_stage_kind(kind) -> Any:
-    """Add a stage kind (an object with a `name`, see train/program.py StageKind). Re-registering the same name
+    """Add a stage kind (an object with a `name`, see stages/program.py StageKind). Re-registering the same name
     replaces it only with an equal object."""
     old = STAGE_KINDS.get(kind.name)
     if old is not None and old is not kind and old != kind:

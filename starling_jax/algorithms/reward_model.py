@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from starling_jax import objectives
 from starling_jax.algorithms.registry import Algorithm, register
-from starling_jax.train import losses
+from starling_jax.step import losses
 
 
 def _build(name: str, loss):

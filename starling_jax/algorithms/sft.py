@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starling_jax import models, objectives
 from starling_jax.algorithms.registry import Algorithm, register
-from starling_jax.train import losses
+from starling_jax.step import losses
 
 
 def build_loss(objective, config, constrain=None) -> losses.LossFn:

@@ -310,7 +310,7 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     if name_or_path == "mistral-7b-v0.1":
         return Tokenizer(_SentencePieceBackend(mistral_model_path()), "mistral-7b-v0.1")
     if name_or_path.startswith("hf:"):
-        from starling_jax import hub
+        from starling_jax.io import hub
         name_or_path = hub.resolve(name_or_path)
     path = name_or_path
     if not os.path.exists(path):

@@ -34,7 +34,7 @@ NEG_INF = attention_ops.NEG_INF
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     shape: tuple[int, ...]
-    axes: tuple[Optional[str], ...]  # logical axis names, mapped to mesh axes by starling_jax.sharding rules
+    axes: tuple[Optional[str], ...]  # logical axis names, mapped to mesh axes by starling_jax.parallel.sharding rules
     init: str  # "normal" (std = config.init_std), "ones", "zeros" or "fan_in_uniform" (torch Linear's)
     dtype: str = "float32"
 
@@ -73,7 +73,7 @@ def value_head_specs(config: ModelConfig, kind: str = "mlp", layers: int = 0) ->
     """A per-token critic. On the policy's last hidden state: "mlp", Linear(D, 2D)-ReLU-Linear(2D, 1) (trlx's
     make_head), or "linear", Linear(D, 1). Or "layers": its own stack of `layers` decoder layers (the shapes and
     logical axes of the model's, so they shard like them) + a final norm + Linear(D, 1) without bias (the Starling
-    fork's OpenChat critic; train/hydra.py runs it)."""
+    fork's OpenChat critic; step/hydra.py runs it)."""
     D, dt = config.hidden_size, config.param_dtype
     if kind == "mlp":
         return {"w1": ParamSpec((D, 2 * D), ("embed", "mlp"), "normal", dt), "b1": ParamSpec((2 * D,), ("mlp",), "zeros", dt),
@@ -304,7 +304,7 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
     With a cache (see init_cache; its k/v must hold exactly these layers), the new tokens' K/V are written and
     attention runs over the cache; positions continue from the cache's. Returns (x, cache or None).
     constrain: optional x -> x applied to the residual stream at every layer boundary, e.g. a sharding constraint
-    (starling_jax.sharding.activation_constraint); None leaves the layout to XLA.
+    (starling_jax.parallel.sharding.activation_constraint); None leaves the layout to XLA.
     write_start: with a cache, the caller's promise that the new tokens go to the contiguous slots
     write_start..write_start+T-1 (no wrap, e.g. 0 for a prompt into a fresh cache of >= T slots): they are then written
     in place. A single token (T = 1) is always written that way.
@@ -426,7 +426,7 @@ def score(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask
 
 def value_head(head: Params, h: jax.Array) -> jax.Array:
     """Per-token values [B, T] (float32) from hidden states [B, T, D]: the "mlp" or "linear" head, or the scalar
-    Linear (no bias) of a "layers" critic (whose stack train/hydra.py runs first)."""
+    Linear (no bias) of a "layers" critic (whose stack step/hydra.py runs first)."""
     h = h.astype(jnp.float32)
     if "w1" in head:
         h = jax.nn.relu(h @ head["w1"].astype(jnp.float32) + head["b1"].astype(jnp.float32))

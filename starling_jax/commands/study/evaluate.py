@@ -1,0 +1,104 @@
+"""Per-prompt measurements of one study cell, with the same protocol for every arm.
+
+policy_measurements: the policy (any stage's export: rl, dpo, sft) and the reference (the SFT policy) each sample
+one reply per prompt of a split (temperature 1, one key per split and seed, shared by every arm); per prompt: the
+hidden true utility and each of its terms (synthetic.utility_terms, so a gain from formatting is told apart from a
+gain in relevance), the raw reward-model score (read through the RM's own tokenizer and template), the sequence KL
+sum_t log pi(a_t) - log pi_ref(a_t) of the policy's sample, and the reply length in tokens.
+
+reward_model_measurements: per held-out group, the RM's ranking of its K answers against the order of their TRUE
+utilities (not the noisy labels it was trained on): pair accuracy over untied pairs, top-1 accuracy, Kendall tau.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from starling_jax import models
+from starling_jax.data import pipelines, synthetic
+from starling_jax.objectives.sft import token_logprobs
+
+SPLIT_KEYS = {"heldout": 1, "unseen": 2, "tuning": 3}  # fold_in offsets: each split has its own sampling key
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _response_logprobs(params, config, tokens, attention_mask, prompt_len):
+    """log pi(token_t | tokens_<t) of the response tokens (positions prompt_len..) [B, N]."""
+    logits = models.forward(params, config, tokens, attention_mask)
+    return token_logprobs(logits[:, prompt_len - 1:-1], tokens[:, prompt_len:])
+
+
+def prompt_batch(rows, tokenizer, data, template):
+    """(RL prompt batch, conversations in batch order) of rows."""
+    from starling_jax.stages.rollout import conversation_of
+    batch = next(iter(pipelines.dataset_for("rl", rows, tokenizer, data, len(rows), template=template,
+                                            shuffle=False, num_epochs=1)))
+    conversations = [conversation_of(r, f"row {i}") for i, r in enumerate(rows)]
+    return batch, [conversations[i] for i in np.asarray(batch["prompt_id"])]
+
+
+def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template, data, rollout, key) -> dict:
+    """{"policy": {metric: [rows]}, "reference": {...}, "prompt": [rows]} (see the module docstring). policy and
+    reference are (config, params)."""
+    from starling_jax.stages.rollout import sample_replies
+    batch, conversations = prompt_batch(rows, tokenizer, data, template)
+    (config, params), (ref_config, ref_params) = policy, reference
+    out: dict = {"prompt": [synthetic.nectar_prompt(c) for c in conversations]}
+    for name, (cfg, p) in (("policy", policy), ("reference", reference)):
+        s = sample_replies(p, cfg, tokenizer, template, conversations, batch["prompt_tokens"], batch["prompt_mask"],
+                           key, rollout.max_new_tokens, 1.0, 0, 1.0)
+        P = s.prompt_tokens.shape[1]
+        tokens = jnp.asarray(np.concatenate([s.prompt_tokens, s.tokens], axis=1))
+        attn = jnp.asarray(np.concatenate([s.prompt_mask, s.mask], axis=1))
+        logp = np.asarray(_response_logprobs(p, cfg, tokens, attn, P))
+        logp_ref = np.asarray(_response_logprobs(ref_params, ref_config, tokens, attn, P))
+        m: dict = {"true_reward": np.array([synthetic.true_utility(c, t) for c, t in zip(conversations, s.texts)]),
+                   "rm_score": np.asarray(scorer(conversations, s.texts), np.float64),
+                   "kl": np.sum((logp - logp_ref) * s.mask, axis=1).astype(np.float64),
+                   "length": s.mask.sum(axis=1).astype(np.float64)}
+        terms = [synthetic.utility_terms(c, t) for c, t in zip(conversations, s.texts)]
+        for k in terms[0]:
+            m[f"term_{k}"] = np.array([t[k] for t in terms])
+        m["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:3]]
+        out[name] = m
+    return out
+
+
+def _ranking_metrics(scores: np.ndarray, utilities: np.ndarray) -> tuple[float, float, float]:
+    """(pair accuracy over untied pairs, top-1, Kendall tau-b-free tau over untied pairs) of one group."""
+    i, j = np.triu_indices(len(utilities), 1)
+    du, ds = np.sign(utilities[i] - utilities[j]), np.sign(scores[i] - scores[j])
+    untied = du != 0
+    agree = du[untied] * ds[untied]
+    pair_acc = float(np.mean(agree > 0)) if untied.any() else float("nan")
+    tau = float(np.mean(agree)) if untied.any() else float("nan")
+    top1 = float(utilities[int(np.argmax(scores))] == np.max(utilities))
+    return pair_acc, top1, tau
+
+
+def reward_model_measurements(rm, rows, *, tokenizer, template, data, batch_size: int = 16) -> dict:
+    """{"pair_accuracy", "top1_accuracy", "kendall_tau": [rows], "prompt": [rows]} against the true utilities."""
+    from starling_jax.metrics.ranking import make_reward_fn
+    config, params = rm
+    if any("utilities" not in r for r in rows):
+        raise ValueError("reward-model measurements need synthetic rows (true utilities)")
+    reward_fn = make_reward_fn(config)
+    ds = pipelines.make_dataset("rm", rows, tokenizer, batch_size, template=template, max_length=data.max_length,
+                                max_prompt_length=data.max_prompt_length, max_responses=data.max_responses,
+                                shuffle=False, num_epochs=1, drop_remainder=False)
+    scores = np.concatenate([np.asarray(reward_fn(params, b["tokens"], b["attention_mask"])) for b in ds])
+    out = {"pair_accuracy": [], "top1_accuracy": [], "kendall_tau": []}
+    for r, s in zip(rows, scores):
+        k = len(r["utilities"])
+        if k > data.max_responses:
+            raise ValueError(f"a row has {k} answers > data.max_responses={data.max_responses}")
+        for name, v in zip(out, _ranking_metrics(s[:k], np.asarray(r["utilities"]))):
+            out[name].append(v)
+    result = {k: np.asarray(v) for k, v in out.items()}
+    result["prompt"] = [synthetic.nectar_prompt(r["messages"]) for r in rows]
+    return result
+

@@ -1,0 +1,446 @@
+"""Run a study's grid (shared stages per seed, then one cell per arm and seed), resumably and optionally in parallel
+processes, then aggregate it (starling_jax.commands.study.report). The `starling-jax study` command.
+
+A cell is finished when D/cells/ARM/seedS/cell.json exists; an interrupted cell resumes from its stages'
+checkpoints (the training loop's own resume). Each cell and each seed's shared stages run in a child process
+(`starling-jax study FILE --workdir D --cell ARM@S`), which isolates their memory and lets `--jobs N` run N at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+from starling_jax.config import ConfigError, Experiment
+from starling_jax.stages.experiment import apply_overrides, stages_of, to_dict
+from starling_jax.commands.study import Arm, Study, load_study, with_seed
+
+
+def cell_experiment(study: Study, arm: Arm, seed: int, quick: bool = False) -> Experiment:
+    exp = with_seed(arm.experiment, seed)
+    return apply_overrides(exp, study.quick) if quick else exp
+
+
+def check_shared(study: Study, seeds: Sequence[int], quick: bool = False) -> None:
+    """Every arm must resolve each shared stage to the same config (else the arms would differ by more than the
+    study varies); raise ConfigError naming the arm and stage otherwise."""
+    names = {a.name for a in study.arms}
+    if len(names) != len(study.arms):
+        raise ConfigError(f"study {study.name!r}: arm names must be unique")
+    if study.baseline_arm not in names:
+        raise ConfigError(f"study {study.name!r}: baseline {study.baseline_arm!r} is not an arm")
+    for seed in seeds:
+        first = None
+        for arm in study.arms:
+            stages = dict(stages_of(cell_experiment(study, arm, seed, quick)))
+            for needed in (study.reference_stage, study.reward_stage, arm.policy_stage, *study.shared_stages):
+                if needed is not None and needed not in stages:
+                    raise ConfigError(f"study {study.name!r}: arm {arm.name!r} has no stage {needed!r} "
+                                      f"(stages: {', '.join(stages)})")
+            shared = {n: {k: v for k, v in to_dict(stages[n]).items() if k != "name"} for n in study.shared_stages}
+            if first is None:
+                first = (arm.name, shared)
+            elif shared != first[1]:
+                bad = [n for n in shared if shared[n] != first[1][n]]
+                raise ConfigError(f"study {study.name!r}: shared stage(s) {', '.join(bad)} differ between arms "
+                                  f"{first[0]!r} and {arm.name!r}; a shared stage must be the same in every arm")
+
+
+def _cell_dir(workdir: str, arm: str, seed: int) -> str:
+    return os.path.join(workdir, "cells", arm, f"seed{seed}")
+
+
+def _shared_dir(workdir: str, seed: int) -> str:
+    return os.path.join(workdir, "shared", f"seed{seed}")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    import numpy as np
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def run_shared(study: Study, workdir: str, seed: int, quick: bool = False) -> None:
+    """Train the shared stages of `seed` once (in D/shared/seedS), from the first arm's experiment."""
+    from starling_jax.stages.loop import run_experiment
+    if not study.shared_stages:
+        return
+    exp = cell_experiment(study, study.arms[0], seed, quick)
+    exp = dataclasses.replace(exp, stages=tuple(s for s in exp.stages if s.name in study.shared_stages))
+    directory = _shared_dir(workdir, seed)
+    if os.path.exists(os.path.join(directory, "done.json")):
+        return
+    t0 = time.perf_counter()
+    run_experiment(exp, directory)
+    _write_json(os.path.join(directory, "done.json"), {"seed": seed, "wall_s": time.perf_counter() - t0})
+
+
+def run_cell(study: Study, workdir: str, arm_name: str, seed: int, quick: bool = False) -> dict:
+    """Train one cell (its shared stages linked in) and measure it; writes and returns its cell.json record."""
+    from starling_jax.stages.loop import run_experiment
+    arm = study.arm(arm_name)
+    exp = cell_experiment(study, arm, seed, quick)
+    directory = _cell_dir(workdir, arm.name, seed)
+    path = os.path.join(directory, "cell.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    os.makedirs(directory, exist_ok=True)
+    for name in study.shared_stages:
+        source = os.path.join(_shared_dir(workdir, seed), name)
+        if not os.path.isdir(os.path.join(source, "export")):
+            raise FileNotFoundError(f"shared stage {name!r} of seed {seed} is not trained ({source}); run the whole "
+                                    f"study, not a single cell")
+        link = os.path.join(directory, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.relpath(source, directory), link)
+    t0 = time.perf_counter()
+    summary = run_experiment(exp, directory)
+    train_s = time.perf_counter() - t0
+    groups = measure_cell(study, arm, exp, directory, seed, quick)
+    record = {"arm": arm.name, "seed": seed, "quick": quick, "train_wall_s": train_s,
+              "wall_s": time.perf_counter() - t0, "summary": _strip_samples(summary), "groups": groups}
+    _write_json(path, record)
+    return record
+
+
+def _strip_samples(summary: dict) -> dict:
+    return {stage: {k: v for k, v in s.items() if not k.startswith("samples")} for stage, s in summary.items()}
+
+
+def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: int, quick: bool) -> dict:
+    """Per-prompt measurements of a trained cell: {"rm/heldout", "rm/unseen", "policy/heldout", "reference/heldout",
+    "policy/unseen", ...: {metric: [rows], "prompt": [rows]}}."""
+    import jax
+
+    from starling_jax.data import load_tokenizer, pipelines
+    from starling_jax.commands.study import evaluate as ev
+    from starling_jax.step.checkpoint import load_export
+    from starling_jax.stages.rollout import RewardScorer
+
+    stages = dict(stages_of(exp))
+    n = study.quick_eval_prompts if quick else study.eval_prompts
+    data_stage = study.reference_stage or study.reward_stage or arm.policy_stage
+    splits = pipelines.load_splits(stages[data_stage].data)  # every stage of the main job reads the same data
+    named = splits.named()
+    split_rows = {k: named[k][:n] for k in study.splits if named[k]}
+    if not split_rows:
+        raise ConfigError(f"study {study.name!r}: the data has no rows in the splits it measures "
+                          f"({', '.join(study.splits)})")
+
+    def export(stage):
+        config, params, _ = load_export(os.path.join(directory, stage, "export"))
+        return config, params
+
+    groups: dict = {}
+    rm = None
+    if study.reward_stage is not None:
+        rm = export(study.reward_stage)
+        rm_cfg = stages[study.reward_stage]
+        rm_tok = load_tokenizer(rm_cfg.model.tokenizer)
+        for split, rows in split_rows.items():
+            groups[f"rm/{split}"] = ev.reward_model_measurements(rm, rows, tokenizer=rm_tok,
+                                                                 template=rm_cfg.model.template, data=rm_cfg.data)
+    if arm.policy_stage is not None:
+        if study.reference_stage is None:
+            raise ConfigError(f"study {study.name!r}: evaluating a policy needs a reference_stage (its KL is measured "
+                              f"against it)")
+        pol_cfg = stages[arm.policy_stage]
+        section = pol_cfg.reward_model or exp.reward_model
+        if rm is None or section is None:
+            raise ConfigError(f"study {study.name!r}: evaluating a policy needs reward_stage and a reward_model section")
+        scorer = RewardScorer(rm[0], rm[1], load_tokenizer(section.tokenizer), section.template, section.max_length)
+        tok = load_tokenizer(pol_cfg.model.tokenizer)
+        policy, reference = export(arm.policy_stage), export(study.reference_stage)
+        rollout = dataclasses.replace(pol_cfg.rollout, max_new_tokens=study.max_new_tokens)
+        for split, rows in split_rows.items():
+            key = jax.random.fold_in(jax.random.key(seed), ev.SPLIT_KEYS[split])
+            m = ev.policy_measurements(policy, reference, scorer, rows, tokenizer=tok, template=pol_cfg.model.template,
+                                       data=pol_cfg.data, rollout=rollout, key=key)
+            for who in ("policy", "reference"):
+                groups[f"{who}/{split}"] = {"prompt": m["prompt"], **m[who]}
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reusing another study's finished work.
+
+def _canonical(exp: Experiment) -> dict:
+    return json.loads(json.dumps(to_dict(exp)))
+
+
+def _saved_config(directory: str) -> Optional[dict]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def reuse_finished(study: Study, workdir: str, seeds: Sequence[int], arm_names: Sequence[str],
+                   sources: Sequence[str], quick: bool = False) -> list[str]:
+    """Adopt what other study workdirs (`sources`) already trained on an IDENTICAL experiment, instead of training it
+    again: a seed's shared stages (linked, when the source's saved config has the same top-level sections and the
+    same configs for our shared stages) and whole cells (their cell.json copied under our arm's name with
+    "reused_from", when the source cell's saved config equals our cell's experiment exactly, seed included).
+    Returns one line per adoption (the runner prints them). Identity is checked on the full saved config, so a study
+    cannot borrow a cell that differs in anything, including evaluation settings."""
+    notes = []
+    for seed in seeds:
+        mine = _shared_dir(workdir, seed)
+        if study.shared_stages and not os.path.exists(os.path.join(mine, "done.json")) and not os.path.lexists(mine):
+            exp = cell_experiment(study, study.arms[0], seed, quick)
+            want = _canonical(dataclasses.replace(exp, stages=tuple(s for s in exp.stages
+                                                                    if s.name in study.shared_stages)))
+            for source in sources:
+                theirs = _shared_dir(source, seed)
+                saved = _saved_config(theirs)
+                if saved is None or not os.path.exists(os.path.join(theirs, "done.json")):
+                    continue
+                saved["stages"] = [s for s in saved.get("stages", []) if s.get("name") in study.shared_stages]
+                if saved == want:
+                    os.makedirs(os.path.dirname(mine), exist_ok=True)
+                    os.symlink(os.path.abspath(theirs), mine)
+                    notes.append(f"shared stages of seed {seed}: reused {theirs}")
+                    break
+        for arm_name in arm_names:
+            directory = _cell_dir(workdir, arm_name, seed)
+            if os.path.exists(os.path.join(directory, "cell.json")):
+                continue
+            want = _canonical(cell_experiment(study, study.arm(arm_name), seed, quick))
+            for source in sources:
+                found = None
+                cells = os.path.join(source, "cells")
+                for other in sorted(os.listdir(cells)) if os.path.isdir(cells) else ():
+                    theirs = _cell_dir(source, other, seed)
+                    if os.path.exists(os.path.join(theirs, "cell.json")) and _saved_config(theirs) == want:
+                        found = theirs
+                        break
+                if found:
+                    with open(os.path.join(found, "cell.json")) as f:
+                        record = json.load(f)
+                    record.update(arm=arm_name, reused_from=os.path.abspath(found))
+                    os.makedirs(directory, exist_ok=True)
+                    _write_json(os.path.join(directory, "cell.json"), record)
+                    notes.append(f"cell {arm_name} seed {seed}: reused {found}")
+                    break
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The grid.
+
+def _child(study_path: str, workdir: str, what: list, quick: bool, log: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "starling_jax.commands.cli", "study", study_path, "--workdir", workdir, *what]
+    if quick:
+        cmd.append("--quick")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _run_pool(jobs: list[tuple[str, list, str]], study_path: str, workdir: str, quick: bool, parallel: int) -> list:
+    """Run (label, args, log) child processes, at most `parallel` at once; returns the labels that failed."""
+    pending, running, failed = list(jobs), [], []
+    while pending or running:
+        while pending and len(running) < parallel:
+            label, what, log = pending.pop(0)
+            print(f"[study] start {label} (log: {log})", file=sys.stderr, flush=True)
+            running.append((label, log, time.perf_counter(), _child(study_path, workdir, what, quick, log)))
+        time.sleep(0.5)
+        for item in list(running):
+            label, log, t0, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                took = time.perf_counter() - t0
+                if proc.returncode == 0:
+                    print(f"[study] done {label} in {took:.0f} s", file=sys.stderr, flush=True)
+                else:
+                    print(f"[study] FAILED {label} (exit {proc.returncode}); see {log}", file=sys.stderr, flush=True)
+                    failed.append(label)
+    return failed
+
+
+def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, seeds: Optional[Sequence[int]] = None,
+              arms: Optional[Sequence[str]] = None, quick: bool = False, reuse: Sequence[str] = ()) -> dict:
+    """Run every unfinished cell (shared stages first), then aggregate into D/results.{json,md,png}. reuse: other
+    study workdirs whose identical shared stages and cells are adopted instead of retrained (reuse_finished)."""
+    from starling_jax.commands.study import report
+    seeds = list(seeds if seeds is not None else study.seeds)
+    arm_names = list(arms) if arms is not None else [a.name for a in study.arms]
+    if quick:
+        seeds, arm_names = seeds[:1], arm_names[:1]
+    for a in arm_names:
+        study.arm(a)
+    check_shared(study, seeds, quick)
+    os.makedirs(workdir, exist_ok=True)
+    for source in reuse:
+        if not os.path.isdir(source):
+            raise FileNotFoundError(f"--reuse {source}: no such study workdir")
+    for note in reuse_finished(study, workdir, seeds, arm_names, reuse, quick):
+        print(f"[study] {note}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    logs = os.path.join(workdir, "logs")
+    shared = [(f"shared stages of seed {s}", ["--shared", str(s)], os.path.join(logs, f"shared_seed{s}.log"))
+              for s in seeds if study.shared_stages
+              and not os.path.exists(os.path.join(_shared_dir(workdir, s), "done.json"))]
+    failed = _run_pool(shared, study_path, workdir, quick, jobs)
+    cells = [(f"cell {a} seed {s}", ["--cell", f"{a}@{s}"], os.path.join(logs, f"{a}_seed{s}.log"))
+             for s in seeds if f"shared stages of seed {s}" not in failed for a in arm_names
+             if not os.path.exists(os.path.join(_cell_dir(workdir, a, s), "cell.json"))]
+    failed += _run_pool(cells, study_path, workdir, quick, jobs)
+    records = []
+    for s in seeds:
+        for a in arm_names:
+            path = os.path.join(_cell_dir(workdir, a, s), "cell.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    records.append(json.load(f))
+    results = report.aggregate(study, records, shared_times(workdir, seeds), this_run_s=time.perf_counter() - t0,
+                               failed=failed)
+    report.write(study, results, workdir)
+    write_selection(study, study_path, results)
+    return results
+
+
+def choose(study: Study, results: dict) -> Optional[dict]:
+    """The selection study's grid and choice (Study.selection), or None while any arm lacks any of the study's seeds
+    (or the run was shortened): {"study", "group", "metric", "maximize", "seeds", "grid": [...], "choice": {family:
+    {"arm", "settings", "mean"}}}."""
+    sel = study.selection
+    if sel is None or results.get("quick") or sorted(results["seeds"]) != sorted(study.seeds):
+        return None
+    if sorted(results["complete_arms"]) != sorted(a.name for a in study.arms):
+        return None
+    summary = results["summary"].get(sel.group)
+    if summary is None:
+        raise ConfigError(f"study {study.name!r}: selection group {sel.group!r} was not measured (groups: "
+                          f"{', '.join(results['summary'])})")
+    per_seed: dict = {}
+    for cell in results["cells"]:
+        per_seed.setdefault(cell["arm"], {})[cell["seed"]] = cell["means"][sel.group][sel.metric]
+    grid = [{"arm": arm, "settings": sel.settings[arm], **{k: m[sel.metric][k] for k in ("mean", "lo", "hi")},
+             "per_seed": [per_seed[arm][s] for s in sorted(per_seed[arm])]} for arm, m in summary.items()]
+    families = sel.families or {"all": tuple(a.name for a in study.arms)}
+    sign = 1.0 if sel.maximize else -1.0
+    choice = {}
+    for family, arms in families.items():
+        best = max((g for g in grid if g["arm"] in arms), key=lambda g: sign * g["mean"])
+        choice[family] = {"arm": best["arm"], "settings": best["settings"], "mean": best["mean"]}
+    return {"study": study.name, "group": sel.group, "metric": sel.metric, "maximize": sel.maximize,
+            "seeds": sorted(study.seeds), "interval": results["interval"], "grid": grid, "choice": choice}
+
+
+def write_selection(study: Study, study_path: str, results: dict) -> None:
+    """Write choose()'s record to the selection's path (beside the study file), or say why not yet."""
+    if study.selection is None:
+        return
+    record = choose(study, results)
+    path = os.path.join(os.path.dirname(os.path.abspath(study_path)), study.selection.path)
+    if record is None:
+        print(f"[study] selection not written: it needs every arm at every seed of {list(study.seeds)}, not "
+              f"shortened ({path} unchanged)", file=sys.stderr, flush=True)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, record)
+    chosen = ", ".join(f"{family}: {c['arm']}" for family, c in record["choice"].items())
+    print(f"[study] selection: {chosen} -> {path}", file=sys.stderr, flush=True)
+
+
+def shared_times(workdir: str, seeds: Sequence[int]) -> dict:
+    """{seed: wall seconds} of the shared stages trained (or adopted) for each seed."""
+    out = {}
+    for s in seeds:
+        path = os.path.join(_shared_dir(workdir, s), "done.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[s] = json.load(f)["wall_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+
+def add_arguments(parser) -> None:
+    parser.add_argument("study", help="experiments/studies/NAME.py (defines get_study())")
+    parser.add_argument("--workdir", required=True, help="the study's directory (cells, results.json/.md/.png)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells to run at once, each in its own process")
+    parser.add_argument("--seeds", default=None, help="comma-separated subset of the study's seeds")
+    parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms")
+    parser.add_argument("--quick", action="store_true", help="one shortened cell (first arm, first seed), for CI")
+    parser.add_argument("--report-only", action="store_true", help="aggregate the finished cells; run nothing")
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                        help="another study's workdir: its shared stages and cells whose saved config is identical "
+                             "to one of ours are adopted instead of retrained (repeatable)")
+    parser.add_argument("--cell", default=None, help=argparse_suppress())
+    parser.add_argument("--shared", default=None, help=argparse_suppress())
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def cli(args) -> int:
+    from starling_jax.stages.loop import StageInterrupted, TrainingDiverged
+    try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        study = load_study(args.study)
+        if args.shared is not None:
+            run_shared(study, args.workdir, _int_list(args.shared, "shared")[0], args.quick)
+            return 0
+        if args.cell is not None:
+            arm, _, seed = args.cell.rpartition("@")
+            run_cell(study, args.workdir, arm, _int_list(seed, "cell")[0], args.quick)
+            return 0
+        seeds = _int_list(args.seeds, "seeds") if args.seeds else None
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+        if args.report_only:
+            from starling_jax.commands.study import report
+            records = []
+            for root, _, files in os.walk(os.path.join(args.workdir, "cells")):
+                if "cell.json" in files:
+                    with open(os.path.join(root, "cell.json")) as f:
+                        records.append(json.load(f))
+            if not records:
+                raise FileNotFoundError(f"{args.workdir}: no finished cells to report")
+            seeds_done = sorted({r["seed"] for r in records})
+            results = report.aggregate(study, records, shared_times(args.workdir, seeds_done), this_run_s=0.0,
+                                       failed=[])
+            report.write(study, results, args.workdir)
+            write_selection(study, args.study, results)
+        else:
+            results = run_study(study, args.study, args.workdir, jobs=args.jobs, seeds=seeds, arms=arms,
+                                quick=args.quick, reuse=args.reuse)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, StageInterrupted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"results: {os.path.join(args.workdir, 'results.md')}", file=sys.stderr)
+    return 1 if results.get("failed") else 0

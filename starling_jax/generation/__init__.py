@@ -1,0 +1,1 @@
+"""Text generation: the jitted KV-cache sampler (sampling.py) and AI-feedback sampling and judges (feedback.py)."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics: reward-model ranking accuracy (ranking.py) and statistics (stats.py)."""

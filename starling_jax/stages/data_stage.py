@@ -1,0 +1,222 @@
+"""The data-driven stage kinds "sft", "rm" and "dpo": a model, the objective's loss, a grain pipeline, held-out
+evaluation. (The "rl" kind lives in stages/rlaif.py.)
+
+Trees follow step/losses.py: params = the trainable part (models.split_params), frozen = {"trunk": the rest} plus,
+for DPO, {"reference": a copy of the trainable part at the start}. A reward-model stage that starts from a language
+model ("stage:sft" or an HF causal-LM directory, as Starling-RM-7B started from Llama-2-7B-chat) drops the LM head and
+gets a fresh Linear(hidden, 1) score head.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from starling_jax import models
+from starling_jax.parallel import sharding
+from starling_jax.algorithms import registry
+from starling_jax.data import load_tokenizer
+from starling_jax.data import pipelines
+from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
+from starling_jax.models import ModelConfig
+from starling_jax.step import losses
+from starling_jax.config import Experiment
+from starling_jax.stages.program import (StageContext, StageProgram, StageSetup, is_abstract, layers_note,
+                                        load_model, register_stage_kind)
+from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
+from starling_jax.step.step import make_train_step
+from starling_jax.models import Params
+
+
+class GrainBatches:
+    """A BatchSource over a grain dataset (numpy batches; the step places them on the mesh). The first batch's token
+    ids are checked against the model's vocabulary (a bad id would gather garbage silently on an accelerator)."""
+
+    def __init__(self, dataset, vocab_size: int, where: str):
+        self._iter = iter(dataset)
+        self.vocab_size, self.where = vocab_size, where
+        self.checked = False
+
+    def next_batch(self, state) -> dict:
+        batch = next(self._iter)
+        if not self.checked:
+            for k, v in batch.items():
+                if k.endswith("tokens"):
+                    models.check_token_ids(v, self.vocab_size, where=f"{self.where} batch[{k!r}]")
+            self.checked = True
+        return batch
+
+    def get_state(self) -> dict:
+        return self._iter.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iter.set_state(state)
+
+
+def to_reward_model(config: ModelConfig, params: Params, key: jax.Array) -> tuple[ModelConfig, Params]:
+    """A language model -> a reward model: drop the LM head, add a score head Linear(D, 1) ~ normal(init_std)."""
+    config = config.replace(head="score", tie_embeddings=False)
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+    params["score"] = models.init_from_specs({"score": models.param_specs(config)["score"]}, key,
+                                             config.init_std)["score"]
+    return config, params
+
+
+def _count(tree, skip=("embed",)) -> int:
+    """Parameters that do matmul work per token (embedding lookups do none)."""
+    return models.count_params({k: v for k, v in tree.items() if k not in skip}) if tree else 0
+
+
+def data_setup(c: Experiment, model_config: ModelConfig, params: Params, mesh, key: jax.Array) -> StageSetup:
+    """The trees, shardings, optimiser and step of a data-driven stage (sft, rm, dpo) from full model params given as
+    arrays (training: placed in their shards) or ShapeDtypeStructs (planning). See program.StageSetup."""
+    algorithm = registry.get(c.objective.name)
+    rules = c.mesh.rules
+    abstract = is_abstract(params)
+    top, train_head = c.model.trainable_top_layers, c.model.train_lm_head
+
+    def split(p):
+        return losses.stage_params(p, top, train_head, algorithm.reference, model_config)
+    trainable, frozen = jax.eval_shape(split, params) if abstract else split(params)
+    specs_t, specs_f = losses.stage_specs(model_config, top, train_head, algorithm.reference)
+    shard_t = sharding.param_shardings(specs_t, mesh, rules)
+    shard_f = sharding.param_shardings(specs_f, mesh, rules)
+    if not abstract:
+        trainable, frozen = jax.device_put(trainable, shard_t), jax.device_put(frozen, shard_f)
+    total = c.train.steps  # one optimiser update per step
+    optimizer = make_optimizer(c.optim, total, trainable)
+    empty = abstract_state(trainable, optimizer, frozen)
+    shard_state = state_shardings(optimizer, empty, shard_t, shard_f, mesh)
+    state = empty if abstract else create_state(trainable, optimizer, key, frozen, shard_state)
+    loss = algorithm.loss(c.objective, model_config, sharding.activation_constraint(mesh, rules))
+    batch = algorithm.batch(c.train.batch_size, c.data.max_length, c.data.max_responses)
+    notes = (f"objective {c.objective.name}: global batch {c.train.batch_size} x {c.data.max_length} tokens"
+             + (f" x K={c.data.max_responses}" if algorithm.kind == "rm" else "") + f", grad_accum {c.train.grad_accum}",
+             f"trainable: {layers_note(top, model_config.num_layers)}" + (", head" if train_head else ", head frozen"))
+    return StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
+                      update=make_train_step(loss, optimizer, c.train.grad_accum), loss=loss, batch=batch,
+                      batch_shardings=sharding.batch_shardings(batch, mesh, rules), notes=notes)
+
+
+class DataStage:
+    """The program of a data-driven stage: a model, the algorithm's loss, a grain pipeline, held-out evaluation.
+
+    Built once from the StageContext; its methods are the StageProgram the loop runs (program()). The loop's periodic
+    eval reads the tuning split when there is one, the final summary the held-out (reporting) split and the unseen
+    split; for reward models the evaluation adds ranking metrics against the observed rankings.
+    """
+
+    def __init__(self, ctx: StageContext):
+        c = self.c = ctx.config
+        self.algorithm = algorithm = registry.get(c.objective.name)
+        self.mesh = mesh = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh)
+        init_key, head_key, state_key, self.eval_key = jax.random.split(jax.random.key(c.train.seed), 4)
+
+        # The rows first: a bad data file is reported before minutes of model loading and compilation.
+        self.splits = pipelines.load_splits(c.data)
+        model_config, params = load_model(ctx, c.model, init_key)
+        if algorithm.head == "score" and model_config.head != "score":
+            model_config, params = to_reward_model(model_config, params, head_key)
+        if algorithm.head == "lm" and model_config.head != "lm":
+            raise ValueError(f"stage {ctx.stage_name!r}: objective {c.objective.name!r} needs a language model (head "
+                             f"'lm'), but model.path={c.model.path!r} holds a {model_config.head!r} head")
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer(c.model.tokenizer)
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"stage {ctx.stage_name!r}: tokenizer {c.model.tokenizer!r} has "
+                             f"{self.tokenizer.vocab_size} ids but the model's embedding has {model_config.vocab_size} "
+                             f"rows")
+        self.setup = data_setup(c, model_config, params, mesh, state_key)
+        del params
+        self.update = self.setup.jit(mesh)
+        self.eval_loss = jax.jit(lambda st, b: self.setup.loss(st.params, st.frozen, b, self.eval_key))
+        self.merge = jax.jit(lambda st: models.merge_params(st.params, st.frozen["trunk"]))
+        self.reward_fn = make_reward_fn(model_config) if algorithm.head == "score" else None
+
+        # Data: the global batches are the same whatever the number of processes; this process reads only the rows
+        # its devices hold (sharding.process_rows) and put_batch assembles the global arrays.
+        self.my_rows = sharding.process_rows(next(iter(self.setup.batch_shardings.values())), c.train.batch_size)
+        sharding.describe_rows(ctx.stage_name, self.my_rows, c.train.batch_size)
+        train_ds = self._dataset(self.splits.train, seed=c.data.shuffle_seed + c.train.seed, report=self.splits.report)
+        self.batches = GrainBatches(train_ds, model_config.vocab_size, f"stage {ctx.stage_name!r}")
+        self.eval_batches = self.heldout(c.train.eval_batches, self.splits.tuning or self.splits.heldout)
+
+    def _dataset(self, rows, **kwargs):
+        c = self.c
+        return pipelines.dataset_for(self.algorithm.kind, rows, self.tokenizer, c.data, c.train.batch_size,
+                                     template=c.model.template, process_rows=self.my_rows, **kwargs)
+
+    def heldout(self, num_batches: Optional[int], rows=None) -> list:
+        """The first num_batches (None: all) evaluation batches of `rows` (default: the held-out split), in order.
+        They keep the training batch shape (and shardings): the last one is completed with padding rows that weigh
+        nothing in the objective and its metrics (data.pipelines.padding_example), so every row is evaluated once."""
+        rows = self.splits.heldout if rows is None else rows
+        if not rows:
+            return []
+        out = []
+        for b in self._dataset(rows, shuffle=False, num_epochs=1, pad_last=True):
+            if num_batches is not None and len(out) >= num_batches:
+                break
+            out.append(b)
+        return out
+
+    def step(self, state, batch):
+        return self.update(state, sharding.put_batch(batch, self.setup.batch_shardings))
+
+    def evaluate_on(self, state, batches) -> Optional[dict]:
+        """The algorithm's loss (weighted by its "weight" metric) over `batches`, plus ranking metrics for an RM."""
+        if not batches:
+            return None
+        total, weight = 0.0, 0.0
+        ranking = RankingAccumulator()
+        full = self.merge(state) if self.reward_fn is not None else None
+        for b in batches:
+            placed = sharding.put_batch(b, self.setup.batch_shardings)
+            loss, metrics = self.eval_loss(state, placed)
+            w = float(metrics.get("weight", 1.0))
+            total, weight = total + float(loss) * w, weight + w
+            if self.reward_fn is not None:
+                ranking.add(self.reward_fn(full, placed["tokens"], placed["attention_mask"]), placed["ranks"],
+                            placed["response_mask"])
+        out = {"loss": total / max(weight, 1e-9)}
+        if self.reward_fn is not None:
+            out.update(ranking.result())
+        return out
+
+    def evaluate(self, state) -> Optional[dict]:
+        return self.evaluate_on(state, self.eval_batches)
+
+    def finish(self, state, workdir: str) -> dict:
+        splits = self.splits
+        result = self.evaluate_on(state, self.heldout(None)) or {}
+        summary = {f"heldout_{k}": v for k, v in result.items()}
+        summary["heldout_rows"] = len(splits.heldout)
+        if splits.unseen:
+            unseen = self.evaluate_on(state, self.heldout(None, splits.unseen)) or {}
+            summary.update({f"unseen_{k}": v for k, v in unseen.items()})
+            summary["unseen_rows"] = len(splits.unseen)
+        report = splits.report
+        summary["data"] = report.summary() if hasattr(report, "summary") else str(report)
+        return summary
+
+    def export(self, state) -> Params:
+        return self.merge(state)
+
+    def program(self) -> StageProgram:
+        state = self.setup.state
+        trained = _count(state.params)
+        frozen_work = _count(state.frozen.get("trunk", {})) + _count(state.frozen.get("reference", {}))
+        return StageProgram(state=state, step=self.step, batches=self.batches, export=self.export,
+                            model_config=self.model_config, evaluate=self.evaluate, finish=self.finish,
+                            flops_per_token=6.0 * trained + 2.0 * frozen_work, setup=self.setup)
+
+
+def build_data_stage(ctx: StageContext) -> StageProgram:
+    return DataStage(ctx).program()
+
+
+for _kind in ("sft", "rm", "dpo"):  # one builder for the three data-driven kinds; the algorithm says the rest
+    register_stage_kind(_kind, setup=data_setup)(build_data_stage)

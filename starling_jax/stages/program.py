@@ -1,0 +1,224 @@
+"""What one stage kind (sft, rm, dpo, rl) provides to the one training loop (starling_jax.stages.loop).
+
+A stage kind is a function `build(ctx: StageContext) -> StageProgram`, registered once under a name by the module
+that implements it (`@register_stage_kind("rl")`; stages/kinds.py imports every such module). The objective's
+algorithm (starling_jax/algorithms/, Algorithm.kind) picks the kind: sft -> "sft", rm_* -> "rm", dpo -> "dpo",
+apa/ppo -> "rl". The loop then does, for every kind alike:
+
+    program = build_program(ctx)
+    state = program.state                      # restored over from the latest checkpoint when resuming
+    program.batches.set_state(saved)           # likewise
+    for step in range(start, ctx.config.train.steps):
+        batch = program.batches.next_batch(state)   # numpy batch; the rl kind rolls out from `state` here
+        state, metrics = program.step(state, batch) # jitted; metrics: scalar arrays, "loss" required
+        ... every logging.every steps: one device_get of the accumulated metrics -> progress / jsonl / TensorBoard
+        ... every train.eval_every steps: program.evaluate(state) -> dict of floats or None
+        ... every checkpoint.every steps: orbax save of `state`, batches.get_state() and the config
+    summary = program.finish(state, ctx.workdir)   # e.g. the RM's held-out ranking accuracy
+    export = program.export(state)                 # full params of program.model_config, for later stages
+
+`state` is any pytree of arrays that orbax can save and restore (normally train.state.TrainState); everything the
+loop must not lose on a kill lives either in `state` (device arrays) or in `batches.get_state()` (JSON-able host state,
+e.g. the data iterator position, a running reward std or an adaptive KL coefficient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Protocol
+
+import jax
+import numpy as np
+
+from starling_jax.algorithms import registry
+from starling_jax.config import Experiment, ModelSection, RewardModelSection
+from starling_jax.models.config import ModelConfig
+from starling_jax.models import Params
+from starling_jax.step.step import jit_step
+
+Batch = dict[str, np.ndarray]
+Metrics = dict[str, Any]  # name -> scalar (a jax array inside the step; floats once fetched)
+
+
+class BatchSource(Protocol):
+    """The stage's input stream. Deterministic from the config's seeds and its own saved state."""
+
+    def next_batch(self, state: Any) -> Batch:
+        """The next training batch (dict of numpy arrays, leading dim train.batch_size). `state` is the current train
+        state, which the rl kind uses to generate rollouts; data-driven kinds ignore it."""
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position of the stream (saved in every checkpoint)."""
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a position returned by get_state() (called once when resuming)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageExport:
+    """A finished stage's model as later stages see it ("stage:NAME" in model.path or reward_model.path)."""
+    config: ModelConfig
+    params: Optional[Params]  # full params (merged if the stage trained only the top layers); None: no model
+    summary: dict  # the stage's finish() summary
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What the loop hands to a stage kind's build function."""
+    experiment: Experiment  # the whole experiment, all stages
+    config: Experiment  # this stage's resolved view: its sections merged over the experiment's (config.stages == ())
+    stage_name: str
+    workdir: str  # WORKDIR/<stage name>: the stage may write files here (samples, plots); checkpoints live below it
+    mesh: Optional[jax.sharding.Mesh]  # None on a single device
+    load_stage: Callable[[str], StageExport]  # an earlier stage's exported model by name (loaded from disk if needed)
+
+
+def _no_eval(state) -> Optional[dict]:
+    return None
+
+
+def _no_summary(state, workdir: str) -> dict:
+    return {}
+
+
+@dataclasses.dataclass
+class StageProgram:
+    """What one stage kind provides to the loop.
+
+    state:   the initial train state (a pytree of arrays; normally train.state.TrainState(step, params, frozen,
+             opt_state, rng)), already placed on the mesh. On resume the loop restores a checkpoint *over* it (its
+             shapes, dtypes and shardings are the restore target).
+    step:    jitted (state, batch) -> (state, metrics); metrics are scalar arrays and include "loss". It must not
+             sync with the host (the loop fetches metrics every logging.every steps).
+    batches: the BatchSource.
+    export:  state -> full params of `model_config` (the stage's result, handed to later stages and saved at the end).
+    model_config: the architecture of export(state).
+    evaluate: state -> dict of floats (held-out metrics) or None; called every train.eval_every steps and at the end.
+    finish:  (state, workdir) -> summary dict of JSON-able values, merged into WORKDIR/summary.json by `run`.
+    tokens_per_batch: batch -> number of real tokens, for tokens/s (host-side numpy).
+    flops_per_token: training FLOPs per real token (about 6 * trained params for fwd+bwd); 0 = no MFU reported.
+    """
+    state: Any
+    step: Callable[[Any, Batch], tuple[Any, Metrics]]
+    batches: BatchSource
+    export: Optional[Callable[[Any], Params]]  # None: the stage trains no model (feedback) and exports none
+    model_config: ModelConfig
+    evaluate: Callable[[Any], Optional[dict]] = _no_eval
+    finish: Callable[[Any, str], dict] = _no_summary
+    tokens_per_batch: Callable[[Batch], int] = lambda batch: count_tokens(batch)
+    flops_per_token: float = 0.0
+    setup: Optional["StageSetup"] = None  # the shared train/plan setup the program was built on (see StageSetup)
+
+
+def count_tokens(batch: Batch) -> int:
+    """Real (non-pad) tokens in a batch: the sum of every *attention_mask > 0 (or every *mask for rl batches)."""
+    keys = [k for k in batch if k.endswith("attention_mask")] or [k for k in batch if k.endswith("mask")]
+    return int(sum(int(np.count_nonzero(np.asarray(batch[k]))) for k in keys))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registry.
+
+@dataclasses.dataclass(frozen=True)
+class PhaseCall:
+    """One compiled call a stage runs between its steps (an rl stage's generate call, reward-model scoring, experience
+    pass), in the form the planner compiles it: fn(*resident, *inputs). `resident` are trees that stay on the devices
+    anyway (parts of the train state, the reward model), `inputs` the call's own arguments (prompts, tokens); both as
+    ShapeDtypeStructs, with their shardings. fn is the function the stage calls (jitted or not)."""
+    fn: Callable
+    resident: tuple
+    resident_shardings: tuple
+    inputs: tuple
+    input_shardings: tuple
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSetup:
+    """A stage's trees, shardings, optimiser and (unjitted) update step: what training and planning share.
+
+    A stage kind's `setup(config, model_config, params, mesh, key)` builds it from the stage's resolved config and
+    the model's params given either as arrays (the loop: the state is created in its shards) or as
+    ShapeDtypeStructs (the planner: nothing is allocated). Training and `starling-jax plan` call the same function,
+    so the planned schedule, shardings and step are the trained ones.
+    """
+    state: Any  # TrainState of arrays, or of ShapeDtypeStructs when the params were abstract
+    state_shardings: Any  # TrainState of NamedShardings
+    optimizer: Any  # train.state.Optimizer
+    total_updates: int  # optimiser updates the learning-rate schedule spans
+    update: Callable  # (state, batch) -> (state, metrics), not jitted
+    loss: Callable  # the algorithm's loss as the update calls it
+    batch: dict  # ShapeDtypeStructs of one global batch
+    batch_shardings: dict
+    resident: dict = dataclasses.field(default_factory=dict)  # name -> (abstract tree, shardings): other live state
+    notes: tuple = ()  # human-readable facts (the planner prints them)
+    between_steps: dict = dataclasses.field(default_factory=dict)  # name -> PhaseCall (`plan --rollout` compiles them)
+
+    def jit(self, mesh) -> Callable:
+        """The update jitted with the state donated and the setup's in/out shardings (step/step.py jit_step)."""
+        return jit_step(self.update, mesh, self.state_shardings, self.batch_shardings)
+
+
+def layers_note(top: int, num_layers: int) -> str:
+    """"all layers" or "top N of L layers" (model.trainable_top_layers), for setup notes."""
+    return "all layers" if top in (0, num_layers) else f"top {top} of {num_layers} layers"
+
+
+def is_abstract(tree) -> bool:
+    """True when every leaf of `tree` is a jax.ShapeDtypeStruct (planning), False for arrays (training)."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    """A registered stage kind: `build(ctx)` makes the training program of a stage whose algorithm has this kind;
+    `setup(config, model_config, params, mesh, key) -> StageSetup` (optional) is the part the planner shares."""
+    name: str
+    build: Callable[[StageContext], StageProgram]
+    setup: Optional[Callable[..., StageSetup]] = None
+
+
+def register_stage_kind(name: str, setup: Optional[Callable[..., StageSetup]] = None):
+    """Decorator: `@register_stage_kind("rl", setup=rl_setup) def build(ctx: StageContext) -> StageProgram` registers
+    the kind once (in the registry of starling_jax/algorithms/registry.py, beside the algorithms)."""
+    def deco(fn):
+        registry.register_stage_kind(StageKind(name, fn, setup))
+        return fn
+    return deco
+
+
+def stage_kind(objective_name: str) -> str:
+    """The stage kind that trains objective `objective_name` (its registered Algorithm.kind)."""
+    return registry.get(objective_name).kind
+
+
+def build_program(ctx: StageContext) -> StageProgram:
+    """The StageProgram of ctx's stage, built by the stage kind of its objective's algorithm."""
+    kind = stage_kind(ctx.config.objective.name)
+    return registry.stage_kind(kind).build(ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers every kind needs.
+
+def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, key: jax.Array
+               ) -> tuple[ModelConfig, Params]:
+    """(config, params) of a model section: "stage:NAME" -> that stage's export; a directory -> Hugging Face weights
+    (starling_jax.io.hf.load, placed on ctx.mesh); None -> random init of section.config from `key`."""
+    path = section.path
+    if path is not None and path.startswith("stage:"):
+        exported = ctx.load_stage(path[len("stage:"):])
+        # A copy: this stage's train state is donated to its step, and a later stage may load the same export
+        # (tiny_starling: rm and policy both start from "stage:sft"); aliasing it would leave them deleted arrays.
+        return exported.config, jax.tree.map(jax.numpy.copy, exported.params)
+    if path is not None:
+        from starling_jax.io import hf  # imported lazily: converting weights is not needed for random-init runs
+        return hf.load(path, mesh=ctx.mesh)
+    if ctx.mesh is not None:  # created directly in its shards: no host ever holds the whole model
+        from starling_jax.models import param_specs
+        from starling_jax.parallel.sharding import init_sharded
+        return section.config, init_sharded(param_specs(section.config), key, section.config.init_std, ctx.mesh,
+                                            ctx.config.mesh.rules)
+    from starling_jax.models import init_params
+    return section.config, init_params(section.config, key)

@@ -1,0 +1,584 @@
+"""The "rl" stage kind: an RL algorithm of the registry (APA, PPO, ...) against a frozen reward model, with a KL
+penalty to the initial policy.
+
+One RL step (one call of the loop's step) is one chunk of rollouts and its optimisation epochs:
+
+  host (RolloutSource.next_batch, starling_jax.stages.rollout):
+    prompts -> sampling.generate with the current policy -> decode to text -> re-render the conversation in the
+    reward model's template -> tokenize with the reward model's OWN tokenizer -> models.score with the frozen RM ->
+    scale by a running std and clip -> make_experience (jitted: policy/reference log-probs and critic values in one
+    hydra pass, per-token reward -kl_coef * (logp_old - logp_ref) with the score at the last response token, the
+    algorithm's advantages: GAE unless it registers its own)
+  device (make_rl_step, jitted):
+    `epochs` passes over the chunk in shuffled minibatches of the algorithm's policy loss (+ vf_coef * value_loss
+    when the algorithm has a critic).
+
+What an RL algorithm registers (starling_jax/algorithms/registry.py, kind="rl"): `loss(out, batch, objective)`, and
+optionally `advantages`, `critic=False` and `group_size`. Trees: see starling_jax.step.hydra (trainable =
+{"policy", "critic"}, frozen = {"trunk", "reference"}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from starling_jax import models
+from starling_jax.generation import sampling
+from starling_jax.parallel import sharding
+from starling_jax.algorithms import registry
+from starling_jax.config import ObjectiveConfig
+from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.metrics import stats
+from starling_jax.models import ModelConfig, Params
+from starling_jax.objectives import common as obj_common
+from starling_jax.objectives import policy as obj_policy
+from starling_jax.stages import program as prog
+from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_parts,
+                                      policy_params, reference_parts)
+from starling_jax.step.logging import plot_metrics, read_metrics
+from starling_jax.stages.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls, sample_replies,
+                                        trained_reward_template)
+from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
+
+Batch = dict[str, Any]
+log = logging.getLogger(__name__)
+
+# Keys of an RL training batch the update reads ([B, ...]); the rest ("stat_*", [B] each) are per-rollout statistics
+# that the step only averages into its metrics.
+TRAIN_KEYS = ("tokens", "attention_mask", "response_mask", "old_logprobs", "ref_logprobs", "old_values",
+              "advantages", "returns")
+
+
+def rl_algorithm(name: str) -> registry.Algorithm:
+    """The registered algorithm `name`, checked to be one the rl kind trains."""
+    algorithm = registry.get(name)
+    if algorithm.kind != "rl":
+        raise ValueError(f"the rl stage trains the algorithms of kind 'rl' ({', '.join(registry.of_kind('rl'))}); "
+                         f"{name!r} is of kind {algorithm.kind!r}")
+    return algorithm
+
+
+def group_size(algorithm: registry.Algorithm, objective: ObjectiveConfig) -> int:
+    """Rollouts sampled per prompt (consecutive rows of a chunk) for `algorithm` with `objective`'s options."""
+    return 1 if algorithm.group_size is None else int(algorithm.group_size(objective))
+
+
+def shaped_rewards(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array, response_mask: jax.Array,
+                   kl_coef) -> tuple[jax.Array, jax.Array]:
+    """Per-token rewards [B, N] = -kl_coef * (logp_old - logp_ref), plus the (scaled) RM score [B] at each row's last
+    response token; and the per-row KL estimate sum_t (logp_old - logp_ref) [B]."""
+    mask = obj_common.as_weights(response_mask)
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    rows = jnp.arange(scores.shape[0])
+    rewards = rewards.at[rows, models.last_token_index(response_mask)].add(scores.astype(jnp.float32))
+    return rewards * mask, jnp.sum(kl, axis=-1)
+
+
+def experience_forward(trainable: Params, frozen: Params, tokens: jax.Array, attention_mask: jax.Array, *,
+                       config: ModelConfig, prompt_len: int, constrain=None, temperature: float = 1.0) -> dict:
+    """The forward pass of make_experience, row by row independent (so a chunk may run it in parts): logprobs,
+    ref_logprobs and values [B, N] float32, without gradient."""
+    out = jax.lax.stop_gradient(hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len,
+                                              constrain=constrain, temperature=temperature))
+    return {k: out[k] for k in ("logprobs", "ref_logprobs", "values")}
+
+
+def experience_from_forward(out: dict, response_mask: jax.Array, scores: jax.Array, kl_coef, *,
+                            objective: ObjectiveConfig, group: int = 1) -> dict:
+    """The rest of make_experience, over the whole chunk (advantage whitening and group baselines need every row)."""
+    mask = response_mask
+    rewards, kl = shaped_rewards(scores, out["logprobs"], out["ref_logprobs"], mask, kl_coef)
+    algorithm = rl_algorithm(objective.name)
+    values = jnp.where(mask > 0, out["values"], 0.0) if algorithm.critic else jnp.zeros_like(out["logprobs"])
+    if algorithm.advantages is None:
+        advantages, returns = obj_policy.gae(rewards, values, mask, objective.gamma, objective.gae_lambda)
+    else:
+        advantages, returns = algorithm.advantages(
+            rewards=rewards, values=values, mask=mask, objective=objective, group_size=group, scores=scores,
+            logprobs=out["logprobs"], ref_logprobs=out["ref_logprobs"], kl_coef=kl_coef)
+    if objective.whiten_advantages:
+        advantages = obj_common.masked_whiten(advantages, mask)
+    return {"old_logprobs": out["logprobs"], "ref_logprobs": out["ref_logprobs"], "old_values": values,
+            "rewards": rewards, "advantages": advantages, "returns": returns, "kl": kl}
+
+
+def make_experience(trainable: Params, frozen: Params, tokens: jax.Array, attention_mask: jax.Array,
+                    response_mask: jax.Array, scores: jax.Array, kl_coef, *, config: ModelConfig,
+                    objective: ObjectiveConfig, prompt_len: int, constrain=None, temperature: float = 1.0,
+                    group: int = 1) -> dict:
+    """Everything the update needs from one chunk of rollouts (jit with config/objective/prompt_len/temperature/group
+    static; group = rollouts per prompt, consecutive rows): experience_forward, then experience_from_forward.
+
+    tokens, attention_mask [B, P + N] (prompt left padded, response right padded); response_mask [B, N];
+    scores [B] the scaled and clipped RM scores. Returns old_logprobs, ref_logprobs, old_values, rewards, advantages,
+    returns [B, N] and kl [B] (sum over each row's response tokens of logp_old - logp_ref).
+    """
+    out = experience_forward(trainable, frozen, tokens, attention_mask, config=config, prompt_len=prompt_len,
+                             constrain=constrain, temperature=temperature)
+    return experience_from_forward(out, response_mask, scores, kl_coef, objective=objective, group=group)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperienceFn:
+    """make_experience as two jitted calls: forward(trainable, frozen, tokens, attention_mask) (row by row, so a chunk
+    may run it in parts) and finish(out, response_mask, scores, kl_coef) over the whole chunk; calling it runs both
+    over the whole chunk."""
+    forward: Callable
+    finish: Callable
+
+    def __call__(self, trainable, frozen, tokens, attention_mask, response_mask, scores, kl_coef) -> dict:
+        return self.finish(self.forward(trainable, frozen, tokens, attention_mask), response_mask, scores, kl_coef)
+
+
+def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelConfig, objective: ObjectiveConfig,
+            prompt_len: int, constrain=None, temperature: float = 1.0) -> tuple[jax.Array, dict]:
+    """The algorithm's policy loss (+ vf_coef * value loss when it has a critic) on a (mini)batch of experience
+    -> (loss, metrics).
+
+    With objective.critic_only_above = c (the Starling fork's rule), a minibatch whose value loss exceeds c trains
+    only the critic: the policy term is dropped and the value loss reaches the critic head only, not the policy's
+    layers beneath it.
+    """
+    out = hydra_forward(trainable, frozen, config, batch["tokens"], batch["attention_mask"], prompt_len,
+                        with_reference=False, constrain=constrain, temperature=temperature)
+    mask = batch["response_mask"]
+    algorithm = rl_algorithm(objective.name)
+    policy_loss, metrics = algorithm.loss(out, batch, objective)
+    if not algorithm.critic:  # the same metric names as with a critic (the curves and logs read them)
+        zero = jnp.zeros((), jnp.float32)
+        return policy_loss, {**metrics, "policy_loss": policy_loss, "value_loss": zero, "critic_only": zero}
+    v_loss, v_metrics = obj_policy.value_loss(out["values"], batch["old_values"], batch["returns"], mask,
+                                              objective.value_clip)
+    loss = policy_loss + objective.vf_coef * v_loss
+    critic_only = jnp.zeros((), jnp.bool_)
+    if objective.critic_only_above is not None:
+        critic_only = jax.lax.stop_gradient(v_loss) > objective.critic_only_above
+        detached = critic_only_values(trainable, out)
+        v_loss_critic, _ = obj_policy.value_loss(detached, batch["old_values"], batch["returns"], mask,
+                                                 objective.value_clip)
+        loss = jnp.where(critic_only, objective.vf_coef * v_loss_critic, loss)
+    metrics = {**metrics, **v_metrics, "policy_loss": policy_loss, "value_loss": v_loss,
+               "critic_only": critic_only.astype(jnp.float32)}
+    return loss, metrics
+
+
+def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dict]],
+                 optimizer: optax.GradientTransformation, epochs: int, minibatch_size: int):
+    """step(state, batch) -> (state, metrics): `epochs` shuffled passes over the chunk in minibatches, one optimizer
+    update each (a lax.scan, so it jits to one program). state is a TrainState(step, params, frozen, opt_state, rng);
+    its step counts chunks. Metrics are means over the updates, plus the means of the batch's "stat_*" rows."""
+
+    def step(state, batch: Batch):
+        data = {k: batch[k] for k in TRAIN_KEYS}
+        B = data["tokens"].shape[0]
+        if B % minibatch_size:
+            raise ValueError(f"rl step: the chunk of {B} rollouts is not divisible by minibatch_size={minibatch_size}")
+        rng, key = jax.random.split(state.rng)
+        perms = jax.vmap(lambda k: jax.random.permutation(k, B))(jax.random.split(key, epochs))
+        order = perms.reshape(epochs * (B // minibatch_size), minibatch_size)
+
+        def update(carry, idx):
+            params, opt_state = carry
+            mb = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, mb)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, opt_state), {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+        (params, opt_state), history = jax.lax.scan(update, (state.params, state.opt_state), order)
+        metrics = {k: jnp.mean(v) for k, v in history.items()}
+        metrics.update({k[len("stat_"):]: jnp.mean(v.astype(jnp.float32)) for k, v in batch.items()
+                        if k.startswith("stat_")})
+        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return state, metrics
+
+    return step
+
+
+def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_len: int, constrain=None,
+                       temperature: float = 1.0, group: Optional[int] = None):
+    """(experience_fn, loss_fn) with the static arguments bound; experience_fn is an ExperienceFn (two jitted
+    calls). constrain: optional activation sharding constraint (sharding.activation_constraint(mesh, rules)) applied
+    at layer boundaries.
+    temperature: rollout.temperature (log-probs of the distribution the rollouts were sampled from); group: rollouts
+    per prompt (default: the algorithm's, from the objective's options)."""
+    algorithm = rl_algorithm(objective.name)
+    group = group_size(algorithm, objective) if group is None else group
+    experience = ExperienceFn(
+        forward=jax.jit(functools.partial(experience_forward, config=config, prompt_len=prompt_len,
+                                          constrain=constrain, temperature=temperature)),
+        finish=jax.jit(functools.partial(experience_from_forward, objective=objective, group=group)))
+    loss = functools.partial(rl_loss, config=config, objective=objective, prompt_len=prompt_len, constrain=constrain,
+                             temperature=temperature)
+    return experience, loss
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The "rl" stage kind for the loop.
+
+
+def _policy_eval(trainable: Params, frozen: Params, sample_params, config: ModelConfig, prompts: dict,
+                 conversations: list, tokenizer, template: str, scorer, rollout, key: jax.Array,
+                 true_utility=None, place=None) -> dict:
+    """Sample replies to held-out prompts with `sample_params` (full params, or a (top, trunk) pair:
+    hydra.policy_parts); their mean RM score, true utility (synthetic data),
+    length and KL to the reference (mean over rows of sum_t log pi(a_t) - log pi_ref(a_t), under the current policy
+    trees `trainable`/`frozen`, so it is the KL of whichever model sampled only when that model is the policy).
+    With a `place` the prompts are this process's rows of the global set of held-out prompts; the means and the
+    per-prompt lists cover all of them, the samples are the first rows of this process (process 0: the set's first)."""
+    import zlib
+
+    s = sample_replies(sample_params, config, tokenizer, template, conversations, prompts["prompt_tokens"],
+                       prompts["prompt_mask"], key, rollout.max_new_tokens, rollout.temperature, rollout.top_k,
+                       rollout.top_p, place=place)
+    P = s.prompt_tokens.shape[1]
+    tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
+    attn = np.concatenate([s.prompt_mask, s.mask], axis=1)
+    if place is not None:
+        out = _eval_forward(trainable, frozen, config, *place.put(tokens, attn), P, float(rollout.temperature))
+        out = {k: place.local(v) for k, v in out.items()}
+    else:
+        out = _eval_forward(trainable, frozen, config, tokens, attn, P, float(rollout.temperature))
+    kl = np.sum((np.asarray(out["logprobs"]) - np.asarray(out["ref_logprobs"])) * s.mask, axis=1)
+    whole = (lambda local: place.whole(np.asarray(local))) if place is not None else np.asarray  # every prompt's
+    scores = whole(np.asarray(scorer(conversations, s.texts), np.float32))
+    text_ids = [zlib.crc32(t.encode()) & 0x7FFFFFFF for t in s.texts]  # equal replies <-> equal ids (gatherable)
+    report = {"rm_score": float(np.mean(scores)), "kl_to_reference": float(np.mean(whole(kl.astype(np.float32)))),
+              "response_length": float(np.mean(whole(s.mask.sum(axis=1).astype(np.float32)))),
+              "per_prompt": {"rm_scores": scores.tolist(),
+                             "lengths": whole(np.asarray([len(t) for t in s.texts], np.int32)).tolist(),
+                             "text_ids": whole(np.asarray(text_ids, np.int32)).tolist()}}
+    if true_utility is not None:
+        truth = whole(np.asarray([true_utility(c, t) for c, t in zip(conversations, s.texts)], np.float32))
+        report["true_reward"] = float(np.mean(truth))
+        report["per_prompt"]["true_rewards"] = truth.tolist()
+    report["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:4]]
+    return report
+
+
+def judged_win_rate(after: dict, before: dict) -> dict:
+    """The reward model's verdict on the same prompts, final policy vs the policy the stage started from (the SFT
+    policy): win rate with its 95% bootstrap interval, ties, losses, mean score gap, length-controlled win rate
+    (eval.stats.head_to_head; replies of equal text tie)."""
+    a, b = after["per_prompt"], before["per_prompt"]
+    result = stats.head_to_head(a["rm_scores"], b["rm_scores"], a["lengths"], b["lengths"],
+                                identical=[x == y for x, y in zip(a["text_ids"], b["text_ids"])])
+    return {k: result[k] for k in ("win_rate", "win_rate_ci95", "wins", "ties", "losses", "n", "mean_score_gap",
+                                   "length_controlled_win_rate")}
+
+
+@functools.partial(jax.jit, static_argnums=(2, 5, 6))
+def _eval_forward(trainable, frozen, config, tokens, attention_mask, prompt_len, temperature=1.0):
+    out = hydra_forward(trainable, frozen, config, tokens, attention_mask, prompt_len, temperature=temperature)
+    return {"logprobs": out["logprobs"], "ref_logprobs": out["ref_logprobs"]}
+
+
+# the panels of WORKDIR/<rl stage>/curves.png: (title, metric names)
+CURVES = (("reward", ("reward", "true_reward")), ("KL to reference (per sequence)", ("kl",)),
+          ("loss", ("loss", "policy_loss", "value_loss")))
+
+
+def experience_spec(rollouts: int, prompt_len: int, new_tokens: int, stat_keys=()) -> dict:
+    """ShapeDtypeStructs of one rl batch: TRAIN_KEYS ([B, P + N] tokens and attention mask, [B, N] the rest) plus
+    the per-rollout "stat_*" rows ([B] float32) the rollout source adds."""
+    S, B, P, N = jax.ShapeDtypeStruct, rollouts, prompt_len, new_tokens
+    spec = {"tokens": S((B, P + N), jnp.int32), "attention_mask": S((B, P + N), jnp.int32),
+            "response_mask": S((B, N), jnp.int32)}
+    spec.update({k: S((B, N), jnp.float32) for k in TRAIN_KEYS if k not in spec})
+    spec.update({k: S((B,), jnp.float32) for k in stat_keys})
+    return spec
+
+
+def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array, stat_keys=(),
+             critic_key: Optional[jax.Array] = None) -> prog.StageSetup:
+    """The hydra trees, shardings, optimiser and minibatch-epoch step of an rl stage, from the policy's full params
+    as arrays (training: placed in their shards) or ShapeDtypeStructs (planning); see program.StageSetup.
+
+    The optimiser schedule spans train.steps x updates per step (rollout.epochs x minibatches per chunk): the rl
+    step is one chunk of rollouts and runs that many optimiser updates. `key` seeds the state's rng (and the critic's
+    init unless critic_key is given); stat_keys: the rollout source's "stat_*" rows, part of the batch layout.
+    """
+    o, r = c.objective, c.rollout
+    algorithm = rl_algorithm(o.name)
+    rules = c.mesh.rules
+    abstract = prog.is_abstract(params)
+    top, head = c.model.trainable_top_layers, c.model.train_lm_head
+    k_critic, k_state = jax.random.split(key) if critic_key is None else (critic_key, key)
+
+    def split(p, k):
+        return init_rl_params(p, model_config, k, top, head, o.value_head, o.value_head_layers)
+    trainable, frozen = jax.eval_shape(split, params, k_critic) if abstract else split(params, k_critic)
+    # Placement on the mesh: the hydra trees shard like the model's params, the batch over its leading axis; the
+    # step keeps the state's layout and donates it.
+    model_specs = models.param_specs(model_config)
+    shard_t = sharding.param_shardings(sharding.respec(trainable, {
+        "policy": model_specs, "critic": models.value_head_specs(model_config, o.value_head, o.value_head_layers)}), mesh,
+        rules)
+    shard_f = sharding.param_shardings(sharding.respec(frozen, {"trunk": model_specs, "reference": model_specs}),
+                                       mesh, rules)
+    if not abstract:
+        trainable, frozen = jax.device_put(trainable, shard_t), jax.device_put(frozen, shard_f)
+    updates_per_step = r.epochs * (r.prompts_per_step // r.minibatch_size)
+    total = c.train.steps * updates_per_step
+    optimizer = make_optimizer(c.optim, total, trainable)
+    empty = abstract_state(trainable, optimizer, frozen)
+    shard_state = state_shardings(optimizer, empty, shard_t, shard_f, mesh)
+    state = empty if abstract else create_state(trainable, optimizer, k_state, frozen, shard_state)
+
+    P, N, B = c.data.max_prompt_length, r.max_new_tokens, r.prompts_per_step
+    constrain = sharding.activation_constraint(mesh, rules)
+    experience_fn, rl_loss_fn = build_rl_functions(model_config, o, P, constrain, float(r.temperature),
+                                                   group=group_size(algorithm, c.objective))
+    pin = sharding.batch_constraint(mesh, rules)  # shuffled minibatches stay split over the batch axes
+
+    def loss(params, frozen, minibatch):
+        return rl_loss_fn(params, frozen, pin(minibatch))
+    batch = experience_spec(B, P, N, stat_keys)
+    resident = {}
+    if c.reward_model is not None:  # scores rollouts between steps: live, but outside the step
+        rm_specs = models.param_specs(c.reward_model.config.replace(head="score"))
+        resident["reward_model"] = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)),
+                                                 rm_specs, is_leaf=models.transformer.is_spec),
+                                    sharding.param_shardings(rm_specs, mesh, rules))
+    critic_kind = (f"layers critic (a copy of the top {o.value_head_layers} layers + final norm + Linear)"
+                   if o.value_head == "layers" else f"{o.value_head} critic")
+    critic = f" + {critic_kind}" if algorithm.critic else " (critic-free)"
+    notes = (f"objective {o.name}: {B} rollouts of {P} prompt + {N} response tokens per step, {r.epochs} epochs of "
+             f"minibatches of {r.minibatch_size} = {updates_per_step} optimiser updates per step",
+             f"trainable: {prog.layers_note(top, model_config.num_layers)}{critic}; reference: frozen copy of the "
+             f"trainable layers",
+             "the rollout phase (generation with its KV cache, reward-model scoring, the experience pass) runs "
+             "between steps: `plan --rollout` plans it")
+    between = rollout_calls(c, model_config, state, shard_state, resident, experience_fn, constrain, mesh)
+    return prog.StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
+                           update=make_rl_step(loss, optimizer, r.epochs, r.minibatch_size), loss=loss, batch=batch,
+                           batch_shardings=sharding.batch_shardings(batch, mesh, rules), resident=resident,
+                           notes=notes, between_steps=between)
+
+
+def rollout_calls(c, model_config: ModelConfig, state, shard_state, resident: dict, experience_fn, constrain,
+                  mesh) -> dict:
+    """The compiled calls of one chunk's rollout phase (RolloutSource.next_batch), as program.PhaseCall: while they
+    run, the train state and the reward model stay on the devices. In order: "generate" (one sampling.generate call
+    of rollout.generation_batch global rows from the policy's (top, trunk) pair, no merged copy),
+    "reward_model" (models.score of rollout.generation_batch rows at reward_model.max_length tokens, the longest
+    RewardScorer pads to), "experience" (experience_forward of as many rows: policy, reference and critic) and
+    "advantages" (experience_from_forward over the whole chunk)."""
+    r, rules = c.rollout, c.mesh.rules
+    B, P, N = r.prompts_per_step, c.data.max_prompt_length, r.max_new_tokens
+    shape = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    S = jax.ShapeDtypeStruct
+
+    def rows(**arrays):  # split over the mesh's batch axes, as BatchPlacement.put places a global batch
+        spec = {k: S(shp, dt) for k, (shp, dt) in arrays.items()}
+        shard = sharding.batch_shardings(spec, mesh, rules)
+        return tuple(spec.values()), tuple(shard[k] for k in spec)
+
+    G = -(-B // len(row_calls(B, r.generation_batch)))  # rows of the largest call
+    prompts, prompts_sh = rows(prompt_tokens=((G, P), jnp.int32), prompt_mask=((G, P), jnp.int32))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+
+    def generate(top, trunk, prompt_tokens, prompt_mask, key):
+        return sampling.generate((top, trunk), model_config, prompt_tokens, prompt_mask, key, N, r.temperature,
+                                 r.top_k, r.top_p, constrain=constrain)
+
+    calls = {"generate": prog.PhaseCall(
+        generate, shape((state.params["policy"], state.frozen["trunk"])),
+        (shard_state.params["policy"], shard_state.frozen["trunk"]), (*prompts, key),
+        (*prompts_sh, sharding.replicated(mesh)),
+        f"generate: {G} of the chunk's {B} prompts per call (rollout.generation_batch), {P} + {N} tokens")}
+    if "reward_model" in resident:
+        rm, rm_sh = resident["reward_model"]
+        rm_config, T = c.reward_model.config.replace(head="score"), c.reward_model.max_length
+        rm_inputs, rm_inputs_sh = rows(tokens=((G, T), jnp.int32), attention_mask=((G, T), jnp.int32))
+        calls["reward_model"] = prog.PhaseCall(
+            functools.partial(_rm_score, rm_config, constrain), (rm,), (rm_sh,), rm_inputs, rm_inputs_sh,
+            f"reward_model: {G} of the chunk's {B} replies per call, up to {T} tokens (reward_model.max_length)")
+    exp_inputs, exp_sh = rows(tokens=((G, P + N), jnp.int32), attention_mask=((G, P + N), jnp.int32))
+    calls["experience"] = prog.PhaseCall(
+        experience_fn.forward, shape((state.params, state.frozen)), (shard_state.params, shard_state.frozen),
+        exp_inputs, exp_sh,
+        f"experience: policy, reference and critic forward over {G} of the chunk's {B} rollouts per call, {P} + {N} "
+        f"tokens")
+    out, out_sh = rows(logprobs=((B, N), jnp.float32), ref_logprobs=((B, N), jnp.float32),
+                       values=((B, N), jnp.float32))
+    finish_inputs, finish_sh = rows(response_mask=((B, N), jnp.int32), scores=((B,), jnp.float32))
+    calls["advantages"] = prog.PhaseCall(
+        lambda lp, ref, v, mask, scores, kl: experience_fn.finish(
+            {"logprobs": lp, "ref_logprobs": ref, "values": v}, mask, scores, kl),
+        (), (), (*out, *finish_inputs, S((), jnp.float32)), (*out_sh, *finish_sh, sharding.replicated(mesh)),
+        f"advantages: rewards and advantages over the chunk's {B} rollouts")
+    return calls
+
+
+def _rm_score(rm_config: ModelConfig, constrain, params: Params, tokens, attention_mask):
+    """The reward model's scoring call as RewardScorer makes it for the rollouts (models.score)."""
+    return models.score(params, rm_config, tokens, attention_mask, constrain)
+
+
+class RLStage:
+    """The program of an rl stage: the policy's hydra trees and the shared setup (rl_setup), a frozen reward model
+    with its own tokenizer and template, the rollout source, and held-out evaluation by sampling. Its methods are the
+    StageProgram the loop runs (program())."""
+
+    def __init__(self, ctx: prog.StageContext):
+        c = self.c = ctx.config
+        o, r = c.objective, c.rollout
+        self.stage_name = ctx.stage_name
+        self.algorithm = algorithm = rl_algorithm(o.name)
+        group = group_size(algorithm, o)
+        if c.reward_model is None:
+            raise ValueError(f"stage {ctx.stage_name!r}: objective {o.name!r} needs a reward_model section")
+        k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.key(c.train.seed), 4)
+        self.splits = splits = pipelines.load_splits(c.data)  # before the models: bad data fails fast
+        if not splits.heldout:  # never report the training prompts under the held-out name
+            raise ValueError(f"stage {ctx.stage_name!r}: no held-out rows to report on (data.source "
+                             f"{c.data.source!r}); set data.heldout_fraction > 0 (or data.report_rows > 0 for "
+                             f"synthetic data)")
+        train_rows = splits.train
+        self.model_config, params = config, params = prog.load_model(ctx, c.model, k_policy)
+        rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
+        if "score" not in rm_params:
+            raise ValueError(f"stage {ctx.stage_name!r}: reward_model (path {c.reward_model.path!r}) has no 'score' "
+                             f"head")
+        # the reward model is fed in the template (and tokenizer) it was trained with, when its export says which
+        rm_template, rm_tokenizer_name, note = trained_reward_template(ctx.experiment, c.reward_model)
+        if note:
+            log.info("[%s] %s", ctx.stage_name, note)
+        self.tokenizer = load_tokenizer(c.model.tokenizer)
+        rm_tokenizer = load_tokenizer(rm_tokenizer_name)
+        self.mesh = mesh = ctx.mesh if ctx.mesh is not None else sharding.make_mesh(c.mesh)
+        # Each process reads its rows of every global batch of prompts (sharding.BatchPlacement; the global batches
+        # do not depend on the number of processes). Host-side rollout code works on global arrays only across
+        # processes; one process keeps numpy batches (and any number of evaluation prompts).
+        place = sharding.BatchPlacement(mesh, c.mesh.rules)
+        self.spread = spread = place if jax.process_count() > 1 else None
+        if r.prompts_per_step % place.parts:
+            raise ValueError(f"stage {ctx.stage_name!r}: rollout.prompts_per_step={r.prompts_per_step} rollouts cannot "
+                             f"be split over the {place.parts} batch shards of the mesh; use a multiple of "
+                             f"{place.parts}")
+        self.true_utility = splits.true_utility
+        stat_keys = RolloutSource.STAT_KEYS + (("stat_true_reward",) if self.true_utility is not None else ())
+        self.setup = rl_setup(c, config, params, mesh, k_state, stat_keys, critic_key=k_critic)
+        del params
+        self.update = self.setup.jit(mesh)
+
+        conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
+        chunk_prompts = r.prompts_per_step // group  # each sampled `group` times
+        # This process's rows of the chunk of rollouts. With groups (G rows per prompt, consecutive) every process reads
+        # the chunk's prompts, repeats each G times and keeps its rows of that global chunk: a group may straddle
+        # processes (its statistics are computed on the global arrays), and the chunk is the one-process chunk.
+        rollout_rows = place.rows(r.prompts_per_step)
+        sharding.describe_rows(ctx.stage_name, rollout_rows, r.prompts_per_step)
+        prompts = iter(pipelines.dataset_for("rl", train_rows, self.tokenizer, c.data, chunk_prompts,
+                                             template=c.model.template, seed=c.data.shuffle_seed,
+                                             process_rows=rollout_rows if group == 1 else None))
+        # Evaluation sets, each sampled with its own key: "heldout" (the reporting set: true_reward_before/after in
+        # the summary), "unseen" (prompt templates no stage trained on; unseen_* in the summary) and "tuning" (what
+        # the loop's periodic eval reports, so that choosing hyperparameters by it never looks at the reporting set).
+        self.eval_sets, self.eval_sizes = {}, {}
+        for i, (split, rows) in enumerate([("heldout", splits.heldout), ("unseen", splits.unseen),
+                                           ("tuning", splits.tuning)]):
+            rows = rows[:r.eval_prompts]
+            if spread is not None:  # split evenly over the batch shards of the mesh
+                rows = rows[:len(rows) // place.parts * place.parts]
+            if not rows:
+                continue
+            batch = next(iter(pipelines.dataset_for("rl", rows, self.tokenizer, c.data, len(rows),
+                                                    template=c.model.template, shuffle=False, num_epochs=1,
+                                                    process_rows=spread.rows(len(rows)) if spread else None)))
+            self.eval_sizes[split] = len(rows)
+            convs = [conversation_of(row, f"{split} row {j}") for j, row in enumerate(rows)]
+            self.eval_sets[split] = (batch, [convs[j] for j in np.asarray(batch["prompt_id"])],
+                                     jax.random.fold_in(jax.random.key(c.train.seed + 1), i))
+        if "heldout" not in self.eval_sets and spread is not None:
+            raise ValueError(f"stage {ctx.stage_name!r}: rollout.eval_prompts={r.eval_prompts} held-out prompts cannot "
+                             f"be split over the {place.parts} batch shards of the mesh; use at least {place.parts}")
+
+        constrain = sharding.activation_constraint(mesh, c.mesh.rules)
+        experience_fn, _ = build_rl_functions(config, o, c.data.max_prompt_length, constrain, float(r.temperature),
+                                              group=group)
+        self.scorer = RewardScorer(rm_config, rm_params, rm_tokenizer, rm_template, c.reward_model.max_length,
+                                   place=spread)
+        self.batches = RolloutSource(prompts=prompts, conversations=conversations, config=config,
+                                     tokenizer=self.tokenizer, template=c.model.template, scorer=self.scorer,
+                                     experience_fn=experience_fn, objective=o, rollout=r, seed=c.train.seed,
+                                     true_utility=self.true_utility, constrain=constrain, place=spread,
+                                     group=group, group_rows=rollout_rows if group > 1 else None)
+
+    def step(self, state, batch):
+        return self.update(state, sharding.put_batch(batch, self.setup.batch_shardings))
+
+    def report(self, state, which: str, split: str = "heldout") -> dict:
+        """Sampled replies of the policy (or the reference) to an eval split: RM score, KL, length, true reward."""
+        parts = policy_parts(state.params, state.frozen) if which == "policy" else reference_parts(state.frozen)
+        prompts, conversations, key = self.eval_sets[split]
+        return _policy_eval(state.params, state.frozen, parts, self.model_config, prompts, conversations,
+                            self.tokenizer, self.c.model.template, self.scorer, self.c.rollout, key, self.true_utility,
+                            self.spread)
+
+    def evaluate(self, state) -> dict:
+        split = "tuning" if "tuning" in self.eval_sets else "heldout"
+        return {k: v for k, v in self.report(state, "policy", split).items() if k not in ("samples", "per_prompt")}
+
+    def finish(self, state, workdir: str) -> dict:
+        c, o = self.c, self.c.objective
+        before, after = self.report(state, "reference"), self.report(state, "policy")
+        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": self.eval_sizes.get("heldout", 0),
+                   "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
+                   "kl_to_reference": after["kl_to_reference"],
+                   "response_length_before": before["response_length"],
+                   "response_length_after": after["response_length"],
+                   "samples_before": before["samples"], "samples_after": after["samples"],
+                   "data": self.splits.report.summary()}
+        if "true_reward" in after:
+            summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
+            # prompt by prompt (the held-out rows in order), for paired intervals over prompts and seeds
+            summary["true_rewards_before"] = before["per_prompt"]["true_rewards"]
+            summary["true_rewards_after"] = after["per_prompt"]["true_rewards"]
+        summary["rm_win_rate_vs_initial"] = judged_win_rate(after, before)
+        if "unseen" in self.eval_sets:
+            u_before, u_after = self.report(state, "reference", "unseen"), self.report(state, "policy", "unseen")
+            summary.update({"unseen_prompts": self.eval_sizes["unseen"],
+                            "unseen_rm_score_before": u_before["rm_score"], "unseen_rm_score_after": u_after["rm_score"],
+                            "unseen_kl_to_reference": u_after["kl_to_reference"],
+                            "unseen_rm_win_rate_vs_initial": judged_win_rate(u_after, u_before)})
+            if "true_reward" in u_after:
+                summary["unseen_true_reward_before"] = u_before["true_reward"]
+                summary["unseen_true_reward_after"] = u_after["true_reward"]
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+        png = os.path.join(workdir, "curves.png")
+        if jax.process_index() == 0:  # one writer of the shared WORKDIR
+            png = plot_metrics(records, png, CURVES, "RL step (rollout chunk)", f"{self.stage_name}: {o.name.upper()}")
+        if png:
+            summary["curves_png"] = png
+        return summary
+
+    def export(self, state) -> Params:
+        return policy_params(state.params, state.frozen)
+
+    @staticmethod
+    def tokens_per_batch(batch) -> int:
+        return int(np.count_nonzero(batch["attention_mask"]))
+
+    def program(self) -> prog.StageProgram:
+        return prog.StageProgram(state=self.setup.state, step=self.step, batches=self.batches, export=self.export,
+                                 model_config=self.model_config, evaluate=self.evaluate, finish=self.finish,
+                                 tokens_per_batch=self.tokens_per_batch, setup=self.setup)
+
+
+@prog.register_stage_kind("rl", setup=rl_setup)
+def build_rl_stage(ctx: prog.StageContext) -> prog.StageProgram:
+    """StageProgram of an rl stage (see starling_jax.stages.program)."""
+    return RLStage(ctx).program()
