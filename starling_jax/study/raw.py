@@ -363,8 +363,18 @@ class Quote:
         return f"{self.path}:{self.line}: {self.text} <!-- q: {self.folder} {' '.join(self.keys)} -->"
 
 
+CODE_RE = re.compile(r"^```.*?^```|^(?:    |\t).*?$|`[^`\n]*`", re.M | re.S)
+
+
+def _blank_code(text: str) -> str:
+    """text with code (fenced blocks, indented lines, `spans`: examples, not quotes) blanked, lines kept."""
+    return CODE_RE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+
+
 def find_quotes(text: str, path: str) -> list[Quote]:
-    """Every quoted figure of a document (see the module docstring); RawError for a malformed quote."""
+    """Every quoted figure of a document (see the module docstring), code excepted; RawError for a malformed
+    quote."""
+    text = _blank_code(text)
     quotes = []
     previous_end = 0
     for m in QUOTE_RE.finditer(text):
@@ -410,11 +420,39 @@ def _as_quoted(value: float, quoted: str) -> str:
     return _plain(f"{value:.{decimals}f}")
 
 
+def _study_of(folder: str, studies_dir: str) -> Study:
+    from starling_jax.study import load_study
+    return load_study(os.path.join(studies_dir, read_manifest(folder)["study_file"]))
+
+
+def regenerated_markdown(folder: str, studies_dir: str) -> str:
+    """The results.md that `--report-only --raw folder` writes (the study file from studies_dir)."""
+    from starling_jax.study.report import markdown
+    return markdown(report(_study_of(folder, studies_dir), folder))
+
+
+def check_reports(results_root: str, studies_dir: str) -> list[str]:
+    """One line per raw folder under results_root whose committed results.md is missing or differs from the one its
+    raw data gives today."""
+    problems = []
+    for manifest in sorted(glob.glob(os.path.join(results_root, "*", STUDY_JSON))):
+        folder = os.path.dirname(manifest)
+        hint = (f"run starling-jax study experiments/studies/{read_manifest(folder)['study_file']} --report-only "
+                f"--raw {folder}")
+        path = os.path.join(folder, "results.md")
+        if not os.path.exists(path):
+            problems.append(f"{path} is missing: {hint}")
+            continue
+        with open(path, encoding="utf-8") as f:
+            if f.read() != regenerated_markdown(folder, studies_dir):
+                problems.append(f"{path} is stale (its raw data gives another report): {hint}")
+    return problems
+
+
 def check_quotes(documents: list[str], results_root: str, studies_dir: str, root: Optional[str] = None
                  ) -> tuple[int, list[str]]:
     """(number of quoted figures, one line per problem) for the given documents: each quote's figure regenerated
     from results_root/FOLDER (its study file from studies_dir) must equal the quoted number at its precision."""
-    from starling_jax.study import load_study
     regenerated: dict = {}
     problems = []
     count = 0
@@ -432,8 +470,7 @@ def check_quotes(documents: list[str], results_root: str, studies_dir: str, root
             if q.folder not in regenerated:
                 folder = os.path.join(results_root, q.folder)
                 try:
-                    study = load_study(os.path.join(studies_dir, read_manifest(folder)["study_file"]))
-                    regenerated[q.folder] = json.loads(json.dumps(report(study, folder)))
+                    regenerated[q.folder] = json.loads(json.dumps(report(_study_of(folder, studies_dir), folder)))
                 except (OSError, ValueError) as e:
                     regenerated[q.folder] = f"results of {q.folder!r} cannot be regenerated: {e}"
             results = regenerated[q.folder]

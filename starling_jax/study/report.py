@@ -262,11 +262,12 @@ def markdown(results: dict) -> str:
     f = results["family"]
     lines += ["", "## Exploratory", "",
               "Everything below is exploratory. Per-arm intervals are unadjusted 95% intervals (estimates, not "
-              f"tests). Each difference from {results['baseline']} is paired; its interval and p (two-sided "
-              f"bootstrap) are Holm-adjusted over the family of the {f['tests']} distinct differences these tables "
-              f"print (alpha {f['alpha']}; differences with identical replicates count once; "
-              f"{f['identical']} identical in every replicate are no test; a primary comparison's entry is marked "
-              "primary and keeps its unadjusted interval)."]
+              + (f"tests). Each difference from {results['baseline']} is paired; its interval and p (two-sided "
+                 f"bootstrap) are Holm-adjusted over the family of the {f['tests']} distinct differences these "
+                 f"tables print (alpha {f['alpha']}; differences with identical replicates count once; "
+                 f"{f['identical']} identical in every replicate are no test; a primary comparison's entry is "
+                 "marked primary and keeps its unadjusted interval)." if results["baseline"] is not None else
+                 "tests). No differences: the baseline arm did not finish every seed.")]
     for group, columns in [(g, RM_COLUMNS if g.startswith("rm/") else POLICY_COLUMNS) for g in s]:
         cols = [c for c in columns if any(c in s[group][a] for a in s[group])]
         lines += ["", f"### {group}", ""]
