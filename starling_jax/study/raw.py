@@ -10,7 +10,7 @@ The folder (FORMAT, version 1):
                            exported), "cells" (every cell file, relative), "shared_wall_s" {seed: seconds}}
     ARM/seedS.jsonl.gz    one cell: gzip'd JSON lines, first a header {"arm", "seed", "quick", "wall_s",
                            "train_wall_s", "reused_from", "summary" (the stages' numeric summaries), "samples" (the
-                           first 3 replies per policy group)}, then one line per prompt and measurement group
+                           first 3 replies per policy and reference group)}, then one line per prompt and group
                            {"group": "policy/heldout", "row": i, "prompt": "...", metric: value, ...}; a missing
                            value (NaN) is null
     results.md, results.json, results.png   the report regenerated from the above (`--report-only --raw`)

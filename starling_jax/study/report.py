@@ -266,8 +266,9 @@ def markdown(results: dict) -> str:
                  f"bootstrap) are Holm-adjusted over the family of the {f['tests']} distinct differences these "
                  f"tables print (alpha {f['alpha']}; differences with identical replicates count once; "
                  f"{f['identical']} identical in every replicate are no test; a primary comparison's entry is "
-                 "marked primary and keeps its unadjusted interval)." if results["baseline"] is not None else
-                 "tests). No differences: the baseline arm did not finish every seed.")]
+                 "marked primary and keeps its unadjusted interval)."
+                 if results["baseline"] is not None and len(results["complete_arms"]) > 1 else
+                 "tests). No differences: fewer than two arms, the baseline among them, finished every seed.")]
     for group, columns in [(g, RM_COLUMNS if g.startswith("rm/") else POLICY_COLUMNS) for g in s]:
         cols = [c for c in columns if any(c in s[group][a] for a in s[group])]
         lines += ["", f"### {group}", ""]
