@@ -42,7 +42,7 @@ class Arm:
 SPLITS = ("heldout", "unseen")  # the reporting splits every cell is measured on (starling_jax.study.runner)
 POLICY_METRICS = ("true_reward", "gain", "kl", "gain_per_kl", "rm_score", "length")
 RM_METRICS = ("pair_accuracy", "top1_accuracy", "kendall_tau")
-UTILITY_TERMS = ("relevance", "length", "fluency", "period", "off_topic", "repetition", "junk")  # synthetic.utility_terms
+UTILITY_TERMS = ("relevance", "length", "fluency", "period", "off_topic", "repetition", "junk")  # utility_terms()
 DIRECTIONS = ("greater", "less", "two-sided")
 
 

@@ -484,6 +484,6 @@ def check_quotes(documents: list[str], results_root: str, studies_dir: str, root
                 continue
             quoted = _plain(q.text)
             if _as_quoted(float(value), quoted) != quoted:
-                problems.append(f"{q.where()}: regenerated {float(value)!r}, which is {_as_quoted(float(value), quoted)}"
-                                f" at the quoted precision")
+                problems.append(f"{q.where()}: regenerated {float(value)!r}, which is "
+                                f"{_as_quoted(float(value), quoted)} at the quoted precision")
     return count, problems
