@@ -210,7 +210,8 @@ def _fmt_diff(e: dict) -> str:
     if role == "identical":
         return f"{_n(e['diff'])} (identical in every replicate)"
     if role == "exploratory":
-        return (f"{_n(e['diff'])} [{_n(e['holm_lo'])}, {_n(e['holm_hi'])}] p={e['p_holm']:.3f} "
+        p = f"p={e['p_holm']:.3f}" if e["p_holm"] >= 0.001 else "p<0.001"
+        return (f"{_n(e['diff'])} [{_n(e['holm_lo'])}, {_n(e['holm_hi'])}] {p} "
                 f"{_seeds(e['diff_seeds'])}")
     label = "primary" if role == "primary" else "unadjusted"
     return f"{_n(e['diff'])} [{_n(e['diff_lo'])}, {_n(e['diff_hi'])}] {label} {_seeds(e['diff_seeds'])}"

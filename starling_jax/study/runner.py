@@ -4,6 +4,8 @@ processes, then aggregate it (starling_jax.study.report). The `starling-jax stud
 A cell is finished when D/cells/ARM/seedS/cell.json exists; an interrupted cell resumes from its stages'
 checkpoints (the training loop's own resume). Each cell and each seed's shared stages run in a child process
 (`starling-jax study FILE --workdir D --cell ARM@S`), which isolates their memory and lets `--jobs N` run N at once.
+`--export-raw DIR` writes a workdir's finished cells to a raw results folder and `--report-only --raw DIR` regenerates
+the report from such a folder alone (starling_jax.study.raw).
 """
 
 from __future__ import annotations
@@ -393,7 +395,8 @@ def cli(args) -> int:
             missing = raw.export(study, args.study, args.workdir, args.export_raw)
             if missing:
                 print(f"not finished, not exported: {', '.join(missing)}", file=sys.stderr)
-            print(f"raw results: {args.export_raw}", file=sys.stderr)
+            print(f"raw results: {args.export_raw} (its report: starling-jax study {args.study} --report-only "
+                  f"--raw {args.export_raw})", file=sys.stderr)
             return 0
         if args.shared is not None:
             run_shared(study, args.workdir, _int_list(args.shared, "shared")[0], args.quick)
