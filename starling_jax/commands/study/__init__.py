@@ -8,10 +8,16 @@ arm), the data order, the initialisation of new heads and the sampling keys (`wi
 the study varies. Stages named in `shared_stages` (e.g. the SFT policy and the reward model) are trained once per
 seed and linked into every arm's workdir, and the runner checks that their configs are identical across arms.
 
+A study states its primary comparisons before it runs (`Study.primary`, each a `Comparison`: group, metric, arm,
+baseline, direction and why); the report gives those first with their unadjusted 95% intervals and labels every other
+difference exploratory, with Holm-adjusted intervals (starling_jax.commands.study.report).
+
 Outputs: D/cells/ARM/seedS/ (each cell's run, its cell.json with per-prompt measurements and wall time),
 D/shared/seedS/, D/logs/, and D/results.json, D/results.md (mean and 95% paired bootstrap interval over seeds and
-prompts; differences against the baseline arm), D/results.png (true reward vs KL to the SFT policy; reward-model
-ranking accuracy). See starling_jax.commands.study.runner and docs/REPRODUCTION.md.
+prompts, each seed's own figure; the primary comparisons; differences against the baseline arm), D/results.png (true
+reward vs KL to the SFT policy; reward-model ranking accuracy). `--export-raw` writes a workdir's per-prompt records
+to a compact folder (starling_jax.commands.study.raw) from which `--report-only --raw` regenerates the report. See
+starling_jax.commands.study.runner and docs/REPRODUCTION.md.
 """
 
 from __future__ import annotations
@@ -31,6 +37,39 @@ class Arm:
     name: str
     experiment: Experiment
     policy_stage: Optional[str] = "policy"
+
+
+SPLITS = ("heldout", "unseen", "tuning")  # the splits a cell can be measured on (Study.splits)
+POLICY_METRICS = ("true_reward", "gain", "kl", "gain_per_kl", "rm_score", "length")
+RM_METRICS = ("pair_accuracy", "top1_accuracy", "kendall_tau")
+UTILITY_TERMS = ("relevance", "length", "fluency", "period", "off_topic", "repetition", "junk")  # utility_terms()
+DIRECTIONS = ("greater", "less", "two-sided")
+
+
+def group_metrics(group: str) -> tuple[str, ...]:
+    """The metrics the report gives for a measurement group ("policy/heldout", "rm/unseen", ...); () if unknown."""
+    kind, _, split = group.partition("/")
+    if split not in SPLITS:
+        return ()
+    if kind == "policy":
+        return POLICY_METRICS + tuple(f"term_{t}" for t in UTILITY_TERMS)
+    return RM_METRICS if kind == "rm" else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """A preregistered comparison: the paired difference arm - baseline of `metric` in `group`, and the direction the
+    study expects ("greater": arm above baseline, "less": below, "two-sided": either), with the reason, stated in
+    the study file before any cell runs."""
+    group: str
+    metric: str
+    arm: str
+    baseline: str
+    direction: str
+    why: str
+
+    def label(self) -> str:
+        return f"{self.arm} - {self.baseline}, {self.group} {self.metric}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +105,10 @@ class Study:
     # studies, which never look at the reporting prompts
     splits: tuple[str, ...] = ("heldout", "unseen")
     selection: Optional[Selection] = None
+    primary: tuple[Comparison, ...] = ()  # preregistered comparisons; every other difference is exploratory
+
+    def __post_init__(self):
+        check_primary(self)
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -76,6 +119,43 @@ class Study:
     @property
     def baseline_arm(self) -> str:
         return self.baseline or self.arms[0].name
+
+
+def check_primary(study: Study) -> None:
+    """Raise ConfigError naming the comparison and field unless every primary comparison is well formed: a known
+    group and metric, two different arms of the study that both have what the group measures, a known direction
+    and a stated reason, no comparison twice."""
+    if not isinstance(study.primary, tuple) or not all(isinstance(c, Comparison) for c in study.primary):
+        raise ConfigError(f"study {study.name!r}: primary must be a tuple of starling_jax.commands.study.Comparison")
+    names = [a.name for a in study.arms]
+    seen = set()
+    for i, c in enumerate(study.primary):
+        where = f"study {study.name!r}: primary[{i}] ({c.label()})"
+        known = group_metrics(c.group) if c.group.partition("/")[2] in study.splits else ()
+        if not known:
+            groups = [f"{k}/{s}" for k in ("policy", "rm") for s in study.splits]
+            raise ConfigError(f"{where}: group {c.group!r} is not one of {', '.join(groups)}")
+        if c.metric not in known:
+            raise ConfigError(f"{where}: metric {c.metric!r} is not measured in {c.group}; one of {', '.join(known)}")
+        for field in ("arm", "baseline"):
+            if getattr(c, field) not in names:
+                raise ConfigError(f"{where}: {field} {getattr(c, field)!r} is not an arm; arms: {', '.join(names)}")
+        if c.arm == c.baseline:
+            raise ConfigError(f"{where}: arm and baseline are the same arm")
+        if c.group.startswith("policy/"):
+            for name in (c.arm, c.baseline):
+                if study.arm(name).policy_stage is None:
+                    raise ConfigError(f"{where}: arm {name!r} has no policy stage to measure in {c.group}")
+        elif study.reward_stage is None:
+            raise ConfigError(f"{where}: the study has no reward_stage to measure in {c.group}")
+        if c.direction not in DIRECTIONS:
+            raise ConfigError(f"{where}: direction {c.direction!r} is not one of {', '.join(DIRECTIONS)}")
+        if not c.why.strip():
+            raise ConfigError(f"{where}: say why (the reason this comparison is primary, stated before the runs)")
+        key = (c.group, c.metric, c.arm, c.baseline)
+        if key in seen:
+            raise ConfigError(f"{where}: stated twice")
+        seen.add(key)
 
 
 def load_study(path: str) -> Study:
@@ -130,4 +210,4 @@ def with_seed(exp: Experiment, seed: int, vary_data: bool = True) -> Experiment:
     return dataclasses.replace(exp, data=data(exp.data), train=train(exp.train), stages=stages)
 
 
-__all__ = ["Arm", "Selection", "Study", "load_study", "read_selection", "with_seed"]
+__all__ = ["Arm", "Comparison", "Selection", "Study", "load_study", "read_selection", "with_seed"]

@@ -4,7 +4,16 @@ Groups of per-prompt measurements (starling_jax.commands.study.evaluate): "polic
 policy), "reference/..." (the SFT policy it started from, sampled with the same key), "rm/heldout" and "rm/unseen"
 (the reward model's ranking of the true-utility order). Every group is summarised per arm with the paired bootstrap
 of starling_jax.commands.study.stats; policy groups gain per-prompt "gain" (true reward minus the reference's on the same
-prompt) and the ratio "gain_per_kl" (mean gain / mean KL, bootstrapped as a ratio of means).
+prompt) and the ratio "gain_per_kl" (mean gain / mean KL, bootstrapped as a ratio of means). Every figure comes with
+each seed's own figure.
+
+The report puts the study's preregistered comparisons (Study.primary) first: each paired difference with its
+unadjusted 95% interval and whether the interval supports the stated direction. Everything else is exploratory: the
+per-arm means with unadjusted 95% intervals (estimates, not tests), and the differences from the baseline arm, whose
+intervals and p-values are Holm-adjusted over the family of every difference the tables print (a difference that is
+exactly 0 in every replicate, e.g. of a reward model every arm shares, is no test and is left out; a difference whose
+replicates equal another's, e.g. true reward and gain over the same reference, counts once; a twin of a primary
+comparison is primary).
 """
 
 from __future__ import annotations
@@ -15,14 +24,15 @@ from typing import Optional
 
 import numpy as np
 
-from starling_jax.commands.study import Study
+from starling_jax.commands.study import POLICY_METRICS, RM_METRICS, Study
 from starling_jax.commands.study import stats
 
-POLICY_COLUMNS = ("true_reward", "gain", "kl", "gain_per_kl", "rm_score", "length")
-RM_COLUMNS = ("pair_accuracy", "top1_accuracy", "kendall_tau")
+POLICY_COLUMNS = POLICY_METRICS
+RM_COLUMNS = RM_METRICS
 LABELS = {"true_reward": "true reward", "gain": "gain vs SFT", "kl": "KL to SFT", "gain_per_kl": "gain / KL",
           "rm_score": "RM score", "length": "length (tokens)", "pair_accuracy": "pair acc.", "top1_accuracy": "top-1",
           "kendall_tau": "Kendall tau"}
+ALPHA = 0.05
 
 
 def _group_values(records: list, group: str) -> tuple[dict, dict]:
@@ -44,39 +54,196 @@ def _group_values(records: list, group: str) -> tuple[dict, dict]:
     return values, clusters
 
 
+def short_source(path: str) -> str:
+    """A reused cell's source as STUDY_WORKDIR/cells/ARM/seedS (no path of the machine it ran on)."""
+    return "/".join(os.path.normpath(path).split(os.sep)[-4:])
+
+
+def _twin(d: np.ndarray, others: list) -> Optional[int]:
+    for i, o in enumerate(others):
+        if np.allclose(d, o, rtol=1e-9, atol=1e-12):
+            return i
+    return None
+
+
+def _primary(study: Study, draws: dict, seeded: dict, point: dict) -> list:
+    """The preregistered comparisons: the paired difference, its unadjusted 95% interval, each seed's difference,
+    the two-sided bootstrap p and whether the interval supports the stated direction."""
+    out = []
+    for c in study.primary:
+        entry = {"group": c.group, "metric": c.metric, "arm": c.arm, "baseline": c.baseline,
+                 "direction": c.direction, "why": c.why}
+        have = draws.get(c.group, {})
+        if not all(a in have and c.metric in have[a] for a in (c.arm, c.baseline)):
+            out.append({**entry, "measured": False})
+            continue
+        d = have[c.arm][c.metric] - have[c.baseline][c.metric]
+        lo, hi = stats.interval(d, 1 - ALPHA)
+        s_arm, s_base = seeded[c.group][c.arm][c.metric], seeded[c.group][c.baseline][c.metric]
+        if c.direction == "greater":
+            supported, verdict = lo > 0, ("yes: the interval is above 0" if lo > 0 else
+                                          "no: the interval is below 0 (the opposite direction)" if hi < 0 else
+                                          "no: the interval includes 0")
+        elif c.direction == "less":
+            supported, verdict = hi < 0, ("yes: the interval is below 0" if hi < 0 else
+                                          "no: the interval is above 0 (the opposite direction)" if lo > 0 else
+                                          "no: the interval includes 0")
+        else:
+            supported = lo > 0 or hi < 0
+            verdict = ("yes: the interval is above 0" if lo > 0 else "yes: the interval is below 0" if hi < 0 else
+                       "no: the interval includes 0")
+        out.append({**entry, "measured": True,
+                    "diff": point[c.group][c.arm][c.metric] - point[c.group][c.baseline][c.metric], "lo": lo,
+                    "hi": hi, "seeds": {str(s): s_arm[s] - s_base[s] for s in s_arm}, "p": stats.bootstrap_p(d),
+                    "supported": bool(supported), "verdict": verdict, "_draws": d})
+    return out
+
+
+def _exploratory(summary: dict, draws: dict, primary: list, baseline: Optional[str]) -> dict:
+    """Holm-adjust the family of printed differences from the baseline (see the module docstring); writes "role"
+    ("primary", "exploratory" or "identical"), and for exploratory ones "p", "p_holm", "holm_level", "holm_lo",
+    "holm_hi" into the summary's entries. Returns the family's description."""
+    classes: list = []  # [draws, members, is_primary]
+    identical = 0
+    if baseline is not None:
+        for group, by_arm in summary.items():
+            columns = RM_COLUMNS if group.startswith("rm/") else POLICY_COLUMNS
+            for arm, metrics in by_arm.items():
+                if arm == baseline:
+                    continue
+                local = [k for k in classes if k[3] == (group, arm)]
+                for p in primary:
+                    if (p["group"], p["arm"], p["baseline"]) == (group, arm, baseline) and p["measured"]:
+                        if _twin(p["_draws"], [k[0] for k in local]) is None:
+                            local.append([p["_draws"], [], True, (group, arm)])
+                            classes.append(local[-1])
+                for m in columns:
+                    if m not in metrics or "diff" not in metrics[m]:
+                        continue
+                    d = draws[group][arm][m] - draws[group][baseline][m]
+                    if np.allclose(d, 0.0, rtol=0, atol=1e-12):
+                        metrics[m]["role"] = "identical"
+                        identical += 1
+                        continue
+                    i = _twin(d, [k[0] for k in local])
+                    if i is None:
+                        local.append([d, [], False, (group, arm)])
+                        classes.append(local[-1])
+                        i = len(local) - 1
+                    local[i][1].append(metrics[m])
+    family = [k for k in classes if not k[2]]
+    for k in classes:
+        if k[2]:
+            for e in k[1]:
+                e["role"] = "primary"
+    adjusted, levels = stats.holm([stats.bootstrap_p(k[0]) for k in family], ALPHA)
+    for k, p_adj, level in zip(family, adjusted, levels):
+        lo, hi = stats.interval(k[0], 1 - level)
+        for e in k[1]:
+            e.update(role="exploratory", p=stats.bootstrap_p(k[0]), p_holm=float(p_adj), holm_level=float(1 - level),
+                     holm_lo=lo, holm_hi=hi)
+    return {"tests": len(family), "differences": sum(len(k[1]) for k in family), "identical": identical,
+            "alpha": ALPHA}
+
+
 def aggregate(study: Study, records: list, shared_times: dict, this_run_s: float, failed: list,
-              num_samples: int = 2000) -> dict:
+              num_samples: int = stats.NUM_SAMPLES) -> dict:
+    order = {a.name: i for i, a in enumerate(study.arms)}
+    records = sorted(records, key=lambda r: (r["seed"], order.get(r["arm"], len(order)), r["arm"]))
     arms = [a.name for a in study.arms if any(r["arm"] == a.name for r in records)]
     seeds = sorted({r["seed"] for r in records})
     complete = [a for a in arms if sorted(r["seed"] for r in records if r["arm"] == a) == seeds]
     groups = sorted({g for r in records for g in r["groups"] if not g.startswith("reference/")})
     baseline = study.baseline_arm if study.baseline_arm in complete else None
     summary: dict = {}
+    draws: dict = {}
+    seeded: dict = {}
+    point: dict = {}
     for group in groups:
         values, clusters = _group_values([r for r in records if r["arm"] in complete], group)
         if not values:
             continue
         metrics = sorted(next(iter(next(iter(values.values())).values())))
         derived = {"gain_per_kl": lambda m: m["gain"] / m["kl"]} if group.startswith("policy/") else None
-        summary[group] = stats.summarise(values, clusters, metrics, baseline, derived, num_samples=num_samples)
+        point[group], draws[group], seeded[group] = stats.bootstrap(values, clusters, metrics, derived,
+                                                                    num_samples=num_samples)
+        summary[group] = stats.entries(point[group], draws[group], seeded[group], baseline, 1 - ALPHA)
+        for by_metric in summary[group].values():  # the utility terms are described, not compared
+            for m, e in by_metric.items():
+                if m.startswith("term_"):
+                    for k in ("diff", "diff_lo", "diff_hi", "diff_seeds"):
+                        e.pop(k, None)
+    primary = _primary(study, draws, seeded, point)
+    family = _exploratory(summary, draws, primary, baseline)
+    for p in primary:
+        p.pop("_draws", None)
     return {
         "study": study.name, "description": study.description, "budget": study.budget, "arms": arms,
         "complete_arms": complete, "seeds": seeds, "baseline": baseline,
         "quick": any(r.get("quick") for r in records), "failed": list(failed),
-        "interval": "95% paired bootstrap over seeds and prompt clusters (2000 replicates)",
-        "summary": summary,
+        "interval": f"95% paired bootstrap over seeds and prompt clusters ({num_samples} replicates)",
+        "primary": primary, "family": family, "summary": summary,
         "cells": [{"arm": r["arm"], "seed": r["seed"], "wall_s": r["wall_s"], "summary": r["summary"],
                    "means": {g: {k: float(np.nanmean(v)) for k, v in m.items() if k not in ("prompt", "samples")}
                              for g, m in r["groups"].items()}} for r in records],
-        "reused": {f"{r['arm']}@{r['seed']}": r["reused_from"] for r in records if r.get("reused_from")},
+        "reused": {f"{r['arm']}@{r['seed']}": short_source(r["reused_from"]) for r in records if r.get("reused_from")},
         "wall_s": {"cells": float(sum(r["wall_s"] for r in records if not r.get("reused_from"))),
                    "reused_cells": float(sum(r["wall_s"] for r in records if r.get("reused_from"))),
                    "shared": float(sum(shared_times.values())), "this_invocation": this_run_s},
     }
 
 
-def _fmt(e: dict, key: str = "mean", lo: str = "lo", hi: str = "hi") -> str:
-    return f"{e[key]:.3f} [{e[lo]:.3f}, {e[hi]:.3f}]"
+def _n(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _seeds(figures: dict) -> str:
+    return "(" + ", ".join(_n(v) for v in figures.values()) + ")"
+
+
+def _fmt(e: dict) -> str:
+    return f"{_n(e['mean'])} [{_n(e['lo'])}, {_n(e['hi'])}] {_seeds(e['seeds'])}"
+
+
+def _fmt_diff(e: dict) -> str:
+    role = e.get("role")
+    if role == "identical":
+        return f"{_n(e['diff'])} (identical in every replicate)"
+    if role == "exploratory":
+        p = f"p={e['p_holm']:.3f}" if e["p_holm"] >= 0.001 else "p<0.001"
+        return (f"{_n(e['diff'])} [{_n(e['holm_lo'])}, {_n(e['holm_hi'])}] {p} "
+                f"{_seeds(e['diff_seeds'])}")
+    label = "primary" if role == "primary" else "unadjusted"
+    return f"{_n(e['diff'])} [{_n(e['diff_lo'])}, {_n(e['diff_hi'])}] {label} {_seeds(e['diff_seeds'])}"
+
+
+def _table(head: str, labels: list, rows: list) -> list:
+    return ["| " + head + " | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)] + rows
+
+
+def _primary_lines(results: dict) -> list:
+    lines = ["## Primary comparisons (preregistered)", ""]
+    primary = results.get("primary", [])
+    if not primary:
+        return lines + ["None stated in the study file: every comparison below is exploratory."]
+    seeds = results["seeds"]
+    lines += ["Stated in the study file before any cell ran. Each is the paired difference arm - baseline with its "
+              "95% paired bootstrap interval (not adjusted for multiplicity), each seed's own difference, and "
+              "whether the interval supports the stated direction.", "",
+              "| comparison | group | metric | direction | difference [95%] | "
+              + " | ".join(f"seed {s}" for s in seeds) + " | supported? |",
+              "|---|---|---|---|---|" + "---|" * len(seeds) + "---|"]
+    for p in primary:
+        head = f"| {p['arm']} - {p['baseline']} | {p['group']} | {LABELS.get(p['metric'], p['metric'])} | " \
+               f"{p['direction']} | "
+        if not p["measured"]:
+            lines.append(head + "not measured (an arm is missing or incomplete) | " + " | " * len(seeds) + " |")
+            continue
+        lines.append(head + f"{_n(p['diff'])} [{_n(p['lo'])}, {_n(p['hi'])}] | "
+                     + " | ".join(_n(p["seeds"][str(s)]) for s in seeds) + f" | {p['verdict']} |")
+    lines += ["", "Why:", ""] + [f"- {p['arm']} - {p['baseline']}, {p['group']} {p['metric']}: {p['why']}"
+                                 for p in primary]
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -84,31 +251,43 @@ def markdown(results: dict) -> str:
     lines = [f"# Study {results['study']}", ""]
     if results["description"]:
         lines += [results["description"], ""]
-    lines += [f"Seeds {results['seeds']}; each entry is the mean and its {results['interval']}. "
+    seeds = ", ".join(str(x) for x in results["seeds"])
+    lines += [f"Seeds {results['seeds']}; each entry is the mean and its {results['interval']}, then in "
+              f"parentheses each seed's own figure (seeds {seeds} in that order). "
               f"Baseline arm for the differences: {results['baseline']}."]
     if results["quick"]:
         lines += ["", "**Shortened (--quick) run: a smoke test of the machinery, not a result.**"]
     if results["failed"]:
         lines += ["", f"**Failed cells:** {', '.join(results['failed'])}"]
+    lines += [""] + _primary_lines(results)
+    f = results["family"]
+    lines += ["", "## Exploratory", "",
+              "Everything below is exploratory. Per-arm intervals are unadjusted 95% intervals (estimates, not "
+              + (f"tests). Each difference from {results['baseline']} is paired; its interval and p (two-sided "
+                 f"bootstrap) are Holm-adjusted over the family of the {f['tests']} distinct differences these "
+                 f"tables print (alpha {f['alpha']}; differences with identical replicates count once; "
+                 f"{f['identical']} identical in every replicate are no test; a primary comparison's entry is "
+                 "marked primary and keeps its unadjusted interval)."
+                 if results["baseline"] is not None and len(results["complete_arms"]) > 1 else
+                 "tests). No differences: fewer than two arms, the baseline among them, finished every seed.")]
     for group, columns in [(g, RM_COLUMNS if g.startswith("rm/") else POLICY_COLUMNS) for g in s]:
         cols = [c for c in columns if any(c in s[group][a] for a in s[group])]
-        lines += ["", f"## {group}", "", "| arm | " + " | ".join(LABELS.get(c, c) for c in cols) + " |",
-                  "|---|" + "---|" * len(cols)]
-        for arm, m in s[group].items():
-            lines.append(f"| {arm} | " + " | ".join(_fmt(m[c]) if c in m else "" for c in cols) + " |")
+        lines += ["", f"### {group}", ""]
+        labels = [LABELS.get(c, c) for c in cols]
+        lines += _table("arm", labels, [f"| {arm} | " + " | ".join(_fmt(m[c]) if c in m else "" for c in cols) + " |"
+                                      for arm, m in s[group].items()])
         diffs = [(arm, m) for arm, m in s[group].items() if any("diff" in m[c] for c in cols if c in m)]
         if diffs:
-            lines += ["", f"Difference from {results['baseline']} (paired):", "",
-                      "| arm | " + " | ".join(LABELS.get(c, c) for c in cols) + " |", "|---|" + "---|" * len(cols)]
-            for arm, m in diffs:
-                lines.append(f"| {arm} | " + " | ".join(_fmt(m[c], "diff", "diff_lo", "diff_hi")
-                                                        if c in m and "diff" in m[c] else "" for c in cols) + " |")
+            lines += ["", f"Difference from {results['baseline']} (paired; Holm-adjusted interval and p):", ""]
+            lines += _table("arm", labels, [f"| {arm} | " + " | ".join(_fmt_diff(m[c]) if c in m and "diff" in m[c]
+                                                                     else "" for c in cols) + " |"
+                                          for arm, m in diffs])
         terms = sorted({k for a in s[group] for k in s[group][a] if k.startswith("term_")})
         if terms:
-            lines += ["", "Utility terms (synthetic.utility_terms; they sum to the true reward):", "",
-                      "| arm | " + " | ".join(t[len("term_"):] for t in terms) + " |", "|---|" + "---|" * len(terms)]
-            for arm, m in s[group].items():
-                lines.append(f"| {arm} | " + " | ".join(f"{m[t]['mean']:.3f}" for t in terms) + " |")
+            lines += ["", "Utility terms (synthetic.utility_terms; they sum to the true reward):", ""]
+            lines += _table("arm", [t[len("term_"):] for t in terms],
+                            [f"| {arm} | " + " | ".join(f"{_n(m[t]['mean'])} {_seeds(m[t]['seeds'])}" for t in terms)
+                             + " |" for arm, m in s[group].items()])
     w = results["wall_s"]
     lines += ["", f"Wall time: cells {w['cells']:.0f} s + shared stages {w['shared']:.0f} s "
               f"(this invocation {w['this_invocation']:.0f} s)."]

@@ -4,6 +4,8 @@ processes, then aggregate it (starling_jax.commands.study.report). The `starling
 A cell is finished when D/cells/ARM/seedS/cell.json exists; an interrupted cell resumes from its stages'
 checkpoints (the training loop's own resume). Each cell and each seed's shared stages run in a child process
 (`starling-jax study FILE --workdir D --cell ARM@S`), which isolates their memory and lets `--jobs N` run N at once.
+`--export-raw DIR` writes a workdir's finished cells to a raw results folder and `--report-only --raw DIR` regenerates
+the report from such a folder alone (starling_jax.commands.study.raw).
 """
 
 from __future__ import annotations
@@ -379,12 +381,19 @@ def shared_times(workdir: str, seeds: Sequence[int]) -> dict:
 
 def add_arguments(parser) -> None:
     parser.add_argument("study", help="experiments/studies/NAME.py (defines get_study())")
-    parser.add_argument("--workdir", required=True, help="the study's directory (cells, results.json/.md/.png)")
+    parser.add_argument("--workdir", default=None,
+                        help="the study's directory (cells, results.json/.md/.png); with --raw: where the regenerated "
+                             "report goes (default: the raw folder)")
     parser.add_argument("--jobs", type=int, default=1, help="cells to run at once, each in its own process")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the study's seeds")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the study's arms")
     parser.add_argument("--quick", action="store_true", help="one shortened cell (first arm, first seed), for CI")
     parser.add_argument("--report-only", action="store_true", help="aggregate the finished cells; run nothing")
+    parser.add_argument("--raw", default=None, metavar="DIR",
+                        help="with --report-only: regenerate the report from a raw results folder (results/NAME) "
+                             "alone, no workdir needed")
+    parser.add_argument("--export-raw", default=None, metavar="DIR",
+                        help="write the workdir's finished cells as a raw results folder (results/NAME); run nothing")
     parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
                         help="another study's workdir: its shared stages and cells whose saved config is identical "
                              "to one of ours are adopted instead of retrained (repeatable)")
@@ -404,12 +413,40 @@ def _int_list(text: str, what: str) -> list[int]:
         raise ConfigError(f"--{what} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
+def _report_from_raw(study: Study, args) -> int:
+    """--report-only --raw DIR [--workdir OUT]: results.json/.md/.png regenerated from the raw folder alone."""
+    from starling_jax.commands.study import raw, report
+    if not args.report_only:
+        raise ConfigError("--raw regenerates a report: use it with --report-only")
+    if args.export_raw is not None or args.quick or args.seeds or args.arms or args.reuse:
+        raise ConfigError("--report-only --raw takes no --export-raw, --quick, --seeds, --arms or --reuse: the raw "
+                          "folder is the whole study")
+    out = args.workdir or args.raw
+    results = raw.report(study, args.raw)
+    os.makedirs(out, exist_ok=True)
+    report.write(study, results, out)
+    print(f"results: {os.path.join(out, 'results.md')}", file=sys.stderr)
+    return 0
+
+
 def cli(args) -> int:
     from starling_jax.stages.loop import StageInterrupted, TrainingDiverged
     try:
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         study = load_study(args.study)
+        if args.raw is not None:
+            return _report_from_raw(study, args)
+        if args.workdir is None:
+            raise ConfigError("--workdir is required (except with --report-only --raw)")
+        if args.export_raw is not None:
+            from starling_jax.commands.study import raw
+            missing = raw.export(study, args.study, args.workdir, args.export_raw)
+            if missing:
+                print(f"not finished, not exported: {', '.join(missing)}", file=sys.stderr)
+            print(f"raw results: {args.export_raw} (its report: starling-jax study {args.study} --report-only "
+                  f"--raw {args.export_raw})", file=sys.stderr)
+            return 0
         if args.shared is not None:
             run_shared(study, args.workdir, _int_list(args.shared, "shared")[0], args.quick)
             return 0

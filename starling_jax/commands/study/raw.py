@@ -1,0 +1,489 @@
+"""A study's raw results as a compact folder the repository keeps, the report regenerated from it alone, and the
+check that every figure a document quotes equals the regenerated one.
+
+    starling-jax study experiments/studies/NAME.py --workdir D --export-raw results/NAME
+    starling-jax study experiments/studies/NAME.py --report-only --raw results/NAME [--workdir OUT]
+
+The folder (FORMAT, version 1):
+    study.json            {"format", "version", "study" (its name), "study_file" (NAME.py under experiments/studies),
+                           "baseline", "arms", "seeds", "primary" (the study's preregistered comparisons when
+                           exported), "cells" (every cell file, relative), "shared_wall_s" {seed: seconds}}
+    ARM/seedS.jsonl.gz    one cell: gzip'd JSON lines, first a header {"arm", "seed", "quick", "wall_s",
+                           "train_wall_s", "reused_from", "summary" (the stages' numeric summaries), "samples" (the
+                           first 3 replies per policy and reference group)}, then one line per prompt and group
+                           {"group": "policy/heldout", "row": i, "prompt": "...", metric: value, ...}; a missing
+                           value (NaN) is null
+    results.md, results.json, results.png   the report regenerated from the above (`--report-only --raw`)
+Files are written deterministically (sorted keys, gzip without a time stamp), so the same records give the same
+bytes, and the report (bootstrap seeded) the same results.md. Reading validates everything and names the file, line
+and field of the first problem (RawError); nothing is skipped.
+
+Quoting a regenerated figure in a document: write the number as plain text and put right after it an HTML comment
+(invisible when rendered) naming where it comes from in the regenerated results.json:
+
+    APA gains 0.68 <!-- q: rl_algorithms summary policy/heldout apa gain mean --> true reward ...
+    +0.03 [-0.14, 0.20] <!-- q: rl_algorithms primary 0 diff,lo,hi -->
+
+The first word is the folder under results/, the rest are keys into results.json (a list takes an index); the last
+may list several keys separated by commas, matched in order to that many numbers right before the comment on its
+line. check_quotes() compares each at the quoted precision (tests/test_published_figures.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import math
+import os
+import re
+from typing import Optional
+
+from starling_jax.commands.study import SPLITS, Study
+
+FORMAT = "starling-jax study raw results"
+VERSION = 1
+STUDY_JSON = "study.json"
+SAMPLES_KEPT = 3
+HEADER_FIELDS = {"arm", "seed", "quick", "wall_s", "train_wall_s", "reused_from", "summary", "samples"}
+STUDY_FIELDS = {"format", "version", "study", "study_file", "baseline", "arms", "seeds", "primary", "cells",
+                "shared_wall_s"}
+
+
+class RawError(ValueError):
+    """A raw results folder that cannot be read as written: the message names the file, line and field."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing.
+
+def _write_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _json_line(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+def _finite(x):
+    """x with NaN and infinities as None (JSON has no NaN)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _numeric(tree):
+    """The numbers (and nested dicts of numbers) of a stage summary; text, lists and paths are left out."""
+    if isinstance(tree, dict):
+        kept = {str(k): _numeric(v) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None and v != {}}
+    if isinstance(tree, bool) or not isinstance(tree, (int, float)):
+        return None
+    return _finite(float(tree)) if isinstance(tree, float) else tree
+
+
+def cell_lines(record: dict) -> list[str]:
+    """A cell.json record (starling_jax.commands.study.runner.run_cell) as the JSON lines of its raw file."""
+    from starling_jax.commands.study.report import short_source
+    samples = {g: m["samples"][:SAMPLES_KEPT] for g, m in sorted(record["groups"].items()) if m.get("samples")}
+    header = {"arm": record["arm"], "seed": int(record["seed"]), "quick": bool(record.get("quick", False)),
+              "wall_s": float(record["wall_s"]), "train_wall_s": _finite(float(record.get("train_wall_s", 0.0))),
+              "reused_from": short_source(record["reused_from"]) if record.get("reused_from") else None,
+              "summary": _numeric(record.get("summary", {})), "samples": samples}
+    lines = [_json_line(header)]
+    for group, m in sorted(record["groups"].items()):
+        metrics = sorted(k for k in m if k not in ("prompt", "samples"))
+        for i, prompt in enumerate(m["prompt"]):
+            row = {"group": group, "row": i, "prompt": prompt}
+            row.update({k: _finite(float(m[k][i])) for k in metrics})
+            lines.append(_json_line(row))
+    return lines
+
+
+def _gzip(lines: list[str]) -> bytes:
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=9) as f:
+        f.write(("\n".join(lines) + "\n").encode("utf-8"))
+    return buffer.getvalue()
+
+
+def _cell_file(arm: str, seed: int) -> str:
+    return f"{arm}/seed{seed}.jsonl.gz"
+
+
+def _primary_dicts(study: Study) -> list:
+    return [dataclasses.asdict(c) for c in study.primary]
+
+
+def export(study: Study, study_file: str, workdir: str, out: str) -> list[str]:
+    """Write the finished cells of a study workdir (and its shared stages' wall times) to the raw folder `out`.
+    Returns the grid's cells that are not finished (not exported). Refuses a folder of another study, a cell of
+    an arm the study does not have, and a folder holding a cell this workdir lacks (it would be lost)."""
+    from starling_jax.commands.study.runner import shared_times
+    cells_root = os.path.join(workdir, "cells")
+    paths = sorted(glob.glob(os.path.join(cells_root, "*", "seed*", "cell.json")))
+    if not paths:
+        raise FileNotFoundError(f"{workdir}: no finished cells (cells/ARM/seedS/cell.json) to export")
+    names = {a.name for a in study.arms}
+    records = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise RawError(f"{path}: not a readable cell record ({e}); rerun that cell") from None
+        arm, seed_dir = path.split(os.sep)[-3:-1]
+        if arm not in names:
+            raise RawError(f"{path}: arm {arm!r} is not an arm of study {study.name!r} (arms: "
+                           f"{', '.join(sorted(names))}); export from this study's own workdir")
+        if record.get("arm") != arm or f"seed{record.get('seed')}" != seed_dir:
+            raise RawError(f"{path}: its record says arm {record.get('arm')!r} seed {record.get('seed')!r}, its "
+                           f"folder {arm}/{seed_dir}")
+        records.append(record)
+    manifest_path = os.path.join(out, STUDY_JSON)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            try:
+                existing = json.load(f)
+            except json.JSONDecodeError:
+                existing = {}
+        if existing.get("study") != study.name:
+            raise RawError(f"{manifest_path}: holds study {existing.get('study')!r}, not {study.name!r}; export "
+                           f"to a folder of its own")
+    files = {_cell_file(r["arm"], r["seed"]): r for r in records}
+    stale = sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "*", "*.jsonl.gz"))
+                   if os.path.relpath(p, out).replace(os.sep, "/") not in files)
+    if stale:
+        raise RawError(f"{os.path.join(out, stale[0])}: a cell the workdir {workdir} does not have; export from "
+                       f"the workdir that has it, or remove the file if it should go")
+    order = {a.name: i for i, a in enumerate(study.arms)}
+    seeds = sorted({int(r["seed"]) for r in records})
+    for name, record in sorted(files.items()):
+        _write_atomic(os.path.join(out, name), _gzip(cell_lines(record)))
+    manifest = {"format": FORMAT, "version": VERSION, "study": study.name,
+                "study_file": os.path.basename(study_file), "baseline": study.baseline_arm,
+                "arms": sorted({r["arm"] for r in records}, key=order.get), "seeds": seeds,
+                "primary": _primary_dicts(study), "cells": sorted(files),
+                "shared_wall_s": {str(s): float(t) for s, t in sorted(shared_times(workdir, seeds).items())}}
+    _write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    done = {(r["arm"], int(r["seed"])) for r in records}
+    return [f"{a.name}@{s}" for s in study.seeds for a in study.arms if (a.name, s) not in done]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading.
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not valid JSON (a missing value is null)")
+
+
+def _load_json(text: str, where: str):
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:
+        raise RawError(f"{where}: not valid JSON ({e})") from None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _expect(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise RawError(f"{where}: {message}")
+
+
+def read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, STUDY_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: not a raw results folder (write one with --export-raw)")
+    with open(path, encoding="utf-8") as f:
+        m = _load_json(f.read(), path)
+    _expect(isinstance(m, dict), path, "expected a JSON object")
+    missing, unknown = STUDY_FIELDS - set(m), set(m) - STUDY_FIELDS
+    _expect(not missing, path, f"field(s) {', '.join(sorted(missing))} missing")
+    _expect(not unknown, path, f"unknown field(s) {', '.join(sorted(unknown))}")
+    _expect(m["format"] == FORMAT and m["version"] == VERSION, path,
+            f"format {m['format']!r} version {m['version']!r}; expected {FORMAT!r} version {VERSION}")
+    for field in ("study", "study_file", "baseline"):
+        _expect(isinstance(m[field], str) and m[field], path, f"field {field!r}: expected a non-empty string")
+    _expect(isinstance(m["arms"], list) and all(isinstance(a, str) for a in m["arms"]), path,
+            "field 'arms': expected a list of arm names")
+    _expect(isinstance(m["seeds"], list) and all(isinstance(s, int) and not isinstance(s, bool) for s in m["seeds"]),
+            path, "field 'seeds': expected a list of integers")
+    _expect(isinstance(m["primary"], list) and all(isinstance(c, dict) for c in m["primary"]), path,
+            "field 'primary': expected a list of comparisons")
+    _expect(isinstance(m["cells"], list) and all(isinstance(c, str) for c in m["cells"]), path,
+            "field 'cells': expected a list of file names")
+    _expect(isinstance(m["shared_wall_s"], dict) and all(_is_number(v) for v in m["shared_wall_s"].values()), path,
+            "field 'shared_wall_s': expected {seed: seconds}")
+    return m
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise RawError(f"{path}: not a readable gzip'd JSON-lines file ({e})") from None
+
+
+def read_cell(path: str, arm: str, seed: int) -> dict:
+    """The cell.json-shaped record of one raw cell file (validated; see the module docstring)."""
+    lines = _read_lines(path)
+    _expect(bool(lines), path, "empty file")
+    header = _load_json(lines[0], f"{path} line 1")
+    where = f"{path} line 1"
+    _expect(isinstance(header, dict), where, "expected the cell's header object")
+    missing, unknown = HEADER_FIELDS - set(header), set(header) - HEADER_FIELDS
+    _expect(not missing, where, f"field(s) {', '.join(sorted(missing))} missing")
+    _expect(not unknown, where, f"unknown field(s) {', '.join(sorted(unknown))}")
+    _expect(header["arm"] == arm and header["seed"] == seed, where,
+            f"header says arm {header['arm']!r} seed {header['seed']!r}, the file name arm {arm!r} seed {seed}")
+    _expect(isinstance(header["quick"], bool), where, "field 'quick': expected true or false")
+    _expect(_is_number(header["wall_s"]) and header["wall_s"] >= 0, where, "field 'wall_s': expected seconds >= 0")
+    _expect(header["train_wall_s"] is None or _is_number(header["train_wall_s"]), where,
+            "field 'train_wall_s': expected seconds or null")
+    _expect(header["reused_from"] is None or isinstance(header["reused_from"], str), where,
+            "field 'reused_from': expected a string or null")
+    _expect(isinstance(header["summary"], dict), where, "field 'summary': expected an object")
+    _expect(isinstance(header["samples"], dict) and all(isinstance(v, list) for v in header["samples"].values()),
+            where, "field 'samples': expected {group: [samples]}")
+    groups: dict = {}
+    for n, line in enumerate(lines[1:], start=2):
+        where = f"{path} line {n}"
+        row = _load_json(line, where)
+        _expect(isinstance(row, dict), where, "expected a JSON object")
+        group = row.get("group")
+        kind, _, split = group.partition("/") if isinstance(group, str) else ("", "", "")
+        _expect(kind in ("policy", "reference", "rm") and split in SPLITS, where,
+                f"field 'group': {group!r} is not KIND/SPLIT (KIND policy, reference or rm; SPLIT "
+                f"{' or '.join(SPLITS)})")
+        _expect(isinstance(row.get("prompt"), str), where, "field 'prompt': expected a string")
+        g = groups.setdefault(group, {"prompt": []})
+        _expect(row.get("row") == len(g["prompt"]) and not isinstance(row.get("row"), bool), where,
+                f"field 'row': {row.get('row')!r}, expected {len(g['prompt'])} (rows of {group} in order, none "
+                f"missing)")
+        metrics = {k: v for k, v in row.items() if k not in ("group", "row", "prompt")}
+        _expect(bool(metrics), where, "no measurements")
+        if len(g) == 1:
+            g.update({k: [] for k in metrics})
+        fields = set(g) - {"prompt"}
+        _expect(set(metrics) == fields, where, f"fields {', '.join(sorted(set(metrics) ^ fields))}: every row of "
+                                               f"{group} has the same measurements as its first")
+        for k, v in metrics.items():
+            _expect(v is None or _is_number(v), where, f"field {k!r}: {v!r} is not a number or null")
+            g[k].append(float("nan") if v is None else float(v))
+        g["prompt"].append(row["prompt"])
+    _expect(bool(groups), path, "no measurements (only a header)")
+    for group in groups:
+        if group.startswith("policy/"):
+            ref = group.replace("policy/", "reference/")
+            _expect(ref in groups and groups[ref]["prompt"] == groups[group]["prompt"], path,
+                    f"group {group} needs {ref} on the same prompts (its gain is measured against it)")
+            _expect("true_reward" in groups[group] and "true_reward" in groups[ref], path,
+                    f"groups {group} and {ref} need field 'true_reward'")
+    for group, samples in header["samples"].items():
+        _expect(group in groups, f"{path} line 1", f"field 'samples': no group {group!r} in this file")
+        groups[group]["samples"] = samples
+    return {"arm": arm, "seed": seed, "quick": header["quick"], "wall_s": float(header["wall_s"]),
+            "train_wall_s": header["train_wall_s"], "summary": header["summary"], "groups": groups,
+            **({"reused_from": header["reused_from"]} if header["reused_from"] else {})}
+
+
+def read(folder: str, study: Optional[Study] = None) -> tuple[list, dict, dict]:
+    """(records, shared wall times {seed: s}, manifest) of a raw results folder, validated; given the study (from its
+    file), also checked to be that study with the same preregistered comparisons and baseline."""
+    m = read_manifest(folder)
+    path = os.path.join(folder, STUDY_JSON)
+    if study is not None:
+        _expect(m["study"] == study.name, path, f"holds study {m['study']!r}, the study file defines {study.name!r}")
+        _expect(m["primary"] == _primary_dicts(study), path,
+                "its preregistered comparisons differ from the study file's primary; they are stated before the "
+                "runs and cannot change after them (restore the study file's primary as exported)")
+        _expect(m["baseline"] == study.baseline_arm, path,
+                f"baseline {m['baseline']!r}, the study file's is {study.baseline_arm!r}")
+        names = [a.name for a in study.arms]
+        for a in m["arms"]:
+            _expect(a in names, path, f"arm {a!r} is not an arm of the study file (arms: {', '.join(names)})")
+    listed = set(m["cells"])
+    on_disk = {os.path.relpath(p, folder).replace(os.sep, "/")
+               for p in glob.glob(os.path.join(folder, "*", "*.jsonl.gz"))}
+    for extra in sorted(on_disk - listed):
+        raise RawError(f"{os.path.join(folder, extra)}: a cell file {STUDY_JSON} does not list; list it (export "
+                       f"again) or remove it")
+    records = []
+    for name in m["cells"]:
+        match = re.fullmatch(r"([^/]+)/seed(-?\d+)\.jsonl\.gz", name)
+        _expect(match is not None, path, f"field 'cells': {name!r} is not ARM/seedS.jsonl.gz")
+        arm, seed = match.group(1), int(match.group(2))
+        _expect(arm in m["arms"] and seed in m["seeds"], path, f"field 'cells': {name!r} is not one of its arms "
+                                                               f"and seeds")
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} does not exist ({path} lists it)")
+        records.append(read_cell(file, arm, seed))
+    _expect(bool(records), path, "lists no cells")
+    shared = {}
+    for s, t in m["shared_wall_s"].items():
+        _expect(re.fullmatch(r"-?\d+", s) is not None, path, f"field 'shared_wall_s': key {s!r} is not a seed")
+        shared[int(s)] = float(t)
+    return records, shared, m
+
+
+def report(study: Study, folder: str, num_samples: Optional[int] = None) -> dict:
+    """The study's results (starling_jax.commands.study.report.aggregate) regenerated from a raw folder alone."""
+    from starling_jax.commands.study import report as rep
+    records, shared, _ = read(folder, study)
+    kwargs = {} if num_samples is None else {"num_samples": num_samples}
+    return rep.aggregate(study, records, shared, this_run_s=0.0, failed=[], **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Quoted figures.
+
+QUOTE_RE = re.compile(r"<!--\s*q:(.*?)-->", re.S)
+COMMENT_RE = re.compile(r"<!--.*?-->", re.S)
+NUMBER_RE = re.compile(r"(?<![\w.])[+\-\u2212]?\d+(?:\.\d+)?(?!\.?\w)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quote:
+    path: str
+    line: int
+    folder: str  # under results/
+    keys: tuple[str, ...]  # into results.json, the last one of this figure included
+    text: str  # the number as quoted
+
+    def where(self) -> str:
+        return f"{self.path}:{self.line}: {self.text} <!-- q: {self.folder} {' '.join(self.keys)} -->"
+
+
+CODE_RE = re.compile(r"^```.*?^```|^(?:    |\t).*?$|`[^`\n]*`", re.M | re.S)
+
+
+def _blank_code(text: str) -> str:
+    """text with code (fenced blocks, indented lines, `spans`: examples, not quotes) blanked, lines kept."""
+    return CODE_RE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+
+
+def find_quotes(text: str, path: str) -> list[Quote]:
+    """Every quoted figure of a document (see the module docstring), code excepted; RawError for a malformed
+    quote."""
+    text = _blank_code(text)
+    quotes = []
+    previous_end = 0
+    for m in QUOTE_RE.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        words = m.group(1).split()
+        where = f"{path}:{line}"
+        _expect(len(words) >= 2, where, f"quote <!--q:{m.group(1)}--> needs a results folder and at least one key")
+        *keys, last = words[1:]
+        fields = last.split(",")
+        _expect(all(fields), where, f"quote <!--q:{m.group(1)}-->: an empty key in {last!r}")
+        start = max(previous_end, text.rfind("\n", 0, m.start()) + 1)
+        numbers = NUMBER_RE.findall(COMMENT_RE.sub(" ", text[start:m.start()]))
+        _expect(len(numbers) >= len(fields), where,
+                f"quote <!--q:{m.group(1)}--> names {len(fields)} figure(s) but {len(numbers)} number(s) precede "
+                f"it on its line")
+        for number, field in zip(numbers[len(numbers) - len(fields):], fields):
+            quotes.append(Quote(path, line, words[0], tuple(keys) + (field,), number))
+        previous_end = m.end()
+    return quotes
+
+
+def _lookup(results, keys):
+    node = results
+    for k in keys:
+        if isinstance(node, dict) and k in node:
+            node = node[k]
+        elif isinstance(node, list) and re.fullmatch(r"\d+", k) and int(k) < len(node):
+            node = node[int(k)]
+        else:
+            return None
+    return node
+
+
+def _plain(text: str) -> str:
+    """A number as written, without a plus sign, with an ASCII minus, and -0.00 as 0.00."""
+    text = text.replace("\u2212", "-").lstrip("+")
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _as_quoted(value: float, quoted: str) -> str:
+    """value written at the precision of the quoted number."""
+    decimals = len(quoted.split(".")[1]) if "." in quoted else 0
+    return _plain(f"{value:.{decimals}f}")
+
+
+def _study_of(folder: str, studies_dir: str) -> Study:
+    from starling_jax.commands.study import load_study
+    return load_study(os.path.join(studies_dir, read_manifest(folder)["study_file"]))
+
+
+def regenerated_markdown(folder: str, studies_dir: str) -> str:
+    """The results.md that `--report-only --raw folder` writes (the study file from studies_dir)."""
+    from starling_jax.commands.study.report import markdown
+    return markdown(report(_study_of(folder, studies_dir), folder))
+
+
+def check_reports(results_root: str, studies_dir: str) -> list[str]:
+    """One line per raw folder under results_root whose committed results.md is missing or differs from the one its
+    raw data gives today."""
+    problems = []
+    for manifest in sorted(glob.glob(os.path.join(results_root, "*", STUDY_JSON))):
+        folder = os.path.dirname(manifest)
+        hint = (f"run starling-jax study experiments/studies/{read_manifest(folder)['study_file']} --report-only "
+                f"--raw {folder}")
+        path = os.path.join(folder, "results.md")
+        if not os.path.exists(path):
+            problems.append(f"{path} is missing: {hint}")
+            continue
+        with open(path, encoding="utf-8") as f:
+            if f.read() != regenerated_markdown(folder, studies_dir):
+                problems.append(f"{path} is stale (its raw data gives another report): {hint}")
+    return problems
+
+
+def check_quotes(documents: list[str], results_root: str, studies_dir: str, root: Optional[str] = None
+                 ) -> tuple[int, list[str]]:
+    """(number of quoted figures, one line per problem) for the given documents: each quote's figure regenerated
+    from results_root/FOLDER (its study file from studies_dir) must equal the quoted number at its precision."""
+    regenerated: dict = {}
+    problems = []
+    count = 0
+    for doc in documents:
+        with open(doc, encoding="utf-8") as f:
+            text = f.read()
+        name = os.path.relpath(doc, root) if root else doc
+        try:
+            quotes = find_quotes(text, name)
+        except RawError as e:
+            problems.append(str(e))
+            continue
+        for q in quotes:
+            count += 1
+            if q.folder not in regenerated:
+                folder = os.path.join(results_root, q.folder)
+                try:
+                    regenerated[q.folder] = json.loads(json.dumps(report(_study_of(folder, studies_dir), folder)))
+                except (OSError, ValueError) as e:
+                    regenerated[q.folder] = f"results of {q.folder!r} cannot be regenerated: {e}"
+            results = regenerated[q.folder]
+            if isinstance(results, str):
+                problems.append(f"{q.where()}: {results}")
+                continue
+            value = _lookup(results, q.keys)
+            if not _is_number(value):
+                problems.append(f"{q.where()}: results.json has no figure at {' / '.join(q.keys)} (found "
+                                f"{type(value).__name__})")
+                continue
+            quoted = _plain(q.text)
+            if _as_quoted(float(value), quoted) != quoted:
+                problems.append(f"{q.where()}: regenerated {float(value)!r}, which is "
+                                f"{_as_quoted(float(value), quoted)} at the quoted precision")
+    return count, problems
