@@ -293,7 +293,7 @@ def test_report_without_primary_says_so_and_an_unmeasured_primary_is_named():
 # The raw results folder.
 
 def test_export_then_report_only_from_raw_regenerates_the_report_byte_for_byte(tmp_path, capsys):
-    from starling_jax.cli import main
+    from starling_jax.commands.cli import main
     study_file = write_study_file(tmp_path)
     workdir, out = str(tmp_path / "work"), str(tmp_path / "results" / "fake")
     records = write_workdir(workdir, fake_study(), seeds=(0, 1))
@@ -413,7 +413,7 @@ def _drop(key):
 ])
 def test_a_damaged_raw_folder_is_one_clear_error(tmp_path, capsys, damage, match):
     import re
-    from starling_jax.cli import main
+    from starling_jax.commands.cli import main
     study_file = write_study_file(tmp_path)
     workdir, out = str(tmp_path / "work"), str(tmp_path / "raw")
     write_workdir(workdir, fake_study(), seeds=(0, 1))
@@ -428,7 +428,7 @@ def test_a_damaged_raw_folder_is_one_clear_error(tmp_path, capsys, damage, match
 
 
 def test_export_refuses_what_would_lose_or_mix_cells(tmp_path, capsys):
-    from starling_jax.cli import main
+    from starling_jax.commands.cli import main
     study_file = write_study_file(tmp_path)
     workdir, out = str(tmp_path / "work"), str(tmp_path / "raw")
     write_workdir(workdir, fake_study(), seeds=(0, 1))
