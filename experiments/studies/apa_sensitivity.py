@@ -14,7 +14,7 @@ incl. evaluation); 5 seeds = 25 APA runs, ~75 min. docs/REPRODUCTION.md has the 
 """
 
 from starling_jax.stages.experiment import apply_overrides
-from starling_jax.commands.study import Arm, Study
+from starling_jax.commands.study import Arm, Comparison, Study
 
 from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
 
@@ -33,4 +33,9 @@ def get_study() -> Study:
         description="APA lambda and KL coefficient, one at a time around the main job's policy stage (shared SFT "
                     "and RM per seed).",
         arms=arms, seeds=REPORT_SEEDS, baseline="lam1_kl0.2", shared_stages=("sft", "rm"), quick=QUICK,
+        primary=(
+            Comparison(group="policy/heldout", metric="gain", arm="lam0.1_kl0.2", baseline="lam1_kl0.2",
+                       direction="two-sided", why="the APA paper's default lambda (0.1) against the Starling "
+                                                  "fork's (1.0), the main job's"),
+        ),
         budget="5 seeds x (shared SFT + RM, then 5 APA runs); see docs/REPRODUCTION.md")

@@ -16,7 +16,7 @@ as the main job minus its SFT (docs/REPRODUCTION.md has the measured wall times)
 """
 
 from starling_jax.stages.experiment import apply_overrides
-from starling_jax.commands.study import Arm, Study
+from starling_jax.commands.study import Arm, Comparison, Study
 
 from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
 
@@ -30,4 +30,11 @@ def get_study() -> Study:
                     "APA against each.",
         arms=(Arm("plackett_luce", kwise), Arm("bradley_terry", pairwise)),
         seeds=REPORT_SEEDS, baseline="plackett_luce", shared_stages=("sft",), quick=QUICK,
+        primary=(
+            Comparison(group="rm/heldout", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
+                       direction="less", why="the paper trains its reward model with the K-wise Plackett-Luce loss "
+                                             "on 7-wise rankings: a pairwise loss on the same rankings ranks worse"),
+            Comparison(group="policy/heldout", metric="gain", arm="bradley_terry", baseline="plackett_luce",
+                       direction="two-sided", why="does the RM's loss change what APA gains against it?"),
+        ),
         budget="5 seeds x (1 SFT + 2 arms x (RM 1200 steps + APA 40 steps)); see docs/REPRODUCTION.md")

@@ -15,7 +15,7 @@ Budget: 10 cells of 300 RM steps of a 2-layer model; docs/REPRODUCTION.md has th
 """
 
 from starling_jax.stages.experiment import apply_overrides, load_experiment
-from starling_jax.commands.study import Arm, Study
+from starling_jax.commands.study import Arm, Comparison, Study
 
 from _base import EXPERIMENTS, REPORT_SEEDS  # experiments/studies/_base.py (load_study puts this folder on the path)
 
@@ -35,5 +35,9 @@ def get_study() -> Study:
                     "model from scratch, 300 steps (the RM half of rm_kwise_vs_pairwise, shrunk to fit a busy CPU).",
         arms=(Arm("plackett_luce", kwise, policy_stage=None), Arm("bradley_terry", pairwise, policy_stage=None)),
         seeds=REPORT_SEEDS, baseline="plackett_luce", reference_stage=None, reward_stage="rm",
+        primary=(
+            Comparison(group="rm/heldout", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
+                       direction="less", why="the paper's K-wise loss against the pairwise one, reward model only"),
+        ),
         quick=("train.steps=4", "data.synthetic_prompts=300"),
         budget="10 cells x 300 steps of a 2-layer RM (no SFT, no RL); see docs/REPRODUCTION.md")
