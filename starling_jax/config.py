@@ -154,7 +154,7 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FeedbackConfig:
-    """The feedback stage kind (stages/feedback_stage.py): K sampled replies per training prompt from model, ranked by a
+    """The feedback stage kind (stages/kinds/feedback.py): K sampled replies per training prompt from model, ranked by a
     judge, written as Nectar rows (WORKDIR/<stage>/feedback.jsonl) that a later stage reads as data.source='stage:NAME'.
     The stage covers train.steps * prompts_per_step training prompts (data.shuffle_seed fixes which)."""
     k: int = 7  # replies per prompt (Nectar: 7)

@@ -4,13 +4,14 @@ cross-tokenizer reward scoring."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from starling_jax import models
 from starling_jax.config import ObjectiveConfig, OptimConfig
 from starling_jax.step import hydra
-from starling_jax.stages import rlaif
-from starling_jax.step.state import init_state, make_optimizer
+from starling_jax.stages.kinds import rlaif
+from starling_jax.step.state import create_state, init_state, make_optimizer
 
 CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)
 B, P, N = 8, 6, 5
@@ -242,3 +243,30 @@ def test_cross_tokenizer_scoring_equals_direct_scoring():
     # The policy's own rendering of the same chat is another sequence (the re-rendering matters).
     assert policy_tok.encode_chat(convs[0] + [{"role": "assistant", "content": replies[0]}], template="openchat_3.5",
                                   add_generation_prompt=False) != ids[0]
+
+
+def test_rl_step_makes_the_shared_update_and_logs_its_learning_rate():
+    """The rl kind's minibatch updates are step.step's apply_gradients: the same params as a hand-written optax loop,
+    and the metrics carry lr (the mean rate of the chunk's updates, here the warmup ramp 0 -> 1e-2 -> 2e-2)."""
+    params = {"w": jnp.arange(4.0, dtype=jnp.float32)}
+
+    def loss_fn(p, frozen, mb):
+        return jnp.mean((mb["advantages"] * p["w"]) ** 2), {}
+
+    optimizer = make_optimizer(OptimConfig(learning_rate=3e-2, warmup_steps=3, schedule="constant",
+                                           weight_decay=0.0), 10, params)
+    state = create_state(params, optimizer, jax.random.key(0))
+    batch = {k: jnp.ones((4, 4), jnp.float32) for k in rlaif.TRAIN_KEYS}
+    batch["advantages"] = jnp.arange(16.0, dtype=jnp.float32).reshape(4, 4) / 16
+    new, metrics = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=2))(state, batch)
+    np.testing.assert_allclose(float(metrics["lr"]), (0.0 + 1e-2) / 2, rtol=1e-6)
+
+    rng, key = jax.random.split(state.rng)  # the same minibatch order, then plain optax updates
+    order = jax.random.permutation(jax.random.split(key, 1)[0], 4).reshape(2, 2)
+    p, opt_state = params, state.opt_state
+    for idx in order:
+        mb = {k: v[idx] for k, v in batch.items()}
+        grads = jax.grad(lambda q: loss_fn(q, None, mb)[0])(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_array_equal(np.asarray(new.params["w"]), np.asarray(p["w"]))

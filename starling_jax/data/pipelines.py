@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import grain
 import numpy as np
 
-from starling_jax.data import nectar
+from starling_jax.data import nectar, synthetic, tasks, tfds_nectar
 from starling_jax.data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
@@ -410,19 +410,16 @@ def load_splits(data) -> Splits:
     """The train / held-out / tuning / unseen rows of a DataConfig: source "synthetic", a verifiable task
     ("task:NAME", data/tasks.py), a Nectar file or directory of parquet/JSONL files, or a tensorflow-datasets data_dir
     holding the `nectar` builder's output."""
-    from starling_jax.data import synthetic
     true_utility = synthetic.true_utility if data.source == "synthetic" else None
     if data.source == "synthetic":
         raw = synthetic.make_rows(data.synthetic_prompts, data.synthetic_seed, data.synthetic_noise)
         rows, report = nectar.parse_rows(raw, on_bad_row=data.on_bad_row, source="synthetic")
     elif data.source.startswith("task:"):
-        from starling_jax.data import tasks
         task = tasks.get(data.source)
         rows, report = nectar.parse_rows(task.make_rows(data.synthetic_seed), on_bad_row="error", min_answers=1,
                                          source=data.source)
         true_utility = task.true_utility
     else:
-        from starling_jax.data import tfds_nectar
         if tfds_nectar.is_tfds_dir(data.source):
             raw = tfds_nectar.read_raw_rows(data.source)
             rows, report = nectar.parse_rows(raw, on_bad_row=data.on_bad_row, source=data.source)

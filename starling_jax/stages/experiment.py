@@ -1,7 +1,7 @@
 """Loading an experiment (a Python file with get_config(), a bare name under experiments/, or a saved config.json),
 `--set a.b=c` overrides, validation and the JSON round trip of the typed config in config.py.
 
-Validation reads the registries (starling_jax/algorithms/, stages/kinds.py): an objective name is known when an
+Validation reads the registries (starling_jax/algorithms/, stages/kinds/): an objective name is known when an
 algorithm is registered under it, and the algorithm says which head a stage trains and whether it needs a reward model.
 """
 
@@ -21,9 +21,10 @@ from typing import Optional
 import pydantic
 
 from starling_jax.algorithms import registry
-from starling_jax.io import hub
 from starling_jax.config import ConfigError, Experiment, MeshConfig, Stage
-from starling_jax.data import templates, tokenizer
+from starling_jax.data import tasks, templates, tokenizer
+from starling_jax.errors import did_you_mean
+from starling_jax.io import hub
 from starling_jax.models.config import PRESETS, ModelConfig
 from starling_jax.stages import kinds  # noqa: F401  (registers every stage kind and algorithm)
 
@@ -87,11 +88,6 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _close(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
-    return f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(options)}"
-
-
 def _is_optional(tp) -> tuple[bool, object]:
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -120,7 +116,7 @@ def parse_value(text: str, tp, where: str):
             return text
         if tp is ModelConfig:
             if text not in PRESETS:
-                raise ValueError(f"unknown model preset {text!r}; {_close(text, sorted(PRESETS))}")
+                raise ValueError(f"unknown model preset {text!r}; {did_you_mean(text, sorted(PRESETS))}")
             return PRESETS[text]
         if typing.get_origin(tp) is tuple:
             try:
@@ -196,7 +192,7 @@ def _from_mapping(cls, mapping: dict, where: str):
     unknown = [k for k in mapping if k not in hints]
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
-                          f"{_close(unknown[0], list(hints))}")
+                          f"{did_you_mean(unknown[0], list(hints))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in mapping.items()}
     return cls(**kwargs)
 
@@ -229,7 +225,7 @@ def _set_path(obj, keys: list[str], text: str, full: str, exp: Experiment, stage
     name = keys[0]
     hints = _hints(type(obj))
     if name not in hints:
-        raise ConfigError(f"--set {full}: unknown key {name!r} in {type(obj).__name__}; {_close(name, list(hints))}")
+        raise ConfigError(f"--set {full}: unknown key {name!r} in {type(obj).__name__}; {did_you_mean(name, list(hints))}")
     if len(keys) == 1:
         return dataclasses.replace(obj, **{name: parse_value(text, hints[name], full)})
     child = getattr(obj, name)
@@ -313,7 +309,7 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     obj = c.objective.name
     algorithm = registry.ALGORITHMS.get(obj)
     if algorithm is None:
-        bad("objective.name", f"unknown objective {obj!r}; {_close(obj, registry.names())}")
+        bad("objective.name", f"unknown objective {obj!r}; {did_you_mean(obj, registry.names())}")
     kind = algorithm.kind if algorithm else None
     t, o, d, m = c.train, c.optim, c.data, c.model
     for field, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
@@ -352,7 +348,6 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     if d.max_responses < 2 and kind in ("rm", "dpo"):
         bad("data.max_responses", f"a ranking needs at least 2 responses, got {d.max_responses}")
     if d.source.startswith("task:"):
-        from starling_jax.data import tasks
         try:
             tasks.get(d.source)
         except ValueError as e:
@@ -389,7 +384,7 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     sections = [("model", m)] + ([("reward_model", c.reward_model)] if c.reward_model and kind == "rl" else [])
     for sec_name, sec in sections:
         if templates and sec.template != "auto" and sec.template not in templates:
-            bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {_close(sec.template, templates)}")
+            bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {did_you_mean(sec.template, templates)}")
         if (tokenizers and sec.tokenizer not in tokenizers and not os.path.exists(sec.tokenizer)
                 and not sec.tokenizer.startswith("hf:")):
             bad(f"{sec_name}.tokenizer", f"{sec.tokenizer!r} is neither a known tokenizer "

@@ -15,8 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from starling_jax.commands.study import Study
-from starling_jax.commands.study import stats
+from starling_jax.commands.study import Study, stats
 
 POLICY_COLUMNS = ("true_reward", "gain", "kl", "gain_per_kl", "rm_score", "length")
 RM_COLUMNS = ("pair_accuracy", "top1_accuracy", "kendall_tau")

@@ -1,5 +1,5 @@
 """The data-driven stage kinds "sft", "rm" and "dpo": a model, the objective's loss, a grain pipeline, held-out
-evaluation. (The "rl" kind lives in stages/rlaif.py.)
+evaluation. (The "rl" kind lives in stages/kinds/rlaif.py.)
 
 Trees follow step/losses.py: params = the trainable part (models.split_params), frozen = {"trunk": the rest} plus,
 for DPO, {"reference": a copy of the trainable part at the start}. A reward-model stage that starts from a language
@@ -16,19 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from starling_jax import models
-from starling_jax.parallel import sharding
 from starling_jax.algorithms import registry
-from starling_jax.data import load_tokenizer
-from starling_jax.data import pipelines
-from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
-from starling_jax.models import ModelConfig
-from starling_jax.step import losses
 from starling_jax.config import Experiment
+from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
+from starling_jax.models import ModelConfig, Params
+from starling_jax.parallel import sharding
 from starling_jax.stages.program import (StageContext, StageProgram, StageSetup, is_abstract, layers_note,
-                                        load_model, register_stage_kind)
+                                         load_model, register_stage_kind)
+from starling_jax.step import losses
 from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
 from starling_jax.step.step import make_train_step
-from starling_jax.models import Params
 
 
 class GrainBatches:

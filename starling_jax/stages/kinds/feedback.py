@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starling_jax.config import ModelSection
+from starling_jax.data import load_tokenizer, pipelines, tasks
+from starling_jax.data.nectar import parse_prompt
 from starling_jax.generation import feedback as fb
-from starling_jax.data import load_tokenizer, pipelines
 from starling_jax.stages import program as prog
 from starling_jax.stages.rollout import RewardScorer, conversation_of, trained_reward_template
 
@@ -84,7 +86,6 @@ def _score_judge(ctx: prog.StageContext, splits):
             return out
         return judge
     if f.judge == "task":
-        from starling_jax.data import tasks
         fn = tasks.get(c.data.source).judge if c.data.source.startswith("task:") else splits.true_utility
     else:
         fn = fb.load_function(f.judge)
@@ -95,7 +96,6 @@ class _LLMJudge:
     """judge(prompt text) -> reply text: greedy decoding of feedback.judge_model in its own template."""
 
     def __init__(self, ctx: prog.StageContext):
-        from starling_jax.config import ModelSection
         f = ctx.config.feedback
         tok_source = f.judge_model if not f.judge_model.startswith("stage:") else ctx.config.model.tokenizer
         self.config, self.params = prog.load_model(ctx, ModelSection(path=f.judge_model), jax.random.key(0))
@@ -221,7 +221,6 @@ class FeedbackSource:
         """The LLM judge ranks the first rows' replies again under two fresh independent shuffles."""
         with open(self.path) as fh:
             rows = [json.loads(line) for _, line in zip(range(self.f.agreement_prompts), fh)]
-        from starling_jax.data.nectar import parse_prompt
         items = [(parse_prompt(r["prompt"]), [a["answer"] for a in r["answers"]]) for r in rows]
         return fb.self_agreement(lambda i, rng: fb.llm_rank(lambda p: self.llm.many([p])[0], items[i][0],
                                                             items[i][1], rng), len(items), seed=self.c.train.seed)

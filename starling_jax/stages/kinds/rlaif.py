@@ -32,22 +32,22 @@ import numpy as np
 import optax
 
 from starling_jax import models
-from starling_jax.generation import sampling
-from starling_jax.parallel import sharding
 from starling_jax.algorithms import registry
 from starling_jax.config import ObjectiveConfig
 from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.generation import sampling
 from starling_jax.metrics import stats
 from starling_jax.models import ModelConfig, Params
-from starling_jax.objectives import common as obj_common
-from starling_jax.objectives import policy as obj_policy
+from starling_jax.objectives import common as obj_common, policy as obj_policy
+from starling_jax.parallel import sharding
 from starling_jax.stages import program as prog
-from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_parts,
-                                      policy_params, reference_parts)
-from starling_jax.step.logging import plot_metrics, read_metrics
 from starling_jax.stages.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls, sample_replies,
-                                        trained_reward_template)
+                                         trained_reward_template)
+from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_params, policy_parts,
+                                     reference_parts)
+from starling_jax.step.logging import plot_metrics, read_metrics
 from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
+from starling_jax.step.step import apply_gradients
 
 Batch = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
                  optimizer: optax.GradientTransformation, epochs: int, minibatch_size: int):
     """step(state, batch) -> (state, metrics): `epochs` shuffled passes over the chunk in minibatches, one optimizer
     update each (a lax.scan, so it jits to one program). state is a TrainState(step, params, frozen, opt_state, rng);
-    its step counts chunks. Metrics are means over the updates, plus the means of the batch's "stat_*" rows."""
+    its step counts chunks. Each update is step.step's apply_gradients. Metrics are means over the updates (grad_norm,
+    lr included), plus the means of the batch's "stat_*" rows."""
 
     def step(state, batch: Batch):
         data = {k: batch[k] for k in TRAIN_KEYS}
@@ -191,9 +192,8 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
             params, opt_state = carry
             mb = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, mb)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, opt_state), {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+            params, opt_state, update_metrics = apply_gradients(optimizer, params, opt_state, grads)
+            return (params, opt_state), {**metrics, "loss": loss, **update_metrics}
 
         (params, opt_state), history = jax.lax.scan(update, (state.params, state.opt_state), order)
         metrics = {k: jnp.mean(v) for k, v in history.items()}
