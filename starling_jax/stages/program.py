@@ -176,20 +176,31 @@ def is_abstract(tree) -> bool:
 @dataclasses.dataclass(frozen=True)
 class StageKind:
     """A registered stage kind: `build(ctx)` makes the training program of a stage whose algorithm has this kind;
-    `setup(config, model_config, params, mesh, key) -> StageSetup` (optional) is the part the planner shares."""
+    `setup(config, model_config, params, mesh, key) -> StageSetup` (optional) is the part the planner shares.
+
+    check(config, algorithm, earlier) -> [(field, message)]: the kind's own checks of a stage's resolved config, run
+      by validation after the checks every stage gets (earlier: {earlier stage name: its Algorithm or None}).
+    reads: the model sections a stage of this kind loads; validation checks their template, tokenizer and path.
+    writes_rows: its stages write Nectar rows that a later stage reads as data.source = "stage:NAME"."""
     name: str
     build: Callable[[StageContext], StageProgram]
     setup: Optional[Callable[..., StageSetup]] = None
+    check: Optional[Callable[..., list]] = None
+    reads: tuple[str, ...] = ("model",)
+    writes_rows: bool = False
 
 
 STAGE_KINDS: dict[str, StageKind] = {}  # kind name -> its StageKind
 
 
-def register_stage_kind(name: str, setup: Optional[Callable[..., StageSetup]] = None):
-    """Decorator: `@register_stage_kind("rl", setup=rl_setup) def build(ctx: StageContext) -> StageProgram` registers
-    the kind once. Re-registering a name replaces it only with an equal kind."""
+def register_stage_kind(name: str, setup: Optional[Callable[..., StageSetup]] = None,
+                        check: Optional[Callable[..., list]] = None, reads: tuple[str, ...] = ("model",),
+                        writes_rows: bool = False):
+    """Decorator: `@register_stage_kind("rl", setup=rl_setup, check=check_rl) def build(ctx: StageContext) ->
+    StageProgram` registers the kind once (the fields: StageKind). Re-registering a name replaces it only with an
+    equal kind."""
     def deco(fn):
-        kind = StageKind(name, fn, setup)
+        kind = StageKind(name, fn, setup, check, tuple(reads), writes_rows)
         old = STAGE_KINDS.get(name)
         if old is not None and old != kind:
             raise ValueError(f"stage kind {name!r} is already registered")

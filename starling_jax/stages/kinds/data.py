@@ -216,5 +216,23 @@ def build_data_stage(ctx: StageContext) -> StageProgram:
     return DataStage(ctx).program()
 
 
+def check_data(c, algorithm, earlier: dict) -> list[tuple[str, str]]:
+    """A data kind's checks of a stage config (validation runs them): the rows must hold the answers its batch
+    format needs (a ranking or a pair needs 2)."""
+    need = pipelines.get_format(algorithm.kind).min_responses
+    if c.data.max_responses < need:
+        return [("data.max_responses", f"a ranking needs at least {need} responses, got {c.data.max_responses}")]
+    return []
+
+
+def register_data_kind(name: str, check=None) -> None:
+    """Register stage kind `name` as a data kind: the DataStage program over the batch format registered under the
+    same name (data.pipelines.register_format); its algorithm says the head, loss and reference copy. check(config,
+    algorithm, earlier) -> [(field, message)]: the kind's own config checks, after check_data's."""
+    def check_kind(c, algorithm, earlier):
+        return check_data(c, algorithm, earlier) + (check(c, algorithm, earlier) if check else [])
+    register_stage_kind(name, setup=data_setup, check=check_kind)(build_data_stage)
+
+
 for _kind in ("sft", "rm", "dpo"):  # one builder for the three data-driven kinds; the algorithm says the rest
-    register_stage_kind(_kind, setup=data_setup)(build_data_stage)
+    register_data_kind(_kind)
