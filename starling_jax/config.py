@@ -112,9 +112,10 @@ class ObjectiveConfig:
     # GRPO / RLOO (critic-free, objectives/group.py): rollout.prompts_per_step replies = prompts_per_step / group_size
     # prompts x group_size samples each; advantages relative to the group (GRPO: mean/std; RLOO: leave-one-out mean).
     group_size: int = 4
-    kl_in: Optional[str] = None  # "reward" (sequence-level penalty) | "loss" (per-token term); None: grpo loss, rloo reward
-    kl_estimator: Optional[str] = None  # "k1" | "k3"; None: grpo k3, rloo k1
-    loss_aggregation: str = "sequence"  # "sequence" (mean of each reply's token mean, GRPO) | "token"
+    # "reward" (sequence-level penalty) | "loss" (per-token term); None: the algorithm's own (grpo loss, rloo reward)
+    kl_in: Optional[Literal["reward", "loss"]] = None
+    kl_estimator: Optional[Literal["k1", "k3"]] = None  # None: the algorithm's own (grpo k3, rloo k1)
+    loss_aggregation: Literal["sequence", "token"] = "sequence"  # mean of each reply's token mean (GRPO) | of tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,7 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FeedbackConfig:
-    """The feedback stage kind (stages/feedback_stage.py): K sampled replies per training prompt from model, ranked by a
+    """The feedback stage kind (stages/kinds/feedback.py): K sampled replies per training prompt from model, ranked by a
     judge, written as Nectar rows (WORKDIR/<stage>/feedback.jsonl) that a later stage reads as data.source='stage:NAME'.
     The stage covers train.steps * prompts_per_step training prompts (data.shuffle_seed fixes which)."""
     k: int = 7  # replies per prompt (Nectar: 7)

@@ -10,6 +10,7 @@ exception carries it; a reader that knows the file should still catch those and 
 
 from __future__ import annotations
 
+import difflib
 import json
 
 EXIT_BAD_INPUT = 2
@@ -18,6 +19,13 @@ DEBUG_ENV = "STARLING_JAX_DEBUG"
 
 class InputError(ValueError):
     """Bad input a user can fix: the message names the file (row, field) and what to do. CLI exit status 2."""
+
+
+def did_you_mean(name: str, options) -> str:
+    """"did you mean a, b?" (up to 3 close matches of `name` among `options`), else "known: " and every option, in
+    the order given: the tail of an unknown-name message."""
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(options)}"
 
 
 def _library_errors() -> tuple[type, ...]:

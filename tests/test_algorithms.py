@@ -14,7 +14,8 @@ from starling_jax.config import ConfigError, Experiment, ObjectiveConfig, Reward
 from starling_jax.stages.experiment import stages_of, validate
 from starling_jax.objectives import policy as obj_policy
 from starling_jax.step import hydra
-from starling_jax.stages import kinds, rlaif
+from starling_jax.stages import kinds, program
+from starling_jax.stages.kinds import rlaif
 
 BUILT_IN = {"sft": ("sft", "lm", False), "rm_plackett_luce": ("rm", "score", False),
             "rm_bradley_terry": ("rm", "score", False), "dpo": ("dpo", "lm", True), "apa": ("rl", "lm", True),
@@ -32,7 +33,7 @@ def test_built_in_algorithms_and_kinds():
     with pytest.raises(KeyError, match="unknown objective 'rm_kwise'; known: apa, dpo, feedback, grpo, ppo, rloo"):
         registry.get("rm_kwise")
     with pytest.raises(KeyError, match="no stage kind 'rlhf' is registered"):
-        registry.stage_kind("rlhf")
+        program.get_kind("rlhf")
 
 
 def test_register_rejects_a_second_algorithm_under_a_taken_name():

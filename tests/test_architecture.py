@@ -1,5 +1,6 @@
 """The folders are the layers: every import in the package (lazy ones inside functions included) goes to the same or a
-lower layer of the table in docs/ARCHITECTURE.md, every module lies in a folder (or is a file) that has a row."""
+lower layer of the table in docs/ARCHITECTURE.md, every module lies in a folder (or is a file) that has a row, and an
+import inside a function is allowed only where the list of lazy imports there names it with its reason."""
 
 import ast
 import fnmatch
@@ -33,8 +34,18 @@ def _rows(text: str) -> list[list[str]]:
 
 def layer_table() -> list[tuple[str, list[str]]]:
     """[(layer name, [folders 'x/' and top-level files 'y.py'])] from the import table, top layer first."""
-    section = _section("Folders and the direction of imports")
+    section = _section("Folders and the direction of imports").split("\nImports inside functions", 1)[0]
     return [(cells[0], re.findall(r"`([^`]+)`", cells[1])) for cells in _rows(section) if len(cells) >= 2]
+
+
+def lazy_table() -> list[tuple[str, list[str], str]]:
+    """[(module file, [imported module patterns], reason)] from the list of allowed imports inside functions."""
+    section = _section("Folders and the direction of imports").split("\nImports inside functions", 1)[1]
+    out = []
+    for cells in _rows(section):
+        (module,) = re.findall(r"`([^`]+)`", cells[0])
+        out.append((module, re.findall(r"`([^`]+)`", cells[1]), cells[2]))
+    return out
 
 
 def layer_of(rel: str, table) -> int:
@@ -61,8 +72,8 @@ def module_files() -> dict[str, Path]:
 
 
 def imports_of(path: Path, name: str, modules: dict) -> dict[str, bool]:
-    """Project modules an import in `path` runs -> whether every such import sits inside a function: the named
-    module, its parent packages' __init__, and for `from pkg import sub` the submodule `sub`."""
+    """Project modules an import in `path` runs -> whether an import of it sits inside a function: the named module,
+    its parent packages' __init__, and for `from pkg import sub` the submodule `sub`."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -84,7 +95,7 @@ def imports_of(path: Path, name: str, modules: dict) -> dict[str, bool]:
             for i in range(1, len(parts) + 1):
                 m = ".".join(parts[:i])
                 if m in modules and m != name:
-                    found[m] = found.get(m, True) and id(node) in inner
+                    found[m] = found.get(m, False) or id(node) in inner
     return found
 
 
@@ -116,6 +127,32 @@ def test_every_folder_has_a_row_and_no_import_points_up():
     assert not upward, "imports pointing up the table:\n" + "\n".join(upward)
 
 
+def lazy_violations(files: dict, rel: dict, modules: dict, allowed) -> tuple[list[str], set[int]]:
+    """(imports inside functions that no row of `allowed` names, the rows used)."""
+    unlisted, used = [], set()
+    for name, path in sorted(files.items()):
+        for other, lazy in sorted(imports_of(path, name, modules).items()):
+            if not lazy or other == "starling_jax":  # the root package is loaded before any of its modules
+                continue
+            hit = [i for i, (m, pats, _) in enumerate(allowed)
+                   if m == rel[name] and any(fnmatch.fnmatch(rel[other], p) for p in pats)]
+            used.update(hit)
+            if not hit:
+                unlisted.append(f"{rel[name]} imports {rel[other]} inside a function")
+    return unlisted, used
+
+
+def test_imports_inside_functions_are_listed_with_a_reason():
+    allowed = lazy_table()
+    assert allowed and all(len(reason) > 20 for _, _, reason in allowed)
+    modules = module_files()
+    unlisted, used = lazy_violations(modules, _rel(modules), modules, allowed)
+    assert not unlisted, ("imports inside functions that docs/ARCHITECTURE.md does not list (import at the top, or "
+                          "list it with its reason):\n" + "\n".join(unlisted))
+    stale = [allowed[i][0] for i in range(len(allowed)) if i not in used]
+    assert not stale, f"listed lazy imports that no longer exist: {stale}"
+
+
 def _safe_layer(rel, table):
     try:
         return layer_of(rel, table)
@@ -136,3 +173,11 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert imports_of(f, "starling_jax.io.m", modules) == {"starling_jax.stages": True,
                                                            "starling_jax.stages.loop": True,
                                                            "starling_jax.models": False}
+    allowed = [("io/m.py", ["stages/*"], "a reason")]
+    assert lazy_violations({"starling_jax.io.m": f}, {"starling_jax.io.m": "io/m.py", **{
+        m: str(p) for m, p in {"starling_jax.stages": "stages/__init__.py", "starling_jax.stages.loop": "stages/loop.py",
+                               "starling_jax.models": "models/__init__.py"}.items()}}, modules, allowed) == ([], {0})
+    assert lazy_violations({"starling_jax.io.m": f}, {"starling_jax.io.m": "io/m.py", "starling_jax.stages":
+                           "stages/__init__.py", "starling_jax.stages.loop": "stages/loop.py", "starling_jax.models":
+                           "models/__init__.py"}, modules, [])[0] == [
+        "io/m.py imports stages/__init__.py inside a function", "io/m.py imports stages/loop.py inside a function"]

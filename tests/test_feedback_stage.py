@@ -26,7 +26,8 @@ from starling_jax.stages.experiment import validate
 from starling_jax.data import pipelines, tasks
 from starling_jax.data.nectar import parse_prompt, read_rows
 from starling_jax.models import PRESETS
-from starling_jax.stages import feedback_stage, loop
+from starling_jax.stages.kinds import feedback as feedback_stage
+from starling_jax.stages import loop
 
 POLICY = PRESETS["tiny"].replace(num_layers=1)
 RM = POLICY.replace(head="score")

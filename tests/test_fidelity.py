@@ -122,7 +122,7 @@ def test_rm_stage_loss_reads_pl_normalize():
 def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
     from starling_jax.generation import sampling
     from starling_jax.config import ObjectiveConfig
-    from starling_jax.stages import rlaif
+    from starling_jax.stages.kinds import rlaif
     T, P, N = 0.6, 4, 6
     prompt = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10]], jnp.int32)
     pmask = (prompt > 0).astype(jnp.int32)

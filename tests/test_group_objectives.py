@@ -34,7 +34,8 @@ def _batch(seed, B=6, T=5):
 def test_group_advantages_against_loops(G):
     rng = np.random.default_rng(G)
     r = rng.normal(size=4 * G).astype(np.float32)
-    grpo, rloo = np.asarray(group_advantages(jnp.asarray(r), G, "grpo")), np.asarray(group_advantages(r, G, "rloo"))
+    grpo = np.asarray(group_advantages(jnp.asarray(r), G, "normalised"))
+    rloo = np.asarray(group_advantages(r, G, "leave_one_out"))
     for g in range(4):
         group = [float(x) for x in r[g * G:(g + 1) * G]]
         mean = sum(group) / G
@@ -44,16 +45,16 @@ def test_group_advantages_against_loops(G):
             assert grpo[g * G + i] == pytest.approx((group[i] - mean) / (std + 1e-4), rel=1e-5, abs=1e-5)
             assert rloo[g * G + i] == pytest.approx(group[i] - sum(others) / (G - 1), rel=1e-5, abs=1e-5)
     # a group of equal rewards carries no signal in either
-    flat = np.asarray(group_advantages(jnp.ones(2 * G), G, "grpo"))
-    assert np.all(flat == 0) and np.all(np.asarray(group_advantages(jnp.ones(2 * G), G, "rloo")) == 0)
+    flat = np.asarray(group_advantages(jnp.ones(2 * G), G, "normalised"))
+    assert np.all(flat == 0) and np.all(np.asarray(group_advantages(jnp.ones(2 * G), G, "leave_one_out")) == 0)
 
 
 def test_group_advantages_reject_bad_shapes():
     with pytest.raises(ValueError, match="multiple of group_size=4"):
-        group_advantages(jnp.zeros(6), 4, "grpo")
+        group_advantages(jnp.zeros(6), 4, "normalised")
     with pytest.raises(ValueError, match="group_size >= 2"):
-        group_advantages(jnp.zeros(6), 1, "rloo")
-    with pytest.raises(ValueError, match="kind must be"):
+        group_advantages(jnp.zeros(6), 1, "leave_one_out")
+    with pytest.raises(ValueError, match="baseline must be"):
         group_advantages(jnp.zeros(4), 2, "ppo")
 
 
@@ -103,7 +104,7 @@ def test_grpo_matches_trl_loss_and_gradient(seed):
     logp, old, ref, mask, _ = _batch(seed, B=8)
     rewards = np.random.default_rng(seed + 10).normal(size=8).astype(np.float32)
     G = 4
-    adv = group_advantages(jnp.asarray(rewards), G, "grpo")
+    adv = group_advantages(jnp.asarray(rewards), G, "normalised")
     r = torch.tensor(rewards).view(-1, G)
     trl_adv = ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-4)).view(-1)
     np.testing.assert_allclose(np.asarray(adv), trl_adv.numpy(), rtol=1e-5, atol=1e-6)
@@ -126,7 +127,7 @@ def test_group_experience_places_the_kl_in_the_reward_or_not(kl_in, estimator):
     from starling_jax.objectives.group import group_experience
     logp, _, ref, mask, _ = _batch(3, B=6)
     scores = np.random.default_rng(4).normal(size=6).astype(np.float32)
-    out = group_experience(jnp.asarray(scores), logp, ref, mask, 3, "rloo", 0.1, kl_in, estimator)
+    out = group_experience(jnp.asarray(scores), logp, ref, mask, 3, "leave_one_out", 0.1, kl_in, estimator)
     d = ref.astype(np.float64) - logp
     per_token = -d if estimator == "k1" else np.exp(d) - d - 1
     kl = (per_token * mask).sum(axis=1)

@@ -12,7 +12,7 @@ import pytest
 from starling_jax import models
 from starling_jax.config import ConfigError, ObjectiveConfig, OptimConfig
 from starling_jax.step import hydra
-from starling_jax.stages import rlaif
+from starling_jax.stages.kinds import rlaif
 from starling_jax.step.state import init_state, make_optimizer
 
 CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)

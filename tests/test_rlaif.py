@@ -4,13 +4,14 @@ cross-tokenizer reward scoring."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from starling_jax import models
 from starling_jax.config import ObjectiveConfig, OptimConfig
 from starling_jax.step import hydra
-from starling_jax.stages import rlaif
-from starling_jax.step.state import init_state, make_optimizer
+from starling_jax.stages.kinds import rlaif
+from starling_jax.step.state import create_state, init_state, make_optimizer
 
 CFG = models.PRESETS["tiny"].replace(num_layers=3, vocab_size=300, pad_token_id=0, eos_token_id=2)
 B, P, N = 8, 6, 5
@@ -163,7 +164,8 @@ def test_update_lowers_loss_and_keeps_frozen_bits(params, rollout, name, top_lay
 def test_group_objectives_in_the_rl_stage(params, rollout, name, kl_in, estimator):
     """GRPO/RLOO through the rl stage's own experience and update functions: group-relative advantages of the
     (KL-penalised) scores on every token of a reply, no critic update, the policy moves, the loss falls."""
-    from starling_jax.objectives.group import group_advantages, kl_settings
+    from starling_jax.algorithms._group import kl_settings
+    from starling_jax.objectives.group import group_advantages
     obj = ObjectiveConfig(name=name, kl_coef=0.1, group_size=4, kl_in=kl_in, kl_estimator=estimator)
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), 1, value_head_kind="mlp")
     exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
@@ -174,7 +176,8 @@ def test_group_objectives_in_the_rl_stage(params, rollout, name, kl_in, estimato
     d = ex["ref_logprobs"].astype(np.float64) - ex["old_logprobs"]
     k = (-d if est == "k1" else np.exp(d) - d - 1) * mask
     rewards = rollout["scores"] - (0.1 * k.sum(1) if where == "reward" else 0.0)
-    want = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), 4, name))
+    want = np.asarray(group_advantages(jnp.asarray(rewards, jnp.float32), 4,
+                                       {"grpo": "normalised", "rloo": "leave_one_out"}[name]))
     np.testing.assert_allclose(ex["advantages"], want[:, None] * mask, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ex["kl"], ((ex["old_logprobs"] - ex["ref_logprobs"]) * mask).sum(1), rtol=1e-5,
                                atol=1e-5)  # the logged KL is k1, as for APA/PPO
@@ -242,3 +245,30 @@ def test_cross_tokenizer_scoring_equals_direct_scoring():
     # The policy's own rendering of the same chat is another sequence (the re-rendering matters).
     assert policy_tok.encode_chat(convs[0] + [{"role": "assistant", "content": replies[0]}], template="openchat_3.5",
                                   add_generation_prompt=False) != ids[0]
+
+
+def test_rl_step_makes_the_shared_update_and_logs_its_learning_rate():
+    """The rl kind's minibatch updates are step.step's apply_gradients: the same params as a hand-written optax loop,
+    and the metrics carry lr (the mean rate of the chunk's updates, here the warmup ramp 0 -> 1e-2 -> 2e-2)."""
+    params = {"w": jnp.arange(4.0, dtype=jnp.float32)}
+
+    def loss_fn(p, frozen, mb):
+        return jnp.mean((mb["advantages"] * p["w"]) ** 2), {}
+
+    optimizer = make_optimizer(OptimConfig(learning_rate=3e-2, warmup_steps=3, schedule="constant",
+                                           weight_decay=0.0), 10, params)
+    state = create_state(params, optimizer, jax.random.key(0))
+    batch = {k: jnp.ones((4, 4), jnp.float32) for k in rlaif.TRAIN_KEYS}
+    batch["advantages"] = jnp.arange(16.0, dtype=jnp.float32).reshape(4, 4) / 16
+    new, metrics = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=2))(state, batch)
+    np.testing.assert_allclose(float(metrics["lr"]), (0.0 + 1e-2) / 2, rtol=1e-6)
+
+    rng, key = jax.random.split(state.rng)  # the same minibatch order, then plain optax updates
+    order = jax.random.permutation(jax.random.split(key, 1)[0], 4).reshape(2, 2)
+    p, opt_state = params, state.opt_state
+    for idx in order:
+        mb = {k: v[idx] for k, v in batch.items()}
+        grads = jax.grad(lambda q: loss_fn(q, None, mb)[0])(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_array_equal(np.asarray(new.params["w"]), np.asarray(p["w"]))

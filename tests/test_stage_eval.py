@@ -14,7 +14,7 @@ from starling_jax.stages.experiment import stages_of
 from starling_jax.data import pipelines
 from starling_jax.models import PRESETS
 from starling_jax.stages.program import StageContext
-from starling_jax.stages.data_stage import DataStage
+from starling_jax.stages.kinds.data import DataStage
 
 B = 8
 

@@ -14,8 +14,8 @@ import scipy.stats
 from starling_jax.config import ConfigError
 from starling_jax.stages.experiment import apply_overrides, stages_of
 from starling_jax.commands.study import Arm, Study, load_study, report, stats, with_seed
-from starling_jax.commands.study.evaluate import _ranking_metrics
 from starling_jax.commands.study.runner import check_shared
+from starling_jax.metrics.ranking import group_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "studies"))
@@ -73,12 +73,12 @@ def test_ranking_metrics_against_direct_counts_and_scipy(seed):
     u = rng.normal(size=7)
     u[3] = u[5]  # a tie in the true utilities: that pair is not counted
     s = u + rng.normal(scale=0.8, size=7)
-    pair_acc, top1, tau = _ranking_metrics(s, u)
+    pair_acc, top1, tau = group_metrics(s, u)
     pairs = [(i, j) for i in range(7) for j in range(i + 1, 7) if u[i] != u[j]]
     assert pair_acc == pytest.approx(np.mean([(u[i] - u[j]) * (s[i] - s[j]) > 0 for i, j in pairs]))
     assert top1 == float(np.argmax(s) == np.argmax(u))
     keep = [i for i in range(7) if i != 5]  # without the tie, tau over untied pairs is scipy's tau
-    assert _ranking_metrics(s[keep], u[keep])[2] == pytest.approx(scipy.stats.kendalltau(s[keep], u[keep])[0])
+    assert group_metrics(s[keep], u[keep])[2] == pytest.approx(scipy.stats.kendalltau(s[keep], u[keep])[0])
 
 
 def test_with_seed_sets_data_order_init_and_sampling_seeds():

@@ -1,4 +1,4 @@
-"""AI feedback: K sampled replies per prompt ranked by a judge into Nectar rows (stages/feedback_stage.py). It trains
+"""AI feedback: K sampled replies per prompt ranked by a judge into Nectar rows (stages/kinds/feedback.py). It trains
 nothing; it is an algorithm only so that one experiment chains feedback -> rm -> rl in the same loop."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The one registry of training algorithms (ObjectiveConfig.name -> Algorithm) and of stage kinds (the loop's and the
-planner's way to build a stage that trains one).
+"""The registry of training algorithms (ObjectiveConfig.name -> Algorithm); the stage kinds that train them are
+registered beside their own type, in stages/program.py.
 
 An algorithm is registered once, in its own module under starling_jax/algorithms/ (every module there is imported by
 starling_jax.algorithms, so a new file is all it takes):
@@ -7,17 +7,17 @@ starling_jax.algorithms, so a new file is all it takes):
     register(Algorithm(name="dpo", kind="dpo", head="lm", loss=build_dpo_loss, batch=pair_batch, reference=True))
 
 Everything that used to be a table keyed by the objective name reads the record instead: the config's choices and
-checks (config loading), the stage kinds (stages/data_stage.py, stages/rlaif.py), the planner (commands/plan.py), the docs.
+checks (config loading), the stage kinds (stages/kinds/data.py, stages/kinds/rlaif.py), the planner (commands/plan.py), the docs.
 
-A stage kind is registered once, by the module that implements it (register_stage_kind); see stages/program.py for
-what it provides. This module imports nothing of the project: it is a pair of dictionaries with checks.
+This module imports nothing of the project but errors.py: it is a dictionary with checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable, Literal, Optional
+
+from starling_jax.errors import did_you_mean
 
 Head = Literal["lm", "score"]
 
@@ -38,7 +38,7 @@ class Algorithm:
                  experience (tokens, masks, old_logprobs, ref_logprobs, old_values, advantages, returns).
     batch:     data kinds: batch(batch_size, seq_len, num_responses) -> {key: jax.ShapeDtypeStruct}, the global
                batch layout (the planner compiles against it; the loss checks its keys). The rl kind's layout is
-               the kind's own (stages/rlaif.py experience_spec).
+               the kind's own (stages/kinds/rlaif.py experience_spec).
     reference: the stage keeps a frozen copy of the trainable part taken at its start (DPO; every RL algorithm).
     advantages: rl kind: advantages(rewards, values, mask, objective, group_size, scores, logprobs, ref_logprobs,
                kl_coef) -> (advantages, returns), all [B, N] float32 (called with keywords); `rewards` are the
@@ -64,12 +64,6 @@ class Algorithm:
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
-STAGE_KINDS: dict[str, Any] = {}  # kind name -> the kind's StageKind (stages/program.py)
-
-
-def _close(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
-    return f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(options))}"
 
 
 def register(algorithm: Algorithm) -> Algorithm:
@@ -89,7 +83,7 @@ def get(name: str) -> Algorithm:
     try:
         return ALGORITHMS[name]
     except KeyError:
-        raise KeyError(f"unknown objective {name!r}; {_close(name, ALGORITHMS)}") from None
+        raise KeyError(f"unknown objective {name!r}; {did_you_mean(name, sorted(ALGORITHMS))}") from None
 
 
 def names() -> list[str]:
@@ -99,20 +93,3 @@ def names() -> list[str]:
 def of_kind(kind: str) -> list[str]:
     """Names of the algorithms a stage kind trains."""
     return sorted(n for n, a in ALGORITHMS.items() if a.kind == kind)
-
-
-def register_stage_kind(kind) -> Any:
-    """Add a stage kind (an object with a `name`, see stages/program.py StageKind). Re-registering the same name
-    replaces it only with an equal object."""
-    old = STAGE_KINDS.get(kind.name)
-    if old is not None and old is not kind and old != kind:
-        raise ValueError(f"stage kind {kind.name!r} is already registered")
-    STAGE_KINDS[kind.name] = kind
-    return kind
-
-
-def stage_kind(name: str):
-    try:
-        return STAGE_KINDS[name]
-    except KeyError:
-        raise KeyError(f"no stage kind {name!r} is registered; {_close(name, STAGE_KINDS)}") from None

@@ -4,4 +4,6 @@ the reward by default; no critic."""
 from starling_jax.algorithms import _group
 from starling_jax.algorithms.registry import register
 
-register(_group.algorithm("rloo", "RLOO: leave-one-out baseline over G replies per prompt (no critic)"))
+# Ahmadian et al.'s KL: a sequence-level k1 penalty in the reward
+register(_group.algorithm("rloo", "RLOO: leave-one-out baseline over G replies per prompt (no critic)",
+                          baseline="leave_one_out", kl_in="reward", kl_estimator="k1"))

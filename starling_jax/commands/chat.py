@@ -26,9 +26,12 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from starling_jax.generation import sampling
+from starling_jax.data import load_tokenizer
 from starling_jax.errors import InputError
+from starling_jax.generation import sampling
+from starling_jax.io import hf, hub
 from starling_jax.models import ModelConfig
+from starling_jax.step.checkpoint import load_export
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,6 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
                     ) -> tuple[ModelConfig, dict, Optional[str]]:
     """(config, params, tokenizer path or None) of a HF directory (or hub id "hf:ORG/NAME[@REV]") or a stage export
     (see the module doc)."""
-    from starling_jax.io import hub
 
     path = hub.resolve(path)
     if not os.path.exists(path):
@@ -76,7 +78,6 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
     # A run's WORKDIR holds a config.json too (the experiment's): a HF directory is one with weight files.
     weights = os.path.isdir(path) and any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path))
     if os.path.isfile(os.path.join(path, "config.json")) and weights:
-        from starling_jax.io import hf
         config, params = hf.load(path, dtype=dtype)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = path if has_tok else None
@@ -87,7 +88,6 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
                 f"{path!r} is neither a Hugging Face directory (no config.json) nor a starling_jax stage export "
                 f"(WORKDIR/<stage>/export with summary.json and model_config.json)"
                 + (f" for stage {stage!r}" if stage else " holding a finished language-model stage"))
-        from starling_jax.step.checkpoint import load_export
         config, params, _ = load_export(export)
         log.info("loaded stage export %s", export)
         tokenizer = None
@@ -127,7 +127,6 @@ class Session:
     system: Optional[str] = None  # a system message put before every conversation (--system)
 
     def __init__(self, args):
-        from starling_jax.data import load_tokenizer
 
         self.config, self.params, tok_path = load_checkpoint(args.checkpoint, args.stage, args.dtype)
         self.tokenizer = load_tokenizer(tok_path or args.tokenizer)

@@ -1,4 +1,4 @@
-"""The `starling-jax` command line: run | train | feedback | eval | generate | chat | plan | convert | study | bench.
+"""The `starling-jax` command line: run | train | feedback | eval | generate | chat | plan | convert | study.
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and `cli(args) -> int`; this file only
 dispatches (modules are imported lazily so `starling-jax --help` stays fast) and guards: every subcommand runs inside
@@ -23,12 +23,13 @@ COMMANDS = {
     "train": ("starling_jax.stages.loop", "train an experiment's stages (resumes from WORKDIR by default)"),
     "feedback": ("starling_jax.stages.loop", "AI feedback: sample K replies per prompt, rank them with a judge, write "
                                             "Nectar rows (an experiment's feedback stages)"),
-    "eval": ("starling_jax.commands.eval.cli", "MT-Bench/AlpacaEval answers (policy), RM-judged win rates (compare), "
-                                      "RewardBench (rm), ranking metrics of an experiment's RM"),
+    "eval": ("starling_jax.commands.eval.cli", "MT-Bench/AlpacaEval answers (policy), RM-judged win rates "
+                                               "(compare), RewardBench (rm), ranking metrics of an experiment's RM"),
     "generate": ("starling_jax.commands.chat", "generate replies to prompts with a checkpoint"),
-    "chat": ("starling_jax.commands.chat", "chat interactively with a checkpoint (OpenChat template, streamed)"),
+    "chat": ("starling_jax.commands.chat", "chat interactively with a checkpoint (its own chat template, streamed)"),
     "plan": ("starling_jax.commands.plan", "per-device memory and FLOPs of an experiment on a mesh, without hardware"),
-    "convert": ("starling_jax.commands.convert", "convert between a Hugging Face directory and a starling_jax checkpoint"),
+    "convert": ("starling_jax.commands.convert",
+                "convert between a Hugging Face directory and a starling_jax checkpoint"),
     "study": ("starling_jax.commands.study.runner", "run a study (arms x seeds) resumably and aggregate it with intervals"),
 }
 

@@ -7,10 +7,10 @@ import os
 
 import jax
 
-from starling_jax.stages import export
-from starling_jax.io import gguf, hf
 from starling_jax import models
 from starling_jax.errors import InputError
+from starling_jax.io import gguf, hf
+from starling_jax.stages import export
 
 
 def add_convert_arguments(parser) -> None:

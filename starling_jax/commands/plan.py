@@ -44,9 +44,10 @@ def stage_setup(cfg, mesh):
     from starling_jax import models
     from starling_jax.algorithms import registry
     from starling_jax.stages import kinds  # noqa: F401  (registers the stage kinds)
+    from starling_jax.stages.program import get_kind
 
     algorithm = registry.get(cfg.objective.name)
-    kind = registry.stage_kind(algorithm.kind)
+    kind = get_kind(algorithm.kind)
     if kind.setup is None:
         raise KeyError(f"stage kind {kind.name!r} registers no setup, so it cannot be planned")
     model_config = cfg.model.config.replace(head=algorithm.head)

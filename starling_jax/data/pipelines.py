@@ -32,12 +32,11 @@ from typing import Callable, Optional, Sequence
 import grain
 import numpy as np
 
-from starling_jax.data import nectar
+from starling_jax.data import nectar, synthetic, tasks, tfds_nectar
 from starling_jax.data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
 
-KINDS = ("sft", "rm", "dpo", "rl")
 _HELDOUT_SPLIT_SEED = 20231128  # fixed, so every stage and seed sees the same held-out rows
 
 
@@ -213,19 +212,88 @@ def _packed_to_batch(b):
             "loss_mask": b["loss_mask"].astype(np.float32)}
 
 
+# -- batch formats: one per data stage kind, registered under the kind's name ------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+    """The sizes and choices a batch format reads (from a DataConfig or make_dataset's arguments)."""
+    max_length: int  # T: tokens of a prompt + reply
+    max_prompt_length: int  # P: prompt tokens (truncated from the left)
+    max_responses: int  # K: answers kept per row
+    pairs: str  # which preference pairs a pairwise format makes ("best_vs_rest" | "all")
+    seed: int  # the seed of the data order (and of a row's kept answers)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchFormat:
+    """How a data stage kind's batches are made from parsed Nectar rows.
+
+    examples(rows, tokenizer, template, lengths, report) -> [example]: one dict of numpy arrays per example, unpadded.
+    collate(pad_id, lengths) -> batch_fn([example]) -> {key: numpy array [B, ...]}: the batch the kind's loss reads.
+    padding(example) -> a copy that weighs nothing in the kind's objective and metrics (evaluation's last batch is
+      completed with such rows); None: the format has none (pad_last is refused).
+    min_responses: the answers per row the format needs (a ranking or a pair needs 2).
+    packable: examples are {"tokens", "loss_mask"} rows that data.pack may pack several to a row (sft)."""
+    name: str
+    examples: Callable[..., list]
+    collate: Callable[..., Callable[[list], dict]]
+    padding: Optional[Callable[[dict], dict]] = None
+    min_responses: int = 1
+    packable: bool = False
+
+
+FORMATS: dict[str, BatchFormat] = {}
+
+
+def register_format(fmt: BatchFormat) -> BatchFormat:
+    """Add the batch format of data stage kind `fmt.name` (re-registering an equal one is allowed)."""
+    old = FORMATS.get(fmt.name)
+    if old is not None and old != fmt:
+        raise ValueError(f"batch format {fmt.name!r} is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(kind: str) -> BatchFormat:
+    if kind not in FORMATS:
+        raise ValueError(f"unknown pipeline kind {kind!r}; known: {tuple(FORMATS)}")
+    return FORMATS[kind]
+
+
+register_format(BatchFormat(
+    "sft", examples=lambda rows, tok, tmpl, n, report: sft_examples(rows, tok, tmpl, n.max_length,
+                                                                     n.max_prompt_length, report),
+    collate=lambda pad, n: _collate_sft(pad, n.max_length),
+    padding=lambda e: {**e, "loss_mask": np.zeros_like(e["loss_mask"])},  # no loss token
+    packable=True))
+register_format(BatchFormat(
+    "rm", examples=lambda rows, tok, tmpl, n, report: rm_examples(rows, tok, tmpl, n.max_length, n.max_prompt_length,
+                                                                   n.max_responses, report, n.seed),
+    collate=lambda pad, n: _collate_rm(pad, n.max_responses, n.max_length),
+    padding=lambda e: {**e, "padding": True},  # no counted response: no prompt, pair or ranking metric
+    min_responses=2))
+register_format(BatchFormat(
+    "dpo", examples=lambda rows, tok, tmpl, n, report: dpo_examples(rows, tok, tmpl, n.max_length,
+                                                                     n.max_prompt_length, n.pairs, report),
+    collate=lambda pad, n: _collate_dpo(pad, n.max_length),
+    # no loss token on either side, which dpo's loss counts as no pair
+    padding=lambda e: {side: (e[side][0], np.zeros_like(e[side][1])) for side in ("chosen", "rejected")},
+    min_responses=2))
+register_format(BatchFormat(
+    "rl", examples=lambda rows, tok, tmpl, n, report: rl_examples(rows, tok, tmpl, n.max_prompt_length, report),
+    collate=lambda pad, n: _collate_rl(pad, n.max_prompt_length)))
+
+
 # -- padding rows (evaluation reads every example in batches of the training shape) ---------------------------------
 
 def padding_example(kind: str, example: dict) -> dict:
-    """A copy of `example` that weighs nothing in its kind's objective and metrics: its weight masks are zero (sft:
-    no loss token; rm: no counted response, so no prompt, pair or ranking metric; dpo: no loss token on either side,
-    which dpo's loss counts as no pair). The tokens stay real ones, so every forward over it stays finite."""
-    if kind == "sft":
-        return {**example, "loss_mask": np.zeros_like(example["loss_mask"])}
-    if kind == "rm":
-        return {**example, "padding": True}
-    if kind == "dpo":
-        return {side: (example[side][0], np.zeros_like(example[side][1])) for side in ("chosen", "rejected")}
-    raise ValueError(f"pad_last: {kind!r} batches have no padding rows (kinds sft, rm, dpo)")
+    """A copy of `example` that weighs nothing in its kind's objective and metrics (its format's `padding`). The tokens
+    stay real ones, so every forward over it stays finite."""
+    fmt = get_format(kind)
+    if fmt.padding is None:
+        raise ValueError(f"pad_last: {kind!r} batches have no padding rows (kinds "
+                         f"{', '.join(n for n, f in FORMATS.items() if f.padding is not None)})")
+    return fmt.padding(example)
 
 
 def _pad_examples(ds: grain.MapDataset, kind: str, batch_size: int) -> grain.MapDataset:
@@ -289,7 +357,8 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
                  pairs: str = "best_vs_rest", pack: bool = False, seed: int = 0, shuffle: bool = True,
                  num_epochs: Optional[int] = None, process_rows: Optional[Sequence[int]] = None,
                  drop_remainder: bool = True, pad_last: bool = False, report: Optional[nectar.DataReport] = None):
-    """A grain dataset of `kind` ("sft" | "rm" | "dpo" | "rl") batches over parsed rows.
+    """A grain dataset of `kind` batches over parsed rows: the batch format registered under the kind's name (sft,
+    rm, dpo, rl, or a kind's own: register_format).
 
     batch_size is the GLOBAL batch; process_rows (default: all of them) the positions within each global batch this
     process reads (see the module docstring), so each yielded batch has len(process_rows) rows.
@@ -300,22 +369,15 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
     is completed with padding rows (padding_example) that weigh nothing in the kind's objective and metrics, so an
     evaluation keeps the training batch shape (and shardings) and averages over exactly the real examples.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown pipeline kind {kind!r}; known: {KINDS}")
+    fmt = get_format(kind)
     if max_prompt_length < 1 or max_length < 2:
         raise ValueError(f"need max_length >= 2 and max_prompt_length >= 1, got {max_length}, {max_prompt_length}")
-    if kind == "rm" and max_responses < 2:
-        raise ValueError(f"max_responses (K) must be >= 2 for reward-model groups, got {max_responses}")
+    if max_responses < fmt.min_responses:
+        raise ValueError(f"max_responses (K) must be >= {fmt.min_responses} for {kind} batches, got {max_responses}")
     report = report if report is not None else nectar.DataReport()
-    T, P, pad = max_length, max_prompt_length, tokenizer.pad_id
-    if kind == "sft":
-        examples = sft_examples(rows, tokenizer, template, T, P, report)
-    elif kind == "rm":
-        examples = rm_examples(rows, tokenizer, template, T, P, max_responses, report, seed)
-    elif kind == "dpo":
-        examples = dpo_examples(rows, tokenizer, template, T, P, pairs, report)
-    else:
-        examples = rl_examples(rows, tokenizer, template, P, report)
+    T, pad = max_length, tokenizer.pad_id
+    lengths = Lengths(max_length, max_prompt_length, max_responses, pairs, seed)
+    examples = fmt.examples(rows, tokenizer, template, lengths, report)
     if not examples:
         raise ValueError(f"no {kind} examples in {len(rows)} rows")
     ds = _global_order(examples, shuffle, seed, num_epochs)
@@ -324,9 +386,9 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
             raise ValueError(f"pad_last completes the last batch of one pass: it needs num_epochs=1, got {num_epochs}")
         padding_example(kind, examples[0])  # the kind has padding rows
         drop_remainder = False
-        if not (kind == "sft" and pack):  # packing decides the rows itself: its last batch is padded below
+        if not (fmt.packable and pack):  # packing decides the rows itself: its last batch is padded below
             ds = _pad_examples(ds, kind, batch_size)
-    if kind == "sft" and pack:
+    if fmt.packable and pack:
         # Packing decides which examples share a row from the whole global stream, so every process packs all of
         # it and keeps its rows of each packed global batch.
         ds = grain.experimental.FirstFitPackIterDataset(
@@ -343,8 +405,7 @@ def make_dataset(kind: str, rows: Sequence[dict], tokenizer: Tokenizer, batch_si
     if process_rows is not None:
         ds = _process_share(ds, batch_size, process_rows, drop_remainder)
         batch_size = len(process_rows)
-    collate = {"sft": lambda: _collate_sft(pad, T), "rm": lambda: _collate_rm(pad, max_responses, T),
-               "dpo": lambda: _collate_dpo(pad, T), "rl": lambda: _collate_rl(pad, P)}[kind]()
+    collate = fmt.collate(pad, lengths)
     return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate).to_iter_dataset(_READ)
 
 
@@ -414,19 +475,16 @@ def load_splits(data) -> Splits:
     """The train / held-out / tuning / unseen rows of a DataConfig: source "synthetic", a verifiable task
     ("task:NAME", data/tasks.py), a Nectar file or directory of parquet/JSONL files, or a tensorflow-datasets data_dir
     holding the `nectar` builder's output."""
-    from starling_jax.data import synthetic
     true_utility = synthetic.true_utility if data.source == "synthetic" else None
     if data.source == "synthetic":
         raw = synthetic.make_rows(data.synthetic_prompts, data.synthetic_seed, data.synthetic_noise)
         rows, report = nectar.parse_rows(raw, on_bad_row=data.on_bad_row, source="synthetic")
     elif data.source.startswith("task:"):
-        from starling_jax.data import tasks
         task = tasks.get(data.source)
         rows, report = nectar.parse_rows(task.make_rows(data.synthetic_seed), on_bad_row="error", min_answers=1,
                                          source=data.source)
         true_utility = task.true_utility
     else:
-        from starling_jax.data import tfds_nectar
         if tfds_nectar.is_tfds_dir(data.source):
             raw = tfds_nectar.read_raw_rows(data.source)
             rows, report = nectar.parse_rows(raw, on_bad_row=data.on_bad_row, source=data.source)

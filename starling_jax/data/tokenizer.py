@@ -24,6 +24,7 @@ import numpy as np
 
 from starling_jax.data import templates as templates_lib
 from starling_jax.errors import InputError
+from starling_jax.io import hub
 
 OPENCHAT_SPECIAL = {"<|end_of_turn|>": 32000, "<|pad_0|>": 32001}
 KNOWN_TOKENIZERS = ("openchat-3.5", "mistral-7b-v0.1")  # names load_tokenizer knows besides paths
@@ -310,7 +311,6 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     if name_or_path == "mistral-7b-v0.1":
         return Tokenizer(_SentencePieceBackend(mistral_model_path()), "mistral-7b-v0.1")
     if name_or_path.startswith("hf:"):
-        from starling_jax.io import hub
         name_or_path = hub.resolve(name_or_path)
     path = name_or_path
     if not os.path.exists(path):

@@ -24,6 +24,11 @@ import random
 import re
 from typing import Callable, Optional, Sequence
 
+import jax
+import numpy as np
+
+from starling_jax.generation import sampling
+
 Messages = list  # [{"role", "content"}] ending with a user turn
 
 JUDGE_PROMPT = (
@@ -170,11 +175,6 @@ def sample_k(params, config, tokenizer, template, conversations: Sequence[Messag
     """K sampled replies per conversation from one checkpoint (rendered in `template`, "auto" = the tokenizer's own),
     decoded and cut at the template's stop tokens and stop strings. Rows are generated batch_size at a time, prompts
     left padded to a multiple of length_bucket (few compiled shapes)."""
-    import jax
-    import numpy as np
-
-    from starling_jax.generation import sampling
-
     t = tokenizer.template(template)
     stop_ids = tokenizer.stop_ids(t)
     prompts = [tokenizer.encode_chat(list(c), template=t) for c in conversations]

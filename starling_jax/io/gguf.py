@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from starling_jax.errors import InputError
+from starling_jax.io import hf
 from starling_jax.models import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -329,7 +330,6 @@ def convert(path: str, output: str, dtype: Optional[str] = None, max_shard_bytes
     """
     from safetensors.numpy import save_file
 
-    from starling_jax.io import hf
 
     dtype = dtype or "float32"
     if dtype not in hf.SAFETENSORS_DTYPES.values():

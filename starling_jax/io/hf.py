@@ -30,9 +30,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from starling_jax import models
+from starling_jax.config import MeshConfig
 from starling_jax.errors import InputError
-from starling_jax.models import ModelConfig
-from starling_jax.models import Params
+from starling_jax.io import hub
+from starling_jax.models import ModelConfig, Params
+from starling_jax.parallel import sharding
 
 
 ARCHITECTURES = {  # HF class name -> (our architecture, our head)
@@ -318,7 +320,6 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     models.param_specs(config), mesh, rules) (rules default to MeshConfig().rules; pass the experiment's
     mesh.rules); without a mesh everything goes to the default device.
     """
-    from starling_jax.io import hub
 
     path = hub.resolve(path)  # "hf:ORG/NAME[@REV]" -> its local snapshot
     hf_cfg, files = _check_directory(path)
@@ -356,8 +357,6 @@ def _shardings(config: ModelConfig, mesh, rules) -> Params:
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, specs, is_leaf=models.transformer.is_spec)
-    from starling_jax.parallel import sharding  # imported only when a mesh is used
-    from starling_jax.config import MeshConfig
 
     return sharding.param_shardings(specs, mesh, MeshConfig().rules if rules is None else rules)
 

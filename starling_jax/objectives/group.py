@@ -1,9 +1,11 @@
-"""Critic-free policy objectives over groups of G samples per prompt: GRPO and RLOO.
+"""Critic-free policy objectives over groups of G samples per prompt (the math of GRPO and RLOO, which
+starling_jax/algorithms/grpo.py and rloo.py assemble; this module knows no algorithm names).
 
 GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300): each prompt gets G sampled replies; a reply's advantage is
-its reward normalised within its group, A_i = (r_i - mean_g r) / (std_g r + eps), applied to every token of the reply;
+its reward normalised within its group (baseline "normalised"), A_i = (r_i - mean_g r) / (std_g r + eps), applied to
+every token of the reply;
 the policy loss is PPO's clipped surrogate; the KL to the reference is a token-level k3 penalty in the loss.
-RLOO (Ahmadian et al. 2024, arXiv 2402.14740; Kool et al. 2019): the leave-one-out baseline,
+RLOO (Ahmadian et al. 2024, arXiv 2402.14740; Kool et al. 2019): the leave-one-out baseline ("leave_one_out"),
 A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_g r), with the KL as a sequence-level penalty in the reward.
 
 Both are available with either KL placement (`kl_in`: "reward" = r_i - beta * sum_t k(t), "loss" = + beta * k(t) per
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from starling_jax.objectives.common import as_weights, check_same_shape, masked_mean, safe_div
 from starling_jax.objectives.kl import kl_k1, kl_k3
 
-ADVANTAGES = ("grpo", "rloo")
+BASELINES = ("normalised", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k3")
 KL_PLACEMENTS = ("reward", "loss")
 AGGREGATIONS = ("sequence", "token")
@@ -34,14 +36,14 @@ def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str) ->
     raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
-def group_advantages(rewards: jax.Array, group_size: int, kind: str, eps: float = 1e-4) -> jax.Array:
+def group_advantages(rewards: jax.Array, group_size: int, baseline: str, eps: float = 1e-4) -> jax.Array:
     """Per-reply advantages [B] from per-reply rewards [B] (B = prompts x group_size, groups consecutive).
 
-    grpo: (r - group mean) / (group std + eps), the std unbiased (n - 1), as TRL's GRPOTrainer;
-    rloo: r - mean of the OTHER G - 1 rewards of the group.
+    normalised: (r - group mean) / (group std + eps), the std unbiased (n - 1), as TRL's GRPOTrainer;
+    leave_one_out: r - mean of the OTHER G - 1 rewards of the group.
     """
-    if kind not in ADVANTAGES:
-        raise ValueError(f"group advantages: kind must be one of {ADVANTAGES}, got {kind!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"group advantages: baseline must be one of {BASELINES}, got {baseline!r}")
     if group_size < 2:
         raise ValueError(f"group advantages need group_size >= 2, got {group_size}")
     if rewards.ndim != 1 or rewards.shape[0] % group_size:
@@ -49,7 +51,7 @@ def group_advantages(rewards: jax.Array, group_size: int, kind: str, eps: float 
                          f"shape {tuple(rewards.shape)}")
     r = rewards.astype(jnp.float32).reshape(-1, group_size)
     mean = jnp.mean(r, axis=1, keepdims=True)
-    if kind == "grpo":
+    if baseline == "normalised":
         std = jnp.std(r, axis=1, keepdims=True, ddof=1)
         adv = (r - mean) / (std + eps)
     else:
@@ -97,7 +99,7 @@ def group_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs
 
 
 def group_experience(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array,
-                     group_size: int, kind: str, kl_coef, kl_in: str = "reward", kl_estimator: str = "k1",
+                     group_size: int, baseline: str, kl_coef, kl_in: str = "reward", kl_estimator: str = "k1",
                      eps: float = 1e-4) -> dict[str, jax.Array]:
     """Rewards, advantages and KL of a chunk of grouped rollouts (no critic).
 
@@ -113,16 +115,5 @@ def group_experience(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.A
     k = jnp.where(w > 0, kl_estimate(logprobs, ref_logprobs, kl_estimator), 0.0)
     kl = jnp.sum(k, axis=1)
     rewards = scores.astype(jnp.float32) - (kl_coef * kl if kl_in == "reward" else 0.0)
-    adv = group_advantages(rewards, group_size, kind, eps)
+    adv = group_advantages(rewards, group_size, baseline, eps)
     return {"rewards": rewards, "advantages": adv[:, None] * w, "kl": kl}
-
-
-# Each algorithm's own KL placement and estimator (GRPO: a per-token k3 term in the loss, DeepSeekMath; RLOO: a
-# sequence-level k1 penalty in the reward, Ahmadian et al.), used where the config leaves them None.
-KL_DEFAULTS = {"grpo": ("loss", "k3"), "rloo": ("reward", "k1")}
-
-
-def kl_settings(kind: str, kl_in=None, kl_estimator=None) -> tuple[str, str]:
-    """(kl_in, kl_estimator) of a group objective, the algorithm's defaults filling what is None."""
-    default_in, default_est = KL_DEFAULTS[kind]
-    return kl_in or default_in, kl_estimator or default_est

@@ -1,7 +1,7 @@
 """Loading an experiment (a Python file with get_config(), a bare name under experiments/, or a saved config.json),
 `--set a.b=c` overrides, validation and the JSON round trip of the typed config in config.py.
 
-Validation reads the registries (starling_jax/algorithms/, stages/kinds.py): an objective name is known when an
+Validation reads the registries (starling_jax/algorithms/, stages/kinds/): an objective name is known when an
 algorithm is registered under it, and the algorithm says which head a stage trains and whether it needs a reward model.
 """
 
@@ -21,11 +21,13 @@ from typing import Optional
 import pydantic
 
 from starling_jax.algorithms import registry
-from starling_jax.io import hub
 from starling_jax.config import ConfigError, Experiment, MeshConfig, Stage
-from starling_jax.data import templates, tokenizer
+from starling_jax.data import tasks, templates, tokenizer
+from starling_jax.errors import did_you_mean
+from starling_jax.io import hub
 from starling_jax.models.config import PRESETS, ModelConfig
 from starling_jax.stages import kinds  # noqa: F401  (registers every stage kind and algorithm)
+from starling_jax.stages.program import STAGE_KINDS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -87,11 +89,6 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _close(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
-    return f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(options)}"
-
-
 def _is_optional(tp) -> tuple[bool, object]:
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -120,7 +117,7 @@ def parse_value(text: str, tp, where: str):
             return text
         if tp is ModelConfig:
             if text not in PRESETS:
-                raise ValueError(f"unknown model preset {text!r}; {_close(text, sorted(PRESETS))}")
+                raise ValueError(f"unknown model preset {text!r}; {did_you_mean(text, sorted(PRESETS))}")
             return PRESETS[text]
         if typing.get_origin(tp) is tuple:
             try:
@@ -196,9 +193,36 @@ def _from_mapping(cls, mapping: dict, where: str):
     unknown = [k for k in mapping if k not in hints]
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
-                          f"{_close(unknown[0], list(hints))}")
+                          f"{did_you_mean(unknown[0], list(hints))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in mapping.items()}
     return cls(**kwargs)
+
+
+def check_types(obj, where: str = "") -> None:
+    """Every field of the dataclass tree `obj` (an Experiment built in Python is not checked by the dataclasses)
+    against its type, as from_dict coerces a loaded one, without a dict round trip; a ConfigError names the first
+    bad field."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_value(getattr(obj, f.name), hints[f.name], f"{where}.{f.name}" if where else f.name)
+
+
+def _check_value(value, tp, where: str) -> None:
+    _, inner = _is_optional(tp)
+    if value is not None and dataclasses.is_dataclass(inner):
+        if not isinstance(value, inner):
+            raise ConfigError(f"{where}: expected {inner.__name__}, got {value!r}")
+        check_types(value, where)
+        return
+    if isinstance(value, (tuple, list)) and typing.get_origin(inner) is tuple:
+        args = typing.get_args(inner)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(args) == len(value):
+            for i, (v, a) in enumerate(zip(value, args)):
+                _check_value(v, a, f"{where}[{i}]")
+            return
+    _coerce(value, tp, where)
 
 
 def to_dict(exp: Experiment) -> dict:
@@ -229,7 +253,7 @@ def _set_path(obj, keys: list[str], text: str, full: str, exp: Experiment, stage
     name = keys[0]
     hints = _hints(type(obj))
     if name not in hints:
-        raise ConfigError(f"--set {full}: unknown key {name!r} in {type(obj).__name__}; {_close(name, list(hints))}")
+        raise ConfigError(f"--set {full}: unknown key {name!r} in {type(obj).__name__}; {did_you_mean(name, list(hints))}")
     if len(keys) == 1:
         return dataclasses.replace(obj, **{name: parse_value(text, hints[name], full)})
     child = getattr(obj, name)
@@ -313,7 +337,7 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     obj = c.objective.name
     algorithm = registry.ALGORITHMS.get(obj)
     if algorithm is None:
-        bad("objective.name", f"unknown objective {obj!r}; {_close(obj, registry.names())}")
+        bad("objective.name", f"unknown objective {obj!r}; {did_you_mean(obj, registry.names())}")
     kind = algorithm.kind if algorithm else None
     t, o, d, m = c.train, c.optim, c.data, c.model
     for field, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
@@ -356,17 +380,15 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("data.unseen_templates", "needs data.source='synthetic' (it names synthetic prompt templates)")
     elif not 0 <= d.unseen_templates < 8:
         bad("data.unseen_templates", f"must be in [0, 7] (synthetic has 8 prompt templates), got {d.unseen_templates}")
-    if d.max_responses < 2 and kind in ("rm", "dpo"):
-        bad("data.max_responses", f"a ranking needs at least 2 responses, got {d.max_responses}")
     if d.source.startswith("task:"):
-        from starling_jax.data import tasks
         try:
             tasks.get(d.source)
         except ValueError as e:
             bad("data.source", str(e))
     elif d.source.startswith("stage:"):
         ref = d.source[len("stage:"):]
-        if ref not in earlier or earlier[ref] is None or earlier[ref].kind != "feedback":
+        source = STAGE_KINDS.get(earlier[ref].kind) if earlier.get(ref) is not None else None
+        if source is None or not source.writes_rows:
             bad("data.source", f"{d.source!r} does not name an earlier feedback stage (earlier: "
                 f"{', '.join(earlier) or 'none'})")
     elif d.source != "synthetic" and not os.path.exists(d.source) and "://" not in d.source:
@@ -381,9 +403,6 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     if ob.value_head == "layers" and not 1 <= ob.value_head_layers <= m.config.num_layers:
         bad("objective.value_head_layers", f"{ob.value_head_layers} is not in [1, {m.config.num_layers}] (the critic "
             f"value_head='layers' copies that many top layers)")
-    elif ob.value_head == "layers" and algorithm is not None and kind == "rl" and not algorithm.critic:
-        bad("objective.value_head", f"objective {obj!r} is critic-free: value_head='layers' would hold a copy of "
-            f"{ob.value_head_layers} layers that never trains; use the default value_head='mlp'")
     elif ob.value_head != "layers" and ob.value_head_layers != 0:
         bad("objective.value_head_layers", f"{ob.value_head_layers} is only read with value_head='layers' (got "
             f"value_head={ob.value_head!r}); leave it 0")
@@ -392,11 +411,12 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("model.config.head", f"objective {obj!r} trains a {want_head!r} head but the model has head="
             f"{m.config.head!r} (set model.config.head={want_head})")
     templates, tokenizers = _known_templates(), _known_tokenizers()
-    # the reward_model section is shared by the experiment but only read by rl stages
-    sections = [("model", m)] + ([("reward_model", c.reward_model)] if c.reward_model and kind == "rl" else [])
+    stage_kind = STAGE_KINDS.get(kind)
+    # the reward_model section is shared by the experiment but only read by the kinds that say so
+    sections = [(s, getattr(c, s)) for s in (stage_kind.reads if stage_kind else ("model",)) if getattr(c, s)]
     for sec_name, sec in sections:
         if templates and sec.template != "auto" and sec.template not in templates:
-            bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {_close(sec.template, templates)}")
+            bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {did_you_mean(sec.template, templates)}")
         if (tokenizers and sec.tokenizer not in tokenizers and not os.path.exists(sec.tokenizer)
                 and not sec.tokenizer.startswith("hf:")):
             bad(f"{sec_name}.tokenizer", f"{sec.tokenizer!r} is neither a known tokenizer "
@@ -418,81 +438,17 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         elif path is not None and not os.path.exists(path):
             bad(f"{sec_name}.path", f"{path!r} does not exist (a Hugging Face directory, 'hf:ORG/NAME[@REV]' or "
                 f"'stage:NAME')")
-    if kind == "feedback":
-        _check_feedback(c, earlier, bad)
-    if kind == "rl":
-        if c.reward_model is None:
-            bad("reward_model", f"objective {obj!r} needs a reward_model section")
-        r = c.rollout
-        for field, value in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.max_new_tokens",
-                             r.max_new_tokens), ("rollout.epochs", r.epochs), ("rollout.minibatch_size",
-                             r.minibatch_size)):
-            if value < 1:
-                bad(field, f"must be >= 1, got {value}")
-        group = 1 if algorithm.group_size is None else algorithm.group_size(c.objective)
-        for field, msg in (algorithm.check(c) if algorithm.check else ()):
+    if stage_kind is not None and stage_kind.check is not None:
+        for field, msg in stage_kind.check(c, algorithm, earlier):
             bad(field, msg)
-        if group < 1 or r.prompts_per_step % group:
-            bad("rollout.prompts_per_step", f"{r.prompts_per_step} rollouts are not whole groups of {group} per "
-                f"prompt (objective {obj!r})")
-        if r.generation_batch < 0 or (r.generation_batch and r.prompts_per_step % r.generation_batch):
-            bad("rollout.generation_batch", f"{r.generation_batch} must be 0 (the whole chunk) or a divisor of "
-                f"rollout.prompts_per_step={r.prompts_per_step}")
-        if r.minibatch_size >= 1 and r.prompts_per_step % r.minibatch_size:
-            bad("rollout.prompts_per_step", f"{r.prompts_per_step} is not divisible by rollout.minibatch_size="
-                f"{r.minibatch_size}")
-        if r.temperature <= 0:
-            bad("rollout.temperature", f"must be > 0, got {r.temperature}")
-        if not 0 < r.top_p <= 1:
-            bad("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-        # The update scores rollouts under the temperature-scaled distribution (step/hydra.py); a top-k / top-p
-        # filtered sampler would make log pi_old, the KL penalty and the ratios those of another distribution.
-        if r.top_k > 0:
-            bad("rollout.top_k", f"{r.top_k}: RL rollouts must be on-policy; top-k filtering is not supported in RL "
-                "stages (use rollout.top_k=0; rollout.temperature is supported)")
-        elif 0 < r.top_p < 1:
-            bad("rollout.top_p", f"{r.top_p}: RL rollouts must be on-policy; top-p filtering is not supported in RL "
-                "stages (use rollout.top_p=1.0; rollout.temperature is supported)")
-
-
-def _check_feedback(c: Experiment, earlier: dict, bad) -> None:
-    f = c.feedback
-    for field, value in (("feedback.k", f.k - 1), ("feedback.prompts_per_step", f.prompts_per_step),
-                         ("feedback.max_new_tokens", f.max_new_tokens), ("feedback.generation_batch",
-                         f.generation_batch), ("feedback.judge_max_new_tokens", f.judge_max_new_tokens)):
-        if value < 1:
-            bad(field, f"must be >= {2 if field == 'feedback.k' else 1}, got {value + (field == 'feedback.k')}")
-    if f.temperature <= 0:
-        bad("feedback.temperature", f"must be > 0, got {f.temperature}")
-    if not 0 < f.top_p <= 1:
-        bad("feedback.top_p", f"must be in (0, 1], got {f.top_p}")
-    if f.judge == "task":
-        if not (c.data.source.startswith("task:") or c.data.source == "synthetic"):
-            bad("feedback.judge", f"'task' needs a data source that knows its answers ('task:NAME' or 'synthetic'), "
-                f"got data.source={c.data.source!r}; name a judge function 'package.module:function' instead")
-    elif f.judge == "reward_model":
-        if c.reward_model is None:
-            bad("feedback.judge", "'reward_model' needs a reward_model section")
-        elif (c.reward_model.path or "").startswith("stage:") and c.reward_model.path[6:] not in earlier:
-            bad("reward_model.path", f"{c.reward_model.path!r} does not name an earlier stage")
-    elif f.judge == "llm":
-        if not f.judge_model:
-            bad("feedback.judge_model", "judge='llm' needs the judging checkpoint (HF dir, 'hf:ORG/NAME' or "
-                "'stage:NAME')")
-        elif f.judge_model.startswith("stage:") and f.judge_model[6:] not in earlier:
-            bad("feedback.judge_model", f"{f.judge_model!r} does not name an earlier stage")
-        elif not f.judge_model.startswith(("stage:", "hf:")) and not os.path.exists(f.judge_model):
-            bad("feedback.judge_model", f"{f.judge_model!r} does not exist")
-    elif ":" not in f.judge:
-        bad("feedback.judge", f"{f.judge!r}: expected 'task', 'reward_model', 'llm' or 'package.module:function'")
 
 
 def validate(exp: Experiment, num_devices: Optional[int] = None) -> Experiment:
     """Check the whole experiment before anything compiles; raise one ConfigError listing every problem.
     num_devices (if known) resolves mesh.fsdp = -1 and checks that the mesh matches the devices."""
     problems: list[str] = []
-    try:  # every field against its type (an experiment built in Python is not checked by the dataclasses)
-        from_dict(to_dict(exp))
+    try:
+        check_types(exp)
     except ConfigError as e:
         problems.append(str(e))
     if not exp.name:

@@ -23,8 +23,16 @@ import json
 import os
 from typing import Optional
 
+import jax
+
+from starling_jax import models
 from starling_jax.config import Experiment
+from starling_jax.data import load_tokenizer
+from starling_jax.data.templates import jinja_template
+from starling_jax.data.tokenizer import save_hf_tokenizer
+from starling_jax.io import hf
 from starling_jax.stages.experiment import load_experiment, stages_of
+from starling_jax.step.checkpoint import load_export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +120,6 @@ def export_hf(ref: StageRef, out: str, dtype: Optional[str] = None,
               max_shard_bytes: Optional[int] = None) -> dict:
     """Write the complete HF directory of a finished stage (see the module doc). Returns a description (class,
     parameter count, files, template, stop ids)."""
-    import jax
-
-    from starling_jax.io import hf
-    from starling_jax import models
-    from starling_jax.data import load_tokenizer
-    from starling_jax.data.templates import jinja_template
-    from starling_jax.data.tokenizer import save_hf_tokenizer
-    from starling_jax.step.checkpoint import load_export
-
     m = ref.config.model
     tokenizer = load_tokenizer(m.tokenizer)
     template = tokenizer.template(m.template)

@@ -26,11 +26,17 @@ from typing import Optional
 import jax
 import numpy as np
 
+from starling_jax.algorithms import registry
 from starling_jax.config import ConfigError, Experiment
+from starling_jax.files import write_json
+from starling_jax.models import param_specs
+from starling_jax.parallel import sharding
+from starling_jax.parallel.sharding import Launch, param_shardings
 from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of, to_dict, validate
+from starling_jax.stages.kinds.feedback import rows_path
+from starling_jax.stages.program import StageContext, StageExport, build_program
 from starling_jax.step.checkpoint import Checkpoints, export_done, load_export, save_export
 from starling_jax.step.logging import MetricsLogger, delete_windows, load_window, mfu, save_window
-from starling_jax.stages.program import StageContext, StageExport, build_program
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +276,6 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
     stages it depends on must be finished). launch: a sharding.Launch (coordinator, process count and id, timeouts)
     for a multi-process run; mesh.distributed or a coordinator in it or in JAX_COORDINATOR_ADDRESS starts one.
     Every process runs this same function on the same WORKDIR (a shared filesystem)."""
-    from starling_jax.parallel import sharding
     try:
         sharding.initialize_distributed(exp.mesh, launch)
     except ValueError as e:
@@ -289,8 +294,6 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
     def shardings_of(config):
         if mesh is None:
             return None
-        from starling_jax.models import param_specs
-        from starling_jax.parallel.sharding import param_shardings
         return param_shardings(param_specs(config), mesh, exp.mesh.rules)
 
     def load_stage(name: str) -> StageExport:
@@ -312,7 +315,6 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
             log.info("[%s] already finished (%s/export); skipping", name, stage_dir)
             continue
         if config.data.source.startswith("stage:"):  # the rows a feedback stage wrote
-            from starling_jax.stages.feedback_stage import rows_path
             config = dataclasses.replace(config, data=dataclasses.replace(
                 config.data, source=rows_path(workdir, config.data.source[len("stage:"):])))
         ctx = StageContext(experiment=exp, config=config, stage_name=name, workdir=stage_dir, mesh=mesh,
@@ -326,10 +328,7 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, default=float)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -365,7 +364,6 @@ def add_run_arguments(parser) -> None:
 
 
 def _launch(args):
-    from starling_jax.parallel.sharding import Launch
     return Launch(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
                   init_timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
 
@@ -418,12 +416,10 @@ def add_feedback_arguments(parser) -> None:
 
 
 def feedback_cli(args) -> int:
-    """Run the experiment's feedback stage(s) (stages/feedback_stage.py) and print their summaries: the Nectar rows
+    """Run the experiment's feedback stage(s) (stages/kinds/feedback.py) and print their summaries: the Nectar rows
     written, judge counts and where the rows are."""
     def go():
         exp, workdir = _prepare(args)
-        from starling_jax.algorithms import registry
-        from starling_jax.stages import kinds  # noqa: F401  (registers the feedback algorithm)
         stages = [n for n, c in stages_of(exp) if registry.ALGORITHMS.get(c.objective.name) is not None
                   and registry.ALGORITHMS[c.objective.name].kind == "feedback"]
         if args.stage is not None and args.stage not in stages:

@@ -1,7 +1,7 @@
 """What one stage kind (sft, rm, dpo, rl) provides to the one training loop (starling_jax.stages.loop).
 
 A stage kind is a function `build(ctx: StageContext) -> StageProgram`, registered once under a name by the module
-that implements it (`@register_stage_kind("rl")`; stages/kinds.py imports every such module). The objective's
+that implements it (`@register_stage_kind("rl")`; the package stages/kinds/ imports every module in it). The objective's
 algorithm (starling_jax/algorithms/, Algorithm.kind) picks the kind: sft -> "sft", rm_* -> "rm", dpo -> "dpo",
 apa/ppo -> "rl". The loop then does, for every kind alike:
 
@@ -32,8 +32,11 @@ import numpy as np
 
 from starling_jax.algorithms import registry
 from starling_jax.config import Experiment, ModelSection, RewardModelSection
+from starling_jax.errors import did_you_mean
+from starling_jax.io import hf
+from starling_jax.models import Params, init_params, param_specs
 from starling_jax.models.config import ModelConfig
-from starling_jax.models import Params
+from starling_jax.parallel.sharding import init_sharded
 from starling_jax.step.step import jit_step
 
 Batch = dict[str, np.ndarray]
@@ -173,19 +176,45 @@ def is_abstract(tree) -> bool:
 @dataclasses.dataclass(frozen=True)
 class StageKind:
     """A registered stage kind: `build(ctx)` makes the training program of a stage whose algorithm has this kind;
-    `setup(config, model_config, params, mesh, key) -> StageSetup` (optional) is the part the planner shares."""
+    `setup(config, model_config, params, mesh, key) -> StageSetup` (optional) is the part the planner shares.
+
+    check(config, algorithm, earlier) -> [(field, message)]: the kind's own checks of a stage's resolved config, run
+      by validation after the checks every stage gets (earlier: {earlier stage name: its Algorithm or None}).
+    reads: the model sections a stage of this kind loads; validation checks their template, tokenizer and path.
+    writes_rows: its stages write Nectar rows that a later stage reads as data.source = "stage:NAME"."""
     name: str
     build: Callable[[StageContext], StageProgram]
     setup: Optional[Callable[..., StageSetup]] = None
+    check: Optional[Callable[..., list]] = None
+    reads: tuple[str, ...] = ("model",)
+    writes_rows: bool = False
 
 
-def register_stage_kind(name: str, setup: Optional[Callable[..., StageSetup]] = None):
-    """Decorator: `@register_stage_kind("rl", setup=rl_setup) def build(ctx: StageContext) -> StageProgram` registers
-    the kind once (in the registry of starling_jax/algorithms/registry.py, beside the algorithms)."""
+STAGE_KINDS: dict[str, StageKind] = {}  # kind name -> its StageKind
+
+
+def register_stage_kind(name: str, setup: Optional[Callable[..., StageSetup]] = None,
+                        check: Optional[Callable[..., list]] = None, reads: tuple[str, ...] = ("model",),
+                        writes_rows: bool = False):
+    """Decorator: `@register_stage_kind("rl", setup=rl_setup, check=check_rl) def build(ctx: StageContext) ->
+    StageProgram` registers the kind once (the fields: StageKind). Re-registering a name replaces it only with an
+    equal kind."""
     def deco(fn):
-        registry.register_stage_kind(StageKind(name, fn, setup))
+        kind = StageKind(name, fn, setup, check, tuple(reads), writes_rows)
+        old = STAGE_KINDS.get(name)
+        if old is not None and old != kind:
+            raise ValueError(f"stage kind {name!r} is already registered")
+        STAGE_KINDS[name] = kind
         return fn
     return deco
+
+
+def get_kind(name: str) -> StageKind:
+    """The stage kind registered as `name`; a KeyError names the close matches otherwise."""
+    try:
+        return STAGE_KINDS[name]
+    except KeyError:
+        raise KeyError(f"no stage kind {name!r} is registered; {did_you_mean(name, sorted(STAGE_KINDS))}") from None
 
 
 def stage_kind(objective_name: str) -> str:
@@ -195,8 +224,7 @@ def stage_kind(objective_name: str) -> str:
 
 def build_program(ctx: StageContext) -> StageProgram:
     """The StageProgram of ctx's stage, built by the stage kind of its objective's algorithm."""
-    kind = stage_kind(ctx.config.objective.name)
-    return registry.stage_kind(kind).build(ctx)
+    return get_kind(stage_kind(ctx.config.objective.name)).build(ctx)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,12 +241,8 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
         # (tiny_starling: rm and policy both start from "stage:sft"); aliasing it would leave them deleted arrays.
         return exported.config, jax.tree.map(jax.numpy.copy, exported.params)
     if path is not None:
-        from starling_jax.io import hf  # imported lazily: converting weights is not needed for random-init runs
         return hf.load(path, mesh=ctx.mesh)
     if ctx.mesh is not None:  # created directly in its shards: no host ever holds the whole model
-        from starling_jax.models import param_specs
-        from starling_jax.parallel.sharding import init_sharded
         return section.config, init_sharded(param_specs(section.config), key, section.config.init_std, ctx.mesh,
                                             ctx.config.mesh.rules)
-    from starling_jax.models import init_params
     return section.config, init_params(section.config, key)

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from starling_jax import models
+from starling_jax.data.nectar import parse_prompt
+from starling_jax.data.templates import TEMPLATES, jinja_template
 from starling_jax.generation import sampling
-from starling_jax.models import ModelConfig
+from starling_jax.models import ModelConfig, Params
 from starling_jax.objectives import kl as obj_kl
 from starling_jax.step.hydra import policy_parts
-from starling_jax.models import Params
 
 Conversation = list  # [{"role": "user" | "assistant", "content": str}, ...] ending with a user turn
 
@@ -33,7 +34,6 @@ def conversation_of(row: dict, where: str = "row") -> Conversation:
         return list(row["messages"])
     if "prompt" not in row:
         raise ValueError(f"{where}: an RL prompt row needs 'messages' or a Nectar 'prompt' field, got {sorted(row)}")
-    from starling_jax.data.nectar import parse_prompt  # Nectar parsing only when rows are raw Nectar
     try:
         return parse_prompt(row["prompt"])
     except Exception as e:  # nectar's own error type carries the detail
@@ -58,7 +58,6 @@ def trained_reward_template(experiment, section) -> tuple[str, str, Optional[str
     elif os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         import json
 
-        from starling_jax.data.templates import TEMPLATES, jinja_template
         try:
             with open(os.path.join(path, "tokenizer_config.json")) as f:
                 jinja = json.load(f).get("chat_template")

@@ -21,6 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from starling_jax.errors import InputError
+from starling_jax.files import write_json
+from starling_jax.models import abstract_params
 from starling_jax.models.config import ModelConfig
 
 
@@ -109,10 +111,7 @@ def save_export(directory: str, model_config: ModelConfig, params, summary: dict
         return
     with open(os.path.join(directory, "model_config.json"), "w") as f:
         json.dump(dataclasses.asdict(model_config), f, indent=1)
-    tmp = os.path.join(directory, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "summary.json"))
+    write_json(os.path.join(directory, "summary.json"), summary, indent=1)
 
 
 def export_done(directory: str) -> bool:
@@ -130,7 +129,6 @@ def load_export(directory: str, shardings=None) -> tuple[ModelConfig, Any, dict]
                                 f"with data.source='stage:NAME', not model.path)")
     config = ModelConfig(**_read_json(os.path.join(directory, "model_config.json"), "ModelConfig"))
     summary = _read_json(os.path.join(directory, "summary.json"))
-    from starling_jax.models import abstract_params
     target = abstract_params(config)
     if callable(shardings):
         shardings = shardings(config)

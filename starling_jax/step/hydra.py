@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from starling_jax import models
-from starling_jax.models import ModelConfig
-from starling_jax.models import Params
+from starling_jax.models import ModelConfig, Params
 from starling_jax.parallel.sharding import ActivationConstraint
 
 

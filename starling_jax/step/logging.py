@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Optional
 
+from starling_jax.files import write_atomic, write_json
+
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
     records = _records(path)
     kept = [line for line, r in records if r is not None and r.get("step", 0) <= last_step]
     if "".join(kept).encode() != raw:  # records dropped, a damaged line, or a last line without its newline
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_atomic(path, "".join(kept))
 
 
 WINDOW_FILE = "metrics_window.json"
@@ -83,10 +82,7 @@ def save_window(workdir: str, step: int, window: dict, keep_steps) -> None:
     keep = {str(s) for s in keep_steps} | {str(step)}
     entries = {k: v for k, v in entries.items() if k in keep}
     entries[str(step)] = window
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(entries, f)
-    os.replace(tmp, path)
+    write_json(path, entries)
 
 
 def load_window(workdir: str, step: int) -> Optional[dict]:

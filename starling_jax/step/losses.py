@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from starling_jax import models
-from starling_jax.models import ModelConfig
+from starling_jax.models import ModelConfig, Params
 from starling_jax.parallel.sharding import ActivationConstraint, respec
 from starling_jax.step.hydra import top_forward, trunk_forward
-from starling_jax.models import Params
 
 LossFn = Callable[[Params, Params, dict, jax.Array], tuple[jax.Array, dict]]
 Constrain = Optional[ActivationConstraint]  # the activation sharding constraint on a mesh, None without one

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from starling_jax.config import OptimConfig
-from starling_jax.parallel.sharding import replicated
 from starling_jax.models import Params
+from starling_jax.parallel.sharding import replicated
 
 
 # Leaves never decayed: norms (RMSNorm gains, stored [L, D] when stacked, so the rank alone cannot tell) and biases.

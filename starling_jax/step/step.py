@@ -36,6 +36,18 @@ def split_micro_batches(batch: dict, grad_accum: int) -> dict:
     return {k: one(k, v) for k, v in batch.items()}
 
 
+def apply_gradients(optimizer, params, opt_state, grads) -> tuple[Any, Any, dict]:
+    """The one optimiser update every stage kind makes: (params, opt_state, metrics) after applying `grads`; metrics
+    are grad_norm (before clipping) and lr (the rate of this update, from the optimiser state of
+    train.state.make_optimizer)."""
+    metrics = {"grad_norm": optax.tree.norm(grads)}
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    lr = learning_rate(opt_state)
+    if lr is not None:
+        metrics["lr"] = jnp.asarray(lr, jnp.float32)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
 def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable[[TrainState, dict],
                                                                                  tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). Metrics: the loss's metrics plus loss, grad_norm (before clipping)
@@ -78,12 +90,8 @@ def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable
             grads, metrics = grads_and_metrics(state.params, state.frozen, batch, step_rng)
         else:
             grads, metrics = accumulate(state.params, state.frozen, batch, step_rng)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        lr = learning_rate(opt_state)
-        if lr is not None:
-            metrics["lr"] = jnp.asarray(lr, jnp.float32)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, update_metrics = apply_gradients(optimizer, state.params, state.opt_state, grads)
+        metrics.update(update_metrics)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 

@@ -15,10 +15,12 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from starling_jax.generation import sampling
-from starling_jax.errors import InputError
 from starling_jax.commands.eval import benchmarks as bm
 from starling_jax.commands.eval.checkpoints import Checkpoint
+from starling_jax.config import MeshConfig
+from starling_jax.errors import InputError
+from starling_jax.generation import sampling
+from starling_jax.parallel import sharding
 
 GREEDY_BELOW = 1e-4  # fschat: a temperature below this decodes greedily
 
@@ -44,8 +46,6 @@ class Generator:
         self.truncated = 0
         self._put = None
         if mesh is not None:
-            from starling_jax.parallel import sharding
-            from starling_jax.config import MeshConfig
             rules = MeshConfig().rules if rules is None else rules
 
             def put(tokens, mask):

@@ -22,6 +22,7 @@ import uuid
 from typing import Any, Iterable, Optional
 
 from starling_jax.errors import InputError
+from starling_jax.files import write_atomic
 
 # MT-Bench's sampling temperature per question category (fschat's llm_judge/common.py temperature_config); other
 # categories use 0.7. A temperature below 1e-4 means greedy decoding.
@@ -227,11 +228,8 @@ def read_alpaca_eval_outputs(path: str) -> list[dict]:
 
 
 def write_json_atomic(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """An answer file as the benchmark's tools write it (indent 2, UTF-8 text, a final newline), atomically."""
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def alpaca_eval_output(instruction: str, output: str, generator: str, dataset: Optional[str]) -> dict:

@@ -13,7 +13,15 @@ import json
 import os
 from typing import Any, Optional
 
+from starling_jax import models
+from starling_jax.config import MeshConfig
+from starling_jax.data import get_template, load_tokenizer
+from starling_jax.data.templates import TEMPLATES, jinja_template
 from starling_jax.errors import InputError
+from starling_jax.io import hf
+from starling_jax.parallel import sharding
+from starling_jax.stages import export as export_lib
+from starling_jax.step.checkpoint import load_export
 
 
 @dataclasses.dataclass
@@ -56,7 +64,6 @@ def hf_model_kind(path: str) -> Optional[str]:
 
 def template_of_hf_dir(path: str) -> Optional[str]:
     """The name of our template whose Jinja form is the directory's chat_template, or None."""
-    from starling_jax.data.templates import TEMPLATES, jinja_template
     cfg = os.path.join(path, "tokenizer_config.json")
     if not os.path.isfile(cfg):
         return None
@@ -77,23 +84,17 @@ def load_checkpoint(path: str, *, stage: Optional[str] = None, tokenizer: Option
     """A policy or reward model from a run's stage or a HF directory (see the module doc). tokenizer / template
     override the checkpoint's own. want: "lm" or "score" to insist on a head (a clear error otherwise). mesh: place
     the parameters in their shards on it (rules default to MeshConfig().rules)."""
-    from starling_jax.stages import export as export_lib
-    from starling_jax.data import get_template, load_tokenizer
 
     if not os.path.exists(path):
         raise InputError(f"checkpoint {path}: does not exist")
     shardings = None
     if mesh is not None:
-        from starling_jax import models
-        from starling_jax.parallel import sharding
-        from starling_jax.config import MeshConfig
         rules = MeshConfig().rules if rules is None else rules
 
         def shardings(config):
             return sharding.param_shardings(models.param_specs(config), mesh, rules)
 
     if os.path.isdir(path) and _is_hf_dir(path):
-        from starling_jax.io import hf
         config, params = hf.load(path, dtype=dtype, mesh=mesh, rules=rules)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tok_name = tokenizer or (path if has_tok else None)
@@ -102,7 +103,6 @@ def load_checkpoint(path: str, *, stage: Optional[str] = None, tokenizer: Option
         tmpl_name = template or template_of_hf_dir(path) or "auto"  # "auto": the directory's own Jinja template
         name = os.path.basename(os.path.normpath(path))
     elif export_lib.is_stage_source(path):
-        from starling_jax.step.checkpoint import load_export
         ref = export_lib.resolve_stage(path, stage)
         config, params, _ = load_export(ref.export_dir, shardings)
         if dtype is not None and dtype != config.param_dtype:

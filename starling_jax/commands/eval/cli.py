@@ -34,10 +34,22 @@ import os
 import sys
 from typing import Optional
 
-from starling_jax.config import ConfigError, Experiment
-from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
 from starling_jax.algorithms import registry
+from starling_jax.commands.eval import answer, benchmarks as bm
+from starling_jax.commands.eval.answer import Generator
+from starling_jax.commands.eval.checkpoints import hf_model_kind, load_checkpoint
+from starling_jax.commands.eval.judge import Judge, compare, rewardbench
+from starling_jax.config import ConfigError, DataConfig, Experiment, MeshConfig, ModelSection
+from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.data.templates import TEMPLATES
 from starling_jax.errors import InputError
+from starling_jax.io import hf
+from starling_jax.metrics import stats
+from starling_jax.metrics.ranking import RankingAccumulator, score_groups
+from starling_jax.parallel import sharding
+from starling_jax.stages import export as export_lib
+from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
+from starling_jax.step.checkpoint import load_export
 
 
 SUBCOMMANDS = ("policy", "compare", "rm")
@@ -59,7 +71,6 @@ def add_ranking_arguments(parser) -> None:
 def resolve_target(target: str, workdir: Optional[str]) -> tuple[Experiment, str, Optional[str], Optional[str]]:
     """(experiment, workdir, stage name or None, export dir or None) for an eval target."""
     path = os.path.abspath(target)
-    from starling_jax.commands.eval.checkpoints import hf_model_kind
     kind = hf_model_kind(path)
     if kind is not None:
         raise InputError(
@@ -104,11 +115,9 @@ def pick_stage(exp: Experiment, stage: Optional[str]) -> tuple[str, Experiment]:
 
 def load_reward_model(directory: str):
     """(ModelConfig, params) from an export directory or a Hugging Face directory."""
-    from starling_jax.step.checkpoint import load_export
     if os.path.isfile(os.path.join(directory, "model_config.json")):
         config, params, _ = load_export(directory)
     else:
-        from starling_jax.io import hf
         config, params = hf.load(directory)
     if config.head != "score" or "score" not in params:
         raise ValueError(f"{directory}: not a reward model (head {config.head!r}; a reward model has a 'score' head)")
@@ -118,8 +127,6 @@ def load_reward_model(directory: str):
 def evaluate_reward_model(config, params, stage: Experiment, split: str = "heldout", batch_size: int = 8,
                           max_groups: Optional[int] = None) -> dict:
     """Ranking metrics of a reward model on the stage's held-out (or train) rows."""
-    from starling_jax.data import load_tokenizer, pipelines
-    from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
     train_rows, heldout_rows, _ = pipelines.load_rows(stage.data)
     rows = heldout_rows if split == "heldout" else train_rows
     if max_groups is not None:
@@ -127,31 +134,22 @@ def evaluate_reward_model(config, params, stage: Experiment, split: str = "heldo
     if not rows:
         raise ValueError(f"no {split} rows to evaluate (data.heldout_fraction={stage.data.heldout_fraction})")
     tokenizer = load_tokenizer(stage.model.tokenizer)
-    d = stage.data
-    ds = pipelines.make_dataset("rm", rows, tokenizer, batch_size, template=stage.model.template,
-                                max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                                max_responses=d.max_responses, shuffle=False, num_epochs=1, drop_remainder=False)
-    reward_fn = make_reward_fn(config)
     acc = RankingAccumulator()
-    for batch in ds:
-        acc.add(reward_fn(params, batch["tokens"], batch["attention_mask"]), batch["ranks"], batch["response_mask"])
+    for rewards, batch in score_groups(config, params, rows, tokenizer, stage.data, stage.model.template, batch_size):
+        acc.add(rewards, batch["ranks"], batch["response_mask"])
     return acc.result()
 
 
 def ranking_cli(args) -> int:
-    try:
-        exp, workdir, stage_name, export_dir = resolve_target(args.target, args.workdir)
-        exp = apply_overrides(exp, args.overrides)
-        name, stage = pick_stage(exp, args.stage or stage_name)
-        model_dir = args.model or export_dir or os.path.join(workdir, name, "export")
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"no reward model at {model_dir}: train the stage first "
-                                    f"(starling-jax train {args.target} --workdir {workdir}) or pass --model DIR")
-        config, params = load_reward_model(model_dir)
-        result = evaluate_reward_model(config, params, stage, args.split, args.batch_size, args.max_groups)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    exp, workdir, stage_name, export_dir = resolve_target(args.target, args.workdir)
+    exp = apply_overrides(exp, args.overrides)
+    name, stage = pick_stage(exp, args.stage or stage_name)
+    model_dir = args.model or export_dir or os.path.join(workdir, name, "export")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"no reward model at {model_dir}: train the stage first "
+                                f"(starling-jax train {args.target} --workdir {workdir}) or pass --model DIR")
+    config, params = load_reward_model(model_dir)
+    result = evaluate_reward_model(config, params, stage, args.split, args.batch_size, args.max_groups)
     result = {"model": model_dir, "split": args.split, **result}
     text = json.dumps(result, indent=1)
     print(text)
@@ -257,8 +255,6 @@ def add_eval_arguments(parser) -> None:
 def _mesh(spec: Optional[str]):
     if not spec:
         return None, None
-    from starling_jax.parallel import sharding
-    from starling_jax.config import MeshConfig
     sizes = {}
     for part in spec.split(","):
         key, _, value = part.partition("=")
@@ -274,7 +270,6 @@ def _mesh(spec: Optional[str]):
 
 def _load(path, args, want, template=None, own_template=False):
     """A checkpoint with the command's overrides (a judge keeps its own tokenizer and template: own_template)."""
-    from starling_jax.commands.eval.checkpoints import load_checkpoint
     mesh, rules = _mesh(args.mesh)
     return load_checkpoint(path, stage=None if own_template else args.stage,
                            tokenizer=None if own_template else args.tokenizer,
@@ -283,7 +278,6 @@ def _load(path, args, want, template=None, own_template=False):
 
 
 def _generator(ckpt, args, mesh, rules):
-    from starling_jax.commands.eval.answer import Generator
     if args.top_k < 0 or not 0 < args.top_p <= 1:
         raise InputError(f"--top-k must be >= 0 and 0 < --top-p <= 1 (got {args.top_k}, {args.top_p})")
     return Generator(ckpt, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, top_p=args.top_p,
@@ -299,7 +293,6 @@ def _write(path: Optional[str], result: dict) -> None:
 
 
 def policy_cli(args) -> int:
-    from starling_jax.commands.eval import answer, benchmarks as bm
     if args.temperature is not None and args.temperature < 0:
         raise InputError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.num_choices < 1:
@@ -324,9 +317,6 @@ def policy_cli(args) -> int:
 
 
 def compare_cli(args) -> int:
-    from starling_jax.commands.eval import benchmarks as bm
-    from starling_jax.metrics import stats
-    from starling_jax.commands.eval.judge import Judge, compare
     if args.temperature < 0 or args.tie_margin < 0 or args.bootstrap < 1:
         raise InputError("--temperature and --tie-margin must be >= 0 and --bootstrap >= 1")
     prompts = bm.read_prompts(args.prompts)
@@ -346,17 +336,12 @@ def compare_cli(args) -> int:
 
 
 def rm_cli(args) -> int:
-    from starling_jax.stages import export as export_lib
-    from starling_jax.commands.eval import benchmarks as bm
-    from starling_jax.commands.eval.judge import Judge, rewardbench
     rb_rows = bm.read_rewardbench(args.rewardbench) if args.rewardbench else None  # bad files fail before loading
     ckpt, _, _ = _load(args.checkpoint, args, "score")
     result: dict = {"model": args.checkpoint, "template": ckpt.template.name}
     if rb_rows is not None:
         result["rewardbench"] = rewardbench(Judge(ckpt, args.batch_size), rb_rows)
     if args.nectar:
-        from starling_jax.config import DataConfig, ModelSection
-        from starling_jax.data.templates import TEMPLATES
         template = ckpt.template.name if ckpt.template.name in TEMPLATES else "auto"  # "auto": the dir's own Jinja
         stage = Experiment(name="eval_rm", model=ModelSection(config=ckpt.config, tokenizer=ckpt.tokenizer_name,
                                                               template=template),

@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from starling_jax.metrics import stats
 from starling_jax.commands.eval.checkpoints import Checkpoint
+from starling_jax.metrics import stats
+from starling_jax.stages.rollout import RewardScorer
 
 # allenai/reward-bench rewardbench/constants.py (SUBSET_MAPPING and EXAMPLE_COUNTS), as of commit a32e272b.
 SECTIONS = {
@@ -40,7 +41,6 @@ class Judge:
     """Scores replies with a reward model (its own tokenizer and template), `batch_size` at a time."""
 
     def __init__(self, ckpt: Checkpoint, batch_size: int = 8, max_length: Optional[int] = None):
-        from starling_jax.stages.rollout import RewardScorer
         self.ckpt = ckpt
         self.batch_size = max(1, batch_size)
         self.scorer = RewardScorer(ckpt.config, ckpt.params, ckpt.tokenizer, ckpt.template,

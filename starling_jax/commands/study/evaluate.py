@@ -20,7 +20,9 @@ import numpy as np
 
 from starling_jax import models
 from starling_jax.data import pipelines, synthetic
+from starling_jax.metrics.ranking import group_metrics, score_groups
 from starling_jax.objectives.sft import token_logprobs
+from starling_jax.stages.rollout import conversation_of, sample_replies
 
 SPLIT_KEYS = {"heldout": 1, "unseen": 2, "tuning": 3}  # fold_in offsets: each split has its own sampling key
 
@@ -34,7 +36,6 @@ def _response_logprobs(params, config, tokens, attention_mask, prompt_len):
 
 def prompt_batch(rows, tokenizer, data, template):
     """(RL prompt batch, conversations in batch order) of rows."""
-    from starling_jax.stages.rollout import conversation_of
     batch = next(iter(pipelines.dataset_for("rl", rows, tokenizer, data, len(rows), template=template,
                                             shuffle=False, num_epochs=1)))
     conversations = [conversation_of(r, f"row {i}") for i, r in enumerate(rows)]
@@ -44,7 +45,6 @@ def prompt_batch(rows, tokenizer, data, template):
 def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template, data, rollout, key) -> dict:
     """{"policy": {metric: [rows]}, "reference": {...}, "prompt": [rows]} (see the module docstring). policy and
     reference are (config, params)."""
-    from starling_jax.stages.rollout import sample_replies
     batch, conversations = prompt_batch(rows, tokenizer, data, template)
     (config, params), (ref_config, ref_params) = policy, reference
     out: dict = {"prompt": [synthetic.nectar_prompt(c) for c in conversations]}
@@ -68,35 +68,19 @@ def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template,
     return out
 
 
-def _ranking_metrics(scores: np.ndarray, utilities: np.ndarray) -> tuple[float, float, float]:
-    """(pair accuracy over untied pairs, top-1, Kendall tau-b-free tau over untied pairs) of one group."""
-    i, j = np.triu_indices(len(utilities), 1)
-    du, ds = np.sign(utilities[i] - utilities[j]), np.sign(scores[i] - scores[j])
-    untied = du != 0
-    agree = du[untied] * ds[untied]
-    pair_acc = float(np.mean(agree > 0)) if untied.any() else float("nan")
-    tau = float(np.mean(agree)) if untied.any() else float("nan")
-    top1 = float(utilities[int(np.argmax(scores))] == np.max(utilities))
-    return pair_acc, top1, tau
-
-
 def reward_model_measurements(rm, rows, *, tokenizer, template, data, batch_size: int = 16) -> dict:
     """{"pair_accuracy", "top1_accuracy", "kendall_tau": [rows], "prompt": [rows]} against the true utilities."""
-    from starling_jax.metrics.ranking import make_reward_fn
     config, params = rm
     if any("utilities" not in r for r in rows):
         raise ValueError("reward-model measurements need synthetic rows (true utilities)")
-    reward_fn = make_reward_fn(config)
-    ds = pipelines.make_dataset("rm", rows, tokenizer, batch_size, template=template, max_length=data.max_length,
-                                max_prompt_length=data.max_prompt_length, max_responses=data.max_responses,
-                                shuffle=False, num_epochs=1, drop_remainder=False)
-    scores = np.concatenate([np.asarray(reward_fn(params, b["tokens"], b["attention_mask"])) for b in ds])
+    scores = np.concatenate([np.asarray(r) for r, _ in score_groups(config, params, rows, tokenizer, data, template,
+                                                                      batch_size)])
     out = {"pair_accuracy": [], "top1_accuracy": [], "kendall_tau": []}
     for r, s in zip(rows, scores):
         k = len(r["utilities"])
         if k > data.max_responses:
             raise ValueError(f"a row has {k} answers > data.max_responses={data.max_responses}")
-        for name, v in zip(out, _ranking_metrics(s[:k], np.asarray(r["utilities"]))):
+        for name, v in zip(out, group_metrics(s[:k], np.asarray(r["utilities"]))):
             out[name].append(v)
     result = {k: np.asarray(v) for k, v in out.items()}
     result["prompt"] = [synthetic.nectar_prompt(r["messages"]) for r in rows]

@@ -24,8 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from starling_jax.commands.study import POLICY_METRICS, RM_METRICS, Study
-from starling_jax.commands.study import stats
+from starling_jax.commands.study import POLICY_METRICS, RM_METRICS, Study, stats
 
 POLICY_COLUMNS = POLICY_METRICS
 RM_COLUMNS = RM_METRICS

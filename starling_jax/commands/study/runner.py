@@ -18,9 +18,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from starling_jax.commands.study import Arm, Study, evaluate as ev, load_study, report, with_seed
 from starling_jax.config import ConfigError, Experiment
+from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.files import write_json
 from starling_jax.stages.experiment import apply_overrides, stages_of, to_dict
-from starling_jax.commands.study import Arm, Study, load_study, with_seed
+from starling_jax.stages.loop import StageInterrupted, TrainingDiverged, run_experiment
+from starling_jax.stages.rollout import RewardScorer
+from starling_jax.step.checkpoint import load_export
 
 
 def cell_experiment(study: Study, arm: Arm, seed: int, quick: bool = False) -> Experiment:
@@ -62,10 +67,7 @@ def _shared_dir(workdir: str, seed: int) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, default=_jsonable)
 
 
 def _jsonable(x):
@@ -79,7 +81,6 @@ def _jsonable(x):
 
 def run_shared(study: Study, workdir: str, seed: int, quick: bool = False) -> None:
     """Train the shared stages of `seed` once (in D/shared/seedS), from the first arm's experiment."""
-    from starling_jax.stages.loop import run_experiment
     if not study.shared_stages:
         return
     exp = cell_experiment(study, study.arms[0], seed, quick)
@@ -94,7 +95,6 @@ def run_shared(study: Study, workdir: str, seed: int, quick: bool = False) -> No
 
 def run_cell(study: Study, workdir: str, arm_name: str, seed: int, quick: bool = False) -> dict:
     """Train one cell (its shared stages linked in) and measure it; writes and returns its cell.json record."""
-    from starling_jax.stages.loop import run_experiment
     arm = study.arm(arm_name)
     exp = cell_experiment(study, arm, seed, quick)
     directory = _cell_dir(workdir, arm.name, seed)
@@ -130,10 +130,6 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
     "policy/unseen", ...: {metric: [rows], "prompt": [rows]}}."""
     import jax
 
-    from starling_jax.data import load_tokenizer, pipelines
-    from starling_jax.commands.study import evaluate as ev
-    from starling_jax.step.checkpoint import load_export
-    from starling_jax.stages.rollout import RewardScorer
 
     stages = dict(stages_of(exp))
     n = study.quick_eval_prompts if quick else study.eval_prompts
@@ -283,7 +279,6 @@ def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, see
               arms: Optional[Sequence[str]] = None, quick: bool = False, reuse: Sequence[str] = ()) -> dict:
     """Run every unfinished cell (shared stages first), then aggregate into D/results.{json,md,png}. reuse: other
     study workdirs whose identical shared stages and cells are adopted instead of retrained (reuse_finished)."""
-    from starling_jax.commands.study import report
     seeds = list(seeds if seeds is not None else study.seeds)
     arm_names = list(arms) if arms is not None else [a.name for a in study.arms]
     if quick:
@@ -430,7 +425,6 @@ def _report_from_raw(study: Study, args) -> int:
 
 
 def cli(args) -> int:
-    from starling_jax.stages.loop import StageInterrupted, TrainingDiverged
     try:
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
@@ -457,7 +451,6 @@ def cli(args) -> int:
         seeds = _int_list(args.seeds, "seeds") if args.seeds else None
         arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
         if args.report_only:
-            from starling_jax.commands.study import report
             records = []
             for root, _, files in os.walk(os.path.join(args.workdir, "cells")):
                 if "cell.json" in files:
@@ -473,10 +466,7 @@ def cli(args) -> int:
         else:
             results = run_study(study, args.study, args.workdir, jobs=args.jobs, seeds=seeds, arms=arms,
                                 quick=args.quick, reuse=args.reuse)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, StageInterrupted) as e:
+    except (TrainingDiverged, StageInterrupted) as e:  # bad input is left to the guard of commands/cli.py
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"results: {os.path.join(args.workdir, 'results.md')}", file=sys.stderr)

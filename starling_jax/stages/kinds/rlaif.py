@@ -32,22 +32,22 @@ import numpy as np
 import optax
 
 from starling_jax import models
-from starling_jax.generation import sampling
-from starling_jax.parallel import sharding
 from starling_jax.algorithms import registry
 from starling_jax.config import ObjectiveConfig
 from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.generation import sampling
 from starling_jax.metrics import stats
 from starling_jax.models import ModelConfig, Params
-from starling_jax.objectives import common as obj_common
-from starling_jax.objectives import policy as obj_policy
+from starling_jax.objectives import common as obj_common, policy as obj_policy
+from starling_jax.parallel import sharding
 from starling_jax.stages import program as prog
-from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_parts,
-                                      policy_params, reference_parts)
-from starling_jax.step.logging import plot_metrics, read_metrics
 from starling_jax.stages.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls, sample_replies,
-                                        trained_reward_template)
+                                         trained_reward_template)
+from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_params, policy_parts,
+                                     reference_parts)
+from starling_jax.step.logging import plot_metrics, read_metrics
 from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
+from starling_jax.step.step import apply_gradients
 
 Batch = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
                  optimizer: optax.GradientTransformation, epochs: int, minibatch_size: int):
     """step(state, batch) -> (state, metrics): `epochs` shuffled passes over the chunk in minibatches, one optimizer
     update each (a lax.scan, so it jits to one program). state is a TrainState(step, params, frozen, opt_state, rng);
-    its step counts chunks. Metrics are means over the updates, plus the means of the batch's "stat_*" rows."""
+    its step counts chunks. Each update is step.step's apply_gradients. Metrics are means over the updates (grad_norm,
+    lr included), plus the means of the batch's "stat_*" rows."""
 
     def step(state, batch: Batch):
         data = {k: batch[k] for k in TRAIN_KEYS}
@@ -191,9 +192,8 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
             params, opt_state = carry
             mb = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, mb)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, opt_state), {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+            params, opt_state, update_metrics = apply_gradients(optimizer, params, opt_state, grads)
+            return (params, opt_state), {**metrics, "loss": loss, **update_metrics}
 
         (params, opt_state), history = jax.lax.scan(update, (state.params, state.opt_state), order)
         metrics = {k: jnp.mean(v) for k, v in history.items()}
@@ -578,7 +578,55 @@ class RLStage:
                                  tokens_per_batch=self.tokens_per_batch, setup=self.setup)
 
 
-@prog.register_stage_kind("rl", setup=rl_setup)
+
+def check_rl(c, algorithm: registry.Algorithm, earlier: dict) -> list[tuple[str, str]]:
+    """The rl kind's checks of a stage config (validation runs them): a reward model, whole rollout groups and
+    minibatches, on-policy sampling, and a critic only where the algorithm trains one."""
+    problems: list[tuple[str, str]] = []
+
+    def bad(field, msg):
+        problems.append((field, msg))
+
+    obj, ob = c.objective.name, c.objective
+    if ob.value_head == "layers" and 1 <= ob.value_head_layers <= c.model.config.num_layers and not algorithm.critic:
+        bad("objective.value_head", f"objective {obj!r} is critic-free: value_head='layers' would hold a copy of "
+            f"{ob.value_head_layers} layers that never trains; use the default value_head='mlp'")
+    if c.reward_model is None:
+        bad("reward_model", f"objective {obj!r} needs a reward_model section")
+    r = c.rollout
+    for field, value in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.max_new_tokens",
+                         r.max_new_tokens), ("rollout.epochs", r.epochs), ("rollout.minibatch_size",
+                         r.minibatch_size)):
+        if value < 1:
+            bad(field, f"must be >= 1, got {value}")
+    group = 1 if algorithm.group_size is None else algorithm.group_size(c.objective)
+    for field, msg in (algorithm.check(c) if algorithm.check else ()):
+        bad(field, msg)
+    if group < 1 or r.prompts_per_step % group:
+        bad("rollout.prompts_per_step", f"{r.prompts_per_step} rollouts are not whole groups of {group} per "
+            f"prompt (objective {obj!r})")
+    if r.generation_batch < 0 or (r.generation_batch and r.prompts_per_step % r.generation_batch):
+        bad("rollout.generation_batch", f"{r.generation_batch} must be 0 (the whole chunk) or a divisor of "
+            f"rollout.prompts_per_step={r.prompts_per_step}")
+    if r.minibatch_size >= 1 and r.prompts_per_step % r.minibatch_size:
+        bad("rollout.prompts_per_step", f"{r.prompts_per_step} is not divisible by rollout.minibatch_size="
+            f"{r.minibatch_size}")
+    if r.temperature <= 0:
+        bad("rollout.temperature", f"must be > 0, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        bad("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    # The update scores rollouts under the temperature-scaled distribution (step/hydra.py); a top-k / top-p
+    # filtered sampler would make log pi_old, the KL penalty and the ratios those of another distribution.
+    if r.top_k > 0:
+        bad("rollout.top_k", f"{r.top_k}: RL rollouts must be on-policy; top-k filtering is not supported in RL "
+            "stages (use rollout.top_k=0; rollout.temperature is supported)")
+    elif 0 < r.top_p < 1:
+        bad("rollout.top_p", f"{r.top_p}: RL rollouts must be on-policy; top-p filtering is not supported in RL "
+            "stages (use rollout.top_p=1.0; rollout.temperature is supported)")
+    return problems
+
+
+@prog.register_stage_kind("rl", setup=rl_setup, check=check_rl, reads=("model", "reward_model"))
 def build_rl_stage(ctx: prog.StageContext) -> prog.StageProgram:
     """StageProgram of an rl stage (see starling_jax.stages.program)."""
     return RLStage(ctx).program()

@@ -1,5 +1,5 @@
 """The data-driven stage kinds "sft", "rm" and "dpo": a model, the objective's loss, a grain pipeline, held-out
-evaluation. (The "rl" kind lives in stages/rlaif.py.)
+evaluation. (The "rl" kind lives in stages/kinds/rlaif.py.)
 
 Trees follow step/losses.py: params = the trainable part (models.split_params), frozen = {"trunk": the rest} plus,
 for DPO, {"reference": a copy of the trainable part at the start}. A reward-model stage that starts from a language
@@ -16,19 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from starling_jax import models
-from starling_jax.parallel import sharding
 from starling_jax.algorithms import registry
-from starling_jax.data import load_tokenizer
-from starling_jax.data import pipelines
-from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
-from starling_jax.models import ModelConfig
-from starling_jax.step import losses
 from starling_jax.config import Experiment
+from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
+from starling_jax.models import ModelConfig, Params
+from starling_jax.parallel import sharding
 from starling_jax.stages.program import (StageContext, StageProgram, StageSetup, is_abstract, layers_note,
-                                        load_model, register_stage_kind)
+                                         load_model, register_stage_kind)
+from starling_jax.step import losses
 from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
 from starling_jax.step.step import make_train_step
-from starling_jax.models import Params
 
 
 class GrainBatches:
@@ -218,5 +216,23 @@ def build_data_stage(ctx: StageContext) -> StageProgram:
     return DataStage(ctx).program()
 
 
+def check_data(c, algorithm, earlier: dict) -> list[tuple[str, str]]:
+    """A data kind's checks of a stage config (validation runs them): the rows must hold the answers its batch
+    format needs (a ranking or a pair needs 2)."""
+    need = pipelines.get_format(algorithm.kind).min_responses
+    if c.data.max_responses < need:
+        return [("data.max_responses", f"a ranking needs at least {need} responses, got {c.data.max_responses}")]
+    return []
+
+
+def register_data_kind(name: str, check=None) -> None:
+    """Register stage kind `name` as a data kind: the DataStage program over the batch format registered under the
+    same name (data.pipelines.register_format); its algorithm says the head, loss and reference copy. check(config,
+    algorithm, earlier) -> [(field, message)]: the kind's own config checks, after check_data's."""
+    def check_kind(c, algorithm, earlier):
+        return check_data(c, algorithm, earlier) + (check(c, algorithm, earlier) if check else [])
+    register_stage_kind(name, setup=data_setup, check=check_kind)(build_data_stage)
+
+
 for _kind in ("sft", "rm", "dpo"):  # one builder for the three data-driven kinds; the algorithm says the rest
-    register_stage_kind(_kind, setup=data_setup)(build_data_stage)
+    register_data_kind(_kind)

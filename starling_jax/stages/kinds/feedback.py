@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starling_jax.config import ModelSection
+from starling_jax.data import load_tokenizer, pipelines, tasks
+from starling_jax.data.nectar import parse_prompt
 from starling_jax.generation import feedback as fb
-from starling_jax.data import load_tokenizer, pipelines
 from starling_jax.stages import program as prog
 from starling_jax.stages.rollout import RewardScorer, conversation_of, trained_reward_template
 
@@ -84,7 +86,6 @@ def _score_judge(ctx: prog.StageContext, splits):
             return out
         return judge
     if f.judge == "task":
-        from starling_jax.data import tasks
         fn = tasks.get(c.data.source).judge if c.data.source.startswith("task:") else splits.true_utility
     else:
         fn = fb.load_function(f.judge)
@@ -95,7 +96,6 @@ class _LLMJudge:
     """judge(prompt text) -> reply text: greedy decoding of feedback.judge_model in its own template."""
 
     def __init__(self, ctx: prog.StageContext):
-        from starling_jax.config import ModelSection
         f = ctx.config.feedback
         tok_source = f.judge_model if not f.judge_model.startswith("stage:") else ctx.config.model.tokenizer
         self.config, self.params = prog.load_model(ctx, ModelSection(path=f.judge_model), jax.random.key(0))
@@ -221,7 +221,6 @@ class FeedbackSource:
         """The LLM judge ranks the first rows' replies again under two fresh independent shuffles."""
         with open(self.path) as fh:
             rows = [json.loads(line) for _, line in zip(range(self.f.agreement_prompts), fh)]
-        from starling_jax.data.nectar import parse_prompt
         items = [(parse_prompt(r["prompt"]), [a["answer"] for a in r["answers"]]) for r in rows]
         return fb.self_agreement(lambda i, rng: fb.llm_rank(lambda p: self.llm.many([p])[0], items[i][0],
                                                             items[i][1], rng), len(items), seed=self.c.train.seed)
@@ -232,7 +231,48 @@ def _count_step(state, batch):
     return {"step": state["step"] + 1}, metrics
 
 
-@prog.register_stage_kind("feedback")
+
+def check_feedback(c, algorithm, earlier: dict) -> list[tuple[str, str]]:
+    """The feedback kind's checks of a stage config (validation runs them): sizes, sampling, and a judge that can
+    judge (its data source, reward model or checkpoint)."""
+    problems: list[tuple[str, str]] = []
+
+    def bad(field, msg):
+        problems.append((field, msg))
+
+    f = c.feedback
+    for field, value in (("feedback.k", f.k - 1), ("feedback.prompts_per_step", f.prompts_per_step),
+                         ("feedback.max_new_tokens", f.max_new_tokens), ("feedback.generation_batch",
+                         f.generation_batch), ("feedback.judge_max_new_tokens", f.judge_max_new_tokens)):
+        if value < 1:
+            bad(field, f"must be >= {2 if field == 'feedback.k' else 1}, got {value + (field == 'feedback.k')}")
+    if f.temperature <= 0:
+        bad("feedback.temperature", f"must be > 0, got {f.temperature}")
+    if not 0 < f.top_p <= 1:
+        bad("feedback.top_p", f"must be in (0, 1], got {f.top_p}")
+    if f.judge == "task":
+        if not (c.data.source.startswith("task:") or c.data.source == "synthetic"):
+            bad("feedback.judge", f"'task' needs a data source that knows its answers ('task:NAME' or 'synthetic'), "
+                f"got data.source={c.data.source!r}; name a judge function 'package.module:function' instead")
+    elif f.judge == "reward_model":
+        if c.reward_model is None:
+            bad("feedback.judge", "'reward_model' needs a reward_model section")
+        elif (c.reward_model.path or "").startswith("stage:") and c.reward_model.path[6:] not in earlier:
+            bad("reward_model.path", f"{c.reward_model.path!r} does not name an earlier stage")
+    elif f.judge == "llm":
+        if not f.judge_model:
+            bad("feedback.judge_model", "judge='llm' needs the judging checkpoint (HF dir, 'hf:ORG/NAME' or "
+                "'stage:NAME')")
+        elif f.judge_model.startswith("stage:") and f.judge_model[6:] not in earlier:
+            bad("feedback.judge_model", f"{f.judge_model!r} does not name an earlier stage")
+        elif not f.judge_model.startswith(("stage:", "hf:")) and not os.path.exists(f.judge_model):
+            bad("feedback.judge_model", f"{f.judge_model!r} does not exist")
+    elif ":" not in f.judge:
+        bad("feedback.judge", f"{f.judge!r}: expected 'task', 'reward_model', 'llm' or 'package.module:function'")
+    return problems
+
+
+@prog.register_stage_kind("feedback", check=check_feedback, writes_rows=True)
 def build_feedback_stage(ctx: prog.StageContext) -> prog.StageProgram:
     """StageProgram of a feedback stage (see the module docstring)."""
     source = FeedbackSource(ctx)
