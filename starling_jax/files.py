@@ -6,10 +6,11 @@ import json
 import os
 
 
-def write_atomic(path: str, text: str, encoding: str = "utf-8") -> None:
-    """Write `text` to `path` through `path`.tmp, flushed to disk, then renamed over `path` (atomic on POSIX)."""
+def write_atomic(path: str, text: str | bytes, encoding: str = "utf-8") -> None:
+    """Write `text` (or bytes) to `path` through `path`.tmp, flushed to disk, then renamed over `path` (atomic on
+    POSIX)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding=encoding) as f:
+    with open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding=encoding) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -36,7 +36,7 @@ def _fake_results(tmp_path):
     studies.mkdir()
     write_study_file(studies)
     write_workdir(str(tmp_path / "work"), fake_study())
-    raw.export(fake_study(), str(studies / "fake.py"), str(tmp_path / "work"), str(tmp_path / "results" / "fake"))
+    raw.export(fake_study(), str(studies / "fake.py"), str(tmp_path / "work"), str(tmp_path / "results" / "fake"), {})
     results = json.loads(json.dumps(raw.report(fake_study(), str(tmp_path / "results" / "fake"))))
     return str(tmp_path / "results"), str(studies), results
 

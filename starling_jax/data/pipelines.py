@@ -526,7 +526,6 @@ def load_splits(data) -> Splits:
 def _with_report_rows(data, rows, report, tuning_fraction: float, n: int, true_utility) -> Splits:
     """Splits of synthetic data with generated reporting splits (data.report_rows): every make_rows row is a training
     or (tuning_fraction, by prompt group) a tuning row; held-out and unseen rows come from synthetic.make_report_rows."""
-    from starling_jax.data import synthetic
     if data.source != "synthetic":
         raise ValueError("data.report_rows needs data.source='synthetic' (it generates synthetic reporting rows)")
     if data.heldout_fraction or getattr(data, "unseen_templates", 0):

@@ -41,7 +41,9 @@ import os
 import re
 from typing import Optional
 
-from starling_jax.commands.study import SPLITS, Study
+from starling_jax.commands.study import SPLITS, Study, load_study
+from starling_jax.commands.study.report import aggregate, markdown, short_source
+from starling_jax.files import write_atomic
 
 FORMAT = "starling-jax study raw results"
 VERSION = 1
@@ -61,10 +63,7 @@ class RawError(ValueError):
 
 def _write_atomic(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def _json_line(obj) -> str:
@@ -88,7 +87,6 @@ def _numeric(tree):
 
 def cell_lines(record: dict) -> list[str]:
     """A cell.json record (starling_jax.commands.study.runner.run_cell) as the JSON lines of its raw file."""
-    from starling_jax.commands.study.report import short_source
     samples = {g: m["samples"][:SAMPLES_KEPT] for g, m in sorted(record["groups"].items()) if m.get("samples")}
     header = {"arm": record["arm"], "seed": int(record["seed"]), "quick": bool(record.get("quick", False)),
               "wall_s": float(record["wall_s"]), "train_wall_s": _finite(float(record.get("train_wall_s", 0.0))),
@@ -119,11 +117,11 @@ def _primary_dicts(study: Study) -> list:
     return [dataclasses.asdict(c) for c in study.primary]
 
 
-def export(study: Study, study_file: str, workdir: str, out: str) -> list[str]:
-    """Write the finished cells of a study workdir (and its shared stages' wall times) to the raw folder `out`.
-    Returns the grid's cells that are not finished (not exported). Refuses a folder of another study, a cell of
-    an arm the study does not have, and a folder holding a cell this workdir lacks (it would be lost)."""
-    from starling_jax.commands.study.runner import shared_times
+def export(study: Study, study_file: str, workdir: str, out: str, shared_times: dict) -> list[str]:
+    """Write the finished cells of a study workdir (and shared_times: {seed: wall seconds} of its shared stages) to
+    the raw folder `out`. Returns the grid's cells that are not finished (not exported). Refuses a folder of another
+    study, a cell of an arm the study does not have, and a folder holding a cell this workdir lacks (it would be
+    lost)."""
     cells_root = os.path.join(workdir, "cells")
     paths = sorted(glob.glob(os.path.join(cells_root, "*", "seed*", "cell.json")))
     if not paths:
@@ -168,7 +166,7 @@ def export(study: Study, study_file: str, workdir: str, out: str) -> list[str]:
                 "study_file": os.path.basename(study_file), "baseline": study.baseline_arm,
                 "arms": sorted({r["arm"] for r in records}, key=order.get), "seeds": seeds,
                 "primary": _primary_dicts(study), "cells": sorted(files),
-                "shared_wall_s": {str(s): float(t) for s, t in sorted(shared_times(workdir, seeds).items())}}
+                "shared_wall_s": {str(s): float(shared_times[s]) for s in seeds if s in shared_times}}
     _write_atomic(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
     done = {(r["arm"], int(r["seed"])) for r in records}
     return [f"{a.name}@{s}" for s in study.seeds for a in study.arms if (a.name, s) not in done]
@@ -337,10 +335,9 @@ def read(folder: str, study: Optional[Study] = None) -> tuple[list, dict, dict]:
 
 def report(study: Study, folder: str, num_samples: Optional[int] = None) -> dict:
     """The study's results (starling_jax.commands.study.report.aggregate) regenerated from a raw folder alone."""
-    from starling_jax.commands.study import report as rep
     records, shared, _ = read(folder, study)
     kwargs = {} if num_samples is None else {"num_samples": num_samples}
-    return rep.aggregate(study, records, shared, this_run_s=0.0, failed=[], **kwargs)
+    return aggregate(study, records, shared, this_run_s=0.0, failed=[], **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -421,13 +418,11 @@ def _as_quoted(value: float, quoted: str) -> str:
 
 
 def _study_of(folder: str, studies_dir: str) -> Study:
-    from starling_jax.commands.study import load_study
     return load_study(os.path.join(studies_dir, read_manifest(folder)["study_file"]))
 
 
 def regenerated_markdown(folder: str, studies_dir: str) -> str:
     """The results.md that `--report-only --raw folder` writes (the study file from studies_dir)."""
-    from starling_jax.commands.study.report import markdown
     return markdown(report(_study_of(folder, studies_dir), folder))
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from starling_jax.commands.study import Arm, Study, evaluate as ev, load_study, report, with_seed
+from starling_jax.commands.study import Arm, Study, evaluate as ev, load_study, raw, report, with_seed
 from starling_jax.config import ConfigError, Experiment
 from starling_jax.data import load_tokenizer, pipelines
 from starling_jax.files import write_json
@@ -360,8 +360,12 @@ def write_selection(study: Study, study_path: str, results: dict) -> None:
     print(f"[study] selection: {chosen} -> {path}", file=sys.stderr, flush=True)
 
 
-def shared_times(workdir: str, seeds: Sequence[int]) -> dict:
-    """{seed: wall seconds} of the shared stages trained (or adopted) for each seed."""
+def shared_times(workdir: str, seeds: Optional[Sequence[int]] = None) -> dict:
+    """{seed: wall seconds} of the shared stages trained (or adopted) for each seed (None: every seed there is)."""
+    if seeds is None:
+        root = os.path.join(workdir, "shared")
+        names = os.listdir(root) if os.path.isdir(root) else []
+        seeds = sorted(int(n[len("seed"):]) for n in names if n.startswith("seed") and n[len("seed"):].isdigit())
     out = {}
     for s in seeds:
         path = os.path.join(_shared_dir(workdir, s), "done.json")
@@ -410,7 +414,6 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def _report_from_raw(study: Study, args) -> int:
     """--report-only --raw DIR [--workdir OUT]: results.json/.md/.png regenerated from the raw folder alone."""
-    from starling_jax.commands.study import raw, report
     if not args.report_only:
         raise ConfigError("--raw regenerates a report: use it with --report-only")
     if args.export_raw is not None or args.quick or args.seeds or args.arms or args.reuse:
@@ -434,8 +437,7 @@ def cli(args) -> int:
         if args.workdir is None:
             raise ConfigError("--workdir is required (except with --report-only --raw)")
         if args.export_raw is not None:
-            from starling_jax.commands.study import raw
-            missing = raw.export(study, args.study, args.workdir, args.export_raw)
+            missing = raw.export(study, args.study, args.workdir, args.export_raw, shared_times(args.workdir))
             if missing:
                 print(f"not finished, not exported: {', '.join(missing)}", file=sys.stderr)
             print(f"raw results: {args.export_raw} (its report: starling-jax study {args.study} --report-only "
