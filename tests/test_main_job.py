@@ -24,11 +24,11 @@ def _experiment(name):
 ARGS = ["logging.progress=false"]
 # What the test guards is behaviour, not one seed's figures: the stages chain (the RM starts from the SFT export, the
 # policy from the SFT export and is scored by the RM export), every summary figure exists on the held-out AND the
-# unseen split (prompt strings / templates no stage trained on), the reward model ranks held-out and unseen groups
-# well above chance (0.5), and RL raises the RM's own score of the policy's replies to held-out prompts (what RL
-# optimises; whether the TRUE reward rises is a study question, experiments/studies/, docs/REPRODUCTION.md).
-# The RM margin is kept loose (0.6): before the split became prompt-disjoint the main job's RM measured 0.79 on one
-# seed; the rm_kwise_vs_pairwise study measures it over seeds (docs/REPRODUCTION.md).
+# unseen reporting split (generated apart from training: topics no stage trains on / templates no stage trains on,
+# docs/DATA.md), the reward model ranks the unseen groups (trained topics, new phrasings) well above chance (0.5), and
+# RL raises the RM's own score of the policy's replies to held-out prompts (what RL optimises). The held-out groups
+# are about topics whose words the RM never saw, so its ranking there is measured, not bounded: whether it and the true
+# reward transfer to new topics is a study question (experiments/studies/, docs/REPRODUCTION.md).
 MIN_RM_ACCURACY = 0.6
 
 
@@ -48,8 +48,8 @@ def test_tiny_starling_end_to_end(tmp_path):
     assert stages["rm"]["model"]["path"] == "stage:sft" and stages["policy"]["model"]["path"] == "stage:sft"
     assert config["reward_model"]["path"] == "stage:rm"
     rm = summaries["rm"]
-    assert rm["heldout_pair_accuracy"] > MIN_RM_ACCURACY and rm["unseen_pair_accuracy"] > MIN_RM_ACCURACY, rm
-    assert rm["heldout_rows"] > 100 and rm["unseen_rows"] > 100
+    assert rm["unseen_pair_accuracy"] > MIN_RM_ACCURACY and 0 <= rm["heldout_pair_accuracy"] <= 1, rm
+    assert rm["heldout_rows"] == rm["unseen_rows"] == 256
     policy = summaries["policy"]
     for split in ("", "unseen_"):
         for key in ("true_reward_before", "true_reward_after", "rm_score_before", "rm_score_after"):
