@@ -33,8 +33,11 @@ def get_study() -> Study:
         description="APA lambda and KL coefficient, one at a time around the main job's policy stage (shared SFT "
                     "and RM per seed).",
         arms=arms, seeds=REPORT_SEEDS, baseline="lam1_kl0.2", shared_stages=("sft", "rm"), quick=QUICK,
-        primary=(
+        primary=(  # both reporting splits, each comparison on each (fixed before any cell of the study ran)
             Comparison(group="policy/heldout", metric="gain", arm="lam0.1_kl0.2", baseline="lam1_kl0.2",
+                       direction="two-sided", why="the APA paper's default lambda (0.1) against the Starling "
+                                                  "fork's (1.0), the main job's"),
+            Comparison(group="policy/unseen", metric="gain", arm="lam0.1_kl0.2", baseline="lam1_kl0.2",
                        direction="two-sided", why="the APA paper's default lambda (0.1) against the Starling "
                                                   "fork's (1.0), the main job's"),
         ),

@@ -72,11 +72,17 @@ def get_study() -> Study:
         description="APA vs PPO vs GRPO vs RLOO vs DPO from the same SFT policy and K-wise RM, at the same KL "
                     "coefficient, each at its own tuning-selected learning rate.",
         arms=tuple(arms()), seeds=REPORT_SEEDS, baseline="apa", shared_stages=("sft", "rm"), quick=QUICK,
-        primary=(
+        primary=(  # both reporting splits, each comparison on each (fixed before any cell of the study ran)
             Comparison(group="policy/heldout", metric="gain", arm="ppo", baseline="apa", direction="two-sided",
                        why="Starling-LM-7B-beta's optimiser (PPO) against -alpha's (APA): does the choice matter at "
                            "the same KL coefficient, each at its own tuning-selected learning rate?"),
+            Comparison(group="policy/unseen", metric="gain", arm="ppo", baseline="apa", direction="two-sided",
+                       why="Starling-LM-7B-beta's optimiser (PPO) against -alpha's (APA): does the choice matter at "
+                           "the same KL coefficient, each at its own tuning-selected learning rate?"),
             Comparison(group="policy/heldout", metric="gain", arm="dpo", baseline="apa", direction="less",
+                       why="the paper's case for online RL against a reward model over offline preference "
+                           "optimisation on the same rankings: DPO gains less true reward than APA"),
+            Comparison(group="policy/unseen", metric="gain", arm="dpo", baseline="apa", direction="less",
                        why="the paper's case for online RL against a reward model over offline preference "
                            "optimisation on the same rankings: DPO gains less true reward than APA"),
         ),

@@ -30,11 +30,16 @@ def get_study() -> Study:
                     "APA against each.",
         arms=(Arm("plackett_luce", kwise), Arm("bradley_terry", pairwise)),
         seeds=REPORT_SEEDS, baseline="plackett_luce", shared_stages=("sft",), quick=QUICK,
-        primary=(
+        primary=(  # both reporting splits, each comparison on each (fixed before any cell of the study ran)
             Comparison(group="rm/heldout", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
                        direction="less", why="the paper trains its reward model with the K-wise Plackett-Luce loss "
                                              "on 7-wise rankings: a pairwise loss on the same rankings ranks worse"),
+            Comparison(group="rm/unseen", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
+                       direction="less", why="the paper trains its reward model with the K-wise Plackett-Luce loss "
+                                             "on 7-wise rankings: a pairwise loss on the same rankings ranks worse"),
             Comparison(group="policy/heldout", metric="gain", arm="bradley_terry", baseline="plackett_luce",
+                       direction="two-sided", why="does the RM's loss change what APA gains against it?"),
+            Comparison(group="policy/unseen", metric="gain", arm="bradley_terry", baseline="plackett_luce",
                        direction="two-sided", why="does the RM's loss change what APA gains against it?"),
         ),
         budget="5 seeds x (1 SFT + 2 arms x (RM 1200 steps + APA 40 steps)); see docs/REPRODUCTION.md")

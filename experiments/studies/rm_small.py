@@ -35,8 +35,10 @@ def get_study() -> Study:
                     "model from scratch, 300 steps (the RM half of rm_kwise_vs_pairwise, shrunk to fit a busy CPU).",
         arms=(Arm("plackett_luce", kwise, policy_stage=None), Arm("bradley_terry", pairwise, policy_stage=None)),
         seeds=REPORT_SEEDS, baseline="plackett_luce", reference_stage=None, reward_stage="rm",
-        primary=(
+        primary=(  # both reporting splits, each comparison on each (fixed before any cell of the study ran)
             Comparison(group="rm/heldout", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
+                       direction="less", why="the paper's K-wise loss against the pairwise one, reward model only"),
+            Comparison(group="rm/unseen", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
                        direction="less", why="the paper's K-wise loss against the pairwise one, reward model only"),
         ),
         quick=("train.steps=4", "data.synthetic_prompts=300"),
