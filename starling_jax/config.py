@@ -75,6 +75,9 @@ class DataConfig:
     # synthetic.make_report_rows: topics no training row names / every user turn in an untrained template; they
     # share no prompt string with any row make_rows can draw); needs heldout_fraction = 0 and unseen_templates = 0
     report_rows: int = 0
+    # False for a selection run: the held-out and unseen (reporting) splits are neither generated nor evaluated, and
+    # the stages' summaries report the tuning split instead; the training and tuning rows are the same either way
+    reporting: bool = True
     max_length: int = 256
     max_prompt_length: int = 128
     max_responses: int = 7  # K for reward-model groups

@@ -257,3 +257,21 @@ def test_one_shortened_cell_of_each_study(tmp_path, name):
         assert "selection not written" in done.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "[study] start" not in again.stderr  # finished cells are skipped
+
+
+def test_a_selection_cell_never_loads_a_reporting_row():
+    """select_main_job's cells run with data.reporting=false: load_splits returns no held-out or unseen row (none is
+    even generated), the training and tuning rows are those of the reporting run, and the study measures tuning."""
+    from starling_jax.commands.study.runner import cell_experiment
+    from starling_jax.data import pipelines
+    study = load_study(os.path.join(ROOT, "experiments", "studies", "select_main_job.py"))
+    exp = cell_experiment(study, study.arms[0], 100, quick=True)
+    stages = dict(stages_of(exp))
+    assert all(not s.data.reporting for s in stages.values())
+    quiet = pipelines.load_splits(stages["policy"].data)
+    loud = pipelines.load_splits(dataclasses.replace(stages["policy"].data, reporting=True))
+    assert not quiet.heldout and not quiet.unseen and loud.heldout and loud.unseen
+    assert quiet.train == loud.train and quiet.tuning == loud.tuning and quiet.tuning
+    assert study.splits == ("tuning",)
+    rl = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
+    assert all(s.data.reporting for _, s in stages_of(cell_experiment(rl, rl.arms[0], 0)))

@@ -499,8 +499,11 @@ def load_splits(data) -> Splits:
     unseen_templates = getattr(data, "unseen_templates", 0)
     tuning_fraction = getattr(data, "tuning_fraction", 0.0)
     report_rows = getattr(data, "report_rows", 0)
+    reporting = getattr(data, "reporting", True)
+    if not reporting and not tuning_fraction:
+        raise ValueError("data.reporting=false (a selection run) needs a tuning split: set data.tuning_fraction > 0")
     if report_rows:
-        return _with_report_rows(data, rows, report, tuning_fraction, report_rows, true_utility)
+        return _with_report_rows(data, rows, report, tuning_fraction, report_rows if reporting else 0, true_utility)
     if unseen_templates and data.source != "synthetic":
         raise ValueError("data.unseen_templates needs data.source='synthetic' (it names synthetic prompt templates)")
     if not 0 <= data.heldout_fraction < 1 or not 0 <= tuning_fraction < 1 \
@@ -518,6 +521,8 @@ def load_splits(data) -> Splits:
     if not train:
         raise ValueError(f"data source {data.source!r}: no training rows left after the held-out, tuning and "
                          f"unseen splits ({len(heldout)}, {len(tuning)}, {len(unseen)} rows)")
+    if not reporting:  # a selection run: the same training rows, and no reporting row leaves this function
+        heldout, unseen = [], []
     report.train_rows, report.heldout_rows = len(train), len(heldout)
     return Splits(train=train, heldout=heldout, tuning=tuning, unseen=unseen, report=report,
                   true_utility=true_utility)
@@ -534,7 +539,7 @@ def _with_report_rows(data, rows, report, tuning_fraction: float, n: int, true_u
     if not 0 <= tuning_fraction < 1:
         raise ValueError(f"need 0 <= tuning_fraction < 1, got {tuning_fraction}")
     reporting = {}
-    for split in ("heldout", "unseen"):
+    for split in ("heldout", "unseen"):  # n = 0: a selection run (data.reporting=false) generates none
         raw = synthetic.make_report_rows(split, n, data.synthetic_seed, data.synthetic_noise)
         reporting[split], _ = nectar.parse_rows(raw, on_bad_row="error", source=f"synthetic {split}")
     tuning, train = _by_prompt(rows, [tuning_fraction])

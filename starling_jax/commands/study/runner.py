@@ -29,7 +29,14 @@ from starling_jax.step.checkpoint import load_export
 
 
 def cell_experiment(study: Study, arm: Arm, seed: int, quick: bool = False) -> Experiment:
+    """The arm's experiment at `seed`; in a selection study (one that measures neither reporting split) every
+    data section says data.reporting=false, so no stage of the cell generates, samples or scores a reporting row."""
     exp = with_seed(arm.experiment, seed)
+    if not {"heldout", "unseen"} & set(study.splits):
+        def quiet(d):
+            return None if d is None else dataclasses.replace(d, reporting=False)
+        exp = dataclasses.replace(exp, data=quiet(exp.data),
+                                  stages=tuple(dataclasses.replace(s, data=quiet(s.data)) for s in exp.stages))
     return apply_overrides(exp, study.quick) if quick else exp
 
 

@@ -189,9 +189,14 @@ class DataStage:
 
     def finish(self, state, workdir: str) -> dict:
         splits = self.splits
-        result = self.evaluate_on(state, self.heldout(None)) or {}
-        summary = {f"heldout_{k}": v for k, v in result.items()}
-        summary["heldout_rows"] = len(splits.heldout)
+        if self.c.data.reporting:
+            result = self.evaluate_on(state, self.heldout(None)) or {}
+            summary = {f"heldout_{k}": v for k, v in result.items()}
+            summary["heldout_rows"] = len(splits.heldout)
+        else:  # a selection run: the tuning split in the reporting split's place (data.reporting)
+            result = self.evaluate_on(state, self.heldout(None, splits.tuning)) or {}
+            summary = {f"tuning_{k}": v for k, v in result.items()}
+            summary["tuning_rows"] = len(splits.tuning)
         if splits.unseen:
             unseen = self.evaluate_on(state, self.heldout(None, splits.unseen)) or {}
             summary.update({f"unseen_{k}": v for k, v in unseen.items()})

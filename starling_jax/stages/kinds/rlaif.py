@@ -441,10 +441,12 @@ class RLStage:
             raise ValueError(f"stage {ctx.stage_name!r}: objective {o.name!r} needs a reward_model section")
         k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.key(c.train.seed), 4)
         self.splits = splits = pipelines.load_splits(c.data)  # before the models: bad data fails fast
-        if not splits.heldout:  # never report the training prompts under the held-out name
-            raise ValueError(f"stage {ctx.stage_name!r}: no held-out rows to report on (data.source "
-                             f"{c.data.source!r}); set data.heldout_fraction > 0 (or data.report_rows > 0 for "
-                             f"synthetic data)")
+        self.main_split = "heldout" if c.data.reporting else "tuning"  # a selection run reports the tuning split
+        if not getattr(splits, self.main_split):  # never report the training prompts under another split's name
+            fix = ("data.heldout_fraction > 0 (or data.report_rows > 0 for synthetic data)" if c.data.reporting
+                   else "data.tuning_fraction > 0")
+            raise ValueError(f"stage {ctx.stage_name!r}: no {self.main_split} rows to report on (data.source "
+                             f"{c.data.source!r}); set {fix}")
         train_rows = splits.train
         self.model_config, params = config, params = prog.load_model(ctx, c.model, k_policy)
         rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
@@ -501,8 +503,9 @@ class RLStage:
             convs = [conversation_of(row, f"{split} row {j}") for j, row in enumerate(rows)]
             self.eval_sets[split] = (batch, [convs[j] for j in np.asarray(batch["prompt_id"])],
                                      jax.random.fold_in(jax.random.key(c.train.seed + 1), i))
-        if "heldout" not in self.eval_sets and spread is not None:
-            raise ValueError(f"stage {ctx.stage_name!r}: rollout.eval_prompts={r.eval_prompts} held-out prompts cannot "
+        if self.main_split not in self.eval_sets and spread is not None:
+            raise ValueError(f"stage {ctx.stage_name!r}: rollout.eval_prompts={r.eval_prompts} {self.main_split} "
+                             f"prompts cannot "
                              f"be split over the {place.parts} batch shards of the mesh; use at least {place.parts}")
 
         constrain = sharding.activation_constraint(mesh, c.mesh.rules)
@@ -533,8 +536,10 @@ class RLStage:
 
     def finish(self, state, workdir: str) -> dict:
         c, o = self.c, self.c.objective
-        before, after = self.report(state, "reference"), self.report(state, "policy")
-        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_prompts": self.eval_sizes.get("heldout", 0),
+        main = self.main_split
+        before, after = self.report(state, "reference", main), self.report(state, "policy", main)
+        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_split": main,
+                   "eval_prompts": self.eval_sizes.get(main, 0),
                    "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
                    "kl_to_reference": after["kl_to_reference"],
                    "response_length_before": before["response_length"],
@@ -543,7 +548,7 @@ class RLStage:
                    "data": self.splits.report.summary()}
         if "true_reward" in after:
             summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
-            # prompt by prompt (the held-out rows in order), for paired intervals over prompts and seeds
+            # prompt by prompt (the eval split's rows in order), for paired intervals over prompts and seeds
             summary["true_rewards_before"] = before["per_prompt"]["true_rewards"]
             summary["true_rewards_after"] = after["per_prompt"]["true_rewards"]
         summary["rm_win_rate_vs_initial"] = judged_win_rate(after, before)
