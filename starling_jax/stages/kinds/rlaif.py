@@ -445,7 +445,8 @@ class RLStage:
         if not getattr(splits, self.main_split):  # never report the training prompts under another split's name
             fix = ("data.heldout_fraction > 0 (or data.report_rows > 0 for synthetic data)" if c.data.reporting
                    else "data.tuning_fraction > 0")
-            raise ValueError(f"stage {ctx.stage_name!r}: no {self.main_split} rows to report on (data.source "
+            name = {"heldout": "held-out", "tuning": "tuning"}[self.main_split]
+            raise ValueError(f"stage {ctx.stage_name!r}: no {name} rows to report on (data.source "
                              f"{c.data.source!r}); set {fix}")
         train_rows = splits.train
         self.model_config, params = config, params = prog.load_model(ctx, c.model, k_policy)
