@@ -14,9 +14,9 @@ incl. evaluation); 5 seeds = 25 APA runs, ~75 min. docs/REPRODUCTION.md has the 
 """
 
 from starling_jax.stages.experiment import apply_overrides
-from starling_jax.commands.study import Arm, Comparison, Study
+from starling_jax.commands.study import Arm, Study, on_splits
 
-from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
+from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts it on the path)
 
 LAMBDAS = (0.1, 1.0, 3.0)
 KL_COEFS = (0.05, 0.2, 0.5)
@@ -33,12 +33,8 @@ def get_study() -> Study:
         description="APA lambda and KL coefficient, one at a time around the main job's policy stage (shared SFT "
                     "and RM per seed).",
         arms=arms, seeds=REPORT_SEEDS, baseline="lam1_kl0.2", shared_stages=("sft", "rm"), quick=QUICK,
-        primary=(  # both reporting splits, each comparison on each (fixed before any cell of the study ran)
-            Comparison(group="policy/heldout", metric="gain", arm="lam0.1_kl0.2", baseline="lam1_kl0.2",
-                       direction="two-sided", why="the APA paper's default lambda (0.1) against the Starling "
-                                                  "fork's (1.0), the main job's"),
-            Comparison(group="policy/unseen", metric="gain", arm="lam0.1_kl0.2", baseline="lam1_kl0.2",
-                       direction="two-sided", why="the APA paper's default lambda (0.1) against the Starling "
-                                                  "fork's (1.0), the main job's"),
+        primary=(  # each comparison on both reporting splits (fixed before any cell of the study ran)
+            *on_splits("policy", "gain", "lam0.1_kl0.2", "lam1_kl0.2", "two-sided",
+                       why="the APA paper's default lambda (0.1) against the Starling fork's (1.0), the main job's"),
         ),
         budget="5 seeds x (shared SFT + RM, then 5 APA runs); see docs/REPRODUCTION.md")

@@ -26,7 +26,7 @@ Budget (2-core CPU, alone): per seed one SFT + one RM (shared), then per arm one
 import dataclasses
 
 from starling_jax.config import ObjectiveConfig, OptimConfig, Stage, TrainConfig
-from starling_jax.commands.study import Arm, Comparison, Study
+from starling_jax.commands.study import Arm, Study, on_splits
 
 from _base import QUICK, REPORT_SEEDS, main_job, selected  # experiments/studies/_base.py
 
@@ -72,18 +72,12 @@ def get_study() -> Study:
         description="APA vs PPO vs GRPO vs RLOO vs DPO from the same SFT policy and K-wise RM, at the same KL "
                     "coefficient, each at its own tuning-selected learning rate.",
         arms=tuple(arms()), seeds=REPORT_SEEDS, baseline="apa", shared_stages=("sft", "rm"), quick=QUICK,
-        primary=(  # both reporting splits, each comparison on each (fixed before any cell of the study ran)
-            Comparison(group="policy/heldout", metric="gain", arm="ppo", baseline="apa", direction="two-sided",
+        primary=(  # each comparison on both reporting splits (fixed before any cell of the study ran)
+            *on_splits("policy", "gain", "ppo", "apa", "two-sided",
                        why="Starling-LM-7B-beta's optimiser (PPO) against -alpha's (APA): does the choice matter at "
                            "the same KL coefficient, each at its own tuning-selected learning rate?"),
-            Comparison(group="policy/unseen", metric="gain", arm="ppo", baseline="apa", direction="two-sided",
-                       why="Starling-LM-7B-beta's optimiser (PPO) against -alpha's (APA): does the choice matter at "
-                           "the same KL coefficient, each at its own tuning-selected learning rate?"),
-            Comparison(group="policy/heldout", metric="gain", arm="dpo", baseline="apa", direction="less",
-                       why="the paper's case for online RL against a reward model over offline preference "
-                           "optimisation on the same rankings: DPO gains less true reward than APA"),
-            Comparison(group="policy/unseen", metric="gain", arm="dpo", baseline="apa", direction="less",
-                       why="the paper's case for online RL against a reward model over offline preference "
-                           "optimisation on the same rankings: DPO gains less true reward than APA"),
+            *on_splits("policy", "gain", "dpo", "apa", "less",
+                       why="the paper's case for online RL against a reward model over offline preference optimisation"
+                           " on the same rankings: DPO gains less true reward than APA"),
         ),
         budget="5 seeds x (shared SFT + RM, then one policy stage per arm); see docs/REPRODUCTION.md")

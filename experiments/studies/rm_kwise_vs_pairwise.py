@@ -16,9 +16,9 @@ as the main job minus its SFT (docs/REPRODUCTION.md has the measured wall times)
 """
 
 from starling_jax.stages.experiment import apply_overrides
-from starling_jax.commands.study import Arm, Comparison, Study
+from starling_jax.commands.study import Arm, Study, on_splits
 
-from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts this folder on the path)
+from _base import QUICK, REPORT_SEEDS, main_job  # experiments/studies/_base.py (load_study puts it on the path)
 
 
 def get_study() -> Study:
@@ -30,16 +30,11 @@ def get_study() -> Study:
                     "APA against each.",
         arms=(Arm("plackett_luce", kwise), Arm("bradley_terry", pairwise)),
         seeds=REPORT_SEEDS, baseline="plackett_luce", shared_stages=("sft",), quick=QUICK,
-        primary=(  # both reporting splits, each comparison on each (fixed before any cell of the study ran)
-            Comparison(group="rm/heldout", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
-                       direction="less", why="the paper trains its reward model with the K-wise Plackett-Luce loss "
-                                             "on 7-wise rankings: a pairwise loss on the same rankings ranks worse"),
-            Comparison(group="rm/unseen", metric="pair_accuracy", arm="bradley_terry", baseline="plackett_luce",
-                       direction="less", why="the paper trains its reward model with the K-wise Plackett-Luce loss "
-                                             "on 7-wise rankings: a pairwise loss on the same rankings ranks worse"),
-            Comparison(group="policy/heldout", metric="gain", arm="bradley_terry", baseline="plackett_luce",
-                       direction="two-sided", why="does the RM's loss change what APA gains against it?"),
-            Comparison(group="policy/unseen", metric="gain", arm="bradley_terry", baseline="plackett_luce",
-                       direction="two-sided", why="does the RM's loss change what APA gains against it?"),
+        primary=(  # each comparison on both reporting splits (fixed before any cell of the study ran)
+            *on_splits("rm", "pair_accuracy", "bradley_terry", "plackett_luce", "less",
+                       why="the paper trains its reward model with the K-wise Plackett-Luce loss on 7-wise rankings: a"
+                           " pairwise loss on the same rankings ranks worse"),
+            *on_splits("policy", "gain", "bradley_terry", "plackett_luce", "two-sided",
+                       why="does the RM's loss change what APA gains against it?"),
         ),
         budget="5 seeds x (1 SFT + 2 arms x (RM 1200 steps + APA 40 steps)); see docs/REPRODUCTION.md")

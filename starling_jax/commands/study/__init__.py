@@ -72,6 +72,13 @@ class Comparison:
         return f"{self.arm} - {self.baseline}, {self.group} {self.metric}"
 
 
+def on_splits(kind: str, metric: str, arm: str, baseline: str, direction: str, why: str,
+              splits: tuple[str, ...] = ("heldout", "unseen")) -> tuple[Comparison, ...]:
+    """The same preregistered comparison on each reporting split (kind: "policy" or "rm")."""
+    return tuple(Comparison(group=f"{kind}/{split}", metric=metric, arm=arm, baseline=baseline, direction=direction,
+                            why=why) for split in splits)
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """A selection study's rule: within each family of arms (default: all arms, one family named "all"), the arm with
@@ -210,4 +217,4 @@ def with_seed(exp: Experiment, seed: int, vary_data: bool = True) -> Experiment:
     return dataclasses.replace(exp, data=data(exp.data), train=train(exp.train), stages=stages)
 
 
-__all__ = ["Arm", "Comparison", "Selection", "Study", "load_study", "read_selection", "with_seed"]
+__all__ = ["Arm", "Comparison", "Selection", "on_splits", "Study", "load_study", "read_selection", "with_seed"]
