@@ -32,7 +32,7 @@ def get_study() -> Study:
         description="The main job's RM steps, chosen by tuning-split pair accuracy (selection seeds; the reporting "
                     "rows are never measured).",
         arms=arms, seeds=SELECTION_SEEDS, baseline=arms[-1].name, shared_stages=("sft",), reference_stage=None,
-        splits=("tuning",), quick=QUICK,
+        splits=("tuning",), quick=tuple(o for o in QUICK if not o.startswith("stages.policy.")),
         selection=Selection(group="rm/tuning", metric="pair_accuracy", path="selected/main_job_rm.json",
                             settings=settings),
         budget="2 seeds x (1 SFT + RM 600 + RM 1200 steps)")
