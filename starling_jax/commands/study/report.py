@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from starling_jax.commands.study import POLICY_METRICS, RM_METRICS, Study, stats
+from starling_jax.commands.study import POLICY_METRICS, RM_METRICS, SPLITS, Study, stats
 
 POLICY_COLUMNS = POLICY_METRICS
 RM_COLUMNS = RM_METRICS
@@ -302,8 +302,8 @@ def plot(results: dict, path: str) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     s = results["summary"]
-    panels = [g for g in ("policy/heldout", "policy/unseen") if g in s]
-    rm = [g for g in ("rm/heldout", "rm/unseen") if g in s]
+    panels = [f"policy/{split}" for split in SPLITS if f"policy/{split}" in s]
+    rm = [f"rm/{split}" for split in SPLITS if f"rm/{split}" in s]
     n = len(panels) + (1 if rm else 0)
     if not n:
         return None
