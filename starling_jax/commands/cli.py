@@ -30,7 +30,8 @@ COMMANDS = {
     "plan": ("starling_jax.commands.plan", "per-device memory and FLOPs of an experiment on a mesh, without hardware"),
     "convert": ("starling_jax.commands.convert",
                 "convert between a Hugging Face directory and a starling_jax checkpoint"),
-    "study": ("starling_jax.commands.study.runner", "run a study (arms x seeds) resumably and aggregate it with intervals"),
+    "study": ("starling_jax.commands.study.runner",
+              "run a study (arms x seeds) resumably and aggregate it with intervals"),
 }
 
 

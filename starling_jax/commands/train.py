@@ -31,7 +31,8 @@ def _add_common(parser) -> None:
     parser.add_argument("experiment", help="experiments/NAME.py, a bare NAME, or a saved config.json")
     parser.add_argument("--workdir", default=None, help="output directory (default: runs/<experiment name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.steps=10 --set stages.rm.optim.learning_rate=1e-5")
+                        help="override a config field, e.g. --set train.steps=10 "
+                             "--set stages.rm.optim.learning_rate=1e-5")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and exports (start over)")
     group = parser.add_argument_group(
         "multi-process runs", "start one process per host (or per accelerator) with the same command and WORKDIR; "
@@ -72,7 +73,7 @@ def _prepare(args) -> tuple[Experiment, str]:
 
 def _guarded(fn):
     """Exit statuses of a run that stopped on its own (diverged: 1, interrupted: EXIT_INTERRUPTED). Bad input
-    (ConfigError, a missing file, ...) is left to the guard of every command in starling_jax.commands.cli (one line, exit 2)."""
+    (ConfigError, a missing file, ...) is left to the guard of every command in commands/cli.py (one line, exit 2)."""
     try:
         return fn()
     except TrainingDiverged as e:

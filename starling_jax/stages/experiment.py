@@ -247,7 +247,8 @@ def _set_path(obj, keys: list[str], text: str, full: str, exp: Experiment, stage
     name = keys[0]
     hints = _hints(type(obj))
     if name not in hints:
-        raise ConfigError(f"--set {full}: unknown key {name!r} in {type(obj).__name__}; {did_you_mean(name, list(hints))}")
+        raise ConfigError(f"--set {full}: unknown key {name!r} in {type(obj).__name__}; "
+                          f"{did_you_mean(name, list(hints))}")
     if len(keys) == 1:
         return dataclasses.replace(obj, **{name: parse_value(text, hints[name], full)})
     child = getattr(obj, name)

@@ -46,7 +46,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("objective.name", f"unknown objective {obj!r}; {did_you_mean(obj, registry.names())}")
     kind = algorithm.kind if algorithm else None
     t, o, d, m = c.train, c.optim, c.data, c.model
-    for field, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+    for field, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                         ("train.grad_accum", t.grad_accum),
                          ("data.max_length", d.max_length), ("data.max_prompt_length", d.max_prompt_length),
                          ("logging.every", c.logging.every), ("checkpoint.keep", c.checkpoint.keep),
                          ("train.eval_batches", t.eval_batches)):
@@ -115,7 +116,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     sections = [(s, getattr(c, s)) for s in (stage_kind.reads if stage_kind else ("model",)) if getattr(c, s)]
     for sec_name, sec in sections:
         if templates and sec.template != "auto" and sec.template not in templates:
-            bad(f"{sec_name}.template", f"unknown chat template {sec.template!r}; {did_you_mean(sec.template, templates)}")
+            bad(f"{sec_name}.template",
+                f"unknown chat template {sec.template!r}; {did_you_mean(sec.template, templates)}")
         if (tokenizers and sec.tokenizer not in tokenizers and not os.path.exists(sec.tokenizer)
                 and not sec.tokenizer.startswith("hf:")):
             bad(f"{sec_name}.tokenizer", f"{sec.tokenizer!r} is neither a known tokenizer "
