@@ -11,7 +11,8 @@ import pytest
 from starling_jax import algorithms, models
 from starling_jax.algorithms import registry
 from starling_jax.config import ConfigError, Experiment, ObjectiveConfig, RewardModelSection
-from starling_jax.stages.experiment import stages_of, validate
+from starling_jax.stages.experiment import stages_of
+from starling_jax.stages.validation import validate
 from starling_jax.objectives import policy as obj_policy
 from starling_jax.step import hydra
 from starling_jax.stages import kinds, program

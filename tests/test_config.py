@@ -7,7 +7,8 @@ import pytest
 
 from starling_jax.config import (CheckpointConfig, ConfigError, DataConfig, Experiment, ModelSection, ObjectiveConfig,
                                  OptimConfig, RewardModelSection, Stage, TrainConfig)
-from starling_jax.stages.experiment import apply_overrides, from_dict, load_experiment, stages_of, to_dict, validate
+from starling_jax.stages.experiment import apply_overrides, from_dict, load_experiment, stages_of, to_dict
+from starling_jax.stages.validation import validate
 from starling_jax.models import PRESETS
 
 

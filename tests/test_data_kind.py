@@ -1,4 +1,4 @@
-"""A new data stage kind is one module: its batch format (data.pipelines.register_format), its stage kind with a config
+"""A new data stage kind is one module: its batch format (data.formats.register_format), its stage kind with a config
 check (stages.kinds.data.register_data_kind) and its algorithm (algorithms.registry.register). Nothing else changes:
 config validation runs its check, the pipeline makes its batches, the loop trains it and evaluates it.
 
@@ -14,9 +14,10 @@ import pytest
 from starling_jax.algorithms import registry
 from starling_jax.algorithms.sft import build_loss as sft_loss
 from starling_jax.config import ConfigError, ObjectiveConfig, TrainConfig
-from starling_jax.data import load_tokenizer, nectar, pipelines, synthetic
+from starling_jax.data import formats, load_tokenizer, nectar, pipelines, synthetic
 from starling_jax.stages import kinds, program
-from starling_jax.stages.experiment import load_experiment, stages_of, validate
+from starling_jax.stages.experiment import load_experiment, stages_of
+from starling_jax.stages.validation import validate
 from starling_jax.stages.kinds.data import register_data_kind
 from starling_jax.stages.loop import run_experiment
 from starling_jax.step import losses
@@ -28,7 +29,7 @@ def median_examples(rows, tokenizer, template, lengths, report):
     out = []
     for r in rows:
         median = r["responses"][int(np.argsort(r["ranks"], kind="stable")[len(r["ranks"]) // 2])]
-        tokens, loss = pipelines.encode_example(tokenizer, r["messages"], median, template, lengths.max_length,
+        tokens, loss = formats.encode_example(tokenizer, r["messages"], median, template, lengths.max_length,
                                                 lengths.max_prompt_length, report, all_turns_loss=False)
         out.append({"tokens": tokens, "loss_mask": loss})
     return out
@@ -53,7 +54,7 @@ def check_median(c, algorithm, earlier):
 
 
 def register_median_kind():
-    pipelines.register_format(pipelines.BatchFormat(
+    formats.register_format(formats.BatchFormat(
         "median", examples=median_examples, collate=median_collate,
         padding=lambda e: {**e, "loss_mask": np.zeros_like(e["loss_mask"])}))
     register_data_kind("median", check=check_median)
@@ -67,7 +68,7 @@ def register_median_kind():
 def median_kind():
     register_median_kind()
     yield
-    del registry.ALGORITHMS["median_sft"], program.STAGE_KINDS["median"], pipelines.FORMATS["median"]
+    del registry.ALGORITHMS["median_sft"], program.STAGE_KINDS["median"], formats.FORMATS["median"]
 
 
 def _experiment(**data):

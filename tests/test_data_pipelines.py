@@ -191,7 +191,7 @@ def test_seeds_epochs_and_shards(tok, rows):
         make_dataset("ppo", rows, tok, 1)
 
 
-# the keys whose zeros make a row weigh nothing in each kind's objective (data.pipelines.padding_example)
+# the keys whose zeros make a row weigh nothing in each kind's objective (data.formats.padding_example)
 WEIGHT_MASKS = {"sft": ("loss_mask",), "rm": ("response_mask",), "dpo": ("chosen_loss_mask", "rejected_loss_mask")}
 
 

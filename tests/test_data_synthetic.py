@@ -145,7 +145,7 @@ def test_splits_share_no_prompt_string_and_unseen_templates_are_never_trained_on
 
 def test_split_options_are_validated():
     from starling_jax.config import ConfigError, DataConfig, Experiment
-    from starling_jax.stages.experiment import validate
+    from starling_jax.stages.validation import validate
     from starling_jax.data import pipelines
     with pytest.raises(ValueError, match="sum below 1"):
         pipelines.load_splits(DataConfig(synthetic_prompts=20, heldout_fraction=0.5, tuning_fraction=0.5))

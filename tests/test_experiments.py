@@ -7,7 +7,8 @@ import math
 import pytest
 
 from starling_jax.commands.cli import main as cli_main
-from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of, validate
+from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
+from starling_jax.stages.validation import validate
 from starling_jax.data.pipelines import load_splits
 from starling_jax.step.logging import read_metrics
 from starling_jax.stages.loop import run_experiment

@@ -22,7 +22,7 @@ import pytest
 from starling_jax.generation import feedback as fb
 from starling_jax.config import (CheckpointConfig, ConfigError, DataConfig, Experiment, FeedbackConfig, LoggingConfig,
                                  ModelSection, ObjectiveConfig, OptimConfig, Stage, TrainConfig)
-from starling_jax.stages.experiment import validate
+from starling_jax.stages.validation import validate
 from starling_jax.data import pipelines, tasks
 from starling_jax.data.nectar import parse_prompt, read_rows
 from starling_jax.models import PRESETS

@@ -153,7 +153,8 @@ def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
                                             ("stages.policy.rollout.top_p=0.9", "rollout.top_p")])
 def test_rl_stage_rejects_filtered_sampling(override, field):
     from starling_jax.config import ConfigError
-    from starling_jax.stages.experiment import apply_overrides, load_experiment, validate
+    from starling_jax.stages.experiment import apply_overrides, load_experiment
+    from starling_jax.stages.validation import validate
     exp = apply_overrides(load_experiment("tiny_ppo"), [override])
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*on-policy"):
         validate(exp)

@@ -74,7 +74,7 @@ def test_generate_from_hub_id_with_its_own_template(cache, capsys):
 
 def test_config_accepts_hub_ids(cache):
     from starling_jax import config as cfg
-    from starling_jax.stages.experiment import validate
+    from starling_jax.stages.validation import validate
     model = cfg.ModelSection(config=models.get_preset("tiny"), path="hf:org/tiny", tokenizer="hf:org/tiny")
     validate(cfg.Experiment(name="hub", model=model))
     with pytest.raises(cfg.ConfigError, match="model.path.*expected hf:ORG/NAME"):

@@ -157,7 +157,7 @@ def _experiment(name="apa", **objective):
                                                                   r"critic-free"),
 ])
 def test_value_head_layers_validation(objective, message):
-    from starling_jax.stages.experiment import validate
+    from starling_jax.stages.validation import validate
     validate(_experiment(value_head="layers", value_head_layers=2))
     with pytest.raises(ConfigError, match=message) as e:
         validate(_experiment(**objective))

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of, validate
+from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
+from starling_jax.stages.validation import validate
 
 pytestmark = pytest.mark.slow  # every test here trains or runs a subprocess end to end
 

@@ -35,7 +35,7 @@ def build_loss(objective, config, constrain=None) -> losses.LossFn:
         policy = logps(params)
         ref = jax.lax.stop_gradient(logps(reference))
         # A pair counts when both its replies have a loss token: one without has no log-probability to compare (a
-        # padding row of an evaluation batch has none on either side, data.pipelines.padding_example).
+        # padding row of an evaluation batch has none on either side, data.formats.padding_example).
         has_tokens = jnp.sum(loss_mask[:, 1:] != 0, axis=-1) > 0
         pair = has_tokens[:B] & has_tokens[B:]
         loss, metrics = objectives.dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], objective.dpo_beta, mask=pair)

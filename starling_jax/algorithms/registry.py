@@ -7,7 +7,8 @@ starling_jax.algorithms, so a new file is all it takes):
     register(Algorithm(name="dpo", kind="dpo", head="lm", loss=build_dpo_loss, batch=pair_batch, reference=True))
 
 Everything that used to be a table keyed by the objective name reads the record instead: the config's choices and
-checks (config loading), the stage kinds (stages/kinds/data.py, stages/kinds/rlaif.py), the planner (commands/plan.py), the docs.
+checks (stages/validation.py), the stage kinds (stages/kinds/data.py, rlaif.py), the planner (commands/plan.py), the
+docs.
 
 This module imports nothing of the project but errors.py: it is a dictionary with checks.
 """

@@ -29,9 +29,9 @@ import numpy as np
 from starling_jax.data import load_tokenizer
 from starling_jax.errors import InputError
 from starling_jax.generation import sampling
-from starling_jax.io import hf, hub
+from starling_jax.io import hub
 from starling_jax.models import ModelConfig
-from starling_jax.step.checkpoint import load_export
+from starling_jax.stages.export import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
     # A run's WORKDIR holds a config.json too (the experiment's): a HF directory is one with weight files.
     weights = os.path.isdir(path) and any(f.endswith((".safetensors", ".bin", ".pt")) for f in os.listdir(path))
     if os.path.isfile(os.path.join(path, "config.json")) and weights:
-        config, params = hf.load(path, dtype=dtype)
+        config, params = load_weights(path, dtype=dtype)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = path if has_tok else None
     else:
@@ -88,12 +88,9 @@ def load_checkpoint(path: str, stage: Optional[str] = None, dtype: Optional[str]
                 f"{path!r} is neither a Hugging Face directory (no config.json) nor a starling_jax stage export "
                 f"(WORKDIR/<stage>/export with summary.json and model_config.json)"
                 + (f" for stage {stage!r}" if stage else " holding a finished language-model stage"))
-        config, params, _ = load_export(export)
+        config, params = load_weights(export, dtype=dtype)
         log.info("loaded stage export %s", export)
         tokenizer = None
-        if dtype is not None:
-            params = jax.tree.map(lambda a: a.astype(dtype), params)
-            config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
     if config.head != "lm":
         raise InputError(f"{path}: this is a reward model (head {config.head!r}); generation needs a language model "
                          f"(an SFT/RL stage or a *ForCausalLM directory)")

@@ -19,10 +19,10 @@ from starling_jax.errors import DEBUG_ENV, EXIT_BAD_INPUT, InputError, describe,
 
 COMMANDS = {
     # name: (module, one-line help)
-    "run": ("starling_jax.stages.loop", "run all stages of an experiment end to end and print its summary"),
-    "train": ("starling_jax.stages.loop", "train an experiment's stages (resumes from WORKDIR by default)"),
-    "feedback": ("starling_jax.stages.loop", "AI feedback: sample K replies per prompt, rank them with a judge, write "
-                                            "Nectar rows (an experiment's feedback stages)"),
+    "run": ("starling_jax.commands.train", "run all stages of an experiment end to end and print its summary"),
+    "train": ("starling_jax.commands.train", "train an experiment's stages (resumes from WORKDIR by default)"),
+    "feedback": ("starling_jax.commands.train", "AI feedback: sample K replies per prompt, rank them with a judge, "
+                                                "write Nectar rows (an experiment's feedback stages)"),
     "eval": ("starling_jax.commands.eval.cli", "MT-Bench/AlpacaEval answers (policy), RM-judged win rates "
                                                "(compare), RewardBench (rm), ranking metrics of an experiment's RM"),
     "generate": ("starling_jax.commands.chat", "generate replies to prompts with a checkpoint"),
@@ -30,7 +30,8 @@ COMMANDS = {
     "plan": ("starling_jax.commands.plan", "per-device memory and FLOPs of an experiment on a mesh, without hardware"),
     "convert": ("starling_jax.commands.convert",
                 "convert between a Hugging Face directory and a starling_jax checkpoint"),
-    "study": ("starling_jax.commands.study.runner", "run a study (arms x seeds) resumably and aggregate it with intervals"),
+    "study": ("starling_jax.commands.study.runner",
+              "run a study (arms x seeds) resumably and aggregate it with intervals"),
 }
 
 

@@ -10,6 +10,10 @@ Names: "openchat-3.5" (Mistral's SentencePiece model from mistral-common plus <|
 <|pad_0|> = 32001; eos = pad = end_of_turn = 32000, vocab 32002) and "mistral-7b-v0.1" (the bare model, vocab 32000,
 pad = unk = 0). Any path to a SentencePiece .model, an HF tokenizer.json, or a directory holding one of them (its
 added_tokens.json / tokenizer_config.json name extra special tokens and bos/eos/pad).
+
+Why this file is long (~420 lines): two backends (SentencePiece, HF tokenizers) behind one Tokenizer whose
+special-token splitting and chat encoding must match the reference tokenizers exactly, plus writing them back for an
+HF export; the parts share the special-token table.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ its segment), and query i sees key j iff j is a real token of the same segment, 
 pos_i - pos_j < sliding_window (HF's rule i - window < j <= i). So a left-padded row gives the same values on its real
 tokens as the unpadded sequence, packed rows (mask = segment ids 1, 2, ...) never see each other, and a KV cache (a
 rolling buffer for windowed models) needs no special casing beyond storing each slot's position.
+
+Why this file is long (~515 lines): it is the whole decoder (parameter declarations, embedding, the scanned layer,
+the KV cache, the heads), one pure function calling the next, so a model family's change reads in one place
+(docs/ARCHITECTURE.md "How to add a model family"); the attention kernels are already apart (attention_ops.py).
 """
 
 from __future__ import annotations

@@ -26,11 +26,12 @@ from typing import Optional
 import jax
 
 from starling_jax import models
-from starling_jax.config import Experiment
+from starling_jax.config import Experiment, MeshConfig
 from starling_jax.data import load_tokenizer
 from starling_jax.data.templates import jinja_template
 from starling_jax.data.tokenizer import save_hf_tokenizer
 from starling_jax.io import hf
+from starling_jax.parallel import sharding
 from starling_jax.stages.experiment import load_experiment, stages_of
 from starling_jax.step.checkpoint import load_export
 
@@ -103,6 +104,26 @@ def resolve_stage(path: str, stage: Optional[str] = None) -> StageRef:
     return StageRef(workdir=workdir, name=name, export_dir=export_dir, config=found[0])
 
 
+def load_weights(path: str, dtype: Optional[str] = None, mesh=None, rules=None):
+    """The one way to load a model from a directory: (ModelConfig, params) of a stage export (summary.json +
+    model_config.json, step.checkpoint.load_export) or a Hugging Face directory (io.hf.load). dtype: cast the
+    parameters (and the compute dtype: float32 for float32, else bfloat16) when it differs from theirs. mesh: place
+    each parameter in its shards as it is read (rules: the logical-axis rules, default MeshConfig().rules)."""
+    if not _is_export(path):
+        return hf.load(path, dtype=dtype, mesh=mesh, rules=rules)
+    shardings = None
+    if mesh is not None:
+        rules = MeshConfig().rules if rules is None else rules
+
+        def shardings(config):
+            return sharding.param_shardings(models.param_specs(config), mesh, rules)
+    config, params, _ = load_export(path, shardings)
+    if dtype is not None and dtype != config.param_dtype:
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
+    return config, params
+
+
 def _pad_for(tokenizer, stop_ids, head: str) -> int:
     """The pad id to declare. A reward model's HF class scores the last token that is not pad, so pad must never end
     a scored conversation: when the tokenizer pads with a stop token (OpenChat pads with <|end_of_turn|>), declare
@@ -123,13 +144,10 @@ def export_hf(ref: StageRef, out: str, dtype: Optional[str] = None,
     m = ref.config.model
     tokenizer = load_tokenizer(m.tokenizer)
     template = tokenizer.template(m.template)
-    config, params, _ = load_export(ref.export_dir)
+    config, params = load_weights(ref.export_dir, dtype)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"stage {ref.name}: tokenizer {m.tokenizer} has {tokenizer.vocab_size} ids but the model "
                          f"only {config.vocab_size} embedding rows")
-    if dtype is not None and dtype != config.param_dtype:
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
-        config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
     stop_ids = tokenizer.stop_ids(template)
     pad = _pad_for(tokenizer, stop_ids, config.head)
     config = config.replace(bos_token_id=tokenizer.bos_id, eos_token_id=stop_ids[0], pad_token_id=pad)

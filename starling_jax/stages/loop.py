@@ -1,4 +1,4 @@
-"""One training loop for every stage kind, and the `starling-jax train` / `starling-jax run` commands.
+"""One training loop for every stage kind (its commands, `starling-jax run | train | feedback`: commands/train.py).
 
     run_experiment(exp, workdir) -> summary      all stages in order; a finished stage (its export exists) is skipped
     train_stage(ctx) -> summary                  one stage: resume, step, log, eval, checkpoint, finish, export
@@ -19,20 +19,19 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Optional
 
 import jax
 import numpy as np
 
-from starling_jax.algorithms import registry
 from starling_jax.config import ConfigError, Experiment
 from starling_jax.files import write_json
 from starling_jax.models import param_specs
 from starling_jax.parallel import sharding
-from starling_jax.parallel.sharding import Launch, param_shardings
-from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of, to_dict, validate
+from starling_jax.parallel.sharding import param_shardings
+from starling_jax.stages.experiment import stages_of, to_dict
+from starling_jax.stages.validation import validate
 from starling_jax.stages.kinds.feedback import rows_path
 from starling_jax.stages.program import StageContext, StageExport, build_program
 from starling_jax.step.checkpoint import Checkpoints, export_done, load_export, save_export
@@ -49,7 +48,6 @@ class StageInterrupted(RuntimeError):
     """SIGTERM/SIGINT: a checkpoint was written and the run stopped; running the same command resumes it."""
 
 
-EXIT_INTERRUPTED = 128 + signal.SIGTERM  # the shell's convention for "terminated by SIGTERM"
 
 
 class _StopFlag:
@@ -329,113 +327,3 @@ def run_experiment(exp: Experiment, workdir: str, only_stage: Optional[str] = No
 
 def _write_json(path: str, obj) -> None:
     write_json(path, obj, indent=1, default=float)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line.
-
-def _add_common(parser) -> None:
-    parser.add_argument("experiment", help="experiments/NAME.py, a bare NAME, or a saved config.json")
-    parser.add_argument("--workdir", default=None, help="output directory (default: runs/<experiment name>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.steps=10 --set stages.rm.optim.learning_rate=1e-5")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and exports (start over)")
-    group = parser.add_argument_group(
-        "multi-process runs", "start one process per host (or per accelerator) with the same command and WORKDIR; "
-        "unset flags come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or a cluster JAX detects "
-        "(SLURM, Cloud TPU); see docs/SHARDING.md")
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="process 0's address for the coordination service (implies a multi-process run)")
-    group.add_argument("--num-processes", type=int, default=None, metavar="N")
-    group.add_argument("--process-id", type=int, default=None, metavar="I")
-    group.add_argument("--init-timeout", type=int, default=300, metavar="S",
-                       help="seconds to wait for every process to join (default 300)")
-    group.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
-                       help="seconds after which a silent process counts as dead and the others abort (default 100)")
-
-
-def add_train_arguments(parser) -> None:
-    _add_common(parser)
-    parser.add_argument("--stage", default=None, help="train only this stage (earlier stages it uses must be done)")
-
-
-def add_run_arguments(parser) -> None:
-    _add_common(parser)
-
-
-def _launch(args):
-    return Launch(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
-                  init_timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
-
-
-def _prepare(args) -> tuple[Experiment, str]:
-    exp = load_experiment(args.experiment)
-    overrides = list(args.overrides)
-    if args.fresh:
-        overrides.append("checkpoint.resume=false")
-    exp = apply_overrides(exp, overrides)
-    return exp, args.workdir or os.path.join("runs", exp.name)
-
-
-def _guarded(fn):
-    """Exit statuses of a run that stopped on its own (diverged: 1, interrupted: EXIT_INTERRUPTED). Bad input
-    (ConfigError, a missing file, ...) is left to the guard of every command in starling_jax.commands.cli (one line, exit 2)."""
-    try:
-        return fn()
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except StageInterrupted as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def train_cli(args) -> int:
-    def go():
-        exp, workdir = _prepare(args)
-        run_experiment(exp, workdir, only_stage=args.stage, launch=_launch(args))
-        print(f"done: {workdir}", file=sys.stderr)
-        return 0
-    return _guarded(go)
-
-
-def run_cli(args) -> int:
-    def go():
-        exp, workdir = _prepare(args)
-        summaries = run_experiment(exp, workdir, launch=_launch(args))
-        if jax.process_index() == 0:
-            print(json.dumps(summaries, indent=1, default=float))
-        print(f"summary: {os.path.join(workdir, 'summary.json')}", file=sys.stderr)
-        return 0
-    return _guarded(go)
-
-
-def add_feedback_arguments(parser) -> None:
-    _add_common(parser)
-    parser.add_argument("--stage", default=None, help="the feedback stage to run (default: every feedback stage)")
-
-
-def feedback_cli(args) -> int:
-    """Run the experiment's feedback stage(s) (stages/kinds/feedback.py) and print their summaries: the Nectar rows
-    written, judge counts and where the rows are."""
-    def go():
-        exp, workdir = _prepare(args)
-        stages = [n for n, c in stages_of(exp) if registry.ALGORITHMS.get(c.objective.name) is not None
-                  and registry.ALGORITHMS[c.objective.name].kind == "feedback"]
-        if args.stage is not None and args.stage not in stages:
-            raise ConfigError(f"--stage {args.stage}: not a feedback stage of {exp.name!r} (feedback stages: "
-                              f"{', '.join(stages) or 'none'})")
-        if not stages:
-            raise ConfigError(f"experiment {exp.name!r} has no feedback stage (a stage with objective.name="
-                              f"'feedback')")
-        summaries = {}
-        for name in [args.stage] if args.stage else stages:
-            summaries[name] = run_experiment(exp, workdir, only_stage=name, launch=_launch(args))[name]
-        if jax.process_index() == 0:
-            print(json.dumps(summaries, indent=1, default=float))
-        return 0
-    return _guarded(go)
-
-
-add_arguments = add_train_arguments
-cli = train_cli

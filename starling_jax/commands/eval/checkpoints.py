@@ -13,15 +13,10 @@ import json
 import os
 from typing import Any, Optional
 
-from starling_jax import models
-from starling_jax.config import MeshConfig
 from starling_jax.data import get_template, load_tokenizer
 from starling_jax.data.templates import TEMPLATES, jinja_template
 from starling_jax.errors import InputError
-from starling_jax.io import hf
-from starling_jax.parallel import sharding
 from starling_jax.stages import export as export_lib
-from starling_jax.step.checkpoint import load_export
 
 
 @dataclasses.dataclass
@@ -87,15 +82,8 @@ def load_checkpoint(path: str, *, stage: Optional[str] = None, tokenizer: Option
 
     if not os.path.exists(path):
         raise InputError(f"checkpoint {path}: does not exist")
-    shardings = None
-    if mesh is not None:
-        rules = MeshConfig().rules if rules is None else rules
-
-        def shardings(config):
-            return sharding.param_shardings(models.param_specs(config), mesh, rules)
-
     if os.path.isdir(path) and _is_hf_dir(path):
-        config, params = hf.load(path, dtype=dtype, mesh=mesh, rules=rules)
+        config, params = export_lib.load_weights(path, dtype=dtype, mesh=mesh, rules=rules)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tok_name = tokenizer or (path if has_tok else None)
         if tok_name is None:
@@ -104,11 +92,7 @@ def load_checkpoint(path: str, *, stage: Optional[str] = None, tokenizer: Option
         name = os.path.basename(os.path.normpath(path))
     elif export_lib.is_stage_source(path):
         ref = export_lib.resolve_stage(path, stage)
-        config, params, _ = load_export(ref.export_dir, shardings)
-        if dtype is not None and dtype != config.param_dtype:
-            import jax
-            params = jax.tree.map(lambda a: a.astype(dtype), params)
-            config = config.replace(param_dtype=dtype, dtype="float32" if dtype == "float32" else "bfloat16")
+        config, params = export_lib.load_weights(ref.export_dir, dtype=dtype, mesh=mesh, rules=rules)
         tok_name = tokenizer or ref.config.model.tokenizer
         tmpl_name = template or ref.config.model.template
         name = f"{os.path.basename(ref.workdir)}-{ref.name}"

@@ -43,13 +43,11 @@ from starling_jax.config import ConfigError, DataConfig, Experiment, MeshConfig,
 from starling_jax.data import load_tokenizer, pipelines
 from starling_jax.data.templates import TEMPLATES
 from starling_jax.errors import InputError
-from starling_jax.io import hf
 from starling_jax.metrics import stats
 from starling_jax.metrics.ranking import RankingAccumulator, score_groups
 from starling_jax.parallel import sharding
 from starling_jax.stages import export as export_lib
 from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
-from starling_jax.step.checkpoint import load_export
 
 
 SUBCOMMANDS = ("policy", "compare", "rm")
@@ -115,10 +113,7 @@ def pick_stage(exp: Experiment, stage: Optional[str]) -> tuple[str, Experiment]:
 
 def load_reward_model(directory: str):
     """(ModelConfig, params) from an export directory or a Hugging Face directory."""
-    if os.path.isfile(os.path.join(directory, "model_config.json")):
-        config, params, _ = load_export(directory)
-    else:
-        config, params = hf.load(directory)
+    config, params = export_lib.load_weights(directory)
     if config.head != "score" or "score" not in params:
         raise ValueError(f"{directory}: not a reward model (head {config.head!r}; a reward model has a 'score' head)")
     return config, params

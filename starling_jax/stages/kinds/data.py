@@ -12,13 +12,11 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from starling_jax import models
 from starling_jax.algorithms import registry
 from starling_jax.config import Experiment
-from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.data import formats, load_tokenizer, pipelines
 from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
 from starling_jax.models import ModelConfig, Params
 from starling_jax.parallel import sharding
@@ -150,7 +148,7 @@ class DataStage:
     def heldout(self, num_batches: Optional[int], rows=None) -> list:
         """The first num_batches (None: all) evaluation batches of `rows` (default: the held-out split), in order.
         They keep the training batch shape (and shardings): the last one is completed with padding rows that weigh
-        nothing in the objective and its metrics (data.pipelines.padding_example), so every row is evaluated once."""
+        nothing in the objective and its metrics (data.formats.padding_example), so every row is evaluated once."""
         rows = self.splits.heldout if rows is None else rows
         if not rows:
             return []
@@ -224,7 +222,7 @@ def build_data_stage(ctx: StageContext) -> StageProgram:
 def check_data(c, algorithm, earlier: dict) -> list[tuple[str, str]]:
     """A data kind's checks of a stage config (validation runs them): the rows must hold the answers its batch
     format needs (a ranking or a pair needs 2)."""
-    need = pipelines.get_format(algorithm.kind).min_responses
+    need = formats.get_format(algorithm.kind).min_responses
     if c.data.max_responses < need:
         return [("data.max_responses", f"a ranking needs at least {need} responses, got {c.data.max_responses}")]
     return []
@@ -232,7 +230,7 @@ def check_data(c, algorithm, earlier: dict) -> list[tuple[str, str]]:
 
 def register_data_kind(name: str, check=None) -> None:
     """Register stage kind `name` as a data kind: the DataStage program over the batch format registered under the
-    same name (data.pipelines.register_format); its algorithm says the head, loss and reference copy. check(config,
+    same name (data.formats.register_format); its algorithm says the head, loss and reference copy. check(config,
     algorithm, earlier) -> [(field, message)]: the kind's own config checks, after check_data's."""
     def check_kind(c, algorithm, earlier):
         return check_data(c, algorithm, earlier) + (check(c, algorithm, earlier) if check else [])

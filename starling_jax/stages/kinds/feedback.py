@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import random
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np

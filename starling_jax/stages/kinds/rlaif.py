@@ -16,6 +16,11 @@ One RL step (one call of the loop's step) is one chunk of rollouts and its optim
 What an RL algorithm registers (starling_jax/algorithms/registry.py, kind="rl"): `loss(out, batch, objective)`, and
 optionally `advantages`, `critic=False` and `group_size`. Trees: see starling_jax.step.hydra (trainable =
 {"policy", "critic"}, frozen = {"trunk", "reference"}).
+
+Why this file is long (~630 lines): it is the whole rl kind, as data.py is the data kinds: the jitted math
+(experience, loss, the minibatch update), the setup training and the planner share, the config check and the stage
+program. The seam to cut when it grows is the jitted math (make_experience .. build_rl_functions) into a module of
+its own.
 """
 
 from __future__ import annotations

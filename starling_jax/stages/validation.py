@@ -1,0 +1,182 @@
+"""Validation of an experiment before anything compiles: every field against its type (experiment.check_types),
+the checks every stage gets (sizes, lengths, the mesh, data sources, model sections), then each stage kind's own
+check hook (stages/program.py StageKind.check) and its algorithm's; one ConfigError lists every problem.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from starling_jax.algorithms import registry
+from starling_jax.config import ConfigError, Experiment, MeshConfig
+from starling_jax.data import tasks, templates, tokenizer
+from starling_jax.errors import did_you_mean
+from starling_jax.io import hub
+from starling_jax.stages.experiment import check_types, stages_of
+from starling_jax.stages.program import STAGE_KINDS
+
+
+def mesh_data_parallelism(mesh: MeshConfig, num_devices: Optional[int]) -> Optional[int]:
+    """data * fsdp, the number of ways a batch is split; None when fsdp = -1 and the device count is unknown."""
+    fsdp = mesh.fsdp
+    if fsdp == -1:
+        if num_devices is None:
+            return None
+        fsdp = max(num_devices // max(mesh.data * mesh.tensor, 1), 1)
+    return mesh.data * fsdp
+
+
+def _known_templates() -> tuple[str, ...]:
+    return tuple(templates.TEMPLATES)
+
+
+def _known_tokenizers() -> tuple[str, ...]:
+    """The names data.load_tokenizer knows besides paths."""
+    return tuple(tokenizer.KNOWN_TOKENIZERS)
+
+
+def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: dict, problems: list) -> None:
+    def bad(field, msg):
+        problems.append(f"stage {name!r}: {field}: {msg}")
+
+    obj = c.objective.name
+    algorithm = registry.ALGORITHMS.get(obj)
+    if algorithm is None:
+        bad("objective.name", f"unknown objective {obj!r}; {did_you_mean(obj, registry.names())}")
+    kind = algorithm.kind if algorithm else None
+    t, o, d, m = c.train, c.optim, c.data, c.model
+    for field, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                         ("train.grad_accum", t.grad_accum),
+                         ("data.max_length", d.max_length), ("data.max_prompt_length", d.max_prompt_length),
+                         ("logging.every", c.logging.every), ("checkpoint.keep", c.checkpoint.keep),
+                         ("train.eval_batches", t.eval_batches)):
+        if value < 1:
+            bad(field, f"must be >= 1, got {value}")
+    for field, value in (("train.eval_every", t.eval_every), ("checkpoint.every", c.checkpoint.every),
+                         ("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay)):
+        if value < 0:
+            bad(field, f"must be >= 0, got {value}")
+    if t.grad_accum >= 1 and t.batch_size % t.grad_accum:
+        bad("train.batch_size", f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    ways = mesh_data_parallelism(c.mesh, num_devices)
+    if ways and t.grad_accum >= 1 and (t.batch_size // max(t.grad_accum, 1)) % ways:
+        bad("train.batch_size", f"the micro-batch {t.batch_size}/{t.grad_accum} is not divisible by the mesh's "
+            f"data*fsdp = {ways} devices")
+    if num_devices is not None and c.mesh.fsdp != -1:
+        need = c.mesh.data * c.mesh.fsdp * c.mesh.tensor
+        if need != num_devices:
+            bad("mesh", f"data*fsdp*tensor = {need} but {num_devices} devices are available")
+    if d.max_prompt_length >= d.max_length:
+        bad("data.max_prompt_length", f"{d.max_prompt_length} must be < data.max_length={d.max_length}")
+    if d.max_length > m.config.max_seq_len:
+        bad("data.max_length", f"{d.max_length} exceeds model.config.max_seq_len={m.config.max_seq_len}")
+    if not 0 <= d.heldout_fraction < 1:
+        bad("data.heldout_fraction", f"must be in [0, 1), got {d.heldout_fraction}")
+    if not 0 <= d.tuning_fraction < 1 or d.heldout_fraction + d.tuning_fraction >= 1:
+        bad("data.tuning_fraction", f"must be in [0, 1) with heldout_fraction + tuning_fraction < 1, got "
+            f"{d.tuning_fraction}")
+    if d.report_rows and d.source != "synthetic":
+        bad("data.report_rows", "needs data.source='synthetic' (it generates synthetic reporting rows)")
+    elif d.report_rows < 0:
+        bad("data.report_rows", f"must be >= 0, got {d.report_rows}")
+    elif d.report_rows and (d.heldout_fraction or d.unseen_templates):
+        bad("data.report_rows", f"generates the held-out and unseen splits itself: set data.heldout_fraction=0 and "
+            f"data.unseen_templates=0 (got {d.heldout_fraction} and {d.unseen_templates})")
+    if d.unseen_templates and d.source != "synthetic":
+        bad("data.unseen_templates", "needs data.source='synthetic' (it names synthetic prompt templates)")
+    elif not 0 <= d.unseen_templates < 8:
+        bad("data.unseen_templates", f"must be in [0, 7] (synthetic has 8 prompt templates), got {d.unseen_templates}")
+    if d.source.startswith("task:"):
+        try:
+            tasks.get(d.source)
+        except ValueError as e:
+            bad("data.source", str(e))
+    elif d.source.startswith("stage:"):
+        ref = d.source[len("stage:"):]
+        source = STAGE_KINDS.get(earlier[ref].kind) if earlier.get(ref) is not None else None
+        if source is None or not source.writes_rows:
+            bad("data.source", f"{d.source!r} does not name an earlier feedback stage (earlier: "
+                f"{', '.join(earlier) or 'none'})")
+    elif d.source != "synthetic" and not os.path.exists(d.source) and "://" not in d.source:
+        bad("data.source", f"{d.source!r} is neither 'synthetic', 'task:NAME', 'stage:NAME' nor an existing path")
+    if o.learning_rate <= 0:
+        bad("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        bad("optim.grad_clip", f"must be > 0 or None, got {o.grad_clip}")
+    if not 0 <= m.trainable_top_layers <= m.config.num_layers:
+        bad("model.trainable_top_layers", f"{m.trainable_top_layers} is not in [0, {m.config.num_layers}]")
+    ob = c.objective
+    if ob.value_head == "layers" and not 1 <= ob.value_head_layers <= m.config.num_layers:
+        bad("objective.value_head_layers", f"{ob.value_head_layers} is not in [1, {m.config.num_layers}] (the critic "
+            f"value_head='layers' copies that many top layers)")
+    elif ob.value_head != "layers" and ob.value_head_layers != 0:
+        bad("objective.value_head_layers", f"{ob.value_head_layers} is only read with value_head='layers' (got "
+            f"value_head={ob.value_head!r}); leave it 0")
+    want_head = algorithm.head if algorithm else "lm"
+    if kind and m.path is None and m.config.head != want_head:
+        bad("model.config.head", f"objective {obj!r} trains a {want_head!r} head but the model has head="
+            f"{m.config.head!r} (set model.config.head={want_head})")
+    templates, tokenizers = _known_templates(), _known_tokenizers()
+    stage_kind = STAGE_KINDS.get(kind)
+    # the reward_model section is shared by the experiment but only read by the kinds that say so
+    sections = [(s, getattr(c, s)) for s in (stage_kind.reads if stage_kind else ("model",)) if getattr(c, s)]
+    for sec_name, sec in sections:
+        if templates and sec.template != "auto" and sec.template not in templates:
+            bad(f"{sec_name}.template",
+                f"unknown chat template {sec.template!r}; {did_you_mean(sec.template, templates)}")
+        if (tokenizers and sec.tokenizer not in tokenizers and not os.path.exists(sec.tokenizer)
+                and not sec.tokenizer.startswith("hf:")):
+            bad(f"{sec_name}.tokenizer", f"{sec.tokenizer!r} is neither a known tokenizer "
+                f"({', '.join(tokenizers)}) nor an existing path")
+        path = sec.path
+        if path is not None and path.startswith("stage:"):
+            ref = path[len("stage:"):]
+            if ref not in earlier:
+                bad(f"{sec_name}.path", f"{path!r} does not name an earlier stage (earlier: "
+                    f"{', '.join(earlier) or 'none'})")
+            elif sec_name == "reward_model" and (earlier[ref] is None or earlier[ref].head != "score"):
+                bad("reward_model.path", f"{path!r} is a {earlier[ref].kind if earlier[ref] else '?'!r} stage, "
+                    f"not a reward-model (rm) stage")
+        elif path is not None and path.startswith("hf:"):
+            try:
+                hub.parse(path)
+            except hub.HubError as e:
+                bad(f"{sec_name}.path", str(e))
+        elif path is not None and not os.path.exists(path):
+            bad(f"{sec_name}.path", f"{path!r} does not exist (a Hugging Face directory, 'hf:ORG/NAME[@REV]' or "
+                f"'stage:NAME')")
+    if stage_kind is not None and stage_kind.check is not None:
+        for field, msg in stage_kind.check(c, algorithm, earlier):
+            bad(field, msg)
+
+
+def validate(exp: Experiment, num_devices: Optional[int] = None) -> Experiment:
+    """Check the whole experiment before anything compiles; raise one ConfigError listing every problem.
+    num_devices (if known) resolves mesh.fsdp = -1 and checks that the mesh matches the devices."""
+    problems: list[str] = []
+    try:
+        check_types(exp)
+    except ConfigError as e:
+        problems.append(str(e))
+    if not exp.name:
+        problems.append("name: must not be empty")
+    m = exp.mesh
+    for field in ("data", "tensor"):
+        if getattr(m, field) < 1:
+            problems.append(f"mesh.{field}: must be >= 1, got {getattr(m, field)}")
+    if m.fsdp < 1 and m.fsdp != -1:
+        problems.append(f"mesh.fsdp: must be >= 1 or -1 (the remaining devices), got {m.fsdp}")
+    names = [s.name for s in exp.stages]
+    for n in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"stages: the name {n!r} is used {names.count(n)} times; stage names must be unique")
+    for s in exp.stages:
+        if not s.name or "/" in s.name or s.name.startswith("."):
+            problems.append(f"stages: bad stage name {s.name!r} (it names a directory under WORKDIR)")
+    earlier: dict[str, Optional[registry.Algorithm]] = {}
+    for name, cfg in stages_of(exp):
+        _check_stage(name, cfg, num_devices, earlier, problems)
+        earlier[name] = registry.ALGORITHMS.get(cfg.objective.name)
+    if problems:
+        raise ConfigError(f"experiment {exp.name!r} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return exp
