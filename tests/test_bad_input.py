@@ -227,10 +227,22 @@ CASES = [
          r"hf_score: this is a reward model \(head 'score'\); generation needs a language model"),
     Case("generate on a run whose export's model_config.json is damaged",
          lambda f: ["generate", _damaged_export(f, "config"), "--prompt", "hi"], 2,
-         r"run_config/sft/export/model_config\.json: damaged .*run the stage again"),
-    Case("generate on a run whose exported parameters are damaged",
+         r"run_config/sft/export/model_config\.json: 7 bytes, \d+ when it was written \(damaged\); .*run the stage "
+         r"again"),
+    Case("generate on a run whose exported parameters are cut short",
          lambda f: ["generate", _damaged_export(f, "params"), "--prompt", "hi"], 2,
-         r"run_params/sft/export/params: the exported parameters cannot be read .*run the stage again"),
+         r"run_params/sft/export/params/d/[0-9a-f]+: 10 bytes, \d+ when it was written \(damaged\).*run the stage "
+         r"again"),
+    Case("generate on a run whose exported parameters have bytes flipped (same length)",
+         lambda f: ["generate", _damaged_export(f, "flipped"), "--prompt", "hi"], 2,
+         r"run_flipped/sft/export/params/d/[0-9a-f]+: crc32 [0-9a-f]{8} differs .* the stage export .*run the stage "
+         r"again"),
+    Case("generate on an export without digests whose model_config.json is damaged",
+         lambda f: ["generate", _damaged_export(f, "config", with_digests=False), "--prompt", "hi"], 2,
+         r"run_config_legacy/sft/export/model_config\.json: damaged .*run the stage again"),
+    Case("generate on an export without digests whose parameters are cut short",
+         lambda f: ["generate", _damaged_export(f, "params", with_digests=False), "--prompt", "hi"], 2,
+         r"run_params_legacy/sft/export/params: the exported parameters cannot be read .*run the stage again"),
     Case("generate with a damaged tokenizer.json",
          lambda f: ["generate", _with_file(f, "tokenizer.json", '{"version": "1.0", "trunc'), "--prompt", "hi"], 2,
          r"hf_tokenizer\.json/tokenizer\.json: cannot read this tokenizer\.json"),
@@ -257,6 +269,9 @@ CASES = [
          r"missing: not a directory"),
     Case("convert from a truncated safetensors", lambda f: ["convert", f.damaged_hf("truncated"), f.path("out")], 2,
          r"hf_truncated/model\.safetensors: corrupt or truncated safetensors"),
+    Case("convert from a converted directory whose safetensors has bytes flipped (same length)",
+         lambda f: ["convert", _flipped_conversion(f), f.path("out")], 2,
+         r"converted/model\.safetensors: crc32 [0-9a-f]{8} differs .*re-convert or re-copy the directory"),
     Case("convert from a .bin-only directory", lambda f: ["convert", f.damaged_hf("bin_only"), f.path("out")], 2,
          r"only pickled checkpoints"),
     Case("convert into a non-empty directory",
@@ -359,26 +374,47 @@ def _with_file(f: Files, name: str, content, with_sp_model: bool = False) -> str
     return d
 
 
-def _damaged_export(f: Files, what: str) -> str:
-    """A WORKDIR with a finished sft stage export (tiny, random) whose model_config.json is truncated ("config") or
-    whose parameter files are cut to 10 bytes ("params")."""
+def _flipped_conversion(f: Files) -> str:
+    """What `convert preset:tiny` writes (with digests.json), then 64 bytes in the middle of its safetensors flipped."""
+    out = f.path("converted")
+    assert cli.main(["convert", "preset:tiny", out]) == 0
+    st = os.path.join(out, "model.safetensors")
+    with open(st, "r+b") as fh:
+        fh.seek(os.path.getsize(st) // 2)
+        fh.write(b"\xff" * 64)
+    return out
+
+
+def _damaged_export(f: Files, what: str, with_digests: bool = True) -> str:
+    """A WORKDIR with a finished sft stage export (tiny, random) whose model_config.json is truncated ("config"),
+    whose parameter files are cut to 10 bytes ("params") or have bytes flipped in place ("flipped"). with_digests
+    False: the export's digests.json removed (an export made before exports carried digests)."""
     import jax
     import numpy as np
 
     from starling_jax import models
+    from starling_jax.digests import MANIFEST
     from starling_jax.step.checkpoint import save_export
-    run = f.path(f"run_{what}")
+    run = f.path(f"run_{what}" + ("" if with_digests else "_legacy"))
     export = Path(run, "sft", "export")
     config = models.get_preset("tiny")
     shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))  # no compilation
-    save_export(str(export), config, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), {"stage": "sft"})
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (0.02 * rng.standard_normal(a.shape)).astype(a.dtype), shapes)
+    save_export(str(export), config, params, {"stage": "sft"})
+    if not with_digests:
+        os.remove(export / MANIFEST)
     if what == "config":
         (export / "model_config.json").write_text('{"vocab')
     else:
         for p in (export / "params").rglob("*"):
             if p.is_file() and p.parent.name == "d":  # the array data files (orbax OCDBT)
                 with open(p, "r+b") as fh:
-                    fh.truncate(10)
+                    if what == "params":
+                        fh.truncate(10)
+                    else:
+                        fh.seek(os.path.getsize(p) // 2)
+                        fh.write(b"\xff" * 64)
     return run
 
 
@@ -399,7 +435,9 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
     assert "Traceback" not in out + err
     assert status == case.status, err
     assert re.search(case.pattern, err), f"stderr {err!r} does not match {case.pattern!r}"
-    assert err.startswith("error: ") or re.search(r"^usage: .*\nstarling-jax \w+: error: ", err, re.S), err
+    # the one line; for an export made before exports carried digests, after the line saying it loads unverified
+    assert (re.match(r"(stage export \S+ has no digests\.json .* loading it unverified\n)?error: ", err)
+            or re.search(r"^usage: .*\nstarling-jax \w+: error: ", err, re.S)), err
 
 
 def test_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypatch):
@@ -444,7 +482,7 @@ def test_convert_overwrite_replaces_the_model_files(tmp_path, capsys):
     assert cli.main(["convert", source, str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "config.json").read_text() == "{}"
     assert cli.main(["convert", source, str(out), "--overwrite"]) == 0
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "digests.json", "model.safetensors"]
     config, _ = hf.load(str(out))
     assert config.hidden_size == 64
 

@@ -205,6 +205,28 @@ def test_skip_mode_skips_and_counts_undecodable_lines(tmp_path):
         read_rows(str(tmp_path / "n.jsonl"))
 
 
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.jsonl.gz", "bom.json"])
+def test_a_utf8_byte_order_mark_is_read_like_utf_8_sig(tmp_path, name):
+    """A file saved with a UTF-8 BOM (Windows editors, some exporters) gives the same rows as without one, in both
+    modes: the rows Python's "utf-8-sig" decoding gives; a BOM later in the file is still a bad line."""
+    import gzip
+    rows = [row(prompt=f"\n\nHuman: q{i} café\n\nAssistant: ") for i in range(3)]
+    text = json.dumps(rows) if name.endswith(".json") else _jsonl(rows).decode()
+    data = ("\ufeff" + text).encode("utf-8")
+    assert data.startswith(b"\xef\xbb\xbf")
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    expected = [json.loads(line) for line in data.decode("utf-8-sig").splitlines()] if "jsonl" in name else \
+        json.loads(data.decode("utf-8-sig"))
+    for mode in ("error", "skip"):
+        kept, report = read_rows(str(tmp_path / name), on_bad_row=mode)
+        assert [r["messages"][0]["content"] for r in kept] == [f"q{i} café" for i in range(3)]
+        assert report.rows_read == report.rows_kept == len(expected) == 3 and not report.skipped
+    if name == "bom.jsonl":
+        (tmp_path / name).write_bytes(data + "\ufeff".encode() + _jsonl(rows[:1]))
+        with pytest.raises(NectarError, match=r"bom\.jsonl: line 4: not valid JSON"):
+            read_rows(str(tmp_path / name))
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("zero.json", b"", r"zero\.json: empty file"),
     ("cut.json", b'[{"prompt": ', r"cut\.json: invalid JSON at line 1"),

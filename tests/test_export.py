@@ -127,6 +127,15 @@ def test_openchat_reward_model_declares_a_pad_that_never_ends_a_conversation():
     assert export._pad_for(tok, stop, "score") == 32001 and export._pad_for(tok, stop, "lm") == 32000
 
 
+def test_a_converted_stage_carries_the_digests_of_every_file(policy_dir, rm_dir):
+    from starling_jax import digests
+    for d in (policy_dir, rm_dir):
+        listed = digests.read_manifest(d)
+        assert set(listed) == set(os.listdir(d)) - {digests.MANIFEST}
+        assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(listed)
+        assert digests.verify(d)
+
+
 def test_workdir_source_picks_the_last_finished_stage(run):
     assert export.resolve_stage(run).name == "policy"
     assert export.resolve_stage(run, "sft").name == "sft"

@@ -1,6 +1,7 @@
 """The training loop's reliability: SIGKILL + resume reproduces the uninterrupted losses exactly, SIGTERM writes a
 checkpoint and exits cleanly, a NaN loss stops the run with the last good checkpoint intact, a corrupted latest
-checkpoint falls back to the previous one. A tiny reward model on a small synthetic set keeps each run to seconds."""
+checkpoint (cut short, or bytes flipped in place) falls back to the previous one. A tiny reward model on a small
+synthetic set keeps each run to seconds."""
 
 import json
 import os
@@ -167,6 +168,33 @@ def test_nan_loss_stops_with_last_good_checkpoint(env, tmp_path):
     state = ckpts.restore(last, None).state  # raw arrays as saved
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     assert not (tmp_path / "rm" / "export").exists()
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_match(reference, env, tmp_path):
+    """4 KiB of the newest checkpoint's largest file overwritten in place (same length: orbax would restore it
+    without a word, tests/test_digests.py shows): the digests catch it, one warning names the file, the checkpoint is
+    moved aside and the run resumes from the previous one, reproducing the uninterrupted losses."""
+    workdir = tmp_path / "flipped"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "rm" / "export")  # unfinish the stage
+    os.remove(workdir / "summary.json")
+    newest = workdir / "rm" / "checkpoints" / "24"
+    largest = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    size = largest.stat().st_size
+    with open(largest, "r+b") as f:
+        f.seek(max(0, size // 2 - 2048))
+        block = f.read(4096)
+        f.seek(max(0, size // 2 - 2048))
+        f.write(bytes(b ^ 0xFF for b in block))
+    assert largest.stat().st_size == size
+    rc, err = train(workdir, env)
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if "could not be restored" in line]
+    assert len(warned) == 1 and f"checkpoints/24/{largest.relative_to(newest)}: crc32" in warned[0], err
+    assert "falling back to the previous checkpoint" in warned[0]
+    assert err.split("resumed from ")[1].split()[0].endswith("checkpoints/18")
+    assert [p.name.split(".")[0] for p in (workdir / "rm" / "checkpoints_corrupt").iterdir()] == ["24"]
+    assert losses(workdir) == losses(reference)  # steps 19..24 recomputed from checkpoint 18, identically
 
 
 def test_corrupted_latest_checkpoint_falls_back(reference, env, tmp_path):

@@ -281,3 +281,57 @@ def test_group_objectives_across_processes_match_one_process(group_runs):
     states = [json.loads((two / "grpo" / "process_state" / f"{i}.json").read_text()) for i in range(2)]
     assert states[0] == states[1] and states[0]["chunk"] == 2
     assert states[0]["kl_coef"] != 0.05  # the adaptive controller moved, from every row of the chunks
+
+
+CHECKPOINT_SCRIPT = str(REPO / "tests" / "multiprocess_checkpoint.py")
+
+
+def checkpoint_pair(directory, phase, cache) -> list[tuple[int, str, str]]:
+    """Both processes of tests/multiprocess_checkpoint.py DIR PHASE: [(exit status, stdout, stderr)]."""
+    port = free_port()
+    procs, files = [], []
+    try:
+        for i in range(2):
+            env = base_env(cache, 2)
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+            out, err = (Path(directory).parent / f"{phase}.p{i}.{s}" for s in ("out", "err"))
+            files.append((out, err))
+            with open(out, "wb") as o, open(err, "wb") as e:
+                procs.append(subprocess.Popen([sys.executable, CHECKPOINT_SCRIPT, str(directory), phase], stdout=o,
+                                              stderr=e, cwd=REPO, env=env, start_new_session=True))
+        deadline = time.time() + RUN_TIMEOUT_S
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [(p.returncode, o.read_text(errors="replace"), e.read_text(errors="replace"))
+            for p, (o, e) in zip(procs, files)]
+
+
+def test_each_process_verifies_its_shards_and_all_fall_back_together(tmp_path, cache):
+    """Bytes flipped (same length) in a shard only process 1 wrote and verifies: process 1 finds it, both processes
+    agree, set checkpoint 2 aside and restore checkpoint 1; process 0 says so once, naming the file."""
+    directory = tmp_path / "checkpoints"
+    saved = checkpoint_pair(directory, "save", cache)
+    assert [rc for rc, _, _ in saved] == [0, 0], saved
+    own = [f for f in (directory / "2" / "state" / "ocdbt.process_1").rglob("*") if f.is_file()]
+    shard = max(own, key=lambda f: f.stat().st_size)
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.seek(max(0, size // 2 - 2048))
+        block = f.read(4096)
+        f.seek(max(0, size // 2 - 2048))
+        f.write(bytes(b ^ 0xFF for b in block))
+    restored = checkpoint_pair(directory, "restore", cache)
+    assert [rc for rc, _, _ in restored] == [0, 0], restored
+    reports = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in restored]
+    assert [r["process"] for r in reports] == [0, 1]
+    for r in reports:
+        assert r["step"] == 1 and r["data_state"] == {"step": 1} and r["matches_saved"] and r["steps_left"] == [1], r
+    warned = [[line for line in err.splitlines() if "could not be restored" in line] for _, _, err in restored]
+    assert len(warned[0]) == 1 and not warned[1], warned
+    assert f"(found by process 1) {shard}: crc32" in warned[0][0] and "falling back to the previous" in warned[0][0]
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["2"]

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+from starling_jax import digests
 from starling_jax.data import load_tokenizer
 from starling_jax.errors import InputError
 from starling_jax.generation import sampling
@@ -58,8 +59,11 @@ def _export_dir(path: str, stage: Optional[str]) -> Optional[str]:
         d = os.path.join(path, name, "export")
         if is_export(d):
             try:
+                digests.verify(d, select=lambda rel: rel == "model_config.json")  # load_export checks the rest
                 with open(os.path.join(d, "model_config.json"), encoding="utf-8") as f:
                     head = json.load(f).get("head", "lm")
+            except digests.DigestMismatch as e:
+                raise InputError(f"{e}; delete {d} and run the stage again") from None
             except (ValueError, AttributeError) as e:
                 raise InputError(f"{d}/model_config.json: damaged ({e}); delete {d} and run the stage again") from None
             if head == "lm":

@@ -40,12 +40,25 @@ def _debug_flag(parser, default) -> None:
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to sys.stderr as it is when a line is logged (main() called again in one process, as tests
+    and notebooks do, may find it replaced since the first call)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """The package's log lines (logging.getLogger("starling_jax.*")) go to stderr as plain messages; other libraries'
     loggers (absl/orbax, jax) keep their own settings."""
     logger = logging.getLogger("starling_jax")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)

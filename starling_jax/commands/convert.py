@@ -1,5 +1,7 @@
 """`starling-jax convert SOURCE OUTPUT`: a Hugging Face directory, a preset (random init) or a trained run's stage ->
-a Hugging Face safetensors directory (the library side is io/hf.py load/save and stages/export.py)."""
+a Hugging Face safetensors directory (the library side is io/hf.py load/save and stages/export.py). The output ends
+with digests.json, the size and CRC-32 of every file written (starling_jax.digests), which hf.load checks before
+reading the directory: a copy damaged later is an error naming the file, not a silent load."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 
 import jax
 
-from starling_jax import models
+from starling_jax import digests, models
 from starling_jax.errors import InputError
 from starling_jax.io import gguf, hf
 from starling_jax.stages import export
@@ -33,7 +35,8 @@ def add_convert_arguments(parser) -> None:
 
 def check_output_dir(path: str, overwrite: bool) -> None:
     """Refuse to write into a non-empty directory (or over a file) unless `overwrite`; with `overwrite`, remove the
-    model files a previous save left there (config.json, *.safetensors, the index), so no stale shard survives."""
+    model files a previous save left there (config.json, *.safetensors, the index, digests.json), so no stale shard
+    survives."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{path}: exists and is not a directory; choose another output directory")
     if not os.path.isdir(path) or not os.listdir(path):
@@ -43,8 +46,14 @@ def check_output_dir(path: str, overwrite: bool) -> None:
                          f"{' ...' if len(os.listdir(path)) > 5 else ''}); choose an empty or new directory, or pass "
                          f"--overwrite to replace the model files in it")
     for name in os.listdir(path):
-        if name in ("config.json", hf.INDEX_FILE) or name.endswith(".safetensors"):
+        if name in ("config.json", hf.INDEX_FILE, digests.MANIFEST) or name.endswith(".safetensors"):
             os.remove(os.path.join(path, name))
+
+
+def seal(output: str, files: list[str]) -> list[str]:
+    """Write OUTPUT/digests.json over the files a conversion wrote; returns the list with the manifest added."""
+    digests.write_manifest(output, digests.digest_tree(output, files))
+    return [*files, digests.MANIFEST]
 
 
 def convert_cli(args) -> int:
@@ -58,7 +67,7 @@ def convert_cli(args) -> int:
         out = gguf.convert(args.source, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
         c = out["config"]
         print(f"wrote {args.output}: LlamaForCausalLM from GGUF ({c.num_layers} layers, width {c.hidden_size}, "
-              f"vocab {c.vocab_size}, {c.param_dtype}), {', '.join(out['files'])}")
+              f"vocab {c.vocab_size}, {c.param_dtype}), {', '.join(seal(args.output, out['files']))}")
         return 0
     if export.is_stage_source(args.source):
         ref = export.resolve_stage(args.source, args.stage)
@@ -66,7 +75,7 @@ def convert_cli(args) -> int:
         info = export.export_hf(ref, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
         print(f"wrote {args.output}: stage {info['stage']} as {info['class']}, {info['parameters']:,} parameters "
               f"({info['dtype']}), template {info['template']}, stop ids {info['stop_ids']}, "
-              f"{', '.join(info['files'])}")
+              f"{', '.join(seal(args.output, info['files']))}")
         return 0
     if args.stage:
         raise hf.HFFormatError(f"convert: --stage applies only to a run (WORKDIR) source, not {args.source}")
@@ -81,7 +90,7 @@ def convert_cli(args) -> int:
             raise SystemExit("convert: --head applies only to preset:NAME sources")
         config, params = hf.load(args.source, dtype=args.dtype)
     check_output_dir(args.output, args.overwrite)
-    files = hf.save(args.output, config, params, max_shard_bytes=int(args.max_shard_gb * 1e9))
+    files = seal(args.output, hf.save(args.output, config, params, max_shard_bytes=int(args.max_shard_gb * 1e9)))
     n = models.count_params(params)
     print(f"wrote {args.output}: {hf.HF_CLASS[(config.architecture, config.head)]}, {n:,} parameters "
           f"({config.param_dtype}), {', '.join(files)}")

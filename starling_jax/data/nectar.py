@@ -291,7 +291,7 @@ def _jsonl_rows(path: str, lines, on_bad_row: str, report: DataReport) -> list:
     try:
         for line_no, raw in enumerate(lines, 1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark starts no row
                 if not text.strip():
                     continue
                 rows.append(json.loads(text))
@@ -315,7 +315,8 @@ def read_file(path: str, on_bad_row: str = "error", report: Optional[DataReport]
 
     A JSONL line that is not UTF-8 or not JSON is a bad row: NectarError naming the file and line (on_bad_row="error")
     or skipped and counted in `report` with its reason (not_utf8, bad_json). A file that cannot be decoded at all
-    (a corrupt parquet or gzip, an empty or invalid .json) raises NectarError naming it, in either mode."""
+    (a corrupt parquet or gzip, an empty or invalid .json) raises NectarError naming it, in either mode. A UTF-8
+    byte-order mark at the start of a file is skipped (as Python's "utf-8-sig" reads it)."""
     report = report if report is not None else DataReport()
     kind = _suffix(path) or ".json"
     opener = gzip.open if kind.endswith(".gz") else open
@@ -334,7 +335,7 @@ def read_file(path: str, on_bad_row: str = "error", report: Optional[DataReport]
             data = f.read()
         if not data.strip():
             raise NectarError(f"{path}: empty file; a .json Nectar file holds a list of rows (or remove the file)")
-        data = json.loads(data.decode("utf-8"))
+        data = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise _unreadable(path, f"not UTF-8 text (byte {e.start})", e) from None
     except json.JSONDecodeError as e:

@@ -3,7 +3,9 @@
 Supported classes: MistralForCausalLM, LlamaForCausalLM and Mistral/LlamaForSequenceClassification with num_labels=1
 (score.weight becomes params["score"], config.head = "score"). config.json may be transformers 4 style (rope_theta)
 or 5 style (rope_parameters). Weights come from model.safetensors or model-0000i-of-0000n.safetensors plus
-model.safetensors.index.json; pickled checkpoints (.bin/.pt) are refused, never unpickled.
+model.safetensors.index.json; pickled checkpoints (.bin/.pt) are refused, never unpickled. A directory that carries
+digests.json (one `starling-jax convert` wrote) is checked against it before anything is read (starling_jax.digests):
+a file damaged since is an HFFormatError naming it.
 
 Loading reads one tensor at a time through safetensors' memory map, and each device's shard straight from the file
 (`jax.make_array_from_callback` reads only the slice a device needs), so host memory stays near one tensor.
@@ -29,7 +31,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from starling_jax import models
+from starling_jax import digests, models
 from starling_jax.config import MeshConfig
 from starling_jax.errors import InputError
 from starling_jax.io import hub
@@ -246,6 +248,18 @@ def _read_json(path: str):
         raise HFFormatError(f"{path}: invalid JSON: {e}") from None
 
 
+def verify_digests(path: str) -> None:
+    """Check a directory's files against its digests.json, if it has one (a directory from the Hub or transformers
+    has none, and is read as it is)."""
+    if not os.path.isdir(path):
+        return
+    try:
+        digests.verify(path)
+    except digests.DigestMismatch as e:
+        raise HFFormatError(f"{e}; re-convert or re-copy the directory (if you edited the file on purpose, delete "
+                            f"{os.path.join(path, digests.MANIFEST)})") from None
+
+
 def _check_directory(path: str) -> tuple[dict, dict[str, str]]:
     """(parsed config.json, {tensor name: safetensors file}) or a clear error."""
     if not os.path.isdir(path):
@@ -322,6 +336,7 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     """
 
     path = hub.resolve(path)  # "hf:ORG/NAME[@REV]" -> its local snapshot
+    verify_digests(path)
     hf_cfg, files = _check_directory(path)
     config = config_from_hf(hf_cfg, where=os.path.join(path, "config.json"))
     with contextlib.ExitStack() as stack:
