@@ -20,7 +20,7 @@ from starling_jax import digests, models
 from starling_jax.commands import cli
 from starling_jax.io import hf
 from starling_jax.errors import InputError
-from starling_jax.train import checkpoint
+from starling_jax.step import checkpoint
 from starling_jax.step.checkpoint import Checkpoints, load_export, save_export
 
 
