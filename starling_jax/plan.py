@@ -36,6 +36,15 @@ GiB = 1024 ** 3
 _REEXEC_GUARD = "STARLING_PLAN_REEXEC"
 
 
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU topology ("v5e:2x4", "v5p:2x2x1", ...) described by libtpu, for compiling only: no TPU
+    is needed, and this process's own backend (the CPU) stays as it is. Several processes may do this at once (libtpu
+    otherwise takes a host-wide lock file, meant for processes that drive real chips)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+
+
 def stage_setup(cfg, mesh):
     """The StageSetup (train/program.py) of stage config `cfg` on `mesh`, built by its stage kind's `setup` - the
     function the training stage builds its state and step with - from ShapeDtypeStructs of the model's params
@@ -130,6 +139,7 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
     """Plan one stage of `exp` (an Experiment) on `devices` (a list of jax devices). Returns the report dict."""
     import jax
     from starling_jax import hlo_memory, sharding
+    from starling_jax.models import attention_ops
 
     stage_name, cfg = _pick_stage(exp, stage)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(mesh_config or cfg.mesh, distributed=False))
@@ -138,7 +148,8 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
 
     t0 = time.time()
     step = parts.jit(mesh)
-    lowered = step.lower(parts.state, parts.batch)
+    with attention_ops.compiling_for(devices[0].platform):
+        lowered = step.lower(parts.state, parts.batch)
     compiled, upcasts = hlo_memory.upcast_report(lowered)
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
@@ -205,6 +216,7 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     total = params + optimizer + other + batch + temp + output_not_aliased."""
     import jax
     from starling_jax import hlo_memory, sharding
+    from starling_jax.models import attention_ops
     from starling_jax.algorithms import registry
 
     stage_name, cfg = _pick_stage(exp, stage)
@@ -229,7 +241,9 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     calls = {}
     for name, call in parts.between_steps.items():
         fn = jax.jit(call.fn, in_shardings=(*call.resident_shardings, *call.input_shardings))
-        compiled, upcasts = hlo_memory.upcast_report(fn.lower(*call.resident, *call.inputs))
+        with attention_ops.compiling_for(devices[0].platform):
+            lowered = fn.lower(*call.resident, *call.inputs)
+        compiled, upcasts = hlo_memory.upcast_report(lowered)
         mem = compiled.memory_analysis()
         c = {"batch": sum(_tree_bytes(x, xs) for x, xs in zip(call.inputs, call.input_shardings)),
              "temp": int(mem.temp_size_in_bytes), "output_not_aliased": int(mem.output_size_in_bytes)}
