@@ -236,7 +236,7 @@ def splash_attention(q, k, v, q_pos, q_seg, window: Optional[int] = None, interp
     pad = -T % 128  # the kernel tiles the sequence in blocks of 128
     Tp = T + pad
     mask = sm.CausalMask((Tp, Tp)) if window is None else sm.LocalMask((Tp, Tp), (window - 1, 0), offset=0)
-    block = min(512, Tp)
+    block = next(b for b in (512, 256, 128) if Tp % b == 0)  # the kernel's blocks must divide the length
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * G), block_sizes=sizes, interpret=interpret)
