@@ -13,6 +13,9 @@ step of a 1B-shaped hydra, on jax.devices()[0].
 2. Decode: sampling.generate, greedy, a Mistral-7B-shaped model (`--decode-layers` layers, bf16), `--prompt` prompt
    tokens then `--new` new tokens, at batch 1 and 64. tokens/s = batch x new / (generate - prefill-only time), and the
    fraction of HBM bandwidth = (bytes of weights + the KV cache read per step) x steps / decode time / peak bandwidth.
+2b. Sharded attention: the same stack (2 layers) with the batch split over every local device, attention "auto"
+   for the mesh's platform (splash under shard_map on TPU, cuDNN partitioned by XLA on GPU): that it compiles and
+   runs on a mesh, and its time.
 3. APA update: the RL stage's whole optimisation step (starling_jax.commands.plan's builder for experiments/starling_alpha_apa.py
    with the model swapped for a 1B-shaped Llama: 16 layers x 2048, 16/8 heads, MLP 5632, vocab 32000; hydra top 4
    layers + head trainable, reference copy and MLP critic), `--apa-rollouts` rollouts of 512 prompt + 512 response
@@ -149,6 +152,40 @@ def bench_train_mfu(args, facts) -> dict:
             "tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / facts["peak_flops"]}
 
 
+def bench_sharded_attention(args) -> dict:
+    """Does the accelerator's attention kernel run on a mesh? The 7B-shaped stack's forward and backward with the
+    batch split over every local device (data axis), attention "auto" chosen for the mesh's platform: on TPU the
+    Pallas splash kernel under shard_map (XLA cannot partition a Mosaic kernel itself), on GPU the cuDNN kernel
+    (which XLA partitions over the batch). Compiled and run once; reports the kernel and the seconds per call."""
+    import jax
+    import jax.numpy as jnp
+
+    from starling_jax import models
+    from starling_jax.parallel import sharding
+    from starling_jax.config import MeshConfig
+
+    config = seven_b(2, args.smoke)
+    devices = jax.devices()
+    mesh = sharding.make_mesh(MeshConfig(data=len(devices), fsdp=1, tensor=1), devices)
+    shard = sharding.ActivationConstraint(mesh, MeshConfig().rules)
+    T, rows = args.train_tokens, len(devices)
+    params = jax.jit(lambda k: models.init_params(config, k)["layers"],
+                     out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+    x = jax.device_put(jax.random.normal(jax.random.key(1), (rows, T, config.hidden_size), jnp.bfloat16),
+                       shard.activations)
+    mask = jnp.ones((rows, T), jnp.int32)
+
+    def loss(layers, x):
+        y, _ = models.run_layers(layers, config, x, mask, constrain=shard)
+        return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    seconds = _median_seconds(lambda: grad(params, x), args.iters)
+    impl = models.attention_ops.resolve(config.attention, jnp.bfloat16, T, T, True,
+                                        models.attention_ops.target_platform(shard))
+    return {"devices": len(devices), "rows": rows, "tokens": T, "attention": impl, "seconds": seconds}
+
+
 def bench_decode(args, facts) -> list:
     import jax
     import jax.numpy as jnp
@@ -250,6 +287,9 @@ def main(argv=None) -> int:
     print(f"train: {t['layers']} 7B-shaped layers, {t['tokens']} tokens, attention {t['attention']}: "
           f"{t['seconds'] * 1e3:.1f} ms fwd+bwd, {t['tflops_per_s']:.3g} TFLOP/s, MFU {100 * t['mfu']:.1f}%",
           flush=True)
+    report["sharded_attention"] = m = bench_sharded_attention(args)
+    print(f"sharded attention: 2 7B-shaped layers fwd+bwd, {m['rows']} rows of {m['tokens']} tokens over "
+          f"{m['devices']} devices (data axis), attention {m['attention']}: {m['seconds'] * 1e3:.1f} ms", flush=True)
     report["decode"] = rows = bench_decode(args, facts)
     for r in rows:
         print(f"decode batch {r['batch']}: {r['tokens_per_s']:.1f} tok/s ({r['ms_per_step']:.2f} ms/step), "

@@ -153,3 +153,57 @@ def test_blockwise_gradient_holds_no_t_by_t_buffer():
     scores = 4 * t * t * 4
     assert _temp_bytes(loss("dense"), q, kv, kv) >= scores
     assert _temp_bytes(loss("blockwise"), q, kv, kv) < scores / 8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Splash on a mesh: under shard_map over the batch and head axes, chosen from the mesh's devices' platform.
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
+def test_sharded_splash_matches_dense_in_the_pallas_interpreter():
+    """The splash kernel under shard_map on a (data 2, fsdp 2, tensor 2) CPU mesh, in the Pallas interpreter: each
+    device runs it on its rows (data x fsdp) and its kv heads with their query heads (tensor); values and gradients
+    equal the dense reference's."""
+    from starling_jax.parallel import sharding
+    from starling_jax.config import MeshConfig
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    shard = sharding.ActivationConstraint(mesh, MeshConfig().rules)
+    rng = np.random.default_rng(3)
+    b, t, h, kh, e = 4, 130, 4, 2, 128
+    q = jnp.asarray(rng.normal(size=(b, t, h, e)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kh, e)), jnp.float32) for _ in range(2))
+    mask = np.ones((b, t), np.int32)
+    mask[0, :7], mask[3, :60] = 0, 0
+    mask[1, 50:] = 2
+    pos, seg = positions_and_segments(jnp.asarray(mask))
+    w = jnp.asarray(rng.normal(size=(b, t, h, e)), jnp.float32) * (seg > 0)[:, :, None, None]
+    assert shard.attention_specs(b, h, kh)[0] == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    dense = lambda q, k, v: ops.dense_attention(q, k, v, pos, jnp.where(seg > 0, pos, -1), seg, seg, 6)
+    splash = jax.jit(lambda q, k, v: ops.sharded_splash_attention(q, k, v, seg, 6, shard, interpret=True))
+    assert _max_diff_on_real(dense(q, k, v), splash(q, k, v), seg) < 1e-5
+    for gd, gs in zip(_grads(dense, q, k, v, w), _grads(splash, q, k, v, w)):
+        assert float(jnp.max(jnp.abs(gd - gs))) < 1e-5
+
+
+def test_the_target_mesh_chooses_the_implementation():
+    """"auto" follows the platform of the devices the call is sharded over, not this process's backend: on TPU
+    topology devices (compile only, from this CPU host) it is splash; compiling_for sets it for calls without a mesh;
+    a mesh whose batch does not divide leaves that axis unsplit."""
+    from starling_jax.commands import plan
+    from starling_jax.parallel import sharding
+    from starling_jax.config import MeshConfig
+
+    tpu = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), plan.tpu_devices("v5e:2x2"))
+    shard = sharding.ActivationConstraint(tpu, MeshConfig().rules)
+    assert ops.target_platform(shard) == "tpu" and ops.target_platform(None) == jax.default_backend()
+    assert ops.resolve("auto", jnp.bfloat16, 256, 256, True, ops.target_platform(shard)) == "splash"
+    with ops.compiling_for("tpu"):
+        assert ops.target_platform(None) == "tpu"
+        assert ops.resolve("auto", jnp.bfloat16, 256, 256, True) == "splash"
+    assert ops.target_platform(None) == jax.default_backend()
+    P = jax.sharding.PartitionSpec
+    assert shard.attention_specs(4, 8, 2) == (P("data", None, "tensor", None), P("data", None, "tensor", None),
+                                              P("data", None))
+    assert shard.attention_specs(3, 8, 1)[0] == P(None, None, None, None)  # 3 rows, 1 kv head: nothing divides

@@ -64,12 +64,8 @@ def test_plan_json_bytes_add_up_and_match_memory_analysis(tmp_path, capsys):
     assert report["flops_per_device"] == pytest.approx(_expected_flops() / 8)
     assert report["mfu"] == pytest.approx(_expected_flops() / 8 / (0.5 * 1e9))
     text = plan.format_report(report)
-    assert "optimizer state" in text and "temporaries (XLA)" in text and "MFU at 0.5 s/step" in text
-    # a float32 model has no bf16 weights for XLA:CPU to upcast: the accelerator estimate is the CPU figure
-    acc = report["accelerator_estimate"]
-    assert acc["upcast_buffers"] == 0 and acc["per_device_bytes"] == {"temp": b["temp"], "total": b["total"]}
-    assert acc["temp_peak_live"] == acc["temp_peak_live_without_upcasts"] <= b["temp"]
-    assert "accelerator estimate" in text
+    assert "optimizer state" in text and "temporaries (compiler)" in text and "MFU at 0.5 s/step" in text
+    assert "figures from the XLA:CPU on 8 CPU devices" in text and "roofline" not in text and "fit" not in report
 
 
 @pytest.mark.slow
@@ -198,14 +194,6 @@ def test_plan_rollout_holds_the_train_state(tmp_path):
     assert rm["memory_analysis"]["argument_size_in_bytes"] == gb["extra"] + rm["per_device_bytes"]["batch"]
     text = plan.format_report(g)
     assert "call generate:" in text and "largest call" in text
-    # the accelerator estimate: the largest call with its CPU-only weight upcasts removed (hlo_memory), never more
-    acc = g["accelerator_estimate"]
-    assert acc["largest_call"] in calls
-    assert acc["per_device_bytes"]["total"] == max(c["accelerator_estimate"]["per_device_bytes"]["total"]
-                                                   for c in calls.values()) <= gb["total"]
-    for call in calls.values():
-        c, e = call["per_device_bytes"], call["accelerator_estimate"]["per_device_bytes"]
-        assert e["total"] - e["temp"] == c["total"] - c["temp"] and e["temp"] <= c["temp"]
 
 
 @needs8
@@ -281,3 +269,20 @@ def test_plan_builds_the_training_stage_setup(tmp_path, objective):
     same = [k for k in trained.batch if not k.startswith("stat_")]
     assert _shapes({k: trained.batch[k] for k in same}) == _shapes(planned.batch)
     assert {k: trained.batch_shardings[k].spec for k in same} == _specs(planned.batch_shardings)
+
+
+def test_jaxpr_flops_counts_a_pallas_kernel_per_grid_point():
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, w_ref, o_ref):
+        o_ref[...] = jnp.dot(x_ref[...], w_ref[...])
+
+    def f(x, w):  # x [32, 128] in 4 blocks of 8 rows, each times w [128, 64]
+        return pl.pallas_call(kernel, grid=(4,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0)),
+                                                           pl.BlockSpec((128, 64), lambda i: (0, 0))],
+                              out_specs=pl.BlockSpec((8, 64), lambda i: (i, 0)),
+                              out_shape=jax.ShapeDtypeStruct((32, 64), jnp.float32), interpret=True)(x, w)
+
+    x, w = jax.ShapeDtypeStruct((32, 128), jnp.float32), jax.ShapeDtypeStruct((128, 64), jnp.float32)
+    assert plan.jaxpr_flops(jax.make_jaxpr(f)(x, w).jaxpr) == 4 * 2 * 8 * 128 * 64

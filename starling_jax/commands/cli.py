@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -65,8 +66,23 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def default_platforms() -> None:
+    """With libtpu installed (the [tpu] extra, for `plan --target`), jax starts a TPU backend in every process that
+    does not name its platforms, even on a host without TPU chips: libtpu then prints a screen of warnings and holds a
+    host-wide lock file that the next process cannot take. On such a host (no TPU chip and no NVIDIA GPU visible) and
+    when JAX_PLATFORMS is unset, use the CPU; TPU topologies for `plan --target` still load (compile only)."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    from jax._src import hardware_utils
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0 and not hardware_utils.has_visible_nvidia_gpu():
+        import jax
+        os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes
+        jax.config.update("jax_platforms", "cpu")  # jax read the environment when it was imported
+
+
 def main(argv=None) -> int:
     setup_logging()
+    default_platforms()
     parser = argparse.ArgumentParser(prog="starling-jax", description=__doc__.splitlines()[0])
     _debug_flag(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -18,6 +18,13 @@ Implementations (ModelConfig.attention):
   "blockwise".
 - "auto": cudnn on GPU (bf16/fp16), splash on TPU, else blockwise when T * S >= AUTO_BLOCKWISE_MIN_SCORES, else dense.
 
+Which platform: `target_platform(shard)`, the one place the choice reads it: the platform of the devices of the mesh
+the call is sharded over (`shard`, a sharding.ActivationConstraint), else the platform set by `compiling_for`, else
+jax.default_backend(). So `starling-jax plan --target v5e-8`, which compiles for TPU topology devices from a CPU host,
+compiles exactly the kernels a TPU host runs. On a mesh, splash runs under jax.shard_map over the batch and head axes
+(a Mosaic kernel cannot be partitioned automatically): each device runs the kernel on its rows and heads, as in
+MaxText and the jax-llm-examples.
+
 Queries that see no key (padding, or rows stopped during decoding) give an undefined row in "dense" (the mean of V);
 the other implementations give zeros there. Nothing reads those rows.
 
@@ -26,6 +33,8 @@ Shape letters: B batch, T queries, S keys, H query heads, K kv heads, G = H // K
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Optional
 
@@ -227,7 +236,7 @@ def splash_attention(q, k, v, q_pos, q_seg, window: Optional[int] = None, interp
     pad = -T % 128  # the kernel tiles the sequence in blocks of 128
     Tp = T + pad
     mask = sm.CausalMask((Tp, Tp)) if window is None else sm.LocalMask((Tp, Tp), (window - 1, 0), offset=0)
-    block = min(512, Tp)
+    block = next(b for b in (512, 256, 128) if Tp % b == 0)  # the kernel's blocks must divide the length
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * G), block_sizes=sizes, interpret=interpret)
@@ -251,16 +260,39 @@ def splash_attention(q, k, v, q_pos, q_seg, window: Optional[int] = None, interp
 # Choosing one.
 
 
-def resolve(implementation: str, dtype, T: int, S: int, self_attention: bool) -> str:
-    """The implementation that `implementation` ("auto" or a name) means for this call on the default backend."""
+_PLATFORM = contextvars.ContextVar("starling_attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: Optional[str]):
+    """Within this block, calls without a mesh choose their implementation for `platform` ("tpu", "gpu", "cpu"; None =
+    the default backend): the planner compiles for devices that are not this process's backend."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def target_platform(shard=None) -> str:
+    """The platform an attention call compiles for (see the module docstring)."""
+    mesh = getattr(shard, "mesh", None)
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return _PLATFORM.get() or jax.default_backend()
+
+
+def resolve(implementation: str, dtype, T: int, S: int, self_attention: bool, platform: Optional[str] = None) -> str:
+    """The implementation that `implementation` ("auto" or a name) means for this call on `platform` (default:
+    target_platform())."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    backend = jax.default_backend()
+    backend = platform or target_platform()
     if implementation == "cudnn" and backend != "gpu":
-        raise ValueError(f"attention='cudnn' needs a GPU, but the default backend is {backend!r}; use 'auto', "
+        raise ValueError(f"attention='cudnn' needs a GPU, but the target platform is {backend!r}; use 'auto', "
                          "'blockwise' or 'dense'")
     if implementation == "splash" and backend != "tpu":
-        raise ValueError(f"attention='splash' needs a TPU, but the default backend is {backend!r}; use 'auto', "
+        raise ValueError(f"attention='splash' needs a TPU, but the target platform is {backend!r}; use 'auto', "
                          "'blockwise' or 'dense'")
     if implementation == "splash" and not self_attention:
         return "blockwise"
@@ -275,19 +307,34 @@ def resolve(implementation: str, dtype, T: int, S: int, self_attention: bool) ->
     return "blockwise" if T * S >= AUTO_BLOCKWISE_MIN_SCORES else "dense"
 
 
+def sharded_splash_attention(q, k, v, q_seg, window: Optional[int], shard, interpret: bool = False):
+    """splash_attention under jax.shard_map on shard.mesh: rows split over the batch axes and heads over the head
+    axes (shard.attention_specs(B, H, K) gives the specs, dropping an axis that does not divide its dimension), so
+    each device runs the kernel on its own rows and heads; nothing crosses devices."""
+    q_spec, kv_spec, seg_spec = shard.attention_specs(q.shape[0], q.shape[2], k.shape[2])
+    fn = functools.partial(splash_attention, window=window, interpret=interpret)
+    return jax.shard_map(lambda q, k, v, s: fn(q, k, v, None, s), mesh=shard.mesh,
+                         in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, q_seg)
+
+
 def attention(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, window: Optional[int] = None, *,
-              implementation: str = "dense", block_size: int = 512, self_attention: bool = False):
+              implementation: str = "dense", block_size: int = 512, self_attention: bool = False, shard=None):
     """Grouped-query attention with the masking rule of the module docstring.
 
     q [B, T, H, E]; k, v [B, S, K, E]; q_pos [B, T]; k_pos [B, S] with -1 marking an empty or padded slot; q_seg/k_seg
     segment ids (None = one segment). self_attention: k/v come from the same tokens as q (k_pos/k_seg equal
-    q_pos/q_seg where real), which "splash" needs. Returns [B, T, H, E].
+    q_pos/q_seg where real), which "splash" needs. shard: the sharding.ActivationConstraint of the mesh the call runs
+    on, or None (see target_platform). Returns [B, T, H, E].
     """
-    impl = resolve(implementation, q.dtype, q.shape[1], k.shape[1], self_attention)
+    impl = resolve(implementation, q.dtype, q.shape[1], k.shape[1], self_attention, target_platform(shard))
     if impl == "dense":
         return dense_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, block_size, block_size)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
-    return splash_attention(q, k, v, q_pos, q_seg if q_seg is not None else (q_pos >= 0).astype(jnp.int32), window)
+    seg = q_seg if q_seg is not None else (q_pos >= 0).astype(jnp.int32)
+    if getattr(shard, "mesh", None) is not None:
+        return sharded_splash_attention(q, k, v, seg, window, shard)
+    return splash_attention(q, k, v, q_pos, seg, window)

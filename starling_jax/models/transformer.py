@@ -239,10 +239,11 @@ def _dense(x, w, dtype, n_in: int = 1, out_dtype=None):
     return y.reshape(*lead, *w_out)
 
 
-def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
+def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None, shard=None):
     """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, old_pos [B,S], slots [T], start) or None (attend to
     self); old_pos: each slot's position before this write; start: None, or the first slot when the T slots are
-    start..start+T-1 (then one dynamic_update_slice writes them instead of a scatter)."""
+    start..start+T-1 (then one dynamic_update_slice writes them instead of a scatter). shard: the mesh's
+    sharding.ActivationConstraint or None, for attention (attention_ops.attention)."""
     dt = jnp.dtype(config.dtype)
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     if "wqkv" in layer:  # the decode layout (fuse_projections): q, k and v from one matmul
@@ -253,7 +254,7 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
     T = x.shape[1]
-    opts = dict(implementation=config.attention, block_size=config.attention_block)
+    opts = dict(implementation=config.attention, block_size=config.attention_block, shard=shard)
     if kv is None:
         k_pos = jnp.where(seg > 0, q_pos, -1)
         a = attention(q, k, v, q_pos, k_pos, seg, seg, config.sliding_window, self_attention=True, **opts)
@@ -320,7 +321,7 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
         cos, sin = rope_tables(q_pos, config.head_dim, config.rope_theta)
 
         def body(h, layer):
-            return pin(decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg)[0]), None
+            return pin(decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, shard=constrain)[0]), None
         xs = layers
     else:
         q_pos, seg, cos, sin, slot_pos, slots, start = _cache_write(config, cache, attention_mask, write_start)
@@ -328,7 +329,7 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
         def body(h, xs_l):
             layer, ck, cv = xs_l
             kv = (ck, cv, cache["pos"], slots, start)
-            h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, kv)
+            h, (ck, cv) = decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, kv, shard=constrain)
             return pin(h), (ck, cv)
         xs = (layers, cache["k"], cache["v"])
     if config.remat != "none":
@@ -365,7 +366,7 @@ def decode_layers(layers: Sequence[Params], config: ModelConfig, x: jax.Array, a
     ks, vs = [], []
     for layer, ck, cv in zip(layers, cache["k"], cache["v"]):
         kv = (ck[0], cv[0], cache["pos"], slots, start)
-        x, (ck, cv) = decoder_layer(config, pin(x), layer, cos, sin, q_pos, seg, kv)
+        x, (ck, cv) = decoder_layer(config, pin(x), layer, cos, sin, q_pos, seg, kv, shard=constrain)
         x = pin(x)
         ks.append(ck[None])
         vs.append(cv[None])

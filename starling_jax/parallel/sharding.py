@@ -407,6 +407,8 @@ class ActivationConstraint:
     split locally, instead of sharded over D, which XLA can only re-split by replicating the whole activation."""
 
     def __init__(self, mesh: Mesh, rules):
+        self.mesh = mesh
+        self._rules = rules_dict(rules)
         self.activations = NamedSharding(mesh, logical_to_spec(ACTIVATION_AXES, rules, mesh))
         self.table = NamedSharding(mesh, logical_to_spec(("vocab", None), rules, mesh))
         self.cache = NamedSharding(mesh, logical_to_spec((None, "batch", None, "kv_heads", None), rules, mesh))
@@ -425,6 +427,21 @@ class ActivationConstraint:
     def kv_cache(self, kv: jax.Array) -> jax.Array:
         """A KV cache array [L, B, S, K, E] split over the batch axes and the kv heads (the kv_heads rule)."""
         return jax.lax.with_sharding_constraint(kv, self.cache)
+
+    def attention_specs(self, batch: int, heads: int, kv_heads: int):
+        """PartitionSpecs (q [B, T, H, E], k/v [B, S, K, E], segment ids [B, T]) of a kernel that runs per device under
+        shard_map (models.attention_ops' splash): rows over the "batch" rule's mesh axes, query and kv heads over
+        the "heads" rule's when "kv_heads" maps to the same axes (each device then holds whole GQA groups). An axis
+        that does not divide its dimension is left unsplit (the kernel then runs on every row or head of that
+        dimension, replicated)."""
+        def split(rule, size):
+            axes = tuple(ax for ax in _as_tuple(self._rules.get(rule)) if self.mesh.shape[ax] > 1)
+            return (axes if len(axes) > 1 else axes[0]) if axes and size % math.prod(
+                self.mesh.shape[ax] for ax in axes) == 0 else None
+        b = split("batch", batch)
+        same = _as_tuple(self._rules.get("heads")) == _as_tuple(self._rules.get("kv_heads"))
+        h = split("heads", heads) if same and split("kv_heads", kv_heads) is not None else None
+        return PartitionSpec(b, None, h, None), PartitionSpec(b, None, h, None), PartitionSpec(b, None)
 
     def _key(self):
         return self.activations, self.table, self.cache, self.replicated
