@@ -42,6 +42,8 @@ import sys
 import time
 from typing import Optional
 
+from starling_jax.errors import EXIT_BAD_INPUT, InputError  # stdlib only: no JAX at import time
+
 GiB = 1024 ** 3
 _REEXEC_GUARD = "STARLING_PLAN_REEXEC"
 
@@ -104,7 +106,6 @@ def valid_targets() -> str:
 
 def parse_target(text: str) -> Target:
     """"v5e-8" / "v5e:2x4" / "cpu:8" -> Target; anything else is an InputError listing the valid chips and shapes."""
-    from starling_jax.errors import InputError
     t = text.strip().lower()
     if t.startswith("cpu:") and t[4:].isdigit() and int(t[4:]) > 0:
         return Target(t, cpu_devices=int(t[4:]))
@@ -126,7 +127,6 @@ def libtpu_version() -> Optional[str]:
 def target_devices(target: Target) -> list:
     """The devices to compile for: the TPU topology's (libtpu, compile only) or this process's first N CPU devices."""
     import jax
-    from starling_jax.errors import InputError
     if target.chip is None:
         return jax.devices()[:target.cpu_devices]
     if libtpu_version() is None:
@@ -606,7 +606,6 @@ def _ensure_devices(args, count: int) -> list:
 
 def plan_cli(args) -> int:
     from starling_jax.stages.experiment import apply_overrides, load_experiment
-    from starling_jax.errors import EXIT_BAD_INPUT, InputError
     if args.target is not None and args.devices is not None:
         raise InputError("plan: give --target or --devices, not both (--devices N is --target cpu:N)")
     if args.target is None and args.devices is None:
