@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     import jax
 
     from starling_jax import digests
-    from starling_jax.train.checkpoint import Checkpoints
+    from starling_jax.step.checkpoint import Checkpoints
 
     class WithoutDigests(Checkpoints):
         def _write_digests(self) -> None:
