@@ -171,9 +171,10 @@ def test_no_good_checkpoint_left_is_a_clear_error(tmp_path, said):
     assert Checkpoints(str(tmp_path / "empty")).restore_latest(_state(0)) is None  # none at all: a fresh start
 
 
-def test_a_checkpoint_without_digests_restores_with_one_line_and_orbax_alone_misses_a_flip(tmp_path, said):
-    """A checkpoint saved before digests existed still restores, saying so. It also shows why the digests are needed:
-    with bytes flipped in its largest file, orbax restores other values without an error."""
+def test_a_checkpoint_without_digests_restores_with_one_line(tmp_path, said):
+    """A checkpoint saved before digests existed still restores, saying so in one line. (Without digests, bytes
+    flipped inside a compressed block are restored as other values or fail in zstd, depending on where they land: the
+    digests are what make the outcome certain, test_loop.py's fall-back test.)"""
     ckpts = _saved(tmp_path / "ckpt")
     os.remove(tmp_path / "ckpt" / "2" / digests.MANIFEST)
     restored = ckpts.restore_latest(_state(0))
@@ -181,9 +182,6 @@ def test_a_checkpoint_without_digests_restores_with_one_line_and_orbax_alone_mis
     assert [line for line in said if "unverified" in line] == [
         f"checkpoint {tmp_path / 'ckpt' / '2'} has no digests.json (saved before checkpoints carried digests): "
         f"restoring it unverified"]
-    flip(largest_file(tmp_path / "ckpt" / "2"), n=16)  # inside w's raw zstd blocks: not one of their 3-byte headers
-    silently = ckpts.restore(2, _state(0))
-    assert not _equal(silently.state, _state(2))
     ckpts.close()
 
 

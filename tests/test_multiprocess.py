@@ -202,9 +202,10 @@ def test_two_processes_match_one_process_after_sigterm_and_sigkill(reference, tw
     for stage in STAGES:
         want, got = stage_losses(reference, stage), stage_losses(workdir, stage)
         assert sorted(want) == sorted(got) and len(want) >= 3, (stage, want, got)
-        # float rounding only (gloo's cross-process sums; measured <= 7e-6 relative on the RL losses of ~1e3); a
-        # process-count-dependent batch differs by ~1e-3 (the 10.390 vs 10.398 at step 1)
-        np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=5e-5,
+        # float rounding only (gloo's cross-process sums in another order: measured <= 7e-6 relative on the RL losses
+        # of ~1e3 on an Intel Xeon, 5.3e-5 on an AMD EPYC, both from step 1 on); a process-count-dependent batch
+        # differs by ~1e-3 (the 10.390 vs 10.398 at step 1), which this bound still fails
+        np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=2e-4,
                                    atol=1e-6, err_msg=stage)
 
 
