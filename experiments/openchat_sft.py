@@ -1,7 +1,7 @@
 """Supervised fine-tuning of Mistral-7B-v0.1 into a chat model in the OpenChat-3.5 format, on Nectar's best-ranked
 responses: the SFT step of the pipeline Starling started from (its policy init was OpenChat-3.5).
 
-    starling-jax plan experiments/openchat_sft.py --devices 64
+    starling-jax plan experiments/openchat_sft.py --target v5e-64
     starling-jax train experiments/openchat_sft.py --workdir runs/openchat_sft
 
 Needs local copies (nothing is downloaded at run time):

@@ -1,6 +1,6 @@
 """Starling-LM-7B-alpha's RL stage: APA on Nectar prompts against Starling-RM-7B-alpha.
 
-    starling-jax plan experiments/starling_alpha_apa.py --devices 8          # memory/FLOPs, no hardware needed
+    starling-jax plan experiments/starling_alpha_apa.py --target v5e-8      # TPU-compiled memory/FLOPs, no TPU needed
     starling-jax run experiments/starling_alpha_apa.py --workdir runs/alpha  # on a pod, with the checkpoints below
 
 Needs local copies (HF safetensors directories; nothing is downloaded at run time):

@@ -1,6 +1,6 @@
 """Starling-LM-7B-beta's RL stage: PPO on Nectar prompts against Starling-RM-34B.
 
-    starling-jax plan experiments/starling_beta_ppo.py --devices 16
+    starling-jax plan experiments/starling_beta_ppo.py --target v5e-16
     starling-jax run experiments/starling_beta_ppo.py --workdir runs/beta
 
 Needs local copies (HF safetensors directories; nothing is downloaded at run time):

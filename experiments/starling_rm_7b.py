@@ -1,6 +1,6 @@
 """Starling-RM-7B-alpha: a K-wise (Plackett-Luce) reward model on Nectar with a Llama-2-7B-chat trunk.
 
-    starling-jax plan experiments/starling_rm_7b.py --devices 64        # memory/FLOPs, no hardware needed
+    starling-jax plan experiments/starling_rm_7b.py --target v5e-64     # TPU-compiled memory/FLOPs, no TPU needed
     starling-jax train experiments/starling_rm_7b.py --workdir runs/rm7b # on a pod, with the inputs below
     starling-jax eval runs/rm7b/rm                                       # held-out pairwise/top-1 accuracy, tau
 

@@ -101,3 +101,31 @@ def test_sample_k_and_build_rows_with_a_tiny_policy(tmp_path):
         assert len(best) == max(len(a) for a in s)
     _, stats = feedback.build_rows(convs, [["", "x", "y"], ["a", "a", "a"]], lambda m, a: len(a))
     assert stats == {"rows": 1, "skipped_empty_answer": 1, "rows_without_signal": 1, "mean_score": 1.0}
+
+
+def test_sample_k_shares_each_prompts_prefill_and_samples_as_before():
+    """K = 3 samples of 3 prompts in batches of 4 rows (a batch spans 2 or 3 prompts, the last one padded): each
+    batch prefills its distinct prompts once; the replies equal those of prefilling every row (the loop below: the
+    former sample_k), for the same key."""
+    import jax
+
+    from starling_jax import models, sampling
+    tok = load_tokenizer("openchat-3.5")
+    config = models.get_preset("tiny")
+    params = models.init_params(config, jax.random.key(0))
+    convs = [[{"role": "user", "content": c}] for c in ("Say hi.", "Count to three, slowly.", "Name a colour.")]
+    key, k, batch = jax.random.key(1), 3, 4
+    got = feedback.sample_k(params, config, tok, "auto", convs, k, key, max_new_tokens=6, temperature=1.0,
+                            batch_size=batch, length_bucket=16)
+    t = tok.template("auto")
+    flat = [tok.encode_chat(list(c), template=t) for c in convs for _ in range(k)]
+    want = []
+    for start in range(0, len(flat), batch):
+        rows = flat[start:start + batch]
+        rows = rows + [rows[-1]] * (batch - len(rows))
+        tokens, mask = sampling.left_pad(rows, tok.pad_id, 16)
+        out, out_mask, _ = sampling.generate(params, config, tokens, mask, jax.random.fold_in(key, start), 6,
+                                             temperature=1.0, stop_ids=tok.stop_ids(t))
+        decoded, _ = sampling.apply_stop_strings(tok, np.asarray(out), np.asarray(out_mask), t.stop_strings)
+        want += [s.strip() for s in decoded]
+    assert got == [want[i * k:(i + 1) * k] for i in range(len(convs))]

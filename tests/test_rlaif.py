@@ -272,3 +272,34 @@ def test_rl_step_makes_the_shared_update_and_logs_its_learning_rate():
         updates, opt_state = optimizer.update(grads, opt_state, p)
         p = optax.apply_updates(p, updates)
     np.testing.assert_array_equal(np.asarray(new.params["w"]), np.asarray(p["w"]))
+
+
+def test_group_rollouts_share_each_prompts_prefill_and_sample_as_before(monkeypatch):
+    """sample_replies with group=G (a GRPO/RLOO chunk: each prompt G times in a row), in calls of 4 rows: each call
+    prefills its 2 distinct prompts once; the replies equal those of group=1 (every row prefilled), same key."""
+    from starling_jax import models
+    from starling_jax.data import load_tokenizer
+    from starling_jax.stages.rollout import sample_replies
+
+    tok = load_tokenizer("openchat-3.5")
+    config = models.get_preset("tiny")
+    params = models.init_params(config, jax.random.key(0))
+    convs = [[{"role": "user", "content": c}] for c in ("Say hi.", "Count to three.", "Name a colour.", "Why?")]
+    t = tok.template("auto")
+    from starling_jax.generation import sampling
+    tokens, mask = sampling.left_pad([tok.encode_chat(c, template=t) for c in convs], tok.pad_id, 16)
+    G = 2
+    tokens, mask = np.repeat(tokens, G, axis=0), np.repeat(mask, G, axis=0)
+    convs = [c for c in convs for _ in range(G)]
+    run = lambda group: sample_replies(params, config, tok, "auto", convs, tokens, mask, jax.random.key(5), 6,
+                                       generation_batch=4, group=group)
+    seen = []
+    real = sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda *a, **kw: seen.append((len(a[2]), kw["rows"])) or real(*a, **kw))
+    shared = run(G)
+    assert [(n, list(r)) for n, r in seen] == [(2, [0, 0, 1, 1])] * 2  # 2 calls of 2 prompts for 4 rows
+    plain = run(1)
+    assert seen[2:] == [(4, None)] * 2
+    np.testing.assert_array_equal(shared.tokens, plain.tokens)
+    np.testing.assert_array_equal(shared.mask, plain.mask)
+    assert shared.texts == plain.texts and len(shared.texts) == 8

@@ -442,3 +442,20 @@ def test_decode_layers_fused_equal_forward(window):
         outs.append(models.final_norm(params, config, x))
     got = jnp.concatenate(outs, axis=1)
     np.testing.assert_allclose(np.asarray(got)[mask > 0], np.asarray(ref)[mask > 0], atol=2e-5)
+
+
+def test_prefix_shared_sampling_equals_repeated_prefill(windowed):
+    """rows=: each distinct prompt prefilled once, its KV cache (a rolling buffer here: prompt 9 > window 6) shared by
+    its rows; the samples equal those of prefilling every row, for the same key (3 prompts x K = 3, in an order that
+    is not sorted)."""
+    _, params, config = windowed
+    toks, mask = _prompts([9, 3, 5], P, seed=11)
+    rows = np.asarray([0, 0, 0, 2, 2, 2, 1, 1, 1], np.int32)
+    ref = [np.asarray(a) for a in generate(params, config, toks[rows], mask[rows], jax.random.key(3), N, **SAMPLED)]
+    got = [np.asarray(a) for a in generate(params, config, toks, mask, jax.random.key(3), N, rows=rows, **SAMPLED)]
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-5)
+    assert len({tuple(r) for r in got[0][:3]}) > 1  # the rows of one prompt sample differently
+    with pytest.raises(ValueError, match="rows must index the 3 prompts"):
+        generate(params, config, toks, mask, jax.random.key(3), N, rows=np.asarray([0, 3]))

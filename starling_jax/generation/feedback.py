@@ -174,18 +174,25 @@ def sample_k(params, config, tokenizer, template, conversations: Sequence[Messag
              length_bucket: int = 32) -> list[list[str]]:
     """K sampled replies per conversation from one checkpoint (rendered in `template`, "auto" = the tokenizer's own),
     decoded and cut at the template's stop tokens and stop strings. Rows are generated batch_size at a time, prompts
-    left padded to a multiple of length_bucket (few compiled shapes)."""
+    left padded to a multiple of length_bucket (few compiled shapes). Each call prefills each of its distinct prompts
+    once and shares the KV cache among that prompt's rows (sampling.generate's rows): the same samples as prefilling
+    every row."""
     t = tokenizer.template(template)
     stop_ids = tokenizer.stop_ids(t)
     prompts = [tokenizer.encode_chat(list(c), template=t) for c in conversations]
-    flat = [p for p in prompts for _ in range(k)]
+    flat = [i for i in range(len(prompts)) for _ in range(k)]  # each row's prompt
+    distinct = min(batch_size, -(-(batch_size - 1) // k) + 1)  # the most prompts batch_size consecutive rows span
     texts: list[str] = []
     for start in range(0, len(flat), batch_size):
-        rows = flat[start:start + batch_size]
-        rows = rows + [rows[-1]] * (batch_size - len(rows))  # one compiled batch shape
-        tokens, mask = sampling.left_pad(rows, tokenizer.pad_id, length_bucket)
+        ids = flat[start:start + batch_size]
+        ids = ids + [ids[-1]] * (batch_size - len(ids))  # one compiled batch shape
+        unique = sorted(set(ids))
+        unique += [unique[-1]] * (distinct - len(unique))  # one compiled prompt count
+        tokens, mask = sampling.left_pad([prompts[i] for i in unique], tokenizer.pad_id, length_bucket)
+        rows = np.asarray([unique.index(i) for i in ids], np.int32)
         out, out_mask, _ = sampling.generate(params, config, tokens, mask, jax.random.fold_in(key, start),
-                                             max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids)
+                                             max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+                                             rows=rows)
         decoded, _ = sampling.apply_stop_strings(tokenizer, np.asarray(out), np.asarray(out_mask), t.stop_strings)
         texts += [s.strip() for s in decoded]
     texts = texts[:len(flat)]

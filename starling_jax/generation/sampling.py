@@ -13,6 +13,10 @@ On a mesh, pass `constrain=sharding.activation_constraint(mesh, rules)`: the pre
 residual stream is pinned to the batch axes (so XLA does not follow the FSDP-sharded weights and replicate the
 activations), and the KV cache stays split over the batch axes and over the kv heads (the `kv_heads` rule, e.g. tensor).
 
+Prefix sharing: a prompt sampled K times (AI feedback's K replies, a GRPO/RLOO group) is prefilled once;
+`generate(..., rows=)` copies its next-token logits and KV cache to its K rows (share_prefill), which then decode on
+their own: the same samples as prefilling every row, for the same key.
+
 Shape letters: B batch, P prompt length, N max_new_tokens, V vocab, S cache slots.
 """
 
@@ -222,10 +226,20 @@ def _pad_id(config: ModelConfig) -> int:
 _STATIC = ("config", "max_new_tokens", "top_k", "stop_ids", "greedy", "use_top_p", "constrain")
 
 
+def share_prefill(logits: jax.Array, cache: Params, rows: jax.Array, constrain=None) -> tuple[jax.Array, Params]:
+    """Prefix sharing: the next-token logits [U, V] and decode cache (prefill's) of U prompts -> those of B rows, row b
+    a copy of prompt rows[b]'s. A prompt sampled K times is prefilled once; its rows then decode on their own."""
+    take = lambda a, axis: jnp.take(a, rows, axis=axis)
+    cache = {**cache, "k": tuple(take(c, 1) for c in cache["k"]), "v": tuple(take(c, 1) for c in cache["v"]),
+             "pos": take(cache["pos"], 0)}
+    return take(logits, 0), _pin_cache(cache, constrain)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, config, max_new_tokens, top_k,
+def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, rows, *, config, max_new_tokens, top_k,
               stop_ids, greedy, use_top_p, constrain):
-    B, P = prompt_tokens.shape
+    P = prompt_tokens.shape[1]
+    B = prompt_tokens.shape[0] if rows is None else rows.shape[0]
     N = max_new_tokens
     pad = _pad_id(config)
     top_p = top_p if use_top_p else None
@@ -240,6 +254,8 @@ def _generate(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, co
         return tok, done | _is_stop(tok, stop_ids), out
 
     logits, cache = prefill(params, config, prompt_tokens, prompt_mask, cache_slots(config, P + N), constrain)
+    if rows is not None:
+        logits, cache = share_prefill(logits, cache, rows, constrain)
     out = (jnp.full((B, N), pad, jnp.int32), jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32))
     tok, done, out = emit(0, logits, jnp.zeros((B,), bool), out)
     step_params = split_layers(params, head_vd=B > 1, dtype=jnp.dtype(config.dtype), fuse=constrain is None)
@@ -307,7 +323,7 @@ def _check_prompts(config: ModelConfig, prompt_tokens, prompt_mask, max_new_toke
 
 def generate(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, key: jax.Array, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: Sequence[int] = (), constrain=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             stop_ids: Sequence[int] = (), constrain=None, rows=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sample up to N = max_new_tokens tokens after left-padded prompts.
 
     params: the model's params, or a pair (top, rest) as models.split_params gives them (an RL stage's trainable top
@@ -321,13 +337,28 @@ def generate(params: Params, config: ModelConfig, prompt_tokens, prompt_mask, ke
     constrain: None, or sharding.activation_constraint(mesh, rules) to keep activations and the KV cache split over
     the mesh's batch axes (see the module docstring); the tokens are the same either way.
 
+    rows: None, or [B] int: prefix sharing. prompt_tokens/prompt_mask then hold U distinct prompts, row b of the
+    output samples after prompt rows[b]: each prompt is prefilled once and its KV cache copied to its rows (a prompt
+    sampled K times: AI feedback's K replies, a GRPO/RLOO group). The samples equal those of
+    generate(prompt_tokens[rows], prompt_mask[rows]) with the same key; the prefill's work and temporaries are U/B of
+    that.
+
     Compiled once per (config, shapes, max_new_tokens, top_k, stop_ids, greedy, top_p < 1, constrain); temperature
     and top_p are traced. Options must be Python numbers; the arrays may be traced (callable inside a caller's jit).
     """
     opts = _options(config, max_new_tokens, temperature, top_k, top_p, stop_ids)
     prompt_tokens, prompt_mask = _check_prompts(config, prompt_tokens, prompt_mask, opts["max_new_tokens"])
+    if rows is not None:
+        if jnp.ndim(rows) != 1:
+            raise ValueError(f"rows must be [batch] prompt indices, got shape {tuple(jnp.shape(rows))}")
+        if not isinstance(rows, jax.core.Tracer):
+            r = np.asarray(rows)
+            if r.size and (r.min() < 0 or r.max() >= jnp.shape(prompt_tokens)[0]):
+                raise ValueError(f"rows must index the {jnp.shape(prompt_tokens)[0]} prompts, got values "
+                                 f"{r.min()}..{r.max()}")
+        rows = jnp.asarray(rows, jnp.int32)
     return _generate(params, prompt_tokens, prompt_mask, key, jnp.float32(temperature or 1.0), jnp.float32(top_p),
-                     config=config, constrain=constrain, **opts)
+                     rows, config=config, constrain=constrain, **opts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

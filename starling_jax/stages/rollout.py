@@ -166,7 +166,8 @@ class Samples:
 
 def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str, conversations, prompt_tokens,
                    prompt_mask, key: jax.Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, constrain=None, place=None, generation_batch: int = 0) -> Samples:
+                   top_p: float = 1.0, constrain=None, place=None, generation_batch: int = 0,
+                   group: int = 1) -> Samples:
     """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template).
     params: the policy's params, or the pair (top, trunk) of an RL stage (hydra.policy_parts; merged inside each
     generate call, not copied outside it).
@@ -174,7 +175,9 @@ def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str
     sharding.BatchPlacement when the prompts are this process's rows of a global batch (generation then runs on the
     global batch, split over the batch axes; the replies come back for the local rows). generation_batch: global rows
     per generate call (0 = the whole batch in one call; memory only); call j samples with fold_in(key, j) when there
-    are several, each process generating its share of every call."""
+    are several, each process generating its share of every call. group: the prompts come in runs of `group` equal
+    rows (a GRPO/RLOO group): on one process, a call of whole runs prefills each run's prompt once and shares its KV
+    cache among the run (sampling.generate's rows; the same samples)."""
     t = tokenizer.template(template)
     calls = row_calls(len(prompt_tokens), generation_batch, place)
     if place is not None:
@@ -183,12 +186,16 @@ def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str
     parts = []
     for j, rows in enumerate(calls):
         prompts = (np.asarray(prompt_tokens)[rows], np.asarray(prompt_mask)[rows])
+        shared = None
         if place is not None:
             prompts = place.put(*prompts)
+        elif group > 1 and len(rows) % group == 0 and rows[0] % group == 0 and all(
+                (a.reshape(-1, group, a.shape[1]) == a[::group, None]).all() for a in prompts):
+            prompts, shared = tuple(a[::group] for a in prompts), np.repeat(np.arange(len(rows) // group), group)
         k = key if len(calls) == 1 else jax.random.fold_in(key, j)
         tokens, mask, _ = sampling.generate(params, config, *prompts, k, max_new_tokens, temperature=temperature,
                                             top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids(t),
-                                            constrain=constrain)
+                                            constrain=constrain, rows=shared)
         parts.append((local(tokens), local(mask)))
     tokens = np.concatenate([p[0] for p in parts])
     texts, mask = sampling.apply_stop_strings(tokenizer, tokens, np.concatenate([p[1] for p in parts]),
@@ -275,7 +282,8 @@ class RolloutSource:
         r = self.rollout
         s = sample_replies(policy_parts(state.params, state.frozen), self.config, self.tokenizer, self.template,
                            conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
-                           r.top_p, constrain=self.constrain, place=self.place, generation_batch=r.generation_batch)
+                           r.top_p, constrain=self.constrain, place=self.place, generation_batch=r.generation_batch,
+                           group=self.group)
         self.last_samples = s
         raw = self.scorer(conversations, s.texts, self.constrain, r.generation_batch)  # this process's rows
         whole = self.place.whole if self.place is not None else np.asarray  # every row of the chunk
