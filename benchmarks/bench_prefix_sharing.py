@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from starling_jax import models, sampling
+    from starling_jax import models
+    from starling_jax.generation import sampling
 
     config = models.PRESETS["mistral-7b-v0.1"].replace(num_layers=4, hidden_size=512, num_heads=8, num_kv_heads=2,
                                                        head_dim=64, mlp_dim=1536, vocab_size=8000, dtype="bfloat16",
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     print(f"shared / repeated tokens/s: {med['repeated'] / med['shared']:.2f}x (same samples)")
 
     if args.tpu:
-        from starling_jax import plan, sharding
+        from starling_jax.commands import plan
+        from starling_jax.parallel import sharding
         from starling_jax.config import MeshConfig
         from starling_jax.models import attention_ops
         big = models.PRESETS["mistral-7b-v0.1"].replace(dtype="bfloat16", param_dtype="bfloat16")

@@ -109,7 +109,8 @@ def test_sample_k_shares_each_prompts_prefill_and_samples_as_before():
     former sample_k), for the same key."""
     import jax
 
-    from starling_jax import models, sampling
+    from starling_jax import models
+    from starling_jax.generation import sampling
     tok = load_tokenizer("openchat-3.5")
     config = models.get_preset("tiny")
     params = models.init_params(config, jax.random.key(0))
