@@ -125,11 +125,29 @@ def _pick_stage(exp, stage: Optional[str]):
     return stages[names.index(stage)]
 
 
+def _upcast_report(lowered):
+    """hlo_memory.upcast_report, compiled past JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR): a
+    cache hit skips XLA's compile and so its buffer-assignment and live-range dumps (the dump options are not part
+    of the cache key), which would leave the report without its upcast analysis."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    from starling_jax import hlo_memory
+
+    enabled = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used: ask again, now off
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return hlo_memory.upcast_report(lowered)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()  # and on again (if it was) for every later compile
+
+
 def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None, step_time: Optional[float] = None,
                     peak_flops: Optional[float] = None) -> dict:
     """Plan one stage of `exp` (an Experiment) on `devices` (a list of jax devices). Returns the report dict."""
     import jax
-    from starling_jax import hlo_memory, sharding
+    from starling_jax import sharding
 
     stage_name, cfg = _pick_stage(exp, stage)
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(mesh_config or cfg.mesh, distributed=False))
@@ -139,7 +157,7 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
     t0 = time.time()
     step = parts.jit(mesh)
     lowered = step.lower(parts.state, parts.batch)
-    compiled, upcasts = hlo_memory.upcast_report(lowered)
+    compiled, upcasts = _upcast_report(lowered)
     compile_s = time.time() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -204,7 +222,7 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     extra), other = critic + frozen + step_and_rng + extra; batch, temp, output_not_aliased = the largest call's;
     total = params + optimizer + other + batch + temp + output_not_aliased."""
     import jax
-    from starling_jax import hlo_memory, sharding
+    from starling_jax import sharding
     from starling_jax.algorithms import registry
 
     stage_name, cfg = _pick_stage(exp, stage)
@@ -229,7 +247,7 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None) ->
     calls = {}
     for name, call in parts.between_steps.items():
         fn = jax.jit(call.fn, in_shardings=(*call.resident_shardings, *call.input_shardings))
-        compiled, upcasts = hlo_memory.upcast_report(fn.lower(*call.resident, *call.inputs))
+        compiled, upcasts = _upcast_report(fn.lower(*call.resident, *call.inputs))
         mem = compiled.memory_analysis()
         c = {"batch": sum(_tree_bytes(x, xs) for x, xs in zip(call.inputs, call.input_shardings)),
              "temp": int(mem.temp_size_in_bytes), "output_not_aliased": int(mem.output_size_in_bytes)}
