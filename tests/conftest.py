@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
@@ -28,3 +30,13 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # -1: no size fl
 
 def pytest_unconfigure(config):
     shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def random_run(tmp_path_factory):
+    """One finished run of the main job's shape with random weights (tests/run_fixtures.make_run) for the whole
+    session, shared by the modules that only read it (eval, export). Imported here, not at the top: this file must
+    set the environment above before anything imports jax."""
+    from run_fixtures import make_run
+
+    return make_run(str(tmp_path_factory.mktemp("random_run")))

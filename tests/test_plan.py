@@ -33,6 +33,7 @@ def _expected_flops(V=128, D=64, L=2, H=4, K=2, E=16, F=128, B=16, T=32):
     return dense + attention
 
 
+@pytest.mark.slow  # 8-device programs: 75-145 s each at load ~22, over ~10 s quiet
 @needs8
 def test_plan_json_bytes_add_up_and_match_memory_analysis(tmp_path, capsys):
     path = tmp_path / "tiny_plan.py"
@@ -147,6 +148,7 @@ RL_EXPERIMENT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # 8-device programs: 75-145 s each at load ~22, over ~10 s quiet
 @needs8
 def test_plan_rl_update_and_rollout(tmp_path):
     from starling_jax.config_loading import load_experiment
@@ -178,6 +180,7 @@ def test_plan_rl_update_and_rollout(tmp_path):
                            + gb["output_not_aliased"])
 
 
+@pytest.mark.slow  # 8-device programs: 75-145 s each at load ~22, over ~10 s quiet
 @needs8
 def test_plan_rollout_holds_the_train_state(tmp_path):
     """The rollout phase keeps the whole train state (trainable layers, critic, Adam moments, trunk, reference) and
@@ -264,7 +267,7 @@ def _shapes(tree):
 
 
 @needs8
-@pytest.mark.parametrize("objective", ["sft", "apa"])
+@pytest.mark.parametrize("objective", [pytest.param("sft", marks=pytest.mark.slow), "apa"])  # sft: as above
 def test_plan_builds_the_training_stage_setup(tmp_path, objective):
     """The planner and the training stage call the same setup: equal optimiser schedule (length and values), state
     shapes and shardings, batch layout. The rl schedule spans steps x updates per step (epochs x minibatches)."""
