@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py                   # 44.8M Mistral-shaped toy, batch 4 x 256, 10 rounds
     python benchmarks/bench_train_step.py --shape smollm2   # SmolLM2-135M's shape, batch 2 x 256
+    python benchmarks/bench_train_step.py --ab 8e75c3a      # this checkout's step vs commit 8e75c3a's (no torch)
 
 Shapes (--shape): "toy" = 4 layers x 512, GQA 8/2, MLP 1536, vocab 32002, untied head (transformers'
 MistralForCausalLM); "smollm2" = SmolLM2-135M (Llama: 30 layers x 576, GQA 9/3, head_dim 64, MLP 1536, vocab 49152,
@@ -17,14 +18,24 @@ achieved FLOP/s as a fraction of this process's measured fp32 matmul peak (the l
 matmul; both are printed) and with the process CPU time per step (a figure less sensitive to other processes' load).
 The script restarts itself once with glibc malloc settings (common.MALLOC_ENV: one arena, no mmap, no trimming) that
 keep large temporaries mapped between steps; they apply to both frameworks; --default-malloc skips them.
+
+--ab OLD [NEW]: the same starling_jax step built by two versions of the package, to see a speed regression before it
+lands. NEW defaults to this checkout; a commit's package is extracted with `git archive` into a temporary directory.
+Each version runs in its own worker process (PYTHONPATH pointing at its source, the same script, model, weights and
+batch), both resident at once; rounds alternate which goes first (ABBA...), and every round prints both step times
+and their ratio NEW/OLD (> 1: NEW is slower), then the medians. The first two losses of each are printed and compared
+bit for bit (the same weights and batch: a change that only moves speed leaves them equal).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script from anywhere: import common
@@ -61,7 +72,14 @@ def parse_args(argv=None):
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default malloc settings (by default the script restarts itself with "
                         "common.MALLOC_ENV, which applies to both frameworks alike)")
-    return p.parse_args(argv)
+    p.add_argument("--ab", nargs="+", metavar="REF",
+                   help="A/B of starling_jax's own step between two versions of the package, no torch: OLD [NEW] "
+                        "(git commits or refs; NEW defaults to this checkout). See above.")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one side of --ab (internal)
+    args = p.parse_args(argv)
+    if args.ab is not None and len(args.ab) > 2:
+        p.error("--ab takes OLD [NEW]: one or two git refs")
+    return args
 
 
 def make_batch(batch: int, seq: int, vocab: int):
@@ -72,6 +90,30 @@ def make_batch(batch: int, seq: int, vocab: int):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # starling_jax
+
+
+def _loss_api():
+    """(build_loss, stage_params(params), init_state, make_optimizer, jit_step, make_train_step) of the imported
+    starling_jax: today's (step/), those of the commits before the folder layout (train/), or those before the
+    algorithm registry (train.losses.build_loss, stage_params(objective_name, params)), so --ab reaches back to them
+    (e.g. 8e75c3a)."""
+    try:
+        from starling_jax.algorithms import build_loss
+        from starling_jax.step.losses import stage_params
+        from starling_jax.step.state import init_state, make_optimizer
+        from starling_jax.step.step import jit_step, make_train_step
+    except ImportError:
+        from starling_jax.train.state import init_state, make_optimizer
+        from starling_jax.train.step import jit_step, make_train_step
+        try:
+            from starling_jax.algorithms import build_loss
+            from starling_jax.train.losses import stage_params
+        except ImportError:
+            from starling_jax.train.losses import build_loss, stage_params as by_name
+
+            def stage_params(params):
+                return by_name("sft", params)
+    return build_loss, stage_params, init_state, make_optimizer, jit_step, make_train_step
 
 
 def build_jax_step(config, params, lr: float, with_optimizer: bool):
@@ -85,11 +127,8 @@ def build_jax_step(config, params, lr: float, with_optimizer: bool):
     import jax
 
     from starling_jax.config import ObjectiveConfig, OptimConfig
-    from starling_jax.algorithms import build_loss
-    from starling_jax.step.losses import stage_params
-    from starling_jax.step.state import init_state, make_optimizer
-    from starling_jax.step.step import jit_step, make_train_step
 
+    build_loss, stage_params, init_state, make_optimizer, jit_step, make_train_step = _loss_api()
     loss_fn = build_loss(ObjectiveConfig(name="sft"), config)
     trainable, frozen = stage_params(params)  # every layer and the head train
     if not with_optimizer:
@@ -174,18 +213,160 @@ def build_torch_step(model, lr: float, with_optimizer: bool):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def model_config(args):
+    """The benchmark's ModelConfig (args.batch and args.seq already resolved)."""
+    from starling_jax.models import ModelConfig
+
+    shape, extra, _, _ = SHAPES[args.shape]
+    unroll = {} if args.scan_unroll == 1 else {"scan_unroll": args.scan_unroll}  # a field older commits lack
+    return ModelConfig(**shape, **extra, sliding_window=None, max_seq_len=max(4096, args.seq), remat=args.remat,
+                       **unroll)
+
+
+def jax_batch(tokens_np, mask_np) -> dict:
+    import jax.numpy as jnp
+
+    return {"tokens": jnp.asarray(tokens_np), "attention_mask": jnp.asarray(mask_np),
+            "loss_mask": jnp.ones(tokens_np.shape, jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --ab: the same step built by two versions of the package, each in a worker process.
+
+_AB = "bench-ab "  # prefix of a worker's protocol lines on its stdout (anything else there is passed through)
+
+
+def _send(obj) -> None:
+    print(_AB + json.dumps(obj), flush=True)
+
+
+def ab_worker(args) -> None:
+    """One side of --ab: build the step with the starling_jax on PYTHONPATH, report its package path, the first two
+    losses (as float.hex, for a bit-exact comparison) and the build time, then run one step per "step" line on stdin
+    and report its (wall, process CPU) seconds."""
+    import jax
+
+    import starling_jax
+    from starling_jax.models import init_params
+
+    config = model_config(args)
+    t0 = time.perf_counter()
+    step, state = build_jax_step(config, init_params(config, jax.random.key(0)), args.lr, not args.no_optimizer)
+    batch = jax_batch(*make_batch(args.batch, args.seq, config.vocab_size))
+    losses = []
+    for i in range(max(args.warmup, 2)):
+        state, metrics = step(state, batch)
+        if i < 2:
+            losses.append(float(metrics["loss"]).hex())
+    jax.block_until_ready(metrics["loss"])
+    _send({"package": os.path.dirname(os.path.abspath(starling_jax.__file__)), "losses": losses,
+           "build_s": time.perf_counter() - t0})
+    for line in sys.stdin:
+        if line.strip() != "step":
+            return
+        wall, cpu = time.perf_counter(), time.process_time()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        _send({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu})
+
+
+def _receive(proc, label: str) -> dict:
+    for line in proc.stdout:
+        if line.startswith(_AB):
+            return json.loads(line[len(_AB):])
+        print(f"  [{label}] {line}", end="")
+    raise SystemExit(f"--ab: the {label} worker exited (code {proc.wait()}) before answering; its errors are above")
+
+
+def _extract(root: str, ref: str, dest_root: str) -> tuple[str, str]:
+    """(short commit, directory holding that commit's starling_jax package)."""
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short", f"{ref}^{{commit}}"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"--ab: {ref!r} is not a commit of the git checkout at {root} "
+                         f"({getattr(e, 'stderr', '') or e})".strip())
+    dest = os.path.join(dest_root, sha)
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "-C", root, "archive", "--format=tar", sha, "starling_jax"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return sha, dest
+
+
+def run_ab(args) -> dict:
+    """--ab OLD [NEW]: both versions' steps, rounds alternated; returns {label: median wall seconds}."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    forward = ["--worker", "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq), "--warmup",
+               str(args.warmup), "--remat", args.remat, "--scan-unroll", str(args.scan_unroll), "--lr", repr(args.lr)]
+    forward += ["--no-optimizer"] * args.no_optimizer + ["--default-malloc"] * args.default_malloc
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_ab_") as tmp:
+        sides = [_extract(root, ref, tmp) for ref in args.ab]
+        if len(sides) == 1:
+            sides.append(("checkout", root))
+        procs, infos = {}, {}
+        try:
+            for label, path in sides:  # built one after the other, so the two compilations do not compete
+                procs[label] = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), *forward], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, text=True, cwd=tmp, env={**os.environ, "PYTHONPATH": path})
+                infos[label] = _receive(procs[label], label)
+                if not infos[label]["package"].startswith(os.path.abspath(path)):
+                    raise SystemExit(f"--ab: the {label} worker imported {infos[label]['package']}, not {path}")
+                print(f"{label}: starling_jax from {infos[label]['package']}; built, compiled and "
+                      f"{max(args.warmup, 2)} steps in {infos[label]['build_s']:.1f} s")
+            (old, _), (new, _) = sides
+            for i, (a, b) in enumerate(zip(infos[old]["losses"], infos[new]["losses"])):
+                la, lb = float.fromhex(a), float.fromhex(b)
+                same = "bit-identical" if a == b else f"DIFFERENT (rel {abs(lb / la - 1):.1e})"
+                print(f"step {i + 1} loss: {old} {la!r}, {new} {lb!r}: {same}")
+            print(f"\n{args.rounds} rounds, the first of each alternating "
+                  f"(load average before {common.load_average()}):")
+            times: dict[str, list] = {old: [], new: []}
+            for r in range(args.rounds):
+                for label in ((old, new) if r % 2 == 0 else (new, old)):
+                    procs[label].stdin.write("step\n")
+                    procs[label].stdin.flush()
+                    t = _receive(procs[label], label)
+                    times[label].append((t["wall"], t["cpu"]))
+                (wa, ca), (wb, cb) = times[old][-1], times[new][-1]
+                print(f"  round {r + 1:2d}: {old} {wa:.3f} s, {new} {wb:.3f} s; {new}/{old} {wb / wa:.3f} "
+                      f"(CPU {cb / ca:.3f})", flush=True)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.stdin.close()
+                    proc.wait(timeout=60)
+    med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+    ratios = [b[0] / a[0] for a, b in zip(times[old], times[new])]
+    print(f"load average after {common.load_average()}")
+    print(f"  median s/step: {old} {med[old]:.3f}, {new} {med[new]:.3f} (process CPU {cpu[old]:.2f}, {cpu[new]:.2f})")
+    print(f"  {new}/{old} step time: ratio of medians {med[new] / med[old]:.3f}, median of the per-round ratios "
+          f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}); by CPU time "
+          f"{cpu[new] / cpu[old]:.3f}. > 1: {new} is slower.")
+    return med
+
+
 def main(argv=None):
     args = parse_args(argv)
     malloc_tuned = common.reexec_with_malloc_env(not args.default_malloc)
-    import jax
-
-    from starling_jax.models import ModelConfig, count_params, init_params
-
     shape, extra, default_batch, default_seq = SHAPES[args.shape]
     args.batch = args.batch or default_batch
     args.seq = args.seq or default_seq
-    config = ModelConfig(**shape, **extra, sliding_window=None, max_seq_len=max(4096, args.seq), remat=args.remat,
-                         scan_unroll=args.scan_unroll)
+    if args.worker:
+        return ab_worker(args)
+    if args.ab:
+        print(f"A/B of starling_jax's step: {args.shape} shape, batch {args.batch} x {args.seq}, "
+              f"{'fwd + bwd' if args.no_optimizer else 'fwd + bwd + clip + AdamW'}, fp32, remat={args.remat}; "
+              f"glibc malloc: {'tuned' if malloc_tuned else 'default'}")
+        print(common.machine_line())
+        return run_ab(args)
+    import jax
+
+    from starling_jax.models import count_params, init_params
+
+    config = model_config(args)
     params = init_params(config, jax.random.key(0))
     n_params = count_params(params)
     flops = common.decoder_train_flops(**shape, batch=args.batch, seq=args.seq)
@@ -224,8 +405,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     jstep, state = build_jax_step(config, params, args.lr, with_opt)
     del params
-    batch = {"tokens": jax.numpy.asarray(tokens_np), "attention_mask": jax.numpy.asarray(mask_np),
-             "loss_mask": jax.numpy.ones(tokens_np.shape, jax.numpy.float32)}
+    batch = jax_batch(tokens_np, mask_np)
     jax_losses = []
     for _ in range(2):  # the second loss is after one update: checks the optimizer too
         state, metrics = jstep(state, batch)

@@ -1,12 +1,42 @@
-"""Runs before any test module imports jax: simulate 8 CPU devices so sharding tests can build real meshes.
+"""Runs before any test module imports jax.
 
-Single-device code is unaffected (arrays live on device 0 and jit runs there unless a mesh says otherwise). A user's
-own XLA_FLAGS are kept; an explicit device count in them wins.
+- Simulate 8 CPU devices so sharding tests can build real meshes. Single-device code is unaffected (arrays live on
+  device 0 and jit runs there unless a mesh says otherwise). A user's own XLA_FLAGS are kept; an explicit device count
+  in them wins.
+- One persistent JAX compilation cache for the whole session, shared with every CLI subprocess a test starts (they
+  inherit the environment): the same tiny programs compile once per session instead of once per process. Every
+  program is cached, however small or quick to compile. The cache is a fresh directory made for this session and
+  removed after it, so nothing compiled by an earlier session (other code, other flags) can be read back: a test
+  always runs what this checkout compiles. A hit reuses an executable XLA built from the same program text, compile
+  options, XLA flags and jax/jaxlib version (the cache key covers all of them), so it computes the same numbers.
 """
 
 import os
+import shutil
+import tempfile
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="starling_jax_tests_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # -1: no size floor (0 lets JAX pick one)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def random_run(tmp_path_factory):
+    """One finished run of the main job's shape with random weights (tests/run_fixtures.make_run) for the whole
+    session, shared by the modules that only read it (eval, export). Imported here, not at the top: this file must
+    set the environment above before anything imports jax."""
+    from run_fixtures import make_run
+
+    return make_run(str(tmp_path_factory.mktemp("random_run")))

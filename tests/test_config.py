@@ -81,8 +81,16 @@ def test_override_errors(override, message):
 
 
 def test_validate_accepts_defaults_and_staged():
-    validate(Experiment(name="x"), num_devices=1)
-    validate(staged(), num_devices=8)
+    default = Experiment(name="x")
+    assert validate(default, num_devices=1) is default
+    exp = staged()
+    assert validate(exp, num_devices=8) is exp
+    # the same experiments are checked, not waved through: one field off and each is rejected, naming it
+    with pytest.raises(ConfigError, match=r"train.steps: must be >= 1, got 0"):
+        validate(apply_overrides(default, ["train.steps=0"]), num_devices=1)
+    with pytest.raises(ConfigError) as e:
+        validate(exp, num_devices=6)  # batch 16 does not split over 6 devices, in any of the three stages
+    assert [f"stage {n!r}: train.batch_size" in str(e.value) for n in ("sft", "rm", "rl")] == [True] * 3, str(e.value)
 
 
 def test_validate_collects_every_problem():

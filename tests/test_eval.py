@@ -16,8 +16,6 @@ from starling_jax.commands import cli
 from starling_jax.commands.eval import answer, benchmarks as bm, judge
 from starling_jax.metrics import stats
 
-from run_fixtures import make_run
-
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it about snow."]},
     {"question_id": 101, "category": "reasoning", "turns": ["What is 2+2?", "And 3+3?"]},
@@ -36,8 +34,9 @@ def _write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(str(tmp_path_factory.mktemp("run")))
+def run(random_run):
+    """The session's random-weight run (tests/conftest.py): these tests only read it."""
+    return random_run
 
 
 def _fschat_common():

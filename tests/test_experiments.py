@@ -7,6 +7,7 @@ import math
 import pytest
 
 from starling_jax.commands.cli import main as cli_main
+from starling_jax.config import ConfigError
 from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
 from starling_jax.stages.validation import validate
 from starling_jax.data.pipelines import load_splits
@@ -22,7 +23,13 @@ QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 def test_tiny_experiments_validate(name):
     exp = load_experiment(name)
     for devices in (1, 8):  # batch sizes divisible by 8: they also run on an 8-device mesh
-        validate(exp, num_devices=devices)
+        assert validate(exp, num_devices=devices) is exp
+    # and validation does look at them: every stage's batch of 8 does not split over 3 devices
+    with pytest.raises(ConfigError) as e:
+        validate(exp, num_devices=3)
+    names = [name for name, _ in stages_of(exp)]
+    assert str(e.value).count("is not divisible by the mesh's data*fsdp = 3 devices") == len(names), str(e.value)
+    assert all(f"stage {n!r}: train.batch_size" in str(e.value) for n in names)
 
 
 @pytest.mark.parametrize("name", AT_SCALE)

@@ -15,8 +15,6 @@ from starling_jax import models
 from starling_jax.data import load_tokenizer
 from starling_jax.data.templates import jinja_template, render_text, TEMPLATES
 
-from run_fixtures import make_run  # noqa: F401  (tests/run_fixtures.py)
-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -28,8 +26,9 @@ CHAT = [{"role": "user", "content": "Hello, who are you? Ünïcode ok"},
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(str(tmp_path_factory.mktemp("run")))
+def run(random_run):
+    """The session's random-weight run (tests/conftest.py): these tests only read it."""
+    return random_run
 
 
 @pytest.fixture(scope="module")

@@ -38,16 +38,10 @@ def experiment(extra=()):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Every run is a fresh process on one CPU device, sharing a persistent compilation cache (the runs compile the
-    same programs, so only the first pays for it)."""
-    out = dict(os.environ)
-    out["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    out["JAX_PLATFORMS"] = "cpu"
-    out["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    out["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    return out
+def env():
+    """Every run is a fresh process on one CPU device; they compile the same programs, which the session's persistent
+    compilation cache (tests/conftest.py, inherited with the environment) lets only the first pay for."""
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
 
 
 def train_command(workdir, extra=()):

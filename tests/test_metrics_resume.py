@@ -64,23 +64,6 @@ def without_wall_clock(records):
     return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs compile the same programs: a persistent compilation cache lets only the first pay for it."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-        jax.config.update(n, v)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     return run(tmp_path_factory.mktemp("reference"))

@@ -41,11 +41,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def base_env(cache, devices: int) -> dict:
+def base_env(devices: int) -> dict:
+    """The test session's environment (its persistent compilation cache included: tests/conftest.py) on `devices`
+    simulated CPU devices, without any launcher variables."""
     env = dict(os.environ)
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO))
     for k in [k for k in env if k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))]:
         del env[k]
     return env
@@ -59,11 +60,11 @@ class Launch:
     """2 processes of one run. Process 0 uses the JAX_* environment variables, process 1 the command-line flags (both
     launcher paths). Output goes to files (a full pipe could block a process)."""
 
-    def __init__(self, workdir, cache, tag, experiment=EXPERIMENT):
+    def __init__(self, workdir, tag, experiment=EXPERIMENT):
         port = free_port()
         self.procs, self.logs = [], []
         for i in range(2):
-            env = base_env(cache, 2)
+            env = base_env(2)
             extra = ["--heartbeat-timeout", str(HEARTBEAT_S), "--init-timeout", "120"]
             if i == 0:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0")
@@ -112,29 +113,24 @@ def wait_for_checkpoint(launch, directory, step, timeout=RUN_TIMEOUT_S):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory):
     """The uninterrupted run: one process with 4 devices, the same global mesh."""
     workdir = tmp_path_factory.mktemp("one_process") / "run"
-    done = subprocess.run(command(workdir), capture_output=True, cwd=REPO, env=base_env(cache, 4),
+    done = subprocess.run(command(workdir), capture_output=True, cwd=REPO, env=base_env(4),
                           timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return workdir
 
 
 @pytest.fixture(scope="module")
-def two_process(tmp_path_factory, cache):
+def two_process(tmp_path_factory):
     """The 2-process run, interrupted twice. Returns the workdir and what each interruption looked like."""
     workdir = tmp_path_factory.mktemp("two_process") / "run"
     seen: dict = {}
     launches = []
     try:
         # 1. SIGTERM to process 1 during the RL stage: both processes checkpoint at the same step and exit 143.
-        first = Launch(workdir, cache, "sigterm")
+        first = Launch(workdir, "sigterm")
         launches.append(first)
         wait_for_checkpoint(first, workdir / "policy" / "checkpoints", 1)
         first.procs[1].send_signal(signal.SIGTERM)
@@ -145,7 +141,7 @@ def two_process(tmp_path_factory, cache):
         assert saved and saved[-1] < RL_STEPS - 1, (saved, seen["sigterm_out"])
 
         # 2. Resume; SIGKILL process 1 once the next step is saved: process 0 must exit with an error, not hang.
-        second = Launch(workdir, cache, "sigkill")
+        second = Launch(workdir, "sigkill")
         launches.append(second)
         wait_for_checkpoint(second, workdir / "policy" / "checkpoints", saved[-1] + 1)
         second.procs[1].send_signal(signal.SIGKILL)
@@ -156,7 +152,7 @@ def two_process(tmp_path_factory, cache):
         seen["sigkill_out"] = [second.output(i) for i in range(2)]
 
         # 3. Resume to the end.
-        third = Launch(workdir, cache, "final")
+        third = Launch(workdir, "final")
         launches.append(third)
         seen["final_rc"] = third.wait()
         seen["final_out"] = [third.output(i) for i in range(2)]
@@ -248,14 +244,14 @@ def test_each_process_reads_only_its_rows(two_process):
 
 
 @pytest.fixture(scope="module")
-def group_runs(tmp_path_factory, cache):
+def group_runs(tmp_path_factory):
     """GRPO (G = 2 samples per prompt): one process x 4 devices and 2 processes x 2, the same global mesh."""
     one = tmp_path_factory.mktemp("group_one_process") / "run"
     done = subprocess.run(command(one, experiment=GROUP_EXPERIMENT), capture_output=True, cwd=REPO,
-                          env=base_env(cache, 4), timeout=RUN_TIMEOUT_S)
+                          env=base_env(4), timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     two = tmp_path_factory.mktemp("group_two_processes") / "run"
-    launch = Launch(two, cache, "group", experiment=GROUP_EXPERIMENT)
+    launch = Launch(two, "group", experiment=GROUP_EXPERIMENT)
     try:
         rc = launch.wait()
     finally:

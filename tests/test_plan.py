@@ -33,6 +33,7 @@ def _expected_flops(V=128, D=64, L=2, H=4, K=2, E=16, F=128, B=16, T=32):
     return dense + attention
 
 
+@pytest.mark.slow  # 8-device programs: 75-145 s each at load ~22, over ~10 s quiet
 @needs8
 def test_plan_json_bytes_add_up_and_match_memory_analysis(tmp_path, capsys):
     path = tmp_path / "tiny_plan.py"
@@ -100,6 +101,23 @@ def test_jaxpr_flops_counts_every_scan_iteration():
         assert plan.jaxpr_flops(jaxpr) == layers * 3 * 2 * 8 * 32 * 32
 
 
+def test_upcast_report_survives_the_persistent_compilation_cache():
+    """tests/conftest.py turns JAX's persistent compilation cache on; a program compiled twice is then read back from
+    it the second time, without XLA's buffer dumps. The plan's upcast report compiles past the cache: the second
+    report is whole and the same, and the cache is on again afterwards."""
+    import jax.numpy as jnp
+    from jax._src import compilation_cache
+
+    assert jax.config.jax_compilation_cache_dir  # else this test guards nothing
+    w, x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16), jax.ShapeDtypeStruct((8, 256), jnp.bfloat16)
+    f = lambda w, x: jax.lax.fori_loop(0, 3, lambda i, h: jnp.dot(h, w), x)
+    first = plan._upcast_report(jax.jit(f).lower(w, x))[1]
+    second = plan._upcast_report(jax.jit(f).lower(w, x))[1]
+    assert "error" not in first and second == first and first["upcast_buffers"] == 1
+    jax.jit(lambda a: a * 3 + 1)(jnp.ones(3))
+    assert compilation_cache.is_cache_used(jax.devices()[0].client)
+
+
 def test_parse_mesh_and_unknown_stage(tmp_path):
     assert plan.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
     with pytest.raises(ValueError, match="expected data=N,fsdp=N,tensor=N"):
@@ -126,6 +144,7 @@ RL_EXPERIMENT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # 8-device programs: 75-145 s each at load ~22, over ~10 s quiet
 @needs8
 def test_plan_rl_update_and_rollout(tmp_path):
     from starling_jax.stages.experiment import load_experiment
@@ -157,6 +176,7 @@ def test_plan_rl_update_and_rollout(tmp_path):
                            + gb["output_not_aliased"])
 
 
+@pytest.mark.slow  # 8-device programs: 75-145 s each at load ~22, over ~10 s quiet
 @needs8
 def test_plan_rollout_holds_the_train_state(tmp_path):
     """The rollout phase keeps the whole train state (trainable layers, critic, Adam moments, trunk, reference) and
@@ -235,7 +255,7 @@ def _shapes(tree):
 
 
 @needs8
-@pytest.mark.parametrize("objective", ["sft", "apa"])
+@pytest.mark.parametrize("objective", [pytest.param("sft", marks=pytest.mark.slow), "apa"])  # sft: as above
 def test_plan_builds_the_training_stage_setup(tmp_path, objective):
     """The planner and the training stage call the same setup: equal optimiser schedule (length and values), state
     shapes and shardings, batch layout. The rl schedule spans steps x updates per step (epochs x minibatches)."""

@@ -200,6 +200,7 @@ def test_jitted_sharded_step_keeps_layouts_donates_state_and_matches_the_loss():
     assert state.frozen["trunk"]["embed"].sharding.spec == EXPECTED["embed"]
 
 
+@pytest.mark.slow  # 110 s at load ~22: over ~10 s quiet
 @needs8
 def test_sharded_generation_equals_unsharded_and_keeps_the_cache_split():
     """sampling.generate with the mesh's activation constraint (data=2, fsdp=2, tensor=2: batch over data x fsdp,

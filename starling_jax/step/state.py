@@ -81,8 +81,12 @@ def make_optimizer(config: OptimConfig, total_steps: int, params: Params,
     parts = []
     if config.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
-    # inject_hyperparams keeps the learning rate of the latest update in the optimiser state (learning_rate(state))
-    parts.append(optax.inject_hyperparams(optax.adamw)(
+    # inject_hyperparams keeps the learning rate of the latest update in the optimiser state (learning_rate(state)).
+    # Only the learning rate: b1, b2, eps, eps_root and weight_decay stay Python constants, as in a plain optax.adamw
+    # (the numbers of a plain adamw, bit for bit). Injected, they become f32 arrays XLA cannot fold: each element's
+    # update then adds eps_root = 0 and applies the zero weight decay (two adds and a multiply more; ~9% more CPU time
+    # for the 44.8M toy's step at batch 1 x 16) and computes 1 - b1 etc. in f32 (benchmarks/RESULTS.md).
+    parts.append(optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "eps_root", "weight_decay"))(
         learning_rate=schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
         mask=decay_mask(params)))
     tx = optax.chain(*parts)
