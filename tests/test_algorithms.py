@@ -71,6 +71,7 @@ def reinforce():
     del registry.ALGORITHMS["test_reinforce"]
 
 
+@pytest.mark.slow  # trains a stage: 221 s at load ~22 here
 def test_a_registered_algorithm_is_validated_and_trained_by_its_kind(reinforce):
     exp = Experiment(name="x", objective=ObjectiveConfig(name="test_reinforce"), reward_model=RewardModelSection())
     validate(exp, num_devices=1)

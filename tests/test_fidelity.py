@@ -119,6 +119,7 @@ def test_rm_stage_loss_reads_pl_normalize():
 # 10. RL is on-policy for every accepted sampling setting: the update's log-probs are those of the distribution the
 # sampler drew from (temperature), and filtered sampling (top-k / top-p) is rejected for RL stages.
 
+@pytest.mark.slow  # 104 s at load ~22 here
 def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
     from starling_jax.generation import sampling
     from starling_jax.config import ObjectiveConfig
