@@ -283,13 +283,13 @@ def test_group_objectives_across_processes_match_one_process(group_runs):
 CHECKPOINT_SCRIPT = str(REPO / "tests" / "multiprocess_checkpoint.py")
 
 
-def checkpoint_pair(directory, phase, cache) -> list[tuple[int, str, str]]:
+def checkpoint_pair(directory, phase) -> list[tuple[int, str, str]]:
     """Both processes of tests/multiprocess_checkpoint.py DIR PHASE: [(exit status, stdout, stderr)]."""
     port = free_port()
     procs, files = [], []
     try:
         for i in range(2):
-            env = base_env(cache, 2)
+            env = base_env(2)
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
             out, err = (Path(directory).parent / f"{phase}.p{i}.{s}" for s in ("out", "err"))
             files.append((out, err))
@@ -308,11 +308,11 @@ def checkpoint_pair(directory, phase, cache) -> list[tuple[int, str, str]]:
             for p, (o, e) in zip(procs, files)]
 
 
-def test_each_process_verifies_its_shards_and_all_fall_back_together(tmp_path, cache):
+def test_each_process_verifies_its_shards_and_all_fall_back_together(tmp_path):
     """Bytes flipped (same length) in a shard only process 1 wrote and verifies: process 1 finds it, both processes
     agree, set checkpoint 2 aside and restore checkpoint 1; process 0 says so once, naming the file."""
     directory = tmp_path / "checkpoints"
-    saved = checkpoint_pair(directory, "save", cache)
+    saved = checkpoint_pair(directory, "save")
     assert [rc for rc, _, _ in saved] == [0, 0], saved
     own = [f for f in (directory / "2" / "state" / "ocdbt.process_1").rglob("*") if f.is_file()]
     shard = max(own, key=lambda f: f.stat().st_size)
@@ -322,7 +322,7 @@ def test_each_process_verifies_its_shards_and_all_fall_back_together(tmp_path, c
         block = f.read(4096)
         f.seek(max(0, size // 2 - 2048))
         f.write(bytes(b ^ 0xFF for b in block))
-    restored = checkpoint_pair(directory, "restore", cache)
+    restored = checkpoint_pair(directory, "restore")
     assert [rc for rc, _, _ in restored] == [0, 0], restored
     reports = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in restored]
     assert [r["process"] for r in reports] == [0, 1]

@@ -101,23 +101,6 @@ def test_jaxpr_flops_counts_every_scan_iteration():
         assert plan.jaxpr_flops(jaxpr) == layers * 3 * 2 * 8 * 32 * 32
 
 
-def test_upcast_report_survives_the_persistent_compilation_cache():
-    """tests/conftest.py turns JAX's persistent compilation cache on; a program compiled twice is then read back from
-    it the second time, without XLA's buffer dumps. The plan's upcast report compiles past the cache: the second
-    report is whole and the same, and the cache is on again afterwards."""
-    import jax.numpy as jnp
-    from jax._src import compilation_cache
-
-    assert jax.config.jax_compilation_cache_dir  # else this test guards nothing
-    w, x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16), jax.ShapeDtypeStruct((8, 256), jnp.bfloat16)
-    f = lambda w, x: jax.lax.fori_loop(0, 3, lambda i, h: jnp.dot(h, w), x)
-    first = plan._upcast_report(jax.jit(f).lower(w, x))[1]
-    second = plan._upcast_report(jax.jit(f).lower(w, x))[1]
-    assert "error" not in first and second == first and first["upcast_buffers"] == 1
-    jax.jit(lambda a: a * 3 + 1)(jnp.ones(3))
-    assert compilation_cache.is_cache_used(jax.devices()[0].client)
-
-
 def test_parse_mesh_and_unknown_stage(tmp_path):
     assert plan.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
     with pytest.raises(ValueError, match="expected data=N,fsdp=N,tensor=N"):
