@@ -195,6 +195,13 @@ def _expect(cond: bool, where: str, message: str) -> None:
         raise RawError(f"{where}: {message}")
 
 
+def _expect_fields(obj: dict, fields: set, where: str) -> None:
+    """RawError at `where` unless obj has exactly `fields` (names the missing and the unknown ones)."""
+    missing, unknown = fields - set(obj), set(obj) - fields
+    _expect(not missing, where, f"field(s) {', '.join(sorted(missing))} missing")
+    _expect(not unknown, where, f"unknown field(s) {', '.join(sorted(unknown))}")
+
+
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, STUDY_JSON)
     if not os.path.isfile(path):
@@ -202,9 +209,7 @@ def read_manifest(folder: str) -> dict:
     with open(path, encoding="utf-8") as f:
         m = _load_json(f.read(), path)
     _expect(isinstance(m, dict), path, "expected a JSON object")
-    missing, unknown = STUDY_FIELDS - set(m), set(m) - STUDY_FIELDS
-    _expect(not missing, path, f"field(s) {', '.join(sorted(missing))} missing")
-    _expect(not unknown, path, f"unknown field(s) {', '.join(sorted(unknown))}")
+    _expect_fields(m, STUDY_FIELDS, path)
     _expect(m["format"] == FORMAT and m["version"] == VERSION, path,
             f"format {m['format']!r} version {m['version']!r}; expected {FORMAT!r} version {VERSION}")
     for field in ("study", "study_file", "baseline"):
@@ -237,9 +242,7 @@ def read_cell(path: str, arm: str, seed: int) -> dict:
     header = _load_json(lines[0], f"{path} line 1")
     where = f"{path} line 1"
     _expect(isinstance(header, dict), where, "expected the cell's header object")
-    missing, unknown = HEADER_FIELDS - set(header), set(header) - HEADER_FIELDS
-    _expect(not missing, where, f"field(s) {', '.join(sorted(missing))} missing")
-    _expect(not unknown, where, f"unknown field(s) {', '.join(sorted(unknown))}")
+    _expect_fields(header, HEADER_FIELDS, where)
     _expect(header["arm"] == arm and header["seed"] == seed, where,
             f"header says arm {header['arm']!r} seed {header['seed']!r}, the file name arm {arm!r} seed {seed}")
     _expect(isinstance(header["quick"], bool), where, "field 'quick': expected true or false")
