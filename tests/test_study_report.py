@@ -13,7 +13,7 @@ import pytest
 
 from starling_jax.config import ConfigError
 from starling_jax.data import synthetic
-from starling_jax.commands.study import UTILITY_TERMS, Arm, Comparison, Study, raw, report, stats
+from starling_jax.commands.study import REFERENCE, UTILITY_TERMS, Arm, Comparison, Study, raw, report, stats
 
 FAKE_STUDY = '''
 from starling_jax.commands.study import Arm, Comparison, Study
@@ -188,9 +188,19 @@ def test_primary_comparisons_need_what_the_group_measures():
     Study(name="s", arms=(Arm("a", None), Arm("b", None)), primary=(good,))
     with pytest.raises(ConfigError, match="arm 'b' has no policy stage"):
         Study(name="s", arms=(Arm("a", None), Arm("b", None, policy_stage=None)), primary=(good,))
-    with pytest.raises(ConfigError, match="no reward_stage"):
-        Study(name="s", arms=(Arm("a", None), Arm("b", None)), reward_stage=None,
-              primary=(dataclasses.replace(good, group="rm/unseen", metric="kendall_tau"),))
+    rm = dataclasses.replace(good, group="rm/unseen", metric="kendall_tau")
+    with pytest.raises(ConfigError, match="measures no reward model in rm/unseen"):
+        Study(name="s", arms=(Arm("a", None), Arm("b", None)), reward_stage=None, primary=(rm,))
+    with pytest.raises(ConfigError, match="measures no reward model in rm/unseen"):  # a task's rows: no RM groups
+        Study(name="s", arms=(Arm("a", None), Arm("b", None)), reward_model_splits=(), primary=(rm,))
+    # against the reference policy: only a policy's gain (already paired with the reference), of an arm
+    own = Comparison("policy/heldout", "gain", "b", REFERENCE, "greater", "does training help at all")
+    Study(name="s", arms=(Arm("b", None),), primary=(own,))
+    for change in (dict(metric="true_reward"), dict(group="rm/heldout", metric="pair_accuracy")):
+        with pytest.raises(ConfigError, match="compares a policy's gain over the reference policy"):
+            Study(name="s", arms=(Arm("b", None),), primary=(dataclasses.replace(own, **change),))
+    with pytest.raises(ConfigError, match="arm 'c' is not an arm"):
+        Study(name="s", arms=(Arm("b", None),), primary=(dataclasses.replace(own, arm="c"),))
     with pytest.raises(ConfigError, match="stated twice"):
         Study(name="s", arms=(Arm("a", None), Arm("b", None)), primary=(good, good))
     with pytest.raises(ConfigError, match="tuple of"):
@@ -273,11 +283,29 @@ def test_report_gives_primary_comparisons_first_per_seed_figures_and_a_holm_fami
     # the markdown: primary first, then exploratory, every interval with its seeds
     md = report.markdown(results)
     assert md.index("## Primary comparisons (preregistered)") < md.index("## Exploratory") < md.index("### policy")
-    assert "| b - a | policy/heldout | gain vs SFT | greater | " in md and "b is the method under test" in md
+    assert "| b - a | policy/heldout | gain vs reference | greater | " in md and "b is the method under test" in md
     row = next(line for line in md.splitlines() if line.startswith("| b | ") and "primary" in line)
     assert row.count("(") >= 6 and "identical in every replicate" in md and "p=" in md
     seeds = s["policy/heldout"]["b"]["kl"]["seeds"]
     assert "(" + ", ".join(f"{seeds[str(x)]:.3f}" for x in study.seeds) + ")" in md
+
+
+def test_a_primary_against_the_reference_is_the_arms_own_gain():
+    """A one-arm study's question (baseline REFERENCE): the arm's paired gain over the reference policy, with the
+    gain's own interval and per-seed figures; no exploratory family (there is no other arm)."""
+    study = Study(name="one", arms=(Arm("b", None),), seeds=(0, 1, 2),
+                  primary=(Comparison("policy/heldout", "gain", "b", REFERENCE, "greater", "does it help"),))
+    records = [fake_record("b", s) for s in study.seeds]
+    results = report.aggregate(study, records, {}, this_run_s=0.0, failed=[], num_samples=2000)
+    gain = results["summary"]["policy/heldout"]["b"]["gain"]
+    (p,) = results["primary"]
+    assert p["measured"] and p["diff"] == pytest.approx(gain["mean"])
+    assert (p["lo"], p["hi"]) == (pytest.approx(gain["lo"]), pytest.approx(gain["hi"]))
+    for seed in study.seeds:
+        assert p["seeds"][str(seed)] == pytest.approx(_seed_mean(records, "b", seed, "policy/heldout", "gain"))
+    assert p["supported"] and p["lo"] > 0  # GAINS["b"] = 0.5 over a shared reference
+    assert results["family"]["tests"] == 0
+    assert "| b - reference | policy/heldout | gain vs reference | greater | " in report.markdown(results)
 
 
 def test_report_without_primary_says_so_and_an_unmeasured_primary_is_named():

@@ -60,7 +60,8 @@ def group_metrics(group: str) -> tuple[str, ...]:
 class Comparison:
     """A preregistered comparison: the paired difference arm - baseline of `metric` in `group`, and the direction the
     study expects ("greater": arm above baseline, "less": below, "two-sided": either), with the reason, stated in
-    the study file before any cell runs."""
+    the study file before any cell runs. baseline REFERENCE ("reference") with metric "gain": the arm's own paired
+    gain over the reference policy (the question of a one-arm study: does training help at all?)."""
     group: str
     metric: str
     arm: str
@@ -70,6 +71,9 @@ class Comparison:
 
     def label(self) -> str:
         return f"{self.arm} - {self.baseline}, {self.group} {self.metric}"
+
+
+REFERENCE = "reference"  # Comparison.baseline naming the reference policy rather than an arm
 
 
 def on_splits(kind: str, metric: str, arm: str, baseline: str, direction: str, why: str,
@@ -100,8 +104,13 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)
     baseline: Optional[str] = None  # the arm the others are compared with (default: the first)
     shared_stages: tuple[str, ...] = ()  # trained once per seed, linked into every arm (configs must be identical)
-    reference_stage: Optional[str] = "sft"  # the policy KL is measured against (the SFT policy every arm starts from)
+    # the policy KL and gain are measured against: a stage (the SFT policy every arm starts from), or "base": the
+    # policy stage's own starting model (model.path), for recipes that start from a released chat model (no SFT stage)
+    reference_stage: Optional[str] = "sft"
     reward_stage: Optional[str] = "rm"  # scores the policies' replies; its ranking accuracy is measured too
+    # the splits the reward model's ranking accuracy is measured on (None: every measured split). Needs rows with
+    # true utilities for every answer (synthetic data); () for a verifiable task, whose rows carry one answer each
+    reward_model_splits: Optional[tuple[str, ...]] = None
     eval_prompts: int = 256  # per split (held-out, unseen): the first N rows
     max_new_tokens: int = 24  # reply length when sampling for evaluation (every arm alike)
     quick: tuple[str, ...] = ()  # --set overrides that shorten a cell for CI (`--quick`: first arm, first seed)
@@ -127,6 +136,11 @@ class Study:
     def baseline_arm(self) -> str:
         return self.baseline or self.arms[0].name
 
+    @property
+    def rm_splits(self) -> tuple[str, ...]:
+        """The splits the reward model's ranking is measured on (reward_model_splits, default every split)."""
+        return self.splits if self.reward_model_splits is None else self.reward_model_splits
+
 
 def check_primary(study: Study) -> None:
     """Raise ConfigError naming the comparison and field unless every primary comparison is well formed: a known
@@ -144,17 +158,20 @@ def check_primary(study: Study) -> None:
             raise ConfigError(f"{where}: group {c.group!r} is not one of {', '.join(groups)}")
         if c.metric not in known:
             raise ConfigError(f"{where}: metric {c.metric!r} is not measured in {c.group}; one of {', '.join(known)}")
-        for field in ("arm", "baseline"):
+        if c.baseline == REFERENCE and (c.metric != "gain" or not c.group.startswith("policy/")):
+            raise ConfigError(f"{where}: baseline {REFERENCE!r} compares a policy's gain over the reference policy: "
+                              f"use metric 'gain' in a policy group")
+        for field in ("arm",) if c.baseline == REFERENCE else ("arm", "baseline"):
             if getattr(c, field) not in names:
                 raise ConfigError(f"{where}: {field} {getattr(c, field)!r} is not an arm; arms: {', '.join(names)}")
         if c.arm == c.baseline:
             raise ConfigError(f"{where}: arm and baseline are the same arm")
         if c.group.startswith("policy/"):
-            for name in (c.arm, c.baseline):
+            for name in (c.arm,) if c.baseline == REFERENCE else (c.arm, c.baseline):
                 if study.arm(name).policy_stage is None:
                     raise ConfigError(f"{where}: arm {name!r} has no policy stage to measure in {c.group}")
-        elif study.reward_stage is None:
-            raise ConfigError(f"{where}: the study has no reward_stage to measure in {c.group}")
+        elif study.reward_stage is None or c.group.partition("/")[2] not in study.rm_splits:
+            raise ConfigError(f"{where}: the study measures no reward model in {c.group}")
         if c.direction not in DIRECTIONS:
             raise ConfigError(f"{where}: direction {c.direction!r} is not one of {', '.join(DIRECTIONS)}")
         if not c.why.strip():

@@ -42,9 +42,11 @@ def prompt_batch(rows, tokenizer, data, template):
     return batch, [conversations[i] for i in np.asarray(batch["prompt_id"])]
 
 
-def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template, data, rollout, key) -> dict:
+def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template, data, rollout, key,
+                        true_utility=synthetic.true_utility) -> dict:
     """{"policy": {metric: [rows]}, "reference": {...}, "prompt": [rows]} (see the module docstring). policy and
-    reference are (config, params)."""
+    reference are (config, params); true_utility(messages, reply) -> float: the synthetic data's hidden utility (with
+    its terms), or a verifiable task's (data/tasks.py; no terms)."""
     batch, conversations = prompt_batch(rows, tokenizer, data, template)
     (config, params), (ref_config, ref_params) = policy, reference
     out: dict = {"prompt": [synthetic.nectar_prompt(c) for c in conversations]}
@@ -56,13 +58,14 @@ def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template,
         attn = jnp.asarray(np.concatenate([s.prompt_mask, s.mask], axis=1))
         logp = np.asarray(_response_logprobs(p, cfg, tokens, attn, P))
         logp_ref = np.asarray(_response_logprobs(ref_params, ref_config, tokens, attn, P))
-        m: dict = {"true_reward": np.array([synthetic.true_utility(c, t) for c, t in zip(conversations, s.texts)]),
+        m: dict = {"true_reward": np.array([true_utility(c, t) for c, t in zip(conversations, s.texts)], np.float64),
                    "rm_score": np.asarray(scorer(conversations, s.texts), np.float64),
                    "kl": np.sum((logp - logp_ref) * s.mask, axis=1).astype(np.float64),
                    "length": s.mask.sum(axis=1).astype(np.float64)}
-        terms = [synthetic.utility_terms(c, t) for c, t in zip(conversations, s.texts)]
-        for k in terms[0]:
-            m[f"term_{k}"] = np.array([t[k] for t in terms])
+        if true_utility is synthetic.true_utility:
+            terms = [synthetic.utility_terms(c, t) for c, t in zip(conversations, s.texts)]
+            for k in terms[0]:
+                m[f"term_{k}"] = np.array([t[k] for t in terms])
         m["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:3]]
         out[name] = m
     return out

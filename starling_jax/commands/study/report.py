@@ -24,11 +24,11 @@ from typing import Optional
 
 import numpy as np
 
-from starling_jax.commands.study import POLICY_METRICS, RM_METRICS, SPLITS, Study, stats
+from starling_jax.commands.study import POLICY_METRICS, REFERENCE, RM_METRICS, SPLITS, Study, stats
 
 POLICY_COLUMNS = POLICY_METRICS
 RM_COLUMNS = RM_METRICS
-LABELS = {"true_reward": "true reward", "gain": "gain vs SFT", "kl": "KL to SFT", "gain_per_kl": "gain / KL",
+LABELS = {"true_reward": "true reward", "gain": "gain vs reference", "kl": "KL to reference", "gain_per_kl": "gain / KL",
           "rm_score": "RM score", "length": "length (tokens)", "pair_accuracy": "pair acc.", "top1_accuracy": "top-1",
           "kendall_tau": "Kendall tau"}
 ALPHA = 0.05
@@ -73,12 +73,17 @@ def _primary(study: Study, draws: dict, seeded: dict, point: dict) -> list:
         entry = {"group": c.group, "metric": c.metric, "arm": c.arm, "baseline": c.baseline,
                  "direction": c.direction, "why": c.why}
         have = draws.get(c.group, {})
-        if not all(a in have and c.metric in have[a] for a in (c.arm, c.baseline)):
+        arms = (c.arm,) if c.baseline == REFERENCE else (c.arm, c.baseline)
+        if not all(a in have and c.metric in have[a] for a in arms):
             out.append({**entry, "measured": False})
             continue
-        d = have[c.arm][c.metric] - have[c.baseline][c.metric]
+        s_arm = seeded[c.group][c.arm][c.metric]
+        if c.baseline == REFERENCE:  # the gain is already the paired difference from the reference policy
+            d, base_point, s_base = have[c.arm][c.metric], 0.0, {s: 0.0 for s in s_arm}
+        else:
+            d = have[c.arm][c.metric] - have[c.baseline][c.metric]
+            base_point, s_base = point[c.group][c.baseline][c.metric], seeded[c.group][c.baseline][c.metric]
         lo, hi = stats.interval(d, 1 - ALPHA)
-        s_arm, s_base = seeded[c.group][c.arm][c.metric], seeded[c.group][c.baseline][c.metric]
         if c.direction == "greater":
             supported, verdict = lo > 0, ("yes: the interval is above 0" if lo > 0 else
                                           "no: the interval is below 0 (the opposite direction)" if hi < 0 else
@@ -92,7 +97,7 @@ def _primary(study: Study, draws: dict, seeded: dict, point: dict) -> list:
             verdict = ("yes: the interval is above 0" if lo > 0 else "yes: the interval is below 0" if hi < 0 else
                        "no: the interval includes 0")
         out.append({**entry, "measured": True,
-                    "diff": point[c.group][c.arm][c.metric] - point[c.group][c.baseline][c.metric], "lo": lo,
+                    "diff": point[c.group][c.arm][c.metric] - base_point, "lo": lo,
                     "hi": hi, "seeds": {str(s): s_arm[s] - s_base[s] for s in s_arm}, "p": stats.bootstrap_p(d),
                     "supported": bool(supported), "verdict": verdict, "_draws": d})
     return out

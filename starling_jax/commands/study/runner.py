@@ -20,9 +20,10 @@ from typing import Optional, Sequence
 
 from starling_jax.commands.study import Arm, Study, evaluate as ev, load_study, raw, report, with_seed
 from starling_jax.config import ConfigError, Experiment
-from starling_jax.data import load_tokenizer, pipelines
+from starling_jax.data import load_tokenizer, pipelines, synthetic
 from starling_jax.files import write_json
 from starling_jax.stages.experiment import apply_overrides, stages_of, to_dict
+from starling_jax.stages.export import load_weights
 from starling_jax.stages.loop import StageInterrupted, TrainingDiverged, run_experiment
 from starling_jax.stages.rollout import RewardScorer
 from starling_jax.step.checkpoint import load_export
@@ -30,11 +31,13 @@ from starling_jax.step.checkpoint import load_export
 
 def cell_experiment(study: Study, arm: Arm, seed: int, quick: bool = False) -> Experiment:
     """The arm's experiment at `seed`; in a selection study (one that measures neither reporting split) every
-    data section says data.reporting=false, so no stage of the cell generates, samples or scores a reporting row."""
+    data section says data.reporting=false, so no stage of the cell generates, samples or scores a reporting row.
+    A stage's own output read as data (source "stage:NAME", e.g. feedback rows sampled from training prompts) holds
+    no reporting row, and its held-out part is that stage's validation set: left as it is."""
     exp = with_seed(arm.experiment, seed)
     if not {"heldout", "unseen"} & set(study.splits):
         def quiet(d):
-            return None if d is None else dataclasses.replace(d, reporting=False)
+            return d if d is None or d.source.startswith("stage:") else dataclasses.replace(d, reporting=False)
         exp = dataclasses.replace(exp, data=quiet(exp.data),
                                   stages=tuple(dataclasses.replace(s, data=quiet(s.data)) for s in exp.stages))
     return apply_overrides(exp, study.quick) if quick else exp
@@ -52,7 +55,8 @@ def check_shared(study: Study, seeds: Sequence[int], quick: bool = False) -> Non
         first = None
         for arm in study.arms:
             stages = dict(stages_of(cell_experiment(study, arm, seed, quick)))
-            for needed in (study.reference_stage, study.reward_stage, arm.policy_stage, *study.shared_stages):
+            reference = None if study.reference_stage == "base" else study.reference_stage
+            for needed in (reference, study.reward_stage, arm.policy_stage, *study.shared_stages):
                 if needed is not None and needed not in stages:
                     raise ConfigError(f"study {study.name!r}: arm {arm.name!r} has no stage {needed!r} "
                                       f"(stages: {', '.join(stages)})")
@@ -140,7 +144,10 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
 
     stages = dict(stages_of(exp))
     n = study.quick_eval_prompts if quick else study.eval_prompts
-    data_stage = study.reference_stage or study.reward_stage or arm.policy_stage
+    if study.reference_stage == "base":  # the policy's prompts (its reward stage may read another stage's output)
+        data_stage = arm.policy_stage or study.reward_stage
+    else:
+        data_stage = study.reference_stage or study.reward_stage or arm.policy_stage
     splits = pipelines.load_splits(stages[data_stage].data)  # every stage of the main job reads the same data
     named = splits.named()
     split_rows = {k: named[k][:n] for k in study.splits if named[k]}
@@ -159,6 +166,8 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
         rm_cfg = stages[study.reward_stage]
         rm_tok = load_tokenizer(rm_cfg.model.tokenizer)
         for split, rows in split_rows.items():
+            if split not in study.rm_splits:
+                continue
             groups[f"rm/{split}"] = ev.reward_model_measurements(rm, rows, tokenizer=rm_tok,
                                                                  template=rm_cfg.model.template, data=rm_cfg.data)
     if arm.policy_stage is not None:
@@ -171,12 +180,15 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
             raise ConfigError(f"study {study.name!r}: evaluating a policy needs reward_stage and a reward_model section")
         scorer = RewardScorer(rm[0], rm[1], load_tokenizer(section.tokenizer), section.template, section.max_length)
         tok = load_tokenizer(pol_cfg.model.tokenizer)
-        policy, reference = export(arm.policy_stage), export(study.reference_stage)
+        policy = export(arm.policy_stage)
+        reference = load_weights(pol_cfg.model.path) if study.reference_stage == "base" \
+            else export(study.reference_stage)
         rollout = dataclasses.replace(pol_cfg.rollout, max_new_tokens=study.max_new_tokens)
         for split, rows in split_rows.items():
             key = jax.random.fold_in(jax.random.key(seed), ev.SPLIT_KEYS[split])
             m = ev.policy_measurements(policy, reference, scorer, rows, tokenizer=tok, template=pol_cfg.model.template,
-                                       data=pol_cfg.data, rollout=rollout, key=key)
+                                       data=pol_cfg.data, rollout=rollout, key=key,
+                                       true_utility=splits.true_utility or synthetic.true_utility)
             for who in ("policy", "reference"):
                 groups[f"{who}/{split}"] = {"prompt": m["prompt"], **m[who]}
     return groups
