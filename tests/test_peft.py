@@ -4,6 +4,7 @@
   `PeftModel.from_pretrained` give our adapted logits (rel <= 2e-5), and peft's merge_and_unload gives the weights
   of our merged export (lora.merge + hf.save), whose transformers logits are the same;
 - peft -> ours: a directory peft's save_pretrained wrote (get_peft_model with random B) gives our forward = peft's;
+- a reward model (peft's SEQ_CLS task: adapters + its score head in modules_to_save), both ways;
 - `starling-jax convert BASE OUT --peft ADAPTER` writes the merged model;
 - directories for another base, unknown target modules, missing tensors, pickles: one-line errors.
 Relative error = max |ours - ref| / max |ref|.
@@ -164,6 +165,52 @@ def test_convert_cli_merges_a_peft_directory(exported, tmp_path, capsys):
     toks = _tokens(3)
     ref = np.asarray(models.forward(lora.attach(e["base"], e["adapters"]), e["adapted_config"], toks))
     assert _rel(np.asarray(models.forward(params, config, toks)), ref) <= 2e-5
+
+
+def test_reward_model_adapters_both_ways(tmp_path):
+    """A reward model (SEQ_CLS): adapters + a retrained score head under peft's AutoModelForSequenceClassification give
+    our rewards, read back equal; and a SEQ_CLS directory peft saved gives peft's rewards under our reader."""
+    config = LLAMA.replace(head="score")
+    options = lora.LoraOptions(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    base = models.init_params(config, jax.random.key(5))
+    adapters = lora.init(config, options, jax.random.key(6))
+    adapters = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(7), a.shape), adapters)
+    params = {**lora.attach(base, adapters), "score": 0.5 * jax.random.normal(jax.random.key(8), base["score"].shape)}
+    adapted_config = lora.configure(config, options)
+    hf.save(str(tmp_path / "base"), config, base)
+    peft_io.save(str(tmp_path / "adapter"), config, params, options)
+    cls = transformers.AutoModelForSequenceClassification
+    peft_model = peft.PeftModel.from_pretrained(
+        cls.from_pretrained(str(tmp_path / "base"), dtype=torch.float32, attn_implementation="eager").eval(),
+        str(tmp_path / "adapter")).eval()
+    toks = _tokens(4)
+    mask = np.ones_like(toks)
+    ours = np.asarray(models.score(params, adapted_config, toks, mask))
+    ref = _torch_logits(peft_model, toks)[:, 0]
+    assert _rel(np.asarray(models.score(base, config, toks, mask)), ref) > 1e-2
+    assert _rel(ours, ref) <= 2e-5
+    back_config, back, _ = peft_io.apply(str(tmp_path / "adapter"), config, base)
+    np.testing.assert_array_equal(np.asarray(back["score"]), np.asarray(params["score"]))
+    np.testing.assert_array_equal(np.asarray(models.score(back, back_config, toks, mask)), ours)
+    with pytest.raises(peft_io.PeftFormatError, match=r"task_type='SEQ_CLS' does not fit this base \(head 'lm'"):
+        peft_io.load(str(tmp_path / "adapter"), LLAMA)
+    # peft's own SEQ_CLS directory (random B, its freshly drawn score head)
+    hc = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_labels=1,
+                                  pad_token_id=0, max_position_embeddings=256)
+    torch.manual_seed(1)
+    model = cls.from_config(hc, attn_implementation="eager").eval()
+    model.save_pretrained(tmp_path / "hf_rm")
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                        target_modules=["o_proj", "gate_proj"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        theirs.base_model.model.score.modules_to_save["default"].weight.normal_()
+    theirs.eval().save_pretrained(tmp_path / "peft_rm")
+    rm_config, rm_base = hf.load(str(tmp_path / "hf_rm"))
+    rm_adapted_config, rm_params, _ = peft_io.apply(str(tmp_path / "peft_rm"), rm_config, rm_base)
+    ref = _torch_logits(theirs, toks)[:, 0]
+    assert _rel(np.asarray(models.score(rm_base, rm_config, toks, mask)), ref) > 1e-2
+    assert _rel(np.asarray(models.score(rm_params, rm_adapted_config, toks, mask)), ref) <= 2e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,13 @@ ours, so neither the base nor the adapters need a permutation): A = a[i] reshape
 B = b[i] reshaped [r, out] and transposed. peft's forward is W x + (alpha / r) * B A dropout(x), ours the same.
 
 Reading validates against the base the adapters go onto (its ModelConfig): options peft has that we do not run
-(DoRA, biases, per-module rank or alpha patterns, modules_to_save, ...), target modules that are not one of the seven
-projections, tensors missing, unexpected or shaped for another base each end in one line naming the file (and
-tensor). Only safetensors are read; a directory with only adapter_model.bin is refused, never unpickled.
+(DoRA, biases, per-module rank or alpha patterns, modules_to_save other than a reward model's score head, ...),
+target modules that are not one of the seven projections, tensors missing, unexpected or shaped for another base
+each end in one line naming the file (and tensor). Only safetensors are read; a directory with only
+adapter_model.bin is refused, never unpickled.
+
+A reward model (head "score") is peft's SEQ_CLS task: its score head trains in full beside the adapters
+(modules_to_save), saved as `base_model.model.score.weight` [1, D].
 """
 
 from __future__ import annotations
@@ -43,7 +47,11 @@ _TENSOR = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\
 _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication",
                 "lora_bias", "use_qalora", "target_parameters", "trainable_token_indices", "exclude_modules",
                 "alora_invocation_tokens", "use_bdlora", "monteclora_config", "velora_config", "kasa_config")
-TASK_TYPES = {"lm": "CAUSAL_LM"}
+TASK_TYPES = {"lm": "CAUSAL_LM", "score": "SEQ_CLS"}
+# A reward model's scalar head trains in full beside the adapters: peft's SEQ_CLS task keeps it in modules_to_save
+# (["classifier", "score"]) and saves it under this name, [1, D].
+SCORE_TENSOR = "base_model.model.score.weight"
+SEQ_CLS_MODULES = ("classifier", "score")
 
 
 class PeftFormatError(InputError):
@@ -63,10 +71,18 @@ def save(path: str, config: ModelConfig, adapters: Params, options: lora.LoraOpt
          base_model_name_or_path: Optional[str] = None) -> list[str]:
     """Write `adapters` ({proj: {"a", "b"}} or adapted params) made with `options` for the base `config` as a PEFT
     LoRA directory; returns the files written. Only options.layers are written (layers_to_transform); any other
-    layer must be all zero, as lora.init leaves it (else nothing would carry it: an error, not a silent drop)."""
-    if config.head not in TASK_TYPES:
-        raise PeftFormatError(f"{path}: a PEFT adapter directory is written for a language model (head 'lm'); for a "
-                              f"'{config.head}' head export the merged model instead")
+    layer must be all zero, as lora.init leaves it (else nothing would carry it: an error, not a silent drop).
+    A reward model (config.head "score") is written as peft's SEQ_CLS task with its score head (modules_to_save):
+    pass the adapted params, which carry it."""
+    score = None
+    if config.head == "score":
+        if "score" not in adapters:
+            raise PeftFormatError(f"{path}: a reward model's PEFT directory carries its score head: pass the adapted "
+                                  f"params (with 'score'), not the adapters alone")
+        score = np.asarray(jax.device_get(adapters["score"]))
+        if score.shape != (config.hidden_size, 1):
+            raise PeftFormatError(f"{path}: params['score'] has shape {list(score.shape)}, expected "
+                                  f"{[config.hidden_size, 1]}")
     if "layers" in adapters:
         adapters = lora.adapters_of(adapters)
     projs = lora.validate(config, options)
@@ -88,13 +104,16 @@ def save(path: str, config: ModelConfig, adapters: Params, options: lora.LoraOpt
             name = module_name(p, int(i))
             tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
             tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+    if score is not None:
+        tensors[SCORE_TENSOR] = np.ascontiguousarray(score.T)
     hf_config = {
         "peft_type": "LORA", "task_type": TASK_TYPES[config.head], "base_model_name_or_path": base_model_name_or_path,
         "r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
         "target_modules": [lora.HF_NAMES[p] for p in projs],
         "layers_to_transform": None if options.layers is None else sorted(int(i) for i in options.layers),
         "use_rslora": options.rslora, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "inference_mode": True, "modules_to_save": None if score is None else list(SEQ_CLS_MODULES),
+        "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
     }
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
@@ -168,12 +187,39 @@ def _targets(cfg: dict, config: ModelConfig, file: str) -> dict[str, np.ndarray]
 def load(path: str, config: ModelConfig) -> tuple[lora.LoraOptions, Params]:
     """Read a PEFT LoRA directory for the base `config` (the converted base's ModelConfig): (options, adapters
     {proj: {"a", "b"}} in config.param_dtype; layers peft leaves alone hold zeros). Attach them with
-    lora.attach(base, adapters) and run them with lora.configure(config, options)."""
+    lora.attach(base, adapters) and run them with lora.configure(config, options); `apply` does both (and takes a
+    reward model's score head from the directory)."""
+    options, adapters, _ = _read(path, config)
+    return options, adapters
+
+
+def apply(path: str, config: ModelConfig, base: Params) -> tuple[ModelConfig, Params, lora.LoraOptions]:
+    """The PEFT directory's adapters on `base`: (the configured model config, adapted params, options). A reward
+    model's directory (SEQ_CLS) that carries its score head replaces the base's."""
+    options, adapters, score = _read(path, config)
+    params = lora.attach(base, adapters)
+    if score is not None:
+        params["score"] = score
+    return lora.configure(config, options), params, options
+
+
+def _read(path: str, config: ModelConfig) -> tuple[lora.LoraOptions, Params, Optional[jax.Array]]:
     cfg = _read_config(path)
     file = os.path.join(path, CONFIG_FILE)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise PeftFormatError(f"{file}: peft_type={cfg.get('peft_type')!r}; only LORA adapters are supported")
+    task = cfg.get("task_type")
+    if task not in (None, TASK_TYPES[config.head]):
+        raise PeftFormatError(f"{file}: task_type={task!r} does not fit this base (head {config.head!r}: "
+                              f"{TASK_TYPES[config.head]}); a causal LM's adapters do not go onto a reward model or "
+                              f"back")
+    seq_cls = config.head == "score"
+    if seq_cls and cfg.get("modules_to_save") and not set(cfg["modules_to_save"]) <= set(SEQ_CLS_MODULES):
+        raise PeftFormatError(f"{file}: modules_to_save={cfg['modules_to_save']!r}: only the score head "
+                              f"({', '.join(SEQ_CLS_MODULES)}) can be trained in full beside the adapters")
     for key in _UNSUPPORTED:
+        if seq_cls and key == "modules_to_save":
+            continue
         if cfg.get(key):
             raise PeftFormatError(f"{file}: {key}={cfg[key]!r} is a peft variant starling_jax does not run; only "
                                   f"plain LoRA (with optional rsLoRA) is supported")
@@ -220,6 +266,10 @@ def load(path: str, config: ModelConfig) -> tuple[lora.LoraOptions, Params]:
             base = f"base_model.model.{module_name(p, int(i))}"
             want[f"{base}.lora_A.weight"] = (p, int(i), "a", (r, math.prod(a_shape[:-1])))
             want[f"{base}.lora_B.weight"] = (p, int(i), "b", (math.prod(b_shape[1:]), r))
+    score = stored.pop(SCORE_TENSOR, None) if seq_cls else None
+    if score is not None and tuple(score.shape) != (1, config.hidden_size):
+        raise PeftFormatError(f"{weights}: tensor {SCORE_TENSOR} has shape {list(score.shape)}, expected "
+                              f"{[1, config.hidden_size]} for this base (made for another base?)")
     for name, x in stored.items():
         if name not in want:
             m = _TENSOR.fullmatch(name)
@@ -240,10 +290,6 @@ def load(path: str, config: ModelConfig) -> tuple[lora.LoraOptions, Params]:
         x = stored[name].astype(np.float32)
         arrays[p][k][i] = (x.T.reshape(specs[p]["a"].shape[1:]) if k == "a"
                            else x.T.reshape(specs[p]["b"].shape[1:])).astype(dtype)
-    return options, jax.tree.map(jnp.asarray, arrays)
-
-
-def apply(path: str, config: ModelConfig, base: Params) -> tuple[ModelConfig, Params, lora.LoraOptions]:
-    """The PEFT directory's adapters on `base`: (the configured model config, adapted params, options)."""
-    options, adapters = load(path, config)
-    return lora.configure(config, options), lora.attach(base, adapters), options
+    if score is not None:
+        score = jnp.asarray(score.astype(np.float32).T.astype(dtype))
+    return options, jax.tree.map(jnp.asarray, arrays), score
