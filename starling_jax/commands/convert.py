@@ -63,7 +63,8 @@ def seal(output: str, files: list[str]) -> list[str]:
 def convert_cli(args) -> int:
     if not args.overwrite:
         check_output_dir(args.output, overwrite=False)  # fail before loading anything
-    if args.peft and (gguf.is_gguf(args.source) or export.is_stage_source(args.source)):
+    if args.peft and (args.source.startswith("preset:") or gguf.is_gguf(args.source)
+                      or export.is_stage_source(args.source)):
         raise InputError(f"convert: --peft applies only to a Hugging Face directory source (the adapters' base), "
                          f"not {args.source}")
     if gguf.is_gguf(args.source):
@@ -86,9 +87,6 @@ def convert_cli(args) -> int:
         return 0
     if args.stage:
         raise hf.HFFormatError(f"convert: --stage applies only to a run (WORKDIR) source, not {args.source}")
-    if args.peft and args.source.startswith("preset:"):
-        raise InputError(f"convert: --peft applies only to a Hugging Face directory source (the adapters' base), "
-                         f"not {args.source}")
     if args.source.startswith("preset:"):
         overrides = {"head": args.head} if args.head else {}
         if args.dtype:
