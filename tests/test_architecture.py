@@ -179,3 +179,17 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert lazy_violations({"starling_jax.io.m": f}, rel, modules, allowed) == ([], {0})
     assert lazy_violations({"starling_jax.io.m": f}, rel, modules, [])[0] == [
         "io/m.py imports stages/__init__.py inside a function", "io/m.py imports stages/loop.py inside a function"]
+
+
+LONG_FILE = 400  # "no file over ~400 lines without a reason written at its top"
+
+
+def test_every_long_module_says_at_its_top_why_it_is_long():
+    """A module over ~400 lines states, in its docstring, why it is long (and where it would be cut): one sentence a
+    newcomer reads before the code, as models/transformer.py does."""
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > LONG_FILE and "Why this file is long" not in (ast.get_docstring(ast.parse(text)) or ""):
+            unexplained.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+    assert not unexplained, "long modules without a reason at their top: " + ", ".join(unexplained)

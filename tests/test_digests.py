@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from file_damage import flip
 
 from starling_jax import digests, models
 from starling_jax.commands import cli
@@ -40,19 +41,6 @@ def said():
     yield lines
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-def flip(path: str, n: int = 4096) -> None:
-    """Invert n bytes (all of a smaller file) in the middle of `path`, in place: same length, different content."""
-    size = os.path.getsize(path)
-    n = min(n, size)
-    start = (size - n) // 2
-    with open(path, "r+b") as f:
-        f.seek(start)
-        data = f.read(n)
-        f.seek(start)
-        f.write(bytes(b ^ 0xFF for b in data))
-    assert os.path.getsize(path) == size
 
 
 def largest_file(directory) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from file_damage import flip
 
 from starling_jax.stages.experiment import apply_overrides, load_experiment
 from starling_jax.step.checkpoint import Checkpoints
@@ -71,6 +72,14 @@ def reference(tmp_path_factory, env):
     workdir = tmp_path_factory.mktemp("reference")
     rc, err = train(workdir, env)
     assert rc == 0, err
+    return workdir
+
+
+def unfinished_copy(reference, workdir):
+    """A copy of the reference run with its stage unfinished (no export, no summary): a rerun resumes it."""
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "rm" / "export")
+    os.remove(workdir / "summary.json")
     return workdir
 
 
@@ -168,19 +177,10 @@ def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_match(reference, e
     """4 KiB of the newest checkpoint's largest file overwritten in place (same length: orbax would restore it
     without a word, tests/test_digests.py shows): the digests catch it, one warning names the file, the checkpoint is
     moved aside and the run resumes from the previous one, reproducing the uninterrupted losses."""
-    workdir = tmp_path / "flipped"
-    shutil.copytree(reference, workdir)
-    shutil.rmtree(workdir / "rm" / "export")  # unfinish the stage
-    os.remove(workdir / "summary.json")
+    workdir = unfinished_copy(reference, tmp_path / "flipped")
     newest = workdir / "rm" / "checkpoints" / "24"
     largest = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
-    size = largest.stat().st_size
-    with open(largest, "r+b") as f:
-        f.seek(max(0, size // 2 - 2048))
-        block = f.read(4096)
-        f.seek(max(0, size // 2 - 2048))
-        f.write(bytes(b ^ 0xFF for b in block))
-    assert largest.stat().st_size == size
+    flip(largest)
     rc, err = train(workdir, env)
     assert rc == 0, err
     warned = [line for line in err.splitlines() if "could not be restored" in line]
@@ -192,10 +192,7 @@ def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_match(reference, e
 
 
 def test_corrupted_latest_checkpoint_falls_back(reference, env, tmp_path):
-    workdir = tmp_path / "corrupt"
-    shutil.copytree(reference, workdir)
-    shutil.rmtree(workdir / "rm" / "export")  # unfinish the stage
-    os.remove(workdir / "summary.json")
+    workdir = unfinished_copy(reference, tmp_path / "corrupt")
     for f in (workdir / "rm" / "checkpoints" / "24" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0" * 7)

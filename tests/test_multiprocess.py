@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from file_damage import flip
 
 from starling_jax.step.logging import read_metrics
 
@@ -316,12 +317,7 @@ def test_each_process_verifies_its_shards_and_all_fall_back_together(tmp_path):
     assert [rc for rc, _, _ in saved] == [0, 0], saved
     own = [f for f in (directory / "2" / "state" / "ocdbt.process_1").rglob("*") if f.is_file()]
     shard = max(own, key=lambda f: f.stat().st_size)
-    size = shard.stat().st_size
-    with open(shard, "r+b") as f:
-        f.seek(max(0, size // 2 - 2048))
-        block = f.read(4096)
-        f.seek(max(0, size // 2 - 2048))
-        f.write(bytes(b ^ 0xFF for b in block))
+    flip(shard)
     restored = checkpoint_pair(directory, "restore")
     assert [rc for rc, _, _ in restored] == [0, 0], restored
     reports = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in restored]

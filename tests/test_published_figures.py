@@ -2,14 +2,14 @@
 `starling-jax study FILE --workdir D --export-raw results/NAME`) and must equal the quoted number at its precision.
 
 A quoted figure is plain text followed by an HTML comment naming where it comes from in the regenerated results.json
-(starling_jax.commands.study.raw): `0.68 <!-- q: rl_algorithms summary policy/heldout apa gain mean -->`. With no quotes and
+(starling_jax.commands.study.quotes): `0.68 <!-- q: rl_algorithms summary policy/heldout apa gain mean -->`. With no quotes and
 no raw folders the checks pass; any mismatch, unknown key or missing folder fails them."""
 
 import glob
 import json
 import os
 
-from starling_jax.commands.study import raw
+from starling_jax.commands.study import quotes, raw
 
 from tests.test_study_report import fake_study, write_study_file, write_workdir
 
@@ -20,13 +20,13 @@ DOCUMENTS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROO
 
 
 def test_every_quoted_figure_equals_the_regenerated_one():
-    count, problems = raw.check_quotes(DOCUMENTS, RESULTS, STUDIES, root=ROOT)
+    count, problems = quotes.check_quotes(DOCUMENTS, RESULTS, STUDIES, root=ROOT)
     assert not problems, f"{len(problems)} of {count} quoted figures do not match:\n" + "\n".join(problems)
 
 
 def test_committed_reports_are_the_ones_their_raw_data_gives():
     """A committed results/NAME/results.md is what `--report-only --raw results/NAME` writes today."""
-    problems = raw.check_reports(RESULTS, STUDIES)
+    problems = quotes.check_reports(RESULTS, STUDIES)
     assert not problems, "\n".join(problems)
 
 
@@ -50,7 +50,7 @@ def test_quoted_figures_pass_when_equal_and_fail_when_not(tmp_path):
     def check(text):
         doc = tmp_path / "doc.md"
         doc.write_text(text)
-        return raw.check_quotes([str(doc)], results_root, studies)
+        return quotes.check_quotes([str(doc)], results_root, studies)
 
     good = (f"# Fake\n\nb gains {b['mean']:.2f} <!-- q: fake summary policy/heldout b gain mean --> true reward, "
             f"+{first['diff']:.3f} [{first['lo']:.3f}, {first['hi']:.3f}] <!-- q: fake primary 0 diff,lo,hi --> over "
@@ -78,24 +78,24 @@ def test_quoted_figures_pass_when_equal_and_fail_when_not(tmp_path):
 def test_a_stale_or_missing_committed_report_fails(tmp_path):
     results_root, studies, _ = _fake_results(tmp_path)
     folder = os.path.join(results_root, "fake")
-    assert raw.check_reports(results_root, studies) == [f"{folder}/results.md is missing: run starling-jax study "
+    assert quotes.check_reports(results_root, studies) == [f"{folder}/results.md is missing: run starling-jax study "
                                                         f"experiments/studies/fake.py --report-only --raw {folder}"]
-    fresh = raw.regenerated_markdown(folder, studies)
+    fresh = quotes.regenerated_markdown(folder, studies)
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(fresh)
-    assert raw.check_reports(results_root, studies) == []
+    assert quotes.check_reports(results_root, studies) == []
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(fresh.replace("| b |", "| b* |", 1))
-    assert "is stale" in raw.check_reports(results_root, studies)[0]
+    assert "is stale" in quotes.check_reports(results_root, studies)[0]
 
 
 def test_a_quote_matches_only_the_numbers_right_before_it_on_its_line(tmp_path):
-    quotes = raw.find_quotes("x 1.06x and v1.2 then -0.50 [0.1, \u22120.25] <!-- q: s a b,c --> 7\n"
-                             "2.5 <!-- other --> 3 <!-- q: s d -->\n", "doc.md")
-    assert [(q.line, q.keys, q.text) for q in quotes] == [(1, ("a", "b"), "0.1"), (1, ("a", "c"), "\u22120.25"),
-                                                          (2, ("d",), "3")]
+    found = quotes.find_quotes("x 1.06x and v1.2 then -0.50 [0.1, \u22120.25] <!-- q: s a b,c --> 7\n"
+                               "2.5 <!-- other --> 3 <!-- q: s d -->\n", "doc.md")
+    assert [(q.line, q.keys, q.text) for q in found] == [(1, ("a", "b"), "0.1"), (1, ("a", "c"), "\u22120.25"),
+                                                         (2, ("d",), "3")]
     example = ("An example:\n\n    0.5 <!-- q: s a -->\n\n```\n0.5 <!-- q: s b -->\n```\n"
                "and `0.5 <!-- q: s c -->` inline; 0.5 <!-- q: s d --> is a quote.\n")
-    assert [(q.line, q.keys) for q in raw.find_quotes(example, "doc.md")] == [(8, ("d",))]
-    assert raw._as_quoted(-0.0004, "0.000") == "0.000" and raw._plain("\u22120.25") == "-0.25"
-    assert raw._as_quoted(0.6789, "+0.68") == "0.68" and raw._plain("+0.68") == "0.68"
+    assert [(q.line, q.keys) for q in quotes.find_quotes(example, "doc.md")] == [(8, ("d",))]
+    assert quotes._as_quoted(-0.0004, "0.000") == "0.000" and quotes._plain("\u22120.25") == "-0.25"
+    assert quotes._as_quoted(0.6789, "+0.68") == "0.68" and quotes._plain("+0.68") == "0.68"

@@ -275,11 +275,12 @@ def test_rl_step_makes_the_shared_update_and_logs_its_learning_rate():
 
 
 def test_group_rollouts_share_each_prompts_prefill_and_sample_as_before(monkeypatch):
-    """sample_replies with group=G (a GRPO/RLOO chunk: each prompt G times in a row), in calls of 4 rows: each call
-    prefills its 2 distinct prompts once; the replies equal those of group=1 (every row prefilled), same key."""
+    """generate_replies on a rollout chunk with repeat=G (a GRPO/RLOO chunk: each prompt G times in a row), in calls
+    of 4 rows: each call prefills its 2 distinct prompts once; the replies equal those of repeat=1 (every row
+    prefilled), same key."""
     from starling_jax import models
     from starling_jax.data import load_tokenizer
-    from starling_jax.stages.rollout import sample_replies
+    from starling_jax.generation.replies import generate_replies
 
     tok = load_tokenizer("openchat-3.5")
     config = models.get_preset("tiny")
@@ -290,9 +291,8 @@ def test_group_rollouts_share_each_prompts_prefill_and_sample_as_before(monkeypa
     tokens, mask = sampling.left_pad([tok.encode_chat(c, template=t) for c in convs], tok.pad_id, 16)
     G = 2
     tokens, mask = np.repeat(tokens, G, axis=0), np.repeat(mask, G, axis=0)
-    convs = [c for c in convs for _ in range(G)]
-    run = lambda group: sample_replies(params, config, tok, "auto", convs, tokens, mask, jax.random.key(5), 6,
-                                       generation_batch=4, group=group)
+    run = lambda group: generate_replies(params, config, tok, "auto", (tokens, mask), jax.random.key(5), 6,
+                                         batch_size=4, repeat=group)
     seen = []
     real = sampling.generate
     monkeypatch.setattr(sampling, "generate", lambda *a, **kw: seen.append((len(a[2]), kw["rows"])) or real(*a, **kw))

@@ -24,12 +24,12 @@ import sys
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 
 from starling_jax import digests
 from starling_jax.data import load_tokenizer
 from starling_jax.errors import InputError
 from starling_jax.generation import sampling
+from starling_jax.generation.replies import generate_replies
 from starling_jax.io import hub
 from starling_jax.models import ModelConfig
 from starling_jax.stages.export import load_weights
@@ -169,13 +169,16 @@ class Session:
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
         """One reply per single-turn prompt, generated together as one left-padded batch."""
-        rows = [self.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
-        tokens, mask = sampling.left_pad(rows, self.tokenizer.pad_id, self.args.length_bucket)
-        out, out_mask, _ = sampling.generate(self.params, self.config, tokens, mask, self._next_key(),
-                                             **self._options())
-        texts, _ = sampling.apply_stop_strings(self.tokenizer, np.asarray(out), np.asarray(out_mask),
-                                               self.stop_strings)
-        return [t.strip() for t in texts]
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        r = generate_replies(self.params, self.config, self.tokenizer, self.template,
+                             [system + [{"role": "user", "content": p}] for p in prompts], self._next_key(),
+                             self.args.max_new_tokens, temperature=self.args.temperature, top_k=self.args.top_k,
+                             top_p=self.args.top_p, length_bucket=self.args.length_bucket,
+                             room=self.config.max_seq_len - self.args.max_new_tokens)
+        if r.truncated:
+            log.warning("%d prompts cut to their last %d tokens", r.truncated,
+                        self.config.max_seq_len - self.args.max_new_tokens)
+        return [t.strip() for t in r.texts]
 
     def stream_reply(self, messages, write) -> str:
         """Generate the assistant's reply to `messages`, calling write(text) with each new piece as it comes."""

@@ -28,6 +28,11 @@ step's arguments + outputs (each read or written at least once); the MFU it impl
 The RL plan covers the optimisation step (minibatch epochs); `--rollout` plans the rollout phase instead (the resident
 train state and reward model + the largest of its compiled calls: generation with the KV cache, reward-model scoring,
 the experience pass); its decode loop's trip count is dynamic, so it has no FLOPs or roofline.
+
+Why this file is long (~650 lines): it is the whole planner, and it must not import JAX before it has re-executed
+itself with XLA_FLAGS (docs/ARCHITECTURE.md), so the target table, the jaxpr FLOP count, the update-step and
+rollout-phase plans and the command line share this one module of function-level imports. The seam to cut when it
+grows is the TPU target table and the FLOP count (no JAX needed at import) into a module of their own.
 """
 
 from __future__ import annotations

@@ -25,9 +25,8 @@ import re
 from typing import Callable, Optional, Sequence
 
 import jax
-import numpy as np
 
-from starling_jax.generation import sampling
+from starling_jax.generation import replies
 
 Messages = list  # [{"role", "content"}] ending with a user turn
 
@@ -173,29 +172,14 @@ def sample_k(params, config, tokenizer, template, conversations: Sequence[Messag
              max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 16,
              length_bucket: int = 32) -> list[list[str]]:
     """K sampled replies per conversation from one checkpoint (rendered in `template`, "auto" = the tokenizer's own),
-    decoded and cut at the template's stop tokens and stop strings. Rows are generated batch_size at a time, prompts
-    left padded to a multiple of length_bucket (few compiled shapes). Each call prefills each of its distinct prompts
-    once and shares the KV cache among that prompt's rows (sampling.generate's rows): the same samples as prefilling
-    every row."""
-    t = tokenizer.template(template)
-    stop_ids = tokenizer.stop_ids(t)
-    prompts = [tokenizer.encode_chat(list(c), template=t) for c in conversations]
-    flat = [i for i in range(len(prompts)) for _ in range(k)]  # each row's prompt
-    distinct = min(batch_size, -(-(batch_size - 1) // k) + 1)  # the most prompts batch_size consecutive rows span
-    texts: list[str] = []
-    for start in range(0, len(flat), batch_size):
-        ids = flat[start:start + batch_size]
-        ids = ids + [ids[-1]] * (batch_size - len(ids))  # one compiled batch shape
-        unique = sorted(set(ids))
-        unique += [unique[-1]] * (distinct - len(unique))  # one compiled prompt count
-        tokens, mask = sampling.left_pad([prompts[i] for i in unique], tokenizer.pad_id, length_bucket)
-        rows = np.asarray([unique.index(i) for i in ids], np.int32)
-        out, out_mask, _ = sampling.generate(params, config, tokens, mask, jax.random.fold_in(key, start),
-                                             max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
-                                             rows=rows)
-        decoded, _ = sampling.apply_stop_strings(tokenizer, np.asarray(out), np.asarray(out_mask), t.stop_strings)
-        texts += [s.strip() for s in decoded]
-    texts = texts[:len(flat)]
+    decoded and cut at the template's stop tokens and stop strings (replies.generate_replies). Rows are generated
+    batch_size at a time (call j samples with fold_in(key, j * batch_size)), prompts left padded to a multiple of
+    length_bucket (few compiled shapes); each call prefills each of its distinct prompts once (prefix sharing)."""
+    r = replies.generate_replies(params, config, tokenizer, template, conversations,
+                                 lambda j: jax.random.fold_in(key, j * batch_size), max_new_tokens,
+                                 temperature=temperature, top_p=top_p, repeat=k, batch_size=batch_size,
+                                 length_bucket=length_bucket)
+    texts = [s.strip() for s in r.texts]
     return [texts[i * k:(i + 1) * k] for i in range(len(conversations))]
 
 

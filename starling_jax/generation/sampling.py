@@ -18,6 +18,10 @@ Prefix sharing: a prompt sampled K times (AI feedback's K replies, a GRPO/RLOO g
 their own: the same samples as prefilling every row, for the same key.
 
 Shape letters: B batch, P prompt length, N max_new_tokens, V vocab, S cache slots.
+
+Why this file is long (~470 lines): it is the whole device side of generation (choosing tokens, prefill, the decode
+step and its weight layout, the jitted loop with prefix sharing, the streaming loop that must give the same tokens)
+plus the stop-string cut that defines where a reply ends; the host-side loop over it is generation/replies.py.
 """
 
 from __future__ import annotations

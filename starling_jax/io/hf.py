@@ -13,6 +13,9 @@ Loading reads one tensor at a time through safetensors' memory map, and each dev
 Layout: HF stores each Linear as [out, in]; we store [in, ...] with heads split out (wq [L, D, H, E], wo [L, H, E, D]),
 and layers stacked on a leading axis. `_LAYOUT` records, per parameter, which of our axes each HF dimension flattens
 (row-major), which is all that is needed to go either way and to read any rectangular slice.
+
+Why this file is long (~480 lines): loading and saving read one name-and-layout table (_LAYOUT, _entries), so both
+directions stay beside it, and loading checks the directory, each tensor and the digests before it reads a byte.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ is compiled, with a message naming the parameter, its shape, the logical axis an
 
 The same code runs on one CPU device, on 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)
 and on a multi-host pod (MeshConfig.distributed -> jax.distributed.initialize()).
+
+Why this file is long (~500 lines): it holds every placement decision of the package, each small (mesh and
+multi-host setup, logical axes to specs, parameter and batch shardings, BatchPlacement for multi-process batches, the
+activation constraint), over one vocabulary of rules; the seam to cut when it grows is the multi-host setup (Launch,
+initialize_distributed) into a module of its own.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 from starling_jax import models
 from starling_jax.data.nectar import parse_prompt
 from starling_jax.data.templates import TEMPLATES, jinja_template
-from starling_jax.generation import sampling
+from starling_jax.generation.replies import generate_replies, row_calls
 from starling_jax.models import ModelConfig, Params
 from starling_jax.objectives import kl as obj_kl
 from starling_jax.step.hydra import policy_parts
@@ -86,14 +86,6 @@ def right_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[
 _score = jax.jit(models.score, static_argnames=("config", "constrain"))
 
 
-def row_calls(n: int, rows_per_call: int, place=None) -> list:
-    """This process's row indices of each call when a global batch (n local rows; the global count from `place`)
-    runs in calls of rows_per_call global rows (0 or >= the batch: one call): rollout.generation_batch."""
-    total = place.global_size(n) if place is not None else n
-    calls = total // rows_per_call if 0 < rows_per_call < total else 1
-    return np.array_split(np.arange(n), calls)
-
-
 @dataclasses.dataclass
 class RewardScorer:
     """A frozen reward model with its own tokenizer and chat template: scores (conversation, reply text) pairs.
@@ -152,57 +144,6 @@ def scale_scores(raw: np.ndarray, moments: dict, reward_clip: float, scale: bool
     return (clipped / std).astype(np.float32), new
 
 
-@dataclasses.dataclass
-class Samples:
-    """One chunk of sampled replies: prompt_tokens/prompt_mask [B, P], tokens/mask [B, N], texts (decoded, cut at the
-    template's stop strings), conversations."""
-    prompt_tokens: np.ndarray
-    prompt_mask: np.ndarray
-    tokens: np.ndarray
-    mask: np.ndarray
-    texts: list
-    conversations: list
-
-
-def sample_replies(params: Params, config: ModelConfig, tokenizer, template: str, conversations, prompt_tokens,
-                   prompt_mask, key: jax.Array, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, constrain=None, place=None, generation_batch: int = 0,
-                   group: int = 1) -> Samples:
-    """Generate replies with the policy and decode them (stop ids and stop strings of the policy's template).
-    params: the policy's params, or the pair (top, trunk) of an RL stage (hydra.policy_parts; merged inside each
-    generate call, not copied outside it).
-    constrain: the mesh's activation constraint (sampling.generate), None off a mesh. place: a
-    sharding.BatchPlacement when the prompts are this process's rows of a global batch (generation then runs on the
-    global batch, split over the batch axes; the replies come back for the local rows). generation_batch: global rows
-    per generate call (0 = the whole batch in one call; memory only); call j samples with fold_in(key, j) when there
-    are several, each process generating its share of every call. group: the prompts come in runs of `group` equal
-    rows (a GRPO/RLOO group): on one process, a call of whole runs prefills each run's prompt once and shares its KV
-    cache among the run (sampling.generate's rows; the same samples)."""
-    t = tokenizer.template(template)
-    calls = row_calls(len(prompt_tokens), generation_batch, place)
-    if place is not None:
-        models.check_token_ids(prompt_tokens, config.vocab_size, "prompt_tokens")  # on the local rows
-    local = place.local if place is not None else np.asarray
-    parts = []
-    for j, rows in enumerate(calls):
-        prompts = (np.asarray(prompt_tokens)[rows], np.asarray(prompt_mask)[rows])
-        shared = None
-        if place is not None:
-            prompts = place.put(*prompts)
-        elif group > 1 and len(rows) % group == 0 and rows[0] % group == 0 and all(
-                (a.reshape(-1, group, a.shape[1]) == a[::group, None]).all() for a in prompts):
-            prompts, shared = tuple(a[::group] for a in prompts), np.repeat(np.arange(len(rows) // group), group)
-        k = key if len(calls) == 1 else jax.random.fold_in(key, j)
-        tokens, mask, _ = sampling.generate(params, config, *prompts, k, max_new_tokens, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids(t),
-                                            constrain=constrain, rows=shared)
-        parts.append((local(tokens), local(mask)))
-    tokens = np.concatenate([p[0] for p in parts])
-    texts, mask = sampling.apply_stop_strings(tokenizer, tokens, np.concatenate([p[1] for p in parts]),
-                                              t.stop_strings)
-    return Samples(np.asarray(prompt_tokens), np.asarray(prompt_mask), tokens, mask, list(texts), list(conversations))
-
-
 class RolloutSource:
     """The rl stage's BatchSource: next_batch(state) samples a chunk with the current policy, scores it with the
     reward model, and returns the experience batch (see rlaif.make_experience) plus per-rollout "stat_*" rows.
@@ -243,7 +184,6 @@ class RolloutSource:
         self.chunk = 0
         self.kl_coef = float(objective.kl_coef)
         self.moments = {k: float(v) for k, v in obj_kl.running_moments_init().items()}
-        self.last_samples: Optional[Samples] = None
 
     def experience(self, state, tokens, attention_mask, response_mask, scores) -> dict:
         """make_experience of this chunk: the policy/reference/critic forward in calls of rollout.generation_batch
@@ -280,17 +220,16 @@ class RolloutSource:
         prompt_tokens, prompt_mask = np.asarray(p["prompt_tokens"]), np.asarray(p["prompt_mask"])
         key = jax.random.fold_in(jax.random.key(self.seed), self.chunk)
         r = self.rollout
-        s = sample_replies(policy_parts(state.params, state.frozen), self.config, self.tokenizer, self.template,
-                           conversations, prompt_tokens, prompt_mask, key, r.max_new_tokens, r.temperature, r.top_k,
-                           r.top_p, constrain=self.constrain, place=self.place, generation_batch=r.generation_batch,
-                           group=self.group)
-        self.last_samples = s
+        s = generate_replies(policy_parts(state.params, state.frozen), self.config, self.tokenizer, self.template,
+                             (prompt_tokens, prompt_mask), key, r.max_new_tokens, temperature=r.temperature,
+                             top_k=r.top_k, top_p=r.top_p, repeat=self.group, batch_size=r.generation_batch,
+                             constrain=self.constrain, place=self.place)
         raw = self.scorer(conversations, s.texts, self.constrain, r.generation_batch)  # this process's rows
         whole = self.place.whole if self.place is not None else np.asarray  # every row of the chunk
         o = self.objective
         scores, self.moments = scale_scores(raw, self.moments, o.reward_clip, o.scale_reward, every_row=whole)
-        tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
-        attention_mask = np.concatenate([s.prompt_mask, s.mask], axis=1)
+        tokens = np.concatenate([prompt_tokens, s.tokens], axis=1)
+        attention_mask = np.concatenate([prompt_mask, s.mask], axis=1)
         exp = self.experience(state, tokens, attention_mask, s.mask, scores)
         kl_all = whole(exp["kl"])
         exp = {k: self.place.local(v) for k, v in exp.items()} if self.place is not None else jax.device_get(exp)

@@ -13,13 +13,12 @@ import sys
 from typing import Callable, Optional, Sequence
 
 import jax
-import numpy as np
 
 from starling_jax.commands.eval import benchmarks as bm
 from starling_jax.commands.eval.checkpoints import Checkpoint
 from starling_jax.config import MeshConfig
 from starling_jax.errors import InputError
-from starling_jax.generation import sampling
+from starling_jax.generation.replies import generate_replies
 from starling_jax.parallel import sharding
 
 GREEDY_BELOW = 1e-4  # fschat: a temperature below this decodes greedily
@@ -44,44 +43,20 @@ class Generator:
         self.key = jax.random.key(seed)
         self.calls = 0
         self.truncated = 0
-        self._put = None
-        if mesh is not None:
-            rules = MeshConfig().rules if rules is None else rules
-
-            def put(tokens, mask):
-                batch = {"tokens": tokens, "mask": mask}
-                placed = sharding.put_batch(batch, sharding.batch_shardings(batch, mesh, rules))
-                return placed["tokens"], placed["mask"]
-            self._put = put
-
-    def prompt_ids(self, conversation) -> list[int]:
-        ids = self.ckpt.tokenizer.encode_chat(conversation, template=self.ckpt.template)
-        if len(ids) > self.room:  # keep the most recent context
-            self.truncated += 1
-            ids = ids[-self.room:]
-        return ids
+        self.place = None if mesh is None else sharding.BatchPlacement(mesh, MeshConfig().rules if rules is None
+                                                                          else rules)
 
     def __call__(self, conversations: Sequence[list], temperature: float) -> list[str]:
         """One reply per conversation (sampled at `temperature`; greedy below 1e-4), in order."""
-        out: list[str] = []
-        greedy = temperature < GREEDY_BELOW
-        ck = self.ckpt
-        for start in range(0, len(conversations), self.batch_size):
-            chunk = [self.prompt_ids(c) for c in conversations[start:start + self.batch_size]]
-            n = len(chunk)
-            chunk += [chunk[-1]] * (self.batch_size - n)  # a fixed batch shape: one compilation
-            tokens, mask = sampling.left_pad(chunk, ck.tokenizer.pad_id, self.length_bucket)
-            if self._put is not None:
-                tokens, mask = self._put(tokens, mask)
-            key = jax.random.fold_in(self.key, self.calls)
-            self.calls += 1
-            new, new_mask, _ = sampling.generate(ck.params, ck.config, tokens, mask, key, self.max_new_tokens,
-                                                 temperature=0.0 if greedy else float(temperature), top_k=self.top_k,
-                                                 top_p=self.top_p, stop_ids=ck.stop_ids)
-            texts, _ = sampling.apply_stop_strings(ck.tokenizer, np.asarray(new), np.asarray(new_mask),
-                                                   ck.template.stop_strings)
-            out += [t.strip() for t in texts[:n]]
-        return out
+        ck, calls = self.ckpt, self.calls
+        r = generate_replies(ck.params, ck.config, ck.tokenizer, ck.template, conversations,
+                             lambda j: jax.random.fold_in(self.key, calls + j), self.max_new_tokens,
+                             temperature=0.0 if temperature < GREEDY_BELOW else float(temperature), top_k=self.top_k,
+                             top_p=self.top_p, batch_size=self.batch_size, length_bucket=self.length_bucket,
+                             room=self.room, place=self.place)
+        self.calls += -(-len(conversations) // self.batch_size)
+        self.truncated += r.truncated
+        return [t.strip() for t in r.texts]
 
 
 def _progress(total: int, initial: int, desc: str):

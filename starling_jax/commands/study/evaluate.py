@@ -13,6 +13,7 @@ utilities (not the noisy labels it was trained on): pair accuracy over untied pa
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ from starling_jax import models
 from starling_jax.data import pipelines, synthetic
 from starling_jax.metrics.ranking import group_metrics, score_groups
 from starling_jax.objectives.sft import token_logprobs
-from starling_jax.stages.rollout import conversation_of, sample_replies
+from starling_jax.stages.policy_eval import measure_policy
+from starling_jax.stages.rollout import conversation_of
 
 SPLIT_KEYS = {"heldout": 1, "unseen": 2, "tuning": 3}  # fold_in offsets: each split has its own sampling key
 
@@ -50,23 +52,22 @@ def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template,
     batch, conversations = prompt_batch(rows, tokenizer, data, template)
     (config, params), (ref_config, ref_params) = policy, reference
     out: dict = {"prompt": [synthetic.nectar_prompt(c) for c in conversations]}
+    options = types.SimpleNamespace(max_new_tokens=rollout.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     for name, (cfg, p) in (("policy", policy), ("reference", reference)):
-        s = sample_replies(p, cfg, tokenizer, template, conversations, batch["prompt_tokens"], batch["prompt_mask"],
-                           key, rollout.max_new_tokens, 1.0, 0, 1.0)
-        P = s.prompt_tokens.shape[1]
-        tokens = jnp.asarray(np.concatenate([s.prompt_tokens, s.tokens], axis=1))
-        attn = jnp.asarray(np.concatenate([s.prompt_mask, s.mask], axis=1))
-        logp = np.asarray(_response_logprobs(p, cfg, tokens, attn, P))
-        logp_ref = np.asarray(_response_logprobs(ref_params, ref_config, tokens, attn, P))
-        m: dict = {"true_reward": np.array([true_utility(c, t) for c, t in zip(conversations, s.texts)], np.float64),
-                   "rm_score": np.asarray(scorer(conversations, s.texts), np.float64),
-                   "kl": np.sum((logp - logp_ref) * s.mask, axis=1).astype(np.float64),
-                   "length": s.mask.sum(axis=1).astype(np.float64)}
+        def logprobs(tokens, attn, prompt_len, cfg=cfg, p=p):
+            tokens, attn = jnp.asarray(tokens), jnp.asarray(attn)
+            return (np.asarray(_response_logprobs(p, cfg, tokens, attn, prompt_len)),
+                    np.asarray(_response_logprobs(ref_params, ref_config, tokens, attn, prompt_len)))
+
+        s = measure_policy(p, cfg, tokenizer, template, batch, conversations, key, options, logprobs=logprobs,
+                           scorer=scorer, true_utility=true_utility)
+        m: dict = {"true_reward": np.asarray(s["true_reward"], np.float64), "rm_score": np.asarray(s["rm_score"], np.float64),
+                   "kl": s["kl"].astype(np.float64), "length": s["length"].astype(np.float64)}
         if true_utility is synthetic.true_utility:
-            terms = [synthetic.utility_terms(c, t) for c, t in zip(conversations, s.texts)]
+            terms = [synthetic.utility_terms(c, t) for c, t in zip(conversations, s["texts"])]
             for k in terms[0]:
                 m[f"term_{k}"] = np.array([t[k] for t in terms])
-        m["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:3]]
+        m["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s["texts"]))[:3]]
         out[name] = m
     return out
 

@@ -6,6 +6,10 @@ checkpoints (the training loop's own resume). Each cell and each seed's shared s
 (`starling-jax study FILE --workdir D --cell ARM@S`), which isolates their memory and lets `--jobs N` run N at once.
 `--export-raw DIR` writes a workdir's finished cells to a raw results folder and `--report-only --raw DIR` regenerates
 the report from such a folder alone (starling_jax.commands.study.raw).
+
+Why this file is long (~490 lines): the grid, the reuse of another study's finished work, the selection it writes and
+the command line all work on one layout of cell directories (D/cells/ARM/seedS) kept here; the seam to cut when it
+grows is the command line (add_arguments .. cli) into a module of its own.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ from starling_jax.models import ModelConfig, Params
 from starling_jax.objectives import common as obj_common, policy as obj_policy
 from starling_jax.parallel import sharding
 from starling_jax.stages import program as prog
-from starling_jax.stages.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls, sample_replies,
+from starling_jax.stages.policy_eval import measure_policy
+from starling_jax.stages.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls,
                                          trained_reward_template)
 from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_params, policy_parts,
                                      reference_parts)
@@ -243,31 +244,30 @@ def _policy_eval(trainable: Params, frozen: Params, sample_params, config: Model
     per-prompt lists cover all of them, the samples are the first rows of this process (process 0: the set's first)."""
     import zlib
 
-    s = sample_replies(sample_params, config, tokenizer, template, conversations, prompts["prompt_tokens"],
-                       prompts["prompt_mask"], key, rollout.max_new_tokens, rollout.temperature, rollout.top_k,
-                       rollout.top_p, place=place)
-    P = s.prompt_tokens.shape[1]
-    tokens = np.concatenate([s.prompt_tokens, s.tokens], axis=1)
-    attn = np.concatenate([s.prompt_mask, s.mask], axis=1)
-    if place is not None:
-        out = _eval_forward(trainable, frozen, config, *place.put(tokens, attn), P, float(rollout.temperature))
-        out = {k: place.local(v) for k, v in out.items()}
-    else:
-        out = _eval_forward(trainable, frozen, config, tokens, attn, P, float(rollout.temperature))
-    kl = np.sum((np.asarray(out["logprobs"]) - np.asarray(out["ref_logprobs"])) * s.mask, axis=1)
+    def logprobs(tokens, attn, prompt_len):
+        if place is None:
+            out = _eval_forward(trainable, frozen, config, tokens, attn, prompt_len, float(rollout.temperature))
+            return out["logprobs"], out["ref_logprobs"]
+        out = _eval_forward(trainable, frozen, config, *place.put(tokens, attn), prompt_len,
+                            float(rollout.temperature))
+        return place.local(out["logprobs"]), place.local(out["ref_logprobs"])
+
+    m = measure_policy(sample_params, config, tokenizer, template, prompts, conversations, key, rollout,
+                       logprobs=logprobs, scorer=scorer, true_utility=true_utility, place=place)
+    s_texts, kl = m["texts"], m["kl"]
     whole = (lambda local: place.whole(np.asarray(local))) if place is not None else np.asarray  # every prompt's
-    scores = whole(np.asarray(scorer(conversations, s.texts), np.float32))
-    text_ids = [zlib.crc32(t.encode()) & 0x7FFFFFFF for t in s.texts]  # equal replies <-> equal ids (gatherable)
+    scores = whole(np.asarray(m["rm_score"], np.float32))
+    text_ids = [zlib.crc32(t.encode()) & 0x7FFFFFFF for t in s_texts]  # equal replies <-> equal ids (gatherable)
     report = {"rm_score": float(np.mean(scores)), "kl_to_reference": float(np.mean(whole(kl.astype(np.float32)))),
-              "response_length": float(np.mean(whole(s.mask.sum(axis=1).astype(np.float32)))),
+              "response_length": float(np.mean(whole(m["length"].astype(np.float32)))),
               "per_prompt": {"rm_scores": scores.tolist(),
-                             "lengths": whole(np.asarray([len(t) for t in s.texts], np.int32)).tolist(),
+                             "lengths": whole(np.asarray([len(t) for t in s_texts], np.int32)).tolist(),
                              "text_ids": whole(np.asarray(text_ids, np.int32)).tolist()}}
     if true_utility is not None:
-        truth = whole(np.asarray([true_utility(c, t) for c, t in zip(conversations, s.texts)], np.float32))
+        truth = whole(np.asarray(m["true_reward"], np.float32))
         report["true_reward"] = float(np.mean(truth))
         report["per_prompt"]["true_rewards"] = truth.tolist()
-    report["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s.texts))[:4]]
+    report["samples"] = [{"prompt": c[-1]["content"], "reply": t} for c, t in list(zip(conversations, s_texts))[:4]]
     return report
 
 
