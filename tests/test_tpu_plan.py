@@ -134,6 +134,29 @@ def test_plan_rollout_on_v5e_compiles_generation_and_reward_scoring(tmp_path):
     assert g["fit"]["fits"] and g["libtpu"] == plan.libtpu_version()
 
 
+def test_plan_one_chip_targets_compile_with_libtpu(tmp_path, capsys):
+    """v5e-1 and v6e-1 (one chip, one host smaller than libtpu's default 2x2 host): the TPU compiler compiles the step
+    for a 1-device mesh and the report checks it against that one chip's HBM."""
+    import json
+
+    from starling_jax.commands import cli
+
+    path = tmp_path / "tiny_tpu_plan.py"
+    path.write_text(SFT_EXPERIMENT)
+    for name, topology, hbm in (("v5e-1", "v5e:1x1", 16), ("v6e-1", "v6e:1x1", 32)):
+        assert plan.parse_target(name) == plan.parse_target(topology) and plan.parse_target(name).chips == 1
+        assert cli.main(["plan", str(path), "--target", name, "--mesh", "fsdp=1,tensor=1", "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["platform"] == "tpu" and r["devices"] == 1 and r["target"] == name
+        assert r["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+        assert r["compiler"].startswith(f"TPU compiler (libtpu {plan.libtpu_version()}) for {name} ({topology}, 1 ")
+        assert r["memory_analysis"]["argument_size_in_bytes"] >= r["per_device_bytes"]["params"] > 0
+        assert r["fit"]["fits"] and r["fit"]["hbm_per_device_bytes"] == hbm * 2 ** 30
+    for name in ("v5p-1", "v5p-2", "v4-1"):  # v4 and v5p have no slice below 4 chips
+        with pytest.raises(plan.InputError, match="is not a known slice"):
+            plan.parse_target(name)
+
+
 def test_plan_bad_targets_say_what_to_do_in_one_line(tmp_path, capsys, monkeypatch):
     from starling_jax.commands import cli
 

@@ -57,8 +57,9 @@ _REEXEC_GUARD = "STARLING_PLAN_REEXEC"
 #   v4 275 TFLOP/s, 1200 GB/s, 32 GiB; v5e 197 TFLOP/s, 819 GB/s, 16 GiB; v5p 459 TFLOP/s, 2765 GB/s, 95 GiB;
 #   v6e (Trillium) 918 TFLOP/s, 1640 GB/s, 32 GiB.
 # Slice names count chips (v5e-8, v6e-8) or, for the two-TensorCore chips, cores (v4-8 and v5p-8 are 4 chips); the
-# topologies are the slice shapes those pages list (single-host shapes below 4 chips need host bounds libtpu does not
-# default to, and are left out).
+# topologies are the slice shapes those pages list. One-chip slices (v5e-1 = v5litepod-1, v6e-1) are single-host
+# shapes smaller than libtpu's default host (2x2 chips): tpu_devices passes their host bounds. v4 and v5p sell no
+# slice below 4 chips (v4-8, v5p-8), so they have none.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Chip:
     topologies: tuple[str, ...]
 
 
-_2D = ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
+_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
 _3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8")
 CHIPS = {
     "v4": Chip("v4", 275e12, 1200e9, 32 * GiB, 2, 2, _3D),
@@ -142,6 +143,10 @@ def tpu_devices(topology: str) -> list:
     import tempfile
     from jax.experimental import topologies
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chips = math.prod(int(d) for d in topology.partition(":")[2].split("x"))
+    # libtpu assumes hosts of 2x2(x1) chips; a smaller slice is one host of its own size (otherwise: "is not
+    # divisible by the given (or default) chips_per_host_bounds")
+    bounds = {"chips_per_host_bounds": [1, 1, 1]} if chips == 1 else {}
     # libtpu, loaded off a TPU VM, writes a screen of warnings about the host it cannot find (metadata, worker
     # hostnames) straight to file descriptor 2: keep them, and show them only if loading fails.
     with tempfile.TemporaryFile() as log:
@@ -149,7 +154,7 @@ def tpu_devices(topology: str) -> list:
         saved = os.dup(2)
         os.dup2(log.fileno(), 2)
         try:
-            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **bounds).devices)
         except Exception:
             os.dup2(saved, 2)
             log.seek(0)
