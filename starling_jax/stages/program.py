@@ -34,9 +34,9 @@ from starling_jax.algorithms import registry
 from starling_jax.config import Experiment, ModelSection, RewardModelSection
 from starling_jax.errors import did_you_mean
 from starling_jax.io import hf
-from starling_jax.models import Params, init_params, param_specs
+from starling_jax.models import Params, init_params, param_specs, quantized_base, quantized_specs
 from starling_jax.models.config import ModelConfig
-from starling_jax.parallel.sharding import init_sharded
+from starling_jax.parallel.sharding import init_sharded, param_shardings
 from starling_jax.step.step import jit_step
 
 Batch = dict[str, np.ndarray]
@@ -235,14 +235,29 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
     """(config, params) of a model section: "stage:NAME" -> that stage's export; a directory -> Hugging Face weights
     (starling_jax.io.hf.load, placed on ctx.mesh); None -> random init of section.config from `key`."""
     path = section.path
+    # how a frozen base is stored (models.quantize) is this run's choice, not the checkpoint's: the section's
+    storage = lambda config: config.replace(quantize=section.config.quantize,
+                                            quantize_block=section.config.quantize_block)
     if path is not None and path.startswith("stage:"):
         exported = ctx.load_stage(path[len("stage:"):])
         # A copy: this stage's train state is donated to its step, and a later stage may load the same export
         # (tiny_starling: rm and policy both start from "stage:sft"); aliasing it would leave them deleted arrays.
-        return exported.config, jax.tree.map(jax.numpy.copy, exported.params)
+        return storage(exported.config), jax.tree.map(jax.numpy.copy, exported.params)
     if path is not None:
-        return hf.load(path, mesh=ctx.mesh)
+        config, params = hf.load(path, mesh=ctx.mesh)
+        return storage(config), params
     if ctx.mesh is not None:  # created directly in its shards: no host ever holds the whole model
         return section.config, init_sharded(param_specs(section.config), key, section.config.init_std, ctx.mesh,
                                             ctx.config.mesh.rules)
     return section.config, init_params(section.config, key)
+
+
+def quantize_frozen(ctx: StageContext, config: ModelConfig, params: Params) -> Params:
+    """A model that never trains (an RL stage's reward model) with its layers stored as config.quantize says
+    (models.quantized_base), placed in the shards of its quantized specs; the dense arrays are donated. "none": the
+    params as they are."""
+    if config.quantize == "none":
+        return params
+    shardings = None if ctx.mesh is None else param_shardings(quantized_specs(param_specs(config), config), ctx.mesh,
+                                                              ctx.config.mesh.rules)
+    return jax.jit(lambda p: quantized_base(p, config), out_shardings=shardings, donate_argnums=0)(params)

@@ -51,7 +51,10 @@ def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, t
     # The reference must not alias the trainable arrays: a donated train state would otherwise invalidate it.
     reference = jax.tree.map(jnp.copy, policy)
     critic = models.init_value_head(config, critic_key, value_head_kind, value_head_layers, source=params)
-    # frozen weights in the compute dtype (models.frozen_storage: the same forwards, half the memory under bf16)
+    # frozen weights in the compute dtype (models.frozen_storage: the same forwards, half the memory under bf16); the
+    # trunk's layers quantized when config.quantize says so (models.quantized_base). Not the reference: it must equal
+    # the trainable layers it was copied from, so that the KL starts at 0.
+    trunk = models.quantized_base(trunk, config)
     return {"policy": policy, "critic": critic}, models.frozen_storage({"trunk": trunk, "reference": reference}, config)
 
 
@@ -104,7 +107,7 @@ def top_forward(top: Params, trunk: Params, shared: Optional[jax.Array], config:
 
 def _layers(tree: Params) -> int:
     """How many stacked layers a params subtree holds (0 without "layers")."""
-    return tree["layers"]["wq"].shape[0] if "layers" in tree else 0
+    return models.num_stacked(tree["layers"]) if "layers" in tree else 0
 
 
 def _slice_layers(layers: Params, start: int, stop: int) -> Params:

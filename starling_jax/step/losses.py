@@ -41,9 +41,11 @@ def stage_params(params: Params, top_layers: int = 0, train_head: bool = True, r
                  config: Optional[ModelConfig] = None) -> tuple[Params, Params]:
     """(params, frozen) of a stage from full model params (see the module docstring); `reference` adds
     frozen["reference"], a copy of the trainable part (Algorithm.reference). With the model's `config`, the frozen
-    trees are stored in its compute dtype (models.frozen_storage: same forwards, half the memory for bf16 over fp32)."""
+    trees are stored in its compute dtype (models.frozen_storage: same forwards, half the memory for bf16 over fp32),
+    and the trunk's layers quantized as config.quantize says (models.quantized_base; not the reference, a copy of the
+    trainable layers that must equal them at the start)."""
     trainable, trunk = models.split_params(params, top_layers, train_head)
-    frozen = {"trunk": trunk}
+    frozen = {"trunk": trunk if config is None else models.quantized_base(trunk, config)}
     if reference:
         # a real copy: the train state is donated, so the reference must not share buffers with the trainable params
         frozen["reference"] = jax.tree.map(jnp.copy, trainable)
@@ -59,7 +61,7 @@ def stage_specs(config: ModelConfig, top_layers: int = 0, train_head: bool = Tru
     abstract = jax.eval_shape(lambda p: stage_params(p, top_layers, train_head, reference, config),
                               models.abstract_params(config))
     trainable = respec(abstract[0], specs)
-    frozen = {"trunk": respec(abstract[1]["trunk"], specs)}
+    frozen = {"trunk": respec(abstract[1]["trunk"], models.quantized_specs(specs, config))}
     if "reference" in abstract[1]:
         frozen["reference"] = respec(abstract[1]["reference"], specs)
     return trainable, frozen

@@ -329,8 +329,8 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     shard_t = sharding.param_shardings(sharding.respec(trainable, {
         "policy": model_specs, "critic": models.value_head_specs(model_config, o.value_head, o.value_head_layers)}), mesh,
         rules)
-    shard_f = sharding.param_shardings(sharding.respec(frozen, {"trunk": model_specs, "reference": model_specs}),
-                                       mesh, rules)
+    shard_f = sharding.param_shardings(sharding.respec(frozen, {
+        "trunk": models.quantized_specs(model_specs, model_config), "reference": model_specs}), mesh, rules)
     if not abstract:
         trainable, frozen = jax.device_put(trainable, shard_t), jax.device_put(frozen, shard_f)
     updates_per_step = r.epochs * (r.prompts_per_step // r.minibatch_size)
@@ -351,7 +351,8 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     batch = experience_spec(B, P, N, stat_keys)
     resident = {}
     if c.reward_model is not None:  # scores rollouts between steps: live, but outside the step
-        rm_specs = models.param_specs(c.reward_model.config.replace(head="score"))
+        rm_config = c.reward_model.config.replace(head="score")  # stored quantized when its config says so
+        rm_specs = models.quantized_specs(models.param_specs(rm_config), rm_config)
         resident["reward_model"] = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)),
                                                  rm_specs, is_leaf=models.transformer.is_spec),
                                     sharding.param_shardings(rm_specs, mesh, rules))
@@ -459,6 +460,7 @@ class RLStage:
         if "score" not in rm_params:
             raise ValueError(f"stage {ctx.stage_name!r}: reward_model (path {c.reward_model.path!r}) has no 'score' "
                              f"head")
+        rm_params = prog.quantize_frozen(ctx, rm_config, rm_params)
         # the reward model is fed in the template (and tokenizer) it was trained with, when its export says which
         rm_template, rm_tokenizer_name, note = trained_reward_template(ctx.experiment, c.reward_model)
         if note:
