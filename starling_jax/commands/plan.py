@@ -578,6 +578,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RL stages: plan the rollout phase (train state + reward model resident, and the "
                              "largest of generate / reward-model scoring / experience pass) instead of the update "
                              "step")
+    parser.add_argument("--search", default=None, metavar="KEY=V1,V2,...",
+                        help="TPU targets: plan once per value of one config key, in increasing order (e.g. "
+                             "rollout.generation_batch=8,16,32 or rollout.max_new_tokens=1024,2048), stop at the "
+                             "first that does not fit, and report the largest that does")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -617,6 +621,8 @@ def plan_cli(args) -> int:
         raise InputError(f"plan: give --target (e.g. v5e-8, or cpu:8 for simulated CPU devices); valid targets: "
                          f"{valid_targets()}")
     target = parse_target(args.target) if args.target is not None else None
+    if args.search is not None and (target is None or target.chip is None):
+        raise InputError("plan --search compares against a TPU chip's HBM: give a TPU --target (e.g. v5e-1)")
     exp = load_experiment(args.experiment)
     if args.overrides:
         exp = apply_overrides(exp, args.overrides)
@@ -628,11 +634,15 @@ def plan_cli(args) -> int:
     else:
         devices = _ensure_devices(args, target.cpu_devices if target is not None else args.devices)
         target = None
-    try:
+    def one(exp):
         if args.rollout:
-            report = plan_rollout(exp, devices, mesh_config, args.stage, target)
-        else:
-            report = plan_experiment(exp, devices, mesh_config, args.stage, args.step_time, args.peak_flops, target)
+            return plan_rollout(exp, devices, mesh_config, args.stage, target)
+        return plan_experiment(exp, devices, mesh_config, args.stage, args.step_time, args.peak_flops, target)
+
+    if args.search is not None:
+        return _search(args, exp, target, one)
+    try:
+        report = one(exp)
     except DoesNotFit as e:
         print(f"error: {exp.name}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -645,6 +655,46 @@ def plan_cli(args) -> int:
               f"GiB); {fit['suggestion']}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _search(args, exp, target: Optional[Target], plan_one) -> int:
+    """--search KEY=V1,V2,...: plan_one(exp with KEY=V) for each value in increasing order until one does not fit
+    the target's HBM; prints one line per value (or one JSON object) and the largest value that fits."""
+    from starling_jax.stages.experiment import apply_overrides
+    key, _, values = args.search.partition("=")
+    values = [v.strip() for v in values.split(",") if v.strip()]
+    if not key.strip() or not values or not all(v.isdigit() for v in values):
+        raise InputError(f"--search {args.search!r}: expected KEY=N1,N2,... with integers, e.g. "
+                         f"rollout.generation_batch=8,16,32")
+    rows, reports, largest = [], [], None
+    for value in sorted(values, key=int):
+        try:
+            report = plan_one(apply_overrides(exp, [f"{key.strip()}={value}"]))
+        except DoesNotFit as e:
+            rows.append({"value": int(value), "fits": False, "total_gib": None, "note": str(e)})
+            break
+        fit = report["fit"]
+        need = fit["hbm_per_device_bytes"] - fit["headroom_bytes"]
+        rows.append({"value": int(value), "fits": fit["fits"], "total_gib": round(need / GiB, 3),
+                     "largest_call": report.get("largest_call")})
+        reports.append(report)
+        if not fit["fits"]:
+            break
+        largest = int(value)
+    result = {"experiment": exp.name, "target": target.name, "search": key.strip(), "results": rows,
+              "largest_that_fits": largest, "libtpu": libtpu_version(), "reports": reports}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        phase = "rollout phase" if args.rollout else "update step"
+        print(f"{exp.name}: {phase} on {target.name}, {key.strip()} searched (figures from the TPU compiler, libtpu "
+              f"{libtpu_version()}):")
+        for r in rows:
+            print(f"  {key.strip()}={r['value']}: " + (f"{r['total_gib']:.2f} GiB per device, "
+                                                        f"{'fits' if r['fits'] else 'DOES NOT FIT'}"
+                                                        if r["total_gib"] is not None else r["note"]))
+        print(f"  largest {key.strip()} that fits on {target.name}: {largest}")
+    return 0 if largest is not None else EXIT_BAD_INPUT
 
 
 add_arguments, cli = add_plan_arguments, plan_cli
