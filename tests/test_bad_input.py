@@ -279,6 +279,12 @@ CASES = [
          r"full: output directory is not empty \(config\.json\); .* --overwrite"),
     Case("convert into a file", lambda f: ["convert", "preset:tiny", f.write("afile", "x")], 2,
          r"afile: exists and is not a directory"),
+    Case("convert --peft with an adapter made for another base (hidden size 32, not 64)",
+         lambda f: ["convert", f.hf_dir(), f.path("o"), "--peft", _peft_for_other_base(f)], 2,
+         r"other_base/adapter_model\.safetensors: tensor base_model\.model\.model\.layers\.0\.self_attn\.q_proj\."
+         r"lora_A\.weight has shape \[4, 32\], expected \[4, 64\]"),
+    Case("convert --peft on a preset source", lambda f: ["convert", "preset:tiny", f.path("o"), "--peft", "x"], 2,
+         r"--peft applies only to a Hugging Face directory source"),
     Case("convert a truncated GGUF", lambda f: ["convert", f.write("m.gguf", b"GGUF\x03\x00\x00\x00"), f.path("o")],
          2, r"m\.gguf: cannot read GGUF"),
     Case("generate from a malformed hub id", lambda f: ["generate", "hf:no-slash", "--prompt", "hi"], 2,
@@ -398,6 +404,21 @@ def _with_file(f: Files, name: str, content, with_sp_model: bool = False) -> str
         shutil.copy(mistral_model_path(), os.path.join(d, "tokenizer.model"))
     f.write(os.path.join(d, name), content)
     return d
+
+
+def _peft_for_other_base(f: Files) -> str:
+    """A PEFT LoRA directory (io/peft.py, rank 4, q_proj) for the tiny preset with hidden size 32 instead of 64."""
+    import jax
+    import numpy as np
+
+    from starling_jax import models
+    from starling_jax.io import peft
+    from starling_jax.models import lora
+    config = models.get_preset("tiny", hidden_size=32)
+    options = lora.LoraOptions(rank=4, alpha=8.0, targets=("q",))
+    adapters = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), lora.abstract(config, options))
+    peft.save(f.path("other_base"), config, adapters, options)
+    return f.path("other_base")
 
 
 def _flipped_conversion(f: Files) -> str:

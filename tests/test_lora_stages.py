@@ -272,7 +272,9 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path):
     loss = lambda d: [json.loads(line)["loss"] for line in open(d / "sft" / "metrics.jsonl") if '"loss"' in line]
     assert loss(whole) == loss(cut)
 
-    adapters_tree, meta = load_adapters(str(whole / "sft" / "export"))
+    saved, meta = load_adapters(str(whole / "sft" / "export"))
+    assert sorted(saved) == ["lora"]
+    adapters_tree = saved["lora"]
     assert meta["lora"]["targets"] == ["q", "v", "up"] and meta["base"]["path"] is None
     adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(adapters_tree))
     base_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(p_whole))

@@ -173,7 +173,7 @@ def split_layers(params: Params, head_vd: bool = True, dtype=None, fuse: bool = 
     outer, stacks = _stacks(params)
 
     def one(layers, l):
-        layer = {k: a[l] for k, a in layers.items()}
+        layer = jax.tree.map(lambda a: a[l], layers)  # LoRA adapters ("lora", nested) sliced with their layer
         layer = fuse_projections(layer) if fuse else layer
         return layer if dtype is None else cast_matrices(layer, dtype)
     out = {**outer, "layers": tuple(one(layers, l) for layers in stacks

@@ -8,6 +8,7 @@ from starling_jax.models.transformer import (
     init_params, init_value_head, last_token_index, lm_logits, param_specs, positions_and_segments, reward_values,
     run_layers, score, token_logprobs, value_head, value_head_specs,
 )
+from starling_jax.models import lora  # LoRA adapters (models/lora.py)
 
 __all__ = [
     "PRESETS", "ModelConfig", "get_preset", "Params", "ParamSpec", "abstract_params", "attention", "cache_slots",
@@ -15,5 +16,5 @@ __all__ = [
     "init_from_specs", "init_params", "init_value_head", "last_token_index", "lm_logits", "param_specs",
     "positions_and_segments", "reward_values", "run_layers", "score", "token_logprobs", "value_head",
     "value_head_specs", "merge_params", "split_params", "frozen_storage", "cast_matrices",
-    "decode_layers", "fuse_projections",
+    "decode_layers", "fuse_projections", "lora",
 ]

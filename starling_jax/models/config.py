@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -49,6 +50,11 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     init_std: float = 0.02
+    # LoRA (models/lora.py): the static scale (alpha / r, or alpha / sqrt(r) with rsLoRA) of the adapters in
+    # params["layers"]["lora"] and the dropout rate on their inputs (used when a dropout key is passed). None: the
+    # model has no adapters (params carrying some are then an error). lora.configure(config, options) sets both.
+    lora_scale: Optional[float] = None
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -71,6 +77,10 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 problems.append(f"{name}={getattr(self, name)!r} must be float32, bfloat16 or float16")
+        if self.lora_scale is not None and not (math.isfinite(self.lora_scale) and self.lora_scale != 0):
+            problems.append(f"lora_scale={self.lora_scale} must be finite and nonzero (or None: no adapters)")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

@@ -10,7 +10,7 @@ pos_i - pos_j < sliding_window (HF's rule i - window < j <= i). So a left-padded
 tokens as the unpadded sequence, packed rows (mask = segment ids 1, 2, ...) never see each other, and a KV cache (a
 rolling buffer for windowed models) needs no special casing beyond storing each slot's position.
 
-Why this file is long (~515 lines): it is the whole decoder (parameter declarations, embedding, the scanned layer,
+Why this file is long (~555 lines): it is the whole decoder (parameter declarations, embedding, the scanned layer,
 the KV cache, the heads), one pure function calling the next, so a model family's change reads in one place
 (docs/ARCHITECTURE.md "How to add a model family"); the attention kernels are already apart (attention_ops.py).
 """
@@ -39,7 +39,9 @@ NEG_INF = attention_ops.NEG_INF
 class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[Optional[str], ...]  # logical axis names, mapped to mesh axes by starling_jax.parallel.sharding rules
-    init: str  # "normal" (std = config.init_std), "ones", "zeros" or "fan_in_uniform" (torch Linear's)
+    # "normal" (std = config.init_std), "ones", "zeros", "fan_in_uniform" (torch Linear's) or "lora_a" (a LoRA A
+    # [L, *in, r]: peft's kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = prod(in))
+    init: str
     dtype: str = "float32"
 
 
@@ -111,8 +113,8 @@ def init_from_specs(specs: Params, key: jax.Array, std: float) -> Params:
             return jnp.ones(spec.shape, dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, dtype)
-        if spec.init == "fan_in_uniform":  # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            bound = 1.0 / np.sqrt(spec.shape[0])
+        if spec.init in ("fan_in_uniform", "lora_a"):  # torch.nn.Linear's default: U(-1/sqrt(fan_in), +)
+            bound = 1.0 / np.sqrt(spec.shape[0] if spec.init == "fan_in_uniform" else np.prod(spec.shape[1:-1]))
             return jax.random.uniform(k, spec.shape, jnp.float32, -bound, bound).astype(dtype)
         return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
 
@@ -239,18 +241,44 @@ def _dense(x, w, dtype, n_in: int = 1, out_dtype=None):
     return y.reshape(*lead, *w_out)
 
 
-def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None, shard=None):
+LORA_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights an adapter can target
+
+
+def _lora_delta(config: ModelConfig, adapter: Params, name: str, x, dt, key):
+    """scale * (dropout(x) @ a) @ b: a LoRA adapter's addition to projection `name` (models/lora.py has the layout).
+    Dropout (rate config.lora_dropout, one mask per projection as peft's per-module dropout) only with a key."""
+    if config.lora_scale is None:
+        raise ValueError("params carry LoRA adapters (params['layers']['lora']) but config.lora_scale is None; set "
+                         "it with models.lora.configure(config, options)")
+    if key is not None and config.lora_dropout > 0:
+        keep = 1.0 - config.lora_dropout
+        mask = jax.random.bernoulli(jax.random.fold_in(key, LORA_PROJECTIONS.index(name)), keep, x.shape)
+        x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+    n_in = adapter["a"].ndim - 1
+    return (_dense(_dense(x, adapter["a"], dt, n_in), adapter["b"], dt) * config.lora_scale).astype(dt)
+
+
+def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None, shard=None, key=None):
     """One pre-norm block. kv = (cache_k [B,S,K,E], cache_v, old_pos [B,S], slots [T], start) or None (attend to
     self); old_pos: each slot's position before this write; start: None, or the first slot when the T slots are
     start..start+T-1 (then one dynamic_update_slice writes them instead of a scatter). shard: the mesh's
-    sharding.ActivationConstraint or None, for attention (attention_ops.attention)."""
+    sharding.ActivationConstraint or None, for attention (attention_ops.attention).
+    LoRA: a layer with a "lora" entry ({projection: {"a", "b"}}, models/lora.py) adds each adapter's
+    scale * (x @ a) @ b to its projection's output, in either projection form; key: this layer's LoRA dropout key or
+    None (no dropout). A layer without "lora" computes exactly what it did without adapters."""
     dt = jnp.dtype(config.dtype)
+    lora = layer.get("lora") or {}
+
+    def adapt(y, x_in, name):
+        return y + _lora_delta(config, lora[name], name, x_in, dt, key) if name in lora else y
+
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     if "wqkv" in layer:  # the decode layout (fuse_projections): q, k and v from one matmul
         q, k, v = jnp.split(_dense(h, layer["wqkv"], dt), [config.num_heads, config.num_heads + config.num_kv_heads],
                             axis=2)
     else:
         q, k, v = _dense(h, layer["wq"], dt), _dense(h, layer["wk"], dt), _dense(h, layer["wv"], dt)
+    q, k, v = adapt(q, h, "wq"), adapt(k, h, "wk"), adapt(v, h, "wv")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
     T = x.shape[1]
@@ -272,13 +300,15 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None, 
         k_pos = jnp.where(seg > 0, q_pos, -1)
         a = attention(q, jnp.concatenate([cache_k, k], 1), jnp.concatenate([cache_v, v], 1), q_pos,
                       jnp.concatenate([old_pos, k_pos], 1), window=config.sliding_window, **opts)
-    x = x + _dense(a, layer["wo"], dt, n_in=2)
+    x = x + adapt(_dense(a, layer["wo"], dt, n_in=2), a, "wo")
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     if "w_gate_up" in layer:  # [D, 2, F]: gate and up from one matmul
         gate, up = jnp.moveaxis(_dense(h, layer["w_gate_up"], dt), -2, 0)
     else:
         gate, up = _dense(h, layer["w_gate"], dt), _dense(h, layer["w_up"], dt)
-    x = x + _dense(jax.nn.silu(gate) * up, layer["w_down"], dt)
+    gate, up = adapt(gate, h, "w_gate"), adapt(up, h, "w_up")
+    m = jax.nn.silu(gate) * up
+    x = x + adapt(_dense(m, layer["w_down"], dt), m, "w_down")
     return x, new_kv
 
 
@@ -287,7 +317,7 @@ def fuse_projections(layer: Params) -> Params:
     "w_gate_up" [..., D, 2, F]; decoder_layer reads either form (the same numbers: the fused matmul's columns are the
     separate ones'). For decoding, where each step reads every weight once: fewer, larger matrix-vector products
     (7 -> 4 per layer) run closer to the memory bandwidth on CPU (benchmarks/RESULTS.md). A copy of the weights:
-    made once per generation, outside the decode loop."""
+    made once per generation, outside the decode loop. LoRA adapters ("lora") stay as they are, per projection."""
     out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
     out["wqkv"] = jnp.concatenate([layer["wq"], layer["wk"], layer["wv"]], axis=-2)
     out["w_gate_up"] = jnp.stack([layer["w_gate"], layer["w_up"]], axis=-2)
@@ -303,7 +333,7 @@ _REMAT = {
 
 def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask: jax.Array,
                cache: Optional[Params] = None, constrain: Optional[Callable[[jax.Array], jax.Array]] = None,
-               write_start: Optional[jax.Array] = None):
+               write_start: Optional[jax.Array] = None, dropout_key: Optional[jax.Array] = None):
     """Run a stack of layers (any slice of params["layers"]) over x [B, T, D] with one lax.scan.
 
     With a cache (see init_cache; its k/v must hold exactly these layers), the new tokens' K/V are written and
@@ -313,6 +343,8 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
     write_start: with a cache, the caller's promise that the new tokens go to the contiguous slots
     write_start..write_start+T-1 (no wrap, e.g. 0 for a prompt into a fresh cache of >= T slots): they are then written
     in place. A single token (T = 1) is always written that way.
+    dropout_key: LoRA dropout (config.lora_dropout > 0 and adapters in `layers`; without a cache): one key per layer
+    is split from it. None: no dropout.
     """
     pin = constrain if constrain is not None else (lambda h: h)
     x = x.astype(jnp.dtype(config.dtype))
@@ -320,9 +352,11 @@ def run_layers(layers: Params, config: ModelConfig, x: jax.Array, attention_mask
         q_pos, seg = positions_and_segments(attention_mask)
         cos, sin = rope_tables(q_pos, config.head_dim, config.rope_theta)
 
-        def body(h, layer):
-            return pin(decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, shard=constrain)[0]), None
-        xs = layers
+        def body(h, xs_l):
+            layer, key = xs_l if dropout else (xs_l, None)
+            return pin(decoder_layer(config, pin(h), layer, cos, sin, q_pos, seg, shard=constrain, key=key)[0]), None
+        dropout = dropout_key is not None and config.lora_dropout > 0 and "lora" in layers
+        xs = (layers, jax.random.split(dropout_key, jax.tree.leaves(layers)[0].shape[0])) if dropout else layers
     else:
         q_pos, seg, cos, sin, slot_pos, slots, start = _cache_write(config, cache, attention_mask, write_start)
 
@@ -382,17 +416,17 @@ def final_norm(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask=None,
-                  constrain=None) -> jax.Array:
+                  constrain=None, dropout_key=None) -> jax.Array:
     """The final-norm hidden states [B, T, D] (compute dtype). constrain: None, or a mesh's
     sharding.ActivationConstraint (the embedding table pinned for the lookup, the residual stream split over the batch
-    axes at every layer boundary)."""
+    axes at every layer boundary). dropout_key: LoRA dropout, see run_layers."""
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     if constrain is None:
         x = embed_tokens(params, config, tokens)
     else:
         x = constrain(embed_tokens({"embed": constrain.embedding(params["embed"])}, config, tokens))
-    x, _ = run_layers(params["layers"], config, x, attention_mask, constrain=constrain)
+    x, _ = run_layers(params["layers"], config, x, attention_mask, constrain=constrain, dropout_key=dropout_key)
     return final_norm(params, config, x)
 
 
@@ -402,9 +436,11 @@ def lm_logits(params: Params, config: ModelConfig, h: jax.Array) -> jax.Array:
     return _dense(h, w, h.dtype, out_dtype=jnp.float32)
 
 
-def forward(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask=None) -> jax.Array:
-    """Logits [B, T, V] in float32. attention_mask: 0 on padding (left or right), see positions_and_segments."""
-    return lm_logits(params, config, hidden_states(params, config, tokens, attention_mask))
+def forward(params: Params, config: ModelConfig, tokens: jax.Array, attention_mask=None,
+            dropout_key=None) -> jax.Array:
+    """Logits [B, T, V] in float32. attention_mask: 0 on padding (left or right), see positions_and_segments.
+    dropout_key: LoRA dropout, see run_layers."""
+    return lm_logits(params, config, hidden_states(params, config, tokens, attention_mask, dropout_key=dropout_key))
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:

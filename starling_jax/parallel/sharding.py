@@ -154,6 +154,11 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> list[int]:
 # Logical axes -> PartitionSpec.
 
 
+# Logical axes that stay whole on every device whatever the rules say: a LoRA adapter's rank (models/lora.py; a few
+# columns, contracted right after the matmul that makes them).
+NEVER_SHARDED = ("lora_rank",)
+
+
 def rules_dict(rules) -> dict[str, Any]:
     """MeshConfig.rules (a tuple of (logical, mesh) pairs) or a mapping -> dict; a logical name given twice is an
     error."""
@@ -191,7 +196,7 @@ def logical_to_spec(axes: Sequence[Optional[str]], rules, mesh: Optional[Mesh] =
     used: dict[str, str] = {}
     parts = []
     for dim, logical in enumerate(axes):
-        if logical is None:
+        if logical is None or logical in NEVER_SHARDED:
             parts.append(None)
             continue
         if logical not in rules:

@@ -120,8 +120,9 @@ class StageProgram:
     # state without `frozen` (the adapters, trained heads and their optimiser state) plus this pointer, and a resume
     # checks that the base it loads now is that one (stages/loop.py).
     base: Optional[dict] = None
-    # A LoRA stage: state -> (its adapters over every layer, the lora section and base pointer as a dict): written
-    # beside the merged export (export/adapters, export/lora.json) for `convert --adapters`
+    # A LoRA stage: state -> ({"lora": its adapters over every layer, "score": a reward model's head}, the lora section
+    # and base pointer as a dict): written beside the merged export (export/adapters, export/lora.json) for
+    # `convert --adapters`
     adapters: Optional[Callable[[Any], tuple[Params, dict]]] = None
 
 
@@ -261,8 +262,9 @@ def base_pointer(ctx: StageContext, section: ModelSection) -> dict:
 
 
 def adapter_export(c: Experiment, model_config: ModelConfig, base: dict) -> Callable[[Any], tuple[Params, dict]]:
-    """StageProgram.adapters of a LoRA stage (step/adapters.py trees): state -> (the adapters over all L layers,
-    {"lora": the lora section with the adapted layer indices, "base": the pointer, "config": the architecture})."""
+    """StageProgram.adapters of a LoRA stage (step/adapters.py trees): state -> ({"lora": the adapters over all L
+    layers, "score": a reward model's score head}, {"lora": the lora section with the adapted layer indices, "base":
+    the pointer})."""
     lora, top = c.model.lora, c.model.trainable_top_layers
     opts = adapters.options(lora, model_config, top)
     layers = list(range(model_config.num_layers)) if opts.layers is None else list(opts.layers)
@@ -270,7 +272,8 @@ def adapter_export(c: Experiment, model_config: ModelConfig, base: dict) -> Call
             "base": base}
 
     def export(state) -> tuple[Params, dict]:
-        return adapters.full_adapters(state.params, model_config), meta
+        score = {"score": state.params["score"]} if "score" in state.params else {}  # a reward model's head
+        return {"lora": adapters.full_adapters(state.params, model_config), **score}, meta
     return export
 
 def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, key: jax.Array

@@ -242,7 +242,8 @@ LORA_FILE = "lora.json"  # a LoRA stage's export: its lora section, adapted laye
 
 
 def load_adapters(directory: str) -> tuple[Any, dict]:
-    """(adapters {projection: {"a", "b"}} over every layer, lora.json's description) of a LoRA stage's export
+    """({"lora": the adapters {projection: {"a", "b"}} over every layer, "score": a reward model's score head}, lora.json's
+    description) of a LoRA stage's export
     (save_export), after checking the export's digests; an InputError when the stage trained no adapters."""
     directory = os.path.abspath(directory)
     if not export_done(directory):
