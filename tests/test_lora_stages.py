@@ -322,3 +322,16 @@ def test_lora_pipeline_sft_rm_apa_and_convert(tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(peft_dir))
     config = json.load(open(peft_dir / "adapter_config.json"))
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert config["base_model_name_or_path"] == str(tmp_path / "sft")  # the stage the policy started from
+    # read back (io/peft.py): the very adapters the stage trained
+    from starling_jax.io import peft
+    from starling_jax.step.checkpoint import load_adapters
+    saved, _ = load_adapters(str(tmp_path / "policy" / "export"))
+    options, read = peft.load(str(peft_dir), models.PRESETS["tiny"])
+    assert options.targets == ("q", "v", "up") or set(read) == {"wq", "wv", "w_up"}
+    assert _equal(read, saved["lora"])
+    # a reward model's directory carries its score head (peft's SEQ_CLS modules_to_save)
+    rm_dir = tmp_path / "peft_rm"
+    assert cli.main(["convert", str(tmp_path / "rm"), str(rm_dir), "--adapters"]) == 0
+    rm_config = json.load(open(rm_dir / "adapter_config.json"))
+    assert rm_config["task_type"] == "SEQ_CLS" and rm_config["layers_to_transform"] == [1]
