@@ -279,6 +279,12 @@ CASES = [
          r"full: output directory is not empty \(config\.json\); .* --overwrite"),
     Case("convert into a file", lambda f: ["convert", "preset:tiny", f.write("afile", "x")], 2,
          r"afile: exists and is not a directory"),
+    Case("convert --peft with an adapter made for another base (hidden size 32, not 64)",
+         lambda f: ["convert", f.hf_dir(), f.path("o"), "--peft", _peft_for_other_base(f)], 2,
+         r"other_base/adapter_model\.safetensors: tensor base_model\.model\.model\.layers\.0\.self_attn\.q_proj\."
+         r"lora_A\.weight has shape \[4, 32\], expected \[4, 64\]"),
+    Case("convert --peft on a preset source", lambda f: ["convert", "preset:tiny", f.path("o"), "--peft", "x"], 2,
+         r"--peft applies only to a Hugging Face directory source"),
     Case("convert a truncated GGUF", lambda f: ["convert", f.write("m.gguf", b"GGUF\x03\x00\x00\x00"), f.path("o")],
          2, r"m\.gguf: cannot read GGUF"),
     Case("generate from a malformed hub id", lambda f: ["generate", "hf:no-slash", "--prompt", "hi"], 2,
@@ -326,6 +332,20 @@ CASES = [
          r"no arm 'nope'; arms: plackett_luce, bradley_terry"),
     Case("study with bad seeds", lambda f: ["study", _STUDY, "--workdir", f.path("d"), "--seeds", "a,b"], 2,
          r"--seeds 'a,b': expected comma-separated integers"),
+    # --- LoRA (model.lora)
+    Case("lora target that matches no projection", lambda f: TRAIN + ["--set", "model.lora.targets=q,qkv"], 2,
+         r"model\.lora\.targets: 'qkv' matches no projection; did you mean q"),
+    Case("lora rank larger than a targeted projection", lambda f: TRAIN + ["--set", "model.lora.rank=40"], 2,
+         r"model\.lora\.rank: 40 is larger than the 'k' projection's width 32; use a rank <= 32"),
+    Case("lora layers below the trained top", lambda f: TRAIN + ["--set", "model.trainable_top_layers=1", "--set",
+                                                                 "model.lora.layers=[0]"], 2,
+         r"model\.lora\.layers: \[0\] must be distinct indices of the layers that train, 1\.\.1"),
+    Case("lora dropout in a dpo stage",
+         lambda f: ["train", "tiny_dpo", "--set", "stages.dpo.model.lora.dropout=0.1", "--workdir", f.path("w")], 2,
+         r"stage 'dpo': model\.lora\.dropout: 0\.1: a dpo stage compares the policy's log-probs"),
+    Case("convert --adapters of a stage without LoRA",
+         lambda f: ["convert", _run_with_export(f), f.path("out"), "--adapters"], 2,
+         r"this stage trained no LoRA adapters \(no lora\.json\)"),
 ]
 
 
@@ -363,6 +383,18 @@ def _run_without_exports(f: Files) -> str:
     return f.write("run/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0]
 
 
+def _run_with_export(f: Files) -> str:
+    """A WORKDIR whose stage 'sft' (tiny_sft, full layers) looks finished: its export's summary and model config (the
+    weights are never read: `convert --adapters` stops at the missing lora.json)."""
+    import dataclasses
+
+    from starling_jax.stages.experiment import load_experiment, to_dict
+    exp = load_experiment(str(REPO / "experiments" / "tiny_sft.py"))
+    f.write("done/sft/export/summary.json", "{}")
+    f.write("done/sft/export/model_config.json", json.dumps(dataclasses.asdict(exp.model.config)))
+    return f.write("done/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0] + "/sft"
+
+
 def _with_file(f: Files, name: str, content, with_sp_model: bool = False) -> str:
     """A copy of the tiny HF directory with one more (damaged) file, e.g. a tokenizer file; with_sp_model: and the
     Mistral SentencePiece model as its tokenizer.model (so the directory's tokenizer files are read)."""
@@ -372,6 +404,21 @@ def _with_file(f: Files, name: str, content, with_sp_model: bool = False) -> str
         shutil.copy(mistral_model_path(), os.path.join(d, "tokenizer.model"))
     f.write(os.path.join(d, name), content)
     return d
+
+
+def _peft_for_other_base(f: Files) -> str:
+    """A PEFT LoRA directory (io/peft.py, rank 4, q_proj) for the tiny preset with hidden size 32 instead of 64."""
+    import jax
+    import numpy as np
+
+    from starling_jax import models
+    from starling_jax.io import peft
+    from starling_jax.models import lora
+    config = models.get_preset("tiny", hidden_size=32)
+    options = lora.LoraOptions(rank=4, alpha=8.0, targets=("q",))
+    adapters = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), lora.abstract(config, options))
+    peft.save(f.path("other_base"), config, adapters, options)
+    return f.path("other_base")
 
 
 def _flipped_conversion(f: Files) -> str:

@@ -244,8 +244,11 @@ def _tree_bytes(tree, shardings) -> int:
 
 
 def _count(tree) -> int:
+    """Parameters in a tree; a quantized matrix (models/quantize.py) counts its weights, not its stored codes."""
     import jax
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+    from starling_jax.models import quantize
+    return int(sum(quantize.num_weights(x) if quantize.is_quantized(x) else math.prod(x.shape)
+                   for x in jax.tree.leaves(tree, is_leaf=quantize.is_quantized)))
 
 
 def _pick_stage(exp, stage: Optional[str]):
@@ -444,12 +447,16 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None, ta
     mesh = sharding.make_mesh(cfg.mesh, devices)
     parts = stage_setup(cfg, mesh)
     s, sh = parts.state, parts.state_shardings
-    policy = (s.params["policy"], s.frozen["trunk"]), (sh.params["policy"], sh.frozen["trunk"])
-    rest = lambda tree, drop: {k: v for k, v in tree.items() if k != drop}
+    # the policy the generate call reads: trainable top + frozen trunk, or with LoRA (step/adapters.py) the adapters +
+    # the base under them + the trunk
+    trained, bases = (("lora",), ("base", "trunk")) if "lora" in s.params else (("policy",), ("trunk",))
+    pick = lambda tree, keys: tuple(tree[k] for k in keys)
+    policy = (pick(s.params, trained) + pick(s.frozen, bases), pick(sh.params, trained) + pick(sh.frozen, bases))
+    rest = lambda tree, drop: {k: v for k, v in tree.items() if k not in drop}
     b = {"params": _tree_bytes(*policy),
          "optimizer": _tree_bytes(s.opt_state, sh.opt_state),
-         "critic": _tree_bytes(rest(s.params, "policy"), rest(sh.params, "policy")),
-         "frozen": _tree_bytes(rest(s.frozen, "trunk"), rest(sh.frozen, "trunk")),
+         "critic": _tree_bytes(rest(s.params, trained), rest(sh.params, trained)),
+         "frozen": _tree_bytes(rest(s.frozen, bases), rest(sh.frozen, bases)),
          "step_and_rng": _tree_bytes((s.step, s.rng), (sh.step, sh.rng)),
          "extra": sum(_tree_bytes(t, tsh) for t, tsh in parts.resident.values())}
     b["state"] = b["params"] + b["optimizer"] + b["critic"] + b["frozen"] + b["step_and_rng"]

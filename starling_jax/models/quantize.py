@@ -56,6 +56,12 @@ def is_quantized(w) -> bool:
     return isinstance(w, Mapping) and ("int8" in w or "nf4" in w)
 
 
+def num_weights(q: Mapping[str, jax.Array]) -> int:
+    """How many weights a quantized matrix stores (nf4: two per byte)."""
+    codes = q["int8"] if "int8" in q else q["nf4"]
+    return int(np.prod(codes.shape)) * (1 if "int8" in q else 2)
+
+
 def quantize_int8(w: jax.Array, input_axes: tuple[int, ...]) -> dict:
     """Per output channel: scale = absmax over the input axes / 127 (1 for an all-zero channel), codes in [-127, 127]."""
     w = w.astype(jnp.float32)

@@ -12,6 +12,9 @@ trainable top layers and, for DPO, the reference's frozen copy of them, so the r
 every layer trained the reference is a full frozen copy. DPO's reference log-probs are always computed in the step from
 frozen["reference"] (nothing has to be precomputed in the batch).
 
+With model.lora a stage's trees are step/adapters.py's; the loss sees them through adapters.data_loss in this layout
+(params = the base's top with the adapters attached, frozen = {"trunk", "reference": the base}).
+
 metrics["weight"] is what the loss averages over (tokens for SFT, prompts for Plackett-Luce, pairs for Bradley-Terry
 and DPO); the train step uses it to combine gradient-accumulation micro-batches exactly (step/step.py).
 """
@@ -74,18 +77,21 @@ def check_batch(name: str, batch: dict, keys) -> None:
         raise KeyError(f"{name} loss: batch lacks {missing}; it has {sorted(batch)}")
 
 
-def hidden(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None):
+def hidden(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None,
+           dropout_key=None):
     """Final-norm hidden states [..., T, D] of the stage's model (trainable `params` over the frozen `trunk`) for
-    tokens/mask [B, T]: the hydra forward of step/hydra.py, trunk once, then the trainable top stack."""
+    tokens/mask [B, T]: the hydra forward of step/hydra.py, trunk once, then the trainable top stack. dropout_key:
+    LoRA dropout on the adapters in `params` (step/adapters.py), or None; without adapters it changes nothing."""
     return top_forward(params, trunk, trunk_forward(trunk, config, tokens, mask, constrain), config, tokens, mask,
-                       constrain)
+                       constrain, dropout_key=dropout_key)
 
 
-def sequence_rewards(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None):
+def sequence_rewards(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None,
+                     dropout_key=None):
     """Scalar rewards [B, K] of tokens/attention_mask [B, K, T] (score head at each row's last non-pad token)."""
     B, K, T = tokens.shape
     flat_t, flat_m = tokens.reshape(B * K, T), mask.reshape(B * K, T)
-    h = hidden(params, trunk, config, flat_t, flat_m, constrain)
+    h = hidden(params, trunk, config, flat_t, flat_m, constrain, dropout_key)
     last = models.last_token_index(flat_m)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
     return models.reward_values({**trunk, **params}, config, h_last)[:, 0].reshape(B, K)
