@@ -254,3 +254,71 @@ def test_lora_on_a_quantized_base_equals_lora_on_the_dequantized_base():
     # gradients reach the adapters through the dequantized base
     grads = jax.grad(lambda a: jnp.mean(models.forward(lora.attach(base, a), config, tokens, mask)))(adapters)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_lora_stage_trees_store_the_base_quantized():
+    """A LoRA stage (step/adapters.py) over an nf4 model: the trunk's and the base's layers are stored as codes, sharded
+    by their quantized specs; policy (base + zero adapters) and reference (the base) give the same logits; the merged
+    export folds the adapters into the dequantized base."""
+    from starling_jax.config import LoraConfig
+    from starling_jax.step import adapters
+    config = TINY_Q.replace(quantize="nf4")
+    params = models.init_params(config, jax.random.key(0))
+    lora = LoraConfig(rank=4, alpha=8.0)
+    run = adapters.configure(config, lora, 1)
+    trainable, frozen = adapters.init_trees(params, run, lora, jax.random.key(1), 1)
+    assert frozen["base"]["layers"]["wq"]["nf4"].dtype == jnp.uint8 == frozen["trunk"]["layers"]["w_up"]["nf4"].dtype
+    assert trainable["lora"]["wq"]["a"].dtype == jnp.float32
+    specs_t, specs_f = adapters.tree_specs(run, lora, trainable, frozen)
+    assert jax.tree.map(lambda s: s.shape, specs_f, is_leaf=models.transformer.is_spec) == jax.tree.map(
+        lambda a: a.shape, frozen)
+    view_t, view_f = adapters.views(trainable, frozen)
+    tokens = jax.random.randint(jax.random.key(2), (2, 8), 3, 128)
+    mask = jnp.ones_like(tokens)
+    from starling_jax.step.hydra import top_forward, trunk_forward
+    shared = trunk_forward(view_f["trunk"], run, tokens, mask)
+    h_policy = top_forward(view_t["policy"], view_f["trunk"], shared, run, tokens, mask)
+    h_reference = top_forward(view_f["reference"], view_f["trunk"], shared, run, tokens, mask)
+    np.testing.assert_array_equal(np.asarray(h_policy), np.asarray(h_reference))
+    merged = adapters.merged(trainable, frozen, run)
+    expected = jnp.concatenate([quantize.dequantize(frozen["trunk"]["layers"]["wq"], jnp.float32),
+                                quantize.dequantize(frozen["base"]["layers"]["wq"], jnp.float32)])
+    np.testing.assert_array_equal(np.asarray(merged["layers"]["wq"]), np.asarray(expected))
+
+
+def test_alpha_qlora_recipe_is_alpha_apa_in_nf4_with_lora():
+    """experiments/starling_alpha_qlora.py: both 7B models in nf4, LoRA rank 64 on every projection, alpha's APA
+    objective (but the critic), alpha's per-process sizes (one chip = one process), 20,000 updates; it validates on
+    1 and 8 devices once the local files are swapped for synthetic ones."""
+    from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
+    from starling_jax.stages.validation import validate
+    exp = load_experiment("starling_alpha_qlora")
+    local = apply_overrides(exp, ["data.source=synthetic", "model.path=none", "reward_model.path=none",
+                                  "model.tokenizer=openchat-3.5", "reward_model.tokenizer=openchat-3.5"])
+    for devices in (1, 8):
+        assert validate(local, num_devices=devices) is local
+    (_, c), = stages_of(exp)
+    (_, alpha), = stages_of(load_experiment("starling_alpha_apa"))
+    assert c.model.config.quantize == c.reward_model.config.quantize == "nf4"
+    assert c.model.config.quantize_block == c.reward_model.config.quantize_block == 64
+    assert c.model.config.replace(quantize="none") == alpha.model.config
+    assert c.reward_model.config.replace(quantize="none") == alpha.reward_model.config
+    assert c.model.lora.rank == 64 and c.model.lora.alpha == 16 and len(c.model.lora.targets) == 7
+    assert c.model.trainable_top_layers == 0 and c.model.config.dtype == "bfloat16"
+    assert dataclasses.replace(c.objective, value_head="layers", value_head_layers=4) == alpha.objective
+    assert (c.rollout.prompts_per_step, c.rollout.minibatch_size, c.rollout.epochs) == (64, 4, 2)
+    assert c.train.steps * c.rollout.epochs * c.rollout.prompts_per_step // c.rollout.minibatch_size == 20000
+    assert (c.rollout.max_new_tokens, c.data.max_prompt_length, c.reward_model.max_length) == (1024, 1124, 2048)
+
+
+@pytest.mark.slow
+def test_alpha_qlora_update_step_fits_one_v5e_chip():
+    """The TPU compiler (libtpu, compile only) compiles the recipe's APA update step for ONE v5e chip and it fits in
+    the chip's 16 GiB (docs/SHARDING.md "One chip" has the figures)."""
+    from starling_jax.commands import plan
+    from starling_jax.stages.experiment import load_experiment
+    target = plan.parse_target("v5e-1")
+    r = plan.plan_experiment(load_experiment("starling_alpha_qlora"), plan.target_devices(target), target=target)
+    assert r["platform"] == "tpu" and r["devices"] == 1 and r["fit"]["fits"], plan.format_report(r)
+    assert r["param_counts"]["frozen"] > 7e9 and r["param_counts"]["reward_model"] > 6.5e9
+    assert r["per_device_bytes"]["frozen"] < 5 * 2 ** 30  # 7.2B weights in nf4 + bf16 embeddings and head
