@@ -35,6 +35,25 @@ class MeshConfig:
     distributed: bool = False  # call jax.distributed.initialize() (multi-host pods)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on (models.lora)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (Hu et al. 2021) on the trained model's projections, trained in place of the weights beneath
+    them (model.lora; docs/TRAINING.md "LoRA"). W x becomes W x + (alpha / rank) * B (A x), A ~ normal and B = 0 at the
+    start, so step 0 is the base model exactly. Only the adapters (and a reward model's score head) train; the base
+    weights stay frozen and serve as the reference policy with the adapters switched off (no copy).
+    Which layers: the top N = model.trainable_top_layers (0 = every layer) carry adapters (or the indices `layers`
+    among them); no layer trains in full. The layers below the top N form the frozen trunk, run once without gradient
+    and shared by policy and reference (the hydra split)."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input while training (PEFT's lora_dropout)
+    targets: tuple[str, ...] = LORA_TARGETS  # q, k, v, o (attention) and gate, up, down (MLP)
+    layers: Optional[tuple[int, ...]] = None  # indices of the layers with adapters, all in the top N; None: all of them
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """The trained model. `config` is the architecture; `path` loads weights (and the architecture) from a local
@@ -47,7 +66,8 @@ class ModelSection:
     # openchat_3.5; or a built-in name (openchat_3.5, llama2, llama2_trainer, chatml) to override it
     template: str = "auto"
     trainable_top_layers: int = 0  # 0 = all layers; N > 0 trains only the top N (the hydra trick)
-    train_lm_head: bool = True
+    train_lm_head: bool = True  # full-layer training only: with lora the LM head stays frozen
+    lora: Optional[LoraConfig] = None  # None: the layers train in full; a LoraConfig: adapters on them instead
 
 
 @dataclasses.dataclass(frozen=True)

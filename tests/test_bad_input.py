@@ -332,6 +332,20 @@ CASES = [
          r"no arm 'nope'; arms: plackett_luce, bradley_terry"),
     Case("study with bad seeds", lambda f: ["study", _STUDY, "--workdir", f.path("d"), "--seeds", "a,b"], 2,
          r"--seeds 'a,b': expected comma-separated integers"),
+    # --- LoRA (model.lora)
+    Case("lora target that matches no projection", lambda f: TRAIN + ["--set", "model.lora.targets=q,qkv"], 2,
+         r"model\.lora\.targets: 'qkv' matches no projection; did you mean q"),
+    Case("lora rank larger than a targeted projection", lambda f: TRAIN + ["--set", "model.lora.rank=40"], 2,
+         r"model\.lora\.rank: 40 is larger than the 'k' projection's width 32; use a rank <= 32"),
+    Case("lora layers below the trained top", lambda f: TRAIN + ["--set", "model.trainable_top_layers=1", "--set",
+                                                                 "model.lora.layers=[0]"], 2,
+         r"model\.lora\.layers: \[0\] must be distinct indices of the layers that train, 1\.\.1"),
+    Case("lora dropout in a dpo stage",
+         lambda f: ["train", "tiny_dpo", "--set", "stages.dpo.model.lora.dropout=0.1", "--workdir", f.path("w")], 2,
+         r"stage 'dpo': model\.lora\.dropout: 0\.1: a dpo stage compares the policy's log-probs"),
+    Case("convert --adapters of a stage without LoRA",
+         lambda f: ["convert", _run_with_export(f), f.path("out"), "--adapters"], 2,
+         r"this stage trained no LoRA adapters \(no lora\.json\)"),
 ]
 
 
@@ -367,6 +381,18 @@ def _run_without_exports(f: Files) -> str:
     from starling_jax.stages.experiment import load_experiment, to_dict
     exp = load_experiment(str(REPO / "experiments" / "tiny_starling.py"))
     return f.write("run/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0]
+
+
+def _run_with_export(f: Files) -> str:
+    """A WORKDIR whose stage 'sft' (tiny_sft, full layers) looks finished: its export's summary and model config (the
+    weights are never read: `convert --adapters` stops at the missing lora.json)."""
+    import dataclasses
+
+    from starling_jax.stages.experiment import load_experiment, to_dict
+    exp = load_experiment(str(REPO / "experiments" / "tiny_sft.py"))
+    f.write("done/sft/export/summary.json", "{}")
+    f.write("done/sft/export/model_config.json", json.dumps(dataclasses.asdict(exp.model.config)))
+    return f.write("done/config.json", json.dumps(to_dict(exp))).rsplit("/", 1)[0] + "/sft"
 
 
 def _with_file(f: Files, name: str, content, with_sp_model: bool = False) -> str:

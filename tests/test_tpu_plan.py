@@ -134,6 +134,56 @@ def test_plan_rollout_on_v5e_compiles_generation_and_reward_scoring(tmp_path):
     assert g["fit"]["fits"] and g["libtpu"] == plan.libtpu_version()
 
 
+def test_plan_one_chip_targets_compile_with_libtpu(tmp_path, capsys):
+    """v5e-1 and v6e-1 (one chip, one host smaller than libtpu's default 2x2 host): the TPU compiler compiles the step
+    for a 1-device mesh and the report checks it against that one chip's HBM."""
+    import json
+
+    from starling_jax.commands import cli
+
+    path = tmp_path / "tiny_tpu_plan.py"
+    path.write_text(SFT_EXPERIMENT)
+    for name, topology, hbm in (("v5e-1", "v5e:1x1", 16), ("v6e-1", "v6e:1x1", 32)):
+        assert plan.parse_target(name) == plan.parse_target(topology) and plan.parse_target(name).chips == 1
+        assert cli.main(["plan", str(path), "--target", name, "--mesh", "fsdp=1,tensor=1", "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["platform"] == "tpu" and r["devices"] == 1 and r["target"] == name
+        assert r["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+        assert r["compiler"].startswith(f"TPU compiler (libtpu {plan.libtpu_version()}) for {name} ({topology}, 1 ")
+        assert r["memory_analysis"]["argument_size_in_bytes"] >= r["per_device_bytes"]["params"] > 0
+        assert r["fit"]["fits"] and r["fit"]["hbm_per_device_bytes"] == hbm * 2 ** 30
+    for name in ("v5p-1", "v5p-2", "v4-1"):  # v4 and v5p have no slice below 4 chips
+        with pytest.raises(plan.InputError, match="is not a known slice"):
+            plan.parse_target(name)
+
+
+@pytest.mark.slow
+def test_plan_search_reports_the_largest_size_that_fits_one_chip(tmp_path, capsys):
+    """--search KEY=V1,V2,...: one TPU compile per value in increasing order, stopping at the first the chip cannot
+    hold (here a batch of 2^20 rows: the TPU compiler's RESOURCE_EXHAUSTED), and the largest value that fits."""
+    import json
+
+    from starling_jax.commands import cli
+
+    path = tmp_path / "tiny_tpu_plan.py"
+    path.write_text(SFT_EXPERIMENT)
+    args = ["plan", str(path), "--target", "v5e-1", "--mesh", "fsdp=1,tensor=1"]
+    assert cli.main(args + ["--search", "train.batch_size=1048576,64,16,4096", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [row["value"] for row in r["results"]] == [16, 64, 4096, 1048576]  # increasing; stops after a misfit
+    assert [row["fits"] for row in r["results"]] == [True, True, True, False]
+    assert r["largest_that_fits"] == 4096 and r["target"] == "v5e-1" and r["libtpu"] == plan.libtpu_version()
+    assert "RESOURCE_EXHAUSTED" in r["results"][-1]["note"] and len(r["reports"]) == 3
+    assert r["results"][0]["total_gib"] < r["results"][2]["total_gib"] <= 16
+    assert cli.main(args + ["--search", "train.batch_size=1048576"]) == 2
+    out = capsys.readouterr().out
+    assert "largest train.batch_size that fits on v5e-1: None" in out
+    assert cli.main(["plan", str(path), "--devices", "1", "--search", "train.batch_size=8"]) == 2
+    assert "give a TPU --target" in capsys.readouterr().err
+    assert cli.main(args + ["--search", "train.batch_size=big"]) == 2
+    assert "expected KEY=N1,N2,... with integers" in capsys.readouterr().err
+
+
 def test_plan_bad_targets_say_what_to_do_in_one_line(tmp_path, capsys, monkeypatch):
     from starling_jax.commands import cli
 

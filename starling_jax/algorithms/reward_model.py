@@ -20,7 +20,7 @@ def _build(name: str, loss):
             """tokens, attention_mask [B, K, T] (right padded); ranks [B, K] (1 = best); response_mask [B, K]."""
             losses.check_batch(name, batch, losses.ranking_batch(1, 1))
             rewards = losses.sequence_rewards(params, frozen.get("trunk", {}), config, batch["tokens"],
-                                              batch["attention_mask"], constrain)
+                                              batch["attention_mask"], constrain, dropout_key=rng)
             ranks, rmask = batch["ranks"], batch["response_mask"]
             metrics = objectives.rm_metrics(rewards, ranks, rmask)
             value, weight = loss(rewards, ranks, rmask, metrics, objective)

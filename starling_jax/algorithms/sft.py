@@ -13,7 +13,7 @@ def build_loss(objective, config, constrain=None) -> losses.LossFn:
         losses.check_batch("sft", batch, losses.lm_batch(1, 1))
         tokens, mask = batch["tokens"], batch["attention_mask"]
         trunk = frozen.get("trunk", {})
-        h = losses.hidden(params, trunk, config, tokens, mask, constrain)
+        h = losses.hidden(params, trunk, config, tokens, mask, constrain, dropout_key=rng)  # LoRA dropout
         logits = models.lm_logits({**trunk, **params}, config, h[:, :-1])
         targets, loss_mask = tokens[:, 1:], batch["loss_mask"][:, 1:]
         return objectives.sft_loss(logits, targets, loss_mask), {"weight": objectives.token_count(loss_mask)}

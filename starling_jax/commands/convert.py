@@ -30,6 +30,10 @@ def add_convert_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="preset only: random-init seed")
     parser.add_argument("--max-shard-gb", type=float, default=hf.DEFAULT_MAX_SHARD_BYTES / 1e9,
                         help="split the safetensors into files of at most this many GB (default 5)")
+    parser.add_argument("--adapters", action="store_true",
+                        help="a run's LoRA stage only: write its adapters as a PEFT directory (adapter_config.json + "
+                             "adapter_model.safetensors, for the base the stage started from) instead of the merged "
+                             "model")
     parser.add_argument("--peft", default=None, metavar="ADAPTER_DIR",
                         help="HF directory source only: merge this PEFT LoRA adapter directory (adapter_config.json + "
                              "adapter_model.safetensors, made for that base) into the weights written")
@@ -63,6 +67,9 @@ def seal(output: str, files: list[str]) -> list[str]:
 def convert_cli(args) -> int:
     if not args.overwrite:
         check_output_dir(args.output, overwrite=False)  # fail before loading anything
+    if args.adapters and not export.is_stage_source(args.source):
+        raise InputError(f"convert --adapters: {args.source} is not a run's stage (WORKDIR, WORKDIR/<stage> or its "
+                         f"export); only a stage trained with model.lora has adapters to write")
     if args.peft and (args.source.startswith("preset:") or gguf.is_gguf(args.source)
                       or export.is_stage_source(args.source)):
         raise InputError(f"convert: --peft applies only to a Hugging Face directory source (the adapters' base), "
@@ -79,6 +86,15 @@ def convert_cli(args) -> int:
         return 0
     if export.is_stage_source(args.source):
         ref = export.resolve_stage(args.source, args.stage)
+        if args.adapters:
+            if args.dtype:
+                raise InputError("convert --adapters writes the adapters in their own dtype; leave out --dtype")
+            check_output_dir(args.output, args.overwrite)
+            info = export.export_peft(ref, args.output)
+            print(f"wrote {args.output}: stage {info['stage']}'s LoRA adapters as a PEFT directory (rank "
+                  f"{info['rank']}, {', '.join(info['targets'])}; base {info['base']}), "
+                  f"{', '.join(seal(args.output, info['files']))}")
+            return 0
         check_output_dir(args.output, args.overwrite)
         info = export.export_hf(ref, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
         print(f"wrote {args.output}: stage {info['stage']} as {info['class']}, {info['parameters']:,} parameters "

@@ -62,8 +62,9 @@ _REEXEC_GUARD = "STARLING_PLAN_REEXEC"
 #   v4 275 TFLOP/s, 1200 GB/s, 32 GiB; v5e 197 TFLOP/s, 819 GB/s, 16 GiB; v5p 459 TFLOP/s, 2765 GB/s, 95 GiB;
 #   v6e (Trillium) 918 TFLOP/s, 1640 GB/s, 32 GiB.
 # Slice names count chips (v5e-8, v6e-8) or, for the two-TensorCore chips, cores (v4-8 and v5p-8 are 4 chips); the
-# topologies are the slice shapes those pages list (single-host shapes below 4 chips need host bounds libtpu does not
-# default to, and are left out).
+# topologies are the slice shapes those pages list. One-chip slices (v5e-1 = v5litepod-1, v6e-1) are single-host
+# shapes smaller than libtpu's default host (2x2 chips): tpu_devices passes their host bounds. v4 and v5p sell no
+# slice below 4 chips (v4-8, v5p-8), so they have none.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Chip:
     topologies: tuple[str, ...]
 
 
-_2D = ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
+_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
 _3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8")
 CHIPS = {
     "v4": Chip("v4", 275e12, 1200e9, 32 * GiB, 2, 2, _3D),
@@ -147,6 +148,10 @@ def tpu_devices(topology: str) -> list:
     import tempfile
     from jax.experimental import topologies
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chips = math.prod(int(d) for d in topology.partition(":")[2].split("x"))
+    # libtpu assumes hosts of 2x2(x1) chips; a smaller slice is one host of its own size (otherwise: "is not
+    # divisible by the given (or default) chips_per_host_bounds")
+    bounds = {"chips_per_host_bounds": [1, 1, 1]} if chips == 1 else {}
     # libtpu, loaded off a TPU VM, writes a screen of warnings about the host it cannot find (metadata, worker
     # hostnames) straight to file descriptor 2: keep them, and show them only if loading fails.
     with tempfile.TemporaryFile() as log:
@@ -154,7 +159,7 @@ def tpu_devices(topology: str) -> list:
         saved = os.dup(2)
         os.dup2(log.fileno(), 2)
         try:
-            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **bounds).devices)
         except Exception:
             os.dup2(saved, 2)
             log.seek(0)
@@ -244,8 +249,11 @@ def _tree_bytes(tree, shardings) -> int:
 
 
 def _count(tree) -> int:
+    """Parameters in a tree; a quantized matrix (models/quantize.py) counts its weights, not its stored codes."""
     import jax
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+    from starling_jax.models import quantize
+    return int(sum(quantize.num_weights(x) if quantize.is_quantized(x) else math.prod(x.shape)
+                   for x in jax.tree.leaves(tree, is_leaf=quantize.is_quantized)))
 
 
 def _pick_stage(exp, stage: Optional[str]):
@@ -444,12 +452,16 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None, ta
     mesh = sharding.make_mesh(cfg.mesh, devices)
     parts = stage_setup(cfg, mesh)
     s, sh = parts.state, parts.state_shardings
-    policy = (s.params["policy"], s.frozen["trunk"]), (sh.params["policy"], sh.frozen["trunk"])
-    rest = lambda tree, drop: {k: v for k, v in tree.items() if k != drop}
+    # the policy the generate call reads: trainable top + frozen trunk, or with LoRA (step/adapters.py) the adapters +
+    # the base under them + the trunk
+    trained, bases = (("lora",), ("base", "trunk")) if "lora" in s.params else (("policy",), ("trunk",))
+    pick = lambda tree, keys: tuple(tree[k] for k in keys)
+    policy = (pick(s.params, trained) + pick(s.frozen, bases), pick(sh.params, trained) + pick(sh.frozen, bases))
+    rest = lambda tree, drop: {k: v for k, v in tree.items() if k not in drop}
     b = {"params": _tree_bytes(*policy),
          "optimizer": _tree_bytes(s.opt_state, sh.opt_state),
-         "critic": _tree_bytes(rest(s.params, "policy"), rest(sh.params, "policy")),
-         "frozen": _tree_bytes(rest(s.frozen, "trunk"), rest(sh.frozen, "trunk")),
+         "critic": _tree_bytes(rest(s.params, trained), rest(sh.params, trained)),
+         "frozen": _tree_bytes(rest(s.frozen, bases), rest(sh.frozen, bases)),
          "step_and_rng": _tree_bytes((s.step, s.rng), (sh.step, sh.rng)),
          "extra": sum(_tree_bytes(t, tsh) for t, tsh in parts.resident.values())}
     b["state"] = b["params"] + b["optimizer"] + b["critic"] + b["frozen"] + b["step_and_rng"]
@@ -578,6 +590,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RL stages: plan the rollout phase (train state + reward model resident, and the "
                              "largest of generate / reward-model scoring / experience pass) instead of the update "
                              "step")
+    parser.add_argument("--search", default=None, metavar="KEY=V1,V2,...",
+                        help="TPU targets: plan once per value of one config key, in increasing order (e.g. "
+                             "rollout.generation_batch=8,16,32 or rollout.max_new_tokens=1024,2048), stop at the "
+                             "first that does not fit, and report the largest that does")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -617,6 +633,8 @@ def plan_cli(args) -> int:
         raise InputError(f"plan: give --target (e.g. v5e-8, or cpu:8 for simulated CPU devices); valid targets: "
                          f"{valid_targets()}")
     target = parse_target(args.target) if args.target is not None else None
+    if args.search is not None and (target is None or target.chip is None):
+        raise InputError("plan --search compares against a TPU chip's HBM: give a TPU --target (e.g. v5e-1)")
     exp = load_experiment(args.experiment)
     if args.overrides:
         exp = apply_overrides(exp, args.overrides)
@@ -628,11 +646,15 @@ def plan_cli(args) -> int:
     else:
         devices = _ensure_devices(args, target.cpu_devices if target is not None else args.devices)
         target = None
-    try:
+    def one(exp):
         if args.rollout:
-            report = plan_rollout(exp, devices, mesh_config, args.stage, target)
-        else:
-            report = plan_experiment(exp, devices, mesh_config, args.stage, args.step_time, args.peak_flops, target)
+            return plan_rollout(exp, devices, mesh_config, args.stage, target)
+        return plan_experiment(exp, devices, mesh_config, args.stage, args.step_time, args.peak_flops, target)
+
+    if args.search is not None:
+        return _search(args, exp, target, one)
+    try:
+        report = one(exp)
     except DoesNotFit as e:
         print(f"error: {exp.name}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -645,6 +667,46 @@ def plan_cli(args) -> int:
               f"GiB); {fit['suggestion']}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _search(args, exp, target: Optional[Target], plan_one) -> int:
+    """--search KEY=V1,V2,...: plan_one(exp with KEY=V) for each value in increasing order until one does not fit
+    the target's HBM; prints one line per value (or one JSON object) and the largest value that fits."""
+    from starling_jax.stages.experiment import apply_overrides
+    key, _, values = args.search.partition("=")
+    values = [v.strip() for v in values.split(",") if v.strip()]
+    if not key.strip() or not values or not all(v.isdigit() for v in values):
+        raise InputError(f"--search {args.search!r}: expected KEY=N1,N2,... with integers, e.g. "
+                         f"rollout.generation_batch=8,16,32")
+    rows, reports, largest = [], [], None
+    for value in sorted(values, key=int):
+        try:
+            report = plan_one(apply_overrides(exp, [f"{key.strip()}={value}"]))
+        except DoesNotFit as e:
+            rows.append({"value": int(value), "fits": False, "total_gib": None, "note": str(e)})
+            break
+        fit = report["fit"]
+        need = fit["hbm_per_device_bytes"] - fit["headroom_bytes"]
+        rows.append({"value": int(value), "fits": fit["fits"], "total_gib": round(need / GiB, 3),
+                     "largest_call": report.get("largest_call")})
+        reports.append(report)
+        if not fit["fits"]:
+            break
+        largest = int(value)
+    result = {"experiment": exp.name, "target": target.name, "search": key.strip(), "results": rows,
+              "largest_that_fits": largest, "libtpu": libtpu_version(), "reports": reports}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        phase = "rollout phase" if args.rollout else "update step"
+        print(f"{exp.name}: {phase} on {target.name}, {key.strip()} searched (figures from the TPU compiler, libtpu "
+              f"{libtpu_version()}):")
+        for r in rows:
+            print(f"  {key.strip()}={r['value']}: " + (f"{r['total_gib']:.2f} GiB per device, "
+                                                        f"{'fits' if r['fits'] else 'DOES NOT FIT'}"
+                                                        if r["total_gib"] is not None else r["note"]))
+        print(f"  largest {key.strip()} that fits on {target.name}: {largest}")
+    return 0 if largest is not None else EXIT_BAD_INPUT
 
 
 add_arguments, cli = add_plan_arguments, plan_cli

@@ -8,6 +8,7 @@ from typing import Optional
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEADS = ("lm", "score")
+QUANTIZE = ("none", "int8", "nf4")  # models/quantize.py
 ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")  # models/attention_ops.py
 
 
@@ -50,6 +51,11 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     init_std: float = 0.02
+    # Storage of a frozen base's layer matrices (models/quantize.py): "none", "int8" (per output channel) or "nf4"
+    # (QLoRA's 4-bit NormalFloat over blocks of quantize_block values along each matrix's input axis). Applies only
+    # to weights that never train (a stage's frozen trunk, the reward model of an RL stage); off by default.
+    quantize: str = "none"
+    quantize_block: int = 64
     # LoRA (models/lora.py): the static scale (alpha / r, or alpha / sqrt(r) with rsLoRA) of the adapters in
     # params["layers"]["lora"] and the dropout rate on their inputs (used when a dropout key is passed). None: the
     # model has no adapters (params carrying some are then an error). lora.configure(config, options) sets both.
@@ -81,8 +87,26 @@ class ModelConfig:
             problems.append(f"lora_scale={self.lora_scale} must be finite and nonzero (or None: no adapters)")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        problems += self._quantize_problems()
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def _quantize_problems(self) -> list[str]:
+        """Why the layer matrices cannot be stored as `quantize` says (empty when they can)."""
+        if self.quantize not in QUANTIZE:
+            return [f"quantize={self.quantize!r} is not a quantization the base can take: use one of "
+                    f"{', '.join(QUANTIZE)}"]
+        if self.quantize != "nf4":
+            return []
+        if self.quantize_block < 4 or self.quantize_block % 2:
+            return [f"quantize_block={self.quantize_block} must be an even number >= 4 (nf4 packs two codes a byte)"]
+        # the nf4 blocks run along each matrix's last input axis: hidden_size (q/k/v, gate/up), head_dim (o), mlp_dim
+        # (down)
+        bad = [f"{name}={getattr(self, name)}" for name in ("hidden_size", "head_dim", "mlp_dim")
+               if getattr(self, name) % self.quantize_block]
+        return [f"quantize='nf4' with quantize_block={self.quantize_block}: {', '.join(bad)} not divisible by the "
+                f"block size (blocks run along each matrix's input axis); choose a quantize_block that divides "
+                f"hidden_size, head_dim and mlp_dim, or quantize='int8'"] if bad else []
 
     @property
     def num_groups(self) -> int:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starling_jax.models import attention_ops
+from starling_jax.models import attention_ops, quantize
 from starling_jax.models.config import ModelConfig
 
 Params = dict[str, Any]  # the one parameter-pytree type (nested dicts of arrays); every module imports this one
@@ -135,7 +135,7 @@ def init_value_head(config: ModelConfig, key: jax.Array, kind: str = "mlp", laye
         return init_from_specs(specs, key, config.init_std)
     if source is None:
         raise ValueError("a 'layers' value head is initialised from the policy: pass its full params as source")
-    n = source["layers"]["wq"].shape[0]
+    n = num_stacked(source["layers"])
     return {"layers": jax.tree.map(lambda a: jnp.copy(a[n - layers:]), source["layers"]),
             "final_norm": jnp.copy(source["final_norm"]),
             "w": init_from_specs(specs["w"], key, config.init_std)}
@@ -145,6 +145,11 @@ def abstract_params(config: ModelConfig) -> Params:
     """ShapeDtypeStructs of the parameters: for counting and planning without allocating."""
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype)), param_specs(config),
                                   is_leaf=is_spec)
+
+
+def num_stacked(layers: Params) -> int:
+    """How many layers a stacked layers subtree holds (its leading axis; quantized matrices included)."""
+    return jax.tree.leaves(layers)[0].shape[0]
 
 
 def count_params(tree) -> int:
@@ -241,6 +246,14 @@ def _dense(x, w, dtype, n_in: int = 1, out_dtype=None):
     return y.reshape(*lead, *w_out)
 
 
+def weight(layer: Params, name: str, dtype) -> jax.Array:
+    """Matrix `name` of one layer as the layer's matmuls read it: the stored array (which _dense casts to the compute
+    dtype), or, for a quantized base (models/quantize.py), its codes dequantized to `dtype` here, inside the scan over
+    layers, so only this layer's dense weights exist at a time."""
+    w = layer[name]
+    return quantize.dequantize(w, dtype) if quantize.is_quantized(w) else w
+
+
 LORA_PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights an adapter can target
 
 
@@ -274,10 +287,10 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None, 
 
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
     if "wqkv" in layer:  # the decode layout (fuse_projections): q, k and v from one matmul
-        q, k, v = jnp.split(_dense(h, layer["wqkv"], dt), [config.num_heads, config.num_heads + config.num_kv_heads],
-                            axis=2)
+        q, k, v = jnp.split(_dense(h, weight(layer, "wqkv", dt), dt),
+                            [config.num_heads, config.num_heads + config.num_kv_heads], axis=2)
     else:
-        q, k, v = _dense(h, layer["wq"], dt), _dense(h, layer["wk"], dt), _dense(h, layer["wv"], dt)
+        q, k, v = (_dense(h, weight(layer, name, dt), dt) for name in ("wq", "wk", "wv"))
     q, k, v = adapt(q, h, "wq"), adapt(k, h, "wk"), adapt(v, h, "wv")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_kv = None
@@ -300,15 +313,15 @@ def decoder_layer(config: ModelConfig, x, layer, cos, sin, q_pos, seg, kv=None, 
         k_pos = jnp.where(seg > 0, q_pos, -1)
         a = attention(q, jnp.concatenate([cache_k, k], 1), jnp.concatenate([cache_v, v], 1), q_pos,
                       jnp.concatenate([old_pos, k_pos], 1), window=config.sliding_window, **opts)
-    x = x + adapt(_dense(a, layer["wo"], dt, n_in=2), a, "wo")
+    x = x + adapt(_dense(a, weight(layer, "wo", dt), dt, n_in=2), a, "wo")
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     if "w_gate_up" in layer:  # [D, 2, F]: gate and up from one matmul
-        gate, up = jnp.moveaxis(_dense(h, layer["w_gate_up"], dt), -2, 0)
+        gate, up = jnp.moveaxis(_dense(h, weight(layer, "w_gate_up", dt), dt), -2, 0)
     else:
-        gate, up = _dense(h, layer["w_gate"], dt), _dense(h, layer["w_up"], dt)
+        gate, up = _dense(h, weight(layer, "w_gate", dt), dt), _dense(h, weight(layer, "w_up", dt), dt)
     gate, up = adapt(gate, h, "w_gate"), adapt(up, h, "w_up")
     m = jax.nn.silu(gate) * up
-    x = x + adapt(_dense(m, layer["w_down"], dt), m, "w_down")
+    x = x + adapt(_dense(m, weight(layer, "w_down", dt), dt), m, "w_down")
     return x, new_kv
 
 
@@ -317,10 +330,11 @@ def fuse_projections(layer: Params) -> Params:
     "w_gate_up" [..., D, 2, F]; decoder_layer reads either form (the same numbers: the fused matmul's columns are the
     separate ones'). For decoding, where each step reads every weight once: fewer, larger matrix-vector products
     (7 -> 4 per layer) run closer to the memory bandwidth on CPU (benchmarks/RESULTS.md). A copy of the weights:
-    made once per generation, outside the decode loop. LoRA adapters ("lora") stay as they are, per projection."""
+    made once per generation, outside the decode loop. Quantized matrices fuse as their codes and scales (their
+    output axes are the weights') and stay quantized; LoRA adapters ("lora") stay as they are, per projection."""
     out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
-    out["wqkv"] = jnp.concatenate([layer["wq"], layer["wk"], layer["wv"]], axis=-2)
-    out["w_gate_up"] = jnp.stack([layer["w_gate"], layer["w_up"]], axis=-2)
+    out["wqkv"] = jax.tree.map(lambda *w: jnp.concatenate(w, axis=-2), layer["wq"], layer["wk"], layer["wv"])
+    out["w_gate_up"] = jax.tree.map(lambda *w: jnp.stack(w, axis=-2), layer["w_gate"], layer["w_up"])
     return out
 
 
@@ -504,7 +518,7 @@ def split_params(params: Params, top_layers: int, train_head: bool = True) -> tu
     """(trainable, frozen). trainable = the top `top_layers` layers + final norm (+ the output head if train_head);
     frozen = embeddings + the layers below (+ the head otherwise). top_layers = 0 means all layers train (as
     num_layers does); frozen then has no "layers" (and is {} when the head trains too)."""
-    n_layers = params["layers"]["wq"].shape[0]
+    n_layers = num_stacked(params["layers"])
     if not 0 <= top_layers <= n_layers:
         raise ValueError(f"trainable top layers must be in [0, {n_layers}], got {top_layers}")
     top_layers = top_layers or n_layers
@@ -533,22 +547,46 @@ def frozen_storage(params: Params, config: ModelConfig) -> Params:
     return params if dt == jnp.dtype(config.param_dtype) else cast_matrices(params, dt)
 
 
+def quantized_base(params: Params, config: ModelConfig) -> Params:
+    """params (full, or a frozen trunk) with their layers' matrices stored as config.quantize says (models/quantize.py:
+    int8 or nf4; "none" returns them as they are). Only for weights that never train: weight() reads them dense."""
+    return quantize.quantize_base(params, config.quantize, config.quantize_block)
+
+
+def quantized_specs(specs: Params, config: ModelConfig) -> Params:
+    """The ParamSpec tree of quantized_base(params) for `specs` (param_specs or a subtree holding "layers"): each
+    quantized matrix a dict of the specs of its stored arrays, with the logical axes they shard by (quantize.py)."""
+    if config.quantize == "none" or "layers" not in specs:
+        return specs
+
+    def one(name, spec):
+        if name not in quantize.INPUT_AXES or not is_spec(spec):
+            return spec
+        stored = quantize.storage_shapes(name, spec.shape, config.quantize, config.quantize_block)
+        return {k: ParamSpec(shape, axes(spec.axes), "zeros", dtype) for k, (shape, dtype, axes) in stored.items()}
+    return {**specs, "layers": {k: one(k, v) for k, v in specs["layers"].items()}}
+
+
 def cast_matrices(params: Params, dtype) -> Params:
     """params with every weight but the norms cast to `dtype` (the compute dtype): the matrices are only ever used
-    cast to it (_dense, the embedding lookup, the score head), the norm weights are used in fp32 and keep theirs."""
+    cast to it (_dense, the embedding lookup, the score head), the norm weights are used in fp32 and keep theirs, and
+    a quantized matrix's codes and scales stay as they are (weight() dequantizes them to the compute dtype)."""
     def one(path, a):
-        return a if str(getattr(path[-1], "key", "")).endswith("norm") else a.astype(dtype)
+        key = str(getattr(path[-1], "key", ""))
+        return a if key.endswith("norm") or key in quantize.STORED_KEYS else a.astype(dtype)
     return jax.tree.map_with_path(one, params)
 
 
 def merge_params(trainable: Params, frozen: Params) -> Params:
     """Inverse of split_params. Frozen leaves stored narrower (frozen_storage) come back in the trainable part's
-    dtype, so the merged model (an export) has one parameter dtype; widening bf16 to fp32 is exact."""
+    dtype, so the merged model (an export) has one parameter dtype; widening bf16 to fp32 is exact. A quantized
+    frozen base (quantized_base) comes back dequantized: the weights the stage computed with, not the originals."""
     if not frozen:
         return dict(trainable)
     dtypes = {a.dtype for a in jax.tree.leaves(trainable)}
-    if len(dtypes) == 1:
-        dt = dtypes.pop()
+    dt = dtypes.pop() if len(dtypes) == 1 else None
+    frozen = quantize.dequantize_tree(frozen, jnp.float32 if dt is None else dt)
+    if dt is not None:
         frozen = jax.tree.map(lambda a: a if a.dtype == dt else a.astype(dt), frozen)
     out = {**frozen, **{k: v for k, v in trainable.items() if k != "layers"}}
     out["layers"] = trainable["layers"] if "layers" not in frozen else jax.tree.map(

@@ -3,6 +3,7 @@
     starling-jax convert runs/tiny_starling/policy hf/tiny_policy      # a policy (an rl stage: the hydra merged)
     starling-jax convert runs/tiny_starling/rm hf/tiny_rm              # a reward model (*ForSequenceClassification)
     starling-jax convert runs/tiny_starling hf/final [--stage NAME]    # default: the experiment's last finished stage
+    starling-jax convert runs/lora_run/policy peft/policy --adapters   # a LoRA stage's adapters as a PEFT directory
 
 The directory holds what fschat, vLLM, transformers and `starling-jax generate|chat|eval` read:
   config.json + model.safetensors      the weights (hf.save); bos/eos/pad ids from the stage's tokenizer
@@ -30,10 +31,11 @@ from starling_jax.config import Experiment, MeshConfig
 from starling_jax.data import load_tokenizer
 from starling_jax.data.templates import jinja_template
 from starling_jax.data.tokenizer import save_hf_tokenizer
-from starling_jax.io import hf
+from starling_jax.io import hf, peft
+from starling_jax.models import lora
 from starling_jax.parallel import sharding
 from starling_jax.stages.experiment import load_experiment, stages_of
-from starling_jax.step.checkpoint import load_export
+from starling_jax.step.checkpoint import load_adapters, load_export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +165,30 @@ def export_hf(ref: StageRef, out: str, dtype: Optional[str] = None,
     return {"output": out, "stage": ref.name, "class": hf.HF_CLASS[(config.architecture, config.head)],
             "parameters": models.count_params(params), "dtype": config.param_dtype, "template": template.name,
             "tokenizer": m.tokenizer, "stop_ids": list(stop_ids), "files": files}
+
+
+def export_peft(ref: StageRef, out: str) -> dict:
+    """Write a LoRA stage's adapters (export/adapters, step/adapters.py) as a PEFT directory (io/peft.py save:
+    adapter_config.json + adapter_model.safetensors; a reward model's score head as peft's SEQ_CLS modules_to_save)
+    for the base the stage started from, named in base_model_name_or_path: its Hugging Face directory or Hub id, or
+    for "stage:NAME" that stage's directory in the run (convert it to get the base peft loads them onto). Returns a
+    description (files, rank, targets, base)."""
+    tree, meta = load_adapters(ref.export_dir)
+    with open(os.path.join(ref.export_dir, "model_config.json")) as f:
+        config = models.ModelConfig(**json.load(f))
+    section = meta["lora"]
+    layers = tuple(section["layers"])
+    options = lora.LoraOptions(rank=section["rank"], alpha=section["alpha"], dropout=section["dropout"],
+                               targets=tuple(section["targets"]),
+                               layers=None if len(layers) == config.num_layers else layers)
+    path = meta["base"].get("path")
+    if path is None:
+        base = None
+    elif path.startswith("stage:"):
+        base = os.path.join(ref.workdir, path[len("stage:"):])
+    else:
+        base = path[len("hf:"):] if path.startswith("hf:") else path
+    adapted = {"layers": {"lora": tree["lora"]}, **{k: v for k, v in tree.items() if k == "score"}}
+    files = peft.save(out, config, adapted, options, base_model_name_or_path=base)
+    return {"output": out, "stage": ref.name, "files": files, "rank": options.rank,
+            "targets": list(options.targets), "base": base or "a random init"}

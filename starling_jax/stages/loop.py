@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from starling_jax.config import ConfigError, Experiment
+from starling_jax.errors import InputError
 from starling_jax.files import write_json
 from starling_jax.models import param_specs
 from starling_jax.parallel import sharding
@@ -148,6 +149,33 @@ def _first_nonfinite(fetched: list[dict], first_step: int) -> Optional[tuple[int
     return None
 
 
+def _checkpoint_parts(program):
+    """(state -> the tree a checkpoint saves, host state -> the JSON it saves beside it). A LoRA stage
+    (program.base) saves its state without `frozen` (the base: reloaded from model.path, never written again) and
+    the pointer to that base beside the data position; every other stage saves both as they are."""
+    if program.base is None:
+        return (lambda state: state), (lambda data_state: data_state)
+    return (lambda state: state.replace(frozen={})), (lambda data_state: {"batches": data_state,
+                                                                          "base": program.base})
+
+
+def _check_base(saved: Optional[dict], loaded: dict, where: str) -> None:
+    """A LoRA checkpoint's adapters belong to the base they were trained on: an InputError when the base the stage
+    loads now is another one (step/adapters.py; program.base_pointer)."""
+    if saved != loaded:
+        raise InputError(f"{where}: these LoRA adapters were trained on the base {_describe(saved)}, but "
+                         f"model.path now loads {_describe(loaded)}; restore that base, or set "
+                         f"checkpoint.resume=False to train the stage again from the start")
+
+
+def _describe(pointer: Optional[dict]) -> str:
+    if not pointer:
+        return "(none recorded)"
+    if pointer.get("path") is None:
+        return f"(a random init, seed {pointer.get('seed')})"
+    return f"{pointer['path']!r} (files digest {str(pointer.get('digest'))[:12]})"
+
+
 def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
     """Train one stage to config.train.steps (resuming from its newest checkpoint unless checkpoint.resume is False),
     then evaluate, finish and export it. Returns (summary, export)."""
@@ -159,10 +187,15 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
     ckpts = Checkpoints(os.path.join(ctx.workdir, "checkpoints"), keep=c.checkpoint.keep)
     state, start = program.state, 0
     say = log.info if is_main else (lambda msg: None)
+    saved, host_state = _checkpoint_parts(program)
     if c.checkpoint.resume:
-        restored = ckpts.restore_latest(program.state)
+        restored = ckpts.restore_latest(saved(program.state))
         if restored is not None:
             state, start = restored.state, restored.step
+            if program.base is not None:  # a LoRA stage: its adapters over the base they were trained on
+                _check_base(restored.data_state.get("base"), program.base, f"{ckpts.directory}/{start}")
+                state = state.replace(frozen=program.state.frozen)
+                restored.data_state = restored.data_state["batches"]
             program.batches.set_state(restored.data_state)
             say(f"[{ctx.stage_name}] resumed from {ckpts.directory}/{start}")
     elif ckpts.steps():
@@ -239,7 +272,7 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
                                                         "elapsed": time.perf_counter() - window_t0}, ckpts.steps())
                     data_state = program.batches.get_state()
                     _check_same_on_every_process(data_state, f"stage {ctx.stage_name!r} step {step}")
-                    ckpts.save(step, state, data_state, config_dict)
+                    ckpts.save(step, saved(state), host_state(data_state), config_dict)
                     last_saved = step
                 if stopping:
                     ckpts.wait()
@@ -250,7 +283,7 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
         _check_same_on_every_process(data_state, f"stage {ctx.stage_name!r} step {steps}")
         _write_process_state(ctx.workdir, data_state)
         if last_saved != steps or not ckpts.steps():
-            ckpts.save(steps, state, data_state, config_dict)
+            ckpts.save(steps, saved(state), host_state(data_state), config_dict)
         ckpts.wait()
         evaluated = program.evaluate(state)
         if evaluated and logger:
@@ -260,7 +293,8 @@ def train_stage(ctx: StageContext) -> tuple[dict, StageExport]:
             summary.setdefault("eval", evaluated)
         params = program.export(state) if program.export is not None else None  # None: the stage trains no model
         export = StageExport(config=program.model_config, params=params, summary=summary)
-        save_export(os.path.join(ctx.workdir, "export"), program.model_config, params, summary)
+        save_export(os.path.join(ctx.workdir, "export"), program.model_config, params, summary,
+                    adapters=program.adapters(state) if program.adapters is not None else None)
         return summary, export
     finally:
         ckpts.close()

@@ -25,18 +25,23 @@ e.g. the data iterator position, a running reward std or an adaptive KL coeffici
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from typing import Any, Callable, Optional, Protocol
 
 import jax
 import numpy as np
 
+from starling_jax import digests
 from starling_jax.algorithms import registry
 from starling_jax.config import Experiment, ModelSection, RewardModelSection
 from starling_jax.errors import did_you_mean
-from starling_jax.io import hf
-from starling_jax.models import Params, init_params, param_specs
+from starling_jax.io import hf, hub
+from starling_jax.models import Params, init_params, param_specs, quantized_base, quantized_specs
 from starling_jax.models.config import ModelConfig
-from starling_jax.parallel.sharding import init_sharded
+from starling_jax.parallel.sharding import init_sharded, param_shardings
+from starling_jax.step import adapters
 from starling_jax.step.step import jit_step
 
 Batch = dict[str, np.ndarray]
@@ -111,6 +116,14 @@ class StageProgram:
     tokens_per_batch: Callable[[Batch], int] = lambda batch: count_tokens(batch)
     flops_per_token: float = 0.0
     setup: Optional["StageSetup"] = None  # the shared train/plan setup the program was built on (see StageSetup)
+    # A LoRA stage (model.lora): the pointer to its frozen base (base_pointer). Its checkpoints then hold the train
+    # state without `frozen` (the adapters, trained heads and their optimiser state) plus this pointer, and a resume
+    # checks that the base it loads now is that one (stages/loop.py).
+    base: Optional[dict] = None
+    # A LoRA stage: state -> ({"lora": its adapters over every layer, "score": a reward model's head}, the lora section
+    # and base pointer as a dict): written beside the merged export (export/adapters, export/lora.json) for
+    # `convert --adapters`
+    adapters: Optional[Callable[[Any], tuple[Params, dict]]] = None
 
 
 def count_tokens(batch: Batch) -> int:
@@ -230,19 +243,67 @@ def build_program(ctx: StageContext) -> StageProgram:
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers every kind needs.
 
+def base_pointer(ctx: StageContext, section: ModelSection) -> dict:
+    """Which base a LoRA stage's adapters belong to: the model.path it loads and a digest of that source's files
+    (a stage export's or a converted directory's digests.json; a directory without one: its files' names and sizes),
+    or for a random init the seed and the architecture. Two pointers are equal iff the same base is loaded."""
+    path = section.path
+    if path is None:
+        return {"path": None, "seed": ctx.config.train.seed, "config": dataclasses.asdict(section.config)}
+    if path.startswith("stage:"):
+        directory = os.path.join(os.path.dirname(ctx.workdir), path[len("stage:"):], "export")
+    else:
+        directory = hub.resolve(path) if path.startswith("hf:") else path
+    manifest = digests.read_manifest(directory)
+    if manifest is None:  # a directory from the Hub or transformers: what its files are, by name and size
+        manifest = {f: os.path.getsize(os.path.join(directory, f)) for f in digests.list_files(directory)}
+    text = json.dumps(manifest, sort_keys=True).encode()
+    return {"path": path, "digest": hashlib.sha256(text).hexdigest()}
+
+
+def adapter_export(c: Experiment, model_config: ModelConfig, base: dict) -> Callable[[Any], tuple[Params, dict]]:
+    """StageProgram.adapters of a LoRA stage (step/adapters.py trees): state -> ({"lora": the adapters over all L
+    layers, "score": a reward model's score head}, {"lora": the lora section with the adapted layer indices, "base":
+    the pointer})."""
+    lora, top = c.model.lora, c.model.trainable_top_layers
+    opts = adapters.options(lora, model_config, top)
+    layers = list(range(model_config.num_layers)) if opts.layers is None else list(opts.layers)
+    meta = {"lora": {**dataclasses.asdict(lora), "targets": list(lora.targets), "layers": layers},
+            "base": base}
+
+    def export(state) -> tuple[Params, dict]:
+        score = {"score": state.params["score"]} if "score" in state.params else {}  # a reward model's head
+        return {"lora": adapters.full_adapters(state.params, model_config), **score}, meta
+    return export
+
 def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, key: jax.Array
                ) -> tuple[ModelConfig, Params]:
     """(config, params) of a model section: "stage:NAME" -> that stage's export; a directory -> Hugging Face weights
     (starling_jax.io.hf.load, placed on ctx.mesh); None -> random init of section.config from `key`."""
     path = section.path
+    # how a frozen base is stored (models.quantize) is this run's choice, not the checkpoint's: the section's
+    storage = lambda config: config.replace(quantize=section.config.quantize,
+                                            quantize_block=section.config.quantize_block)
     if path is not None and path.startswith("stage:"):
         exported = ctx.load_stage(path[len("stage:"):])
         # A copy: this stage's train state is donated to its step, and a later stage may load the same export
         # (tiny_starling: rm and policy both start from "stage:sft"); aliasing it would leave them deleted arrays.
-        return exported.config, jax.tree.map(jax.numpy.copy, exported.params)
+        return storage(exported.config), jax.tree.map(jax.numpy.copy, exported.params)
     if path is not None:
-        return hf.load(path, mesh=ctx.mesh)
+        config, params = hf.load(path, mesh=ctx.mesh)
+        return storage(config), params
     if ctx.mesh is not None:  # created directly in its shards: no host ever holds the whole model
         return section.config, init_sharded(param_specs(section.config), key, section.config.init_std, ctx.mesh,
                                             ctx.config.mesh.rules)
     return section.config, init_params(section.config, key)
+
+
+def quantize_frozen(ctx: StageContext, config: ModelConfig, params: Params) -> Params:
+    """A model that never trains (an RL stage's reward model) with its layers stored as config.quantize says
+    (models.quantized_base), placed in the shards of its quantized specs; the dense arrays are donated. "none": the
+    params as they are."""
+    if config.quantize == "none":
+        return params
+    shardings = None if ctx.mesh is None else param_shardings(quantized_specs(param_specs(config), config), ctx.mesh,
+                                                              ctx.config.mesh.rules)
+    return jax.jit(lambda p: quantized_base(p, config), out_shardings=shardings, donate_argnums=0)(params)

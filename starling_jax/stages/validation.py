@@ -9,7 +9,7 @@ import os
 from typing import Optional
 
 from starling_jax.algorithms import registry
-from starling_jax.config import ConfigError, Experiment, MeshConfig
+from starling_jax.config import LORA_TARGETS, ConfigError, Experiment, MeshConfig
 from starling_jax.data import tasks, templates, tokenizer
 from starling_jax.errors import did_you_mean
 from starling_jax.io import hub
@@ -106,6 +106,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("optim.grad_clip", f"must be > 0 or None, got {o.grad_clip}")
     if not 0 <= m.trainable_top_layers <= m.config.num_layers:
         bad("model.trainable_top_layers", f"{m.trainable_top_layers} is not in [0, {m.config.num_layers}]")
+    if m.lora is not None:
+        _check_lora(m, kind, bad)
     ob = c.objective
     if ob.value_head == "layers" and not 1 <= ob.value_head_layers <= m.config.num_layers:
         bad("objective.value_head_layers", f"{ob.value_head_layers} is not in [1, {m.config.num_layers}] (the critic "
@@ -149,6 +151,56 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     if stage_kind is not None and stage_kind.check is not None:
         for field, msg in stage_kind.check(c, algorithm, earlier):
             bad(field, msg)
+
+
+def lora_widths(config) -> dict[str, int]:
+    """The smaller side (input or output width) of each projection an adapter can sit on (config.LORA_TARGETS)."""
+    D, F = config.hidden_size, config.mlp_dim
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {"q": min(D, q), "k": min(D, kv), "v": min(D, kv), "o": min(q, D), "gate": min(D, F), "up": min(D, F),
+            "down": min(F, D)}
+
+
+def _check_lora(m, kind: Optional[str], bad) -> None:
+    """model.lora: a rank in [1, the narrowest targeted projection], a positive alpha, a dropout in [0, 1), known
+    targets named once, and a stage kind that trains a model."""
+    lo = m.lora
+    if kind == "feedback":
+        bad("model.lora", "a feedback stage trains nothing; sample from a LoRA-trained stage with model.path="
+            "'stage:NAME' (its export holds the merged weights) and leave model.lora unset here")
+    targets = tuple(lo.targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if not targets:
+        bad("model.lora.targets", f"empty: name the projections to adapt among {', '.join(LORA_TARGETS)}")
+    elif unknown:
+        bad("model.lora.targets", f"{unknown[0]!r} matches no projection; "
+            f"{did_you_mean(unknown[0], LORA_TARGETS)}")
+    elif len(set(targets)) != len(targets):
+        bad("model.lora.targets", f"{list(targets)} names a projection twice")
+    if lo.rank < 1:
+        bad("model.lora.rank", f"must be >= 1, got {lo.rank} (leave model.lora unset to train the layers in full)")
+    elif targets and not unknown:
+        widths = lora_widths(m.config)
+        narrow = min(targets, key=lambda t: widths[t])
+        if lo.rank > widths[narrow]:
+            bad("model.lora.rank", f"{lo.rank} is larger than the {narrow!r} projection's width {widths[narrow]}; use a "
+                f"rank <= {widths[narrow]}")
+    if not lo.alpha > 0:
+        bad("model.lora.alpha", f"must be > 0, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        bad("model.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    elif lo.dropout and kind in ("dpo", "rl"):
+        bad("model.lora.dropout", f"{lo.dropout}: a {kind} stage compares the policy's log-probs with the "
+            f"reference's (and with those it sampled), which dropout would make noise (TRL disables dropout there "
+            f"too); use 0")
+    L = m.config.num_layers
+    if lo.layers is not None and 0 <= m.trainable_top_layers <= L:
+        top = m.trainable_top_layers or L
+        outside = [i for i in lo.layers if not L - top <= i < L]
+        if not lo.layers or outside or len(set(lo.layers)) != len(lo.layers):
+            bad("model.lora.layers", f"{list(lo.layers)} must be distinct indices of the layers that train, "
+                f"{L - top}..{L - 1} (the top model.trainable_top_layers={m.trainable_top_layers} of {L}; the layers "
+                f"below are the frozen trunk), or None for all of them")
 
 
 def validate(exp: Experiment, num_devices: Optional[int] = None) -> Experiment:

@@ -209,17 +209,22 @@ class Checkpoints:
 # ----------------------------------------------------------------------------------------------------------------------
 # A finished stage's exported model.
 
-def save_export(directory: str, model_config: ModelConfig, params, summary: dict) -> None:
+def save_export(directory: str, model_config: ModelConfig, params, summary: dict, adapters=None) -> None:
     """Write params (orbax), the ModelConfig and the stage summary; the summary goes last, marking the stage done.
-    params None: a stage that trains no model (feedback) writes only its summary."""
+    params None: a stage that trains no model (feedback) writes only its summary. adapters: a LoRA stage's
+    (adapter tree, description) pair: the tree goes to adapters/ (orbax) and the description (its lora section, the
+    base pointer) to lora.json, beside the merged params (load_adapters reads them back)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    if params is not None:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(directory, "params"), params, force=True)
-        ckptr.wait_until_finished()
+    ckptr = ocp.StandardCheckpointer()
+    for name, tree in (("params", params), ("adapters", None if adapters is None else adapters[0])):
+        if tree is not None:
+            ckptr.save(os.path.join(directory, name), tree, force=True)
+            ckptr.wait_until_finished()
     if jax.process_index() != 0:  # every process writes its shards above; one writes the small files
         return
+    if adapters is not None:
+        write_json(os.path.join(directory, LORA_FILE), adapters[1], indent=1)
     with open(os.path.join(directory, "model_config.json"), "w") as f:
         json.dump(dataclasses.asdict(model_config), f, indent=1)
     tmp = os.path.join(directory, "summary.json.tmp")
@@ -231,6 +236,32 @@ def save_export(directory: str, model_config: ModelConfig, params, summary: dict
     entries["summary.json"] = digests.digest_file(tmp)
     digests.write_manifest(directory, entries)
     os.replace(tmp, os.path.join(directory, "summary.json"))
+
+
+LORA_FILE = "lora.json"  # a LoRA stage's export: its lora section, adapted layers and base pointer
+
+
+def load_adapters(directory: str) -> tuple[Any, dict]:
+    """({"lora": the adapters {projection: {"a", "b"}} over every layer, "score": a reward model's score head}, lora.json's
+    description) of a LoRA stage's export
+    (save_export), after checking the export's digests; an InputError when the stage trained no adapters."""
+    directory = os.path.abspath(directory)
+    if not export_done(directory):
+        raise FileNotFoundError(f"{directory} holds no finished stage export (no summary.json); run that stage first")
+    if not os.path.isfile(os.path.join(directory, LORA_FILE)):
+        raise InputError(f"{directory}: this stage trained no LoRA adapters (no {LORA_FILE}); convert it without "
+                         f"--adapters (a Hugging Face directory of its weights)")
+    problem, _ = _verify_agreed(directory)
+    if problem is not None:
+        raise digests.DigestMismatch(f"{problem}; the stage export {directory} is damaged", directory)
+    meta = _read_json(os.path.join(directory, LORA_FILE))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    ckptr = ocp.StandardCheckpointer()
+    shapes = ckptr.metadata(os.path.join(directory, "adapters"))
+    shapes = getattr(shapes, "item_metadata", shapes)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), shapes,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    return ckptr.restore(os.path.join(directory, "adapters"), target), meta
 
 
 def export_done(directory: str) -> bool:

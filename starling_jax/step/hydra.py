@@ -21,6 +21,9 @@ Trees (nested dicts of arrays):
   frozen    = {"trunk": embeddings + lower layers (+ lm head when it is not trained; {} when every layer trains),
                "reference": a copy of the initial "policy" subtree}
 Only `trainable` gets gradients and optimizer state.
+
+With model.lora the trees are step/adapters.py's (trainable = {"lora": adapters, "critic"}, frozen = {"trunk", "base"}:
+the reference is the base itself); hydra_forward, policy_parts and reference_parts read them through adapters.views.
 """
 
 from __future__ import annotations
@@ -31,27 +34,38 @@ import jax
 import jax.numpy as jnp
 
 from starling_jax import models
+from starling_jax.config import LoraConfig
 from starling_jax.models import ModelConfig, Params
 from starling_jax.parallel.sharding import ActivationConstraint
+from starling_jax.step import adapters
 
 
 
 def init_rl_params(params: Params, config: ModelConfig, critic_key: jax.Array, top_layers: int = 0,
                    train_head: bool = True, value_head_kind: str = "mlp",
-                   value_head_layers: int = 0) -> tuple[Params, Params]:
+                   value_head_layers: int = 0, lora: Optional[LoraConfig] = None) -> tuple[Params, Params]:
     """Split full policy params into (trainable, frozen) for an RL stage (see the module docstring).
 
     top_layers = 0 or num_layers trains every layer (the reference is then a full frozen copy).
     value_head_kind "layers": the critic copies the top value_head_layers layers and the final norm of `params`.
+    lora: adapters on the top layers instead (step/adapters.py trees: the reference is the base, no copy; `config`
+    must run them, adapters.configure); the critic is made as without them and trains in full.
     """
     if "lm_head" not in params and not config.tie_embeddings:
         raise ValueError("the RL policy needs a language-model head: params have no 'lm_head' "
                          f"(keys: {sorted(params)}); is model.path pointing at a reward model?")
+    if lora is not None:
+        critic_key, lora_key = jax.random.split(critic_key)
+        critic = models.init_value_head(config, critic_key, value_head_kind, value_head_layers, source=params)
+        return adapters.init_trees(params, config, lora, lora_key, top_layers, heads={"critic": critic})
     policy, trunk = models.split_params(params, top_layers, train_head)
     # The reference must not alias the trainable arrays: a donated train state would otherwise invalidate it.
     reference = jax.tree.map(jnp.copy, policy)
     critic = models.init_value_head(config, critic_key, value_head_kind, value_head_layers, source=params)
-    # frozen weights in the compute dtype (models.frozen_storage: the same forwards, half the memory under bf16)
+    # frozen weights in the compute dtype (models.frozen_storage: the same forwards, half the memory under bf16); the
+    # trunk's layers quantized when config.quantize says so (models.quantized_base). Not the reference: it must equal
+    # the trainable layers it was copied from, so that the KL starts at 0.
+    trunk = models.quantized_base(trunk, config)
     return {"policy": policy, "critic": critic}, models.frozen_storage({"trunk": trunk, "reference": reference}, config)
 
 
@@ -67,13 +81,15 @@ def reference_params(frozen: Params) -> Params:
 
 def policy_parts(trainable: Params, frozen: Params) -> tuple[Params, Params]:
     """The current policy as the pair (top, trunk) that sampling.generate merges inside its compiled call: sampling
-    from it makes no merged copy of the weights outside that call (policy_params would: a new stack of every layer)."""
+    from it makes no merged copy of the weights outside that call (policy_params would: a new stack of every layer).
+    With adapters (step/adapters.py) the top is the base with them attached (the model's config must run them)."""
+    trainable, frozen = adapters.views(trainable, frozen)
     return trainable["policy"], frozen["trunk"]
 
 
 def reference_parts(frozen: Params) -> tuple[Params, Params]:
-    """The reference as the pair (top, trunk) for sampling.generate (see policy_parts)."""
-    return frozen["reference"], frozen["trunk"]
+    """The reference as the pair (top, trunk) for sampling.generate (see policy_parts); with adapters the base."""
+    return frozen["reference"] if "reference" in frozen else frozen["base"], frozen["trunk"]
 
 
 def trunk_forward(trunk: Params, config: ModelConfig, tokens: jax.Array, attention_mask: jax.Array,
@@ -90,13 +106,14 @@ def trunk_forward(trunk: Params, config: ModelConfig, tokens: jax.Array, attenti
 
 def top_forward(top: Params, trunk: Params, shared: Optional[jax.Array], config: ModelConfig, tokens: jax.Array,
                 attention_mask: jax.Array, constrain: Optional[ActivationConstraint] = None,
-                window: Optional[tuple[int, int]] = None) -> jax.Array:
+                window: Optional[tuple[int, int]] = None, dropout_key: Optional[jax.Array] = None) -> jax.Array:
     """Final-norm hidden states of the trainable-shaped stack `top` (a policy, a reference copy, a reward model's top
     layers) run over the trunk's output `shared` (trunk_forward), or over its own embeddings when that is None.
     window = (start, length): keep only those positions before the final norm (static ints), [B, length, D];
-    otherwise all positions, [B, T, D]."""
+    otherwise all positions, [B, T, D]. dropout_key: LoRA dropout on the adapters of `top` (models.run_layers), or
+    None."""
     x = _embed({**trunk, **top}, config, tokens, constrain) if shared is None else shared
-    x, _ = models.run_layers(top["layers"], config, x, attention_mask, constrain=constrain)
+    x, _ = models.run_layers(top["layers"], config, x, attention_mask, constrain=constrain, dropout_key=dropout_key)
     if window is not None:
         x = jax.lax.dynamic_slice_in_dim(x, window[0], window[1], axis=1)
     return models.final_norm({**trunk, **top}, config, x)
@@ -104,7 +121,7 @@ def top_forward(top: Params, trunk: Params, shared: Optional[jax.Array], config:
 
 def _layers(tree: Params) -> int:
     """How many stacked layers a params subtree holds (0 without "layers")."""
-    return tree["layers"]["wq"].shape[0] if "layers" in tree else 0
+    return models.num_stacked(tree["layers"]) if "layers" in tree else 0
 
 
 def _slice_layers(layers: Params, start: int, stop: int) -> Params:
@@ -182,10 +199,12 @@ def hydra_forward(trainable: Params, frozen: Params, config: ModelConfig, tokens
     "hidden" [B, N, D], the policy's final hidden states at those positions (a head critic's input; a "layers"
     critic reads the branch hidden state instead, see trunk_and_branch).
     constrain: the activation sharding constraint on a mesh (sharding.activation_constraint), else None.
+    trainable/frozen may be a LoRA stage's trees (step/adapters.py: read through adapters.views).
     temperature: the rollout temperature; the policy's and the reference's logits are divided by it (as TRL does in
     both passes), so log pi_old, log pi_ref, the KL penalty and the ratios are those of the distribution the tokens
     were sampled from. (top-k / top-p filtering is rejected for RL stages by config validation.)
     """
+    trainable, frozen = adapters.views(trainable, frozen)
     trunk, policy, reference = frozen["trunk"], trainable["policy"], frozen["reference"]
     if tokens.shape != attention_mask.shape:
         raise ValueError(f"hydra_forward: tokens {tokens.shape} and attention_mask {attention_mask.shape} differ")

@@ -12,6 +12,9 @@ trainable top layers and, for DPO, the reference's frozen copy of them, so the r
 every layer trained the reference is a full frozen copy. DPO's reference log-probs are always computed in the step from
 frozen["reference"] (nothing has to be precomputed in the batch).
 
+With model.lora a stage's trees are step/adapters.py's; the loss sees them through adapters.data_loss in this layout
+(params = the base's top with the adapters attached, frozen = {"trunk", "reference": the base}).
+
 metrics["weight"] is what the loss averages over (tokens for SFT, prompts for Plackett-Luce, pairs for Bradley-Terry
 and DPO); the train step uses it to combine gradient-accumulation micro-batches exactly (step/step.py).
 """
@@ -41,9 +44,11 @@ def stage_params(params: Params, top_layers: int = 0, train_head: bool = True, r
                  config: Optional[ModelConfig] = None) -> tuple[Params, Params]:
     """(params, frozen) of a stage from full model params (see the module docstring); `reference` adds
     frozen["reference"], a copy of the trainable part (Algorithm.reference). With the model's `config`, the frozen
-    trees are stored in its compute dtype (models.frozen_storage: same forwards, half the memory for bf16 over fp32)."""
+    trees are stored in its compute dtype (models.frozen_storage: same forwards, half the memory for bf16 over fp32),
+    and the trunk's layers quantized as config.quantize says (models.quantized_base; not the reference, a copy of the
+    trainable layers that must equal them at the start)."""
     trainable, trunk = models.split_params(params, top_layers, train_head)
-    frozen = {"trunk": trunk}
+    frozen = {"trunk": trunk if config is None else models.quantized_base(trunk, config)}
     if reference:
         # a real copy: the train state is donated, so the reference must not share buffers with the trainable params
         frozen["reference"] = jax.tree.map(jnp.copy, trainable)
@@ -59,7 +64,7 @@ def stage_specs(config: ModelConfig, top_layers: int = 0, train_head: bool = Tru
     abstract = jax.eval_shape(lambda p: stage_params(p, top_layers, train_head, reference, config),
                               models.abstract_params(config))
     trainable = respec(abstract[0], specs)
-    frozen = {"trunk": respec(abstract[1]["trunk"], specs)}
+    frozen = {"trunk": respec(abstract[1]["trunk"], models.quantized_specs(specs, config))}
     if "reference" in abstract[1]:
         frozen["reference"] = respec(abstract[1]["reference"], specs)
     return trainable, frozen
@@ -72,18 +77,21 @@ def check_batch(name: str, batch: dict, keys) -> None:
         raise KeyError(f"{name} loss: batch lacks {missing}; it has {sorted(batch)}")
 
 
-def hidden(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None):
+def hidden(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None,
+           dropout_key=None):
     """Final-norm hidden states [..., T, D] of the stage's model (trainable `params` over the frozen `trunk`) for
-    tokens/mask [B, T]: the hydra forward of step/hydra.py, trunk once, then the trainable top stack."""
+    tokens/mask [B, T]: the hydra forward of step/hydra.py, trunk once, then the trainable top stack. dropout_key:
+    LoRA dropout on the adapters in `params` (step/adapters.py), or None; without adapters it changes nothing."""
     return top_forward(params, trunk, trunk_forward(trunk, config, tokens, mask, constrain), config, tokens, mask,
-                       constrain)
+                       constrain, dropout_key=dropout_key)
 
 
-def sequence_rewards(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None):
+def sequence_rewards(params: Params, trunk: Params, config: ModelConfig, tokens, mask, constrain: Constrain = None,
+                     dropout_key=None):
     """Scalar rewards [B, K] of tokens/attention_mask [B, K, T] (score head at each row's last non-pad token)."""
     B, K, T = tokens.shape
     flat_t, flat_m = tokens.reshape(B * K, T), mask.reshape(B * K, T)
-    h = hidden(params, trunk, config, flat_t, flat_m, constrain)
+    h = hidden(params, trunk, config, flat_t, flat_m, constrain, dropout_key)
     last = models.last_token_index(flat_m)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
     return models.reward_values({**trunk, **params}, config, h_last)[:, 0].reshape(B, K)

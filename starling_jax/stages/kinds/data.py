@@ -20,9 +20,9 @@ from starling_jax.data import formats, load_tokenizer, pipelines
 from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
 from starling_jax.models import ModelConfig, Params
 from starling_jax.parallel import sharding
-from starling_jax.stages.program import (StageContext, StageProgram, StageSetup, is_abstract, layers_note,
-                                         load_model, register_stage_kind)
-from starling_jax.step import losses
+from starling_jax.stages.program import (StageContext, StageProgram, StageSetup, adapter_export, base_pointer,
+                                         is_abstract, layers_note, load_model, register_stage_kind)
+from starling_jax.step import adapters, losses
 from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
 from starling_jax.step.step import make_train_step
 
@@ -72,12 +72,21 @@ def data_setup(c: Experiment, model_config: ModelConfig, params: Params, mesh, k
     algorithm = registry.get(c.objective.name)
     rules = c.mesh.rules
     abstract = is_abstract(params)
-    top, train_head = c.model.trainable_top_layers, c.model.train_lm_head
+    top, train_head, lora = c.model.trainable_top_layers, c.model.train_lm_head, c.model.lora
+    run_config = adapters.configure(model_config, lora, top)  # model_config itself without adapters
 
-    def split(p):
-        return losses.stage_params(p, top, train_head, algorithm.reference, model_config)
-    trainable, frozen = jax.eval_shape(split, params) if abstract else split(params)
-    specs_t, specs_f = losses.stage_specs(model_config, top, train_head, algorithm.reference)
+    if lora is None:
+        def split(p):
+            return losses.stage_params(p, top, train_head, algorithm.reference, model_config)
+        trainable, frozen = jax.eval_shape(split, params) if abstract else split(params)
+        specs_t, specs_f = losses.stage_specs(model_config, top, train_head, algorithm.reference)
+    else:  # adapters (+ a reward model's score head) train; the base is frozen and is DPO's reference (no copy)
+        heads = {"score": None} if algorithm.head == "score" else {}
+
+        def split(p):
+            return adapters.init_trees(p, run_config, lora, jax.random.fold_in(key, 1), top, heads)
+        trainable, frozen = jax.eval_shape(split, params) if abstract else split(params)
+        specs_t, specs_f = adapters.tree_specs(run_config, lora, trainable, frozen)
     shard_t = sharding.param_shardings(specs_t, mesh, rules)
     shard_f = sharding.param_shardings(specs_f, mesh, rules)
     if not abstract:
@@ -87,11 +96,17 @@ def data_setup(c: Experiment, model_config: ModelConfig, params: Params, mesh, k
     empty = abstract_state(trainable, optimizer, frozen)
     shard_state = state_shardings(optimizer, empty, shard_t, shard_f, mesh)
     state = empty if abstract else create_state(trainable, optimizer, key, frozen, shard_state)
-    loss = algorithm.loss(c.objective, model_config, sharding.activation_constraint(mesh, rules))
+    loss = algorithm.loss(c.objective, run_config, sharding.activation_constraint(mesh, rules))
+    if lora is not None:
+        loss = adapters.data_loss(loss)
     batch = algorithm.batch(c.train.batch_size, c.data.max_length, c.data.max_responses)
+    trained = (f"trainable: {layers_note(top, model_config.num_layers)}" + (", head" if train_head else ", head frozen")
+               if lora is None else f"trainable: LoRA adapters (rank {lora.rank}, {', '.join(lora.targets)}) on "
+               f"{layers_note(top, model_config.num_layers)}" + (" + the score head" if algorithm.head == "score"
+                                                                  else "") + "; the base is frozen")
     notes = (f"objective {c.objective.name}: global batch {c.train.batch_size} x {c.data.max_length} tokens"
              + (f" x K={c.data.max_responses}" if algorithm.kind == "rm" else "") + f", grad_accum {c.train.grad_accum}",
-             f"trainable: {layers_note(top, model_config.num_layers)}" + (", head" if train_head else ", head frozen"))
+             trained)
     return StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
                       update=make_train_step(loss, optimizer, c.train.grad_accum), loss=loss, batch=batch,
                       batch_shardings=sharding.batch_shardings(batch, mesh, rules), notes=notes)
@@ -127,9 +142,18 @@ class DataStage:
                              f"rows")
         self.setup = data_setup(c, model_config, params, mesh, state_key)
         del params
+        self.base = base_pointer(ctx, c.model) if c.model.lora is not None else None
         self.update = self.setup.jit(mesh)
-        self.eval_loss = jax.jit(lambda st, b: self.setup.loss(st.params, st.frozen, b, self.eval_key))
-        self.merge = jax.jit(lambda st: models.merge_params(st.params, st.frozen["trunk"]))
+        lora = c.model.lora
+        if lora is None:
+            self.eval_loss = jax.jit(lambda st, b: self.setup.loss(st.params, st.frozen, b, self.eval_key))
+            self.merge = jax.jit(lambda st: models.merge_params(st.params, st.frozen["trunk"]))
+        else:  # evaluated without adapter dropout; exported (and ranked) with the adapters folded into the weights
+            run_config = adapters.configure(model_config, lora, c.model.trainable_top_layers)
+            eval_loss = adapters.data_loss(algorithm.loss(c.objective, run_config, sharding.activation_constraint(
+                mesh, c.mesh.rules)), dropout=False)
+            self.eval_loss = jax.jit(lambda st, b: eval_loss(st.params, st.frozen, b, self.eval_key))
+            self.merge = jax.jit(lambda st: adapters.merged(st.params, st.frozen, run_config))
         self.reward_fn = make_reward_fn(model_config) if algorithm.head == "score" else None
 
         # Data: the global batches are the same whatever the number of processes; this process reads only the rows
@@ -210,9 +234,15 @@ class DataStage:
         state = self.setup.state
         trained = _count(state.params)
         frozen_work = _count(state.frozen.get("trunk", {})) + _count(state.frozen.get("reference", {}))
+        # LoRA: the base's top runs forward and backward (its activation gradients, not its weight gradients), and
+        # forward once more as DPO's reference
+        frozen_work += (2.0 + (1.0 if self.algorithm.reference else 0.0)) * _count(state.frozen.get("base", {}))
+        lora = self.c.model.lora
         return StageProgram(state=state, step=self.step, batches=self.batches, export=self.export,
                             model_config=self.model_config, evaluate=self.evaluate, finish=self.finish,
-                            flops_per_token=6.0 * trained + 2.0 * frozen_work, setup=self.setup)
+                            flops_per_token=6.0 * trained + 2.0 * frozen_work, setup=self.setup,
+                            base=self.base, adapters=None if lora is None else adapter_export(
+                                self.c, self.model_config, self.base))
 
 
 def build_data_stage(ctx: StageContext) -> StageProgram:

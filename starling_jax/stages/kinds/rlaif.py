@@ -49,6 +49,7 @@ from starling_jax.stages import program as prog
 from starling_jax.stages.policy_eval import measure_policy
 from starling_jax.stages.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls,
                                          trained_reward_template)
+from starling_jax.step import adapters
 from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_params, policy_parts,
                                      reference_parts)
 from starling_jax.step.logging import plot_metrics, read_metrics
@@ -317,20 +318,25 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     algorithm = rl_algorithm(o.name)
     rules = c.mesh.rules
     abstract = prog.is_abstract(params)
-    top, head = c.model.trainable_top_layers, c.model.train_lm_head
+    top, head, lora = c.model.trainable_top_layers, c.model.train_lm_head, c.model.lora
     k_critic, k_state = jax.random.split(key) if critic_key is None else (critic_key, key)
+    run_config = adapters.configure(model_config, lora, top)  # model_config itself without adapters
 
     def split(p, k):
-        return init_rl_params(p, model_config, k, top, head, o.value_head, o.value_head_layers)
+        return init_rl_params(p, run_config, k, top, head, o.value_head, o.value_head_layers, lora=lora)
     trainable, frozen = jax.eval_shape(split, params, k_critic) if abstract else split(params, k_critic)
     # Placement on the mesh: the hydra trees shard like the model's params, the batch over its leading axis; the
     # step keeps the state's layout and donates it.
     model_specs = models.param_specs(model_config)
-    shard_t = sharding.param_shardings(sharding.respec(trainable, {
-        "policy": model_specs, "critic": models.value_head_specs(model_config, o.value_head, o.value_head_layers)}), mesh,
-        rules)
-    shard_f = sharding.param_shardings(sharding.respec(frozen, {"trunk": model_specs, "reference": model_specs}),
-                                       mesh, rules)
+    critic_specs = models.value_head_specs(model_config, o.value_head, o.value_head_layers)
+    if lora is None:
+        shard_t = sharding.param_shardings(sharding.respec(trainable, {"policy": model_specs, "critic": critic_specs}),
+                                           mesh, rules)
+        shard_f = sharding.param_shardings(sharding.respec(frozen, {
+            "trunk": models.quantized_specs(model_specs, model_config), "reference": model_specs}), mesh, rules)
+    else:  # adapters + critic train; the base is frozen and is the reference (step/adapters.py)
+        specs_t, specs_f = adapters.tree_specs(run_config, lora, trainable, frozen, heads={"critic": critic_specs})
+        shard_t, shard_f = sharding.param_shardings(specs_t, mesh, rules), sharding.param_shardings(specs_f, mesh, rules)
     if not abstract:
         trainable, frozen = jax.device_put(trainable, shard_t), jax.device_put(frozen, shard_f)
     updates_per_step = r.epochs * (r.prompts_per_step // r.minibatch_size)
@@ -342,7 +348,7 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
 
     P, N, B = c.data.max_prompt_length, r.max_new_tokens, r.prompts_per_step
     constrain = sharding.activation_constraint(mesh, rules)
-    experience_fn, rl_loss_fn = build_rl_functions(model_config, o, P, constrain, float(r.temperature),
+    experience_fn, rl_loss_fn = build_rl_functions(run_config, o, P, constrain, float(r.temperature),
                                                    group=group_size(algorithm, c.objective))
     pin = sharding.batch_constraint(mesh, rules)  # shuffled minibatches stay split over the batch axes
 
@@ -351,7 +357,8 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     batch = experience_spec(B, P, N, stat_keys)
     resident = {}
     if c.reward_model is not None:  # scores rollouts between steps: live, but outside the step
-        rm_specs = models.param_specs(c.reward_model.config.replace(head="score"))
+        rm_config = c.reward_model.config.replace(head="score")  # stored quantized when its config says so
+        rm_specs = models.quantized_specs(models.param_specs(rm_config), rm_config)
         resident["reward_model"] = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)),
                                                  rm_specs, is_leaf=models.transformer.is_spec),
                                     sharding.param_shardings(rm_specs, mesh, rules))
@@ -360,11 +367,13 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     critic = f" + {critic_kind}" if algorithm.critic else " (critic-free)"
     notes = (f"objective {o.name}: {B} rollouts of {P} prompt + {N} response tokens per step, {r.epochs} epochs of "
              f"minibatches of {r.minibatch_size} = {updates_per_step} optimiser updates per step",
-             f"trainable: {prog.layers_note(top, model_config.num_layers)}{critic}; reference: frozen copy of the "
-             f"trainable layers",
+             (f"trainable: {prog.layers_note(top, model_config.num_layers)}{critic}; reference: frozen copy of the "
+              f"trainable layers" if lora is None else
+              f"trainable: LoRA adapters (rank {lora.rank}, {', '.join(lora.targets)}) on "
+              f"{prog.layers_note(top, model_config.num_layers)}{critic}; reference: the frozen base (no copy)"),
              "the rollout phase (generation with its KV cache, reward-model scoring, the experience pass) runs "
              "between steps: `plan --rollout` plans it")
-    between = rollout_calls(c, model_config, state, shard_state, resident, experience_fn, constrain, mesh)
+    between = rollout_calls(c, run_config, state, shard_state, resident, experience_fn, constrain, mesh)
     return prog.StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
                            update=make_rl_step(loss, optimizer, r.epochs, r.minibatch_size), loss=loss, batch=batch,
                            batch_shardings=sharding.batch_shardings(batch, mesh, rules), resident=resident,
@@ -397,10 +406,18 @@ def rollout_calls(c, model_config: ModelConfig, state, shard_state, resident: di
         return sampling.generate((top, trunk), model_config, prompt_tokens, prompt_mask, key, N, r.temperature,
                                  r.top_k, r.top_p, constrain=constrain)
 
+    if adapters.is_lora(state.params):  # the adapters, the base's top and the trunk: policy_parts inside the call
+        def generate_lora(lora, base, trunk, *inputs):
+            return generate(*policy_parts({"lora": lora}, {"base": base, "trunk": trunk}), *inputs)
+        fn = generate_lora
+        trees = (state.params["lora"], state.frozen["base"], state.frozen["trunk"])
+        tree_sh = (shard_state.params["lora"], shard_state.frozen["base"], shard_state.frozen["trunk"])
+    else:
+        fn = generate
+        trees = (state.params["policy"], state.frozen["trunk"])
+        tree_sh = (shard_state.params["policy"], shard_state.frozen["trunk"])
     calls = {"generate": prog.PhaseCall(
-        generate, shape((state.params["policy"], state.frozen["trunk"])),
-        (shard_state.params["policy"], shard_state.frozen["trunk"]), (*prompts, key),
-        (*prompts_sh, sharding.replicated(mesh)),
+        fn, shape(trees), tree_sh, (*prompts, key), (*prompts_sh, sharding.replicated(mesh)),
         f"generate: {G} of the chunk's {B} prompts per call (rollout.generation_batch), {P} + {N} tokens")}
     if "reward_model" in resident:
         rm, rm_sh = resident["reward_model"]
@@ -459,6 +476,7 @@ class RLStage:
         if "score" not in rm_params:
             raise ValueError(f"stage {ctx.stage_name!r}: reward_model (path {c.reward_model.path!r}) has no 'score' "
                              f"head")
+        rm_params = prog.quantize_frozen(ctx, rm_config, rm_params)
         # the reward model is fed in the template (and tokenizer) it was trained with, when its export says which
         rm_template, rm_tokenizer_name, note = trained_reward_template(ctx.experiment, c.reward_model)
         if note:
@@ -480,6 +498,10 @@ class RLStage:
         self.setup = rl_setup(c, config, params, mesh, k_state, stat_keys, critic_key=k_critic)
         del params
         self.update = self.setup.jit(mesh)
+        # the config that runs the policy: with model.lora its adapters' scale (self.model_config, the exported
+        # architecture, has none: the export folds them into the weights)
+        self.run_config = config = adapters.configure(config, c.model.lora, c.model.trainable_top_layers)
+        self.base = prog.base_pointer(ctx, c.model) if c.model.lora is not None else None
 
         conversations = [conversation_of(row, f"train row {i}") for i, row in enumerate(train_rows)]
         chunk_prompts = r.prompts_per_step // group  # each sampled `group` times
@@ -532,7 +554,7 @@ class RLStage:
         """Sampled replies of the policy (or the reference) to an eval split: RM score, KL, length, true reward."""
         parts = policy_parts(state.params, state.frozen) if which == "policy" else reference_parts(state.frozen)
         prompts, conversations, key = self.eval_sets[split]
-        return _policy_eval(state.params, state.frozen, parts, self.model_config, prompts, conversations,
+        return _policy_eval(state.params, state.frozen, parts, self.run_config, prompts, conversations,
                             self.tokenizer, self.c.model.template, self.scorer, self.c.rollout, key, self.true_utility,
                             self.spread)
 
@@ -577,6 +599,8 @@ class RLStage:
         return summary
 
     def export(self, state) -> Params:
+        if adapters.is_lora(state.params):  # the adapters folded into the base's weights
+            return jax.jit(adapters.merged, static_argnums=2)(state.params, state.frozen, self.run_config)
         return policy_params(state.params, state.frozen)
 
     @staticmethod
@@ -584,9 +608,12 @@ class RLStage:
         return int(np.count_nonzero(batch["attention_mask"]))
 
     def program(self) -> prog.StageProgram:
+        lora = self.c.model.lora
         return prog.StageProgram(state=self.setup.state, step=self.step, batches=self.batches, export=self.export,
                                  model_config=self.model_config, evaluate=self.evaluate, finish=self.finish,
-                                 tokens_per_batch=self.tokens_per_batch, setup=self.setup)
+                                 tokens_per_batch=self.tokens_per_batch, setup=self.setup, base=self.base,
+                                 adapters=None if lora is None else prog.adapter_export(self.c, self.model_config,
+                                                                                         self.base))
 
 
 

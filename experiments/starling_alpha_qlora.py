@@ -1,0 +1,82 @@
+"""Starling-LM-7B-alpha's RL stage on ONE 16 GiB chip: APA as in alpha (experiments/starling_alpha_apa.py), with the
+OpenChat-3.5 policy and the Starling-RM-7B-alpha reward model both stored in 4-bit NormalFloat and the policy trained
+through LoRA adapters (QLoRA: Dettmers et al. 2023, arXiv:2305.14314).
+
+    starling-jax plan experiments/starling_alpha_qlora.py --target v5e-1              # the update step, one v5e chip
+    starling-jax plan experiments/starling_alpha_qlora.py --target v5e-1 --rollout    # the rollout phase
+    starling-jax plan experiments/starling_alpha_qlora.py --target v5e-8 --set rollout.prompts_per_step=512 \
+        --set rollout.minibatch_size=32 --set train.batch_size=512                     # alpha's 8-process sizes
+    starling-jax run experiments/starling_alpha_qlora.py --workdir runs/alpha_qlora
+
+Needs the local copies starling_alpha_apa.py lists (checkpoints/openchat_3.5, checkpoints/Starling-RM-7B-alpha,
+data/nectar).
+
+What it keeps from alpha (starling_alpha_apa.py, each value's source in its docstring and tests/test_recipes.py): the
+APA loss with lambda 1, KL 0.01 fixed, GAE gamma 1 / lambda 0.95, value clip 0.2, vf_coef 1, the critic-only rule above
+value loss 1, rewards clipped to +-10 and scaled by a running std, no advantage whitening, AdamW betas (0.9, 0.95), eps
+1e-8, weight decay 1e-6, clip 1.0, constant rate; 1024 new tokens after prompts of up to 1124 (2148 in all), top_k 0,
+top_p 1, temperature 1; the RM reads "[INST] ... [/INST]" (llama2_trainer) at up to 2048 tokens; bf16 compute.
+Sizes per process as the fork's config gives them (64 rollouts per chunk, 4 per update, 2 epochs: 32 updates a
+chunk, 625 chunks = 20,000 updates): on one chip that is one process, so these are the fork's own sizes for one
+process (alpha ran 8: 512 and 32, the v5e-8 command above).
+
+What changes, and why:
+  - storage: both 7B models' layer matrices in nf4 (model.config.quantize, models/quantize.py: QLoRA's levels, blocks
+    of 64 along each matrix's input axis, absmax in float32); the embeddings, the LM head and the RM's score head stay
+    bf16. Alpha's fp32 master weights are for weights that train; nothing of the base trains here.
+  - training: LoRA adapters on every projection (q, k, v, o, gate, up, down) of every layer instead of alpha's top 4
+    layers in full: QLoRA's choice of targets, rank 64 and alpha 16 (the paper's 7B setting). No adapter dropout
+    (QLoRA's 0.1): rl stages reject it, as it would turn the policy's log-probs against the rollouts' into noise. The
+    reference is the base with the adapters off (no copy).
+  - critic: trlx's default value head (a Linear(4096, 8192)-ReLU-Linear(8192, 1) on the policy's last hidden state,
+    objective.value_head="mlp") instead of alpha's trainable copy of the top 4 layers: that copy alone (0.87B fp32
+    parameters and their AdamW moments, ~10.5 GB) would take two thirds of the chip.
+  - learning rate 1e-5: alpha's 2e-7 is a full-layer rate; LoRA's updates pass through a rank-64 product scaled by
+    alpha / rank = 0.25, and LoRA rates run 10-1000x full fine-tuning's (QLoRA: 2e-4 for SFT). A choice, not tuned.
+  - generation_batch: rows per generate / RM / experience call, sized to the chip by `plan --rollout` (docs/SHARDING.md
+    "One chip").
+"""
+
+from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, LoraConfig, MeshConfig,
+                                 ModelSection, ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig,
+                                 TrainConfig)
+from starling_jax.models import PRESETS
+
+SEQ_LEN, MAX_NEW = 2148, 1024
+PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH, PPO_EPOCHS, TOTAL_UPDATES = 64, 4, 2, 20000  # the fork's, per process
+CHUNK, MINIBATCH = PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH  # one chip = one process
+UPDATES_PER_CHUNK = PPO_EPOCHS * CHUNK // MINIBATCH  # 32
+CHUNKS = TOTAL_UPDATES // UPDATES_PER_CHUNK  # 625
+GENERATION_BATCH = 16  # rows per rollout call on one v5e chip (plan --rollout: docs/SHARDING.md "One chip")
+
+NF4 = dict(quantize="nf4", quantize_block=64)
+# fp32 masters for what trains (the adapters, the critic); the frozen base is stored in nf4, its embeddings and LM
+# head in the bf16 compute dtype (models.frozen_storage)
+POLICY = PRESETS["openchat-3.5"].replace(dtype="bfloat16", param_dtype="float32", remat="full", **NF4)
+REWARD_MODEL = PRESETS["llama2-7b"].replace(head="score", dtype="bfloat16", param_dtype="bfloat16", **NF4)
+LORA = LoraConfig(rank=64, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
+
+
+def get_config() -> Experiment:
+    return Experiment(
+        name="starling_alpha_qlora",
+        model=ModelSection(config=POLICY, path="checkpoints/openchat_3.5", tokenizer="openchat-3.5",
+                           template="openchat_3.5", trainable_top_layers=0, train_lm_head=False, lora=LORA),
+        reward_model=RewardModelSection(config=REWARD_MODEL, path="checkpoints/Starling-RM-7B-alpha",
+                                        tokenizer="checkpoints/Starling-RM-7B-alpha", template="llama2_trainer",
+                                        max_length=2048),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        data=DataConfig(source="data/nectar", heldout_fraction=0.001, max_length=SEQ_LEN,
+                        max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
+        objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.01, kl_target=None, kl_horizon=10000,
+                                  vf_coef=1.0, value_clip=0.2, gamma=1.0, gae_lambda=0.95, critic_only_above=1.0,
+                                  value_head="mlp", reward_clip=10.0, scale_reward=True, whiten_advantages=False),
+        optim=OptimConfig(learning_rate=1e-5, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,
+                          b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),
+        rollout=RolloutConfig(prompts_per_step=CHUNK, max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,
+                              epochs=PPO_EPOCHS, minibatch_size=MINIBATCH, eval_prompts=100,
+                              generation_batch=GENERATION_BATCH),
+        train=TrainConfig(steps=CHUNKS, batch_size=CHUNK, eval_every=16, seed=1000),
+        checkpoint=CheckpointConfig(every=16, keep=3),
+        logging=LoggingConfig(every=1, tensorboard=True),
+    )
