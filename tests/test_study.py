@@ -244,38 +244,18 @@ def test_every_study_file_resolves_its_grid():
         check_shared(study, study.seeds[:1], quick=True)
 
 
-# The shared stages (e.g. SFT and the RM) that an earlier quick cell of this session trained, by study: several
-# studies' quick shared stages are the same experiment (the main job shortened, the same seed), so a later study adopts
-# them through `--reuse` (the runner links them only when their saved config equals its own) instead of training them
-# again. Only the shared stages are offered (a folder holding just `shared/`), never a cell: each study trains and
-# measures its own cell. A test run alone trains everything itself.
-SHARED_TRAINED: dict[str, str] = {}
-
-
-def shared_only(workdir, into) -> str:
-    """A study workdir holding only `workdir`'s shared stages (a link), for --reuse."""
-    os.makedirs(into)
-    os.symlink(os.path.join(workdir, "shared"), os.path.join(into, "shared"))
-    return str(into)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", QUICK_CELLS)
 def test_one_shortened_cell_of_each_study(tmp_path, name):
     """CI's cell per study: `starling-jax study FILE --quick` trains and measures one shortened cell (first arm,
     first seed), aggregates it, and a second invocation resumes (runs nothing)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    work = tmp_path / "study"
     cmd = [sys.executable, "-m", "starling_jax.commands.cli", "study", os.path.join(ROOT, "experiments", "studies", f"{name}.py"),
-           "--workdir", str(work), "--quick"]
-    for i, source in enumerate(SHARED_TRAINED.values()):
-        cmd += ["--reuse", shared_only(source, tmp_path / f"reuse{i}")]
+           "--workdir", str(tmp_path), "--quick"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
-    logs = "".join(p.read_text()[-2000:] for p in (work / "logs").glob("*.log")) if (work / "logs").exists() else ""
+    logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else ""
     assert done.returncode == 0, done.stderr[-2000:] + logs
-    if (work / "shared").is_dir():
-        SHARED_TRAINED[name] = str(work)
-    results = json.loads((work / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] and len(results["cells"]) == 1
     study = load_study(os.path.join(ROOT, "experiments", "studies", f"{name}.py"))
     arm = results["arms"][0]
@@ -287,7 +267,7 @@ def test_one_shortened_cell_of_each_study(tmp_path, name):
     for group in policy:
         m = results["summary"][group][arm]
         assert np.isfinite([m[k]["mean"] for k in ("true_reward", "kl", "rm_score", "length", "gain")]).all()
-    assert os.path.getsize(work / "results.png") > 1000
+    assert os.path.getsize(tmp_path / "results.png") > 1000
     if study.selection is not None:  # a shortened run never writes a choice
         assert "selection not written" in done.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
