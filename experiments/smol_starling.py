@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from starling_jax.algorithms.apa import APAOptions
+from starling_jax.algorithms.reward_model import PlackettLuceOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, FeedbackConfig, LoggingConfig,
                                  ModelSection, ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage,
                                  TrainConfig)
@@ -82,14 +84,14 @@ def get_config() -> Experiment:
                   feedback=FeedbackConfig(k=7, judge="task", prompts_per_step=16, max_new_tokens=24, temperature=1.0,
                                           generation_batch=56),
                   train=TrainConfig(steps=5, seed=0)),
-            Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
+            Stage(name="rm", objective=PlackettLuceOptions(),
                   model=dataclasses.replace(model, trainable_top_layers=4, train_lm_head=False),
                   data=dataclasses.replace(data, source="stage:feedback", heldout_fraction=0.15, tuning_fraction=0.0),
                   optim=OptimConfig(learning_rate=5e-5, warmup_steps=4, schedule="cosine", grad_clip=1.0),
                   train=TrainConfig(steps=40, batch_size=4, seed=0)),
             Stage(name="policy",
-                  objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.05, value_clip=None, vf_coef=0.5,
-                                            gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
+                  objective=APAOptions(apa_lambda=1.0, kl_coef=0.05, value_clip=None, vf_coef=0.5,
+                                       gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
                   model=dataclasses.replace(model, trainable_top_layers=2, train_lm_head=False),
                   optim=OptimConfig(learning_rate=lr, warmup_steps=2, schedule="constant", weight_decay=0.0,
                                     grad_clip=1.0),

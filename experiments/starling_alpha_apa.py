@@ -42,8 +42,9 @@ Deviations (choices, each with its reason in tests/test_recipes.py and docs/RLAI
   - the released Starling-RM-7B-alpha as the reward model (the fork's config loads banghua/refine_rm).
 """
 
+from starling_jax.algorithms.apa import APAOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
-                                 ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, TrainConfig)
+                                 OptimConfig, RewardModelSection, RolloutConfig, TrainConfig)
 from starling_jax.models import PRESETS
 
 SEQ_LEN, MAX_NEW = 2148, 1024
@@ -69,10 +70,10 @@ def get_config() -> Experiment:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(source="data/nectar", heldout_fraction=0.001, max_length=SEQ_LEN,
                         max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
-        objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.01, kl_target=None, kl_horizon=10000,
-                                  vf_coef=1.0, value_clip=0.2, gamma=1.0, gae_lambda=0.95, critic_only_above=1.0,
-                                  value_head="layers", value_head_layers=4, reward_clip=10.0, scale_reward=True,
-                                  whiten_advantages=False),
+        objective=APAOptions(apa_lambda=1.0, kl_coef=0.01, kl_target=None, kl_horizon=10000,
+                             vf_coef=1.0, value_clip=0.2, gamma=1.0, gae_lambda=0.95, critic_only_above=1.0,
+                             value_head="layers", value_head_layers=4, reward_clip=10.0, scale_reward=True,
+                             whiten_advantages=False),
         # cosine_annealing(T_max=10000, eta_min=lr) is a constant rate: cosine with end_lr_fraction = 1
         optim=OptimConfig(learning_rate=2e-7, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,
                           b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),

@@ -24,8 +24,9 @@ Choices: 16 devices (one process each: 1,024 rollouts per chunk, minibatches of 
 fork's 2 x 64 / 4; 625 chunks = 20,000 updates); Nectar's prompts (the fork loads ThWu/cleaned_prompt_r_2).
 """
 
+from starling_jax.algorithms.ppo import PPOOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
-                                 ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, TrainConfig)
+                                 OptimConfig, RewardModelSection, RolloutConfig, TrainConfig)
 from starling_jax.models import PRESETS
 
 SEQ_LEN, MAX_NEW = 2148, 1024
@@ -48,9 +49,9 @@ def get_config() -> Experiment:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(source="data/nectar", heldout_fraction=0.001, max_length=SEQ_LEN,
                         max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
-        objective=ObjectiveConfig(name="ppo", ppo_clip=0.2, value_clip=0.2, vf_coef=1.0, kl_coef=0.001,
-                                  kl_target=None, kl_horizon=10000, gamma=1.0, gae_lambda=0.95, value_head="layers",
-                                  value_head_layers=4, reward_clip=10.0, scale_reward=True, whiten_advantages=False),
+        objective=PPOOptions(ppo_clip=0.2, value_clip=0.2, vf_coef=1.0, kl_coef=0.001,
+                             kl_target=None, kl_horizon=10000, gamma=1.0, gae_lambda=0.95, value_head="layers",
+                             value_head_layers=4, reward_clip=10.0, scale_reward=True, whiten_advantages=False),
         optim=OptimConfig(learning_rate=4e-7, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,
                           b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),
         rollout=RolloutConfig(prompts_per_step=CHUNK, max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,

@@ -30,8 +30,9 @@ devices): 7B params + AdamW state in fp32 = 112 GB spread over 64 chips, one pro
 with full rematerialisation. Multi-host: mesh.distributed = True calls jax.distributed.initialize().
 """
 
+from starling_jax.algorithms.reward_model import PlackettLuceOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
-                                 ObjectiveConfig, OptimConfig, TrainConfig)
+                                 OptimConfig, TrainConfig)
 from starling_jax.models import PRESETS
 
 # bf16 compute, fp32 master weights (the optimiser updates fp32 params)
@@ -48,7 +49,7 @@ def get_config() -> Experiment:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1, distributed=True),
         data=DataConfig(source="data/nectar", heldout_fraction=0.01, max_length=2048, max_prompt_length=1536,
                         max_responses=7, on_bad_row="skip"),
-        objective=ObjectiveConfig(name="rm_plackett_luce", pl_normalize=True),
+        objective=PlackettLuceOptions(pl_normalize=True),
         optim=OptimConfig(learning_rate=1e-5, warmup_steps=85, schedule="cosine", end_lr_fraction=0.1,
                           b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0),
         train=TrainConfig(steps=STEPS, batch_size=64, grad_accum=1, eval_every=250, eval_batches=8, seed=0),

@@ -4,6 +4,7 @@ two stages, sft -> dpo, the reference being the SFT model. CPU, about two minute
     starling-jax run tiny_dpo --workdir runs/tiny_dpo
 """
 
+from starling_jax.algorithms.dpo import DPOOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, ModelSection,
                                  ObjectiveConfig, OptimConfig, Stage, TrainConfig)
 from starling_jax.models import PRESETS
@@ -22,7 +23,7 @@ def get_config() -> Experiment:
                   optim=OptimConfig(learning_rate=3e-3, warmup_steps=20),
                   train=TrainConfig(steps=100, batch_size=8, eval_every=0, seed=0)),
             # the DPO paper (Rafailov et al. 2023) used beta = 0.1 and a small constant learning rate
-            Stage("dpo", ObjectiveConfig(name="dpo", dpo_beta=0.1),
+            Stage("dpo", DPOOptions(dpo_beta=0.1),
                   model=ModelSection(config=PRESETS["tiny"], path="stage:sft"),
                   optim=OptimConfig(learning_rate=3e-4, warmup_steps=5, schedule="constant"),
                   train=TrainConfig(steps=40, batch_size=8, eval_every=20, eval_batches=4, seed=1)),

@@ -10,7 +10,8 @@ import dataclasses
 import importlib.util
 import os
 
-from starling_jax.config import Experiment, ObjectiveConfig
+from starling_jax.algorithms.ppo import PPOOptions
+from starling_jax.config import Experiment
 
 
 def _main_job() -> Experiment:
@@ -26,10 +27,10 @@ def get_config() -> Experiment:
     stages = []
     for stage in exp.stages:
         if stage.name == "policy":
-            objective = ObjectiveConfig(name="ppo", ppo_clip=0.2, value_clip=0.2, vf_coef=0.5,
-                                        kl_coef=stage.objective.kl_coef, kl_target=2.0, kl_horizon=1000,
-                                        gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0,
-                                        whiten_advantages=True)
+            objective = PPOOptions(ppo_clip=0.2, value_clip=0.2, vf_coef=0.5,
+                                   kl_coef=stage.objective.kl_coef, kl_target=2.0, kl_horizon=1000,
+                                   gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0,
+                                   whiten_advantages=True)
             stage = dataclasses.replace(stage, objective=objective)
         stages.append(stage)
     return dataclasses.replace(exp, name="tiny_ppo", stages=tuple(stages))

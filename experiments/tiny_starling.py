@@ -25,6 +25,8 @@ rate); WORKDIR/policy/curves.png plots reward, true reward, KL and losses per RL
 
 import os
 
+from starling_jax.algorithms.apa import APAOptions
+from starling_jax.algorithms.reward_model import PlackettLuceOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, ModelSection,
                                  ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage, TrainConfig)
 from starling_jax.models import PRESETS
@@ -64,14 +66,14 @@ def get_config() -> Experiment:
             Stage(name="sft", objective=ObjectiveConfig(name="sft"),
                   optim=OptimConfig(learning_rate=3e-3, warmup_steps=20, schedule="cosine", weight_decay=0.01),
                   train=TrainConfig(steps=400, batch_size=16, seed=0)),
-            Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
+            Stage(name="rm", objective=PlackettLuceOptions(),
                   model=ModelSection(config=RM, path="stage:sft", tokenizer=RM_TOKENIZER, template=RM_TEMPLATE),
                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=20, schedule="cosine", grad_clip=1.0),
                   train=TrainConfig(steps=rm["stages.rm.train.steps"], batch_size=8, seed=0)),
             Stage(name="policy",
-                  objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=rl["stages.policy.objective.kl_coef"],
-                                            value_clip=None, vf_coef=0.5,
-                                            gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
+                  objective=APAOptions(apa_lambda=1.0, kl_coef=rl["stages.policy.objective.kl_coef"],
+                                       value_clip=None, vf_coef=0.5,
+                                       gamma=1.0, gae_lambda=0.95, value_head="mlp", reward_clip=10.0),
                   model=ModelSection(config=POLICY, path="stage:sft", tokenizer="openchat-3.5",
                                      template="openchat_3.5", trainable_top_layers=2, train_lm_head=True),
                   optim=OptimConfig(learning_rate=rl["stages.policy.optim.learning_rate"], warmup_steps=5,

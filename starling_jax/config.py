@@ -110,35 +110,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    name: str = "sft"  # a registered objective: sft, rm_plackett_luce, rm_bradley_terry, dpo, apa, ppo
-    dpo_beta: float = 0.1
-    apa_lambda: float = 0.1  # APA: (logp - logp_old - A / lambda)^2; Starling's fork used 1.0
-    ppo_clip: float = 0.2
-    value_clip: Optional[float] = 0.2  # PPO clipped value loss; None = unclipped 0.5 (V - R)^2 (APA)
-    vf_coef: float = 1.0
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    kl_coef: float = 0.01
-    kl_target: Optional[float] = None  # adaptive KL controller target (None = fixed coefficient)
-    kl_horizon: int = 10000
-    critic_only_above: Optional[float] = None  # Starling fork: a step whose value loss exceeds this trains the critic only
-    # the critic: "mlp" (trlx make_head: Linear(D, 2D)-ReLU-Linear(2D, 1)) or "linear" on the policy's last hidden
-    # state, or "layers": a trainable copy of the model's top value_head_layers layers + final norm + Linear(D, 1),
-    # initialised from the policy and reading the (frozen) hidden state below them (the Starling fork's OpenChat
-    # critic, MistralModelWithHydraValueHead; step/hydra.py)
-    value_head: Literal["mlp", "linear", "layers"] = "mlp"
-    value_head_layers: int = 0  # with value_head="layers": how many top layers the critic copies (1..num_layers)
-    reward_clip: float = 10.0
-    scale_reward: bool = True  # divide the RM score by a running std
-    whiten_advantages: bool = False  # normalise GAE advantages per rollout chunk (trlx PPO); APA uses raw ones
-    pl_normalize: bool = False  # rm_plackett_luce: divide each prompt's NLL by its K-1 terms (the authors' pl_loss)
-    # GRPO / RLOO (critic-free, objectives/group.py): rollout.prompts_per_step replies = prompts_per_step / group_size
-    # prompts x group_size samples each; advantages relative to the group (GRPO: mean/std; RLOO: leave-one-out mean).
-    group_size: int = 4
-    # "reward" (sequence-level penalty) | "loss" (per-token term); None: the algorithm's own (grpo loss, rloo reward)
-    kl_in: Optional[Literal["reward", "loss"]] = None
-    kl_estimator: Optional[Literal["k1", "k3"]] = None  # None: the algorithm's own (grpo k3, rloo k1)
-    loss_aggregation: Literal["sequence", "token"] = "sequence"  # mean of each reply's token mean (GRPO) | of tokens
+    """The objective: `name` selects a registered algorithm (starling_jax/algorithms/), and the algorithm's own options
+    are the fields of the options type it registers, a frozen subclass of this one with typed, constrained and
+    described fields (e.g. algorithms.apa.APAOptions(apa_lambda=1.0), dpo.DPOOptions(dpo_beta=0.1)). An algorithm
+    without options of its own (sft, rm_bradley_terry, feedback) is selected by ObjectiveConfig(name=...).
+    Validation checks that the type is the one `name` registered (stages/experiment.py check_types)."""
+    name: str = "sft"
 
 
 @dataclasses.dataclass(frozen=True)

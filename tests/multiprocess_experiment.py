@@ -2,6 +2,8 @@
 model and APA with an adaptive KL controller and reward scaling, one layer each, a few steps, checkpoints every step,
 on a mesh of 4 devices split over the batch (2 processes x 2 simulated CPU devices, or 1 process x 4)."""
 
+from starling_jax.algorithms.apa import APAOptions
+from starling_jax.algorithms.reward_model import PlackettLuceOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
                                  ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage, TrainConfig)
 from starling_jax.models import PRESETS
@@ -26,13 +28,13 @@ def get_config() -> Experiment:
             Stage(name="sft", objective=ObjectiveConfig(name="sft"),
                   optim=OptimConfig(learning_rate=3e-3, warmup_steps=0, schedule="constant"),
                   train=TrainConfig(steps=3, batch_size=8, seed=0)),
-            Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
+            Stage(name="rm", objective=PlackettLuceOptions(),
                   model=ModelSection(config=RM, path="stage:sft", tokenizer="openchat-3.5", template="openchat_3.5"),
                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant"),
                   train=TrainConfig(steps=3, batch_size=8, seed=0)),
             Stage(name="policy",
-                  objective=ObjectiveConfig(name="apa", kl_coef=0.1, kl_target=1.0, kl_horizon=100.0,
-                                            value_head="linear", scale_reward=True),
+                  objective=APAOptions(kl_coef=0.1, kl_target=1.0, kl_horizon=100.0,
+                                       value_head="linear", scale_reward=True),
                   model=ModelSection(config=POLICY, path="stage:sft", tokenizer="openchat-3.5",
                                      template="openchat_3.5", trainable_top_layers=1, train_lm_head=True),
                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant"),

@@ -3,8 +3,9 @@ G = 2 replies per prompt, from a fresh one-layer policy and a fresh reward model
 processes, not learning), on a mesh of 4 devices split over the batch (2 processes x 2 simulated CPU devices, or 1
 process x 4). A chunk of 8 rollouts is 4 prompts x 2: one prompt, both its samples, on each device."""
 
+from starling_jax.algorithms.grpo import GRPOOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, MeshConfig, ModelSection,
-                                 ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage, TrainConfig)
+                                 OptimConfig, RewardModelSection, RolloutConfig, Stage, TrainConfig)
 from starling_jax.models import PRESETS
 
 POLICY = PRESETS["tiny"].replace(num_layers=1)
@@ -27,8 +28,8 @@ def get_config() -> Experiment:
         logging=LoggingConfig(every=1, tensorboard=False, progress=False),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant"),
         stages=(
-            Stage(name="grpo", objective=ObjectiveConfig(name="grpo", group_size=2, kl_coef=0.05, kl_in="reward",
-                                                         kl_target=1.0, kl_horizon=100.0),
+            Stage(name="grpo", objective=GRPOOptions(group_size=2, kl_coef=0.05, kl_in="reward",
+                                                     kl_target=1.0, kl_horizon=100.0),
                   rollout=rollout, train=TrainConfig(steps=STEPS, batch_size=8, seed=0)),
         ),
     )

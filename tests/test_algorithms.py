@@ -66,14 +66,14 @@ def _reinforce_loss(out, batch, objective):
 def reinforce():
     algorithm = registry.register(registry.Algorithm(
         name="test_reinforce", kind="rl", head="lm", loss=_reinforce_loss, reference=True,
-        advantages=_reinforce_advantages, critic=False, group_size=lambda objective: 2))
+        advantages=_reinforce_advantages, critic=False, group_size=lambda objective: 2, options=algorithms.RLOptions))
     yield algorithm
     del registry.ALGORITHMS["test_reinforce"]
 
 
 @pytest.mark.slow  # trains a stage: 221 s at load ~22 here
 def test_a_registered_algorithm_is_validated_and_trained_by_its_kind(reinforce):
-    exp = Experiment(name="x", objective=ObjectiveConfig(name="test_reinforce"), reward_model=RewardModelSection())
+    exp = Experiment(name="x", objective=registry.options("test_reinforce"), reward_model=RewardModelSection())
     validate(exp, num_devices=1)
     assert [n for n, _ in stages_of(exp)] == ["rl"]  # a single stage is named after its algorithm's kind
     odd = dataclasses.replace(exp, rollout=dataclasses.replace(exp.rollout, prompts_per_step=15, minibatch_size=5))
@@ -112,16 +112,65 @@ def test_built_in_rl_losses_are_the_objectives():
     logp, old, adv = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3))
     mask = np.ones((3, 4), np.float32)
     batch = {"old_logprobs": old, "advantages": adv, "response_mask": mask}
-    o = ObjectiveConfig(apa_lambda=0.3, ppo_clip=0.1)
-    got, _ = registry.get("apa").loss({"logprobs": logp}, batch, o)
+    got, _ = registry.get("apa").loss({"logprobs": logp}, batch, registry.options("apa", apa_lambda=0.3))
     np.testing.assert_allclose(float(got), float(obj_policy.apa_loss(logp, old, adv, mask, 0.3)[0]))
-    got, _ = registry.get("ppo").loss({"logprobs": logp}, batch, o)
+    got, _ = registry.get("ppo").loss({"logprobs": logp}, batch, registry.options("ppo", ppo_clip=0.1))
     np.testing.assert_allclose(float(got), float(obj_policy.ppo_policy_loss(logp, old, adv, mask, 0.1)[0]))
 
 
 def test_build_loss_covers_the_data_algorithms():
     cfg = models.PRESETS["tiny"]
     for name in ("sft", "dpo"):
-        assert callable(algorithms.build_loss(ObjectiveConfig(name=name), cfg))
+        assert callable(algorithms.build_loss(registry.options(name), cfg))
     with pytest.raises(ValueError, match="needs a reward model"):
-        algorithms.build_loss(ObjectiveConfig(name="rm_plackett_luce"), cfg)
+        algorithms.build_loss(registry.options("rm_plackett_luce"), cfg)
+    with pytest.raises(TypeError, match=r"objective 'dpo' takes DPOOptions \(starling_jax.algorithms.dpo\), got "
+                                        r"ObjectiveConfig"):
+        algorithms.build_loss(ObjectiveConfig(name="dpo"), cfg)
+
+
+def test_every_algorithm_registers_typed_described_options():
+    """Each algorithm's options are its own frozen type deriving from ObjectiveConfig (the base itself for one without
+    options), defined in its own module; every option has a type the validation checks and a description."""
+    import typing
+
+    import pydantic
+    from pydantic.fields import FieldInfo
+
+    own = {"apa": "APAOptions", "ppo": "PPOOptions", "grpo": "GRPOOptions", "rloo": "RLOOOptions", "dpo": "DPOOptions",
+           "rm_plackett_luce": "PlackettLuceOptions", "sft": "ObjectiveConfig", "rm_bradley_terry": "ObjectiveConfig",
+           "feedback": "ObjectiveConfig"}
+    for name, cls_name in own.items():
+        cls = registry.get(name).options
+        assert cls.__name__ == cls_name and issubclass(cls, ObjectiveConfig), name
+        assert cls is ObjectiveConfig or cls.__module__ == f"starling_jax.algorithms.{name.split('_')[0]}" or \
+            cls.__module__ == "starling_jax.algorithms.reward_model", (name, cls.__module__)  # in its own module
+        assert registry.options(name).name == name and type(registry.options(name)) is cls
+        for field, tp in typing.get_type_hints(cls, include_extras=True).items():
+            if field == "name":
+                continue
+            info = [m for m in typing.get_args(tp)[1:] if isinstance(m, FieldInfo)]
+            assert info and info[0].description, (name, field)
+            pydantic.TypeAdapter(tp).validate_python(getattr(registry.options(name), field))  # defaults are valid
+    # the kind's bases: every rl algorithm's options carry the rollouts' settings, a critic's its own
+    for name in registry.of_kind("rl"):
+        a = registry.get(name)
+        assert issubclass(a.options, algorithms.CriticOptions if a.critic else algorithms.RLOptions), name
+        assert a.critic or not issubclass(a.options, algorithms.CriticOptions), name
+    with pytest.raises(ValueError, match="options must be a frozen dataclass deriving from ObjectiveConfig"):
+        registry.register(dataclasses.replace(registry.get("sft"), name="x", options=dict))
+
+
+def test_switch_keeps_the_shared_settings_set_away_from_their_defaults():
+    apa = registry.options("apa", apa_lambda=1.0, kl_coef=0.2, vf_coef=0.5, whiten_advantages=True)
+    grpo = registry.switch(apa, "grpo", group_size=2)
+    assert grpo == registry.options("grpo", kl_coef=0.2, whiten_advantages=True, group_size=2)
+    assert registry.switch(apa, "ppo") == registry.options("ppo", kl_coef=0.2, vf_coef=0.5, whiten_advantages=True)
+    # GRPO's defaults are its own, not carried into RLOO's
+    assert (registry.switch(grpo, "rloo").kl_in, registry.switch(grpo, "rloo").kl_estimator) == ("reward", "k1")
+
+
+def test_the_documented_options_are_the_registered_ones():
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "TRAINING.md").read_text()
+    assert algorithms.options_table() in doc, "paste the new algorithms.options_table() into docs/TRAINING.md"

@@ -193,3 +193,20 @@ def test_every_long_module_says_at_its_top_why_it_is_long():
         if text.count("\n") > LONG_FILE and "Why this file is long" not in (ast.get_docstring(ast.parse(text)) or ""):
             unexplained.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
     assert not unexplained, "long modules without a reason at their top: " + ", ".join(unexplained)
+
+
+def test_the_math_layer_knows_no_algorithm_names():
+    """objectives/ and models/ take behaviour as arguments (a baseline, a KL estimator, its placement): no string in
+    their code (docstrings aside) is the name of a registered algorithm."""
+    from starling_jax.algorithms import registry
+
+    names = set(registry.names())
+    for folder in ("objectives", "models"):
+        for path in sorted((PACKAGE / folder).glob("*.py")):
+            tree = ast.parse(path.read_text())
+            docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                          if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                          and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+            found = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                     and id(n) not in docstrings and n.value in names}
+            assert not found, f"{path.relative_to(ROOT)} names algorithm(s) {sorted(found)}"

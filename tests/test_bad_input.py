@@ -121,9 +121,18 @@ class Case:
 _STUDY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "studies",
                       "rm_kwise_vs_pairwise.py")
 
+def _with_objective(objective: dict) -> str:
+    """tiny_dpo's saved config.json with its dpo stage's objective replaced."""
+    from starling_jax.stages.experiment import load_experiment, to_dict
+    d = to_dict(load_experiment("tiny_dpo"))
+    d["stages"][1]["objective"] = objective
+    return json.dumps(d)
+
+
 _RL_WITHOUT_HELDOUT = """
-from starling_jax.config import (DataConfig, Experiment, ModelSection, ObjectiveConfig, RewardModelSection,
-                                 RolloutConfig, TrainConfig)
+from starling_jax.algorithms.apa import APAOptions
+from starling_jax.config import (DataConfig, Experiment, ModelSection, RewardModelSection, RolloutConfig,
+                                 TrainConfig)
 from starling_jax.models import PRESETS
 
 def get_config():
@@ -131,7 +140,7 @@ def get_config():
     return Experiment(name="rl_no_heldout", model=ModelSection(config=tiny, trainable_top_layers=1),
                       reward_model=RewardModelSection(config=tiny.replace(head="score"), max_length=48),
                       data=DataConfig(synthetic_prompts=32, heldout_fraction=0.0, max_length=40, max_prompt_length=32),
-                      objective=ObjectiveConfig(name="apa"),
+                      objective=APAOptions(),
                       rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, minibatch_size=8, eval_prompts=8),
                       train=TrainConfig(steps=1, batch_size=8))
 """
@@ -145,6 +154,15 @@ CASES = [
     Case("data.report_rows on Nectar files",
          lambda f: TRAIN + ["--set", f"data.source={f.write('n.jsonl', '')}", "--set", "data.heldout_fraction=0",
                             "--set", "data.report_rows=16"], 2, r"data\.report_rows: needs data\.source='synthetic'"),
+    Case("an objective option out of its range",
+         lambda f: ["train", "tiny_dpo", "--set", "stages.dpo.objective.dpo_beta=0", "--workdir", f.path("w")], 2,
+         r"--set stages\.dpo\.objective\.dpo_beta=0: must be greater than 0, got 0\.0"),
+    Case("another algorithm's option",
+         lambda f: ["train", "tiny_dpo", "--set", "stages.dpo.objective.apa_lambda=1", "--workdir", f.path("w")], 2,
+         r"unknown key 'apa_lambda' in DPOOptions; .*set stages\.dpo\.objective\.name first"),
+    Case("a saved config whose objective has the wrong type",
+         lambda f: ["train", f.write("run/config.json", _with_objective({"name": "dpo", "dpo_beta": "high"}))], 2,
+         r"config\.json.*stages\[1\]\.objective\.dpo_beta: expected float, got 'high'"),
     Case("experiment file with a syntax error",
          lambda f: ["run", f.write("syn.py", "def get_config(:\n")], 2, r"syn\.py:1: Python syntax error"),
     Case("experiment whose get_config raises",

@@ -5,6 +5,10 @@ import json
 
 import pytest
 
+from starling_jax.algorithms.apa import APAOptions
+from starling_jax.algorithms.dpo import DPOOptions
+from starling_jax.algorithms.ppo import PPOOptions
+from starling_jax.algorithms.reward_model import PlackettLuceOptions
 from starling_jax.config import (CheckpointConfig, ConfigError, DataConfig, Experiment, ModelSection, ObjectiveConfig,
                                  OptimConfig, RewardModelSection, Stage, TrainConfig)
 from starling_jax.stages.experiment import apply_overrides, from_dict, load_experiment, stages_of, to_dict
@@ -17,9 +21,9 @@ def staged() -> Experiment:
         name="staged",
         stages=(
             Stage("sft", ObjectiveConfig(name="sft")),
-            Stage("rm", ObjectiveConfig(name="rm_plackett_luce"),
+            Stage("rm", PlackettLuceOptions(),
                   model=ModelSection(config=PRESETS["tiny"].replace(head="score"))),
-            Stage("rl", ObjectiveConfig(name="apa"), model=ModelSection(path="stage:sft")),
+            Stage("rl", APAOptions(), model=ModelSection(path="stage:sft")),
         ),
         reward_model=RewardModelSection(path="stage:rm"),
         train=TrainConfig(steps=10, batch_size=16),
@@ -138,7 +142,7 @@ def test_validate_stage_references():
     bad = dataclasses.replace(staged(), stages=(
         Stage("sft", ObjectiveConfig(name="sft"), model=ModelSection(path="stage:rl")),
         Stage("sft", ObjectiveConfig(name="sft")),
-        Stage("rl", ObjectiveConfig(name="apa")),
+        Stage("rl", APAOptions()),
     ), reward_model=RewardModelSection(path="stage:sft"))
     with pytest.raises(ConfigError) as e:
         validate(bad, num_devices=1)
@@ -152,7 +156,7 @@ def test_validate_heads_and_rl_needs_reward_model():
     exp = Experiment(name="x", objective=ObjectiveConfig(name="rm_bradley_terry"))
     with pytest.raises(ConfigError, match="trains a 'score' head but the model has head='lm'"):
         validate(exp)
-    exp = Experiment(name="x", objective=ObjectiveConfig(name="ppo"))
+    exp = Experiment(name="x", objective=PPOOptions())
     with pytest.raises(ConfigError, match="objective 'ppo' needs a reward_model section"):
         validate(exp)
 
@@ -186,6 +190,115 @@ def test_load_experiment(tmp_path, monkeypatch):
 
 
 def test_single_stage_named_after_kind():
-    assert [n for n, _ in stages_of(Experiment(name="x", objective=ObjectiveConfig(name="dpo")))] == ["dpo"]
+    assert [n for n, _ in stages_of(Experiment(name="x", objective=DPOOptions()))] == ["dpo"]
     (name, cfg), = stages_of(Experiment(name="x", data=DataConfig(max_length=64), checkpoint=CheckpointConfig(keep=1)))
     assert name == "sft" and cfg.data.max_length == 64 and cfg.checkpoint.keep == 1
+
+
+# Typed options per algorithm: each algorithm's options are its own type (registered with it), with constrained
+# fields; the objective's name chooses the type.
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.rl.objective.apa_lambda=0", "--set stages.rl.objective.apa_lambda=0: must be greater than 0, got 0.0"),
+    ("stages.rl.objective.gamma=1.5", "--set stages.rl.objective.gamma=1.5: must be less than or equal to 1, got 1.5"),
+    ("stages.rl.objective.value_clip=-1", "value_clip=-1: must be greater than 0, got -1.0"),
+    ("stages.rl.objective.kl_horizon=0", "kl_horizon=0: must be greater than or equal to 1, got 0"),
+    ("stages.rl.objective.value_head=conv", "--set stages.rl.objective.value_head=conv: bad value for type Literal: "
+     "Input should be 'mlp', 'linear' or 'layers'"),
+    ("stages.rl.objective.group_size=2", "--set stages.rl.objective.group_size: unknown key 'group_size' in "
+     "APAOptions; known: name, kl_coef, "),
+    ("stages.rl.objective.group_size=2", "(APAOptions holds the options of objective 'apa'; to train another "
+     "algorithm set stages.rl.objective.name first)"),
+    ("stages.sft.objective.dpo_beta=0.2", "unknown key 'dpo_beta' in ObjectiveConfig"),
+])
+def test_objective_option_overrides_are_typed_and_checked(override, message):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(staged(), [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_objective_option_overrides_set_values():
+    exp = apply_overrides(staged(), ["stages.rl.objective.value_clip=none", "stages.rl.objective.kl_target=6",
+                                     "stages.rm.objective.pl_normalize=true"])
+    stages = dict(stages_of(exp))
+    assert stages["rl"].objective == APAOptions(value_clip=None, kl_target=6.0)
+    assert stages["rm"].objective == PlackettLuceOptions(pl_normalize=True)
+
+
+def test_setting_the_objective_name_switches_the_options_type():
+    from starling_jax.algorithms.grpo import GRPOOptions
+    from starling_jax.algorithms.rloo import RLOOOptions
+    exp = apply_overrides(staged(), ["stages.rl.objective.kl_coef=0.2", "stages.rl.objective.name=grpo",
+                                     "stages.rl.objective.group_size=2"])
+    # the KL setting both algorithms take is kept; GRPO's own defaults for the rest (its KL in the loss, k3)
+    assert dict(stages_of(exp))["rl"].objective == GRPOOptions(kl_coef=0.2, group_size=2)
+    rloo = dict(stages_of(apply_overrides(exp, ["stages.rl.objective.name=rloo"])))["rl"].objective
+    assert rloo == RLOOOptions(kl_coef=0.2, group_size=2) and (rloo.kl_in, rloo.kl_estimator) == ("reward", "k1")
+    pairwise = apply_overrides(staged(), ["stages.rm.objective.name=rm_bradley_terry"])
+    assert type(dict(stages_of(pairwise))["rm"].objective) is ObjectiveConfig
+    with pytest.raises(ConfigError, match=r"--set stages.rl.objective.name=grpo: objective 'grpo' does not take "
+                                          r"vf_coef=0.5, apa_lambda=1.0 \(options of 'apa'\); set them to their "
+                                          r"defaults first"):
+        apply_overrides(staged(), ["stages.rl.objective.apa_lambda=1.0", "stages.rl.objective.vf_coef=0.5",
+                                   "stages.rl.objective.name=grpo"])
+
+
+def test_validate_checks_objective_options_built_in_python():
+    def with_rl(objective):
+        return dataclasses.replace(staged(), stages=staged().stages[:2] + (Stage("rl", objective,
+                                                                                model=ModelSection(path="stage:sft")),))
+    validate(with_rl(APAOptions(apa_lambda=1.0)), num_devices=1)
+    with pytest.raises(ConfigError, match=r"stages\[2\].objective.apa_lambda: must be greater than 0, got -1"):
+        validate(with_rl(APAOptions(apa_lambda=-1)), num_devices=1)
+    with pytest.raises(ConfigError, match=r"stages\[2\].objective.value_head: expected Literal, got 'conv'"):
+        validate(with_rl(APAOptions(value_head="conv")), num_devices=1)
+    # an objective of another algorithm's type (or of none) is named, with what to write instead
+    with pytest.raises(ConfigError) as e:
+        validate(with_rl(ObjectiveConfig(name="apa")), num_devices=1)
+    assert ("stages[2].objective: objective 'apa' takes APAOptions (starling_jax.algorithms.apa), got ObjectiveConfig; "
+            "write APAOptions(...) or algorithms.options('apa', ...)") in str(e.value)
+    with pytest.raises(ConfigError, match=r"objective 'ppo' takes PPOOptions .*, got APAOptions"):
+        validate(with_rl(APAOptions(name="ppo")), num_devices=1)
+
+
+def test_json_objective_is_built_as_its_options_type():
+    d = to_dict(staged())
+    assert d["stages"][2]["objective"]["name"] == "apa" and "dpo_beta" not in d["stages"][2]["objective"]
+    d["stages"][2]["objective"] = {"name": "apa", "apa_lambda": "1"}
+    assert from_dict(d).stages[2].objective == APAOptions(apa_lambda=1.0)
+    d["stages"][2]["objective"] = {"name": "apa", "group_size": 2}
+    with pytest.raises(ConfigError, match=r"stages\[2\].objective: unknown field\(s\) group_size for APAOptions"):
+        from_dict(d)
+    d["stages"][2]["objective"] = {"name": "dpo", "dpo_beta": 0}
+    with pytest.raises(ConfigError, match=r"stages\[2\].objective.dpo_beta: must be greater than 0, got 0"):
+        from_dict(d)
+
+
+# An objective as configs saved before per-algorithm options held it (every algorithm's settings in one record).
+FLAT = {"name": "sft", "dpo_beta": 0.1, "apa_lambda": 0.1, "ppo_clip": 0.2, "value_clip": 0.2, "vf_coef": 1.0,
+        "gamma": 1.0, "gae_lambda": 0.95, "kl_coef": 0.01, "kl_target": None, "kl_horizon": 10000,
+        "critic_only_above": None, "value_head": "mlp", "value_head_layers": 0, "reward_clip": 10.0,
+        "scale_reward": True, "whiten_advantages": False, "pl_normalize": False, "group_size": 4, "kl_in": None,
+        "kl_estimator": None, "loss_aggregation": "sequence"}
+
+
+def test_a_config_saved_with_the_flat_objective_loads_as_typed_options():
+    from starling_jax.algorithms.grpo import GRPOOptions
+    d = to_dict(staged())
+    d["objective"] = dict(FLAT)
+    d["stages"][1]["objective"] = {**FLAT, "name": "rm_plackett_luce", "pl_normalize": True}
+    # an APA stage's record held PPO's clip and GRPO's group size too: never read by APA, they are left behind
+    d["stages"][2]["objective"] = {**FLAT, "name": "apa", "apa_lambda": 1.0, "vf_coef": 0.5, "ppo_clip": 0.3,
+                                   "group_size": 8}
+    exp = from_dict(d)
+    assert exp.objective == ObjectiveConfig()
+    assert exp.stages[1].objective == PlackettLuceOptions(pl_normalize=True)
+    assert exp.stages[2].objective == APAOptions(apa_lambda=1.0, vf_coef=0.5)
+    d["stages"][2]["objective"] = {**FLAT, "name": "grpo", "apa_lambda": 1.0, "kl_coef": 0.2}
+    assert from_dict(d).stages[2].objective == GRPOOptions(kl_coef=0.2)  # kl_in None: GRPO's own ("loss", k3)
+    # a critic-free stage built (and never trained) the critic it names: only the default one can be dropped
+    d["stages"][2]["objective"] = {**FLAT, "name": "grpo", "value_head": "layers", "value_head_layers": 2}
+    with pytest.raises(ConfigError, match=r"stages\[2\].objective.value_head: 'layers' in a config saved before "
+                                          r"per-algorithm options; objective 'grpo' has no critic"):
+        from_dict(d)

@@ -20,6 +20,7 @@ import sys
 import pytest
 
 from starling_jax.generation import feedback as fb
+from starling_jax.algorithms import options
 from starling_jax.config import (CheckpointConfig, ConfigError, DataConfig, Experiment, FeedbackConfig, LoggingConfig,
                                  ModelSection, ObjectiveConfig, OptimConfig, Stage, TrainConfig)
 from starling_jax.stages.validation import validate
@@ -42,7 +43,7 @@ def experiment(steps=2, judge=JUDGE, with_rm=True, every=0) -> Experiment:
                                             generation_batch=24, agreement_prompts=2),
                     train=TrainConfig(steps=steps, seed=3))]
     if with_rm:
-        stages.append(Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
+        stages.append(Stage(name="rm", objective=options("rm_plackett_luce"),
                             model=ModelSection(config=RM, tokenizer="openchat-3.5", template="openchat_3.5"),
                             data=dataclasses.replace(DATA, source="stage:feedback", heldout_fraction=0.25),
                             optim=OptimConfig(learning_rate=1e-3), train=TrainConfig(steps=2, batch_size=8)))

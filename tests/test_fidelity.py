@@ -100,7 +100,7 @@ def test_plackett_luce_normalize_divides_each_prompt_by_k_minus_1():
 
 
 def test_rm_stage_loss_reads_pl_normalize():
-    from starling_jax.config import ObjectiveConfig
+    from starling_jax.algorithms import options
     from starling_jax.step import losses
     cfg = CFG.replace(head="score")
     p = models.init_params(cfg, jax.random.PRNGKey(3))
@@ -110,7 +110,7 @@ def test_rm_stage_loss_reads_pl_normalize():
              "ranks": jnp.array([[1, 2, 3], [3, 1, 2]], jnp.int32), "response_mask": jnp.ones((2, K), jnp.int32)}
     out = {}
     for norm in (False, True):
-        fn = algorithms.build_loss(ObjectiveConfig(name="rm_plackett_luce", pl_normalize=norm), cfg)
+        fn = algorithms.build_loss(options("rm_plackett_luce", pl_normalize=norm), cfg)
         out[norm] = float(fn(p, {}, batch, jax.random.PRNGKey(0))[0])
     np.testing.assert_allclose(out[True], out[False] / (K - 1), rtol=1e-5)
 
@@ -122,7 +122,7 @@ def test_rm_stage_loss_reads_pl_normalize():
 @pytest.mark.slow  # 104 s at load ~22 here
 def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
     from starling_jax.generation import sampling
-    from starling_jax.config import ObjectiveConfig
+    from starling_jax.algorithms import options
     from starling_jax.stages.kinds import rlaif
     T, P, N = 0.6, 4, 6
     prompt = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10]], jnp.int32)
@@ -136,7 +136,7 @@ def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
     logits = models.forward(params, CFG, tokens, attn)[:, P - 1:P + N - 1] / T
     want = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     want = np.take_along_axis(want, np.asarray(toks)[..., None], axis=-1)[..., 0] * np.asarray(mask)
-    obj = ObjectiveConfig(name="apa", apa_lambda=1.0)
+    obj = options("apa", apa_lambda=1.0)
     exp_fn, loss_fn = rlaif.build_rl_functions(CFG, obj, P, temperature=T)
     scores = jnp.zeros((2,), jnp.float32)
     exp = exp_fn(trainable, frozen, tokens, attn, mask, scores, jnp.float32(0.1))

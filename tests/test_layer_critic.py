@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from starling_jax import models
-from starling_jax.config import ConfigError, ObjectiveConfig, OptimConfig
+from starling_jax.algorithms import options
+from starling_jax.algorithms.apa import APAOptions
+from starling_jax.config import ConfigError, OptimConfig
 from starling_jax.step import hydra
 from starling_jax.stages.kinds import rlaif
 from starling_jax.step.state import init_state, make_optimizer
@@ -122,8 +124,8 @@ def _batch(trainable, frozen, rollout, objective):
 def test_rl_update_with_the_layer_critic(params, rollout, critic_only_above):
     """One APA update (the fork's loss): the critic's layers move; the policy moves unless the critic-only rule
     fires (threshold 0: every minibatch); the trunk and reference keep their bits."""
-    obj = ObjectiveConfig(name="apa", kl_coef=0.1, apa_lambda=1.0, value_clip=0.2, critic_only_above=critic_only_above,
-                          value_head="layers", value_head_layers=1)
+    obj = options("apa", kl_coef=0.1, apa_lambda=1.0, value_clip=0.2, critic_only_above=critic_only_above,
+                  value_head="layers", value_head_layers=1)
     trainable, frozen = _init(params, 1, 1)
     batch, loss_fn = _batch(trainable, frozen, rollout, obj)
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-3, weight_decay=0.0), 4, trainable)
@@ -144,7 +146,7 @@ def _experiment(name="apa", **objective):
     return Experiment(name="x", model=ModelSection(config=model, trainable_top_layers=1),
                       reward_model=RewardModelSection(config=model.replace(head="score")),
                       data=DataConfig(max_length=32, max_prompt_length=16),
-                      objective=ObjectiveConfig(name=name, **objective),
+                      objective=options(name, **objective),
                       rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, minibatch_size=8))
 
 
@@ -153,8 +155,6 @@ def _experiment(name="apa", **objective):
     (dict(value_head="layers", value_head_layers=3), r"objective.value_head_layers: 3 is not in \[1, 2\]"),
     (dict(value_head="mlp", value_head_layers=2), r"objective.value_head_layers: 2 is only read with "
                                                   r"value_head='layers'"),
-    (dict(name="grpo", value_head="layers", value_head_layers=2), r"objective.value_head: objective 'grpo' is "
-                                                                  r"critic-free"),
 ])
 def test_value_head_layers_validation(objective, message):
     from starling_jax.stages.validation import validate
@@ -162,6 +162,18 @@ def test_value_head_layers_validation(objective, message):
     with pytest.raises(ConfigError, match=message) as e:
         validate(_experiment(**objective))
     assert str(e.value).count("\n") == 1  # the header and one problem line
+
+
+def test_critic_free_options_have_no_critic():
+    """GRPO's options have no critic to shape: a value_head is an unknown key, named with what to do."""
+    from starling_jax.stages.experiment import apply_overrides
+    exp = _experiment(name="grpo")
+    with pytest.raises(ConfigError, match=r"--set objective.value_head: unknown key 'value_head' in GRPOOptions; .*"
+                                          r"\(GRPOOptions holds the options of objective 'grpo'; to train another "
+                                          r"algorithm set objective.name first\)"):
+        apply_overrides(exp, ["objective.value_head=layers"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'value_head'"):
+        options("grpo", value_head="layers")
 
 
 def test_value_head_specs_shard_the_copied_layers_like_the_models():
@@ -172,7 +184,7 @@ def test_value_head_specs_shard_the_copied_layers_like_the_models():
     assert specs["final_norm"] == model["final_norm"]
     with pytest.raises(ValueError, match=r"copies 1..3 layers, got 4"):
         models.value_head_specs(CFG, "layers", 4)
-    assert dataclasses.asdict(ObjectiveConfig())["value_head_layers"] == 0
+    assert dataclasses.asdict(APAOptions())["value_head_layers"] == 0
 
 
 @pytest.mark.slow
@@ -196,8 +208,8 @@ def test_tiny_rl_stage_runs_and_resumes_with_the_layer_critic(tmp_path, caplog, 
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(source="synthetic", synthetic_prompts=64, heldout_fraction=0.125, max_length=40,
                         max_prompt_length=32),
-        objective=ObjectiveConfig(name="apa", apa_lambda=1.0, value_clip=0.2, critic_only_above=1.0,
-                                  value_head="layers", value_head_layers=1),
+        objective=options("apa", apa_lambda=1.0, value_clip=0.2, critic_only_above=1.0,
+                          value_head="layers", value_head_layers=1),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant"),
         rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, epochs=1, minibatch_size=8, eval_prompts=8),
         train=TrainConfig(steps=2, batch_size=8, eval_every=0, seed=0),

@@ -113,8 +113,9 @@ def test_parse_mesh_and_unknown_stage(tmp_path):
 
 
 RL_EXPERIMENT = textwrap.dedent('''
-    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig,
-                                     RewardModelSection, RolloutConfig, TrainConfig)
+    from starling_jax.algorithms.apa import APAOptions
+    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, RewardModelSection,
+                                     RolloutConfig, TrainConfig)
     from starling_jax.models import PRESETS
 
     def get_config():
@@ -122,7 +123,7 @@ RL_EXPERIMENT = textwrap.dedent('''
         return Experiment(name="tiny_rl_plan", model=ModelSection(config=model, trainable_top_layers=1),
                           reward_model=RewardModelSection(config=model.replace(head="score")),
                           mesh=MeshConfig(data=1, fsdp=-1, tensor=1), data=DataConfig(max_prompt_length=8),
-                          objective=ObjectiveConfig(name="apa"), train=TrainConfig(batch_size=8),
+                          objective=APAOptions(), train=TrainConfig(batch_size=8),
                           rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, epochs=1, minibatch_size=8))
 ''')
 
@@ -208,8 +209,7 @@ def test_plan_counts_and_shards_the_layer_critic(tmp_path):
     from starling_jax.stages.experiment import load_experiment, stages_of
 
     path = tmp_path / "tiny_rl_plan.py"
-    path.write_text(RL_EXPERIMENT.replace('ObjectiveConfig(name="apa")', 'ObjectiveConfig(name="apa", '
-                                          'value_head="layers", value_head_layers=2)'))
+    path.write_text(RL_EXPERIMENT.replace('APAOptions()', 'APAOptions(value_head="layers", value_head_layers=2)'))
     exp = load_experiment(str(path))
     D, V = 64, 128
     layer = D * 64 * 2 + D * 32 * 2 + 3 * D * 128 + 2 * D  # with its two norms
@@ -242,8 +242,9 @@ def _shapes(tree):
 def test_plan_builds_the_training_stage_setup(tmp_path, objective):
     """The planner and the training stage call the same setup: equal optimiser schedule (length and values), state
     shapes and shardings, batch layout. The rl schedule spans steps x updates per step (epochs x minibatches)."""
-    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig,
-                                     RewardModelSection, RolloutConfig, TrainConfig)
+    from starling_jax.algorithms import options
+    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, RewardModelSection,
+                                     RolloutConfig, TrainConfig)
     from starling_jax.stages.experiment import stages_of
     from starling_jax.models import PRESETS
     from starling_jax.stages.program import StageContext, build_program
@@ -253,7 +254,7 @@ def test_plan_builds_the_training_stage_setup(tmp_path, objective):
                      reward_model=RewardModelSection(config=model.replace(head="score")),
                      mesh=MeshConfig(data=2, fsdp=-1, tensor=1),
                      data=DataConfig(synthetic_prompts=64, max_length=32, max_prompt_length=16),
-                     objective=ObjectiveConfig(name=objective), train=TrainConfig(steps=5, batch_size=8),
+                     objective=options(objective), train=TrainConfig(steps=5, batch_size=8),
                      rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, epochs=3, minibatch_size=4,
                                            eval_prompts=4))
     (name, cfg), = stages_of(exp)

@@ -81,7 +81,6 @@ ALPHA = [
     ("objective.vf_coef", 1.0, fork(APA_CFG, 58)),
     ("objective.value_clip", 0.2, f"{fork(APA_CFG, 57)} cliprange_value; {fork(PPO_MOD, 192)}-201 clamp to "
      "old +- 0.2 and the max of the two squared errors"),
-    ("objective.ppo_clip", 0.2, fork(APA_CFG, 56) + " cliprange (not read by APA)"),
     ("objective.gamma", 1.0, fork(APA_CFG, 54)),
     ("objective.gae_lambda", 0.95, fork(APA_CFG, 55)),
     ("objective.critic_only_above", 1.0, fork(PPO_MOD, 221) + "-224 if vf_loss > 1: loss = vf_coef * vf_loss"),

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from starling_jax import models
-from starling_jax.config import ObjectiveConfig, OptimConfig
+from starling_jax.algorithms import options
+from starling_jax.config import OptimConfig
 from starling_jax.step import hydra
 from starling_jax.stages.kinds import rlaif
 from starling_jax.step.state import create_state, init_state, make_optimizer
@@ -86,7 +87,7 @@ def test_experience_in_parts_equals_the_whole_chunk(params, rollout, name):
 
     from starling_jax.stages.rollout import RolloutSource
 
-    obj = ObjectiveConfig(name=name, group_size=2, whiten_advantages=True)
+    obj = options(name, whiten_advantages=True, **({"group_size": 2} if name == "rloo" else {}))
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), 1)
     exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
     state = SimpleNamespace(params=trainable, frozen=frozen)
@@ -102,7 +103,7 @@ def test_experience_in_parts_equals_the_whole_chunk(params, rollout, name):
 
 
 def test_shaped_rewards_and_gae_against_numpy_loops(params, rollout):
-    obj = ObjectiveConfig(name="apa", gamma=0.9, gae_lambda=0.8, value_clip=None)
+    obj = options("apa", gamma=0.9, gae_lambda=0.8, value_clip=None)
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.key(2), 1)
     exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
     kl_coef = 0.3
@@ -146,7 +147,7 @@ def _one_update(params, rollout, objective, top_layers, optim=OptimConfig(learni
 
 @pytest.mark.parametrize("name,top_layers", [("apa", 1), ("ppo", 0)])
 def test_update_lowers_loss_and_keeps_frozen_bits(params, rollout, name, top_layers):
-    obj = ObjectiveConfig(name=name, kl_coef=0.1, apa_lambda=1.0, value_clip=None if name == "apa" else 0.2)
+    obj = options(name, kl_coef=0.1, **(dict(apa_lambda=1.0, value_clip=None) if name == "apa" else {}))
     before_t, before_f, new_state, metrics, l0, l1 = _one_update(params, rollout, obj, top_layers)
     assert l1 < l0, (l0, l1)
     assert np.isclose(float(metrics["loss"]), l0, rtol=1e-5)  # one full-batch update: the step saw the same loss
@@ -164,14 +165,16 @@ def test_update_lowers_loss_and_keeps_frozen_bits(params, rollout, name, top_lay
 def test_group_objectives_in_the_rl_stage(params, rollout, name, kl_in, estimator):
     """GRPO/RLOO through the rl stage's own experience and update functions: group-relative advantages of the
     (KL-penalised) scores on every token of a reply, no critic update, the policy moves, the loss falls."""
-    from starling_jax.algorithms._group import kl_settings
     from starling_jax.objectives.group import group_advantages
-    obj = ObjectiveConfig(name=name, kl_coef=0.1, group_size=4, kl_in=kl_in, kl_estimator=estimator)
+    obj = options(name, kl_coef=0.1, group_size=4,
+                  **{k: v for k, v in (("kl_in", kl_in), ("kl_estimator", estimator)) if v is not None})
     trainable, frozen = hydra.init_rl_params(params, CFG, jax.random.PRNGKey(2), 1, value_head_kind="mlp")
     exp_fn, _ = rlaif.build_rl_functions(CFG, obj, P)
     ex = jax.device_get(exp_fn(trainable, frozen, rollout["tokens"], rollout["attention_mask"],
                                rollout["response_mask"], rollout["scores"], jnp.float32(0.1)))
-    where, est = kl_settings(name, kl_in, estimator)
+    where, est = obj.kl_in, obj.kl_estimator  # unless set, each algorithm's own: GRPO's k3 in the loss, RLOO's k1
+                                              # in the reward
+    assert (where, est) == ((kl_in, estimator) if kl_in else {"grpo": ("loss", "k3"), "rloo": ("reward", "k1")}[name])
     mask = rollout["response_mask"]
     d = ex["ref_logprobs"].astype(np.float64) - ex["old_logprobs"]
     k = (-d if est == "k1" else np.exp(d) - d - 1) * mask
@@ -193,7 +196,7 @@ def test_group_objectives_in_the_rl_stage(params, rollout, name, kl_in, estimato
 def test_critic_only_above_trains_only_the_critic(params, rollout):
     # A threshold of 0 makes every minibatch critic-only: the policy must not move (Adam's first step from zero
     # moments with a zero gradient is exactly zero; no weight decay), the critic must.
-    obj = ObjectiveConfig(name="apa", kl_coef=0.1, apa_lambda=1.0, value_clip=None, critic_only_above=0.0)
+    obj = options("apa", kl_coef=0.1, apa_lambda=1.0, value_clip=None, critic_only_above=0.0)
     before_t, before_f, new_state, metrics, l0, l1 = _one_update(params, rollout, obj, 1)
     assert float(metrics["critic_only"]) == 1.0
     assert _leaves_equal(new_state.params["policy"], before_t["policy"])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from starling_jax import objectives
-from starling_jax.config import DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig, TrainConfig
+from starling_jax.algorithms import options
+from starling_jax.config import DataConfig, Experiment, MeshConfig, ModelSection, TrainConfig
 from starling_jax.stages.experiment import stages_of
 from starling_jax.data import pipelines
 from starling_jax.models import PRESETS
@@ -25,7 +26,7 @@ def make_stage(objective: str, tmp_path) -> DataStage:
     # checks that none is a multiple of the batch of 8
     exp = Experiment(name="evaluate_every_row", model=ModelSection(config=model), mesh=MeshConfig(data=2, fsdp=-1),
                      data=DataConfig(synthetic_prompts=150, max_length=32, max_prompt_length=16, max_responses=4),
-                     objective=ObjectiveConfig(name=objective), train=TrainConfig(steps=1, batch_size=B))
+                     objective=options(objective), train=TrainConfig(steps=1, batch_size=B))
     (name, cfg), = stages_of(exp)
     return DataStage(StageContext(experiment=exp, config=cfg, stage_name=name, workdir=str(tmp_path), mesh=None,
                                   load_stage=lambda n: None))

@@ -11,6 +11,7 @@ import pytest
 from starling_jax import models
 from starling_jax.config import ObjectiveConfig, OptimConfig
 from starling_jax import algorithms
+from starling_jax.algorithms import options
 from starling_jax.step import losses
 from starling_jax.step.state import Optimizer, create_state, decay_mask, make_optimizer, make_schedule
 from starling_jax.step.step import jit_step, make_train_step, split_micro_batches
@@ -82,11 +83,11 @@ def test_rm_losses_match_numpy_on_models_score():
     trainable, frozen = losses.stage_params(params, 1)
     for name, want, weight in (("rm_plackett_luce", np.mean(pl), n_prompts), ("rm_bradley_terry", np.mean(bt),
                                                                                n_pairs)):
-        loss, metrics = jax.jit(algorithms.build_loss(ObjectiveConfig(name=name), RM_CFG))(trainable, frozen, batch, None)
+        loss, metrics = jax.jit(algorithms.build_loss(options(name), RM_CFG))(trainable, frozen, batch, None)
         np.testing.assert_allclose(float(loss), want, rtol=1e-5, err_msg=name)
         assert float(metrics["weight"]) == weight
     with pytest.raises(ValueError, match="head='score'"):
-        algorithms.build_loss(ObjectiveConfig(name="rm_plackett_luce"), CFG)
+        algorithms.build_loss(options("rm_plackett_luce"), CFG)
 
 
 def test_dpo_loss_matches_closed_form_and_hydra_reference_is_the_initial_policy():
@@ -109,7 +110,7 @@ def test_dpo_loss_matches_closed_form_and_hydra_reference_is_the_initial_policy(
     h = beta * ((seq_logp(policy, "chosen") - seq_logp(params, "chosen"))
                 - (seq_logp(policy, "rejected") - seq_logp(params, "rejected")))
     want = np.mean(np.log1p(np.exp(-h)))
-    loss_fn = algorithms.build_loss(ObjectiveConfig(name="dpo", dpo_beta=beta), CFG)
+    loss_fn = algorithms.build_loss(options("dpo", dpo_beta=beta), CFG)
     # every layer trained: the reference is a full copy of the initial params
     _, f_full = losses.stage_params(params, 0, reference=True)
     loss, metrics = jax.jit(loss_fn)(policy, f_full, batch, None)
@@ -137,7 +138,7 @@ def test_frozen_weights_stored_in_compute_dtype_give_the_same_losses():
     assert sum(a.nbytes for a in jax.tree.leaves(f)) < 0.52 * wide_bytes
     sft = jax.jit(algorithms.build_loss(ObjectiveConfig(name="sft"), cfg))
     assert float(sft(t, f, batch, jax.random.key(0))[0]) == float(sft(t_wide, f_wide, batch, jax.random.key(0))[0])
-    dpo = jax.jit(algorithms.build_loss(ObjectiveConfig(name="dpo"), cfg))
+    dpo = jax.jit(algorithms.build_loss(options("dpo"), cfg))
     pairs = {f"{side}_{k}": v for side, seed in (("chosen", 1), ("rejected", 2))
              for k, v in _sft_batch(np.random.default_rng(seed)).items()}
     moved = jax.tree.map(lambda a: a * 1.1, t)  # the policy away from its reference
@@ -255,6 +256,6 @@ def test_abstract_batch_layouts():
         algorithms.abstract_batch("apa", 1, 1)
     with pytest.raises(KeyError, match="build_loss covers the data-driven algorithms: dpo, rm_bradley_terry, "
                                        "rm_plackett_luce, sft"):
-        algorithms.build_loss(ObjectiveConfig(name="ppo"), CFG)
+        algorithms.build_loss(options("ppo"), CFG)
     with pytest.raises(KeyError, match="unknown objective 'nope'"):
         algorithms.build_loss(ObjectiveConfig(name="nope"), CFG)

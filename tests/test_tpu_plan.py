@@ -13,8 +13,9 @@ from starling_jax.models import attention_ops
 
 # Tiny bf16 model with attention="auto" (splash on TPU): APA with a reward model, prompts of 8 tokens, 4 new tokens.
 RL_EXPERIMENT = textwrap.dedent('''
-    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig,
-                                     RewardModelSection, RolloutConfig, TrainConfig)
+    from starling_jax.algorithms.apa import APAOptions
+    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, RewardModelSection,
+                                     RolloutConfig, TrainConfig)
     from starling_jax.models import PRESETS
 
     def get_config():
@@ -23,7 +24,7 @@ RL_EXPERIMENT = textwrap.dedent('''
         return Experiment(name="tiny_rl_tpu", model=ModelSection(config=model, trainable_top_layers=1),
                           reward_model=RewardModelSection(config=model.replace(head="score")),
                           mesh=MeshConfig(data=2, fsdp=2, tensor=2), data=DataConfig(max_prompt_length=8),
-                          objective=ObjectiveConfig(name="apa"), train=TrainConfig(batch_size=8),
+                          objective=APAOptions(), train=TrainConfig(batch_size=8),
                           rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, epochs=1, minibatch_size=8))
 ''')
 

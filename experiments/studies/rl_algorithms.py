@@ -25,7 +25,9 @@ Budget (2-core CPU, alone): per seed one SFT + one RM (shared), then per arm one
 
 import dataclasses
 
-from starling_jax.config import ObjectiveConfig, OptimConfig, Stage, TrainConfig
+from starling_jax import algorithms
+from starling_jax.algorithms.dpo import DPOOptions
+from starling_jax.config import OptimConfig, Stage, TrainConfig
 from starling_jax.commands.study import Arm, Study, on_splits
 
 from _base import QUICK, REPORT_SEEDS, main_job, selected  # experiments/studies/_base.py
@@ -44,14 +46,15 @@ def variant(apa, name: str, learning_rate: float):
         if name == "apa":
             return dataclasses.replace(s, optim=optim)
         if name == "ppo":
-            o = dataclasses.replace(s.objective, name="ppo", ppo_clip=0.2, value_clip=0.2, whiten_advantages=True,
-                                    kl_target=None)
+            # the APA stage's settings both take (KL, reward scaling, the critic's), PPO's own on top
+            o = algorithms.switch(s.objective, "ppo", ppo_clip=0.2, value_clip=0.2, whiten_advantages=True,
+                                  kl_target=None)
             return dataclasses.replace(s, objective=o, optim=optim)
         if name in ("grpo", "rloo"):
-            o = dataclasses.replace(s.objective, name=name, group_size=4, ppo_clip=0.2, kl_target=None)
+            o = algorithms.switch(s.objective, name, group_size=4, ppo_clip=0.2, kl_target=None)
             return dataclasses.replace(s, objective=o, optim=optim)
         if name == "dpo":
-            return Stage(name="policy", objective=ObjectiveConfig(name="dpo", dpo_beta=0.1),
+            return Stage(name="policy", objective=DPOOptions(dpo_beta=0.1),
                          model=dataclasses.replace(s.model),  # same init (stage:sft), same trainable top layers
                          optim=OptimConfig(learning_rate=learning_rate, warmup_steps=5, schedule="constant",
                                            weight_decay=0.0, grad_clip=1.0),

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Annotated
+
 import jax
 import jax.numpy as jnp
+from pydantic import Field
 
 from starling_jax import models, objectives
 from starling_jax.algorithms.registry import Algorithm, register
+from starling_jax.config import ObjectiveConfig
 from starling_jax.step import losses
 from starling_jax.step.hydra import top_forward, trunk_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOOptions(ObjectiveConfig):
+    name: str = "dpo"
+    dpo_beta: Annotated[float, Field(gt=0, description=(
+        "beta of the sigmoid loss: the strength of the implicit KL to the reference"))] = 0.1
 
 
 def build_loss(objective, config, constrain=None) -> losses.LossFn:
@@ -44,4 +56,5 @@ def build_loss(objective, config, constrain=None) -> losses.LossFn:
 
 
 register(Algorithm(name="dpo", kind="dpo", head="lm", loss=build_loss, batch=losses.pair_batch, reference=True,
+                   options=DPOOptions,
                    summary="direct preference optimisation on (chosen, rejected) pairs against a frozen reference"))

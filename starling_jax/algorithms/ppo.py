@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Annotated
+
+from pydantic import Field
+
+from starling_jax.algorithms._rl import CriticOptions, check_critic
 from starling_jax.algorithms.registry import Algorithm, register
 from starling_jax.objectives import policy
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOOptions(CriticOptions):
+    name: str = "ppo"
+    ppo_clip: Annotated[float, Field(gt=0, lt=1, description="the ratio is clipped to 1 +- ppo_clip")] = 0.2
 
 
 def loss(out, batch, objective):
@@ -11,5 +23,5 @@ def loss(out, batch, objective):
                                   batch["response_mask"], objective.ppo_clip)
 
 
-register(Algorithm(name="ppo", kind="rl", head="lm", loss=loss, reference=True,
+register(Algorithm(name="ppo", kind="rl", head="lm", loss=loss, reference=True, options=PPOOptions, check=check_critic,
                    summary="PPO: the clipped surrogate with a GAE critic"))

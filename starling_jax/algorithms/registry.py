@@ -1,16 +1,18 @@
-"""The registry of training algorithms (ObjectiveConfig.name -> Algorithm); the stage kinds that train them are
-registered beside their own type, in stages/program.py.
+"""The registry of training algorithms (ObjectiveConfig.name -> Algorithm, with the type of its options); the stage
+kinds that train them are registered beside their own type, in stages/program.py.
 
 An algorithm is registered once, in its own module under starling_jax/algorithms/ (every module there is imported by
 starling_jax.algorithms, so a new file is all it takes):
 
-    register(Algorithm(name="dpo", kind="dpo", head="lm", loss=build_dpo_loss, batch=pair_batch, reference=True))
+    register(Algorithm(name="dpo", kind="dpo", head="lm", loss=build_dpo_loss, batch=pair_batch, reference=True,
+                       options=DPOOptions))
 
 Everything that used to be a table keyed by the objective name reads the record instead: the config's choices and
 checks (stages/validation.py), the stage kinds (stages/kinds/data.py, rlaif.py), the planner (commands/plan.py), the
 docs.
 
-This module imports nothing of the project but errors.py: it is a dictionary with checks.
+This module imports nothing of the project but errors.py and config.py (the ObjectiveConfig base of every options
+type): it is a dictionary with checks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal, Optional
 
+from starling_jax.config import ObjectiveConfig
 from starling_jax.errors import did_you_mean
 
 Head = Literal["lm", "score"]
@@ -48,7 +51,13 @@ class Algorithm:
     critic:    rl kind: the loss adds vf_coef * value_loss (the critic trains); False = critic-free (GRPO, RLOO).
     group_size: rl kind: group_size(objective) -> rollouts sampled per prompt (consecutive rows) from the
                ObjectiveConfig's options; None = 1.
-    check:     check(stage_config) -> [(field, message)]: the algorithm's own config checks, run by validation.
+    check:     check(stage_config) -> [(field, message)]: the algorithm's own checks that need more than its options
+               (the model's size, another section), run by validation after every field's type and constraints.
+    options:   the type of its options: a frozen dataclass deriving from config.ObjectiveConfig whose fields are
+               typed (Literal choices) and annotated with a pydantic Field (ranges and a description), defined in the
+               algorithm's own module; ObjectiveConfig itself for an algorithm without options. The stage kind
+               fixes a base: rl algorithms derive from algorithms.RLOptions (the rollouts' KL and reward shaping),
+               those with a critic from algorithms.CriticOptions.
     summary:   one line for docs and error messages.
     """
     name: str
@@ -61,6 +70,7 @@ class Algorithm:
     critic: bool = True
     group_size: Optional[Callable[[Any], int]] = None
     check: Optional[Callable[[Any], list]] = None
+    options: type = ObjectiveConfig
     summary: str = ""
 
 
@@ -72,6 +82,10 @@ def register(algorithm: Algorithm) -> Algorithm:
     error (re-importing the same module registers an equal record again, which is allowed)."""
     if algorithm.head not in ("lm", "score"):
         raise ValueError(f"algorithm {algorithm.name!r}: head must be 'lm' or 'score', got {algorithm.head!r}")
+    o = algorithm.options
+    if not (isinstance(o, type) and issubclass(o, ObjectiveConfig) and o.__dataclass_params__.frozen):
+        raise ValueError(f"algorithm {algorithm.name!r}: options must be a frozen dataclass deriving from "
+                         f"ObjectiveConfig, got {o!r}")
     old = ALGORITHMS.get(algorithm.name)
     if old is not None and old != algorithm:
         raise ValueError(f"algorithm {algorithm.name!r} is already registered (kind {old.kind!r})")
@@ -85,6 +99,34 @@ def get(name: str) -> Algorithm:
         return ALGORITHMS[name]
     except KeyError:
         raise KeyError(f"unknown objective {name!r}; {did_you_mean(name, sorted(ALGORITHMS))}") from None
+
+
+def options(name: str, **values) -> ObjectiveConfig:
+    """The options of algorithm `name` (its registered type) with `values` set and the rest at their defaults."""
+    return get(name).options(name=name, **values)
+
+
+def options_error(objective: ObjectiveConfig) -> Optional[str]:
+    """Why `objective` is not the options of the algorithm its name selects (its registered type), or None. An
+    unknown name is get()'s error, not this one."""
+    algorithm = ALGORITHMS.get(objective.name)
+    if algorithm is None or type(objective) is algorithm.options:
+        return None
+    want = algorithm.options
+    return (f"objective {objective.name!r} takes {want.__name__} ({want.__module__}), got {type(objective).__name__}; "
+            f"write {want.__name__}(...) or algorithms.options({objective.name!r}, ...)")
+
+
+def switch(objective: ObjectiveConfig, name: str, **values) -> ObjectiveConfig:
+    """Algorithm `name`'s options holding the values of `objective` (another algorithm's options) that were set away
+    from their defaults and that `name` takes too (e.g. an rl stage's KL settings when trading APA for GRPO), `name`'s
+    own defaults for the rest (GRPO's kl_in is not RLOO's), and `values` on top. The options `name` does not take
+    are left behind."""
+    target = get(name).options
+    shared = {f.name for f in dataclasses.fields(target)} - {"name"}
+    kept = {f.name: getattr(objective, f.name) for f in dataclasses.fields(objective)
+            if f.name in shared and getattr(objective, f.name) != f.default}
+    return target(**{**kept, **values, "name": name})
 
 
 def names() -> list[str]:

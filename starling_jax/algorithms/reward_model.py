@@ -3,11 +3,23 @@ pairwise Bradley-Terry loss over every ordered pair of the ranking."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Annotated
+
 import jax.numpy as jnp
+from pydantic import Field
 
 from starling_jax import objectives
 from starling_jax.algorithms.registry import Algorithm, register
+from starling_jax.config import ObjectiveConfig
 from starling_jax.step import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class PlackettLuceOptions(ObjectiveConfig):
+    name: str = "rm_plackett_luce"
+    pl_normalize: Annotated[bool, Field(description=(
+        "divide each prompt's NLL by its K-1 choice terms (the Starling authors' pl_loss)"))] = False
 
 
 def _build(name: str, loss):
@@ -32,7 +44,7 @@ def _build(name: str, loss):
 
 
 register(Algorithm(
-    name="rm_plackett_luce", kind="rm", head="score", batch=losses.ranking_batch,
+    name="rm_plackett_luce", kind="rm", head="score", batch=losses.ranking_batch, options=PlackettLuceOptions,
     loss=_build("rm_plackett_luce", lambda r, ranks, m, metrics, o: (
         objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize), metrics["num_prompts"])),
     summary="reward model, K-wise Plackett-Luce likelihood of each prompt's ranking (Starling-RM)"))

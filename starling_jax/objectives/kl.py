@@ -42,7 +42,7 @@ def adaptive_kl_coef(coef, observed_kl, n_steps, target: float, horizon: float):
 
 
 def update_kl_coef(coef, observed_kl, n_steps, target: Optional[float] = None, horizon: float = 10000.0):
-    """Adaptive when a target is given, else fixed: ObjectiveConfig's (kl_coef, kl_target, kl_horizon)."""
+    """Adaptive when a target is given, else fixed: the rl options' (kl_coef, kl_target, kl_horizon)."""
     if target is None:
         return fixed_kl_coef(coef, observed_kl, n_steps)
     return adaptive_kl_coef(coef, observed_kl, n_steps, target, horizon)

@@ -37,7 +37,7 @@ def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array, no
     carry no ranking information and are not counted (a fully padded row changes nothing). With K_b = 2 this is
     -log sigmoid(r_better - r_worse), i.e. Bradley-Terry.
     normalize=True divides each nll_b by its K_b - 1 choice terms (a per-choice mean, as the Starling authors' RM
-    loss; ObjectiveConfig.pl_normalize): the same minimiser, gradients 1/(K-1) as large (it matters with grad_clip).
+    loss): the same minimiser, gradients 1/(K-1) as large (it matters with grad_clip).
     """
     _check("plackett_luce_loss", rewards, ranks, mask)
     valid = as_weights(mask)

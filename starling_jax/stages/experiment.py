@@ -2,6 +2,11 @@
 `--set a.b=c` overrides, the type check and the JSON round trip of the typed config in config.py, and its stages
 (stages_of: a single stage is named after its algorithm's kind, so this module reads the registries; importing it
 registers every stage kind and algorithm). Validation: stages/validation.py.
+
+The objective is a typed choice: its `name` selects an algorithm and the algorithm's registered options type (a
+subclass of ObjectiveConfig) holds its options, so a loaded objective is built as that type, `--set objective.name=X`
+turns the options into X's, and the type check asks that an objective be of its name's type. Each field's type may
+carry pydantic constraints (`Annotated[float, Field(gt=0)]`); they are checked with the type, field by field.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import pydantic
 
 from starling_jax.algorithms import registry
-from starling_jax.config import ConfigError, Experiment, Stage
+from starling_jax.config import ConfigError, Experiment, ObjectiveConfig, Stage
 from starling_jax.errors import did_you_mean
 from starling_jax.models.config import PRESETS, ModelConfig
 from starling_jax.stages import kinds  # noqa: F401  (registers every stage kind and algorithm)
@@ -42,7 +47,10 @@ def load_experiment(path_or_name: str) -> Experiment:
                               f"hand-edited config? restore it, or pass the experiment file instead)") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        return from_dict(data)
+        try:
+            return from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
     if p.suffix != ".py":
         candidates = [Path("experiments") / f"{path_or_name}.py", EXPERIMENTS_DIR / f"{path_or_name}.py"]
         found = [c for c in candidates if c.is_file()]
@@ -80,23 +88,53 @@ def load_experiment(path_or_name: str) -> Experiment:
 
 
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    """Field name -> type, pydantic constraints (Annotated) kept."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _strip(tp):
+    """The type without its Annotated constraints."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
 
 
 def _is_optional(tp) -> tuple[bool, object]:
+    """(whether None is allowed, the type without None), the constraints of an Annotated[Optional[X], ...] kept on X."""
+    meta = ()
+    if typing.get_origin(tp) is typing.Annotated:
+        tp, *meta = typing.get_args(tp)
+    optional = False
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) < len(typing.get_args(tp)) and len(args) == 1:
-            return True, args[0]
-    return False, tp
+            optional, tp = True, args[0]
+    return optional, (typing.Annotated[(tp, *meta)] if meta else tp)
+
+
+def _check_constraints(value, tp, where: str) -> None:
+    """A ConfigError "WHERE: must be ..., got VALUE" when `value` (of the right type) breaks the pydantic constraints
+    of the Annotated type `tp` (a range); nothing for an unconstrained type."""
+    if typing.get_origin(tp) is not typing.Annotated:
+        return
+    try:
+        _validated(value, tp)
+    except ValueError as e:
+        reason = str(e).replace("Input should be", "must be")
+        raise ConfigError(f"{where}: {reason}, got {value!r}") from None
 
 
 def parse_value(text: str, tp, where: str):
     """Parse the text of `--set where=text` as type `tp` (int, float, bool, str, Optional[..], tuples, ModelConfig by
     preset name)."""
-    optional, tp = _is_optional(tp)
+    optional, annotated = _is_optional(tp)
     if optional and text.strip().lower() in ("none", "null"):
         return None
+    tp = _strip(annotated)
+    value = _parse_text(text, tp, where)
+    _check_constraints(value, annotated, f"--set {where}={text}")
+    return value
+
+
+def _parse_text(text: str, tp, where: str):
     try:
         if tp is bool:
             low = text.strip().lower()
@@ -152,7 +190,8 @@ def _type_name(tp) -> str:
 
 def _coerce(value, tp, where: str):
     """Convert a JSON/literal value to type `tp` (used by from_dict and tuple overrides)."""
-    optional, tp = _is_optional(tp)
+    optional, annotated = _is_optional(tp)
+    tp = _strip(annotated)
     if value is None:
         if optional or tp is object:
             return None
@@ -160,6 +199,8 @@ def _coerce(value, tp, where: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        if issubclass(tp, ObjectiveConfig):
+            return _objective_from_mapping(value, where)
         return _from_mapping(tp, value, where)
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
@@ -177,9 +218,19 @@ def _coerce(value, tp, where: str):
     if isinstance(value, bool) and tp in (int, float):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     try:
-        return _validated(value, tp)  # pydantic: ints, floats, strs, Literal choices
+        value = _validated(value, tp)  # pydantic: ints, floats, strs, Literal choices
     except ValueError as e:
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({e})") from None
+    _check_constraints(value, annotated, where)
+    return value
+
+
+def _objective_hint(cls, name: str, where: str) -> str:
+    """What to do about a key that an objective's options type lacks: it may be another algorithm's option."""
+    if not issubclass(cls, ObjectiveConfig):
+        return ""
+    return (f" ({cls.__name__} holds the options of objective {name!r}; to train another algorithm set "
+            f"{where}.name first)")
 
 
 def _from_mapping(cls, mapping: dict, where: str):
@@ -187,9 +238,47 @@ def _from_mapping(cls, mapping: dict, where: str):
     unknown = [k for k in mapping if k not in hints]
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
-                          f"{did_you_mean(unknown[0], list(hints))}")
+                          f"{did_you_mean(unknown[0], list(hints))}"
+                          + _objective_hint(cls, mapping.get("name", ""), where or "objective"))
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in mapping.items()}
     return cls(**kwargs)
+
+
+def options_type(name: str) -> type:
+    """The options type of objective `name`: its algorithm's, or ObjectiveConfig for an unknown name (validation
+    reports the name)."""
+    algorithm = registry.ALGORITHMS.get(name)
+    return algorithm.options if algorithm is not None else ObjectiveConfig
+
+
+# The objective as configs saved before per-algorithm options held it: every algorithm's settings in one record, with
+# these defaults (kl_in / kl_estimator None meant the algorithm's own).
+_FLAT_OBJECTIVE = {
+    "name": "sft", "dpo_beta": 0.1, "apa_lambda": 0.1, "ppo_clip": 0.2, "value_clip": 0.2, "vf_coef": 1.0,
+    "gamma": 1.0, "gae_lambda": 0.95, "kl_coef": 0.01, "kl_target": None, "kl_horizon": 10000,
+    "critic_only_above": None, "value_head": "mlp", "value_head_layers": 0, "reward_clip": 10.0,
+    "scale_reward": True, "whiten_advantages": False, "pl_normalize": False, "group_size": 4, "kl_in": None,
+    "kl_estimator": None, "loss_aggregation": "sequence"}
+
+
+def _objective_from_mapping(mapping: dict, where: str) -> ObjectiveConfig:
+    """The objective saved as `mapping`, as its name's options type. A record saved before per-algorithm options
+    (exactly the old fields) keeps the values its algorithm takes; the others were never read by it and are left
+    behind, except a critic that a critic-free stage built but never trained, which must have been the default."""
+    name = mapping.get("name", ObjectiveConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name: expected str, got {name!r}")
+    cls = options_type(name)
+    if set(mapping) == set(_FLAT_OBJECTIVE):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in ("value_head", "value_head_layers"):
+            if key not in fields and mapping[key] != _FLAT_OBJECTIVE[key]:
+                raise ConfigError(f"{where}.{key}: {mapping[key]!r} in a config saved before per-algorithm options; "
+                                  f"objective {name!r} has no critic to shape (set it to "
+                                  f"{_FLAT_OBJECTIVE[key]!r} in the file)")
+        mapping = {k: v for k, v in mapping.items()
+                   if k in fields and not (v is None and k in ("kl_in", "kl_estimator"))}
+    return _from_mapping(cls, mapping, where)
 
 
 def check_types(obj, where: str = "") -> None:
@@ -203,9 +292,12 @@ def check_types(obj, where: str = "") -> None:
 
 def _check_value(value, tp, where: str) -> None:
     _, inner = _is_optional(tp)
+    inner = _strip(inner)
     if value is not None and dataclasses.is_dataclass(inner):
         if not isinstance(value, inner):
             raise ConfigError(f"{where}: expected {inner.__name__}, got {value!r}")
+        if isinstance(value, ObjectiveConfig) and registry.options_error(value):
+            raise ConfigError(f"{where}: {registry.options_error(value)}")
         check_types(value, where)
         return
     if isinstance(value, (tuple, list)) and typing.get_origin(inner) is tuple:
@@ -234,34 +326,45 @@ def from_dict(d: dict) -> Experiment:
     return _from_mapping(Experiment, d, "")
 
 
-def _default_section(owner, name: str, hints: dict):
-    """The value to descend into when an override sets a field of a section that is None."""
-    if isinstance(owner, Stage) and name in ("model", "data", "optim", "train", "rollout"):
-        return None  # resolved by the caller against the experiment's section
-    _, tp = _is_optional(hints[name])
-    return tp()
-
-
 def _set_path(obj, keys: list[str], text: str, full: str, exp: Experiment, stage_fallback=None):
     """Return a copy of dataclass `obj` with the dotted field `keys` set from `text`."""
     name = keys[0]
     hints = _hints(type(obj))
     if name not in hints:
         raise ConfigError(f"--set {full}: unknown key {name!r} in {type(obj).__name__}; "
-                          f"{did_you_mean(name, list(hints))}")
+                          f"{did_you_mean(name, list(hints))}"
+                          + (_objective_hint(type(obj), obj.name, full.rsplit(".", 1)[0])
+                             if isinstance(obj, ObjectiveConfig) else ""))
+    if len(keys) == 1 and name == "name" and isinstance(obj, ObjectiveConfig):
+        return _switch_objective(obj, parse_value(text, hints[name], full), full)
     if len(keys) == 1:
         return dataclasses.replace(obj, **{name: parse_value(text, hints[name], full)})
     child = getattr(obj, name)
     if child is None:
         child = stage_fallback(name) if isinstance(obj, Stage) and stage_fallback else None
         if child is None:
-            _, tp = _is_optional(hints[name])
+            tp = _strip(_is_optional(hints[name])[1])
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"--set {full}: {name!r} is a {_type_name(tp)}, it has no field {keys[1]!r}")
             child = tp()
     if not dataclasses.is_dataclass(child):
         raise ConfigError(f"--set {full}: {name!r} is a {type(child).__name__}, it has no field {keys[1]!r}")
     return dataclasses.replace(obj, **{name: _set_path(child, keys[1:], text, full, exp)})
+
+
+def _switch_objective(obj: ObjectiveConfig, name: str, full: str) -> ObjectiveConfig:
+    """`--set objective.name=NAME`: the options of NAME (registry.switch: the values set away from their defaults
+    that NAME takes too, e.g. the KL settings of two rl algorithms, and NAME's defaults for the rest). An option of
+    the old algorithm that NAME does not take must be at its default, as it would otherwise be lost without a word."""
+    keep = {f.name for f in dataclasses.fields(options_type(name))}
+    lost = [f.name for f in dataclasses.fields(obj) if f.name not in keep and getattr(obj, f.name) != f.default]
+    if lost:
+        raise ConfigError(f"--set {full}={name}: objective {name!r} does not take "
+                          f"{', '.join(f'{k}={getattr(obj, k)!r}' for k in lost)} (options of {obj.name!r}); set "
+                          f"them to their defaults first, or write the stage's objective in the experiment file")
+    if name not in registry.ALGORITHMS:
+        return ObjectiveConfig(name=name)  # validation names the unknown objective with the rest of the problems
+    return registry.switch(obj, name)
 
 
 def apply_overrides(exp: Experiment, overrides) -> Experiment:

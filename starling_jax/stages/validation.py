@@ -1,6 +1,7 @@
-"""Validation of an experiment before anything compiles: every field against its type (experiment.check_types),
-the checks every stage gets (sizes, lengths, the mesh, data sources, model sections), then each stage kind's own
-check hook (stages/program.py StageKind.check) and its algorithm's; one ConfigError lists every problem.
+"""Validation of an experiment before anything compiles: every field against its type and its constraints, each
+objective against the options type its name registered (experiment.check_types), the checks every stage gets (sizes,
+lengths, the mesh, data sources, model sections), then each stage kind's own check hook (stages/program.py
+StageKind.check) and its algorithm's; one ConfigError lists every problem.
 """
 
 from __future__ import annotations
@@ -108,13 +109,6 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         bad("model.trainable_top_layers", f"{m.trainable_top_layers} is not in [0, {m.config.num_layers}]")
     if m.lora is not None:
         _check_lora(m, kind, bad)
-    ob = c.objective
-    if ob.value_head == "layers" and not 1 <= ob.value_head_layers <= m.config.num_layers:
-        bad("objective.value_head_layers", f"{ob.value_head_layers} is not in [1, {m.config.num_layers}] (the critic "
-            f"value_head='layers' copies that many top layers)")
-    elif ob.value_head != "layers" and ob.value_head_layers != 0:
-        bad("objective.value_head_layers", f"{ob.value_head_layers} is only read with value_head='layers' (got "
-            f"value_head={ob.value_head!r}); leave it 0")
     want_head = algorithm.head if algorithm else "lm"
     if kind and m.path is None and m.config.head != want_head:
         bad("model.config.head", f"objective {obj!r} trains a {want_head!r} head but the model has head="
@@ -148,7 +142,9 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         elif path is not None and not os.path.exists(path):
             bad(f"{sec_name}.path", f"{path!r} does not exist (a Hugging Face directory, 'hf:ORG/NAME[@REV]' or "
                 f"'stage:NAME')")
-    if stage_kind is not None and stage_kind.check is not None:
+    # the kind's and the algorithm's checks read the options: not of an objective of the wrong type (check_types
+    # names it)
+    if stage_kind is not None and stage_kind.check is not None and not registry.options_error(c.objective):
         for field, msg in stage_kind.check(c, algorithm, earlier):
             bad(field, msg)
 

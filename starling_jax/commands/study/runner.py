@@ -26,7 +26,7 @@ from starling_jax.commands.study import Arm, Study, evaluate as ev, load_study, 
 from starling_jax.config import ConfigError, Experiment
 from starling_jax.data import load_tokenizer, pipelines, synthetic
 from starling_jax.files import write_json
-from starling_jax.stages.experiment import apply_overrides, stages_of, to_dict
+from starling_jax.stages.experiment import apply_overrides, from_dict, stages_of, to_dict
 from starling_jax.stages.export import load_weights
 from starling_jax.stages.loop import StageInterrupted, TrainingDiverged, run_experiment
 from starling_jax.stages.rollout import RewardScorer
@@ -206,11 +206,17 @@ def _canonical(exp: Experiment) -> dict:
 
 
 def _saved_config(directory: str) -> Optional[dict]:
+    """The config saved in `directory`, in today's form (as it loads: one saved before per-algorithm options compares
+    equal to the same experiment now); None when there is none or it does not load (nothing to reuse)."""
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        saved = json.load(f)
+    try:
+        return _canonical(from_dict(saved))
+    except ConfigError:
+        return None
 
 
 def reuse_finished(study: Study, workdir: str, seeds: Sequence[int], arm_names: Sequence[str],

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from starling_jax import models
-from starling_jax.algorithms import registry
+from starling_jax.algorithms import CriticOptions, RLOptions, registry
 from starling_jax.config import ObjectiveConfig
 from starling_jax.data import load_tokenizer, pipelines
 from starling_jax.generation import sampling
@@ -220,6 +220,8 @@ def build_rl_functions(config: ModelConfig, objective: ObjectiveConfig, prompt_l
     temperature: rollout.temperature (log-probs of the distribution the rollouts were sampled from); group: rollouts
     per prompt (default: the algorithm's, from the objective's options)."""
     algorithm = rl_algorithm(objective.name)
+    if registry.options_error(objective):
+        raise TypeError(registry.options_error(objective))
     group = group_size(algorithm, objective) if group is None else group
     experience = ExperienceFn(
         forward=jax.jit(functools.partial(experience_forward, config=config, prompt_len=prompt_len,
@@ -322,13 +324,16 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     k_critic, k_state = jax.random.split(key) if critic_key is None else (critic_key, key)
     run_config = adapters.configure(model_config, lora, top)  # model_config itself without adapters
 
+    # a critic-free algorithm's options have no critic: its state holds the default head, which never trains
+    value_head, value_layers = (o.value_head, o.value_head_layers) if algorithm.critic else ("mlp", 0)
+
     def split(p, k):
-        return init_rl_params(p, run_config, k, top, head, o.value_head, o.value_head_layers, lora=lora)
+        return init_rl_params(p, run_config, k, top, head, value_head, value_layers, lora=lora)
     trainable, frozen = jax.eval_shape(split, params, k_critic) if abstract else split(params, k_critic)
     # Placement on the mesh: the hydra trees shard like the model's params, the batch over its leading axis; the
     # step keeps the state's layout and donates it.
     model_specs = models.param_specs(model_config)
-    critic_specs = models.value_head_specs(model_config, o.value_head, o.value_head_layers)
+    critic_specs = models.value_head_specs(model_config, value_head, value_layers)
     if lora is None:
         shard_t = sharding.param_shardings(sharding.respec(trainable, {"policy": model_specs, "critic": critic_specs}),
                                            mesh, rules)
@@ -362,8 +367,8 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
         resident["reward_model"] = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)),
                                                  rm_specs, is_leaf=models.transformer.is_spec),
                                     sharding.param_shardings(rm_specs, mesh, rules))
-    critic_kind = (f"layers critic (a copy of the top {o.value_head_layers} layers + final norm + Linear)"
-                   if o.value_head == "layers" else f"{o.value_head} critic")
+    critic_kind = (f"layers critic (a copy of the top {value_layers} layers + final norm + Linear)"
+                   if value_head == "layers" else f"{value_head} critic")
     critic = f" + {critic_kind}" if algorithm.critic else " (critic-free)"
     notes = (f"objective {o.name}: {B} rollouts of {P} prompt + {N} response tokens per step, {r.epochs} epochs of "
              f"minibatches of {r.minibatch_size} = {updates_per_step} optimiser updates per step",
@@ -625,10 +630,12 @@ def check_rl(c, algorithm: registry.Algorithm, earlier: dict) -> list[tuple[str,
     def bad(field, msg):
         problems.append((field, msg))
 
-    obj, ob = c.objective.name, c.objective
-    if ob.value_head == "layers" and 1 <= ob.value_head_layers <= c.model.config.num_layers and not algorithm.critic:
-        bad("objective.value_head", f"objective {obj!r} is critic-free: value_head='layers' would hold a copy of "
-            f"{ob.value_head_layers} layers that never trains; use the default value_head='mlp'")
+    obj = c.objective.name
+    base = CriticOptions if algorithm.critic else RLOptions  # what this kind and the critic read
+    if not isinstance(c.objective, base):
+        bad("objective", f"objective {obj!r}: the rl kind reads options deriving from algorithms.{base.__name__}; "
+            f"register {algorithm.name!r} with such options")
+        return problems
     if c.reward_model is None:
         bad("reward_model", f"objective {obj!r} needs a reward_model section")
     r = c.rollout
