@@ -352,7 +352,7 @@ CASES = [
          r"--seeds 'a,b': expected comma-separated integers"),
     # --- LoRA (model.lora)
     Case("lora target that matches no projection", lambda f: TRAIN + ["--set", "model.lora.targets=q,qkv"], 2,
-         r"model\.lora\.targets: 'qkv' matches no projection; did you mean q"),
+         r"model\.lora\.targets: 'qkv' matches no projection; did you mean v, q, k\?"),
     Case("lora rank larger than a targeted projection", lambda f: TRAIN + ["--set", "model.lora.rank=40"], 2,
          r"model\.lora\.rank: 40 is larger than the 'k' projection's width 32; use a rank <= 32"),
     Case("lora layers below the trained top", lambda f: TRAIN + ["--set", "model.trainable_top_layers=1", "--set",

@@ -65,12 +65,19 @@ def _base_logprobs(params, rollout):
 # ----------------------------------------------------------------------------------------------------------------------
 # The rl kind: APA, PPO, GRPO, RLOO.
 
-@pytest.mark.parametrize("name,top", [("apa", 0), ("ppo", 2), ("grpo", 0), ("rloo", 2)])
-def test_rl_update_trains_adapters_over_a_fixed_base(params, rollout, name, top):
+@pytest.mark.parametrize("name,top,critic", [("apa", 0, "mlp"), ("ppo", 2, "mlp"), ("grpo", 0, "mlp"),
+                                             ("rloo", 2, "mlp"), ("apa", 2, "layers")])
+def test_rl_update_trains_adapters_over_a_fixed_base(params, rollout, name, top, critic):
+    """critic "layers": the critic's own copy of the top layer trains in full beside the policy's adapters."""
+    layers = 1 if critic == "layers" else 0
     obj = ObjectiveConfig(name=name, kl_coef=0.1, apa_lambda=1.0, value_clip=None if name == "apa" else 0.2,
-                          group_size=4)
+                          group_size=4, value_head=critic, value_head_layers=layers)
     run = adapters.configure(CFG, LORA, top)
-    trainable, frozen = hydra.init_rl_params(params, run, jax.random.key(2), top, lora=LORA)
+    trainable, frozen = hydra.init_rl_params(params, run, jax.random.key(2), top, value_head_kind=critic,
+                                             value_head_layers=layers, lora=LORA)
+    if critic == "layers":  # a copy of the base's top layer, without adapters
+        assert "lora" not in trainable["critic"]["layers"]
+        assert _equal(trainable["critic"]["layers"], jax.tree.map(lambda a: a[-1:], params["layers"]))
     assert sorted(trainable) == ["critic", "lora"] and sorted(frozen) == ["base", "trunk"]
     assert jax.tree.leaves(trainable["lora"])[0].shape[0] == (top or CFG.num_layers)
     exp_fn, loss_fn = rlaif.build_rl_functions(run, obj, P)
@@ -90,6 +97,7 @@ def test_rl_update_trains_adapters_over_a_fixed_base(params, rollout, name, top)
     # the optimiser's state covers the trainable tree alone: adapters + critic, two moments each (+ a few scalars)
     assert 0 <= _size(state.opt_state) - 2 * _size(trainable) < 8, (_size(state.opt_state), _size(trainable))
     before_frozen, before_lora = jax.device_get(state.frozen), jax.device_get(trainable["lora"])
+    before_critic = jax.device_get(trainable["critic"])
     l0 = float(loss_fn(state.params, state.frozen, batch)[0])
     step = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=3, minibatch_size=B), donate_argnums=(0,))
     state, metrics = step(state, batch)
@@ -100,6 +108,8 @@ def test_rl_update_trains_adapters_over_a_fixed_base(params, rollout, name, top)
     after = hydra.hydra_forward(state.params, state.frozen, run, rollout["tokens"], rollout["attention_mask"], P)
     np.testing.assert_allclose(np.asarray(after["ref_logprobs"])[mask], base[mask], atol=2e-5)
     assert not np.allclose(np.asarray(after["logprobs"])[mask], base[mask], atol=1e-4)  # the policy moved
+    if critic == "layers" or name in ("apa", "ppo"):
+        assert not _equal(state.params["critic"], before_critic)  # the critic trains (in full)
 
 
 def test_rl_sampling_from_adapters_equals_the_merged_policy(params, rollout):
