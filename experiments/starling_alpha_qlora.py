@@ -33,8 +33,9 @@ What changes, and why:
     parameters and their AdamW moments, ~10.5 GB) would take two thirds of the chip.
   - learning rate 1e-5: alpha's 2e-7 is a full-layer rate; LoRA's updates pass through a rank-64 product scaled by
     alpha / rank = 0.25, and LoRA rates run 10-1000x full fine-tuning's (QLoRA: 2e-4 for SFT). A choice, not tuned.
-  - generation_batch: rows per generate / RM / experience call, sized to the chip by `plan --rollout` (docs/SHARDING.md
-    "One chip").
+  - generation_batch: rows per generate / RM / experience call (memory only): 16, a choice for the ~5.7 GiB the
+    resident state leaves; `plan --rollout --search rollout.generation_batch=...` checks it (docs/SHARDING.md "One
+    chip": the TPU compiler puts the update step at 19.56 GiB per chip, over a v5e's 16 by 3.56 GiB).
 """
 
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, LoraConfig, MeshConfig,
@@ -47,7 +48,7 @@ PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH, PPO_EPOCHS, TOTAL_UPDATES = 64, 4, 2, 2
 CHUNK, MINIBATCH = PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH  # one chip = one process
 UPDATES_PER_CHUNK = PPO_EPOCHS * CHUNK // MINIBATCH  # 32
 CHUNKS = TOTAL_UPDATES // UPDATES_PER_CHUNK  # 625
-GENERATION_BATCH = 16  # rows per rollout call on one v5e chip (plan --rollout: docs/SHARDING.md "One chip")
+GENERATION_BATCH = 16  # rows per rollout call (memory only; docs/SHARDING.md "One chip")
 
 NF4 = dict(quantize="nf4", quantize_block=64)
 # fp32 masters for what trains (the adapters, the critic); the frozen base is stored in nf4, its embeddings and LM
