@@ -38,8 +38,9 @@ What changes, and why:
     chip": the TPU compiler puts the update step at 19.56 GiB per chip, over a v5e's 16 by 3.56 GiB).
 """
 
+from starling_jax.algorithms.apa import APAOptions
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, LoraConfig, MeshConfig,
-                                 ModelSection, ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig,
+                                 ModelSection, OptimConfig, RewardModelSection, RolloutConfig,
                                  TrainConfig)
 from starling_jax.models import PRESETS
 
@@ -69,7 +70,7 @@ def get_config() -> Experiment:
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         data=DataConfig(source="data/nectar", heldout_fraction=0.001, max_length=SEQ_LEN,
                         max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
-        objective=ObjectiveConfig(name="apa", apa_lambda=1.0, kl_coef=0.01, kl_target=None, kl_horizon=10000,
+        objective=APAOptions(apa_lambda=1.0, kl_coef=0.01, kl_target=None, kl_horizon=10000,
                                   vf_coef=1.0, value_clip=0.2, gamma=1.0, gae_lambda=0.95, critic_only_above=1.0,
                                   value_head="mlp", reward_clip=10.0, scale_reward=True, whiten_advantages=False),
         optim=OptimConfig(learning_rate=1e-5, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from starling_jax import models
+from starling_jax.algorithms import options
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, LoraConfig, MeshConfig,
                                  ModelSection, ObjectiveConfig, OptimConfig, RewardModelSection, RolloutConfig, Stage,
                                  TrainConfig)
@@ -70,8 +71,10 @@ def _base_logprobs(params, rollout):
 def test_rl_update_trains_adapters_over_a_fixed_base(params, rollout, name, top, critic):
     """critic "layers": the critic's own copy of the top layer trains in full beside the policy's adapters."""
     layers = 1 if critic == "layers" else 0
-    obj = ObjectiveConfig(name=name, kl_coef=0.1, apa_lambda=1.0, value_clip=None if name == "apa" else 0.2,
-                          group_size=4, value_head=critic, value_head_layers=layers)
+    critic_options = dict(value_head=critic, value_head_layers=layers)
+    extra = {"apa": dict(apa_lambda=1.0, value_clip=None, **critic_options),
+             "ppo": dict(value_clip=0.2, **critic_options)}.get(name, dict(group_size=4))
+    obj = options(name, kl_coef=0.1, **extra)
     run = adapters.configure(CFG, LORA, top)
     trainable, frozen = hydra.init_rl_params(params, run, jax.random.key(2), top, value_head_kind=critic,
                                              value_head_layers=layers, lora=LORA)
@@ -136,7 +139,7 @@ def test_rl_sampling_from_adapters_equals_the_merged_policy(params, rollout):
 
 def _stage_config(objective: str, lora, top=0, head="lm"):
     return Experiment(name="t", model=ModelSection(config=CFG.replace(head=head), trainable_top_layers=top, lora=lora),
-                      mesh=MeshConfig(fsdp=1), objective=ObjectiveConfig(name=objective, dpo_beta=0.5),
+                      mesh=MeshConfig(fsdp=1), objective=options(objective, **({"dpo_beta": 0.5} if objective == "dpo" else {})),
                       optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
                       train=TrainConfig(steps=6, batch_size=B),
                       data=DataConfig(max_length=T, max_prompt_length=4, max_responses=3))
@@ -236,11 +239,11 @@ def _tiny_lora_experiment(steps=4, every=2, seed=0, extra_stages=False):
                     train=TrainConfig(steps=steps, batch_size=8, seed=seed))]
     if extra_stages:
         stages += [
-            Stage(name="rm", objective=ObjectiveConfig(name="rm_plackett_luce"),
+            Stage(name="rm", objective=options("rm_plackett_luce"),
                   model=ModelSection(config=tiny.replace(head="score"), path="stage:sft", tokenizer="openchat-3.5",
                                      template="openchat_3.5", lora=lora, trainable_top_layers=1),
                   train=TrainConfig(steps=2, batch_size=8)),
-            Stage(name="policy", objective=ObjectiveConfig(name="apa", value_clip=None),
+            Stage(name="policy", objective=options("apa", value_clip=None),
                   model=ModelSection(config=tiny, path="stage:sft", tokenizer="openchat-3.5", template="openchat_3.5",
                                      lora=lora),
                   rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, minibatch_size=8, epochs=1,

@@ -169,8 +169,9 @@ def test_quantized_arrays_shard_by_the_weights_logical_axes():
 
 
 QUANT_EXPERIMENT = textwrap.dedent('''
-    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, ObjectiveConfig,
-                                     RewardModelSection, RolloutConfig, TrainConfig)
+    from starling_jax.algorithms import options
+    from starling_jax.config import (DataConfig, Experiment, MeshConfig, ModelSection, RewardModelSection,
+                                     RolloutConfig, TrainConfig)
     from starling_jax.models import PRESETS
 
     def get_config():
@@ -179,7 +180,7 @@ QUANT_EXPERIMENT = textwrap.dedent('''
         return Experiment(name="tiny_rl_nf4", model=ModelSection(config=model, trainable_top_layers=1),
                           reward_model=RewardModelSection(config=model.replace(head="score")),
                           mesh=MeshConfig(data=1, fsdp=-1, tensor=1), data=DataConfig(max_prompt_length=8),
-                          objective=ObjectiveConfig(name="apa"), train=TrainConfig(batch_size=8),
+                          objective=options("apa"), train=TrainConfig(batch_size=8),
                           rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, epochs=1, minibatch_size=8))
 ''')
 
