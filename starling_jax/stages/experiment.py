@@ -7,6 +7,10 @@ The objective is a typed choice: its `name` selects an algorithm and the algorit
 subclass of ObjectiveConfig) holds its options, so a loaded objective is built as that type, `--set objective.name=X`
 turns the options into X's, and the type check asks that an objective be of its name's type. Each field's type may
 carry pydantic constraints (`Annotated[float, Field(gt=0)]`); they are checked with the type, field by field.
+
+Why this file is long (~410 lines): loading, overrides and the typed round trip are one walk over the config's
+dataclass fields (parse a `--set` value, coerce a JSON value, check a type: the same per-type rules). The seam to cut
+when it grows is that per-type value layer (parse_value, _coerce, check_types and their helpers) into its own module.
 """
 
 from __future__ import annotations
