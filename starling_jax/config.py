@@ -93,7 +93,9 @@ class DataConfig:
     unseen_templates: int = 0  # synthetic: rows phrased with the last N of synthetic.PROMPTS form the "unseen" split
     # synthetic: > 0 generates the held-out and unseen splits apart from the training rows (N rows each,
     # synthetic.make_report_rows: topics no training row names / every user turn in an untrained template; they
-    # share no prompt string with any row make_rows can draw); needs heldout_fraction = 0 and unseen_templates = 0
+    # share no prompt string with any row make_rows can draw); needs heldout_fraction = 0 and unseen_templates = 0.
+    # A task with its own reporting split (task:ifeval: held-out instructions x held-out constraint combinations)
+    # generates N rows of it the same way
     report_rows: int = 0
     # False for a selection run: the held-out and unseen (reporting) splits are neither generated nor evaluated, and
     # the stages' summaries report the tuning split instead; the training and tuning rows are the same either way

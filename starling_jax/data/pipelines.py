@@ -282,25 +282,32 @@ def load_splits(data) -> Splits:
 
 
 def _with_report_rows(data, rows, report, tuning_fraction: float, n: int, true_utility) -> Splits:
-    """Splits of synthetic data with generated reporting splits (data.report_rows): every make_rows row is a training
-    or (tuning_fraction, by prompt group) a tuning row; held-out and unseen rows come from synthetic.make_report_rows."""
-    if data.source != "synthetic":
-        raise ValueError("data.report_rows needs data.source='synthetic' (it generates synthetic reporting rows)")
+    """Splits with generated reporting splits (data.report_rows): every make_rows row is a training or
+    (tuning_fraction, by prompt group) a tuning row; held-out and unseen rows come from synthetic.make_report_rows,
+    or a task's own held-out rows from its make_report_rows (checked against training and tuning by the task's
+    check_reporting)."""
+    task = tasks.get(data.source) if data.source.startswith("task:") else None
+    if data.source != "synthetic" and (task is None or task.make_report_rows is None):
+        raise ValueError("data.report_rows needs data.source='synthetic' or a task with its own reporting split "
+                         "(task:ifeval): it generates the reporting rows")
     if data.heldout_fraction or getattr(data, "unseen_templates", 0):
         raise ValueError("data.report_rows generates the held-out and unseen splits itself: set "
                          "data.heldout_fraction=0 and data.unseen_templates=0")
     if not 0 <= tuning_fraction < 1:
         raise ValueError(f"need 0 <= tuning_fraction < 1, got {tuning_fraction}")
-    reporting = {}
-    for split in ("heldout", "unseen"):  # n = 0: a selection run (data.reporting=false) generates none
-        raw = synthetic.make_report_rows(split, n, data.synthetic_seed, data.synthetic_noise)
-        reporting[split], _ = nectar.parse_rows(raw, on_bad_row="error", source=f"synthetic {split}")
+    reporting = {"heldout": [], "unseen": []}
+    for split in (task.report_splits if task else ("heldout", "unseen")):  # n = 0: a selection run generates none
+        raw = task.make_report_rows(split, n, data.synthetic_seed) if task else \
+            synthetic.make_report_rows(split, n, data.synthetic_seed, data.synthetic_noise)
+        reporting[split], _ = nectar.parse_rows(raw, on_bad_row="error", source=f"{data.source} {split}")
+        if task and task.check_reporting is not None:
+            task.check_reporting(rows, reporting[split])
     tuning, train = _by_prompt(rows, [tuning_fraction])
     trained = {_prompt_key(r) for r in rows}
     for split, part in reporting.items():  # true by construction (synthetic.make_report_rows); checked, not assumed
         shared = sorted({_prompt_key(r) for r in part} & trained)
         if shared:
-            raise ValueError(f"synthetic {split} split shares {len(shared)} prompt string(s) with training or tuning "
+            raise ValueError(f"{data.source} {split} split shares {len(shared)} prompt string(s) with training or tuning "
                              f"rows, e.g. {shared[0]!r}")
     report.train_rows, report.heldout_rows = len(train), len(reporting["heldout"])
     return Splits(train=train, heldout=reporting["heldout"], tuning=tuning, unseen=reporting["unseen"], report=report,

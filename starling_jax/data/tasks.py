@@ -10,8 +10,17 @@ could train on it; parsed like any Nectar file) plus two functions of (messages,
 Rows hold their problem, so both functions read the answer from the row's own text (the prompt), never from a
 global table: a held-out prompt is checked exactly as a training one.
 
+A task may also generate its own reporting split (make_report_rows(split, n, seed), read through data.report_rows,
+like the synthetic data's) and check it against the training rows (check_reporting(train_rows, report_rows) raises
+ValueError when they share what the split holds out); load_splits calls both.
+
 arithmetic: "What is 7 + 12?"-style sums of two integers in [1, 20], each unordered pair once with one of PHRASINGS
 (so held-out prompts, split by prompt string, are held-out problems). The reply's answer is its last integer.
+
+ifeval: chat instructions with 1-3 constraints a program checks (word and sentence counts, required and forbidden
+words, a bulleted list, JSON with given keys, lowercase, an end phrase, no commas, a title); data/instructions.py.
+Its held-out split (data.report_rows) shares neither an instruction nor a combination of constraint types with any
+training row.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import dataclasses
 import random
 import re
 from typing import Callable, Optional, Sequence
+
+from starling_jax.data import instructions
 
 PHRASINGS = ("What is {a} + {b}?", "Compute {a} + {b}.", "Calculate {a} plus {b}.", "What is the sum of {a} and {b}?",
              "Add {a} and {b}.", "{a} + {b} = ?")
@@ -36,6 +47,9 @@ class Task:
     true_utility: Callable[[Sequence[dict], str], float]
     judge: Callable[[Sequence[dict], str], float]
     summary: str
+    make_report_rows: Optional[Callable[[str, int, int], list[dict]]] = None  # (split, n, seed) -> rows
+    report_splits: tuple[str, ...] = ()  # the splits make_report_rows generates
+    check_reporting: Optional[Callable[[Sequence[dict], Sequence[dict]], None]] = None
 
 
 def reply_answer(reply: str) -> Optional[int]:
@@ -90,6 +104,11 @@ def arithmetic_rows(seed: int) -> list[dict]:
 TASKS = {
     "arithmetic": Task("arithmetic", arithmetic_rows, arithmetic_correct, arithmetic_judge,
                        "sums of two integers in [1, 20] (210 problems); exact answer = the reply's last integer"),
+    "ifeval": Task("ifeval", instructions.make_rows, instructions.true_utility, instructions.judge,
+                   f"{len(instructions.INSTRUCTIONS)} chat instructions x 1-3 checkable constraints "
+                   f"({len(instructions.TYPES)} types); true utility = fraction of constraints met",
+                   make_report_rows=instructions.make_report_rows, report_splits=("heldout",),
+                   check_reporting=instructions.check_reporting),
 }
 
 

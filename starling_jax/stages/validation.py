@@ -77,8 +77,9 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     if not 0 <= d.tuning_fraction < 1 or d.heldout_fraction + d.tuning_fraction >= 1:
         bad("data.tuning_fraction", f"must be in [0, 1) with heldout_fraction + tuning_fraction < 1, got "
             f"{d.tuning_fraction}")
-    if d.report_rows and d.source != "synthetic":
-        bad("data.report_rows", "needs data.source='synthetic' (it generates synthetic reporting rows)")
+    if d.report_rows and d.source != "synthetic" and not _task_reports(d.source):
+        bad("data.report_rows", "needs data.source='synthetic' or a task with its own reporting split "
+            "(task:ifeval): it generates the reporting rows")
     elif d.report_rows < 0:
         bad("data.report_rows", f"must be >= 0, got {d.report_rows}")
     elif d.report_rows and (d.heldout_fraction or d.unseen_templates):
@@ -228,3 +229,13 @@ def validate(exp: Experiment, num_devices: Optional[int] = None) -> Experiment:
     if problems:
         raise ConfigError(f"experiment {exp.name!r} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return exp
+
+
+def _task_reports(source: str) -> bool:
+    """Whether `source` is a task that generates its own reporting split (data.report_rows)."""
+    if not source.startswith("task:"):
+        return False
+    try:
+        return tasks.get(source).make_report_rows is not None
+    except ValueError:
+        return False
