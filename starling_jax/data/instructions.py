@@ -134,7 +134,7 @@ TRAIN_INSTRUCTIONS = tuple(i for i in INSTRUCTIONS if i not in REPORT_INSTRUCTIO
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
-_BULLET = re.compile(r"^\s*[-*] \S", re.MULTILINE)
+_BULLET = re.compile(r"^[ \t]*[-*] \S", re.MULTILINE)
 _FENCE = re.compile(r"\A```(?:json)?\s*\n(.*)\n```\Z", re.DOTALL | re.IGNORECASE)
 _TITLE = re.compile(r"<<[^\n<>]*[^\W\d_][^\n<>]*>>")
 
