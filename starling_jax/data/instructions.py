@@ -40,6 +40,11 @@ keys, phrases) are drawn per row from shared pools.
 Every row carries a reference reply built to meet all its constraints and variants built to break one of them (or
 all), each scored by the checker (the row's `utilities`, ranks by utility): an SFT stage can train on the reference,
 and a reward model's ranking can be scored against the checker's order on held-out rows.
+
+Why this file is long (~460 lines): the task is one unit - the constraint sentences, their parser, the checker and
+partial credit of each type, the instruction and combination pools and the split that reserves some of them - and a
+constraint type reads in one place. The seam to cut when it grows is the per-type checkers (check, partial credit)
+into their own module.
 """
 
 from __future__ import annotations
