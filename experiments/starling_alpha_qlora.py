@@ -38,47 +38,36 @@ What changes, and why:
     chip": the TPU compiler puts the update step at 19.56 GiB per chip, over a v5e's 16 by 3.56 GiB).
 """
 
-from starling_jax.algorithms.apa import APAOptions
-from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, LoraConfig, MeshConfig,
-                                 ModelSection, OptimConfig, RewardModelSection, RolloutConfig,
-                                 TrainConfig)
-from starling_jax.models import PRESETS
+import dataclasses
+import os
 
-SEQ_LEN, MAX_NEW = 2148, 1024
+from starling_jax.config import Experiment, LoraConfig
+from starling_jax.stages.experiment import load_experiment
+
+ALPHA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starling_alpha_apa.py")  # the recipe this derives
+
 PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH, PPO_EPOCHS, TOTAL_UPDATES = 64, 4, 2, 20000  # the fork's, per process
 CHUNK, MINIBATCH = PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH  # one chip = one process
 UPDATES_PER_CHUNK = PPO_EPOCHS * CHUNK // MINIBATCH  # 32
 CHUNKS = TOTAL_UPDATES // UPDATES_PER_CHUNK  # 625
 GENERATION_BATCH = 16  # rows per rollout call (memory only; docs/SHARDING.md "One chip")
 
+# The frozen base's layers in nf4; fp32 masters for what trains (the adapters, the critic); the embeddings and LM
+# head stay in the bf16 compute dtype (models.frozen_storage)
 NF4 = dict(quantize="nf4", quantize_block=64)
-# fp32 masters for what trains (the adapters, the critic); the frozen base is stored in nf4, its embeddings and LM
-# head in the bf16 compute dtype (models.frozen_storage)
-POLICY = PRESETS["openchat-3.5"].replace(dtype="bfloat16", param_dtype="float32", remat="full", **NF4)
-REWARD_MODEL = PRESETS["llama2-7b"].replace(head="score", dtype="bfloat16", param_dtype="bfloat16", **NF4)
 LORA = LoraConfig(rank=64, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
 
 
 def get_config() -> Experiment:
-    return Experiment(
-        name="starling_alpha_qlora",
-        model=ModelSection(config=POLICY, path="checkpoints/openchat_3.5", tokenizer="openchat-3.5",
-                           template="openchat_3.5", trainable_top_layers=0, train_lm_head=False, lora=LORA),
-        reward_model=RewardModelSection(config=REWARD_MODEL, path="checkpoints/Starling-RM-7B-alpha",
-                                        tokenizer="checkpoints/Starling-RM-7B-alpha", template="llama2_trainer",
-                                        max_length=2048),
-        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        data=DataConfig(source="data/nectar", heldout_fraction=0.001, max_length=SEQ_LEN,
-                        max_prompt_length=SEQ_LEN - MAX_NEW, on_bad_row="skip"),
-        objective=APAOptions(apa_lambda=1.0, kl_coef=0.01, kl_target=None, kl_horizon=10000,
-                                  vf_coef=1.0, value_clip=0.2, gamma=1.0, gae_lambda=0.95, critic_only_above=1.0,
-                                  value_head="mlp", reward_clip=10.0, scale_reward=True, whiten_advantages=False),
-        optim=OptimConfig(learning_rate=1e-5, warmup_steps=0, schedule="cosine", end_lr_fraction=1.0, b1=0.9,
-                          b2=0.95, eps=1e-8, weight_decay=1e-6, grad_clip=1.0),
-        rollout=RolloutConfig(prompts_per_step=CHUNK, max_new_tokens=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,
-                              epochs=PPO_EPOCHS, minibatch_size=MINIBATCH, eval_prompts=100,
-                              generation_batch=GENERATION_BATCH),
-        train=TrainConfig(steps=CHUNKS, batch_size=CHUNK, eval_every=16, seed=1000),
-        checkpoint=CheckpointConfig(every=16, keep=3),
-        logging=LoggingConfig(every=1, tensorboard=True),
-    )
+    """experiments/starling_alpha_apa.py with the changes above (everything else is alpha's, by construction)."""
+    alpha = load_experiment(ALPHA)
+    r = dataclasses.replace
+    return r(alpha, name="starling_alpha_qlora",
+             model=r(alpha.model, config=alpha.model.config.replace(**NF4), trainable_top_layers=0,
+                     train_lm_head=False, lora=LORA),
+             reward_model=r(alpha.reward_model, config=alpha.reward_model.config.replace(**NF4)),
+             objective=r(alpha.objective, value_head="mlp", value_head_layers=0),
+             optim=r(alpha.optim, learning_rate=1e-5),
+             rollout=r(alpha.rollout, prompts_per_step=CHUNK, minibatch_size=MINIBATCH,
+                       generation_batch=GENERATION_BATCH),
+             train=r(alpha.train, steps=CHUNKS, batch_size=CHUNK))
