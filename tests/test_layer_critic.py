@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fake_rollout import fake_chunk
 from starling_jax import models
 from starling_jax.algorithms import options
 from starling_jax.algorithms.apa import APAOptions
@@ -32,14 +33,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def rollout():
-    k = jax.random.split(jax.random.key(1), 2)
-    tokens = np.array(jax.random.randint(k[0], (B, P + N), 3, CFG.vocab_size), np.int32)
-    prompt_mask = (np.arange(P)[None] >= np.array([0, 2, 1, 3])[:, None]).astype(np.int32)  # left padded
-    response_mask = (np.arange(N)[None] < np.array([5, 2, 4, 1])[:, None]).astype(np.int32)  # right padded
-    tokens[:, :P] = np.where(prompt_mask > 0, tokens[:, :P], 0)
-    tokens[:, P:] = np.where(response_mask > 0, tokens[:, P:], 0)
-    return {"tokens": tokens, "attention_mask": np.concatenate([prompt_mask, response_mask], 1),
-            "response_mask": response_mask, "scores": np.asarray(jax.random.normal(k[1], (B,)), np.float32)}
+    return fake_chunk(CFG.vocab_size, [0, 2, 1, 3], [5, 2, 4, 1], P, N)
 
 
 def _init(params, top, m):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fake_rollout import fake_chunk
 from starling_jax import models
 from starling_jax.algorithms import options
 from starling_jax.config import (CheckpointConfig, DataConfig, Experiment, LoggingConfig, LoraConfig, MeshConfig,
@@ -46,15 +47,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def rollout():
-    """A fake chunk: left-padded prompts, right-padded replies of different lengths."""
-    k = jax.random.split(jax.random.key(1), 2)
-    tokens = np.array(jax.random.randint(k[0], (B, P + N), 3, CFG.vocab_size), np.int32)
-    prompt_mask = (np.arange(P)[None] >= np.array([0, 1, 2, 0, 3, 1, 0, 2])[:, None]).astype(np.int32)
-    response_mask = (np.arange(N)[None] < np.array([5, 1, 3, 5, 2, 4, 5, 1])[:, None]).astype(np.int32)
-    tokens[:, :P] = np.where(prompt_mask > 0, tokens[:, :P], 0)
-    tokens[:, P:] = np.where(response_mask > 0, tokens[:, P:], 0)
-    return {"tokens": tokens, "attention_mask": np.concatenate([prompt_mask, response_mask], 1),
-            "response_mask": response_mask, "scores": np.asarray(jax.random.normal(k[1], (B,)), np.float32)}
+    return fake_chunk(CFG.vocab_size, [0, 1, 2, 0, 3, 1, 0, 2], [5, 1, 3, 5, 2, 4, 5, 1], P, N)
 
 
 def _base_logprobs(params, rollout):

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from fake_rollout import fake_chunk
 from starling_jax import models
 from starling_jax.algorithms import options
 from starling_jax.config import OptimConfig
@@ -25,16 +26,7 @@ def _leaves_equal(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def rollout():
-    """A fake chunk: left-padded prompts of different lengths, right-padded responses of different lengths."""
-    k = jax.random.split(jax.random.key(1), 4)
-    tokens = np.array(jax.random.randint(k[0], (B, P + N), 3, CFG.vocab_size), np.int32)
-    prompt_mask = (np.arange(P)[None] >= np.array([0, 1, 2, 0, 3, 1, 0, 2])[:, None]).astype(np.int32)
-    response_mask = (np.arange(N)[None] < np.array([5, 1, 3, 5, 2, 4, 5, 1])[:, None]).astype(np.int32)
-    tokens[:, :P] = np.where(prompt_mask > 0, tokens[:, :P], 0)
-    tokens[:, P:] = np.where(response_mask > 0, tokens[:, P:], 0)
-    scores = np.asarray(jax.random.normal(k[1], (B,)), np.float32)
-    return {"tokens": tokens, "attention_mask": np.concatenate([prompt_mask, response_mask], 1),
-            "response_mask": response_mask, "scores": scores}
+    return fake_chunk(CFG.vocab_size, [0, 1, 2, 0, 3, 1, 0, 2], [5, 1, 3, 5, 2, 4, 5, 1], P, N)
 
 
 @pytest.fixture(scope="module")
