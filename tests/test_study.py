@@ -12,7 +12,7 @@ import pytest
 import scipy.stats
 
 from starling_jax.config import ConfigError
-from starling_jax.stages.experiment import apply_overrides, stages_of
+from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
 from starling_jax.commands.study import Arm, Study, load_study, report, stats, with_seed
 from starling_jax.commands.study.runner import check_shared
 from starling_jax.metrics.ranking import group_metrics
@@ -87,6 +87,22 @@ def test_with_seed_sets_data_order_init_and_sampling_seeds():
     for _, c in stages_of(exp):
         assert (c.data.synthetic_seed, c.data.shuffle_seed, c.train.seed) == (7, 7, 7)
     assert with_seed(study.arms[0].experiment, 0) == study.arms[0].experiment  # seed 0 is the main job itself
+
+
+def test_run_seed_is_the_studys_seed_cell():
+    """`starling-jax run EXPERIMENT --seed N` runs what a study's seed-N cell of that experiment runs; --set applies
+    after it."""
+    import argparse
+
+    from starling_jax.commands import train
+
+    parser = argparse.ArgumentParser()
+    train.add_run_arguments(parser)
+    path = os.path.join(ROOT, "experiments", "tiny_starling.py")
+    exp, _ = train._prepare(parser.parse_args([path, "--seed", "11"]))
+    assert exp == with_seed(load_experiment(path), 11) != load_experiment(path)
+    exp, _ = train._prepare(parser.parse_args([path, "--seed", "11", "--set", "stages.rm.train.seed=3"]))
+    assert dict(stages_of(exp))["rm"].train.seed == 3 and dict(stages_of(exp))["sft"].train.seed == 11
 
 
 def test_shared_stages_must_be_identical_across_arms():

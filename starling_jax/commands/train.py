@@ -1,6 +1,7 @@
 """`starling-jax run | train | feedback`: an experiment's stages through the one loop (stages/loop.py).
 
     starling-jax run EXPERIMENT [--workdir DIR] [--set a.b=c ...]     all stages, then the summary of each
+    starling-jax run EXPERIMENT --seed N                              the same at seed N (a study's seed-N cell)
     starling-jax train EXPERIMENT [--stage NAME]                      resumes from WORKDIR's checkpoints by default
     starling-jax feedback EXPERIMENT [--stage NAME]                   only the feedback stage(s): write Nectar rows
 
@@ -20,7 +21,7 @@ import jax
 from starling_jax.algorithms import registry
 from starling_jax.config import ConfigError, Experiment
 from starling_jax.parallel.sharding import Launch
-from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
+from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of, with_seed
 from starling_jax.stages.loop import StageInterrupted, TrainingDiverged, run_experiment
 
 EXIT_INTERRUPTED = 128 + signal.SIGTERM  # the shell's convention for "terminated by SIGTERM"
@@ -34,6 +35,9 @@ def _add_common(parser) -> None:
                         help="override a config field, e.g. --set train.steps=10 "
                              "--set stages.rm.optim.learning_rate=1e-5")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and exports (start over)")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="run at seed N, as a study's seed-N cell: the synthetic data, its order and every "
+                             "stage's train.seed (init, rollout and evaluation sampling) set to N, before --set")
     group = parser.add_argument_group(
         "multi-process runs", "start one process per host (or per accelerator) with the same command and WORKDIR; "
         "unset flags come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or a cluster JAX detects "
@@ -64,6 +68,8 @@ def _launch(args):
 
 def _prepare(args) -> tuple[Experiment, str]:
     exp = load_experiment(args.experiment)
+    if args.seed is not None:
+        exp = with_seed(exp, args.seed)
     overrides = list(args.overrides)
     if args.fresh:
         overrides.append("checkpoint.resume=false")

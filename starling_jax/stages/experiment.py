@@ -91,6 +91,23 @@ def load_experiment(path_or_name: str) -> Experiment:
     return exp
 
 
+def with_seed(exp: Experiment, seed: int, vary_data: bool = True) -> Experiment:
+    """The experiment at seed `seed` (a study's seed-`seed` cell; `run --seed`): the synthetic data
+    (data.synthetic_seed; kept when vary_data is False, e.g. a fixed task's problems and split), its order
+    (data.shuffle_seed) and every stage's train.seed (new heads' init, rollout and evaluation sampling keys) are all
+    set to `seed`."""
+    def data(d):
+        if d is None:
+            return None
+        return dataclasses.replace(d, shuffle_seed=seed, **({"synthetic_seed": seed} if vary_data else {}))
+
+    def train(t):
+        return None if t is None else dataclasses.replace(t, seed=seed)
+
+    stages = tuple(dataclasses.replace(s, data=data(s.data), train=train(s.train)) for s in exp.stages)
+    return dataclasses.replace(exp, data=data(exp.data), train=train(exp.train), stages=stages)
+
+
 def _hints(cls) -> dict:
     """Field name -> type, pydantic constraints (Annotated) kept."""
     return typing.get_type_hints(cls, include_extras=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from starling_jax.config import ConfigError, Experiment
+from starling_jax.stages.experiment import with_seed  # noqa: F401  (re-exported: a study's seeds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,22 +217,6 @@ def read_selection(path: str, family: str = "all") -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"selection file {path}: no choice for {family!r} ({type(e).__name__}: {e}); rerun the "
                           f"selection study that writes it") from None
-
-
-def with_seed(exp: Experiment, seed: int, vary_data: bool = True) -> Experiment:
-    """The experiment at study seed `seed`: the synthetic data (data.synthetic_seed; kept when vary_data is False, e.g.
-    a fixed task's problems and split), its order (data.shuffle_seed) and every stage's train.seed (new heads' init,
-    rollout and evaluation sampling keys) are all set to `seed`."""
-    def data(d):
-        if d is None:
-            return None
-        return dataclasses.replace(d, shuffle_seed=seed, **({"synthetic_seed": seed} if vary_data else {}))
-
-    def train(t):
-        return None if t is None else dataclasses.replace(t, seed=seed)
-
-    stages = tuple(dataclasses.replace(s, data=data(s.data), train=train(s.train)) for s in exp.stages)
-    return dataclasses.replace(exp, data=data(exp.data), train=train(exp.train), stages=stages)
 
 
 __all__ = ["Arm", "Comparison", "Selection", "on_splits", "Study", "load_study", "read_selection", "with_seed"]
