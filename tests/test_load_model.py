@@ -179,3 +179,22 @@ def test_a_stage_from_a_default_section_is_checked_against_its_checkpoint(checkp
         validate(Experiment(name="chain", stages=stages))
     validate(Experiment(name="chain", stages=(stages[0], dataclasses.replace(
         stages[1], model=ModelSection(config=ARCH.replace(remat="full"), path="stage:sft")))))
+
+
+def test_hf_weights_are_placed_with_the_experiments_mesh_rules(checkpoint, tmp_path):
+    """Straight into the shards the experiment's mesh.rules give (here vocab over fsdp, embed replicated), not the
+    default rules' (embed over fsdp)."""
+    from starling_jax.config import MeshConfig
+    from starling_jax.parallel import sharding
+    path, saved = checkpoint
+    rules = (("batch", ("data", "fsdp")), ("embed", None), ("heads", "fsdp"), ("kv_heads", "fsdp"), ("mlp", "fsdp"),
+             ("vocab", "fsdp"), ("layers", None), ("head_dim", None), ("norm", None))
+    exp = Experiment(name="load", mesh=MeshConfig(data=1, fsdp=2, tensor=1, rules=rules))
+    mesh = sharding.make_mesh(exp.mesh, jax.devices()[:2])
+    ctx = StageContext(experiment=exp, config=exp, stage_name="s", workdir=str(tmp_path), mesh=mesh,
+                       load_stage=None)
+    config, params = load_model(ctx, ModelSection(config=ARCH, path=path), jax.random.key(0))
+    want = sharding.param_shardings(param_specs(config), mesh, rules)
+    assert jax.tree.map(lambda a: a.sharding.spec, params) == jax.tree.map(lambda s: s.spec, want)
+    assert params["embed"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    _same(params, saved, np.float32)

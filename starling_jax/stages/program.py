@@ -305,7 +305,8 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
         exported = ctx.load_stage(path[len("stage:"):])
         config, params = exported.config, exported.params
     else:  # read straight into the stated storage dtype (None: the checkpoint's)
-        config, params = hf.load(path, dtype=section.config.param_dtype if stated else None, mesh=ctx.mesh)
+        config, params = hf.load(path, dtype=section.config.param_dtype if stated else None, mesh=ctx.mesh,
+                                 rules=ctx.config.mesh.rules)
     if stated:
         conflicts = architecture_conflicts(section.config, config)
         if conflicts:
