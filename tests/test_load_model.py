@@ -198,3 +198,17 @@ def test_hf_weights_are_placed_with_the_experiments_mesh_rules(checkpoint, tmp_p
     assert jax.tree.map(lambda a: a.sharding.spec, params) == jax.tree.map(lambda s: s.spec, want)
     assert params["embed"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     _same(params, saved, np.float32)
+
+
+def test_plan_notes_a_section_whose_path_it_cannot_plan(checkpoint):
+    """plan builds the step from model.config: a stated config is what the run loads; a default one is not, and the
+    plan says so."""
+    from starling_jax.commands import plan
+    from starling_jax.parallel import sharding
+    path, _ = checkpoint
+    for section, noted in ((ModelSection(path=path), True),
+                           (ModelSection(config=ARCH.replace(**RUN), path=path), False)):
+        (_, cfg), = stages_of(Experiment(name="p", model=section))
+        notes = plan.stage_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).notes
+        assert any(n.startswith(f"note: model.path={path!r} with model.config left at its default: planned as that "
+                                f"default config") for n in notes) == noted, notes
