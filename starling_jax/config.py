@@ -56,9 +56,17 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    """The trained model. `config` is the architecture; `path` loads weights (and the architecture) from a local
-    HF safetensors directory, a Hugging Face Hub id "hf:ORG/NAME[@REVISION]" (safetensors downloaded into the standard
-    cache; HF_HUB_OFFLINE=1 reads only the cache), or "stage:NAME" from an earlier stage's final checkpoint."""
+    """The trained model. `config` is the architecture and how it runs; `path` loads weights from a local HF
+    safetensors directory, a Hugging Face Hub id "hf:ORG/NAME[@REVISION]" (safetensors downloaded into the standard
+    cache; HF_HUB_OFFLINE=1 reads only the cache), or "stage:NAME" from an earlier stage's final checkpoint.
+
+    With a path the checkpoint decides the architecture and `config` how the model runs and is stored (its
+    models.config.RUN_FIELDS: param_dtype, dtype, remat, scan_unroll, attention, attention_block, quantize,
+    quantize_block, init_std), which is what `plan` assumes; a stated architecture must be the checkpoint's
+    (validation compares it with a directory's config.json, loading with the weights' config). A `config` left at the
+    section's default (stated_config() False) states nothing: the model then runs as the checkpoint is (its parameter
+    dtype; compute in float32 for float32 weights, else bfloat16; a stage export's remat and attention), stored
+    unquantized."""
     config: ModelConfig = PRESETS["tiny"]
     path: Optional[str] = None
     tokenizer: str = "openchat-3.5"  # name for data.load_tokenizer, or a path to a .model / tokenizer.json
@@ -69,15 +77,22 @@ class ModelSection:
     train_lm_head: bool = True  # full-layer training only: with lora the LM head stays frozen
     lora: Optional[LoraConfig] = None  # None: the layers train in full; a LoraConfig: adapters on them instead
 
+    def stated_config(self) -> bool:
+        """Whether `config` was set (differs from the section's default): with a path, its RUN_FIELDS then apply."""
+        return self.config != type(self)().config
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardModelSection:
-    """The frozen reward model used by RL stages, with its own tokenizer and chat template."""
+    """The frozen reward model used by RL stages, with its own tokenizer and chat template. `config` and `path` as
+    ModelSection's: with a path, the checkpoint's architecture run as a stated config says."""
     config: ModelConfig = PRESETS["tiny"].replace(head="score")
     path: Optional[str] = None  # HF dir (LlamaForSequenceClassification) or "stage:NAME"
     tokenizer: str = "openchat-3.5"
     template: str = "auto"  # as ModelSection.template
     max_length: int = 2048
+
+    stated_config = ModelSection.stated_config
 
 
 @dataclasses.dataclass(frozen=True)

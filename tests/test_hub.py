@@ -79,3 +79,20 @@ def test_config_accepts_hub_ids(cache):
     validate(cfg.Experiment(name="hub", model=model))
     with pytest.raises(cfg.ConfigError, match="model.path.*expected hf:ORG/NAME"):
         validate(cfg.Experiment(name="hub", model=cfg.ModelSection(path="hf:nope")))
+
+
+def test_validation_reads_a_cached_hub_config_for_a_stated_architecture(cache):
+    """A stated model.config is compared with the hub id's config.json when the cache holds it (never downloaded)."""
+    from starling_jax import config as cfg
+    from starling_jax.stages.validation import validate
+    arch, _ = hf.load(str(cache))
+    assert hub.cached_file("hf:org/tiny", "config.json") == str(cache / "config.json")
+    assert hub.cached_file("hf:org/absent", "config.json") is None
+    model = cfg.ModelSection(config=arch.replace(remat="full"), path="hf:org/tiny", tokenizer="hf:org/tiny")
+    validate(cfg.Experiment(name="hub", model=model))
+    wrong = cfg.ModelSection(config=arch.replace(num_heads=2 * arch.num_heads), path="hf:org/tiny",
+                             tokenizer="hf:org/tiny")
+    with pytest.raises(cfg.ConfigError, match=rf"model.config: is not the architecture of model.path='hf:org/tiny' "
+                                              rf"\(its config.json\): num_heads={2 * arch.num_heads} \(checkpoint: "
+                                              rf"{arch.num_heads}\)"):
+        validate(cfg.Experiment(name="hub", model=wrong))

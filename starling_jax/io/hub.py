@@ -43,6 +43,19 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def cached_file(path: str, filename: str) -> str | None:
+    """The local copy of `filename` (e.g. "config.json") of hub id `path` when the Hugging Face cache holds it, else
+    None; never downloads (validation reads a cached config.json this way)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        repo, revision = parse(path)
+        found = try_to_load_from_cache(repo, filename, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                       revision=revision)
+    except (ImportError, HubError, ValueError):
+        return None
+    return found if isinstance(found, str) else None
+
+
 def resolve(path: str) -> str:
     """The local directory for `path`: a hub id is downloaded (or found in the cache); anything else is returned."""
     if not is_hub_id(path):

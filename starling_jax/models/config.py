@@ -10,6 +10,19 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 HEADS = ("lm", "score")
 QUANTIZE = ("none", "int8", "nf4")  # models/quantize.py
 ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")  # models/attention_ops.py
+# How a model runs and is stored, as opposed to what it is. A model section that loads weights (model.path: a Hugging
+# Face directory, "hf:ORG/NAME" or "stage:NAME") takes the architecture (every other field) from the checkpoint and
+# these from its own config (stages/program.py load_model; docs/TRAINING.md "Loading weights"). init_std is here
+# because a loaded model only draws new parts with it (an rm stage's score head, LoRA's A, a critic).
+# lora_scale / lora_dropout are neither: a stage sets them from model.lora (step/adapters.configure).
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention", "attention_block", "quantize",
+              "quantize_block", "init_std")
+# The architecture a stated config must share with the checkpoint it loads (architecture_conflicts). The head is the
+# objective's (an rm stage turns an LM into a reward model, dropping its LM head), so tie_embeddings is compared only
+# between configs with the same head. The token ids are the checkpoint's but not compared: the tokenizer and chat
+# template decide stop and pad tokens, and a config.json may leave pad_token_id unset where a preset names one.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                       "rms_norm_eps", "rope_theta", "sliding_window", "max_seq_len", "architecture")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +38,7 @@ class ModelConfig:
     blockwise tile size (queries and keys). `scan_unroll` > 1 unrolls the scan over layers by that many (a full
     unroll removes the stacked per-layer residual and gradient buffers: ~6-10% less CPU time for a 30-layer training
     step on XLA:CPU, at ~3x the compile time; benchmarks/RESULTS.md); the values are the same.
+    Loaded weights: the checkpoint decides the architecture, a stated config how it runs (RUN_FIELDS, run_as).
     """
 
     vocab_size: int
@@ -114,6 +128,24 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def run_as(self, other: "ModelConfig") -> "ModelConfig":
+        """This architecture, run and stored as `other` says (its RUN_FIELDS: dtype, param_dtype, remat, ...)."""
+        return self.replace(**{f: getattr(other, f) for f in RUN_FIELDS})
+
+
+def architecture_conflicts(stated: ModelConfig, actual: ModelConfig) -> list[str]:
+    """"field=stated (checkpoint: actual)" for each architecture field (ARCHITECTURE_FIELDS; tie_embeddings too when
+    both have the same head) where `stated` is not `actual`: empty when `stated` describes the same model. The norm
+    epsilon and RoPE theta compare to a relative 1e-6 (a config.json may hold 1e-5 rounded through float32)."""
+    fields = ARCHITECTURE_FIELDS + (("tie_embeddings",) if stated.head == actual.head else ())
+    out = []
+    for f in fields:
+        a, b = getattr(stated, f), getattr(actual, f)
+        same = math.isclose(a, b, rel_tol=1e-6) if f in ("rms_norm_eps", "rope_theta") else a == b
+        if not same:
+            out.append(f"{f}={a!r} (checkpoint: {b!r})")
+    return out
 
 
 _MISTRAL_7B = ModelConfig(

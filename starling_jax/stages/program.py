@@ -36,10 +36,10 @@ import numpy as np
 from starling_jax import digests
 from starling_jax.algorithms import registry
 from starling_jax.config import Experiment, ModelSection, RewardModelSection
-from starling_jax.errors import did_you_mean
+from starling_jax.errors import InputError, did_you_mean
 from starling_jax.io import hf, hub
 from starling_jax.models import Params, init_params, param_specs, quantized_base, quantized_specs
-from starling_jax.models.config import ModelConfig
+from starling_jax.models.config import ModelConfig, architecture_conflicts
 from starling_jax.parallel.sharding import init_sharded, param_shardings
 from starling_jax.step import adapters
 from starling_jax.step.step import jit_step
@@ -276,26 +276,54 @@ def adapter_export(c: Experiment, model_config: ModelConfig, base: dict) -> Call
         return {"lora": adapters.full_adapters(state.params, model_config), **score}, meta
     return export
 
+
+# What to do when a section's stated architecture is not its checkpoint's (load_model and validation say it alike).
+ARCHITECTURE_FIX = ("state the checkpoint's architecture in {name}.config (the checkpoint decides it; the config "
+                    "decides param_dtype, dtype, remat, attention, quantize), or leave {name}.config at its default "
+                    "to run the checkpoint as it is")
+
+
 def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, key: jax.Array
                ) -> tuple[ModelConfig, Params]:
-    """(config, params) of a model section: "stage:NAME" -> that stage's export; a directory -> Hugging Face weights
-    (starling_jax.io.hf.load, placed on ctx.mesh); None -> random init of section.config from `key`."""
+    """(config, params) of a model section: "stage:NAME" -> that stage's export; a directory or "hf:ORG/NAME" ->
+    Hugging Face weights (starling_jax.io.hf.load, placed on ctx.mesh); None -> random init of section.config from
+    `key`.
+
+    With a path the checkpoint decides the architecture and a stated section.config how the model runs and is
+    stored (ModelConfig.run_as: param_dtype, dtype, remat, attention, ...; the parameters are read or cast into its
+    param_dtype), so the run is the one `plan` and validation saw; a stated architecture that is not the
+    checkpoint's is an InputError naming the fields. A config left at the section's default states nothing: the
+    checkpoint runs as it is (ModelSection docstring), stored unquantized."""
     path = section.path
-    # how a frozen base is stored (models.quantize) is this run's choice, not the checkpoint's: the section's
-    storage = lambda config: config.replace(quantize=section.config.quantize,
-                                            quantize_block=section.config.quantize_block)
-    if path is not None and path.startswith("stage:"):
+    if path is None:
+        if ctx.mesh is not None:  # created directly in its shards: no host ever holds the whole model
+            return section.config, init_sharded(param_specs(section.config), key, section.config.init_std,
+                                                ctx.mesh, ctx.config.mesh.rules)
+        return section.config, init_params(section.config, key)
+    stated, export = section.stated_config(), path.startswith("stage:")
+    if export:
         exported = ctx.load_stage(path[len("stage:"):])
-        # A copy: this stage's train state is donated to its step, and a later stage may load the same export
-        # (tiny_starling: rm and policy both start from "stage:sft"); aliasing it would leave them deleted arrays.
-        return storage(exported.config), jax.tree.map(jax.numpy.copy, exported.params)
-    if path is not None:
-        config, params = hf.load(path, mesh=ctx.mesh)
-        return storage(config), params
-    if ctx.mesh is not None:  # created directly in its shards: no host ever holds the whole model
-        return section.config, init_sharded(param_specs(section.config), key, section.config.init_std, ctx.mesh,
-                                            ctx.config.mesh.rules)
-    return section.config, init_params(section.config, key)
+        config, params = exported.config, exported.params
+    else:  # read straight into the stated storage dtype (None: the checkpoint's)
+        config, params = hf.load(path, dtype=section.config.param_dtype if stated else None, mesh=ctx.mesh,
+                                 rules=ctx.config.mesh.rules)
+    if stated:
+        conflicts = architecture_conflicts(section.config, config)
+        if conflicts:
+            name = "reward_model" if isinstance(section, RewardModelSection) else "model"
+            raise InputError(f"stage {ctx.stage_name!r}: {name}.config is not the architecture of "
+                             f"{name}.path={path!r}: {', '.join(conflicts)}; {ARCHITECTURE_FIX.format(name=name)}")
+        config = config.run_as(section.config)
+    else:  # how a frozen base is stored is this run's choice, not the checkpoint's: the section's ("none")
+        config = config.replace(quantize=section.config.quantize, quantize_block=section.config.quantize_block)
+    if export:
+        # A copy (a cast into the stated param_dtype copies too): this stage's train state is donated to its step,
+        # and a later stage may load the same export (tiny_starling: rm and policy both start from "stage:sft");
+        # aliasing it would leave them deleted arrays.
+        dtype = jax.numpy.dtype(config.param_dtype) if stated else None  # None: as exported
+        params = jax.tree.map(lambda x: jax.numpy.copy(x) if dtype is None or x.dtype == dtype else x.astype(dtype),
+                              params)
+    return config, params
 
 
 def quantize_frozen(ctx: StageContext, config: ModelConfig, params: Params) -> Params:

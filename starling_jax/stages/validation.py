@@ -6,6 +6,7 @@ StageKind.check) and its algorithm's; one ConfigError lists every problem.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -13,9 +14,10 @@ from starling_jax.algorithms import registry
 from starling_jax.config import LORA_TARGETS, ConfigError, Experiment, MeshConfig
 from starling_jax.data import tasks, templates, tokenizer
 from starling_jax.errors import did_you_mean
-from starling_jax.io import hub
+from starling_jax.io import hf, hub
+from starling_jax.models.config import ModelConfig, architecture_conflicts
 from starling_jax.stages.experiment import check_types, stages_of
-from starling_jax.stages.program import STAGE_KINDS
+from starling_jax.stages.program import ARCHITECTURE_FIX, STAGE_KINDS
 
 
 def mesh_data_parallelism(mesh: MeshConfig, num_devices: Optional[int]) -> Optional[int]:
@@ -37,7 +39,8 @@ def _known_tokenizers() -> tuple[str, ...]:
     return tuple(tokenizer.KNOWN_TOKENIZERS)
 
 
-def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: dict, problems: list) -> None:
+def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: dict, exports: dict,
+                 problems: list) -> None:
     def bad(field, msg):
         problems.append(f"stage {name!r}: {field}: {msg}")
 
@@ -143,11 +146,53 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         elif path is not None and not os.path.exists(path):
             bad(f"{sec_name}.path", f"{path!r} does not exist (a Hugging Face directory, 'hf:ORG/NAME[@REV]' or "
                 f"'stage:NAME')")
+        if path is not None and sec.stated_config():
+            actual, where = _checkpoint_architecture(path, exports)
+            conflicts = architecture_conflicts(sec.config, actual) if actual is not None else []
+            if conflicts:
+                bad(f"{sec_name}.config", f"is not the architecture of {sec_name}.path={path!r} ({where}): "
+                    f"{', '.join(conflicts)}; {ARCHITECTURE_FIX.format(name=sec_name)}")
     # the kind's and the algorithm's checks read the options: not of an objective of the wrong type (check_types
     # names it)
     if stage_kind is not None and stage_kind.check is not None and not registry.options_error(c.objective):
         for field, msg in stage_kind.check(c, algorithm, earlier):
             bad(field, msg)
+
+
+def _checkpoint_architecture(path: str, exports: dict) -> tuple[Optional[ModelConfig], str]:
+    """(the architecture model.path / reward_model.path loads, where it is read) when it is cheap to know without
+    the weights: an earlier stage's export (exports), a local directory's config.json or a hub id's config.json in
+    the Hugging Face cache (never downloaded); else (None, ""). A config.json that does not read is left to loading,
+    which reports it."""
+    if path.startswith("stage:"):
+        ref = path[len("stage:"):]
+        return exports.get(ref), f"the export of stage {ref!r}"
+    if hub.is_hub_id(path):
+        file = hub.cached_file(path, "config.json")
+    else:
+        file = os.path.join(path, "config.json")
+        file = file if os.path.isfile(file) else None
+    if file is None:
+        return None, ""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return hf.config_from_hf(json.load(f), where=file), "its config.json"
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None, ""
+
+
+def _export_architecture(c: Experiment, algorithm, exports: dict) -> Optional[ModelConfig]:
+    """The architecture of the model stage config `c` exports (None: it exports none, or it is not known cheaply):
+    its model.config when stated (or initialised at random), else what its path holds; an rm stage's with the score
+    head it trains (an LM's head is replaced, untied)."""
+    kind = STAGE_KINDS.get(algorithm.kind) if algorithm is not None else None
+    if kind is None or kind.writes_rows:  # a feedback stage writes rows, not a model
+        return None
+    m = c.model
+    config = m.config if m.path is None or m.stated_config() else _checkpoint_architecture(m.path, exports)[0]
+    if config is not None and algorithm.head == "score" and config.head != "score":
+        config = config.replace(head="score", tie_embeddings=False)
+    return config
 
 
 def lora_widths(config) -> dict[str, int]:
@@ -223,9 +268,13 @@ def validate(exp: Experiment, num_devices: Optional[int] = None) -> Experiment:
         if not s.name or "/" in s.name or s.name.startswith("."):
             problems.append(f"stages: bad stage name {s.name!r} (it names a directory under WORKDIR)")
     earlier: dict[str, Optional[registry.Algorithm]] = {}
+    exports: dict[str, ModelConfig] = {}  # earlier stage -> the architecture of its export, where it is known
     for name, cfg in stages_of(exp):
-        _check_stage(name, cfg, num_devices, earlier, problems)
+        _check_stage(name, cfg, num_devices, earlier, exports, problems)
         earlier[name] = registry.ALGORITHMS.get(cfg.objective.name)
+        exported = _export_architecture(cfg, earlier[name], exports)
+        if exported is not None:
+            exports[name] = exported
     if problems:
         raise ConfigError(f"experiment {exp.name!r} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return exp
