@@ -13,16 +13,18 @@ ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")  # models/attentio
 # How a model runs and is stored, as opposed to what it is. A model section that loads weights (model.path: a Hugging
 # Face directory, "hf:ORG/NAME" or "stage:NAME") takes the architecture (every other field) from the checkpoint and
 # these from its own config (stages/program.py load_model; docs/TRAINING.md "Loading weights"). init_std is here
-# because a loaded model only draws new parts with it (an rm stage's score head, LoRA's A, a critic).
+# because a loaded model only draws new parts with it (an rm stage's score head, LoRA's A, a critic); max_seq_len
+# because it is only a limit on the run's lengths (RoPE has no learned positions): Mistral-7B-v0.1's config.json says
+# 32768 where the OpenChat recipes run 8192.
 # lora_scale / lora_dropout are neither: a stage sets them from model.lora (step/adapters.configure).
 RUN_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention", "attention_block", "quantize",
-              "quantize_block", "init_std")
+              "quantize_block", "init_std", "max_seq_len")
 # The architecture a stated config must share with the checkpoint it loads (architecture_conflicts). The head is the
 # objective's (an rm stage turns an LM into a reward model, dropping its LM head), so tie_embeddings is compared only
 # between configs with the same head. The token ids are the checkpoint's but not compared: the tokenizer and chat
 # template decide stop and pad tokens, and a config.json may leave pad_token_id unset where a preset names one.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                       "rms_norm_eps", "rope_theta", "sliding_window", "max_seq_len", "architecture")
+                       "rms_norm_eps", "rope_theta", "sliding_window", "architecture")
 
 
 @dataclasses.dataclass(frozen=True)
