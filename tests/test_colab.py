@@ -27,9 +27,10 @@ COLAB = os.path.join(ROOT, "colab")
 RESULT = "RESULT_JSON "
 
 
-def _execute(name: str, params: dict, dump: str, cwd) -> tuple[dict, "nbformat.NotebookNode"]:
+def _execute(name: str, params: dict, dump: str, cwd, timeout: int = 600) -> tuple[dict, "nbformat.NotebookNode"]:
     """Run colab/NAME with `params` injected after its parameters cell and `dump` (an expression giving a JSON-able
-    dict) printed by an appended cell. Returns (that dict, the executed notebook)."""
+    dict) printed by an appended cell; `timeout`: seconds a cell may take. Returns (that dict, the executed
+    notebook)."""
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
     (index,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     declared = set(re.findall(r"^([A-Z_]+)\s*=", nb.cells[index].source, re.M))
@@ -43,7 +44,7 @@ def _execute(name: str, params: dict, dump: str, cwd) -> tuple[dict, "nbformat.N
         cell["id"] = f"cell-{i}"
     # One CPU device in the kernel (tests/conftest.py simulates 8 in this process for the sharding tests).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    client = NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name="python3",
+    client = NotebookClient(nb, timeout=timeout, startup_timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)  # raises CellExecutionError (with the cell and traceback) if any cell fails
     printed = [o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream"]
@@ -51,13 +52,23 @@ def _execute(name: str, params: dict, dump: str, cwd) -> tuple[dict, "nbformat.N
     return json.loads(line[len(RESULT):]), nb
 
 
-@pytest.mark.parametrize("name", ["tiny_starling.ipynb", "chat_with_checkpoint.ipynb", "evaluate.ipynb"])
+NOTEBOOKS = sorted(f for f in os.listdir(COLAB) if f.endswith(".ipynb"))
+
+
+def test_every_notebook_is_executed_here():
+    assert NOTEBOOKS == ["chat_with_checkpoint.ipynb", "evaluate.ipynb", "real_model_rlaif.ipynb",
+                         "tiny_starling.ipynb"]  # each has its test below; a new notebook gets one too
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebooks_are_valid_and_saved_without_outputs(name):
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c for c in code if "parameters" in c.metadata.get("tags", [])] == [code[0]]  # one, first: Colab shows it
     assert all(c.outputs == [] and c.execution_count is None for c in code), f"{name}: clear outputs before committing"
+    for i, c in enumerate(code):  # every cell is Python that compiles (no magics): caught here, before a slow run
+        compile(c.source, f"{name} code cell {i}", "exec")
 
 
 # The main job at its smallest that still runs every stage's code: 2-layer models, 100 synthetic prompts, a few
@@ -164,3 +175,56 @@ def test_evaluate_notebook(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer_config.json", "generation_config.json"} <= set(
         os.listdir(tmp_path / "hf_policy"))
     assert got["info"]["template"] == "openchat_3.5" and got["info"]["stop_ids"] == [32000]
+
+
+# experiments/smol_ifeval.py at its smallest that still runs every stage's code on the real SmolLM2: one feedback step
+# of 4 prompts x 3 replies (a quarter of the rankings held out by the RM), one RM step, one APA step of 4 rollouts (one
+# epoch), replies of 8 tokens in sequences of 104 (the longest task:ifeval prompt is 92 tokens in SmolLM2's template),
+# no warmup (so each stage's one step moves its weights). Every stage's time is mostly compilation.
+SMOL_SHORT = ["stages.feedback.train.steps=1", "stages.feedback.feedback.prompts_per_step=4",
+              "stages.feedback.feedback.k=3", "stages.feedback.feedback.generation_batch=12",
+              "stages.feedback.feedback.max_new_tokens=8", "data.max_length=104", "reward_model.max_length=104",
+              "stages.rm.data.max_length=104", "stages.rm.data.heldout_fraction=0.25", "stages.rm.train.steps=1",
+              "stages.rm.train.batch_size=2", "stages.rm.optim.warmup_steps=0", "stages.policy.train.steps=1",
+              "stages.policy.train.batch_size=4", "stages.policy.optim.warmup_steps=0",
+              "stages.policy.rollout.prompts_per_step=4", "stages.policy.rollout.minibatch_size=4",
+              "stages.policy.rollout.epochs=1", "stages.policy.rollout.max_new_tokens=8",
+              "stages.policy.rollout.eval_prompts=4", "logging.every=1", "logging.progress=false"]
+
+
+@pytest.mark.slow
+def test_real_model_rlaif_notebook(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct (the packaged GGUF, converted in the notebook's folder) through feedback -> K-wise RM ->
+    APA with LoRA on task:ifeval, shortened; the checker's verdicts and the RM's held-out accuracy are recomputed."""
+    from starling_jax.data import instructions
+    monkeypatch.delenv("STARLING_JAX_SMOL_MODEL", raising=False)
+    monkeypatch.setenv("STARLING_JAX_SMOL_DIR", str(tmp_path / "smol"))
+    got, nb = _execute(
+        "real_model_rlaif.ipynb",
+        dict(WORKDIR="run", OVERRIDES=SMOL_SHORT, NUM_SAMPLES=2, MAX_NEW_TOKENS=8, HELDOUT_RM_ROWS=2),
+        '{"summary": summary, "samples": samples, "utilities": utilities, "conversations": conversations, '
+        '"rm_heldout": rm_heldout, "pairs": [float(x) for x in measured["pair_accuracy"]], '
+        '"lora": stages["policy"].model.lora.rank, "top": stages["policy"].model.trainable_top_layers, '
+        '"model": exp.model.path}',
+        tmp_path, timeout=1800)  # one cell runs all three stages on the real model (minutes on a busy CPU)
+    assert got["model"] == str(tmp_path / "smol") and os.path.isfile(tmp_path / "smol" / "config.json")
+    with open(tmp_path / "run" / "summary.json") as f:
+        assert got["summary"] == json.load(f)
+    summary = got["summary"]
+    assert list(summary) == ["feedback", "rm", "policy"]
+    fb = summary["feedback"]
+    assert fb["prompts"] == 4 and fb["k"] == 3 and fb["judge"] == "task"
+    assert 0.0 <= summary["rm"]["heldout_pair_accuracy"] <= 1.0
+    policy = summary["policy"]
+    assert policy["steps"] == 1 and policy["objective"] == "apa" and policy["eval_split"] == "heldout"
+    assert policy["kl_to_reference"] != 0.0  # the adapters moved (B = 0 at the start: the policy was the base)
+    assert len(policy["true_rewards_before"]) == len(policy["true_rewards_after"]) == 4
+    assert all(0.0 <= u <= 1.0 for u in policy["true_rewards_before"] + policy["true_rewards_after"])
+    assert got["lora"] == 8 and got["top"] == 2  # the policy trained adapters on the top 2 layers
+    assert len(got["pairs"]) == 2 and got["rm_heldout"]["pair_accuracy"] == pytest.approx(np.nanmean(got["pairs"]))
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the RM curves and the RL curves
+    assert list(got["samples"]) == ["SmolLM2", "RL policy"] and len(got["conversations"]) == 2
+    for who, texts in got["samples"].items():  # each reply scored by the checker, recomputed here
+        want = [instructions.true_utility(m, t) for m, t in zip(got["conversations"], texts)]
+        np.testing.assert_allclose(got["utilities"][who], want)

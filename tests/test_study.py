@@ -248,8 +248,11 @@ def test_study_command_rejects_bad_input(tmp_path):
 # select_rl_algorithms runs the machinery select_main_job runs (a policy-measuring selection study) with other
 # algorithms' stages, which rl_algorithms' cells run; its grid is checked without training below. The real-model
 # studies' cell (smol_starling; select_smol is the same recipe measured on the tuning split) runs in
-# tests/test_smol_starling.py.
-QUICK_CELLS = [name for name in STUDIES if name not in ("select_rl_algorithms", "select_smol", "smol_starling")]
+# tests/test_smol_starling.py; the ifeval studies' recipe (experiments/smol_ifeval.py) runs shortened in
+# tests/test_colab.py (colab/real_model_rlaif.ipynb) and their cells use smol_starling's machinery (a "base"
+# reference, a task's true utility); their grids are checked below.
+QUICK_CELLS = [name for name in STUDIES if name not in ("select_rl_algorithms", "select_smol", "smol_starling",
+                                                        "select_ifeval", "ifeval_lora_vs_full")]
 
 
 def test_every_study_file_resolves_its_grid():
@@ -306,6 +309,40 @@ def test_a_selection_cell_never_loads_a_reporting_row():
     assert study.splits == ("tuning",)
     rl = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
     assert all(s.data.reporting for _, s in stages_of(cell_experiment(rl, rl.arms[0], 0)))
+
+
+def test_the_ifeval_studies_select_on_tuning_and_compare_lora_with_full_layers():
+    """select_ifeval's cells generate no held-out row of task:ifeval (data.reporting=false; the rm reads the feedback
+    stage's rows, which hold none) and choose each arm's rate on the tuning split; ifeval_lora_vs_full runs its two
+    arms at the selected rates, with adapters on the same top layers the full arm trains and nothing else different,
+    and measures both against SmolLM2 itself (the "base" reference) on held-out prompts."""
+    from starling_jax.commands.study import REFERENCE, read_selection
+    from starling_jax.commands.study.runner import cell_experiment
+    from starling_jax.data import pipelines
+    select = load_study(os.path.join(ROOT, "experiments", "studies", "select_ifeval.py"))
+    assert select.splits == ("tuning",) and select.reference_stage == "base" and select.reward_model_splits == ()
+    assert select.selection.path == "selected/ifeval.json" and set(select.selection.families) == {"full", "lora"}
+    stages = dict(stages_of(cell_experiment(select, select.arms[0], 100)))
+    assert stages["rm"].data.source == "stage:feedback"
+    assert all(not s.data.reporting for n, s in stages.items() if n != "rm")
+    quiet = pipelines.load_splits(stages["policy"].data)
+    assert not quiet.heldout and len(quiet.tuning) >= select.eval_prompts - 5
+    for family, arms in select.selection.families.items():
+        rates = {select.arm(a).experiment.stages[-1].optim.learning_rate for a in arms}
+        assert len(rates) == 3 and all((select.arm(a).experiment.stages[-1].model.lora is not None) ==
+                                       (family == "lora") for a in arms)
+    study = load_study(os.path.join(ROOT, "experiments", "studies", "ifeval_lora_vs_full.py"))
+    assert study.reference_stage == "base" and study.splits == ("heldout",) and study.baseline_arm == "full"
+    assert [p.label() for p in study.primary] == ["lora - full, policy/heldout gain"]
+    assert all(p.baseline != REFERENCE for p in study.primary)
+    for arm in study.arms:
+        policy = dict(stages_of(arm.experiment))["policy"]
+        rate = read_selection(os.path.join(ROOT, "experiments", "studies", "selected", "ifeval.json"), arm.name)
+        assert policy.optim.learning_rate == rate["stages.policy.optim.learning_rate"]
+        assert policy.model.trainable_top_layers == 2 and (policy.model.lora is not None) == (arm.name == "lora")
+    full, lora = (dict(stages_of(a.experiment))["policy"] for a in study.arms)
+    assert dataclasses.replace(full, optim=lora.optim, model=lora.model) == lora  # nothing else differs
+    assert dataclasses.replace(full.model, lora=lora.model.lora) == lora.model
 
 
 def test_committed_selections_regenerate_from_their_raw_results():

@@ -110,7 +110,8 @@ class Study:
     reference_stage: Optional[str] = "sft"
     reward_stage: Optional[str] = "rm"  # scores the policies' replies; its ranking accuracy is measured too
     # the splits the reward model's ranking accuracy is measured on (None: every measured split). Needs rows with
-    # true utilities for every answer (synthetic data); () for a verifiable task, whose rows carry one answer each
+    # true utilities for every answer (synthetic data; task:ifeval, whose rows carry checked replies); () for a task
+    # whose rows carry one answer each (task:arithmetic)
     reward_model_splits: Optional[tuple[str, ...]] = None
     eval_prompts: int = 256  # per split (held-out, unseen): the first N rows
     max_new_tokens: int = 24  # reply length when sampling for evaluation (every arm alike)

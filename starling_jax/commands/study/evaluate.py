@@ -76,7 +76,7 @@ def reward_model_measurements(rm, rows, *, tokenizer, template, data, batch_size
     """{"pair_accuracy", "top1_accuracy", "kendall_tau": [rows], "prompt": [rows]} against the true utilities."""
     config, params = rm
     if any("utilities" not in r for r in rows):
-        raise ValueError("reward-model measurements need synthetic rows (true utilities)")
+        raise ValueError("reward-model measurements need rows with true utilities (synthetic data, task:ifeval)")
     scores = np.concatenate([np.asarray(r) for r, _ in score_groups(config, params, rows, tokenizer, data, template,
                                                                       batch_size)])
     out = {"pair_accuracy": [], "top1_accuracy": [], "kendall_tau": []}
