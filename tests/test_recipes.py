@@ -396,6 +396,8 @@ DOC_CLAIMS = {
                      (r"(\d+) packed sequences", "train.batch_size", int),
                      (r"of (\d+) tokens per step", "data.max_length", int),
                      (r"(\d+) epochs", "train.steps", lambda s: int(s) * 1415)],
+    "starling_alpha_qlora": [(r"train.grad_accum = (\d+)", "train.grad_accum", int),
+                             (r"minibatch of (\d+) rollouts", "rollout.minibatch_size", int)],
     "tiny_starling": [(r"tiny (\d+)-layer", "model.config.num_layers", int),
                       (r"the top (\d+) of the \d+ layers", "stages[2].model.trainable_top_layers", int),
                       (r"the top \d+ of the (\d+) layers", "stages[2].model.config.num_layers", int)],
