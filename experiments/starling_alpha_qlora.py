@@ -36,6 +36,12 @@ What changes, and why:
   - generation_batch: rows per generate / RM / experience call (memory only): 16, a choice for the ~5.7 GiB the
     resident state leaves; `plan --rollout --search rollout.generation_batch=...` checks it (docs/SHARDING.md "One
     chip": the TPU compiler puts the update step at 19.56 GiB per chip, over a v5e's 16 by 3.56 GiB).
+  - train.grad_accum = 4 (memory only): each update's minibatch of 4 rollouts is taken as 4 micro-batches of 1 rollout
+    whose gradients accumulate into ONE optimizer update, equal to alpha's minibatch-of-4 update (the same token-mean
+    APA and value losses, the critic-only rule on the whole minibatch's value loss, the same metrics; to float
+    rounding: stages/kinds/rlaif.py make_rl_step, tests/test_rl_accum.py). The update's activations are one
+    rollout's of 2148 tokens at a time instead of four's (the 19.56 GiB above was compiled before this setting).
+    With the v5e-8 sizes of the command above (minibatches of 32) each micro-batch is 8 rollouts, one per chip.
 """
 
 import dataclasses
@@ -51,6 +57,7 @@ CHUNK, MINIBATCH = PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH  # one chip = one pro
 UPDATES_PER_CHUNK = PPO_EPOCHS * CHUNK // MINIBATCH  # 32
 CHUNKS = TOTAL_UPDATES // UPDATES_PER_CHUNK  # 625
 GENERATION_BATCH = 16  # rows per rollout call (memory only; docs/SHARDING.md "One chip")
+GRAD_ACCUM = MINIBATCH  # micro-batches per update: one rollout each (memory only: the update is alpha's)
 
 # The frozen base's layers in nf4; fp32 masters for what trains (the adapters, the critic); the embeddings and LM
 # head stay in the bf16 compute dtype (models.frozen_storage)
@@ -70,4 +77,4 @@ def get_config() -> Experiment:
              optim=r(alpha.optim, learning_rate=1e-5),
              rollout=r(alpha.rollout, prompts_per_step=CHUNK, minibatch_size=MINIBATCH,
                        generation_batch=GENERATION_BATCH),
-             train=r(alpha.train, steps=CHUNKS, batch_size=CHUNK))
+             train=r(alpha.train, steps=CHUNKS, batch_size=CHUNK, grad_accum=GRAD_ACCUM))

@@ -93,8 +93,9 @@ def test_validate_accepts_defaults_and_staged():
     with pytest.raises(ConfigError, match=r"train.steps: must be >= 1, got 0"):
         validate(apply_overrides(default, ["train.steps=0"]), num_devices=1)
     with pytest.raises(ConfigError) as e:
-        validate(exp, num_devices=6)  # batch 16 does not split over 6 devices, in any of the three stages
-    assert [f"stage {n!r}: train.batch_size" in str(e.value) for n in ("sft", "rm", "rl")] == [True] * 3, str(e.value)
+        validate(exp, num_devices=6)  # batch 16 (rl: the minibatch of 8 rollouts) does not split over 6 devices
+    fields = {"sft": "train.batch_size", "rm": "train.batch_size", "rl": "rollout.minibatch_size"}
+    assert [f"stage {n!r}: {f}" in str(e.value) for n, f in fields.items()] == [True] * 3, str(e.value)
 
 
 def test_validate_collects_every_problem():

@@ -125,7 +125,8 @@ def test_rl_update_with_the_layer_critic(params, rollout, critic_only_above):
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-3, weight_decay=0.0), 4, trainable)
     state = init_state(trainable, optimizer, jax.random.key(3), frozen)
     before = jax.device_get((state.params, state.frozen))
-    new_state, metrics = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=B))(state, batch)
+    new_state, metrics = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=B,
+                                                    objective=obj))(state, batch)
     after = jax.device_get((new_state.params, new_state.frozen))
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa
     assert same(after[1], before[1])

@@ -289,15 +289,21 @@ def test_lora_stage_trees_store_the_base_quantized():
 
 def test_alpha_qlora_recipe_is_alpha_apa_in_nf4_with_lora():
     """experiments/starling_alpha_qlora.py: both 7B models in nf4, LoRA rank 64 on every projection, alpha's APA
-    objective (but the critic), alpha's per-process sizes (one chip = one process), 20,000 updates; it validates on
-    1 and 8 devices once the local files are swapped for synthetic ones."""
+    objective (but the critic), alpha's per-process sizes (one chip = one process), 20,000 updates, each minibatch of
+    4 rollouts accumulated over 4 micro-batches of 1 (memory only); it validates on 1 device, and on 8 with the
+    v5e-8 sizes its docstring gives, once the local files are swapped for synthetic ones."""
+    from starling_jax.config import ConfigError
     from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
     from starling_jax.stages.validation import validate
     exp = load_experiment("starling_alpha_qlora")
     local = apply_overrides(exp, ["data.source=synthetic", "model.path=none", "reward_model.path=none",
                                   "model.tokenizer=openchat-3.5", "reward_model.tokenizer=openchat-3.5"])
-    for devices in (1, 8):
-        assert validate(local, num_devices=devices) is local
+    assert validate(local, num_devices=1) is local
+    pod = apply_overrides(local, ["rollout.prompts_per_step=512", "rollout.minibatch_size=32", "train.batch_size=512"])
+    assert validate(pod, num_devices=8) is pod  # micro-batches of 32 / 4 = 8 rollouts, one per chip
+    with pytest.raises(ConfigError, match=r"rollout.minibatch_size: the micro-batch 4/4 is not divisible by the "
+                                          r"mesh's data\*fsdp = 8 devices"):
+        validate(local, num_devices=8)  # one rollout per micro-batch does not split over 8 chips
     (_, c), = stages_of(exp)
     (_, alpha), = stages_of(load_experiment("starling_alpha_apa"))
     assert c.model.config.quantize == c.reward_model.config.quantize == "nf4"
@@ -308,5 +314,6 @@ def test_alpha_qlora_recipe_is_alpha_apa_in_nf4_with_lora():
     assert c.model.trainable_top_layers == 0 and c.model.config.dtype == "bfloat16"
     assert dataclasses.replace(c.objective, value_head="layers", value_head_layers=4) == alpha.objective
     assert (c.rollout.prompts_per_step, c.rollout.minibatch_size, c.rollout.epochs) == (64, 4, 2)
+    assert c.train.grad_accum == c.rollout.minibatch_size == 4 and alpha.train.grad_accum == 1  # 1 rollout each
     assert c.train.steps * c.rollout.epochs * c.rollout.prompts_per_step // c.rollout.minibatch_size == 20000
     assert (c.rollout.max_new_tokens, c.data.max_prompt_length, c.reward_model.max_length) == (1024, 1124, 2048)

@@ -115,6 +115,7 @@ ALPHA = [
      "on 8 devices, and no value fits 16 there (16.005 at 1 row per device; 12.1 on 16 devices; RESULTS.md)"),
     ("train.steps", 625, f"{fork(APA_CFG, 31)} total_steps=20000 updates / 32 updates per chunk"),
     ("train.batch_size", 512, "choice: the chunk size (an rl stage's batch is one chunk of rollouts)"),
+    ("train.grad_accum", 1, "choice: no accumulation (memory only: the update of a minibatch is the same with it)"),
     ("train.eval_every", 16, f"{fork(APA_CFG, 35)} eval_interval=500 updates ~ 16 chunks of 32"),
     ("train.seed", 1000, fork(TRLX_CONFIGS, 228) + " TrainConfig seed default (a different RNG: only a label)"),
     ("checkpoint.every", 16, fork(APA_CFG, 34) + " checkpoint_interval=500 updates ~ 16 chunks"),
@@ -182,6 +183,7 @@ BETA_ROWS = [
      "at 18.0 (17.6 at 32 rows: no value fits 16 there; benchmarks/RESULTS.md)"),
     ("train.steps", 625, fork(APA_CFG, 32, BETA) + " 20000 updates / 32 per chunk"),
     ("train.batch_size", 1024, "choice: the chunk size"),
+    ("train.grad_accum", 1, "choice: no accumulation (memory only: the update of a minibatch is the same with it)"),
     ("train.eval_every", 16, fork(APA_CFG, 36, BETA) + " 500 updates ~ 16 chunks"),
     ("train.seed", 1000, fork(TRLX_CONFIGS, 228)),
     ("checkpoint.every", 16, fork(APA_CFG, 35, BETA) + " 500 updates ~ 16 chunks"),
@@ -260,7 +262,7 @@ READ = {
                                        "critic_only_above", "value_head", "value_head_layers", "reward_clip",
                                        "scale_reward", "whiten_advantages")]
           + ["rollout." + k for k in ("prompts_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "epochs",
-                                      "minibatch_size")],
+                                      "minibatch_size")] + ["train.grad_accum"],
     "rm": ["objective.name", "objective.pl_normalize", "data.max_responses", "train.batch_size", "train.grad_accum"],
     "sft": ["objective.name", "train.batch_size", "train.grad_accum", "data.pack"],
 }
@@ -394,6 +396,8 @@ DOC_CLAIMS = {
                      (r"(\d+) packed sequences", "train.batch_size", int),
                      (r"of (\d+) tokens per step", "data.max_length", int),
                      (r"(\d+) epochs", "train.steps", lambda s: int(s) * 1415)],
+    "starling_alpha_qlora": [(r"train.grad_accum = (\d+)", "train.grad_accum", int),
+                             (r"minibatch of (\d+) rollouts", "rollout.minibatch_size", int)],
     "tiny_starling": [(r"tiny (\d+)-layer", "model.config.num_layers", int),
                       (r"the top (\d+) of the \d+ layers", "stages[2].model.trainable_top_layers", int),
                       (r"the top \d+ of the (\d+) layers", "stages[2].model.config.num_layers", int)],

@@ -131,7 +131,7 @@ def _one_update(params, rollout, objective, top_layers, optim=OptimConfig(learni
     before_trainable = jax.device_get(state.params)
     before_frozen = jax.device_get(state.frozen)
     loss_before, _ = loss_fn(state.params, state.frozen, batch)
-    step = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=B))
+    step = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=B, objective=objective))
     new_state, metrics = step(state, batch)
     loss_after, _ = loss_fn(new_state.params, new_state.frozen, batch)
     return before_trainable, before_frozen, new_state, metrics, float(loss_before), float(loss_after)

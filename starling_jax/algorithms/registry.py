@@ -39,7 +39,11 @@ class Algorithm:
                  rng) -> (loss, metrics with "weight"), where mesh_rules is a sharding.MeshRules or None;
                rl kind: loss(out, batch, objective) -> (policy loss, metrics), `out` the policy's hydra_forward
                  outputs on the minibatch ("logprobs", "values", "hidden" [B, N, ...]) and `batch` the minibatch of
-                 experience (tokens, masks, old_logprobs, ref_logprobs, old_values, advantages, returns).
+                 experience (tokens, masks, old_logprobs, ref_logprobs, old_values, advantages, returns). The loss
+                 is a mean of per-token or per-reply terms of the rows alone (minibatch-wide statistics belong in
+                 `advantages`); metrics are means over the valid response tokens, plus "weight": what the loss
+                 averages over (valid tokens, or replies), by which micro-batches combine (train.grad_accum). With a
+                 critic the loss is a token mean (the value loss is one).
     batch:     data kinds: batch(batch_size, seq_len, num_responses) -> {key: jax.ShapeDtypeStruct}, the global
                batch layout (the planner compiles against it; the loss checks its keys). The rl kind's layout is
                the kind's own (stages/kinds/rlaif.py experience_spec).

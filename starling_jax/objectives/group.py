@@ -67,7 +67,9 @@ def group_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs
     Per token t of reply i: l = -min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) + kl_coef * k(t), rho =
     exp(logp - logp_old). aggregate "sequence": the mean over replies of each reply's token mean (TRL's
     loss_type="grpo", the GRPO paper); "token": the mean over all valid tokens of the batch. logprobs,
-    old_logprobs, ref_logprobs, mask [B, T]; old and ref are constants.
+    old_logprobs, ref_logprobs, mask [B, T]; old and ref are constants. Metrics are means over the valid tokens, plus
+    weight = what the loss averages over (B replies for "sequence", the valid tokens for "token"), by which the
+    micro-batches of a minibatch combine.
     """
     check_same_shape("group_policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                      mask=mask)
@@ -93,9 +95,10 @@ def group_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, ref_logprobs
         loss = jnp.mean(per_reply)
     else:
         loss = masked_mean(per_token, mask)
+    weight = jnp.asarray(per_token.shape[0], jnp.float32) if aggregate == "sequence" else jnp.sum(w)
     return loss, {"clip_fraction": masked_mean((clipped < unclipped).astype(jnp.float32), mask),
                   "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
-                  "ref_kl": masked_mean(kl, mask), "ratio": masked_mean(ratio, mask)}
+                  "ref_kl": masked_mean(kl, mask), "ratio": masked_mean(ratio, mask), "weight": weight}
 
 
 def group_experience(scores: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array,

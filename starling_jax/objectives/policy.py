@@ -50,8 +50,8 @@ def apa_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array
 
     loss = mean over valid tokens of (logprobs - old_logprobs - advantages / lam)^2, all [B, T]. old_logprobs and
     advantages are treated as constants (stop_gradient). The APA paper's lam is 0.1 (its ADV_COEFF_SQ = 1 / lam = 10);
-    the Starling fork used 1. Metrics: approx_kl = mean k3 estimate of KL(old || new) on the tokens, and the mean
-    log-ratio.
+    the Starling fork used 1. Metrics: approx_kl = mean k3 estimate of KL(old || new) on the tokens, the mean log-ratio
+    and weight = the number of valid tokens (what the loss averages over: micro-batches of a minibatch combine by it).
     """
     check_same_shape("apa_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     logprobs = logprobs.astype(jnp.float32)
@@ -60,7 +60,7 @@ def apa_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array
     log_ratio = logprobs - old
     loss = masked_mean(jnp.square(log_ratio - adv / lam), mask)
     return loss, {"approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
-                  "log_ratio": masked_mean(log_ratio, mask)}
+                  "log_ratio": masked_mean(log_ratio, mask), "weight": jnp.sum(as_weights(mask))}
 
 
 def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array,
@@ -69,7 +69,8 @@ def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: ja
 
     ratio = exp(logprobs - old_logprobs);  loss = mean over valid tokens of max(-A ratio, -A clip(ratio, 1-eps, 1+eps)).
     Metrics: clip_fraction = share of valid tokens where the clipped term is the larger (its gradient is zero there),
-    approx_kl = mean (ratio - 1) - log ratio (the k3 estimate of KL(old || new), as trlx), and the mean ratio.
+    approx_kl = mean (ratio - 1) - log ratio (the k3 estimate of KL(old || new), as trlx), the mean ratio and weight =
+    the number of valid tokens (what the loss averages over).
     """
     check_same_shape("ppo_policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
                      mask=mask)
@@ -82,7 +83,7 @@ def ppo_policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: ja
     loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
     return loss, {"clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
                   "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
-                  "ratio": masked_mean(ratio, mask)}
+                  "ratio": masked_mean(ratio, mask), "weight": jnp.sum(as_weights(mask))}
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,

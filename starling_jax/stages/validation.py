@@ -61,12 +61,20 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
                          ("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay)):
         if value < 0:
             bad(field, f"must be >= 0, got {value}")
-    if t.grad_accum >= 1 and t.batch_size % t.grad_accum:
-        bad("train.batch_size", f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    # what train.grad_accum splits into micro-batches: the batch, or an rl stage's minibatch of rollouts (each
+    # optimiser update's; train.batch_size is not read there)
+    field, size = ("rollout.minibatch_size", c.rollout.minibatch_size) if kind == "rl" else ("train.batch_size",
+                                                                                              t.batch_size)
     ways = mesh_data_parallelism(c.mesh, num_devices)
-    if ways and t.grad_accum >= 1 and (t.batch_size // max(t.grad_accum, 1)) % ways:
-        bad("train.batch_size", f"the micro-batch {t.batch_size}/{t.grad_accum} is not divisible by the mesh's "
-            f"data*fsdp = {ways} devices")
+    if t.grad_accum >= 1 and size >= 1:  # else reported above, or by the rl kind's check (rollout.minibatch_size)
+        if size % t.grad_accum:
+            fix = (f" (each minibatch of rollouts is split into grad_accum micro-batches: set train.grad_accum to a "
+                   f"divisor of {size} or rollout.minibatch_size to a multiple of {t.grad_accum})" if kind == "rl"
+                   else "")
+            bad(field, f"{size} is not divisible by train.grad_accum={t.grad_accum}{fix}")
+        elif ways and (size // t.grad_accum) % ways:
+            bad(field, f"the micro-batch {size}/{t.grad_accum} is not divisible by the mesh's data*fsdp = {ways} "
+                f"devices")
     if num_devices is not None and c.mesh.fsdp != -1:
         need = c.mesh.data * c.mesh.fsdp * c.mesh.tensor
         if need != num_devices:

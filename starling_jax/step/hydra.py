@@ -170,15 +170,6 @@ def critic_values(critic: Params, config: ModelConfig, branch: jax.Array, attent
     return models.value_head({"w": critic["w"]}, models.final_norm(critic, config, x))
 
 
-def critic_only_values(trainable: Params, out: dict) -> jax.Array:
-    """hydra_forward's values with their gradient reaching the critic only (the fork's critic-only steps): a head
-    critic re-reads the policy's hidden states detached; a "layers" critic's input is already detached."""
-    critic = trainable["critic"]
-    if "layers" in critic:
-        return out["values"]
-    return models.value_head(critic, jax.lax.stop_gradient(out["hidden"]))
-
-
 def _embed(src: Params, config: ModelConfig, tokens: jax.Array, constrain: Optional[ActivationConstraint]):
     """Token embeddings; on a mesh the table is pinned for the lookup and the output to the activation layout (see
     sharding.ActivationConstraint)."""

@@ -3,7 +3,9 @@
 A stage loss is loss_fn(params, frozen, batch, rng) -> (loss, metrics). If metrics holds "weight" (the number of units
 the loss averages over: tokens, prompts, pairs), micro-batches are combined by that weight, so a step with
 grad_accum = A gives the same update as one step on the whole batch even when micro-batches hold different numbers
-of tokens. Metrics named "weight" or "num_*" are counts and are summed; every other metric is a weighted mean.
+of tokens. Metrics named "weight" or "num_*" are counts and are summed; every other metric is a weighted mean (by
+"weight", or by the count accumulate_gradients' weight_of names). The rl kind (stages/kinds/rlaif.py) accumulates its
+minibatches with the same accumulate_gradients.
 """
 
 from __future__ import annotations
@@ -48,11 +50,64 @@ def apply_gradients(optimizer, params, opt_state, grads) -> tuple[Any, Any, dict
     return optax.apply_updates(params, updates), opt_state, metrics
 
 
+def accumulate_gradients(grads_and_metrics: Callable, params, frozen, batch: dict, rng: Optional[jax.Array],
+                         grad_accum: int, weight_of: Optional[Callable[[str], str]] = None) -> tuple[Any, dict]:
+    """(grads, metrics) of `batch` taken as `grad_accum` micro-batches (split_micro_batches) in a lax.scan, equal to
+    grads_and_metrics(params, frozen, batch, rng) on the whole batch when the loss is a mean: each micro-batch's
+    gradient and loss are weighted by its metrics["weight"] (the units its loss averages over; 1 when absent) and
+    the sums divided by the total weight, in float32 accumulators. grad_accum = 1 is one call on the whole batch.
+
+    grads_and_metrics(params, frozen, micro_batch, key) -> (grads, metrics with the loss); key is one of
+    `grad_accum` keys split from rng (None when rng is None). Metrics named "weight" or "num_*" are counts and are
+    summed; every other metric is a mean weighted by the count weight_of(name) names (default "weight" for all), so
+    a loss whose metrics average over other units than its loss (tokens vs replies) reports those counts too."""
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    if grad_accum == 1:
+        return grads_and_metrics(params, frozen, batch, rng)
+    weight_of = weight_of or (lambda name: "weight")
+    micro = split_micro_batches(batch, grad_accum)
+    keys = None if rng is None else jax.random.split(rng, grad_accum)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grads_and_metrics, params, frozen, first, None if keys is None else keys[0])
+
+    def count(m, name):
+        if name in m:
+            return jnp.asarray(m[name], jnp.float32)
+        if name == "weight":  # a loss without a weight: micro-batches count equally
+            return jnp.ones((), jnp.float32)
+        raise KeyError(f"gradient accumulation: a metric is a mean weighted by {name!r}, which the loss does not "
+                       f"report (its metrics: {sorted(m)})")
+
+    weights = {k: weight_of(k) for k in shapes[1] if not _is_count(k)}
+    totals = sorted(set(weights.values()) | {"weight"})
+    # float32 accumulators: summing bf16 gradients over micro-batches would lose their low bits.
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    no_totals = {name: jnp.zeros((), jnp.float32) for name in totals}
+
+    def body(carry, xs):
+        g_sum, m_sum, w_sum = carry
+        mb, key = xs
+        g, m = grads_and_metrics(params, frozen, mb, key)
+        w = count(m, "weight")
+        g_sum = jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), g_sum, g)
+        m_sum = {k: m_sum[k] + (m[k] if _is_count(k) else count(m, weights[k]) * m[k]).astype(jnp.float32)
+                 for k in m_sum}
+        w_sum = {name: w_sum[name] + count(m, name) for name in totals}
+        return (g_sum, m_sum, w_sum), None
+
+    (g_sum, m_sum, w_sum), _ = jax.lax.scan(body, (zeros[0], zeros[1], no_totals), (micro, keys))
+    inv = {name: jnp.where(t > 0, 1.0 / jnp.where(t > 0, t, 1.0), 0.0) for name, t in w_sum.items()}  # all empty: 0
+    grads = jax.tree.map(lambda g, p: (g * inv["weight"]).astype(p.dtype), g_sum, params)
+    metrics = {k: v if _is_count(k) else v * inv[weights[k]] for k, v in m_sum.items()}
+    return grads, metrics
+
+
 def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable[[TrainState, dict],
                                                                                  tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). Metrics: the loss's metrics plus loss, grad_norm (before clipping)
     and lr (the rate of this update, from the optimiser state of train.state.make_optimizer). Pure and jittable; no
-    host syncs."""
+    host syncs. grad_accum > 1: accumulate_gradients over that many micro-batches, one update."""
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -61,35 +116,10 @@ def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable
         (loss, metrics), grads = grad_fn(params, frozen, batch, rng)
         return grads, {**metrics, "loss": loss}
 
-    def accumulate(params, frozen, batch, rng):
-        micro = split_micro_batches(batch, grad_accum)
-        keys = jax.random.split(rng, grad_accum)
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grads_and_metrics, params, frozen, first, keys[0])
-        # float32 accumulators: summing bf16 gradients over micro-batches would lose their low bits.
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-
-        def body(carry, xs):
-            g_sum, m_sum, w_sum = carry
-            mb, key = xs
-            g, m = grads_and_metrics(params, frozen, mb, key)
-            w = jnp.asarray(m.get("weight", 1.0), jnp.float32)
-            g_sum = jax.tree.map(lambda a, b: a + w * b.astype(jnp.float32), g_sum, g)
-            m_sum = {k: m_sum[k] + (m[k] if _is_count(k) else w * m[k]).astype(jnp.float32) for k in m_sum}
-            return (g_sum, m_sum, w_sum + w), None
-
-        (g_sum, m_sum, w_sum), _ = jax.lax.scan(body, (zeros[0], zeros[1], jnp.zeros((), jnp.float32)), (micro, keys))
-        inv = jnp.where(w_sum > 0, 1.0 / jnp.where(w_sum > 0, w_sum, 1.0), 0.0)  # all-empty batch: zero update
-        grads = jax.tree.map(lambda g, p: (g * inv).astype(p.dtype), g_sum, params)
-        metrics = {k: v if _is_count(k) else v * inv for k, v in m_sum.items()}
-        return grads, metrics
-
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        if grad_accum == 1:
-            grads, metrics = grads_and_metrics(state.params, state.frozen, batch, step_rng)
-        else:
-            grads, metrics = accumulate(state.params, state.frozen, batch, step_rng)
+        grads, metrics = accumulate_gradients(grads_and_metrics, state.params, state.frozen, batch, step_rng,
+                                              grad_accum)
         params, opt_state, update_metrics = apply_gradients(optimizer, state.params, state.opt_state, grads)
         metrics.update(update_metrics)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

@@ -11,7 +11,8 @@ One RL step (one call of the loop's step) is one chunk of rollouts and its optim
     algorithm's advantages: GAE unless it registers its own)
   device (make_rl_step, jitted):
     `epochs` passes over the chunk in shuffled minibatches of the algorithm's policy loss (+ vf_coef * value_loss
-    when the algorithm has a critic).
+    when the algorithm has a critic), one optimizer update per minibatch; with train.grad_accum = G each minibatch's
+    gradient is accumulated over G micro-batches (step.accumulate_gradients), the same update in less memory.
 
 What an RL algorithm registers (starling_jax/algorithms/registry.py, kind="rl"): `loss(out, batch, objective)`, and
 optionally `advantages`, `critic=False` and `group_size`. Trees: see starling_jax.step.hydra (trainable =
@@ -50,11 +51,10 @@ from starling_jax.stages.policy_eval import measure_policy
 from starling_jax.stages.rollout import (RewardScorer, RolloutSource, conversation_of, row_calls,
                                          trained_reward_template)
 from starling_jax.step import adapters
-from starling_jax.step.hydra import (critic_only_values, hydra_forward, init_rl_params, policy_params, policy_parts,
-                                     reference_parts)
+from starling_jax.step.hydra import hydra_forward, init_rl_params, policy_params, policy_parts, reference_parts
 from starling_jax.step.logging import plot_metrics, read_metrics
 from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
-from starling_jax.step.step import apply_gradients
+from starling_jax.step.step import accumulate_gradients, apply_gradients
 
 Batch = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -149,42 +149,70 @@ class ExperienceFn:
 
 def rl_loss(trainable: Params, frozen: Params, batch: Batch, *, config: ModelConfig, objective: ObjectiveConfig,
             prompt_len: int, constrain=None, temperature: float = 1.0) -> tuple[jax.Array, dict]:
-    """The algorithm's policy loss (+ vf_coef * value loss when it has a critic) on a (mini)batch of experience
-    -> (loss, metrics).
+    """The algorithm's policy loss (+ vf_coef * value loss when it has a critic) on a (mini- or micro-)batch of
+    experience -> (loss, metrics).
 
-    With objective.critic_only_above = c (the Starling fork's rule), a minibatch whose value loss exceeds c trains
-    only the critic: the policy term is dropped and the value loss reaches the critic head only, not the policy's
-    layers beneath it.
+    Metrics: the algorithm's (means over the valid response tokens), policy_loss, value_loss, "weight" (what the loss
+    averages over, from the algorithm's loss: valid tokens, or replies for GRPO/RLOO's loss_aggregation="sequence")
+    and "num_tokens" (valid response tokens, what the other means average over), so micro-batches combine into the
+    minibatch's loss and metrics (make_rl_step). The value loss is a token mean, so an algorithm with a critic
+    averages its policy loss over tokens too (APA, PPO). objective.critic_only_above is not applied here: it is a rule
+    on the whole minibatch's value loss, applied to its gradient (critic_only_rule).
     """
     out = hydra_forward(trainable, frozen, config, batch["tokens"], batch["attention_mask"], prompt_len,
                         with_reference=False, constrain=constrain, temperature=temperature)
     mask = batch["response_mask"]
     algorithm = rl_algorithm(objective.name)
     policy_loss, metrics = algorithm.loss(out, batch, objective)
+    metrics = {**metrics, "num_tokens": jnp.sum(obj_common.as_weights(mask))}
     if not algorithm.critic:  # the same metric names as with a critic (the curves and logs read them)
-        zero = jnp.zeros((), jnp.float32)
-        return policy_loss, {**metrics, "policy_loss": policy_loss, "value_loss": zero, "critic_only": zero}
+        return policy_loss, {**metrics, "policy_loss": policy_loss, "value_loss": jnp.zeros((), jnp.float32)}
     v_loss, v_metrics = obj_policy.value_loss(out["values"], batch["old_values"], batch["returns"], mask,
                                               objective.value_clip)
     loss = policy_loss + objective.vf_coef * v_loss
-    critic_only = jnp.zeros((), jnp.bool_)
-    if objective.critic_only_above is not None:
-        critic_only = jax.lax.stop_gradient(v_loss) > objective.critic_only_above
-        detached = critic_only_values(trainable, out)
-        v_loss_critic, _ = obj_policy.value_loss(detached, batch["old_values"], batch["returns"], mask,
-                                                 objective.value_clip)
-        loss = jnp.where(critic_only, objective.vf_coef * v_loss_critic, loss)
-    metrics = {**metrics, **v_metrics, "policy_loss": policy_loss, "value_loss": v_loss,
-               "critic_only": critic_only.astype(jnp.float32)}
-    return loss, metrics
+    return loss, {**metrics, **v_metrics, "policy_loss": policy_loss, "value_loss": v_loss}
+
+
+def critic_only_rule(grads: Params, metrics: dict, threshold: float, vf_coef: float) -> tuple[Params, dict]:
+    """The Starling fork's rule (objective.critic_only_above = threshold) on one minibatch's gradient and metrics (of
+    rl_loss, accumulated over its micro-batches): when the minibatch's value loss exceeds the threshold it trains only
+    the critic. The policy term is dropped and the value loss reaches the critic (trainable["critic"]) only, not the
+    policy's layers beneath a head critic: the gradient of vf_coef * value_loss with respect to the critic is the
+    whole loss's (the policy loss does not read the critic), so every other gradient is set to zero. The loss metric
+    becomes vf_coef * value_loss; critic_only is 1.0 when the rule fired."""
+    critic_only = metrics["value_loss"] > threshold
+    grads = {k: g if k == "critic" else jax.tree.map(lambda x: jnp.where(critic_only, jnp.zeros_like(x), x), g)
+             for k, g in grads.items()}
+    return grads, {**metrics, "loss": jnp.where(critic_only, vf_coef * metrics["value_loss"], metrics["loss"]),
+                   "critic_only": critic_only.astype(jnp.float32)}
+
+
+def _rl_weight_of(name: str) -> str:
+    """The count a metric of rl_loss averages over: the loss's own units for the losses, valid tokens for the rest."""
+    return "weight" if name in ("loss", "policy_loss") else "num_tokens"
 
 
 def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dict]],
-                 optimizer: optax.GradientTransformation, epochs: int, minibatch_size: int):
+                 optimizer: optax.GradientTransformation, epochs: int, minibatch_size: int, grad_accum: int = 1,
+                 objective: Optional[ObjectiveConfig] = None):
     """step(state, batch) -> (state, metrics): `epochs` shuffled passes over the chunk in minibatches, one optimizer
     update each (a lax.scan, so it jits to one program). state is a TrainState(step, params, frozen, opt_state, rng);
     its step counts chunks. Each update is step.step's apply_gradients. Metrics are means over the updates (grad_norm,
-    lr included), plus the means of the batch's "stat_*" rows."""
+    lr included), plus the means of the batch's "stat_*" rows.
+
+    grad_accum = G: each minibatch is G micro-batches of minibatch_size / G rollouts (step.accumulate_gradients, a
+    lax.scan), their gradients, losses and metrics combined by rl_loss's counts ("weight" for the losses, "num_tokens"
+    for the token means) into the minibatch's: the same update as G = 1, with the activations of one micro-batch.
+    `objective`: its minibatch-level rule (critic_only_above, critic_only_rule) acts on the minibatch's accumulated
+    gradient; None = no such rule. Counts ("weight", "num_*") are not logged."""
+    if grad_accum < 1 or minibatch_size % grad_accum:
+        raise ValueError(f"rl step: minibatch_size={minibatch_size} is not divisible by grad_accum={grad_accum}")
+    threshold = getattr(objective, "critic_only_above", None)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_and_metrics(params, frozen, minibatch, _key):
+        (loss, metrics), grads = grad_fn(params, frozen, minibatch)
+        return grads, {**metrics, "loss": loss}
 
     def step(state, batch: Batch):
         data = {k: batch[k] for k in TRAIN_KEYS}
@@ -198,9 +226,13 @@ def make_rl_step(loss_fn: Callable[[Params, Params, Batch], tuple[jax.Array, dic
         def update(carry, idx):
             params, opt_state = carry
             mb = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state.frozen, mb)
+            grads, metrics = accumulate_gradients(grads_and_metrics, params, state.frozen, mb, None, grad_accum,
+                                                  weight_of=_rl_weight_of)
+            if threshold is not None:
+                grads, metrics = critic_only_rule(grads, metrics, threshold, objective.vf_coef)
+            metrics = {k: v for k, v in metrics.items() if k != "weight" and not k.startswith("num_")}
             params, opt_state, update_metrics = apply_gradients(optimizer, params, opt_state, grads)
-            return (params, opt_state), {**metrics, "loss": loss, **update_metrics}
+            return (params, opt_state), {"critic_only": jnp.zeros((), jnp.float32), **metrics, **update_metrics}
 
         (params, opt_state), history = jax.lax.scan(update, (state.params, state.opt_state), order)
         metrics = {k: jnp.mean(v) for k, v in history.items()}
@@ -370,8 +402,10 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
     critic_kind = (f"layers critic (a copy of the top {value_layers} layers + final norm + Linear)"
                    if value_head == "layers" else f"{value_head} critic")
     critic = f" + {critic_kind}" if algorithm.critic else " (critic-free)"
+    accum = (f", each accumulated over train.grad_accum={c.train.grad_accum} micro-batches of "
+             f"{r.minibatch_size // c.train.grad_accum}" if c.train.grad_accum > 1 else "")
     notes = (f"objective {o.name}: {B} rollouts of {P} prompt + {N} response tokens per step, {r.epochs} epochs of "
-             f"minibatches of {r.minibatch_size} = {updates_per_step} optimiser updates per step",
+             f"minibatches of {r.minibatch_size} = {updates_per_step} optimiser updates per step{accum}",
              (f"trainable: {prog.layers_note(top, model_config.num_layers)}{critic}; reference: frozen copy of the "
               f"trainable layers" if lora is None else
               f"trainable: LoRA adapters (rank {lora.rank}, {', '.join(lora.targets)}) on "
@@ -380,7 +414,8 @@ def rl_setup(c, model_config: ModelConfig, params: Params, mesh, key: jax.Array,
              "between steps: `plan --rollout` plans it")
     between = rollout_calls(c, run_config, state, shard_state, resident, experience_fn, constrain, mesh)
     return prog.StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
-                           update=make_rl_step(loss, optimizer, r.epochs, r.minibatch_size), loss=loss, batch=batch,
+                           update=make_rl_step(loss, optimizer, r.epochs, r.minibatch_size, c.train.grad_accum, o),
+                           loss=loss, batch=batch,
                            batch_shardings=sharding.batch_shardings(batch, mesh, rules), resident=resident,
                            notes=notes, between_steps=between)
 
