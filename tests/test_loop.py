@@ -1,7 +1,7 @@
 """The training loop's reliability: SIGKILL + resume reproduces the uninterrupted losses exactly, SIGTERM writes a
 checkpoint and exits cleanly, a NaN loss stops the run with the last good checkpoint intact, a corrupted latest
-checkpoint (cut short, or bytes flipped in place) falls back to the previous one. A tiny reward model on a small
-synthetic set keeps each run to seconds."""
+checkpoint (cut short, and bytes flipped in place in the one before it) falls back past both. A tiny reward model on
+a small synthetic set keeps each run to seconds."""
 
 import json
 import os
@@ -173,31 +173,41 @@ def test_nan_loss_stops_with_last_good_checkpoint(env, tmp_path):
     assert not (tmp_path / "rm" / "export").exists()
 
 
-def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_match(reference, env, tmp_path):
-    """4 KiB of the newest checkpoint's largest file overwritten in place (same length: orbax would restore it
-    without a word, tests/test_digests.py shows): the digests catch it, one warning names the file, the checkpoint is
-    moved aside and the run resumes from the previous one, reproducing the uninterrupted losses."""
-    workdir = unfinished_copy(reference, tmp_path / "flipped")
-    newest = workdir / "rm" / "checkpoints" / "24"
-    largest = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
-    flip(largest)
-    rc, err = train(workdir, env)
-    assert rc == 0, err
-    warned = [line for line in err.splitlines() if "could not be restored" in line]
-    assert len(warned) == 1 and f"checkpoints/24/{largest.relative_to(newest)}: crc32" in warned[0], err
-    assert "falling back to the previous checkpoint" in warned[0]
-    assert err.split("resumed from ")[1].split()[0].endswith("checkpoints/18")
-    assert [p.name.split(".")[0] for p in (workdir / "rm" / "checkpoints_corrupt").iterdir()] == ["24"]
-    assert losses(workdir) == losses(reference)  # steps 19..24 recomputed from checkpoint 18, identically
-
-
-def test_corrupted_latest_checkpoint_falls_back(reference, env, tmp_path):
-    workdir = unfinished_copy(reference, tmp_path / "corrupt")
+@pytest.fixture(scope="module")
+def damaged(reference, env, tmp_path_factory):
+    """One resume of a copy of the reference run whose two newest checkpoints are damaged: 24 cut short (every state
+    file 7 zero bytes), and in 18 4 KiB of the largest file overwritten in place (same length: orbax would restore it
+    without a word, tests/test_digests.py shows). Each is caught, set aside with one warning, and the run falls back
+    to 12. One run for both damages (a start-up and the reference's copy less than one run each). Returns the
+    workdir, the flipped file (relative to its checkpoint), the exit status and stderr."""
+    workdir = unfinished_copy(reference, tmp_path_factory.mktemp("damaged") / "run")
     for f in (workdir / "rm" / "checkpoints" / "24" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\0" * 7)
+    second = workdir / "rm" / "checkpoints" / "18"
+    largest = max((f for f in second.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    flip(largest)
     rc, err = train(workdir, env)
+    return workdir, largest.relative_to(second), rc, err
+
+
+def test_flipped_bytes_in_a_checkpoint_fall_back_and_match(reference, damaged):
+    """The flipped bytes in checkpoint 18: the digests catch them, one warning names the file, the checkpoint is
+    moved aside and the run resumes from the previous one, reproducing the uninterrupted losses."""
+    workdir, flipped, rc, err = damaged
+    assert rc == 0, err
+    warned = [line for line in err.splitlines() if "could not be restored" in line]
+    assert len(warned) == 2, err  # one line per damaged checkpoint: 24 (cut short), then 18
+    assert f"checkpoints/18/{flipped}: crc32" in warned[1] and "checkpoints/18" not in warned[0], err
+    assert "falling back to the previous checkpoint" in warned[1]
+    assert err.split("resumed from ")[1].split()[0].endswith("checkpoints/12")
+    assert sorted(p.name.split(".")[0] for p in (workdir / "rm" / "checkpoints_corrupt").iterdir()) == ["18", "24"]
+    assert losses(workdir) == losses(reference)  # steps 13..24 recomputed from checkpoint 12, identically
+
+
+def test_corrupted_latest_checkpoint_falls_back(reference, damaged):
+    workdir, _, rc, err = damaged
     assert rc == 0, err
     assert re.search(r"checkpoints/24 could not be restored .* falling back to the previous", err), err
-    assert "resumed from" in err and err.split("resumed from ")[1].split()[0].endswith("checkpoints/18")
-    assert losses(workdir) == losses(reference)  # steps 19..24 recomputed from checkpoint 18, identically
+    assert "resumed from" in err and err.split("resumed from ")[1].split()[0].endswith("checkpoints/12")
+    assert losses(workdir) == losses(reference)  # steps 13..24 recomputed from checkpoint 12, identically
