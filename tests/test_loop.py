@@ -191,9 +191,10 @@ def damaged(reference, env, tmp_path_factory):
     return workdir, largest.relative_to(second), rc, err
 
 
-def test_flipped_bytes_in_a_checkpoint_fall_back_and_match(reference, damaged):
-    """The flipped bytes in checkpoint 18: the digests catch them, one warning names the file, the checkpoint is
-    moved aside and the run resumes from the previous one, reproducing the uninterrupted losses."""
+def test_flipped_bytes_in_the_newest_checkpoint_fall_back_and_match(reference, damaged):
+    """The flipped bytes in checkpoint 18 (the newest once 24 is set aside): the digests catch them, one warning names
+    the file, the checkpoint is moved aside and the run resumes from the previous one, reproducing the uninterrupted
+    losses."""
     workdir, flipped, rc, err = damaged
     assert rc == 0, err
     warned = [line for line in err.splitlines() if "could not be restored" in line]
