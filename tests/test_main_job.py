@@ -1,6 +1,7 @@
 """The main job (experiments/tiny_starling.py: SFT -> K-wise RM -> APA) end to end, exactly as the README runs it, and the RL recipes."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ MIN_RM_ACCURACY = 0.6
 PUBLISHED = "rl_algorithms"
 
 
+@functools.lru_cache(maxsize=None)  # one regeneration (10,000 bootstrap replicates) per session, read by two tests
 def published_gains() -> dict:
     """{split: (lower end of the 95% interval of the main job's gain, [each published seed's gain])} from
     results/PUBLISHED's raw data (regenerated, as docs/REPRODUCTION.md's figures are)."""
