@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import compiled
 from starling_jax.io import hf
 from starling_jax import models
 
@@ -76,7 +77,7 @@ def test_mistral_logit_parity_window_gqa_left_padding(tmp_path):
     assert (config.sliding_window, config.num_heads, config.num_kv_heads, config.head) == (8, 4, 2, "lm")
     tokens = _tokens(3, 24)  # 24 > window 8
     mask = _left_pad_mask(3, 24, [0, 5, 11])
-    ours = np.asarray(models.forward(params, config, tokens, mask))
+    ours = np.asarray(compiled.forward(params, config, tokens, mask))
     ref = _hf_logits(model, tokens, mask)
     assert ours.dtype == np.float32 and ours.shape == (3, 24, VOCAB)
     err = _rel_err(ours, ref, mask.astype(bool))
@@ -89,7 +90,7 @@ def test_llama_logit_parity_left_padding_rope_theta(tmp_path):
     assert (config.architecture, config.sliding_window, config.rope_theta) == ("llama", None, 500000.0)
     tokens = _tokens(2, 20, seed=1)
     mask = _left_pad_mask(2, 20, [0, 7])
-    err = _rel_err(np.asarray(models.forward(params, config, tokens, mask)), _hf_logits(model, tokens, mask),
+    err = _rel_err(np.asarray(compiled.forward(params, config, tokens, mask)), _hf_logits(model, tokens, mask),
                    mask.astype(bool))
     assert err <= 1e-4, f"max relative logit error {err:.2e}"
 
@@ -102,7 +103,7 @@ def test_reward_head_parity_llama_sequence_classification_right_padding(tmp_path
     tokens = _tokens(3, 16, seed=2, low=1)  # HF finds the last token as the last id != pad_token_id (0)
     mask = (np.arange(16)[None] < np.array(lengths)[:, None]).astype(np.int32)
     tokens = np.where(mask > 0, tokens, 0)
-    ours = np.asarray(models.score(params, config, tokens, mask))
+    ours = np.asarray(compiled.score(params, config, tokens, mask))
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
     ref = ref[:, 0].numpy()
@@ -116,12 +117,12 @@ def test_left_padded_row_equals_unpadded_sequence():
     params = jax.tree.map(lambda spec: (0.05 * rng.standard_normal(spec.shape)).astype(np.float32),
                                     models.param_specs(config), is_leaf=lambda x: isinstance(x, models.ParamSpec))
     seq = _tokens(1, 10, seed=3)
-    alone = np.asarray(models.forward(params, config, seq, np.ones_like(seq)))[0]
+    alone = np.asarray(compiled.forward(params, config, seq, np.ones_like(seq)))[0]
     padded = np.concatenate([np.full((1, 6), 5, np.int32), seq], axis=1)  # pad id 5 on purpose: only the mask counts
     mask = _left_pad_mask(1, 16, [6])
-    got = np.asarray(models.forward(params, config, padded, mask))[0, 6:]
+    got = np.asarray(compiled.forward(params, config, padded, mask))[0, 6:]
     np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(np.asarray(models.forward(params, config, padded, np.ones_like(padded)))[0, 6:], alone,
+    assert not np.allclose(np.asarray(compiled.forward(params, config, padded, np.ones_like(padded)))[0, 6:], alone,
                            atol=1e-3), "the check must be able to fail: unmasked pads change the logits"
 
 
@@ -132,7 +133,7 @@ def test_bf16_compute_path_within_tolerance(tmp_path):
     config, params = hf.load(str(tmp_path))
     tokens = _tokens(2, 24, seed=4)
     mask = _left_pad_mask(2, 24, [0, 4])
-    ours = np.asarray(models.forward(params, config.replace(dtype="bfloat16"), tokens, mask))
+    ours = np.asarray(compiled.forward(params, config.replace(dtype="bfloat16"), tokens, mask))
     ref = _hf_logits(model, tokens, mask)
     assert ours.dtype == np.float32
     real = mask.astype(bool)
@@ -153,8 +154,8 @@ def test_bf16_checkpoint_loads_bf16_params(tmp_path):
     assert c32.param_dtype == "float32" and p32["layers"]["wq"].dtype == jnp.float32
     tokens = _tokens(1, 12, seed=5)
     mask = np.ones_like(tokens)
-    err = _rel_err(np.asarray(models.forward(params, config, tokens, mask)),
-                   np.asarray(models.forward(p32, c32, tokens, mask)), mask.astype(bool))
+    err = _rel_err(np.asarray(compiled.forward(params, config, tokens, mask)),
+                   np.asarray(compiled.forward(p32, c32, tokens, mask)), mask.astype(bool))
     assert err <= 5e-2, f"bf16 vs fp32 compute on bf16 weights: {err:.2e}"
 
 
@@ -177,7 +178,8 @@ def test_check_token_ids_names_the_bad_id():
 def test_scan_unroll_gives_the_same_values_and_gradients():
     """scan_unroll (a partial and a full unroll of the scan over layers) changes the program, not the math: logits and
     gradients equal the rolled loop's, on a 3-layer model with padding."""
-    config = models.get_preset("tiny", num_layers=3)
+    # the vocabulary's size plays no part here
+    config = models.get_preset("tiny", num_layers=3, vocab_size=VOCAB, pad_token_id=0, eos_token_id=2)
     params = models.init_params(config, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
     mask = jnp.asarray([[0, 0, 0] + [1] * 9, [1] * 12], jnp.int32)
@@ -185,13 +187,14 @@ def test_scan_unroll_gives_the_same_values_and_gradients():
     def loss(p, c):
         return jnp.mean(models.forward(p, c, tokens, mask)[:, :, :50] ** 2)
 
-    want_logits = models.forward(params, config, tokens, mask)
-    want_grads = jax.grad(loss)(params, config)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    want_logits = compiled.forward(params, config, tokens, mask)
+    want_grads = grad(params, config)
     for unroll in (2, 3):
         c = config.replace(scan_unroll=unroll)
-        np.testing.assert_allclose(np.asarray(models.forward(params, c, tokens, mask)), np.asarray(want_logits),
+        np.testing.assert_allclose(np.asarray(compiled.forward(params, c, tokens, mask)), np.asarray(want_logits),
                                    rtol=1e-5, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, c)), jax.tree.leaves(want_grads)):
+        for a, b in zip(jax.tree.leaves(grad(params, c)), jax.tree.leaves(want_grads)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="scan_unroll"):
         config.replace(scan_unroll=0)
