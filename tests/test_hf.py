@@ -14,6 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+import compiled
 from starling_jax.io import hf
 from starling_jax import models
 from starling_jax.commands.cli import main as cli_main
@@ -84,7 +85,7 @@ def test_save_then_transformers_from_pretrained_same_logits_causal_lm(tmp_path):
     tokens = _tokens((2, 40))  # 40 > window 32
     mask = np.ones_like(tokens)
     ref = _torch_out(model, tokens, mask)
-    ours = np.asarray(models.forward(params, config, tokens, mask))
+    ours = np.asarray(compiled.forward(params, config, tokens, mask))
     assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
     config2, params2 = hf.load(str(tmp_path))
     assert config2 == config
@@ -102,7 +103,7 @@ def test_save_then_transformers_from_pretrained_same_scores_sequence_classificat
     mask = (np.arange(12)[None] < np.array([[12], [7], [2]])).astype(np.int32)
     tokens = np.where(mask > 0, tokens, 0)  # right padding with pad_token_id 0
     ref = _torch_out(model, tokens, mask)[:, 0]
-    ours = np.asarray(models.score(params, config, tokens, mask))
+    ours = np.asarray(compiled.score(params, config, tokens, mask))
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -117,7 +118,7 @@ def test_tied_embeddings_and_transformers4_style_config(tmp_path):
     tokens = _tokens((1, 10), seed=4)
     mask = np.ones_like(tokens)
     ref = _torch_out(model, tokens, mask)
-    assert np.abs(np.asarray(models.forward(params, config, tokens, mask)) - ref).max() / np.abs(ref).max() <= 1e-4
+    assert np.abs(np.asarray(compiled.forward(params, config, tokens, mask)) - ref).max() / np.abs(ref).max() <= 1e-4
     # Saving keeps the tie: no lm_head.weight in the file, and transformers ties it back.
     hf.save(str(tmp_path / "resaved"), config, params)
     assert "lm_head.weight" not in load_file(str(tmp_path / "resaved" / "model.safetensors"))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import compiled
 from starling_jax import models
 from starling_jax.config import MeshConfig
 from starling_jax.errors import InputError
@@ -46,7 +47,7 @@ def test_step0_is_the_base_bit_for_bit():
     config, base, params = _adapted(random_b=False)
     assert set(lora.adapters_of(params)) == set(models.transformer.LORA_PROJECTIONS)
     toks, mask = _tokens([12, 7, 3], 12)
-    f = jax.jit(models.forward, static_argnums=1)
+    f = compiled.forward
     ours, ref = np.asarray(f(params, config, toks, mask)), np.asarray(f(base, CONFIG, toks, mask))
     np.testing.assert_array_equal(ours, ref)
     # the reference policy is the same params without the adapters: strip makes no copy of the base
@@ -80,7 +81,7 @@ def _hand_forward(base, adapters, config, toks, mask):
         d = np.stack([a[l].reshape(-1, a.shape[-1]) @ b[l].reshape(b.shape[1], -1) for l in range(a.shape[0])])
         layers[p] = jnp.asarray(np.asarray(layers[p], np.float64) + config.lora_scale * d.reshape(layers[p].shape),
                                 jnp.float32)
-    return models.forward({**base, "layers": layers}, CONFIG, toks, mask)
+    return compiled.forward({**base, "layers": layers}, CONFIG, toks, mask)
 
 
 @pytest.mark.parametrize("options", [ALL, lora.LoraOptions(rank=3, alpha=5.0, targets=("q_proj", "o", "down"),
@@ -88,14 +89,14 @@ def _hand_forward(base, adapters, config, toks, mask):
 def test_adapted_forward_equals_merged_weights(options):
     config, base, params = _adapted(options)
     toks, mask = _tokens([12, 7, 3], 12, seed=1)
-    ours = np.asarray(models.forward(params, config, toks, mask))
+    ours = np.asarray(compiled.forward(params, config, toks, mask))
     merged = lora.merge(params, config)
     assert "lora" not in merged["layers"] and set(merged["layers"]) == set(base["layers"])
-    via_merge = np.asarray(models.forward(merged, CONFIG, toks, mask))
+    via_merge = np.asarray(compiled.forward(merged, CONFIG, toks, mask))
     by_hand = np.asarray(_hand_forward(base, lora.adapters_of(params), config, toks, mask))
     real = mask > 0
     scale = np.abs(ours[real]).max()
-    assert np.abs(ours - np.asarray(models.forward(base, CONFIG, toks, mask)))[real].max() > 1e-2 * scale  # it moved
+    assert np.abs(ours - np.asarray(compiled.forward(base, CONFIG, toks, mask)))[real].max() > 1e-2 * scale  # it moved
     assert np.abs(ours - via_merge)[real].max() <= 1e-5 * scale
     assert np.abs(ours - by_hand)[real].max() <= 1e-5 * scale
     if options.layers is not None:  # layer 0 has no adapter: its merged weights are the base's exactly
@@ -111,7 +112,7 @@ def test_generation_with_adapters_equals_the_full_forward():
     out, out_mask, logprobs = generate(params, config, toks, mask, jax.random.key(4), 12, temperature=1.3)
     seq = jnp.concatenate([toks, out], axis=1)
     seq_mask = jnp.concatenate([mask, out_mask], axis=1)
-    ref = models.token_logprobs(models.forward(params, config, seq, seq_mask)[:, 8:-1], seq[:, 9:])
+    ref = models.token_logprobs(compiled.forward(params, config, seq, seq_mask)[:, 8:-1], seq[:, 9:])
     np.testing.assert_allclose(np.asarray(logprobs), np.asarray(ref), atol=2e-5)
     step = split_layers(params)
     assert {"wqkv", "w_gate_up", "lora"} <= set(step["layers"][0])
@@ -128,7 +129,7 @@ def test_gradients_reach_only_the_adapters():
         logits = models.forward(lora.attach(fr, ad), config, toks, mask)
         return jnp.mean(models.token_logprobs(logits[:, :-1], jnp.asarray(toks[:, 1:])))
 
-    grads = jax.grad(loss)(adapters, frozen)
+    grads = jax.jit(jax.grad(loss))(adapters, frozen)
     assert jax.tree.structure(grads) == jax.tree.structure(adapters)
     for p, g in grads.items():
         assert np.abs(np.asarray(g["a"][0])).max() > 0 and np.abs(np.asarray(g["b"][0])).max() > 0, p
@@ -136,8 +137,8 @@ def test_gradients_reach_only_the_adapters():
         assert not np.asarray(g["a"][1]).any() and not np.asarray(g["b"][1]).any(), p
     # step 0 (B = 0): A's gradient is exactly zero, B's is not (as in peft)
     config0, _, params0 = _adapted(options, random_b=False)
-    g0 = jax.grad(lambda ad: jnp.sum(models.forward(lora.attach(frozen, ad), config0, toks, mask)[..., 0] ** 2))(
-        lora.adapters_of(params0))
+    g0 = jax.jit(jax.grad(lambda ad: jnp.sum(models.forward(lora.attach(frozen, ad), config0, toks, mask)[..., 0]
+                                             ** 2)))(lora.adapters_of(params0))
     assert not np.asarray(g0["wq"]["a"]).any() and np.asarray(g0["wq"]["b"]).any()
 
 
@@ -145,12 +146,12 @@ def test_dropout_only_with_a_key():
     options = lora.LoraOptions(rank=4, alpha=8.0, dropout=0.5)
     config, _, params = _adapted(options)
     toks, mask = _tokens([8, 8], 8)
-    plain = np.asarray(models.forward(params, config, toks, mask))
-    np.testing.assert_array_equal(plain, np.asarray(models.forward(params, config.replace(lora_dropout=0.0), toks,
+    plain = np.asarray(compiled.forward(params, config, toks, mask))
+    np.testing.assert_array_equal(plain, np.asarray(compiled.forward(params, config.replace(lora_dropout=0.0), toks,
                                                                    mask)))
-    d1, d2 = (np.asarray(models.forward(params, config, toks, mask, dropout_key=jax.random.key(k))) for k in (1, 2))
+    d1, d2 = (np.asarray(compiled.forward(params, config, toks, mask, dropout_key=jax.random.key(k))) for k in (1, 2))
     assert np.abs(d1 - plain).max() > 1e-3 and np.abs(d1 - d2).max() > 1e-3
-    np.testing.assert_array_equal(d1, np.asarray(models.forward(params, config, toks, mask,
+    np.testing.assert_array_equal(d1, np.asarray(compiled.forward(params, config, toks, mask,
                                                                 dropout_key=jax.random.key(1))))
 
 

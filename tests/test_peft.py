@@ -22,6 +22,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+import compiled
 from starling_jax import models
 from starling_jax.commands import cli
 from starling_jax.io import hf
@@ -88,9 +89,9 @@ def exported(request, tmp_path_factory):
 def test_peft_loads_our_adapters_with_our_logits(exported):
     e = exported
     toks = _tokens()
-    ours = np.asarray(models.forward(lora.attach(e["base"], e["adapters"]), e["adapted_config"], toks))
+    ours = np.asarray(compiled.forward(lora.attach(e["base"], e["adapters"]), e["adapted_config"], toks))
     ref = _torch_logits(e["peft_model"], toks)
-    base_only = np.asarray(models.forward(e["base"], e["config"], toks))
+    base_only = np.asarray(compiled.forward(e["base"], e["config"], toks))
     assert _rel(base_only, ref) > 1e-3  # the adapters change the logits, so the check below sees them
     assert _rel(ours, ref) <= 2e-5
     cfg = json.loads((e["root"] / "adapter" / "adapter_config.json").read_text())
@@ -149,9 +150,9 @@ def test_importing_a_directory_peft_saved(family, tmp_path):
     config, base = hf.load(str(tmp_path / "base"))
     adapted_config, params, options = peft_io.apply(str(tmp_path / "adapter"), config, base)
     toks = _tokens(2)
-    ours = np.asarray(models.forward(params, adapted_config, toks))
+    ours = np.asarray(compiled.forward(params, adapted_config, toks))
     ref = _torch_logits(peft_model, toks)
-    assert _rel(np.asarray(models.forward(base, config, toks)), ref) > 1e-3
+    assert _rel(np.asarray(compiled.forward(base, config, toks)), ref) > 1e-3
     assert _rel(ours, ref) <= 2e-5
     assert options.layers == (None if family == "llama" else (0,))
 
@@ -163,8 +164,8 @@ def test_convert_cli_merges_a_peft_directory(exported, tmp_path, capsys):
     assert "PEFT adapter" in capsys.readouterr().out
     config, params = hf.load(out)
     toks = _tokens(3)
-    ref = np.asarray(models.forward(lora.attach(e["base"], e["adapters"]), e["adapted_config"], toks))
-    assert _rel(np.asarray(models.forward(params, config, toks)), ref) <= 2e-5
+    ref = np.asarray(compiled.forward(lora.attach(e["base"], e["adapters"]), e["adapted_config"], toks))
+    assert _rel(np.asarray(compiled.forward(params, config, toks)), ref) <= 2e-5
 
 
 def test_reward_model_adapters_both_ways(tmp_path):
@@ -185,13 +186,13 @@ def test_reward_model_adapters_both_ways(tmp_path):
         str(tmp_path / "adapter")).eval()
     toks = _tokens(4)
     mask = np.ones_like(toks)
-    ours = np.asarray(models.score(params, adapted_config, toks, mask))
+    ours = np.asarray(compiled.score(params, adapted_config, toks, mask))
     ref = _torch_logits(peft_model, toks)[:, 0]
-    assert _rel(np.asarray(models.score(base, config, toks, mask)), ref) > 1e-2
+    assert _rel(np.asarray(compiled.score(base, config, toks, mask)), ref) > 1e-2
     assert _rel(ours, ref) <= 2e-5
     back_config, back, _ = peft_io.apply(str(tmp_path / "adapter"), config, base)
     np.testing.assert_array_equal(np.asarray(back["score"]), np.asarray(params["score"]))
-    np.testing.assert_array_equal(np.asarray(models.score(back, back_config, toks, mask)), ours)
+    np.testing.assert_array_equal(np.asarray(compiled.score(back, back_config, toks, mask)), ours)
     with pytest.raises(peft_io.PeftFormatError, match=r"task_type='SEQ_CLS' does not fit this base \(head 'lm'"):
         peft_io.load(str(tmp_path / "adapter"), LLAMA)
     # peft's own SEQ_CLS directory (random B, its freshly drawn score head)
@@ -209,8 +210,8 @@ def test_reward_model_adapters_both_ways(tmp_path):
     rm_config, rm_base = hf.load(str(tmp_path / "hf_rm"))
     rm_adapted_config, rm_params, _ = peft_io.apply(str(tmp_path / "peft_rm"), rm_config, rm_base)
     ref = _torch_logits(theirs, toks)[:, 0]
-    assert _rel(np.asarray(models.score(rm_base, rm_config, toks, mask)), ref) > 1e-2
-    assert _rel(np.asarray(models.score(rm_params, rm_adapted_config, toks, mask)), ref) <= 2e-5
+    assert _rel(np.asarray(compiled.score(rm_base, rm_config, toks, mask)), ref) > 1e-2
+    assert _rel(np.asarray(compiled.score(rm_params, rm_adapted_config, toks, mask)), ref) <= 2e-5
 
 
 # ----------------------------------------------------------------------------------------------------------------------

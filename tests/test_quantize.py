@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import compiled
 from starling_jax import models
 from starling_jax.generation import sampling
 from starling_jax.models import quantize
@@ -107,15 +108,15 @@ def test_forward_and_decode_with_a_quantized_base_equal_the_dequantized_weights(
     dense = {**qparams, "layers": quantize.dequantize_tree(qparams["layers"], jnp.float32)}
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 3, 128)
     mask = jnp.ones_like(tokens).at[0, :3].set(0)
-    np.testing.assert_array_equal(np.asarray(models.forward(qparams, config, tokens, mask)),
-                                  np.asarray(models.forward(dense, config, tokens, mask)))
+    np.testing.assert_array_equal(np.asarray(compiled.forward(qparams, config, tokens, mask)),
+                                  np.asarray(compiled.forward(dense, config, tokens, mask)))
     out_q = sampling.generate(qparams, config, tokens, mask, jax.random.key(2), 5, temperature=0.0)
     out_d = sampling.generate(dense, config, tokens, mask, jax.random.key(2), 5, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out_q[0]), np.asarray(out_d[0]))
     np.testing.assert_allclose(np.asarray(out_q[2]), np.asarray(out_d[2]), rtol=1e-5, atol=1e-5)
     # and close to the unquantized model: relative RMS of the logits' change (nf4 ~0.1 on these random weights)
-    ref = np.asarray(models.forward(params, config, tokens, mask))
-    change = np.asarray(models.forward(qparams, config, tokens, mask)) - ref
+    ref = np.asarray(compiled.forward(params, config, tokens, mask))
+    change = np.asarray(compiled.forward(qparams, config, tokens, mask)) - ref
     assert np.sqrt(np.mean(change ** 2) / np.mean(ref ** 2)) < {"nf4": 0.2, "int8": 0.02}[scheme]
 
 
@@ -242,18 +243,18 @@ def test_lora_on_a_quantized_base_equals_lora_on_the_dequantized_base():
     adapters = lora.init(config, opts, jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (2, 10), 3, 128)
     mask = jnp.ones_like(tokens)
-    np.testing.assert_array_equal(np.asarray(models.forward(lora.attach(base, adapters), config, tokens, mask)),
-                                  np.asarray(models.forward(base, config, tokens, mask)))
+    np.testing.assert_array_equal(np.asarray(compiled.forward(lora.attach(base, adapters), config, tokens, mask)),
+                                  np.asarray(compiled.forward(base, config, tokens, mask)))
     adapters = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape, a.dtype), adapters)
     dense = {**base, "layers": quantize.dequantize_tree(base["layers"], jnp.float32)}
     q, d = lora.attach(base, adapters), lora.attach(dense, adapters)
-    np.testing.assert_array_equal(np.asarray(models.forward(q, config, tokens, mask)),
-                                  np.asarray(models.forward(d, config, tokens, mask)))
+    np.testing.assert_array_equal(np.asarray(compiled.forward(q, config, tokens, mask)),
+                                  np.asarray(compiled.forward(d, config, tokens, mask)))
     out_q = sampling.generate(q, config, tokens, mask, jax.random.key(4), 4, temperature=0.0)
     out_d = sampling.generate(d, config, tokens, mask, jax.random.key(4), 4, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out_q[0]), np.asarray(out_d[0]))
     # gradients reach the adapters through the dequantized base
-    grads = jax.grad(lambda a: jnp.mean(models.forward(lora.attach(base, a), config, tokens, mask)))(adapters)
+    grads = jax.jit(jax.grad(lambda a: jnp.mean(models.forward(lora.attach(base, a), config, tokens, mask))))(adapters)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
 
 
