@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import compiled
 from starling_jax import algorithms, models
 from starling_jax.step import hydra, losses
 
@@ -47,8 +48,8 @@ def test_hydra_zero_top_layers_with_frozen_head_trains_every_layer(params):
     assert "layers" not in frozen["trunk"] and "lm_head" in frozen["trunk"]
     tokens = jnp.array([[0, 5, 6, 7, 8, 9]], jnp.int32)
     mask = jnp.array([[0, 1, 1, 1, 1, 1]], jnp.int32)
-    out = hydra.hydra_forward(trainable, frozen, CFG, tokens, mask, 3)
-    logits = models.forward(params, CFG, tokens, mask)
+    out = jax.jit(hydra.hydra_forward, static_argnums=(2, 5))(trainable, frozen, CFG, tokens, mask, 3)
+    logits = compiled.forward(params, CFG, tokens, mask)
     want = models.token_logprobs(logits[:, 2:5], tokens[:, 3:])
     np.testing.assert_allclose(out["logprobs"], want, atol=2e-5)
     np.testing.assert_allclose(out["ref_logprobs"], want, atol=2e-5)
@@ -133,7 +134,7 @@ def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
     tokens = jnp.concatenate([prompt, toks], axis=1)
     attn = jnp.concatenate([pmask, mask], axis=1)
     # independent: the sampler's distribution at each step is softmax(logits / T) of the full model
-    logits = models.forward(params, CFG, tokens, attn)[:, P - 1:P + N - 1] / T
+    logits = compiled.forward(params, CFG, tokens, attn)[:, P - 1:P + N - 1] / T
     want = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     want = np.take_along_axis(want, np.asarray(toks)[..., None], axis=-1)[..., 0] * np.asarray(mask)
     obj = options("apa", apa_lambda=1.0)
@@ -146,7 +147,7 @@ def test_rl_logprobs_are_those_of_the_tempered_sampling_distribution(params):
     batch = {"tokens": tokens, "attention_mask": attn, "response_mask": mask, "old_logprobs": exp["old_logprobs"],
              "old_values": exp["old_values"], "advantages": jnp.zeros_like(exp["advantages"]),
              "returns": exp["old_values"]}
-    _, metrics = loss_fn(trainable, frozen, batch)
+    _, metrics = jax.jit(loss_fn)(trainable, frozen, batch)
     assert abs(float(metrics["log_ratio"])) < 1e-6
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+import compiled
 from fake_rollout import fake_chunk
 from starling_jax import models
 from starling_jax.algorithms import options
@@ -42,9 +43,10 @@ def test_hydra_reference_equals_initial_policy(params, rollout, top_layers):
         assert "embed" not in trainable["policy"]
     else:
         assert frozen["trunk"] == {}
-    out = hydra.hydra_forward(trainable, frozen, CFG, rollout["tokens"], rollout["attention_mask"], P)
+    out = jax.jit(hydra.hydra_forward, static_argnums=(2, 5))(trainable, frozen, CFG, rollout["tokens"],
+                                                              rollout["attention_mask"], P)
     # Independent reference: a plain forward over the whole sequence; the logits at P-1+j predict response token j.
-    logits = models.forward(params, CFG, rollout["tokens"], rollout["attention_mask"])
+    logits = compiled.forward(params, CFG, rollout["tokens"], rollout["attention_mask"])
     want = np.asarray(models.token_logprobs(logits[:, P - 1:P + N - 1], rollout["tokens"][:, P:]))
     np.testing.assert_allclose(out["ref_logprobs"], want, atol=2e-5)
     np.testing.assert_allclose(out["logprobs"], want, atol=2e-5)
@@ -130,10 +132,11 @@ def _one_update(params, rollout, objective, top_layers, optim=OptimConfig(learni
     state = init_state(trainable, optimizer, jax.random.key(3), frozen)
     before_trainable = jax.device_get(state.params)
     before_frozen = jax.device_get(state.frozen)
-    loss_before, _ = loss_fn(state.params, state.frozen, batch)
+    loss_jit = jax.jit(loss_fn)  # compiled once for the loss before and after the update
+    loss_before, _ = loss_jit(state.params, state.frozen, batch)
     step = jax.jit(rlaif.make_rl_step(loss_fn, optimizer, epochs=1, minibatch_size=B, objective=objective))
     new_state, metrics = step(state, batch)
-    loss_after, _ = loss_fn(new_state.params, new_state.frozen, batch)
+    loss_after, _ = loss_jit(new_state.params, new_state.frozen, batch)
     return before_trainable, before_frozen, new_state, metrics, float(loss_before), float(loss_after)
 
 
@@ -233,7 +236,7 @@ def test_cross_tokenizer_scoring_equals_direct_scoring():
     T = max(len(x) for x in ids)
     want_tokens = np.array([x + [0] * (T - len(x)) for x in ids], np.int32)
     want_mask = np.array([[1] * len(x) + [0] * (T - len(x)) for x in ids], np.int32)
-    want = np.asarray(models.score(rm_params, rm_cfg, want_tokens, want_mask))
+    want = np.asarray(compiled.score(rm_params, rm_cfg, want_tokens, want_mask))
     np.testing.assert_allclose(got, want, atol=1e-5)
     # in calls of one row each (rollout.generation_batch, memory only): the same scores
     np.testing.assert_allclose(scorer(convs, texts, batch=1), got, rtol=1e-6)

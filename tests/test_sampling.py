@@ -409,13 +409,19 @@ def test_cache_chunked_writes_equal_forward(window, chunk):
     config = models.get_preset("tiny").replace(vocab_size=V, sliding_window=window, init_std=0.3)
     params = models.init_params(config, jax.random.key(0))
     toks, mask = _prompts([15, 8, 3], 15, seed=7)
-    ref = models.hidden_states(params, config, toks, mask)
+    ref = jax.jit(models.hidden_states, static_argnums=1)(params, config, toks, mask)
     cache = models.init_cache(config, 3, models.cache_slots(config, 15))
+
+    @jax.jit  # one compile per chunk shape, every chunk of that shape reuses it
+    def chunk_step(params, cache, toks, mask):
+        x = models.embed_tokens(params, config, toks)
+        x, cache = models.run_layers(params["layers"], config, x, mask, cache)
+        return models.final_norm(params, config, x), cache
+
     outs = []
     for s in range(0, 15, chunk):
-        x = models.embed_tokens(params, config, toks[:, s:s + chunk])
-        x, cache = models.run_layers(params["layers"], config, x, mask[:, s:s + chunk], cache)
-        outs.append(models.final_norm(params, config, x))
+        x, cache = chunk_step(params, cache, toks[:, s:s + chunk], mask[:, s:s + chunk])
+        outs.append(x)
     got = jnp.concatenate(outs, axis=1)
     np.testing.assert_allclose(np.asarray(got)[mask > 0], np.asarray(ref)[mask > 0], atol=2e-5)
 
