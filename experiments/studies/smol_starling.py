@@ -23,9 +23,10 @@ from starling_jax.stages.experiment import load_experiment
 
 from _base import EXPERIMENTS, REPORT_SEEDS
 
-# `--quick` (CI): one cell with every stage cut to a step or two and 8-token replies; checks the machinery only.
+# `--quick` (CI): one cell with every stage cut to a step or two, 8-token replies, one RM step of 4 rankings and 8
+# measured held-out problems; checks the machinery only (the rows the 135M model runs on cost time, prove nothing).
 QUICK = ("stages.feedback.train.steps=1", "stages.feedback.feedback.prompts_per_step=16",
-         "stages.feedback.feedback.max_new_tokens=8", "stages.rm.train.steps=1", "stages.rm.train.batch_size=8",
+         "stages.feedback.feedback.max_new_tokens=8", "stages.rm.train.steps=1", "stages.rm.train.batch_size=4",
          "stages.policy.train.steps=1", "stages.policy.rollout.prompts_per_step=8",
          "stages.policy.rollout.max_new_tokens=8", "stages.policy.rollout.eval_prompts=8", "logging.progress=false")
 
@@ -41,7 +42,7 @@ def get_study() -> Study:
         description="SmolLM2-135M-Instruct through feedback -> K-wise RM -> APA on task:arithmetic; held-out "
                     "exact-answer accuracy against SmolLM2 itself.",
         arms=(Arm("apa", smol()),), seeds=REPORT_SEEDS, reference_stage="base", reward_model_splits=(),
-        splits=("heldout",), eval_prompts=64, max_new_tokens=24, quick=QUICK,
+        splits=("heldout",), eval_prompts=64, max_new_tokens=24, quick=QUICK, quick_eval_prompts=8,
         primary=(Comparison(group="policy/heldout", metric="gain", arm="apa", baseline=REFERENCE,
                             direction="greater",
                             why="the recipe's claim: RLAIF against a learned K-wise RM makes the model more accurate "
