@@ -3,8 +3,10 @@
 - Simulate 8 CPU devices so sharding tests can build real meshes. Single-device code is unaffected (arrays live on
   device 0 and jit runs there unless a mesh says otherwise). A user's own XLA_FLAGS are kept; an explicit device count
   in them wins.
-- One persistent JAX compilation cache for the whole session, shared with every CLI subprocess a test starts (they
-  inherit the environment): the same tiny programs compile once per session instead of once per process. Every
+- One persistent JAX compilation cache per test process (each pytest-xdist worker makes its own: JAX writes cache
+  files without a lock unless the cache has a size limit, so two workers compiling the same program at once never
+  share a directory), shared with every CLI subprocess a test starts (they inherit the environment): the same tiny
+  programs compile once per worker instead of once per process. Every
   program is cached, however small or quick to compile. The cache is a fresh directory made for this session and
   removed after it, so nothing compiled by an earlier session (other code, other flags) can be read back: a test
   always runs what this checkout compiles. A hit reuses an executable XLA built from the same program text, compile
