@@ -64,6 +64,13 @@ def test_nf4_quantize_dequantize_against_numpy(name, shape):
     deq = np.asarray(quantize.dequantize(q, jnp.float32))
     np.testing.assert_allclose(deq, deq_ref, rtol=1e-6, atol=0)
     assert np.all(deq.reshape(-1)[:3] == 0.0)
+    # bit for bit the table's float32 level times the block's float32 absmax, then one cast (jitted, as a layer reads it)
+    scale = np.repeat(np.asarray(q["absmax"]), 16, axis=axis)
+    table = quantize.NF4[codes] * scale
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = np.asarray(jax.jit(quantize.dequantize, static_argnums=1)(q, dtype))
+        want = np.asarray(jnp.asarray(table).astype(dtype))
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), dtype
     # the error is at most half the widest gap between adjacent levels, times the block's absmax
     half_gap = np.max(np.diff(quantize.NF4)) / 2
     assert np.all(np.abs(deq - w) <= half_gap * absmax * (1 + 1e-6))

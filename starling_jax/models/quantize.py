@@ -101,15 +101,33 @@ def dequantize(q: Mapping[str, jax.Array], dtype) -> jax.Array:
     """The dense matrix of a quantized one, in `dtype` (computed in float32, then cast once). The nf4 block axis is
     the one whose codes and absmax differ in size, so any slice over other axes (a scan's layer, a fused q/k/v)
     dequantizes alike."""
+    # The barrier keeps the compiler from moving the unpacking out of the scan over layers: without it the TPU
+    # compiler unpacked every layer's codes at once, before the loop (three uint8 copies of a 7B model's MLP stacks,
+    # 0.9 GiB each, in the update step), where each layer should unpack its own inside the loop.
     if "int8" in q:
-        return (q["int8"].astype(jnp.float32) * q["scale"]).astype(dtype)
-    packed, absmax = q["nf4"], q["absmax"]
+        codes, scale = jax.lax.optimization_barrier((q["int8"], q["scale"]))
+        return (codes.astype(jnp.float32) * scale).astype(dtype)
+    packed, absmax = jax.lax.optimization_barrier((q["nf4"], q["absmax"]))
     a = next(i for i, (c, s) in enumerate(zip(packed.shape, absmax.shape)) if c != s)
-    codes = jnp.stack([packed >> 4, packed & 15], axis=a + 1)  # [..., n/2, 2, ...]
-    shape = (*packed.shape[:a], absmax.shape[a], -1, *packed.shape[a + 1:])
-    values = jnp.take(jnp.asarray(NF4), codes.astype(jnp.int32)).reshape(shape)  # [..., blocks, block, ...]
-    out = values * jnp.expand_dims(absmax, a + 1)
-    return out.reshape(*packed.shape[:a], -1, *packed.shape[a + 1:]).astype(dtype)
+    # Both codes of a byte are in the same block (blocks are even): scale each nibble's level by its block's absmax and
+    # cast to `dtype` first, then interleave the two halves. The interleave merges axes, which on a TPU's tiled
+    # layouts is a copy: made in `dtype`, that copy is the only dense matrix (in float32 it was three to five).
+    blocks = packed.reshape(*packed.shape[:a], absmax.shape[a], -1, *packed.shape[a + 1:])  # [..., blocks, block/2, ...]
+    scale = jnp.expand_dims(absmax, a + 1)
+    hi, lo = ((nf4_levels(codes) * scale).astype(dtype) for codes in (blocks >> 4, blocks & 15))
+    return jnp.stack([hi, lo], axis=a + 2).reshape(*packed.shape[:a], -1, *packed.shape[a + 1:])
+
+
+def nf4_levels(codes: jax.Array) -> jax.Array:
+    """NF4[codes] (float32) for uint8 codes in [0, 16), as a tree of selects on the code's four bits: elementwise, so
+    XLA fuses it with the scaling and the cast. A table gather (jnp.take) does not fuse: on the TPU compiler it
+    materialised each matrix's codes as int32 and their levels as float32 (224 MiB each for a 7B MLP matrix). The
+    values are the table's, bit for bit."""
+    levels = [jnp.float32(v) for v in NF4]
+    for bit in range(4):  # halve the candidates by one bit at a time, lowest first
+        on = (codes >> bit) & 1 == 1
+        levels = [jnp.where(on, hi, lo) for lo, hi in zip(levels[0::2], levels[1::2])]
+    return levels[0]
 
 
 def quantize_layers(layers: Mapping[str, Any], scheme: str, block: int) -> dict:
