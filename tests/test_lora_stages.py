@@ -389,6 +389,7 @@ def test_qlora_rl_stage_from_checkpoints_reads_its_layers_quantized_with_the_sam
     def metrics(run):
         (file,) = (tmp_path / run).glob("*/metrics.jsonl")
         rows = [json.loads(line) for line in open(file)]
-        return [{k: v for k, v in row.items() if not any(t in k for t in ("time", "per_s", "sec", "wall"))} for row in rows]
+        timing = ("time", "per_s", "sec", "wall")
+        return [{k: v for k, v in row.items() if not any(t in k for t in timing)} for row in rows]
     quantized, dense = metrics("quantized"), metrics("dense")
     assert any("loss" in row for row in quantized) and quantized == dense, (quantized, dense)

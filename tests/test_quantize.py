@@ -421,7 +421,8 @@ def test_a_quantization_the_checkpoint_cannot_take_is_one_line(bf16_checkpoint):
     with pytest.raises(hf.HFFormatError) as e:
         hf.load(bf16_checkpoint, quantize="nf4", quantize_block=48)
     message = str(e.value)
-    assert "\n" not in message and message.startswith(f"{bf16_checkpoint}: cannot store its layers quantized: "), message
+    assert "\n" not in message, message
+    assert message.startswith(f"{bf16_checkpoint}: cannot store its layers quantized: "), message
     assert ("quantize='nf4' with quantize_block=48: hidden_size=64, head_dim=16, mlp_dim=128 not divisible by the "
             "block size") in message, message
     with pytest.raises(hf.HFFormatError, match="quantize='int4' is not a quantization the base can take"):

@@ -8,13 +8,15 @@ digests.json (one `starling-jax convert` wrote) is checked against it before any
 a file damaged since is an HFFormatError naming it.
 
 Loading reads one tensor at a time through safetensors' memory map, and each device's shard straight from the file
-(`jax.make_array_from_callback` reads only the slice a device needs), so host memory stays near one tensor.
+(`jax.make_array_from_callback` reads only the slice a device needs), so host memory stays near one tensor. With
+`quantize` the layers' matrices are quantized on the host as they are read, one layer at a time, and only their codes
+and scales are placed (load's docstring).
 
 Layout: HF stores each Linear as [out, in]; we store [in, ...] with heads split out (wq [L, D, H, E], wo [L, H, E, D]),
 and layers stacked on a leading axis. `_LAYOUT` records, per parameter, which of our axes each HF dimension flattens
 (row-major), which is all that is needed to go either way and to read any rectangular slice.
 
-Why this file is long (~480 lines): loading and saving read one name-and-layout table (_LAYOUT, _entries), so both
+Why this file is long (~520 lines): loading and saving read one name-and-layout table (_LAYOUT, _entries), so both
 directions stay beside it, and loading checks the directory, each tensor and the digests before it reads a byte.
 """
 
@@ -342,7 +344,8 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     they are read, for a model whose layers never train (a QLoRA base, a frozen reward model): each layer is read
     dense on the host in `dtype`, quantized there (_quantize_layer) and only its codes and scales are placed, in the
     shards of models.quantized_specs. No device ever holds a dense matrix stack, and the host holds one dense layer
-    plus the codes of one matrix stack waiting to be placed. The arrays equal models.quantized_base of the dense load,
+    plus the codes of one matrix stack waiting to be placed (each process quantizes whole layers, as the scales span
+    the input axes, and places its own devices' shards). The arrays equal models.quantized_base of the dense load,
     bit for bit; the returned config says how they are stored (config.quantize). "none": everything dense.
     """
 
