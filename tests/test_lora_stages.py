@@ -393,3 +393,25 @@ def test_qlora_rl_stage_from_checkpoints_reads_its_layers_quantized_with_the_sam
         return [{k: v for k, v in row.items() if not any(t in k for t in timing)} for row in rows]
     quantized, dense = metrics("quantized"), metrics("dense")
     assert any("loss" in row for row in quantized) and quantized == dense, (quantized, dense)
+
+
+@pytest.mark.parametrize("objective,top", [("sft", 0), ("dpo", 2)])
+def test_data_stage_over_a_base_read_quantized_equals_quantizing_it_after(tmp_path, params, objective, top):
+    """The trees and the step-0 loss of a QLoRA data stage built from a checkpoint read quantized (hf.load(quantize=),
+    what the data kind does with model.lora) are those of the same checkpoint read dense and quantized by the trees
+    (a trunk split, top 2, slices the quantized stack)."""
+    from starling_jax.io import hf
+    config = CFG.replace(quantize="nf4", quantize_block=8)
+    hf.save(str(tmp_path), CFG, params)
+    _, read_quantized = hf.load(str(tmp_path), quantize="nf4", quantize_block=8)
+    _, read_dense = hf.load(str(tmp_path))
+    assert models.quantize.is_quantized(read_quantized["layers"]["wq"])
+    c = _stage_config(objective, LORA, top)
+    mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+    new, old = (data_setup(c, config, p, mesh, jax.random.key(4)) for p in (read_quantized, read_dense))
+    assert models.quantize.is_quantized(new.state.frozen["base"]["layers"]["wq"])
+    assert _equal(new.state.frozen, old.state.frozen) and _equal(new.state.params, old.state.params)
+    batch = _batch(objective)
+    loss = jax.jit(new.loss)
+    assert float(loss(new.state.params, new.state.frozen, batch, jax.random.key(0))[0]) == float(
+        loss(old.state.params, old.state.frozen, batch, jax.random.key(0))[0])
