@@ -212,3 +212,28 @@ def test_plan_notes_a_section_whose_path_it_cannot_plan(checkpoint):
         notes = plan.stage_setup(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).notes
         assert any(n.startswith(f"note: model.path={path!r} with model.config left at its default: planned as that "
                                 f"default config") for n in notes) == noted, notes
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_frozen_layers_are_read_quantized_as_quantizing_after_loading_would(checkpoint, tmp_path, scheme):
+    """load_model(frozen_layers=True) with a quantizing config: the checkpoint's layers arrive quantized (hf.load
+    quantizes while reading), equal to today's path (a dense load, then quantize_frozen), and quantize_frozen leaves
+    them as they are; without frozen_layers, a config of quantize "none" or a stage export: dense, as before."""
+    from starling_jax.models.quantize import is_quantized
+    from starling_jax.stages.program import quantize_frozen
+    path, saved = checkpoint
+    rm = ARCH.replace(head="score", param_dtype="float32", dtype="bfloat16", quantize=scheme, quantize_block=8)
+    section = RewardModelSection(config=rm, path=path)
+    ctx = _ctx(tmp_path, {"rm": StageExport(config=ARCH, params=jax.tree.map(jax.numpy.asarray, saved), summary={})})
+    config, params = load_model(ctx, section, jax.random.key(0), frozen_layers=True)
+    assert config == rm.replace(head="lm") and is_quantized(params["layers"]["wo"])
+    dense_config, dense = load_model(ctx, section, jax.random.key(0))
+    assert dense_config == config and not is_quantized(dense["layers"]["wo"])
+    _same(params, quantize_frozen(ctx, config, dense))
+    assert quantize_frozen(ctx, config, params) is params
+    _, plain = load_model(ctx, RewardModelSection(config=rm.replace(quantize="none"), path=path), jax.random.key(0),
+                          frozen_layers=True)
+    _same(plain, saved, np.float32)
+    _, exported = load_model(ctx, dataclasses.replace(section, path="stage:rm"), jax.random.key(0),
+                             frozen_layers=True)
+    _same(exported, saved, np.float32)

@@ -349,3 +349,69 @@ def test_lora_pipeline_sft_rm_apa_and_convert(tmp_path):
     assert cli.main(["convert", str(tmp_path / "rm"), str(rm_dir), "--adapters"]) == 0
     rm_config = json.load(open(rm_dir / "adapter_config.json"))
     assert rm_config["task_type"] == "SEQ_CLS" and rm_config["layers_to_transform"] == [1]
+
+
+@pytest.mark.slow
+def test_qlora_rl_stage_from_checkpoints_reads_its_layers_quantized_with_the_same_metrics(tmp_path, monkeypatch):
+    """An APA stage with an nf4 LoRA policy and an nf4 reward model, both from Hugging Face directories: both are read
+    quantized (hf.load(quantize="nf4")), and every metric of its steps equals today's path (each read dense, then
+    quantized where the stage's trees are made), bit for bit."""
+    from starling_jax.io import hf
+    tiny = models.PRESETS["tiny"]
+    nf4 = dict(quantize="nf4", quantize_block=8)  # blocks fsdp 8 splits: hidden 64 = 8 blocks
+    for name, config in (("policy_hf", tiny), ("rm_hf", tiny.replace(head="score"))):
+        hf.save(str(tmp_path / name), config, models.init_params(config, jax.random.key(len(name))))
+    exp = Experiment(
+        name="tiny_qlora_rl", data=DataConfig(source="synthetic", synthetic_prompts=64, max_prompt_length=32),
+        model=ModelSection(config=tiny.replace(**nf4), path=str(tmp_path / "policy_hf"), tokenizer="openchat-3.5",
+                           template="openchat_3.5", lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "up"))),
+        reward_model=RewardModelSection(config=tiny.replace(head="score", **nf4), path=str(tmp_path / "rm_hf"),
+                                        tokenizer="openchat-3.5", template="openchat_3.5", max_length=64),
+        objective=options("apa", value_clip=None),
+        rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, minibatch_size=8, epochs=1, eval_prompts=8),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=0, schedule="constant"),
+        train=TrainConfig(steps=2, batch_size=8), checkpoint=CheckpointConfig(every=0),
+        logging=LoggingConfig(every=1, tensorboard=False, progress=False))
+    load, reads = hf.load, []
+
+    def recording_load(path, *args, quantize="none", **kwargs):
+        reads.append((os.path.basename(path), quantize))
+        return load(path, *args, quantize=quantize, **kwargs)
+
+    def dense_load(path, *args, quantize="none", **kwargs):  # today's path: every checkpoint read dense
+        return load(path, *args, **kwargs)
+    monkeypatch.setattr(hf, "load", recording_load)
+    _run(exp, tmp_path / "quantized")
+    assert reads == [("policy_hf", "nf4"), ("rm_hf", "nf4")]
+    monkeypatch.setattr(hf, "load", dense_load)
+    _run(exp, tmp_path / "dense")
+
+    def metrics(run):
+        (file,) = (tmp_path / run).glob("*/metrics.jsonl")
+        rows = [json.loads(line) for line in open(file)]
+        timing = ("time", "per_s", "sec", "wall")
+        return [{k: v for k, v in row.items() if not any(t in k for t in timing)} for row in rows]
+    quantized, dense = metrics("quantized"), metrics("dense")
+    assert any("loss" in row for row in quantized) and quantized == dense, (quantized, dense)
+
+
+@pytest.mark.parametrize("objective,top", [("sft", 0), ("dpo", 2)])
+def test_data_stage_over_a_base_read_quantized_equals_quantizing_it_after(tmp_path, params, objective, top):
+    """The trees and the step-0 loss of a QLoRA data stage built from a checkpoint read quantized (hf.load(quantize=),
+    what the data kind does with model.lora) are those of the same checkpoint read dense and quantized by the trees
+    (a trunk split, top 2, slices the quantized stack)."""
+    from starling_jax.io import hf
+    config = CFG.replace(quantize="nf4", quantize_block=8)
+    hf.save(str(tmp_path), CFG, params)
+    _, read_quantized = hf.load(str(tmp_path), quantize="nf4", quantize_block=8)
+    _, read_dense = hf.load(str(tmp_path))
+    assert models.quantize.is_quantized(read_quantized["layers"]["wq"])
+    c = _stage_config(objective, LORA, top)
+    mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+    new, old = (data_setup(c, config, p, mesh, jax.random.key(4)) for p in (read_quantized, read_dense))
+    assert models.quantize.is_quantized(new.state.frozen["base"]["layers"]["wq"])
+    assert _equal(new.state.frozen, old.state.frozen) and _equal(new.state.params, old.state.params)
+    batch = _batch(objective)
+    loss = jax.jit(new.loss)
+    assert float(loss(new.state.params, new.state.frozen, batch, jax.random.key(0))[0]) == float(
+        loss(old.state.params, old.state.frozen, batch, jax.random.key(0))[0])

@@ -325,3 +325,112 @@ def test_alpha_qlora_recipe_is_alpha_apa_in_nf4_with_lora():
     assert c.train.grad_accum == c.rollout.minibatch_size == 4 and alpha.train.grad_accum == 1  # 1 rollout each
     assert c.train.steps * c.rollout.epochs * c.rollout.prompts_per_step // c.rollout.minibatch_size == 20000
     assert (c.rollout.max_new_tokens, c.data.max_prompt_length, c.reward_model.max_length) == (1024, 1124, 2048)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Quantizing while loading (io/hf.py load(quantize=...)): the arrays of quantizing after a dense load, bit for bit,
+# without a dense layer stack on any device.
+
+# a bf16 checkpoint (as OpenChat-3.5 is stored) read into float32 (as the alpha recipes state); blocks of 8 divide
+# every input width of tiny (hidden 64, head_dim 16, mlp 128) into a count fsdp 8 divides
+LOAD_BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    from starling_jax.io import hf
+    config = TINY_Q.replace(param_dtype="bfloat16", dtype="bfloat16", quantize_block=LOAD_BLOCK)
+    params = models.init_params(config.replace(init_std=0.3), jax.random.key(5))  # wide values: many nf4 codes
+    path = str(tmp_path_factory.mktemp("qload") / "bf16")
+    hf.save(path, config, params)
+    return path
+
+
+def _fsdp8():
+    return sharding.make_mesh(MeshConfig(data=1, fsdp=8, tensor=1), jax.devices()[:8])
+
+
+def _assert_same_arrays(got, want, placed=True):
+    """The same tree, every array equal bit for bit in the same dtype (and, with placed, the same sharding)."""
+    (lg, tg), (lw, tw) = jax.tree.flatten_with_path(got), jax.tree.flatten_with_path(want)
+    assert tg == tw
+    for (key, a), (_, b) in zip(lg, lw):
+        assert a.dtype == b.dtype and a.shape == b.shape, (key, a.dtype, b.dtype, a.shape, b.shape)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(key))
+        if placed:
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (key, a.sharding, b.sharding)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+@pytest.mark.parametrize("meshed", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_quantized_equals_quantizing_the_dense_load(bf16_checkpoint, scheme, meshed, dtype):
+    """hf.load(quantize=...) gives the arrays (and shardings) that today's path gives: the dense load in the same
+    dtype, then quantized by the stage (program.quantize_frozen: jitted into the quantized specs' shardings) or by
+    the LoRA trees (adapters.init_trees: models.quantized_base, op by op); norms, embedding and head as loaded."""
+    from starling_jax.config import Experiment
+    from starling_jax.io import hf
+    from starling_jax.stages.program import StageContext, quantize_frozen
+    mesh = _fsdp8() if meshed else None
+    config, dense = hf.load(bf16_checkpoint, dtype=dtype, mesh=mesh)
+    qconfig = config.replace(quantize=scheme, quantize_block=LOAD_BLOCK)
+    got_config, got = hf.load(bf16_checkpoint, dtype=dtype, mesh=mesh, quantize=scheme, quantize_block=LOAD_BLOCK)
+    assert got_config == qconfig
+    assert quantize.is_quantized(got["layers"]["w_down"]) and got["layers"]["wq"][scheme].dtype == (
+        jnp.uint8 if scheme == "nf4" else jnp.int8)
+    exp = Experiment(name="q")
+    ctx = StageContext(experiment=exp, config=exp, stage_name="s", workdir="", mesh=mesh, load_stage=None)
+    _assert_same_arrays(got, models.quantized_base(dense, qconfig))
+    want = quantize_frozen(ctx, qconfig, jax.tree.map(jnp.copy, dense))
+    _assert_same_arrays(got, want)
+    assert quantize_frozen(ctx, qconfig, got) is got  # already quantized, in these shards: left as it is
+    for k in ("embed", "lm_head", "final_norm"):
+        _assert_same_arrays(got[k], dense[k])
+
+
+def test_loading_quantized_never_places_a_dense_layer_stack(bf16_checkpoint, monkeypatch):
+    """What hf.load places on devices (jax.make_array_from_callback) and what it quantizes on the host, recorded:
+    with quantize every layer matrix is placed as its codes and scales only (one byte or half a byte a weight) and
+    each quantizer call sees one layer; the same recorder sees the dense [L, ...] stacks without quantize."""
+    from starling_jax.io import hf
+    placed, quantized = [], []
+    make = jax.make_array_from_callback
+
+    def recording_make(shape, sharding_, callback, *args, **kwargs):
+        out = make(shape, sharding_, callback, *args, **kwargs)
+        placed.append((tuple(shape), np.dtype(out.dtype)))
+        return out
+
+    layer_quantizer = hf._quantize_layer
+
+    def recording_quantize(layer, name, scheme, block):
+        quantized.append((name, layer.shape))
+        return layer_quantizer(layer, name, scheme, block)
+    monkeypatch.setattr(jax, "make_array_from_callback", recording_make)
+    monkeypatch.setattr(hf, "_quantize_layer", recording_quantize)
+    config, dense = hf.load(bf16_checkpoint, dtype="float32", mesh=_fsdp8())
+    stacks = {(tuple(dense["layers"][k].shape), np.dtype("float32")) for k in quantize.MATRICES}
+    assert stacks <= set(placed) and not quantized  # the recorder sees the dense stacks
+    placed.clear()
+    _, q = hf.load(bf16_checkpoint, dtype="float32", mesh=_fsdp8(), quantize="nf4", quantize_block=LOAD_BLOCK)
+    assert not stacks & set(placed), placed
+    for k in quantize.MATRICES:
+        shape = dense["layers"][k].shape
+        assert (q["layers"][k]["nf4"].shape, np.dtype("uint8")) in placed
+        assert quantized.count((k, shape[1:])) == config.num_layers  # one layer at a time, each once
+    dense_bytes = sum(dense["layers"][k].nbytes for k in quantize.MATRICES)
+    stored_bytes = sum(a.nbytes for k in quantize.MATRICES for a in q["layers"][k].values())
+    assert 4 * stored_bytes == dense_bytes  # 4 bits + a float32 absmax per 8 weights (8 bits a weight), against 32
+
+
+def test_a_quantization_the_checkpoint_cannot_take_is_one_line(bf16_checkpoint):
+    from starling_jax.io import hf
+    with pytest.raises(hf.HFFormatError) as e:
+        hf.load(bf16_checkpoint, quantize="nf4", quantize_block=48)
+    message = str(e.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"{bf16_checkpoint}: cannot store its layers quantized: "), message
+    assert ("quantize='nf4' with quantize_block=48: hidden_size=64, head_dim=16, mlp_dim=128 not divisible by the "
+            "block size") in message, message
+    with pytest.raises(hf.HFFormatError, match="quantize='int4' is not a quantization the base can take"):
+        hf.load(bf16_checkpoint, quantize="int4")

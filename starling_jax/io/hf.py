@@ -8,13 +8,15 @@ digests.json (one `starling-jax convert` wrote) is checked against it before any
 a file damaged since is an HFFormatError naming it.
 
 Loading reads one tensor at a time through safetensors' memory map, and each device's shard straight from the file
-(`jax.make_array_from_callback` reads only the slice a device needs), so host memory stays near one tensor.
+(`jax.make_array_from_callback` reads only the slice a device needs), so host memory stays near one tensor. With
+`quantize` the layers' matrices are quantized on the host as they are read, one layer at a time, and only their codes
+and scales are placed (load's docstring).
 
 Layout: HF stores each Linear as [out, in]; we store [in, ...] with heads split out (wq [L, D, H, E], wo [L, H, E, D]),
 and layers stacked on a leading axis. `_LAYOUT` records, per parameter, which of our axes each HF dimension flattens
 (row-major), which is all that is needed to go either way and to read any rectangular slice.
 
-Why this file is long (~480 lines): loading and saving read one name-and-layout table (_LAYOUT, _entries), so both
+Why this file is long (~520 lines): loading and saving read one name-and-layout table (_LAYOUT, _entries), so both
 directions stay beside it, and loading checks the directory, each tensor and the digests before it reads a byte.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -39,6 +42,7 @@ from starling_jax.config import MeshConfig
 from starling_jax.errors import InputError
 from starling_jax.io import hub
 from starling_jax.models import ModelConfig, Params
+from starling_jax.models import quantize as quantization
 from starling_jax.parallel import sharding
 
 
@@ -326,8 +330,8 @@ def _check_tensors(entries: list[_Entry], config: ModelConfig, shapes: dict[str,
         raise HFFormatError(f"{path}: checkpoint does not match config.json ({hf_class}): " + "; ".join(problems))
 
 
-def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None, rules=None
-         ) -> tuple[ModelConfig, Params]:
+def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None, rules=None,
+         quantize: str = "none", quantize_block: int = 64) -> tuple[ModelConfig, Params]:
     """Load a local HF safetensors directory as (ModelConfig, params).
 
     dtype: parameter storage dtype ("float32" | "bfloat16" | "float16"); None keeps the checkpoint's (config.json's
@@ -336,6 +340,13 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
     mesh, rules: place each parameter straight into its shards, per starling_jax.parallel.sharding.param_shardings(
     models.param_specs(config), mesh, rules) (rules default to MeshConfig().rules; pass the experiment's
     mesh.rules); without a mesh everything goes to the default device.
+    quantize, quantize_block: "int8" or "nf4" stores the layers' matrices (models.quantize.MATRICES) quantized while
+    they are read, for a model whose layers never train (a QLoRA base, a frozen reward model): each layer is read
+    dense on the host in `dtype`, quantized there (_quantize_layer) and only its codes and scales are placed, in the
+    shards of models.quantized_specs. No device ever holds a dense matrix stack, and the host holds one dense layer
+    plus the codes of one matrix stack waiting to be placed (each process quantizes whole layers, as the scales span
+    the input axes, and places its own devices' shards). The arrays equal models.quantized_base of the dense load,
+    bit for bit; the returned config says how they are stored (config.quantize). "none": everything dense.
     """
 
     path = hub.resolve(path)  # "hf:ORG/NAME[@REV]" -> its local snapshot
@@ -356,13 +367,21 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
             raise HFFormatError(f"{path}: cannot store parameters as {param_dtype!r} (stored dtype {stored}); pass "
                                 f"dtype='float32' or 'bfloat16'")
         config = config.replace(param_dtype=param_dtype, dtype="float32" if param_dtype == "float32" else "bfloat16")
+        try:
+            config = config.replace(quantize=quantize, quantize_block=quantize_block)
+        except ValueError as e:  # a scheme this checkpoint's widths cannot take: ModelConfig says why and what to do
+            raise HFFormatError(f"{path}: cannot store its layers quantized: "
+                                f"{str(e).removeprefix('invalid ModelConfig: ')}") from None
         entries = _entries(config)
         _check_tensors(entries, config, {n: tuple(s.get_shape()) for n, s in slices.items()}, path)
         shardings = _shardings(config, mesh, rules)
         params: Params = {}
         for e in entries:
             sharding = shardings[e.path[0]] if len(e.path) == 1 else shardings[e.path[0]][e.path[1]]
-            array = _load_entry(e, slices, np.dtype(param_dtype), sharding)
+            if e.stacked and e.path[-1] in quantization.INPUT_AXES and config.quantize != "none":
+                array = _load_quantized(e, slices, np.dtype(param_dtype), sharding, config)
+            else:
+                array = _load_entry(e, slices, np.dtype(param_dtype), sharding)
             node = params
             for k in e.path[:-1]:
                 node = node.setdefault(k, {})
@@ -371,7 +390,7 @@ def load(path: str, dtype: Optional[str] = None, mesh: Optional[jax.sharding.Mes
 
 
 def _shardings(config: ModelConfig, mesh, rules) -> Params:
-    specs = models.param_specs(config)
+    specs = models.quantized_specs(models.param_specs(config), config)  # param_specs unless config.quantize
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, specs, is_leaf=models.transformer.is_spec)
@@ -397,6 +416,38 @@ def _load_entry(e: _Entry, slices, dtype: np.dtype, sharding) -> jax.Array:
         return blocks[key]
 
     return jax.make_array_from_callback(e.shape, sharding, read)
+
+
+def _load_quantized(e: _Entry, slices, dtype: np.dtype, shardings: dict, config: ModelConfig) -> dict:
+    """A stacked layer matrix stored as config.quantize says: each layer read whole (the scales span its input axes)
+    in `dtype`, quantized on the host into the stacked codes and scales, which are then placed shard by shard."""
+    name, scheme, block = e.path[-1], config.quantize, config.quantize_block
+    stored = quantization.storage_shapes(name, e.shape, scheme, block)
+    host = {k: np.empty(shape, dt) for k, (shape, dt, _) in stored.items()}
+    whole = tuple(slice(0, n) for n in e.layer_shape)
+    for i in range(e.shape[0]):
+        layer = _read_block(slices[e.hf_name.format(i=i)], e.groups, e.layer_shape, whole).astype(dtype, copy=False)
+        for k, v in _quantize_layer(layer, name, scheme, block).items():
+            host[k][i] = v
+        del layer
+    return {k: jax.make_array_from_callback(a.shape, shardings[k], lambda index, a=a: a[index])
+            for k, a in host.items()}
+
+
+@functools.cache
+def _layer_quantizer(name: str, scheme: str, block: int):
+    return jax.jit(functools.partial(quantization.quantize, name=name, scheme=scheme, block=block))
+
+
+def _quantize_layer(layer: np.ndarray, name: str, scheme: str, block: int) -> dict[str, np.ndarray]:
+    """One layer's matrix -> its stored arrays as numpy: models.quantize.quantize itself (the function quantized_base
+    applies), compiled for and run on the host's CPU device (the first local device when JAX has no CPU backend)."""
+    try:
+        device = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        device = jax.local_devices()[0]
+    out = _layer_quantizer(name, scheme, block)(jax.device_put(layer, device))
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from starling_jax.config import Experiment, ModelSection, RewardModelSection
 from starling_jax.errors import InputError, did_you_mean
 from starling_jax.io import hf, hub
 from starling_jax.models import Params, init_params, param_specs, quantized_base, quantized_specs
+from starling_jax.models.quantize import INPUT_AXES, is_quantized
 from starling_jax.models.config import ModelConfig, architecture_conflicts
 from starling_jax.parallel.sharding import init_sharded, param_shardings
 from starling_jax.step import adapters
@@ -283,11 +284,19 @@ ARCHITECTURE_FIX = ("state the checkpoint's architecture in {name}.config (the c
                     "to run the checkpoint as it is")
 
 
-def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, key: jax.Array
-               ) -> tuple[ModelConfig, Params]:
+def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, key: jax.Array,
+               frozen_layers: bool = False) -> tuple[ModelConfig, Params]:
     """(config, params) of a model section: "stage:NAME" -> that stage's export; a directory or "hf:ORG/NAME" ->
     Hugging Face weights (starling_jax.io.hf.load, placed on ctx.mesh); None -> random init of section.config from
     `key`.
+
+    frozen_layers: the caller never uses this model's layer matrices dense: it stores every one of them frozen, as
+    config.quantize says (an rl stage's reward model, quantize_frozen; a model trained through LoRA adapters whose
+    critic copies no layers, step/adapters.py). Then, when config.quantize is not "none", a Hugging Face checkpoint's
+    layers are quantized while they are read (hf.load(quantize=...): one layer at a time on the host, only codes and
+    scales placed), so the dense layer stack never exists on a device; the arrays are the ones quantizing after a
+    dense load would give, bit for bit, and quantized_base leaves them as they are. A stage export or a random init
+    is built dense as before and quantized where the stage's trees are made.
 
     With a path the checkpoint decides the architecture and a stated section.config how the model runs and is
     stored (ModelConfig.run_as: param_dtype, dtype, remat, attention, ...; the parameters are read or cast into its
@@ -306,7 +315,9 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
         config, params = exported.config, exported.params
     else:  # read straight into the stated storage dtype (None: the checkpoint's)
         config, params = hf.load(path, dtype=section.config.param_dtype if stated else None, mesh=ctx.mesh,
-                                 rules=ctx.config.mesh.rules)
+                                 rules=ctx.config.mesh.rules,
+                                 quantize=section.config.quantize if frozen_layers else "none",
+                                 quantize_block=section.config.quantize_block)
     if stated:
         conflicts = architecture_conflicts(section.config, config)
         if conflicts:
@@ -328,9 +339,11 @@ def load_model(ctx: StageContext, section: ModelSection | RewardModelSection, ke
 
 def quantize_frozen(ctx: StageContext, config: ModelConfig, params: Params) -> Params:
     """A model that never trains (an RL stage's reward model) with its layers stored as config.quantize says
-    (models.quantized_base), placed in the shards of its quantized specs; the dense arrays are donated. "none": the
-    params as they are."""
-    if config.quantize == "none":
+    (models.quantized_base), placed in the shards of its quantized specs; the dense arrays are donated. "none", or
+    layers already quantized (load_model(frozen_layers=True) read them so, in these shards): the params as they
+    are."""
+    layers = params.get("layers", {})
+    if config.quantize == "none" or all(is_quantized(layers[k]) for k in INPUT_AXES if k in layers):
         return params
     shardings = None if ctx.mesh is None else param_shardings(quantized_specs(param_specs(config), config), ctx.mesh,
                                                               ctx.config.mesh.rules)

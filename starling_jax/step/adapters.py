@@ -62,7 +62,7 @@ def init_trees(params: Params, config: ModelConfig, lora: LoraConfig, key: jax.A
     """(trainable, frozen) of a LoRA stage (the module docstring) from the model's full params. heads: the heads that
     train in full ({"score": ...} taken from params for a reward model, {"critic": a fresh value head} for the rl
     kind), by name -> array tree, or the name alone as {"score": None} to take it from params."""
-    n = params["layers"]["wq"].shape[0]
+    n = models.num_stacked(params["layers"])  # the layer matrices may be stored quantized already (hf.load)
     top, trunk = models.split_params(params, top_layers, train_head=False)
     trunk = dict(trunk)
     trainable = {}

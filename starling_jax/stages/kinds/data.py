@@ -128,7 +128,8 @@ class DataStage:
 
         # The rows first: a bad data file is reported before minutes of model loading and compilation.
         self.splits = pipelines.load_splits(c.data)
-        model_config, params = load_model(ctx, c.model, init_key)
+        # with adapters every layer is frozen: read quantized when model.config says so (load_model)
+        model_config, params = load_model(ctx, c.model, init_key, frozen_layers=c.model.lora is not None)
         if algorithm.head == "score" and model_config.head != "score":
             model_config, params = to_reward_model(model_config, params, head_key)
         if algorithm.head == "lm" and model_config.head != "lm":

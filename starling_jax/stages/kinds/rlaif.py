@@ -511,8 +511,11 @@ class RLStage:
             raise ValueError(f"stage {ctx.stage_name!r}: no {name} rows to report on (data.source "
                              f"{c.data.source!r}); set {fix}")
         train_rows = splits.train
-        self.model_config, params = config, params = prog.load_model(ctx, c.model, k_policy)
-        rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm)
+        # Layers that are only ever stored frozen are read quantized when their config says so (load_model): the
+        # reward model's, and the policy's when it trains through adapters and no critic copies its top layers
+        lora_only = c.model.lora is not None and not (algorithm.critic and o.value_head == "layers")
+        self.model_config, params = config, params = prog.load_model(ctx, c.model, k_policy, frozen_layers=lora_only)
+        rm_config, rm_params = prog.load_model(ctx, c.reward_model, k_rm, frozen_layers=True)
         if "score" not in rm_params:
             raise ValueError(f"stage {ctx.stage_name!r}: reward_model (path {c.reward_model.path!r}) has no 'score' "
                              f"head")
