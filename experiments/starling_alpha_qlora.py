@@ -33,14 +33,15 @@ What changes, and why:
     parameters and their AdamW moments, ~10.5 GB) would take two thirds of the chip.
   - learning rate 1e-5: alpha's 2e-7 is a full-layer rate; LoRA's updates pass through a rank-64 product scaled by
     alpha / rank = 0.25, and LoRA rates run 10-1000x full fine-tuning's (QLoRA: 2e-4 for SFT). A choice, not tuned.
-  - generation_batch: rows per generate / RM / experience call (memory only): 16, a choice for the ~5.7 GiB the
-    resident state leaves; `plan --rollout --search rollout.generation_batch=...` checks it (docs/SHARDING.md "One
-    chip": the TPU compiler puts the update step at 19.56 GiB per chip, over a v5e's 16 by 3.56 GiB).
+  - generation_batch: rows per generate / RM / experience call (memory only): 4, the largest of 4, 8, 16 whose
+    rollout phase the TPU compiler fits on one v5e chip (`plan --rollout --search rollout.generation_batch=4,8,16`:
+    15.98 GiB at 4, 17.03 at 8, 18.92 at 16; generation is the largest call; docs/SHARDING.md "One chip").
   - train.grad_accum = 4 (memory only): each update's minibatch of 4 rollouts is taken as 4 micro-batches of 1 rollout
     whose gradients accumulate into ONE optimizer update, equal to alpha's minibatch-of-4 update (the same token-mean
     APA and value losses, the critic-only rule on the whole minibatch's value loss, the same metrics; to float
     rounding: stages/kinds/rlaif.py make_rl_step, tests/test_rl_accum.py). The update's activations are one
-    rollout's of 2148 tokens at a time instead of four's (the 19.56 GiB above was compiled before this setting).
+    rollout's of 2148 tokens at a time instead of four's: the update step compiles to 15.67 GiB on one v5e
+    chip with it, 19.56 without (docs/SHARDING.md "One chip").
     With the v5e-8 sizes of the command above (minibatches of 32) each micro-batch is 8 rollouts, one per chip.
 """
 
@@ -56,7 +57,7 @@ PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH, PPO_EPOCHS, TOTAL_UPDATES = 64, 4, 2, 2
 CHUNK, MINIBATCH = PER_PROCESS_ROLLOUTS, PER_PROCESS_BATCH  # one chip = one process
 UPDATES_PER_CHUNK = PPO_EPOCHS * CHUNK // MINIBATCH  # 32
 CHUNKS = TOTAL_UPDATES // UPDATES_PER_CHUNK  # 625
-GENERATION_BATCH = 16  # rows per rollout call (memory only; docs/SHARDING.md "One chip")
+GENERATION_BATCH = 4  # rows per rollout call (memory only; docs/SHARDING.md "One chip")
 GRAD_ACCUM = MINIBATCH  # micro-batches per update: one rollout each (memory only: the update is alpha's)
 
 # The frozen base's layers in nf4; fp32 masters for what trains (the adapters, the critic); the embeddings and LM
