@@ -3,15 +3,14 @@
 - Simulate 8 CPU devices so sharding tests can build real meshes. Single-device code is unaffected (arrays live on
   device 0 and jit runs there unless a mesh says otherwise). A user's own XLA_FLAGS are kept; an explicit device count
   in them wins.
-- One persistent JAX compilation cache for the whole session, shared by every pytest-xdist worker and every CLI
-  subprocess a test starts (they inherit the environment): the same tiny programs compile once per session instead
-  of once per process. The cache has a size limit only because that turns on JAX's file lock around each read and
-  write (without it two processes compiling the same program at once could read a half-written entry). Every
-  program is cached, however small or quick to compile. The cache is a fresh directory made for this session (by
-  the first process: with xdist, the controller) and removed after it, so nothing compiled by an earlier session
-  (other code, other flags) can be read back: a test always runs what this checkout compiles. A hit reuses an
-  executable XLA built from the same program text, compile options, XLA flags and jax/jaxlib version (the cache key
-  covers all of them), so it computes the same numbers.
+- One persistent JAX compilation cache per test process (each pytest-xdist worker makes its own: JAX writes cache
+  files without a lock unless the cache has a size limit, so two workers compiling the same program at once never
+  share a directory), shared with every CLI subprocess a test starts (they inherit the environment): the same tiny
+  programs compile once per worker instead of once per process. Every
+  program is cached, however small or quick to compile. The cache is a fresh directory made for this session and
+  removed after it, so nothing compiled by an earlier session (other code, other flags) can be read back: a test
+  always runs what this checkout compiles. A hit reuses an executable XLA built from the same program text, compile
+  options, XLA flags and jax/jaxlib version (the cache key covers all of them), so it computes the same numbers.
 """
 
 import os
@@ -25,20 +24,14 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-_SESSION_CACHE = "STARLING_JAX_TESTS_XLA_CACHE"  # set by the process that made the cache, read by its xdist workers
-OWNS_CACHE = not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_SESSION_CACHE))
-if OWNS_CACHE:
-    os.environ[_SESSION_CACHE] = tempfile.mkdtemp(prefix="starling_jax_tests_xla_cache_")
-COMPILATION_CACHE = os.environ[_SESSION_CACHE]
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="starling_jax_tests_xla_cache_")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
-os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 * 2**30)  # a limit turns on the file lock (never reached)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # -1: no size floor (0 lets JAX pick one)
 
 
 def pytest_unconfigure(config):
-    if OWNS_CACHE:  # the controller, after every worker has finished (or the one process without xdist)
-        shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
