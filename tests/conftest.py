@@ -30,6 +30,16 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # -1: no size floor (0 lets JAX pick one)
 
 
+# The longest test files, first: with xdist each file goes to one worker in collection order, so a long file collected
+# late leaves one core running it alone at the end. Measured with `--durations` (each of these takes minutes).
+LONGEST_FIRST = ("test_main_job.py", "test_colab.py", "test_smol_starling.py", "test_multiprocess.py", "test_study.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
