@@ -111,6 +111,7 @@ CASES = {  # every rl algorithm and every loss aggregation it has
 }
 
 
+@pytest.mark.slow  # compiles the RL step at G = 1, 2, 4, 8 (15-30 s each case when the suite runs on both cores)
 @pytest.mark.parametrize("case", list(CASES))
 def test_accumulated_update_equals_the_whole_minibatch(params, rollout, case):
     """One update of a minibatch of 8 rollouts (SGD at rate 1, so the parameter change is the gradient), the same
@@ -157,6 +158,7 @@ def _value_losses(loss_fn, trainable, frozen, batch, order, grad_accum):
     return whole, micro
 
 
+@pytest.mark.slow  # two RL steps compiled per case (15-30 s each when the suite runs on both cores)
 @pytest.mark.parametrize("fires", [False, True])
 @pytest.mark.parametrize("lora", [None, LoraConfig(rank=4, alpha=8.0)])
 def test_critic_only_rule_reads_the_whole_minibatch(params, rollout, fires, lora):
@@ -190,6 +192,7 @@ def test_critic_only_rule_reads_the_whole_minibatch(params, rollout, fires, lora
         _assert_same_update(trainable, got, want, f"fires={fires}, lora={lora is not None}, grad_accum={grad_accum}")
 
 
+@pytest.mark.slow  # several epochs of accumulated updates, compiled twice (about 20 s on both cores)
 def test_accumulated_epochs_of_minibatches_with_adamw(params, rollout):
     """The stage's own optimiser (AdamW, warmup, clipping) over 2 epochs of 2 shuffled minibatches of 4: the same
     params and metrics (lr included) with each minibatch as 2 or 4 micro-batches."""
