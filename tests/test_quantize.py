@@ -127,6 +127,16 @@ def test_forward_and_decode_with_a_quantized_base_equal_the_dequantized_weights(
     assert np.sqrt(np.mean(change ** 2) / np.mean(ref ** 2)) < {"nf4": 0.2, "int8": 0.02}[scheme]
 
 
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_a_quantized_tree_counts_the_weights_it_stores(scheme):
+    """count_params (the parameter counts of plan and the data stage's FLOPs per token) counts a quantized matrix's
+    weights, not its codes (nf4 packs two a byte) and scales: the same count as the dense tree, from arrays or shapes."""
+    params = models.init_params(TINY_Q, jax.random.key(0))
+    stored = quantize.quantize_base(params, scheme, TINY_Q.quantize_block)
+    assert models.count_params(stored) == models.count_params(params)
+    assert models.count_params(jax.eval_shape(lambda: stored)) == models.count_params(params)
+
+
 def test_stage_trees_with_a_quantized_trunk():
     """A stage's trees with a quantized trunk (losses.stage_params): the trunk stores codes, the trainable top and
     the reference stay dense, and merge_params gives back dense weights (the dequantized trunk)."""

@@ -255,14 +255,6 @@ def _tree_bytes(tree, shardings) -> int:
     return per_device_bytes(tree, shardings)
 
 
-def _count(tree) -> int:
-    """Parameters in a tree; a quantized matrix (models/quantize.py) counts its weights, not its stored codes."""
-    import jax
-    from starling_jax.models import quantize
-    return int(sum(quantize.num_weights(x) if quantize.is_quantized(x) else math.prod(x.shape)
-                   for x in jax.tree.leaves(tree, is_leaf=quantize.is_quantized)))
-
-
 def _pick_stage(exp, stage: Optional[str]):
     """(name, resolved config) of `stage`, by default the last one (normally the heaviest: RL, or the RM after SFT)."""
     from starling_jax.stages.experiment import stages_of
@@ -375,6 +367,7 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
     """Plan one stage of `exp` (an Experiment) on `devices` (a list of jax devices; `target` describes them when they
     are a TPU slice's). Returns the report dict."""
     import jax
+    from starling_jax import models
     from starling_jax.models import attention_ops
     from starling_jax.parallel import sharding
 
@@ -412,8 +405,8 @@ def plan_experiment(exp, devices, mesh_config=None, stage: Optional[str] = None,
         # what the compiler allocates: arguments (TPU: padded to tiles) + temporaries + outputs not aliased
         "compiled_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                               - mem.alias_size_in_bytes),
-        "param_counts": {"trainable": _count(s.params), "frozen": _count(s.frozen),
-                         **{k: _count(t) for k, (t, _) in parts.resident.items()}},
+        "param_counts": {"trainable": models.count_params(s.params), "frozen": models.count_params(s.frozen),
+                         **{k: models.count_params(t) for k, (t, _) in parts.resident.items()}},
         "optimizer_updates": parts.total_updates,
         "flops_per_step": flops,
         "flops_per_device": flops / n,
@@ -450,6 +443,7 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None, ta
     import jax
     from starling_jax.parallel import sharding
     from starling_jax.algorithms import registry
+    from starling_jax import models
     from starling_jax.models import attention_ops
 
     stage_name, cfg = _pick_stage(exp, stage)
@@ -501,8 +495,9 @@ def plan_rollout(exp, devices, mesh_config=None, stage: Optional[str] = None, ta
         "per_device_bytes": b, "per_device_gib": {k: round(v / GiB, 3) for k, v in b.items()},
         "memory_analysis": calls[largest]["memory_analysis"], "cost_analysis": calls[largest]["cost_analysis"],
         "largest_call": largest, "calls": calls,
-        "param_counts": {"policy": _count(policy[0]), "trainable": _count(s.params), "frozen": _count(s.frozen),
-                         **{k: _count(t) for k, (t, _) in parts.resident.items()}},
+        "param_counts": {"policy": models.count_params(policy[0]), "trainable": models.count_params(s.params),
+                         "frozen": models.count_params(s.frozen),
+                         **{k: models.count_params(t) for k, (t, _) in parts.resident.items()}},
         "flops_per_step": None,
         "compile_seconds": round(time.time() - t0, 1),
         "notes": [f"rollout phase: the train state and the reward model stay resident while these calls run one "

@@ -153,7 +153,10 @@ def num_stacked(layers: Params) -> int:
 
 
 def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+    """Parameters in a tree of arrays or shapes; a quantized matrix (models/quantize.py) counts the weights it stores,
+    not its codes and scales."""
+    return int(sum(quantize.num_weights(x) if quantize.is_quantized(x) else np.prod(x.shape)
+                   for x in jax.tree.leaves(tree, is_leaf=quantize.is_quantized)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
