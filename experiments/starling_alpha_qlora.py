@@ -5,7 +5,8 @@ through LoRA adapters (QLoRA: Dettmers et al. 2023, arXiv:2305.14314).
     starling-jax plan experiments/starling_alpha_qlora.py --target v5e-1              # the update step, one v5e chip
     starling-jax plan experiments/starling_alpha_qlora.py --target v5e-1 --rollout    # the rollout phase
     starling-jax plan experiments/starling_alpha_qlora.py --target v5e-8 --set rollout.prompts_per_step=512 \
-        --set rollout.minibatch_size=32 --set train.batch_size=512                     # alpha's 8-process sizes
+        --set rollout.minibatch_size=32 --set train.batch_size=512 \
+        --set rollout.generation_batch=32 [--rollout]        # alpha's 8-process sizes, 4 rows per chip a call
     starling-jax run experiments/starling_alpha_qlora.py --workdir runs/alpha_qlora
 
 Needs the local copies starling_alpha_apa.py lists (checkpoints/openchat_3.5, checkpoints/Starling-RM-7B-alpha,
@@ -42,7 +43,8 @@ What changes, and why:
     rounding: stages/kinds/rlaif.py make_rl_step, tests/test_rl_accum.py). The update's activations are one
     rollout's of 2148 tokens at a time instead of four's: the update step compiles to 15.67 GiB on one v5e
     chip with it, 19.56 without (docs/SHARDING.md "One chip").
-    With the v5e-8 sizes of the command above (minibatches of 32) each micro-batch is 8 rollouts, one per chip.
+    With the v5e-8 sizes of the command above (minibatches of 32) each micro-batch is 8 rollouts, one per chip; there
+    the update step compiles to 6.22 GiB per chip and the rollout phase to 7.19 (docs/SHARDING.md "One chip").
 """
 
 import dataclasses

@@ -317,8 +317,12 @@ def test_alpha_qlora_recipe_is_alpha_apa_in_nf4_with_lora():
     local = apply_overrides(exp, ["data.source=synthetic", "model.path=none", "reward_model.path=none",
                                   "model.tokenizer=openchat-3.5", "reward_model.tokenizer=openchat-3.5"])
     assert validate(local, num_devices=1) is local
-    pod = apply_overrides(local, ["rollout.prompts_per_step=512", "rollout.minibatch_size=32", "train.batch_size=512"])
+    pod = apply_overrides(local, ["rollout.prompts_per_step=512", "rollout.minibatch_size=32", "train.batch_size=512",
+                                  "rollout.generation_batch=32"])
     assert validate(pod, num_devices=8) is pod  # micro-batches of 32 / 4 = 8 rollouts, one per chip
+    with pytest.raises(ConfigError, match=r"rollout.generation_batch: 4: each rollout call's 4 rows are not "
+                                          r"divisible by the mesh's data\*fsdp = 8 devices"):
+        validate(apply_overrides(pod, ["rollout.generation_batch=4"]), num_devices=8)  # one chip's 4 rows a call
     with pytest.raises(ConfigError, match=r"rollout.minibatch_size: the micro-batch 4/4 is not divisible by the "
                                           r"mesh's data\*fsdp = 8 devices"):
         validate(local, num_devices=8)  # one rollout per micro-batch does not split over 8 chips

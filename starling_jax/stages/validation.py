@@ -75,6 +75,11 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
         elif ways and (size // t.grad_accum) % ways:
             bad(field, f"the micro-batch {size}/{t.grad_accum} is not divisible by the mesh's data*fsdp = {ways} "
                 f"devices")
+    r = c.rollout
+    rows = r.generation_batch if 0 < r.generation_batch < r.prompts_per_step else r.prompts_per_step
+    if kind == "rl" and ways and rows >= 1 and rows % ways:  # each rollout call's rows split over the data shards
+        bad("rollout.generation_batch", f"{r.generation_batch}: each rollout call's {rows} rows are not divisible by "
+            f"the mesh's data*fsdp = {ways} devices (set it to a multiple of {ways})")
     if num_devices is not None and c.mesh.fsdp != -1:
         need = c.mesh.data * c.mesh.fsdp * c.mesh.tensor
         if need != num_devices:
