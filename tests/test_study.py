@@ -178,6 +178,13 @@ def test_selection_picks_the_best_arm_per_family_on_the_tuning_split(tmp_path, c
     assert choose(minimize, results)["choice"]["a"]["arm"] == "a2"
     with pytest.raises(ConfigError, match="no choice for 'c'"):
         read_selection(str(tmp_path / "selected" / "x.json"), "c")
+    # a tie goes to the arm the study lists first, whichever that is
+    tied = [_tuning_record(a, s, 0.5) for s in (100, 101) for a in ("a1", "a2")]
+    for order in (("a1", "a2"), ("a2", "a1")):
+        two = dataclasses.replace(study, arms=tuple(Arm(a, None) for a in order),
+                                  selection=dataclasses.replace(study.selection, families=None))
+        results = report.aggregate(two, tied, {}, this_run_s=0.0, failed=[], num_samples=50)
+        assert choose(two, results)["choice"]["all"]["arm"] == order[0]
 
 
 def test_the_main_job_uses_the_committed_selection():
