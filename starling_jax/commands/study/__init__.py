@@ -88,8 +88,9 @@ def on_splits(kind: str, metric: str, arm: str, baseline: str, direction: str, w
 class Selection:
     """A selection study's rule: within each family of arms (default: all arms, one family named "all"), the arm with
     the best mean of `metric` in measurement `group` (e.g. "policy/tuning", "rm/tuning": measured on the tuning split
-    only) over every seed and prompt is chosen (a tie goes to the arm the study lists first); the runner writes the grid and the choice to `path` (relative to the
-    study file), which the experiments read. settings[arm] = the dotted --set values that arm stands for."""
+    only) over every seed and prompt is chosen (a tie goes to the arm the study lists first); the runner writes the
+    grid and the choice to `path` (relative to the study file), which the experiments read. settings[arm] = the dotted
+    --set values that arm stands for."""
     group: str
     metric: str
     path: str
