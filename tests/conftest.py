@@ -9,7 +9,8 @@
   run and matmuls call the same library kernels; only the generated loops differ, so results can differ from level
   3's in the last float bit (as two fusions of the same math can), never in meaning. A test that compares two
   programs bit for bit compiles both under the same setting. An explicit level in the user's XLA_FLAGS wins; runs
-  outside the tests keep XLA's default (level 3).
+  outside the tests keep XLA's default (level 3). The processes tests start get the same level (tests/cpu_env.py),
+  but for the guard of the published main job, which runs as a user's command does.
 - One persistent JAX compilation cache per test process (each pytest-xdist worker makes its own: JAX writes cache
   files without a lock unless the cache has a size limit, so two workers compiling the same program at once never
   share a directory), shared with every CLI subprocess a test starts (they inherit the environment): the same tiny
@@ -38,8 +39,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # -1: no size floor (0 lets JAX pick one)
 
 
-# The longest test files, first: with xdist each file goes to one worker in collection order, so a long file collected
-# late leaves one core running it alone at the end. Measured with `--durations` (each of these takes minutes).
+# The longest test files, first: with xdist each file goes to one worker in collection order (pyproject's
+# --no-loadscope-reorder: by default xdist sends the files with the most tests first, and these have few), so a long
+# file collected late leaves one core running it alone at the end. Measured with `--durations` (each takes minutes).
 LONGEST_FIRST = ("test_main_job.py", "test_colab.py", "test_smol_starling.py", "test_multiprocess.py", "test_study.py")
 
 

@@ -17,6 +17,7 @@ import pytest
 import nbformat  # the test extra needs nbclient, nbformat and ipykernel
 from nbclient import NotebookClient
 
+from cpu_env import cpu_env
 from starling_jax.io import hf
 from starling_jax import models
 from starling_jax.generation import sampling
@@ -43,7 +44,7 @@ def _execute(name: str, params: dict, dump: str, cwd, timeout: int = 600) -> tup
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{i}"
     # One CPU device in the kernel (tests/conftest.py simulates 8 in this process for the sharding tests).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = cpu_env()
     client = NotebookClient(nb, timeout=timeout, startup_timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)  # raises CellExecutionError (with the cell and traceback) if any cell fails

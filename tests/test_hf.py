@@ -15,6 +15,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import compiled
+from cpu_env import cpu_env
 from starling_jax.io import hf
 from starling_jax import models
 from starling_jax.commands.cli import main as cli_main
@@ -312,7 +313,7 @@ _MESH_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_load_straight_into_shards_on_8_cpu_devices(tmp_path):
     _hf_dir(tmp_path, num_key_value_heads=2)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

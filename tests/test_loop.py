@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cpu_env import cpu_env
 from file_damage import flip
 
 from starling_jax.stages.experiment import apply_overrides, load_experiment
@@ -42,7 +43,7 @@ def experiment(extra=()):
 def env():
     """Every run is a fresh process on one CPU device; they compile the same programs, which the session's persistent
     compilation cache (tests/conftest.py, inherited with the environment) lets only the first pay for."""
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return cpu_env()
 
 
 def train_command(workdir, extra=()):

@@ -93,7 +93,8 @@ def test_guard_seed_is_one_no_study_ran():
 
 
 def test_tiny_starling_end_to_end(tmp_path):
-    # The user's command, in a subprocess on one CPU device (tests/conftest.py simulates 8 for the sharding tests).
+    # The user's command, in a subprocess on one CPU device (tests/conftest.py simulates 8 for the sharding tests), at
+    # XLA's default optimisation level as a user runs it (not the suite's level 0: tests/cpu_env.py).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "starling_jax.commands.cli", "run", os.path.join(ROOT, "experiments", "tiny_starling.py"),
            "--workdir", str(tmp_path), "--seed", str(GUARD_SEED)] + [a for o in ARGS for a in ("--set", o)]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cpu_env import cpu_env
 from file_damage import flip
 
 from starling_jax.step.logging import read_metrics
@@ -45,9 +46,7 @@ def free_port() -> int:
 def base_env(devices: int) -> dict:
     """The test session's environment (its persistent compilation cache included: tests/conftest.py) on `devices`
     simulated CPU devices, without any launcher variables."""
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
+    env = cpu_env(devices, PYTHONPATH=str(REPO))
     for k in [k for k in env if k.startswith(("SLURM_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))]:
         del env[k]
     return env

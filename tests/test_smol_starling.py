@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from cpu_env import cpu_env
 from starling_jax.commands.study import load_study, read_selection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,8 +21,7 @@ STUDY = os.path.join(ROOT, "experiments", "studies", "smol_starling.py")
 
 @pytest.mark.slow
 def test_smol_starling_study_cell_on_the_real_model(tmp_path):
-    env = dict(os.environ, STARLING_JAX_SMOL_DIR=str(tmp_path / "smol"),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = cpu_env(STARLING_JAX_SMOL_DIR=str(tmp_path / "smol"))
     cmd = [sys.executable, "-m", "starling_jax.commands.cli", "study", STUDY, "--workdir", str(tmp_path / "w"),
            "--quick"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500, cwd=ROOT)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from cpu_env import cpu_env
 from starling_jax.config import ConfigError
 from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
 from starling_jax.commands.study import Arm, Study, load_study, report, stats, with_seed
@@ -275,7 +276,7 @@ def test_every_study_file_resolves_its_grid():
 def test_one_shortened_cell_of_each_study(tmp_path, name):
     """CI's cell per study: `starling-jax study FILE --quick` trains and measures one shortened cell (first arm,
     first seed), aggregates it, and a second invocation resumes (runs nothing)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = cpu_env()
     cmd = [sys.executable, "-m", "starling_jax.commands.cli", "study", os.path.join(ROOT, "experiments", "studies", f"{name}.py"),
            "--workdir", str(tmp_path), "--quick"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
