@@ -5,9 +5,10 @@
   in them wins.
 - XLA:CPU's LLVM backend at optimisation level 0 (`--xla_backend_optimization_level=0`): the suite's programs are
   tiny and each runs a few times, so compiling dominates: level 0 took the not-slow tier from 442 s to 275 s on the
-  2-core machine, quiet (CPU 859 s -> 510 s); the whole suite, whose long tests mostly run programs, barely moved. XLA's own graph passes (fusion, layout, algebraic simplification) still
-  run and matmuls call the same library kernels; only the generated loops differ, so results can differ from level
-  3's in the last float bit (as two fusions of the same math can), never in meaning. A test that compares two
+  2-core machine, quiet (CPU 859 s -> 510 s); the whole suite, whose long tests mostly run programs, barely moved.
+  XLA's own graph passes (fusion, layout, algebraic simplification) still run and matmuls call the same library
+  kernels; only the generated loops differ, so results can differ from level 3's in the last float bit (as two
+  fusions of the same math can), never in meaning. A test that compares two
   programs bit for bit compiles both under the same setting. An explicit level in the user's XLA_FLAGS wins; runs
   outside the tests keep XLA's default (level 3). The processes tests start get the same level (tests/cpu_env.py),
   but for the guard of the published main job, which runs as a user's command does.

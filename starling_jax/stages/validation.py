@@ -14,6 +14,7 @@ from starling_jax.algorithms import registry
 from starling_jax.config import LORA_TARGETS, ConfigError, Experiment, MeshConfig
 from starling_jax.data import tasks, templates, tokenizer
 from starling_jax.errors import did_you_mean
+from starling_jax.generation.replies import row_calls
 from starling_jax.io import hf, hub
 from starling_jax.models.config import ModelConfig, architecture_conflicts
 from starling_jax.stages.experiment import check_types, stages_of
@@ -76,8 +77,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
             bad(field, f"the micro-batch {size}/{t.grad_accum} is not divisible by the mesh's data*fsdp = {ways} "
                 f"devices")
     r = c.rollout
-    rows = r.generation_batch if 0 < r.generation_batch < r.prompts_per_step else r.prompts_per_step
-    if kind == "rl" and ways and rows >= 1 and rows % ways:  # each rollout call's rows split over the data shards
+    rows = len(row_calls(r.prompts_per_step, r.generation_batch)[0]) if r.prompts_per_step >= 1 else 0
+    if kind == "rl" and ways and rows % ways:  # each rollout call's rows (the largest's) split over the data shards
         bad("rollout.generation_batch", f"{r.generation_batch}: each rollout call's {rows} rows are not divisible by "
             f"the mesh's data*fsdp = {ways} devices (set it to a multiple of {ways})")
     if num_devices is not None and c.mesh.fsdp != -1:
