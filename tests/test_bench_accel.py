@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cpu_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_bench_accel_smoke(tmp_path):
     out = tmp_path / "accel.json"
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")  # one device is enough
+    env = cpu_env(1, PYTHONPATH=ROOT)  # one device is enough; tiny shapes, so the suite's compile-light level
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_accel.py"), "--smoke", "--json",
                            str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -261,25 +261,41 @@ def test_study_command_rejects_bad_input(tmp_path):
 # reference, a task's true utility); their grids are checked below.
 QUICK_CELLS = [name for name in STUDIES if name not in ("select_rl_algorithms", "select_smol", "smol_starling",
                                                         "select_ifeval", "ifeval_lora_vs_full")]
+# Whose first cell is another study's first cell, exactly (the main job's APA at seed 0): their full runs adopt those
+# cells with --reuse (docs/REPRODUCTION.md), and so do their shortened ones here, which runs the reuse end to end
+# instead of training the same cell three times.
+REUSES = {"apa_sensitivity": "rl_algorithms", "rm_kwise_vs_pairwise": "rl_algorithms"}
 
 
-def test_every_study_file_resolves_its_grid():
-    """Every study's arms resolve their shared stages identically at every seed it runs (no training)."""
-    for name in STUDIES:
-        study = load_study(os.path.join(ROOT, "experiments", "studies", f"{name}.py"))
-        check_shared(study, study.seeds)
-        check_shared(study, study.seeds[:1], quick=True)
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """name -> (workdir, the first `study --quick` run, the second): each study's shortened run, made once (a study
+    that REUSES another's first cell makes that one first and adopts it)."""
+    made = {}
+
+    def run(name):
+        if name not in made:
+            workdir = tmp_path_factory.mktemp(f"quick_{name}")
+            cmd = [sys.executable, "-m", "starling_jax.commands.cli", "study",
+                   os.path.join(ROOT, "experiments", "studies", f"{name}.py"), "--workdir", str(workdir), "--quick"]
+            if name in REUSES:
+                cmd += ["--reuse", str(run(REUSES[name])[0])]
+            env = cpu_env()
+            first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+            again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            made[name] = (workdir, first, again)
+        return made[name]
+
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", QUICK_CELLS)
-def test_one_shortened_cell_of_each_study(tmp_path, name):
+def test_one_shortened_cell_of_each_study(quick_study, name):
     """CI's cell per study: `starling-jax study FILE --quick` trains and measures one shortened cell (first arm,
-    first seed), aggregates it, and a second invocation resumes (runs nothing)."""
-    env = cpu_env()
-    cmd = [sys.executable, "-m", "starling_jax.commands.cli", "study", os.path.join(ROOT, "experiments", "studies", f"{name}.py"),
-           "--workdir", str(tmp_path), "--quick"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    first seed), or adopts it from the study it REUSES, aggregates it, and a second invocation resumes (runs
+    nothing)."""
+    tmp_path, done, again = quick_study(name)
     logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else ""
     assert done.returncode == 0, done.stderr[-2000:] + logs
     results = json.loads((tmp_path / "results.json").read_text())
@@ -297,7 +313,13 @@ def test_one_shortened_cell_of_each_study(tmp_path, name):
     assert os.path.getsize(tmp_path / "results.png") > 1000
     if study.selection is not None:  # a shortened run never writes a choice
         assert "selection not written" in done.stderr
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if name in REUSES:  # adopted, not trained: the source's cell, under this study's arm, with the same figures
+        source = quick_study(REUSES[name])[0]
+        assert "[study] start" not in done.stderr and f"cell {arm} seed 0: reused" in done.stderr, done.stderr[-2000:]
+        theirs = json.loads((source / "results.json").read_text())
+        assert results["reused"] == {f"{arm}@0": f"{source.name}/cells/{theirs['arms'][0]}/seed0"}
+        for k in ("summary", "means"):
+            assert results["cells"][0][k] == theirs["cells"][0][k], k
     assert again.returncode == 0 and "[study] start" not in again.stderr  # finished cells are skipped
 
 
