@@ -78,3 +78,31 @@ def test_heldout_evaluation_reads_every_row(objective, tmp_path, caplog):
     # and the summary: the finish reads the held-out split the same way
     summary = stage.finish(state, str(tmp_path))
     assert summary["heldout_loss"] == pytest.approx(result["loss"], rel=1e-6)
+
+
+def test_finish_reuses_the_final_evaluation_of_the_same_rows_and_state(tmp_path, monkeypatch):
+    """With no tuning split the evaluation split is the held-out one; when train.eval_batches covers it, the loop's
+    final evaluate() has already measured every held-out row with the final state, and finish() reports that result
+    instead of measuring the rows again. Another state, or an evaluation that read only part of the split, is
+    measured."""
+    stage = make_stage("rm_plackett_luce", tmp_path)
+    state = stage.setup.state
+    assert not stage.splits.tuning and stage.eval_rows is stage.splits.heldout
+    assert len(stage.eval_batches) == len(stage.heldout(None))  # 15 groups: 2 batches of 8, under eval_batches = 4
+    measured = []
+    evaluate_on = stage.evaluate_on
+    monkeypatch.setattr(stage, "evaluate_on",
+                        lambda st, batches: measured.append(len(batches)) or evaluate_on(st, batches))
+    final = stage.evaluate(state)
+    summary = stage.finish(state, str(tmp_path))
+    assert measured == [2] + [len(stage.heldout(None, stage.splits.unseen))] * bool(stage.splits.unseen)
+    assert {k: summary[f"heldout_{k}"] for k in final} == final
+    moved = state.replace(params=jax.tree.map(lambda x: x * 1.5, state.params))
+    measured.clear()
+    again = stage.finish(moved, str(tmp_path))  # not the state evaluate() saw: measured
+    assert measured[0] == 2 and again["heldout_loss"] != summary["heldout_loss"]
+    stage.eval_batches = stage.eval_batches[:1]  # an evaluation of part of the split (train.eval_batches = 1)
+    stage.evaluate(state)
+    measured.clear()
+    assert stage.finish(state, str(tmp_path))["heldout_loss"] == pytest.approx(summary["heldout_loss"], rel=1e-6)
+    assert measured[0] == 2

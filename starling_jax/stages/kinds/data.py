@@ -163,7 +163,9 @@ class DataStage:
         sharding.describe_rows(ctx.stage_name, self.my_rows, c.train.batch_size)
         train_ds = self._dataset(self.splits.train, seed=c.data.shuffle_seed + c.train.seed, report=self.splits.report)
         self.batches = GrainBatches(train_ds, model_config.vocab_size, f"stage {ctx.stage_name!r}")
-        self.eval_batches = self.heldout(c.train.eval_batches, self.splits.tuning or self.splits.heldout)
+        self.eval_rows = self.splits.tuning or self.splits.heldout
+        self.eval_batches = self.heldout(c.train.eval_batches, self.eval_rows)
+        self.last_eval = None  # (state, evaluate's result): finish reuses it for the same rows and state
 
     def _dataset(self, rows, **kwargs):
         c = self.c
@@ -208,16 +210,28 @@ class DataStage:
         return out
 
     def evaluate(self, state) -> Optional[dict]:
-        return self.evaluate_on(state, self.eval_batches)
+        result = self.evaluate_on(state, self.eval_batches)
+        self.last_eval = (state, result)
+        return result
+
+    def _evaluate_split(self, state, rows) -> Optional[dict]:
+        """evaluate_on every batch of `rows`; the loop's final evaluate() already measured them with this very state
+        when they are the evaluation split and train.eval_batches covers it all (a split of a few batches, or no
+        tuning split: the held-out one), and its result is reused instead of measuring them again."""
+        batches = self.heldout(None, rows)
+        if (self.last_eval is not None and self.last_eval[0] is state and rows is self.eval_rows
+                and len(batches) == len(self.eval_batches)):
+            return self.last_eval[1]
+        return self.evaluate_on(state, batches)
 
     def finish(self, state, workdir: str) -> dict:
         splits = self.splits
         if self.c.data.reporting:
-            result = self.evaluate_on(state, self.heldout(None)) or {}
+            result = self._evaluate_split(state, splits.heldout) or {}
             summary = {f"heldout_{k}": v for k, v in result.items()}
             summary["heldout_rows"] = len(splits.heldout)
         else:  # a selection run: the tuning split in the reporting split's place (data.reporting)
-            result = self.evaluate_on(state, self.heldout(None, splits.tuning)) or {}
+            result = self._evaluate_split(state, splits.tuning) or {}
             summary = {f"tuning_{k}": v for k, v in result.items()}
             summary["tuning_rows"] = len(splits.tuning)
         if splits.unseen:
