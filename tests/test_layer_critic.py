@@ -3,6 +3,7 @@ final norm + Linear(D, 1), initialised from the policy, reading the hidden state
 gradient (thwu1/trlx 0fb4e1e trlx/models/modeling_ppo.py MistralModelWithHydraValueHead, L451-495)."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +212,15 @@ def test_tiny_rl_stage_runs_and_resumes_with_the_layer_critic(tmp_path, caplog, 
         checkpoint=CheckpointConfig(every=1, keep=2),
         logging=LoggingConfig(every=1, tensorboard=False, progress=False))
     first = tmp_path / "first"
+    from starling_jax.stages.kinds.rlaif import RLStage
+    calls, report = [], RLStage.report
+    monkeypatch.setattr(RLStage, "report", lambda self, state, which, split="heldout":
+                        calls.append((which, split)) or report(self, state, which, split))
     run_experiment(exp, str(first))
+    # no tuning split: the final evaluate() samples the policy on the held-out split and finish() reuses its replies
+    assert sorted(calls) == [("policy", "heldout"), ("reference", "heldout")], calls
+    summary = json.loads((first / "summary.json").read_text())["rl"]
+    assert summary["true_reward_after"] == summary["eval"]["true_reward"]
     stage = first / "rl"
     ckpts = Checkpoints(str(stage / "checkpoints"))
     assert ckpts.steps() == [1, 2]

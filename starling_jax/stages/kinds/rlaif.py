@@ -18,7 +18,7 @@ What an RL algorithm registers (starling_jax/algorithms/registry.py, kind="rl"):
 optionally `advantages`, `critic=False` and `group_size`. Trees: see starling_jax.step.hydra (trainable =
 {"policy", "critic"}, frozen = {"trunk", "reference"}).
 
-Why this file is long (~630 lines): it is the whole rl kind, as data.py is the data kinds: the jitted math
+Why this file is long (~720 lines): it is the whole rl kind, as data.py is the data kinds: the jitted math
 (experience, loss, the minibatch update), the setup training and the planner share, the config check and the stage
 program. The seam to cut when it grows is the jitted math (make_experience .. build_rl_functions) into a module of
 its own.
@@ -589,6 +589,7 @@ class RLStage:
                                      experience_fn=experience_fn, objective=o, rollout=r, seed=c.train.seed,
                                      true_utility=self.true_utility, constrain=constrain, place=spread,
                                      group=group, group_rows=rollout_rows if group > 1 else None)
+        self.last_eval = None  # (state, split, evaluate's report): finish reuses it for the same split and state
 
     def step(self, state, batch):
         return self.update(state, sharding.put_batch(batch, self.setup.batch_shardings))
@@ -603,12 +604,19 @@ class RLStage:
 
     def evaluate(self, state) -> dict:
         split = "tuning" if "tuning" in self.eval_sets else "heldout"
-        return {k: v for k, v in self.report(state, "policy", split).items() if k not in ("samples", "per_prompt")}
+        report = self.report(state, "policy", split)
+        self.last_eval = (state, split, report)
+        return {k: v for k, v in report.items() if k not in ("samples", "per_prompt")}
 
     def finish(self, state, workdir: str) -> dict:
         c, o = self.c, self.c.objective
         main = self.main_split
-        before, after = self.report(state, "reference", main), self.report(state, "policy", main)
+        before = self.report(state, "reference", main)
+        # the loop's final evaluate() sampled the policy on this split with this very state when it is the evaluation
+        # split (a selection run's tuning split, or the held-out one with no tuning split): the same replies, reused
+        last = self.last_eval
+        reuse = last is not None and last[0] is state and last[1] == main
+        after = last[2] if reuse else self.report(state, "policy", main)
         summary = {"objective": o.name, "steps": int(c.train.steps), "eval_split": main,
                    "eval_prompts": self.eval_sizes.get(main, 0),
                    "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
