@@ -9,6 +9,7 @@ gets a fresh Linear(hidden, 1) score head.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import jax
@@ -165,7 +166,7 @@ class DataStage:
         self.batches = GrainBatches(train_ds, model_config.vocab_size, f"stage {ctx.stage_name!r}")
         self.eval_rows = self.splits.tuning or self.splits.heldout
         self.eval_batches = self.heldout(c.train.eval_batches, self.eval_rows)
-        self.last_eval = None  # (state, evaluate's result): finish reuses it for the same rows and state
+        self.last_eval = None  # (weak ref to the state, evaluate()'s result): finish reuses it for the same rows
 
     def _dataset(self, rows, **kwargs):
         c = self.c
@@ -211,7 +212,7 @@ class DataStage:
 
     def evaluate(self, state) -> Optional[dict]:
         result = self.evaluate_on(state, self.eval_batches)
-        self.last_eval = (state, result)
+        self.last_eval = (weakref.ref(state), result)  # weak: an evaluated state is never kept alive by it
         return result
 
     def _evaluate_split(self, state, rows) -> Optional[dict]:
@@ -219,7 +220,7 @@ class DataStage:
         when they are the evaluation split and train.eval_batches covers it all (a split of a few batches, or no
         tuning split: the held-out one), and its result is reused instead of measuring them again."""
         batches = self.heldout(None, rows)
-        if (self.last_eval is not None and self.last_eval[0] is state and rows is self.eval_rows
+        if (self.last_eval is not None and self.last_eval[0]() is state and rows is self.eval_rows
                 and len(batches) == len(self.eval_batches)):
             return self.last_eval[1]
         return self.evaluate_on(state, batches)

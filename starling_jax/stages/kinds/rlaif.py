@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import os
+import weakref
 from typing import Any, Callable, Optional
 
 import jax
@@ -589,7 +590,7 @@ class RLStage:
                                      experience_fn=experience_fn, objective=o, rollout=r, seed=c.train.seed,
                                      true_utility=self.true_utility, constrain=constrain, place=spread,
                                      group=group, group_rows=rollout_rows if group > 1 else None)
-        self.last_eval = None  # (state, split, evaluate's report): finish reuses it for the same split and state
+        self.last_eval = None  # (weak ref to the state, split, evaluate's report): finish reuses it for the same ones
 
     def step(self, state, batch):
         return self.update(state, sharding.put_batch(batch, self.setup.batch_shardings))
@@ -605,7 +606,7 @@ class RLStage:
     def evaluate(self, state) -> dict:
         split = "tuning" if "tuning" in self.eval_sets else "heldout"
         report = self.report(state, "policy", split)
-        self.last_eval = (state, split, report)
+        self.last_eval = (weakref.ref(state), split, report)  # weak: an evaluated state is never kept alive by it
         return {k: v for k, v in report.items() if k not in ("samples", "per_prompt")}
 
     def finish(self, state, workdir: str) -> dict:
@@ -615,7 +616,7 @@ class RLStage:
         # the loop's final evaluate() sampled the policy on this split with this very state when it is the evaluation
         # split (a selection run's tuning split, or the held-out one with no tuning split): the same replies, reused
         last = self.last_eval
-        reuse = last is not None and last[0] is state and last[1] == main
+        reuse = last is not None and last[0]() is state and last[1] == main
         after = last[2] if reuse else self.report(state, "policy", main)
         summary = {"objective": o.name, "steps": int(c.train.steps), "eval_split": main,
                    "eval_prompts": self.eval_sizes.get(main, 0),
