@@ -261,6 +261,16 @@ def test_study_command_rejects_bad_input(tmp_path):
 # reference, a task's true utility); their grids are checked below.
 QUICK_CELLS = [name for name in STUDIES if name not in ("select_rl_algorithms", "select_smol", "smol_starling",
                                                         "select_ifeval", "ifeval_lora_vs_full")]
+
+
+def test_every_study_file_resolves_its_grid():
+    """Every study's arms resolve their shared stages identically at every seed it runs (no training)."""
+    for name in STUDIES:
+        study = load_study(os.path.join(ROOT, "experiments", "studies", f"{name}.py"))
+        check_shared(study, study.seeds)
+        check_shared(study, study.seeds[:1], quick=True)
+
+
 # Whose first cell is another study's first cell, exactly (the main job's APA at seed 0): their full runs adopt those
 # cells with --reuse (docs/REPRODUCTION.md), and so do their shortened ones here, which runs the reuse end to end
 # instead of training the same cell three times.
