@@ -23,12 +23,16 @@ from starling_jax.stages.experiment import load_experiment
 
 from _base import EXPERIMENTS, REPORT_SEEDS
 
-# `--quick` (CI): one cell with every stage cut to a step or two, 8-token replies, one RM step of 4 rankings and 8
-# measured held-out problems; checks the machinery only (the rows the 135M model runs on cost time, prove nothing).
-QUICK = ("stages.feedback.train.steps=1", "stages.feedback.feedback.prompts_per_step=16",
-         "stages.feedback.feedback.max_new_tokens=8", "stages.rm.train.steps=1", "stages.rm.train.batch_size=4",
-         "stages.policy.train.steps=1", "stages.policy.rollout.prompts_per_step=8",
-         "stages.policy.rollout.max_new_tokens=8", "stages.policy.rollout.eval_prompts=8", "logging.progress=false")
+# `--quick` (CI): one cell with every stage cut to one step (4 problems x 3 replies of 8 tokens ranked, one RM step of
+# 2 rankings, one APA step of 4 rollouts) and 4 measured held-out problems; checks the machinery only (the rows the
+# 135M model runs on cost time, prove nothing).
+QUICK = ("stages.feedback.train.steps=1", "stages.feedback.feedback.prompts_per_step=4", "stages.feedback.feedback.k=3",
+         "stages.feedback.feedback.generation_batch=12", "stages.feedback.feedback.max_new_tokens=8",
+         "stages.rm.data.heldout_fraction=0.25", "stages.rm.train.steps=1", "stages.rm.train.batch_size=2",
+         "stages.rm.optim.warmup_steps=0", "stages.policy.train.steps=1", "stages.policy.train.batch_size=4",
+         "stages.policy.optim.warmup_steps=0", "stages.policy.rollout.prompts_per_step=4",
+         "stages.policy.rollout.minibatch_size=4", "stages.policy.rollout.epochs=1",
+         "stages.policy.rollout.max_new_tokens=8", "stages.policy.rollout.eval_prompts=4", "logging.progress=false")
 
 
 def smol():
@@ -42,7 +46,7 @@ def get_study() -> Study:
         description="SmolLM2-135M-Instruct through feedback -> K-wise RM -> APA on task:arithmetic; held-out "
                     "exact-answer accuracy against SmolLM2 itself.",
         arms=(Arm("apa", smol()),), seeds=REPORT_SEEDS, reference_stage="base", reward_model_splits=(),
-        splits=("heldout",), eval_prompts=64, max_new_tokens=24, quick=QUICK, quick_eval_prompts=8,
+        splits=("heldout",), eval_prompts=64, max_new_tokens=24, quick=QUICK, quick_eval_prompts=4,
         primary=(Comparison(group="policy/heldout", metric="gain", arm="apa", baseline=REFERENCE,
                             direction="greater",
                             why="the recipe's claim: RLAIF against a learned K-wise RM makes the model more accurate "
