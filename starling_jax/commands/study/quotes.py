@@ -104,14 +104,26 @@ def _study_of(folder: str, studies_dir: str) -> Study:
     return load_study(os.path.join(studies_dir, read_manifest(folder)["study_file"]))
 
 
-def regenerated_markdown(folder: str, studies_dir: str) -> str:
+def regenerated(folder: str, studies_dir: str, cache: Optional[dict] = None) -> dict:
+    """The results that `--report-only --raw folder` computes (the study file from studies_dir). cache: None, or a
+    dict kept by the caller across calls, {folder: results}, so that checks reading the same folders regenerate each
+    once (a study's report draws 10,000 bootstrap replicates per comparison)."""
+    if cache is None:
+        return report(_study_of(folder, studies_dir), folder)
+    key = os.path.abspath(folder)
+    if key not in cache:
+        cache[key] = report(_study_of(folder, studies_dir), folder)
+    return cache[key]
+
+
+def regenerated_markdown(folder: str, studies_dir: str, cache: Optional[dict] = None) -> str:
     """The results.md that `--report-only --raw folder` writes (the study file from studies_dir)."""
-    return markdown(report(_study_of(folder, studies_dir), folder))
+    return markdown(regenerated(folder, studies_dir, cache))
 
 
-def check_reports(results_root: str, studies_dir: str) -> list[str]:
+def check_reports(results_root: str, studies_dir: str, cache: Optional[dict] = None) -> list[str]:
     """One line per raw folder under results_root whose committed results.md is missing or differs from the one its
-    raw data gives today."""
+    raw data gives today. cache: see regenerated."""
     problems = []
     for manifest in sorted(glob.glob(os.path.join(results_root, "*", STUDY_JSON))):
         folder = os.path.dirname(manifest)
@@ -122,16 +134,17 @@ def check_reports(results_root: str, studies_dir: str) -> list[str]:
             problems.append(f"{path} is missing: {hint}")
             continue
         with open(path, encoding="utf-8") as f:
-            if f.read() != regenerated_markdown(folder, studies_dir):
+            if f.read() != regenerated_markdown(folder, studies_dir, cache):
                 problems.append(f"{path} is stale (its raw data gives another report): {hint}")
     return problems
 
 
-def check_quotes(documents: list[str], results_root: str, studies_dir: str, root: Optional[str] = None
-                 ) -> tuple[int, list[str]]:
+def check_quotes(documents: list[str], results_root: str, studies_dir: str, root: Optional[str] = None,
+                 cache: Optional[dict] = None) -> tuple[int, list[str]]:
     """(number of quoted figures, one line per problem) for the given documents: each quote's figure regenerated
-    from results_root/FOLDER (its study file from studies_dir) must equal the quoted number at its precision."""
-    regenerated: dict = {}
+    from results_root/FOLDER (its study file from studies_dir) must equal the quoted number at its precision.
+    cache: see regenerated."""
+    found: dict = {}
     problems = []
     count = 0
     for doc in documents:
@@ -145,13 +158,13 @@ def check_quotes(documents: list[str], results_root: str, studies_dir: str, root
             continue
         for q in quotes:
             count += 1
-            if q.folder not in regenerated:
+            if q.folder not in found:
                 folder = os.path.join(results_root, q.folder)
                 try:
-                    regenerated[q.folder] = json.loads(json.dumps(report(_study_of(folder, studies_dir), folder)))
+                    found[q.folder] = json.loads(json.dumps(regenerated(folder, studies_dir, cache)))
                 except (OSError, ValueError) as e:
-                    regenerated[q.folder] = f"results of {q.folder!r} cannot be regenerated: {e}"
-            results = regenerated[q.folder]
+                    found[q.folder] = f"results of {q.folder!r} cannot be regenerated: {e}"
+            results = found[q.folder]
             if isinstance(results, str):
                 problems.append(f"{q.where()}: {results}")
                 continue
