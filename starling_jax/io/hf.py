@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -434,11 +433,6 @@ def _load_quantized(e: _Entry, slices, dtype: np.dtype, shardings: dict, config:
             for k, a in host.items()}
 
 
-@functools.cache
-def _layer_quantizer(name: str, scheme: str, block: int):
-    return jax.jit(functools.partial(quantization.quantize, name=name, scheme=scheme, block=block))
-
-
 def _quantize_layer(layer: np.ndarray, name: str, scheme: str, block: int) -> dict[str, np.ndarray]:
     """One layer's matrix -> its stored arrays as numpy: models.quantize.quantize itself (the function quantized_base
     applies), compiled for and run on the host's CPU device (the first local device when JAX has no CPU backend)."""
@@ -446,7 +440,7 @@ def _quantize_layer(layer: np.ndarray, name: str, scheme: str, block: int) -> di
         device = jax.local_devices(backend="cpu")[0]
     except RuntimeError:
         device = jax.local_devices()[0]
-    out = _layer_quantizer(name, scheme, block)(jax.device_put(layer, device))
+    out = quantization.quantize(jax.device_put(layer, device), name, scheme, block)
     return {k: np.asarray(v) for k, v in out.items()}
 
 

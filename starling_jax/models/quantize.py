@@ -28,6 +28,7 @@ does).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -87,8 +88,10 @@ def quantize_nf4(w: jax.Array, axis: int, block: int) -> dict:
     return {"nf4": (hi << 4) | lo, "absmax": jnp.squeeze(absmax, a + 1)}
 
 
+@functools.partial(jax.jit, static_argnames=("name", "scheme", "block"))
 def quantize(w: jax.Array, name: str, scheme: str, block: int) -> dict:
-    """Matrix `name` (a key of INPUT_AXES; stacked or one layer) in `scheme` ("int8" or "nf4")."""
+    """Matrix `name` (a key of INPUT_AXES; stacked or one layer) in `scheme` ("int8" or "nf4"). One compiled program
+    per matrix shape (run op by op, its dozen operations compiled a dozen programs for every shape)."""
     axes = INPUT_AXES[name]
     if scheme == "int8":
         return quantize_int8(w, tuple(w.ndim + a for a in axes))
