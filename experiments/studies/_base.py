@@ -26,10 +26,10 @@ def selected(name: str, family: str = "all") -> dict:
     return read_selection(os.path.join(SELECTED, f"{name}.json"), family)
 
 
-# `--quick` (CI): one cell, every stage cut to a few steps on 400 synthetic prompts, the policy stage's own
-# before/after evaluation on 8 prompts per split (the study measures its 16 quick_eval_prompts apart); checks the
-# machinery only.
-QUICK = ("data.synthetic_prompts=400", "data.report_rows=32", "stages.sft.train.steps=8", "stages.rm.train.steps=8",
-         "stages.policy.train.steps=2", "stages.policy.train.batch_size=16",
-         "stages.policy.rollout.prompts_per_step=16", "stages.policy.rollout.minibatch_size=8",
-         "stages.policy.rollout.eval_prompts=8")
+# `--quick` (CI): one cell, every stage cut to a few steps on 400 synthetic prompts (4 SFT and 4 RM steps, 2 APA steps
+# of 8 rollouts), the stages' own reports on 16 rows and the policy stage's own before/after evaluation on 4 prompts
+# per split (the study measures its 16 quick_eval_prompts apart); checks the machinery only.
+QUICK = ("data.synthetic_prompts=400", "data.report_rows=16", "stages.sft.train.steps=4", "stages.rm.train.steps=4",
+         "stages.policy.train.steps=2", "stages.policy.train.batch_size=8",
+         "stages.policy.rollout.prompts_per_step=8", "stages.policy.rollout.minibatch_size=8",
+         "stages.policy.rollout.eval_prompts=4")
