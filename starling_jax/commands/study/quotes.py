@@ -108,8 +108,7 @@ def regenerated(folder: str, studies_dir: str, cache: Optional[dict] = None) -> 
     """The results that `--report-only --raw folder` computes (the study file from studies_dir). cache: None, or a
     dict kept by the caller across calls, {folder: results}, so that checks reading the same folders regenerate each
     once (a study's report draws 10,000 bootstrap replicates per comparison)."""
-    if cache is None:
-        return report(_study_of(folder, studies_dir), folder)
+    cache = {} if cache is None else cache
     key = os.path.abspath(folder)
     if key not in cache:
         cache[key] = report(_study_of(folder, studies_dir), folder)
