@@ -20,13 +20,14 @@ from starling_jax.stages.kinds.data import DataStage
 B = 8
 
 
-def make_stage(objective: str, tmp_path) -> DataStage:
+def make_stage(objective: str, tmp_path, eval_batches: int = 4) -> DataStage:
     model = PRESETS["tiny"].replace(num_layers=1)
     # 150 synthetic prompts: 15 held-out rows -> 15 sft examples and rm groups, 45 dpo pairs (K = 4); the test
     # checks that none is a multiple of the batch of 8
     exp = Experiment(name="evaluate_every_row", model=ModelSection(config=model), mesh=MeshConfig(data=2, fsdp=-1),
                      data=DataConfig(synthetic_prompts=150, max_length=32, max_prompt_length=16, max_responses=4),
-                     objective=options(objective), train=TrainConfig(steps=1, batch_size=B))
+                     objective=options(objective),
+                     train=TrainConfig(steps=1, batch_size=B, eval_batches=eval_batches))
     (name, cfg), = stages_of(exp)
     return DataStage(StageContext(experiment=exp, config=cfg, stage_name=name, workdir=str(tmp_path), mesh=None,
                                   load_stage=lambda n: None))
@@ -101,8 +102,11 @@ def test_finish_reuses_the_final_evaluation_of_the_same_rows_and_state(tmp_path,
     measured.clear()
     again = stage.finish(moved, str(tmp_path))  # not the state evaluate() saw: measured
     assert measured[0] == 2 and again["heldout_loss"] != summary["heldout_loss"]
-    stage.eval_batches = stage.eval_batches[:1]  # an evaluation of part of the split (train.eval_batches = 1)
-    stage.evaluate(state)
+    part = make_stage("rm_plackett_luce", tmp_path, eval_batches=1)  # evaluate() reads part of the split
+    assert len(part.eval_batches) == 1 and not part.eval_whole and stage.eval_whole
     measured.clear()
-    assert stage.finish(state, str(tmp_path))["heldout_loss"] == pytest.approx(summary["heldout_loss"], rel=1e-6)
-    assert measured[0] == 2
+    part_on = part.evaluate_on
+    monkeypatch.setattr(part, "evaluate_on", lambda st, batches: measured.append(len(batches)) or part_on(st, batches))
+    part.evaluate(state)
+    assert part.finish(state, str(tmp_path))["heldout_loss"] == pytest.approx(summary["heldout_loss"], rel=1e-6)
+    assert measured[:2] == [1, 2]

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import weakref
 from typing import Any, Callable, Optional, Protocol
 
 import jax
@@ -131,6 +132,28 @@ def count_tokens(batch: Batch) -> int:
     """Real (non-pad) tokens in a batch: the sum of every *attention_mask > 0 (or every *mask for rl batches)."""
     keys = [k for k in batch if k.endswith("attention_mask")] or [k for k in batch if k.endswith("mask")]
     return int(sum(int(np.count_nonzero(np.asarray(batch[k]))) for k in keys))
+
+
+class LastEvaluation:
+    """A stage's most recent evaluate() result, for its finish() to reuse: the loop's final evaluate() runs on the
+    final state, so when finish() measures the same thing (`what`: a split's name) with that very state, it reports
+    the kept result instead of measuring again. The state is held by a weak reference: an evaluated state is never
+    kept alive by it, and a state with the same values is not the same state (finish() measures it)."""
+
+    def __init__(self):
+        self._kept = None
+
+    def keep(self, state, what, result):
+        """Remember `result` as the evaluation of `what` with `state`; returns `result`."""
+        self._kept = (weakref.ref(state), what, result)
+        return result
+
+    def of(self, state, what):
+        """The kept result when it is `what` measured with this very `state`, else None."""
+        if self._kept is None:
+            return None
+        ref, kept_what, result = self._kept
+        return result if ref() is state and kept_what == what else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

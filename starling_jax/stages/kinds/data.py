@@ -9,7 +9,6 @@ gets a fresh Linear(hidden, 1) score head.
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import jax
@@ -21,8 +20,8 @@ from starling_jax.data import formats, load_tokenizer, pipelines
 from starling_jax.metrics.ranking import RankingAccumulator, make_reward_fn
 from starling_jax.models import ModelConfig, Params
 from starling_jax.parallel import sharding
-from starling_jax.stages.program import (StageContext, StageProgram, StageSetup, adapter_export, base_pointer,
-                                         is_abstract, layers_note, load_model, register_stage_kind)
+from starling_jax.stages.program import (LastEvaluation, StageContext, StageProgram, StageSetup, adapter_export,
+                                         base_pointer, is_abstract, layers_note, load_model, register_stage_kind)
 from starling_jax.step import adapters, losses
 from starling_jax.step.state import abstract_state, create_state, make_optimizer, state_shardings
 from starling_jax.step.step import make_train_step
@@ -164,9 +163,12 @@ class DataStage:
         sharding.describe_rows(ctx.stage_name, self.my_rows, c.train.batch_size)
         train_ds = self._dataset(self.splits.train, seed=c.data.shuffle_seed + c.train.seed, report=self.splits.report)
         self.batches = GrainBatches(train_ds, model_config.vocab_size, f"stage {ctx.stage_name!r}")
+        self.eval_split = "tuning" if self.splits.tuning else "heldout"
         self.eval_rows = self.splits.tuning or self.splits.heldout
-        self.eval_batches = self.heldout(c.train.eval_batches, self.eval_rows)
-        self.last_eval = None  # (weak ref to the state, evaluate()'s result): finish reuses it for the same rows
+        # one batch past train.eval_batches tells whether they cover the whole split (then finish reuses evaluate())
+        more = self.heldout(c.train.eval_batches + 1, self.eval_rows)
+        self.eval_batches, self.eval_whole = more[:c.train.eval_batches], len(more) <= c.train.eval_batches
+        self.last_eval = LastEvaluation()  # evaluate()'s result (of eval_batches), for finish to reuse
 
     def _dataset(self, rows, **kwargs):
         c = self.c
@@ -211,28 +213,27 @@ class DataStage:
         return out
 
     def evaluate(self, state) -> Optional[dict]:
-        result = self.evaluate_on(state, self.eval_batches)
-        self.last_eval = (weakref.ref(state), result)  # weak: an evaluated state is never kept alive by it
-        return result
+        # kept under the split's name only when eval_batches are all of it
+        what = self.eval_split if self.eval_whole else None
+        return self.last_eval.keep(state, what, self.evaluate_on(state, self.eval_batches))
 
-    def _evaluate_split(self, state, rows) -> Optional[dict]:
-        """evaluate_on every batch of `rows`; the loop's final evaluate() already measured them with this very state
-        when they are the evaluation split and train.eval_batches covers it all (a split of a few batches, or no
-        tuning split: the held-out one), and its result is reused instead of measuring them again."""
-        batches = self.heldout(None, rows)
-        if (self.last_eval is not None and self.last_eval[0]() is state and rows is self.eval_rows
-                and len(batches) == len(self.eval_batches)):
-            return self.last_eval[1]
-        return self.evaluate_on(state, batches)
+    def _evaluate_split(self, state, split: str) -> Optional[dict]:
+        """evaluate_on every batch of the split named `split`; the loop's final evaluate() already measured them with
+        this very state when they are the evaluation split and train.eval_batches covers it all (a split of a few
+        batches, or no tuning split: the held-out one), and its result is reused instead of measuring them again."""
+        kept = self.last_eval.of(state, split)
+        if kept is not None:
+            return kept
+        return self.evaluate_on(state, self.heldout(None, getattr(self.splits, split)))
 
     def finish(self, state, workdir: str) -> dict:
         splits = self.splits
         if self.c.data.reporting:
-            result = self._evaluate_split(state, splits.heldout) or {}
+            result = self._evaluate_split(state, "heldout") or {}
             summary = {f"heldout_{k}": v for k, v in result.items()}
             summary["heldout_rows"] = len(splits.heldout)
         else:  # a selection run: the tuning split in the reporting split's place (data.reporting)
-            result = self._evaluate_split(state, splits.tuning) or {}
+            result = self._evaluate_split(state, "tuning") or {}
             summary = {f"tuning_{k}": v for k, v in result.items()}
             summary["tuning_rows"] = len(splits.tuning)
         if splits.unseen:

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import logging
 import os
-import weakref
 from typing import Any, Callable, Optional
 
 import jax
@@ -590,7 +589,7 @@ class RLStage:
                                      experience_fn=experience_fn, objective=o, rollout=r, seed=c.train.seed,
                                      true_utility=self.true_utility, constrain=constrain, place=spread,
                                      group=group, group_rows=rollout_rows if group > 1 else None)
-        self.last_eval = None  # (weak ref to the state, split, evaluate's report): finish reuses it for the same ones
+        self.last_eval = prog.LastEvaluation()  # evaluate()'s report of its split, for finish to reuse
 
     def step(self, state, batch):
         return self.update(state, sharding.put_batch(batch, self.setup.batch_shardings))
@@ -605,8 +604,7 @@ class RLStage:
 
     def evaluate(self, state) -> dict:
         split = "tuning" if "tuning" in self.eval_sets else "heldout"
-        report = self.report(state, "policy", split)
-        self.last_eval = (weakref.ref(state), split, report)  # weak: an evaluated state is never kept alive by it
+        report = self.last_eval.keep(state, split, self.report(state, "policy", split))
         return {k: v for k, v in report.items() if k not in ("samples", "per_prompt")}
 
     def finish(self, state, workdir: str) -> dict:
@@ -615,9 +613,7 @@ class RLStage:
         before = self.report(state, "reference", main)
         # the loop's final evaluate() sampled the policy on this split with this very state when it is the evaluation
         # split (a selection run's tuning split, or the held-out one with no tuning split): the same replies, reused
-        last = self.last_eval
-        reuse = last is not None and last[0]() is state and last[1] == main
-        after = last[2] if reuse else self.report(state, "policy", main)
+        after = self.last_eval.of(state, main) or self.report(state, "policy", main)
         summary = {"objective": o.name, "steps": int(c.train.steps), "eval_split": main,
                    "eval_prompts": self.eval_sizes.get(main, 0),
                    "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
