@@ -167,7 +167,9 @@ class RolloutConfig:
     top_p: float = 1.0
     epochs: int = 2  # optimisation epochs over each rollout batch
     minibatch_size: int = 8
-    eval_prompts: int = 64  # held-out prompts sampled at the start and the end of the stage (true reward, KL)
+    # held-out prompts sampled at the start and the end of the stage (true reward, KL); 0: none (a study cell, which
+    # measures its policy itself)
+    eval_prompts: int = 64
     # rows per compiled call of the rollout phase: each sampling.generate call, reward-model scoring call and
     # experience forward (policy, reference, critic) over a chunk (0 = the whole chunk in one call). Memory only: the
     # KV cache and the activations scale with it; the chunk, the updates and the sampling distribution do not.

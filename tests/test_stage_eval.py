@@ -110,3 +110,25 @@ def test_finish_reuses_the_final_evaluation_of_the_same_rows_and_state(tmp_path,
     part.evaluate(state)
     assert part.finish(state, str(tmp_path))["heldout_loss"] == pytest.approx(summary["heldout_loss"], rel=1e-6)
     assert measured[:2] == [1, 2]
+
+
+def test_an_rl_stage_with_no_evaluation_prompts_samples_none(tmp_path, monkeypatch):
+    """rollout.eval_prompts = 0 (a study cell, which measures its policy itself): the rl stage trains, samples no
+    evaluation reply (evaluate() reports nothing, the summary has no before/after), and needs no held-out rows."""
+    from starling_jax.algorithms.apa import APAOptions
+    from starling_jax.config import RewardModelSection, RolloutConfig
+    from starling_jax.stages.kinds.rlaif import RLStage
+    from starling_jax.stages.loop import run_experiment
+    tiny = PRESETS["tiny"].replace(num_layers=1)
+    exp = Experiment(name="rl_no_eval", model=ModelSection(config=tiny, trainable_top_layers=1),
+                     reward_model=RewardModelSection(config=tiny.replace(head="score"), max_length=48),
+                     data=DataConfig(synthetic_prompts=32, heldout_fraction=0.0, max_length=40, max_prompt_length=32),
+                     objective=APAOptions(),
+                     rollout=RolloutConfig(prompts_per_step=8, max_new_tokens=4, minibatch_size=8, eval_prompts=0),
+                     train=TrainConfig(steps=1, batch_size=8, eval_every=1))
+    calls = []
+    report = RLStage.report
+    monkeypatch.setattr(RLStage, "report", lambda self, *a, **k: calls.append(a) or report(self, *a, **k))
+    (summary,) = run_experiment(exp, str(tmp_path)).values()
+    assert calls == [] and summary["eval_prompts"] == 0 and summary["steps"] == 1
+    assert not any(k.endswith(("_before", "_after")) or k.startswith("true_reward") for k in summary)

@@ -77,6 +77,8 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
             bad(field, f"the micro-batch {size}/{t.grad_accum} is not divisible by the mesh's data*fsdp = {ways} "
                 f"devices")
     r = c.rollout
+    if kind == "rl" and r.eval_prompts < 0:
+        bad("rollout.eval_prompts", f"must be >= 0 (0: the stage samples no evaluation prompts), got {r.eval_prompts}")
     rows = len(row_calls(r.prompts_per_step, r.generation_batch)[0]) if r.prompts_per_step >= 1 else 0
     if kind == "rl" and ways and rows % ways:  # each rollout call's rows (the largest's) split over the data shards
         bad("rollout.generation_batch", f"{r.generation_batch}: each rollout call's {rows} rows are not divisible by "

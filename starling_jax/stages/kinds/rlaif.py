@@ -504,7 +504,7 @@ class RLStage:
         k_policy, k_rm, k_critic, k_state = jax.random.split(jax.random.key(c.train.seed), 4)
         self.splits = splits = pipelines.load_splits(c.data)  # before the models: bad data fails fast
         self.main_split = "heldout" if c.data.reporting else "tuning"  # a selection run reports the tuning split
-        if not getattr(splits, self.main_split):  # never report the training prompts under another split's name
+        if r.eval_prompts and not getattr(splits, self.main_split):  # never report training prompts as another split
             fix = ("data.heldout_fraction > 0 (or data.report_rows > 0 for synthetic data)" if c.data.reporting
                    else "data.tuning_fraction > 0")
             name = {"heldout": "held-out", "tuning": "tuning"}[self.main_split]
@@ -574,7 +574,7 @@ class RLStage:
             convs = [conversation_of(row, f"{split} row {j}") for j, row in enumerate(rows)]
             self.eval_sets[split] = (batch, [convs[j] for j in np.asarray(batch["prompt_id"])],
                                      jax.random.fold_in(jax.random.key(c.train.seed + 1), i))
-        if self.main_split not in self.eval_sets and spread is not None:
+        if r.eval_prompts and self.main_split not in self.eval_sets and spread is not None:
             raise ValueError(f"stage {ctx.stage_name!r}: rollout.eval_prompts={r.eval_prompts} {self.main_split} "
                              f"prompts cannot "
                              f"be split over the {place.parts} batch shards of the mesh; use at least {place.parts}")
@@ -604,24 +604,38 @@ class RLStage:
 
     def evaluate(self, state) -> dict:
         split = "tuning" if "tuning" in self.eval_sets else "heldout"
+        if split not in self.eval_sets:  # rollout.eval_prompts = 0: the stage measures nothing itself
+            return None
         report = self.last_eval.keep(state, split, self.report(state, "policy", split))
         return {k: v for k, v in report.items() if k not in ("samples", "per_prompt")}
 
     def finish(self, state, workdir: str) -> dict:
         c, o = self.c, self.c.objective
         main = self.main_split
+        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_split": main,
+                   "eval_prompts": self.eval_sizes.get(main, 0), "data": self.splits.report.summary()}
+        if main in self.eval_sets:
+            summary.update(self._before_after(state, main))
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+        png = os.path.join(workdir, "curves.png")
+        if jax.process_index() == 0:  # one writer of the shared WORKDIR
+            png = plot_metrics(records, png, CURVES, "RL step (rollout chunk)", f"{self.stage_name}: {o.name.upper()}")
+        if png:
+            summary["curves_png"] = png
+        return summary
+
+    def _before_after(self, state, main: str) -> dict:
+        """The reference's and the final policy's replies to the evaluation split (and the unseen one) compared."""
         before = self.report(state, "reference", main)
         # the loop's final evaluate() sampled the policy on this split with this very state when it is the evaluation
         # split (a selection run's tuning split, or the held-out one with no tuning split): the same replies, reused
         after = self.last_eval.of(state, main) or self.report(state, "policy", main)
-        summary = {"objective": o.name, "steps": int(c.train.steps), "eval_split": main,
-                   "eval_prompts": self.eval_sizes.get(main, 0),
-                   "rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
+        summary = {"rm_score_before": before["rm_score"], "rm_score_after": after["rm_score"],
                    "kl_to_reference": after["kl_to_reference"],
                    "response_length_before": before["response_length"],
                    "response_length_after": after["response_length"],
-                   "samples_before": before["samples"], "samples_after": after["samples"],
-                   "data": self.splits.report.summary()}
+                   "samples_before": before["samples"], "samples_after": after["samples"]}
         if "true_reward" in after:
             summary["true_reward_before"], summary["true_reward_after"] = before["true_reward"], after["true_reward"]
             # prompt by prompt (the eval split's rows in order), for paired intervals over prompts and seeds
@@ -637,13 +651,6 @@ class RLStage:
             if "true_reward" in u_after:
                 summary["unseen_true_reward_before"] = u_before["true_reward"]
                 summary["unseen_true_reward_after"] = u_after["true_reward"]
-        metrics_path = os.path.join(workdir, "metrics.jsonl")
-        records = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-        png = os.path.join(workdir, "curves.png")
-        if jax.process_index() == 0:  # one writer of the shared WORKDIR
-            png = plot_metrics(records, png, CURVES, "RL step (rollout chunk)", f"{self.stage_name}: {o.name.upper()}")
-        if png:
-            summary["curves_png"] = png
         return summary
 
     def export(self, state) -> Params:
