@@ -380,6 +380,7 @@ def test_the_ifeval_studies_select_on_tuning_and_compare_lora_with_full_layers()
         rate = read_selection(os.path.join(ROOT, "experiments", "studies", "selected", "ifeval.json"), arm.name)
         assert policy.optim.learning_rate == rate["stages.policy.optim.learning_rate"]
         assert policy.model.trainable_top_layers == 2 and (policy.model.lora is not None) == (arm.name == "lora")
+        assert policy.rollout.eval_prompts == 0  # the study measures the cell; the stage samples nothing itself
     full, lora = (dict(stages_of(a.experiment))["policy"] for a in study.arms)
     assert dataclasses.replace(full, optim=lora.optim, model=lora.model) == lora  # nothing else differs
     assert dataclasses.replace(full.model, lora=lora.model.lora) == lora.model
@@ -402,8 +403,103 @@ def test_committed_selections_regenerate_from_their_raw_results():
             continue
         study = load_study(os.path.join(ROOT, "experiments", "studies", f"{record['study']}.py"))
         again = choose(study, raw.report(study, os.path.join(ROOT, "results", record["study"])))
-        assert again["choice"] == record["choice"], path
+        # the choice exactly; the means it rests on to the last bits (sums in another order on another CPU's SIMD)
+        assert {f: (c["arm"], c["settings"]) for f, c in again["choice"].items()} == \
+            {f: (c["arm"], c["settings"]) for f, c in record["choice"].items()}, path
+        assert {f: c["mean"] for f, c in again["choice"].items()} == pytest.approx(
+            {f: c["mean"] for f, c in record["choice"].items()}, rel=1e-12), path
         assert [(g["arm"], g["settings"]) for g in again["grid"]] == [(g["arm"], g["settings"]) for g in record["grid"]]
         for new, old in zip(again["grid"], record["grid"]):
             assert new["mean"] == pytest.approx(old["mean"], rel=1e-12) and new["per_seed"] == pytest.approx(
                 old["per_seed"], rel=1e-12), path
+
+
+def test_the_reference_replies_are_measured_alone_and_equal_the_joint_measurement():
+    """policy_measurements(..., who=("reference",)) samples and scores exactly what the joint measurement reports
+    for the reference (the same key, prompts and replies), with a KL of exactly 0 (its own replies) and no forward
+    pass of the policy: what lets a study measure the reference once per seed."""
+    import types
+
+    import jax
+
+    from starling_jax import models
+    from starling_jax.commands.study import evaluate as ev
+    from starling_jax.config import DataConfig, ModelSection
+    from starling_jax.data import load_tokenizer, pipelines
+    config = models.get_preset("tiny").replace(num_layers=1)
+    policy = (config, models.init_params(config, jax.random.key(1)))
+    reference = (config, models.init_params(config, jax.random.key(2)))
+    data = DataConfig(synthetic_prompts=60, max_length=32, max_prompt_length=16)
+    rows = pipelines.load_splits(data).heldout[:4]
+    kwargs = dict(tokenizer=load_tokenizer("openchat-3.5"), template=ModelSection().template, data=data,
+                  rollout=types.SimpleNamespace(max_new_tokens=4), key=jax.random.key(3),
+                  true_utility=lambda conversation, reply: float(len(reply) % 3))
+    scorer = lambda conversations, texts: np.array([len(t) for t in texts], np.float32)  # noqa: E731
+    both = ev.policy_measurements(policy, reference, scorer, rows, **kwargs)
+    alone = ev.policy_measurements(policy, reference, scorer, rows, who=("reference",), **kwargs)
+    assert set(alone) == {"prompt", "reference"} and alone["prompt"] == both["prompt"]
+    assert alone["reference"]["samples"] == both["reference"]["samples"]
+    for k, v in both["reference"].items():
+        if k != "samples":
+            np.testing.assert_array_equal(alone["reference"][k], v, err_msg=k)
+    assert np.all(alone["reference"]["kl"] == 0.0)
+
+
+def test_a_seeds_reference_measurement_is_kept_for_its_other_cells(tmp_path):
+    """With a "base" reference and a shared reward stage the reference group of a seed does not depend on the arm:
+    every cell of the seed names the same file in the seed's shared directory (the first cell measures, the others
+    read it back exactly, NaN included), while another seed, split, prompt set or reward model section names another
+    file; a study whose reward model is trained per cell measures the reference in every cell."""
+    from starling_jax.commands.study import runner
+    study = load_study(os.path.join(ROOT, "experiments", "studies", "select_ifeval.py"))
+    rows = [{"messages": [{"role": "user", "content": "Describe a lake in two sentences."}]}]
+    (tmp_path / "shared" / "seed100" / "rm").mkdir(parents=True)
+
+    def cache(arm, seed=100, split="tuning", rows=rows, section=None):
+        cell = tmp_path / "cells" / arm.name / f"seed{seed}"
+        cell.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(cell / "rm"):
+            os.symlink(os.path.relpath(tmp_path / "shared" / f"seed{seed}" / "rm", cell), cell / "rm")
+        exp = runner.cell_experiment(study, arm, seed)
+        policy = dict(stages_of(exp))["policy"]
+        return runner._reference_cache(study, exp, policy, section or exp.reward_model, str(cell), seed, split, rows)
+
+    paths = {cache(arm) for arm in study.arms}
+    assert len(paths) == 1
+    (path,) = paths
+    assert os.path.dirname(path) == str(tmp_path / "shared" / "seed100" / "reference")
+    (tmp_path / "shared" / "seed101" / "rm").mkdir(parents=True)
+    exp = study.arms[0].experiment
+    others = {cache(study.arms[0], seed=101), cache(study.arms[1], split="heldout"),
+              cache(study.arms[1], rows=rows * 2),
+              cache(study.arms[2], section=dataclasses.replace(exp.reward_model, max_length=96))}
+    assert len(others) == 4 and path not in others
+
+    calls = []
+    group = {"prompt": ["p0", "p1"], "true_reward": np.array([0.5, np.nan]), "kl": np.zeros(2),
+             "samples": [{"prompt": "p0", "reply": "r0"}]}
+    first = runner._cached(path, lambda: calls.append(1) or group)
+    again = runner._cached(path, lambda: calls.append(1) or group)
+    assert calls == [1] and first is group and os.path.isfile(path)
+    assert again["prompt"] == group["prompt"] and again["samples"] == group["samples"]
+    for k in ("true_reward", "kl"):
+        assert again[k].dtype == np.float64
+        np.testing.assert_array_equal(again[k], group[k])
+
+    smol = load_study(os.path.join(ROOT, "experiments", "studies", "smol_starling.py"))  # no shared stages
+    exp = runner.cell_experiment(smol, smol.arms[0], 0)
+    policy = dict(stages_of(exp))["policy"]
+    assert runner._reference_cache(smol, exp, policy, exp.reward_model, str(tmp_path), 0, "heldout", rows) is None
+
+
+def test_cells_run_with_a_persistent_compilation_cache_in_the_workdir(tmp_path, monkeypatch):
+    """Each cell's process gets JAX's persistent compilation cache (D/xla_cache) unless the user names one."""
+    from starling_jax.commands.study import runner
+    seen = []
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda cmd, env, **kw: seen.append(env))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    runner._child("s.py", str(tmp_path / "d"), ["--cell", "a@0"], False, str(tmp_path / "logs" / "a.log"))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    runner._child("s.py", str(tmp_path / "d"), ["--cell", "a@0"], False, str(tmp_path / "logs" / "a.log"))
+    assert [env["JAX_COMPILATION_CACHE_DIR"] for env in seen] == [str(tmp_path / "d" / "xla_cache"),
+                                                                   str(tmp_path / "mine")]

@@ -34,7 +34,7 @@ QUICK = ("stages.feedback.train.steps=1", "stages.feedback.feedback.prompts_per_
          "stages.feedback.feedback.max_new_tokens=8", "stages.rm.train.steps=2", "stages.policy.train.steps=1",
          "stages.policy.train.batch_size=8", "stages.policy.rollout.prompts_per_step=8",
          "stages.policy.rollout.minibatch_size=8", "stages.policy.rollout.max_new_tokens=8",
-         "stages.policy.rollout.eval_prompts=8", "logging.progress=false")
+         "logging.progress=false")
 
 
 def smol_ifeval():
@@ -43,7 +43,9 @@ def smol_ifeval():
 
 def variant(exp, arm: str, learning_rate: float):
     """experiments/smol_ifeval.py with its policy stage trained as `arm` at `learning_rate`: "lora" is the recipe's
-    own (adapters on the top 2 layers), "full" the same stage without adapters (the top 2 layers train in full)."""
+    own (adapters on the top 2 layers), "full" the same stage without adapters (the top 2 layers train in full). The
+    stage samples no evaluation prompts of its own (rollout.eval_prompts = 0): the study measures every cell itself,
+    so the stage's before/after report would only repeat that measurement on fewer prompts."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; one of {', '.join(ARMS)}")
 
@@ -51,7 +53,8 @@ def variant(exp, arm: str, learning_rate: float):
         if s.name != "policy":
             return s
         model = s.model if arm == "lora" else dataclasses.replace(s.model, lora=None)
-        return dataclasses.replace(s, model=model, optim=dataclasses.replace(s.optim, learning_rate=learning_rate))
+        return dataclasses.replace(s, model=model, optim=dataclasses.replace(s.optim, learning_rate=learning_rate),
+                                   rollout=dataclasses.replace(s.rollout, eval_prompts=0))
     return dataclasses.replace(exp, stages=tuple(stage(s) for s in exp.stages))
 
 

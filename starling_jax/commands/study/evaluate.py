@@ -45,16 +45,23 @@ def prompt_batch(rows, tokenizer, data, template):
 
 
 def policy_measurements(policy, reference, scorer, rows, *, tokenizer, template, data, rollout, key,
-                        true_utility=synthetic.true_utility) -> dict:
+                        true_utility=synthetic.true_utility, who=("policy", "reference")) -> dict:
     """{"policy": {metric: [rows]}, "reference": {...}, "prompt": [rows]} (see the module docstring). policy and
     reference are (config, params); true_utility(messages, reply) -> float: the synthetic data's hidden utility (with
-    its terms), or a verifiable task's (data/tasks.py; no terms)."""
+    its terms), or a verifiable task's (data/tasks.py; no terms). who: the groups to measure (the reference's does not
+    depend on the policy: a study measures it once per seed and reuses it, starling_jax.commands.study.runner)."""
     batch, conversations = prompt_batch(rows, tokenizer, data, template)
     (config, params), (ref_config, ref_params) = policy, reference
     out: dict = {"prompt": [synthetic.nectar_prompt(c) for c in conversations]}
     options = types.SimpleNamespace(max_new_tokens=rollout.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     for name, (cfg, p) in (("policy", policy), ("reference", reference)):
-        def logprobs(tokens, attn, prompt_len, cfg=cfg, p=p):
+        if name not in who:
+            continue
+
+        def logprobs(tokens, attn, prompt_len, cfg=cfg, p=p, name=name):
+            if name == "reference":  # its own replies: log pi_ref - log pi_ref = 0, no forward pass needed
+                zeros = np.zeros(np.shape(tokens[:, prompt_len:]), np.float32)
+                return zeros, zeros
             tokens, attn = jnp.asarray(tokens), jnp.asarray(attn)
             return (np.asarray(_response_logprobs(p, cfg, tokens, attn, prompt_len)),
                     np.asarray(_response_logprobs(ref_params, ref_config, tokens, attn, prompt_len)))

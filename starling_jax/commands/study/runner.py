@@ -190,12 +190,56 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
         rollout = dataclasses.replace(pol_cfg.rollout, max_new_tokens=study.max_new_tokens)
         for split, rows in split_rows.items():
             key = jax.random.fold_in(jax.random.key(seed), ev.SPLIT_KEYS[split])
-            m = ev.policy_measurements(policy, reference, scorer, rows, tokenizer=tok, template=pol_cfg.model.template,
-                                       data=pol_cfg.data, rollout=rollout, key=key,
-                                       true_utility=splits.true_utility or synthetic.true_utility)
-            for who in ("policy", "reference"):
-                groups[f"{who}/{split}"] = {"prompt": m["prompt"], **m[who]}
+
+            def measure(who, rows=rows, key=key):
+                return ev.policy_measurements(policy, reference, scorer, rows, tokenizer=tok,
+                                              template=pol_cfg.model.template, data=pol_cfg.data, rollout=rollout,
+                                              key=key, true_utility=splits.true_utility or synthetic.true_utility,
+                                              who=who)
+            m = measure(("policy",))
+            groups[f"policy/{split}"] = {"prompt": m["prompt"], **m["policy"]}
+            cache = _reference_cache(study, exp, pol_cfg, section, directory, seed, split, rows)
+            groups[f"reference/{split}"] = _cached(cache, lambda: _reference_group(measure(("reference",))))
     return groups
+
+
+def _reference_group(m: dict) -> dict:
+    return {"prompt": m["prompt"], **m["reference"]}
+
+
+def _reference_cache(study: Study, exp: Experiment, pol_cfg, section, directory: str, seed: int, split: str,
+                     rows) -> Optional[str]:
+    """Where a seed's reference measurement of `split` is kept for every cell of that seed, or None (measured per
+    cell). The reference group depends on the reference model, the reward model that scores it, the prompts, the
+    sampling key and the measurement settings, never on the policy: with a "base" reference and a shared reward stage,
+    the cells of one seed measure the same thing, so the first measures and the others read it. The file name is a
+    digest of all of those (the reward model by its shared directory), so an arm that changes any of them (its data,
+    template, reward model section) gets its own file."""
+    import hashlib
+    if study.reference_stage != "base" or study.reward_stage not in study.shared_stages:
+        return None
+    rm_dir = os.path.realpath(os.path.join(directory, study.reward_stage))
+    what = {"seed": seed, "split": split, "rm": rm_dir, "max_new_tokens": study.max_new_tokens,
+            "base": pol_cfg.model.path, "tokenizer": pol_cfg.model.tokenizer, "template": pol_cfg.model.template,
+            "data": to_dict(pol_cfg.data), "reward_model": to_dict(section),
+            "prompts": [r["messages"] for r in rows]}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(os.path.dirname(rm_dir), "reference", f"{split}-{digest}.json")
+
+
+def _cached(path: Optional[str], compute) -> dict:
+    """compute() (a measurement group of numpy arrays and lists), kept in `path` as JSON for the next caller."""
+    import numpy as np
+    if path is None:
+        return compute()
+    if os.path.exists(path):
+        with open(path) as f:
+            group = json.load(f)
+        return {k: v if k in ("prompt", "samples") else np.asarray(v, np.float64) for k, v in group.items()}
+    group = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, group)
+    return group
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,6 +323,9 @@ def _child(study_path: str, workdir: str, what: list, quick: bool, log: str) -> 
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = dict(os.environ)
     env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    # the cells of a study compile mostly the same programs (one arm's seeds all of them): JAX's persistent cache
+    # lets a later cell read what an earlier one compiled (set JAX_COMPILATION_CACHE_DIR to share one across studies)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(workdir), "xla_cache"))
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
