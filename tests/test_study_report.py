@@ -476,3 +476,15 @@ def test_export_refuses_what_would_lose_or_mix_cells(tmp_path, capsys):
     assert "use it with --report-only" in capsys.readouterr().err
     assert main(["study", study_file, "--report-only"]) == 2
     assert "--workdir is required" in capsys.readouterr().err
+
+
+def test_a_figure_on_a_rounding_boundary_prints_the_same_on_every_machine():
+    """Means of 0/1 rewards land exactly on a printed rounding boundary (0.4375); summed in another order (another
+    CPU's SIMD) they come out 1 ulp either side of it. The report and the quote check print both as the same text."""
+    from starling_jax.commands.study import quotes
+    from starling_jax.commands.study.report import _n
+    below, above = np.nextafter(0.4375, 0.0), np.nextafter(0.4375, 1.0)
+    assert f"{below:.3f}" != f"{above:.3f}"  # what printing them directly does
+    assert _n(below) == _n(above) == _n(0.4375)
+    assert quotes._as_quoted(below, "0.438") == quotes._as_quoted(above, "0.438") == "0.438"
+    assert _n(0.4374) == "0.437" and _n(-0.0004) == "-0.000"

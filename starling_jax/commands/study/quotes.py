@@ -23,7 +23,7 @@ from typing import Optional
 
 from starling_jax.commands.study import Study, load_study
 from starling_jax.commands.study.raw import STUDY_JSON, RawError, _expect, _is_number, read_manifest, report
-from starling_jax.commands.study.report import markdown
+from starling_jax.commands.study.report import markdown, steady
 
 
 QUOTE_RE = re.compile(r"<!--\s*q:(.*?)-->", re.S)
@@ -97,7 +97,7 @@ def _plain(text: str) -> str:
 def _as_quoted(value: float, quoted: str) -> str:
     """value written at the precision of the quoted number."""
     decimals = len(quoted.split(".")[1]) if "." in quoted else 0
-    return _plain(f"{value:.{decimals}f}")
+    return _plain(f"{steady(value):.{decimals}f}")
 
 
 def _study_of(folder: str, studies_dir: str) -> Study:

@@ -197,8 +197,15 @@ def aggregate(study: Study, records: list, shared_times: dict, this_run_s: float
     }
 
 
+def steady(x: float) -> float:
+    """x rounded to 9 decimals before it is printed at 3: sums in another order (another CPU's SIMD) move a figure by
+    ~1e-16, which would flip a printed digit when the figure sits on a rounding boundary (0.4025); rounded first, the
+    report is the same text on every machine."""
+    return round(x, 9)
+
+
 def _n(x: float) -> str:
-    return f"{x:.3f}"
+    return f"{steady(x):.3f}"
 
 
 def _seeds(figures: dict) -> str:
@@ -214,7 +221,7 @@ def _fmt_diff(e: dict) -> str:
     if role == "identical":
         return f"{_n(e['diff'])} (identical in every replicate)"
     if role == "exploratory":
-        p = f"p={e['p_holm']:.3f}" if e["p_holm"] >= 0.001 else "p<0.001"
+        p = f"p={_n(e['p_holm'])}" if e["p_holm"] >= 0.001 else "p<0.001"
         return (f"{_n(e['diff'])} [{_n(e['holm_lo'])}, {_n(e['holm_hi'])}] {p} "
                 f"{_seeds(e['diff_seeds'])}")
     label = "primary" if role == "primary" else "unadjusted"
