@@ -244,6 +244,59 @@ def test_reuse_adopts_only_identical_shared_stages_and_cells(tmp_path):
     assert list(results["reused"]) == ["plackett_luce@0"]
 
 
+def test_reuse_adopts_identical_cells_from_a_raw_results_folder(tmp_path, monkeypatch):
+    """A study finished on two machines: the raw folder of the first (committed) carries each cell's config digest;
+    `--reuse RAW` on the second adopts exactly the cells whose experiment is identical to ours (not one that differs
+    only in its evaluation prompts), with their seed's shared-stage time, and the run then trains neither those
+    cells nor their seed's shared stages. Exporting the second workdir writes the adopted cells back, digest kept."""
+    from starling_jax.commands.study import raw
+    from starling_jax.commands.study import runner
+    rl = load_study(os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"))
+    first, second, folder = str(tmp_path / "first"), str(tmp_path / "second"), str(tmp_path / "results" / "rl")
+
+    def save(directory, exp, record):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(runner._canonical(exp), f)
+        with open(os.path.join(directory, "cell.json"), "w") as f:
+            json.dump(record, f)
+    rng = np.random.default_rng(0)
+    save(runner._cell_dir(first, "apa", 0), runner.cell_experiment(rl, rl.arm("apa"), 0),
+         {**_fake_record("apa", 0, 0.1, rng), "wall_s": 7.0})  # a record written before cells kept their digest
+    changed = apply_overrides(runner.cell_experiment(rl, rl.arm("apa"), 1), ["stages.policy.rollout.eval_prompts=8"])
+    save(runner._cell_dir(first, "apa", 1), changed, _fake_record("apa", 1, 0.1, rng))
+    for seed, wall in ((0, 3.0), (1, 4.0)):
+        os.makedirs(runner._shared_dir(first, seed))
+        with open(os.path.join(runner._shared_dir(first, seed), "done.json"), "w") as f:
+            json.dump({"seed": seed, "wall_s": wall}, f)
+    raw.export(rl, "rl_algorithms.py", first, folder, runner.shared_times(first),
+               digest=lambda cell: runner.config_digest(runner._saved_config(cell)))
+    records, _, _ = raw.read(folder, rl)
+    want = runner.config_digest(runner._canonical(runner.cell_experiment(rl, rl.arm("apa"), 0)))
+    assert {r["seed"]: r["config_sha256"] == want for r in records} == {0: True, 1: False}
+
+    notes = runner.reuse_finished(rl, second, [0, 1], ["apa", "ppo"], [folder])
+    assert len(notes) == 1 and "cell apa seed 0" in notes[0]
+    with open(os.path.join(runner._cell_dir(second, "apa", 0), "cell.json")) as f:
+        adopted = json.load(f)
+    assert adopted["config_sha256"] == want and adopted["reused_from"] == os.path.abspath(folder)
+    assert adopted["groups"]["policy/heldout"]["true_reward"] == pytest.approx(
+        records[0]["groups"]["policy/heldout"]["true_reward"])
+    assert runner.shared_times(second) == {0: 3.0}
+    assert not os.path.exists(runner._cell_dir(second, "apa", 1))  # differs in eval_prompts: trained, not reused
+
+    scheduled = []
+    monkeypatch.setattr(runner, "_run_pool", lambda jobs, *a: scheduled.extend(label for label, _, _ in jobs) or [])
+    runner.run_study(rl, os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"), second, seeds=[0, 1],
+                     arms=["apa"])
+    assert scheduled == ["shared stages of seed 1", "cell apa seed 1"]  # seed 0: nothing left to train
+    out = str(tmp_path / "again")
+    raw.export(rl, "rl_algorithms.py", second, out, runner.shared_times(second),
+               digest=lambda cell: runner.config_digest(runner._saved_config(cell)))
+    (again,), _, _ = raw.read(out, rl)
+    assert again["config_sha256"] == want and again["reused_from"]
+
+
 def test_study_command_rejects_bad_input(tmp_path):
     from starling_jax.commands.cli import main
     assert main(["study", str(tmp_path / "missing.py"), "--workdir", str(tmp_path)]) == 2

@@ -10,7 +10,9 @@ The folder (FORMAT, version 1):
                            exported), "cells" (every cell file, relative), "shared_wall_s" {seed: seconds}}
     ARM/seedS.jsonl.gz    one cell: gzip'd JSON lines, first a header {"arm", "seed", "quick", "wall_s",
                            "train_wall_s", "reused_from", "summary" (the stages' numeric summaries), "samples" (the
-                           first 3 replies per policy and reference group)}, then one line per prompt and group
+                           first 3 replies per policy and reference group), optionally "config_sha256" (the
+                           digest of the cell's experiment as it ran: `--reuse` adopts only identical cells)}, then
+                           one line per prompt and group
                            {"group": "policy/heldout", "row": i, "prompt": "...", metric: value, ...}; a missing
                            value (NaN) is null
     results.md, results.json, results.png   the report regenerated from the above (`--report-only --raw`)
@@ -29,7 +31,7 @@ import json
 import math
 import os
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from starling_jax.commands.study import SPLITS, Study
 from starling_jax.commands.study.report import aggregate, short_source
@@ -40,6 +42,9 @@ VERSION = 1
 STUDY_JSON = "study.json"
 SAMPLES_KEPT = 3
 HEADER_FIELDS = {"arm", "seed", "quick", "wall_s", "train_wall_s", "reused_from", "summary", "samples"}
+# optional: the SHA-256 of the cell's experiment as it ran (runner.config_digest), which lets `--reuse RAW` adopt
+# the cell into a workdir whose cell is the identical experiment (a study finished across machines)
+OPTIONAL_HEADER_FIELDS = {"config_sha256"}
 STUDY_FIELDS = {"format", "version", "study", "study_file", "baseline", "arms", "seeds", "primary", "cells",
                 "shared_wall_s"}
 
@@ -82,6 +87,8 @@ def cell_lines(record: dict) -> list[str]:
               "wall_s": float(record["wall_s"]), "train_wall_s": _finite(float(record.get("train_wall_s", 0.0))),
               "reused_from": short_source(record["reused_from"]) if record.get("reused_from") else None,
               "summary": _numeric(record.get("summary", {})), "samples": samples}
+    if record.get("config_sha256"):
+        header["config_sha256"] = record["config_sha256"]
     lines = [_json_line(header)]
     for group, m in sorted(record["groups"].items()):
         metrics = sorted(k for k in m if k not in ("prompt", "samples"))
@@ -107,11 +114,12 @@ def _primary_dicts(study: Study) -> list:
     return [dataclasses.asdict(c) for c in study.primary]
 
 
-def export(study: Study, study_file: str, workdir: str, out: str, shared_times: dict) -> list[str]:
+def export(study: Study, study_file: str, workdir: str, out: str, shared_times: dict,
+           digest: Optional[Callable[[str], Optional[str]]] = None) -> list[str]:
     """Write the finished cells of a study workdir (and shared_times: {seed: wall seconds} of its shared stages) to
     the raw folder `out`. Returns the grid's cells that are not finished (not exported). Refuses a folder of another
     study, a cell of an arm the study does not have, and a folder holding a cell this workdir lacks (it would be
-    lost)."""
+    lost). digest(cell directory): the config_sha256 of a cell whose record lacks one (from its saved config)."""
     cells_root = os.path.join(workdir, "cells")
     paths = sorted(glob.glob(os.path.join(cells_root, "*", "seed*", "cell.json")))
     if not paths:
@@ -131,6 +139,8 @@ def export(study: Study, study_file: str, workdir: str, out: str, shared_times: 
         if record.get("arm") != arm or f"seed{record.get('seed')}" != seed_dir:
             raise RawError(f"{path}: its record says arm {record.get('arm')!r} seed {record.get('seed')!r}, its "
                            f"folder {arm}/{seed_dir}")
+        if not record.get("config_sha256") and digest is not None:
+            record["config_sha256"] = digest(os.path.dirname(path))
         records.append(record)
     manifest_path = os.path.join(out, STUDY_JSON)
     if os.path.exists(manifest_path):
@@ -185,9 +195,10 @@ def _expect(cond: bool, where: str, message: str) -> None:
         raise RawError(f"{where}: {message}")
 
 
-def _expect_fields(obj: dict, fields: set, where: str) -> None:
-    """RawError at `where` unless obj has exactly `fields` (names the missing and the unknown ones)."""
-    missing, unknown = fields - set(obj), set(obj) - fields
+def _expect_fields(obj: dict, fields: set, where: str, optional: set = frozenset()) -> None:
+    """RawError at `where` unless obj has exactly `fields` and perhaps some of `optional` (names the missing and the
+    unknown ones)."""
+    missing, unknown = fields - set(obj), set(obj) - fields - optional
     _expect(not missing, where, f"field(s) {', '.join(sorted(missing))} missing")
     _expect(not unknown, where, f"unknown field(s) {', '.join(sorted(unknown))}")
 
@@ -232,7 +243,10 @@ def read_cell(path: str, arm: str, seed: int) -> dict:
     header = _load_json(lines[0], f"{path} line 1")
     where = f"{path} line 1"
     _expect(isinstance(header, dict), where, "expected the cell's header object")
-    _expect_fields(header, HEADER_FIELDS, where)
+    _expect_fields(header, HEADER_FIELDS, where, OPTIONAL_HEADER_FIELDS)
+    sha = header.get("config_sha256")
+    _expect(sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None), where,
+            "field 'config_sha256': expected 64 lowercase hex digits")
     _expect(header["arm"] == arm and header["seed"] == seed, where,
             f"header says arm {header['arm']!r} seed {header['seed']!r}, the file name arm {arm!r} seed {seed}")
     _expect(isinstance(header["quick"], bool), where, "field 'quick': expected true or false")
@@ -283,7 +297,8 @@ def read_cell(path: str, arm: str, seed: int) -> dict:
         groups[group]["samples"] = samples
     return {"arm": arm, "seed": seed, "quick": header["quick"], "wall_s": float(header["wall_s"]),
             "train_wall_s": header["train_wall_s"], "summary": header["summary"], "groups": groups,
-            **({"reused_from": header["reused_from"]} if header["reused_from"] else {})}
+            **({"reused_from": header["reused_from"]} if header["reused_from"] else {}),
+            **({"config_sha256": sha} if sha else {})}
 
 
 def read(folder: str, study: Optional[Study] = None) -> tuple[list, dict, dict]:

@@ -5,7 +5,8 @@ A cell is finished when D/cells/ARM/seedS/cell.json exists; an interrupted cell 
 checkpoints (the training loop's own resume). Each cell and each seed's shared stages run in a child process
 (`starling-jax study FILE --workdir D --cell ARM@S`), which isolates their memory and lets `--jobs N` run N at once.
 `--export-raw DIR` writes a workdir's finished cells to a raw results folder and `--report-only --raw DIR` regenerates
-the report from such a folder alone (starling_jax.commands.study.raw).
+the report from such a folder alone (starling_jax.commands.study.raw); `--reuse DIR` adopts identical finished cells
+from another workdir or from such a folder, so a study longer than one machine's life is finished on the next one.
 
 Why this file is long (~490 lines): the grid, the reuse of another study's finished work, the selection it writes and
 the command line all work on one layout of cell directories (D/cells/ARM/seedS) kept here; the seam to cut when it
@@ -15,6 +16,7 @@ grows is the command line (add_arguments .. cli) into a module of its own.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -130,7 +132,8 @@ def run_cell(study: Study, workdir: str, arm_name: str, seed: int, quick: bool =
     summary = run_experiment(exp, directory)
     train_s = time.perf_counter() - t0
     groups = measure_cell(study, arm, exp, directory, seed, quick)
-    record = {"arm": arm.name, "seed": seed, "quick": quick, "train_wall_s": train_s,
+    record = {"arm": arm.name, "seed": seed, "quick": quick, "config_sha256": config_digest(_canonical(exp)),
+              "train_wall_s": train_s,
               "wall_s": time.perf_counter() - t0, "summary": _strip_samples(summary), "groups": groups}
     _write_json(path, record)
     return record
@@ -215,7 +218,6 @@ def _reference_cache(study: Study, exp: Experiment, pol_cfg, section, directory:
     the cells of one seed measure the same thing, so the first measures and the others read it. The file name is a
     digest of all of those (the reward model by its shared directory), so an arm that changes any of them (its data,
     template, reward model section) gets its own file."""
-    import hashlib
     if study.reference_stage != "base" or study.reward_stage not in study.shared_stages:
         return None
     rm_dir = os.path.realpath(os.path.join(directory, study.reward_stage))
@@ -249,6 +251,13 @@ def _canonical(exp: Experiment) -> dict:
     return json.loads(json.dumps(to_dict(exp)))
 
 
+def config_digest(canonical: Optional[dict]) -> Optional[str]:
+    """SHA-256 of a canonical experiment (_canonical, _saved_config): a cell's identity in raw results."""
+    if canonical is None:
+        return None
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def _saved_config(directory: str) -> Optional[dict]:
     """The config saved in `directory`, in today's form (as it loads: one saved before per-algorithm options compares
     equal to the same experiment now); None when there is none or it does not load (nothing to reuse)."""
@@ -270,8 +279,17 @@ def reuse_finished(study: Study, workdir: str, seeds: Sequence[int], arm_names: 
     same configs for our shared stages) and whole cells (their cell.json copied under our arm's name with
     "reused_from", when the source cell's saved config equals our cell's experiment exactly, seed included).
     Returns one line per adoption (the runner prints them). Identity is checked on the full saved config, so a study
-    cannot borrow a cell that differs in anything, including evaluation settings."""
+    cannot borrow a cell that differs in anything, including evaluation settings.
+
+    A source may also be a raw results folder of this study (results/NAME, e.g. committed by a run on another
+    machine): its cells whose config_sha256 is the digest of our cell's experiment are adopted, and with them their
+    seed's shared-stage time (D/shared/seedS/reused.json); their stages are not there, so a cell of that seed that
+    still has to run trains the seed's shared stages itself."""
     notes = []
+    for source in sources:
+        if os.path.isfile(os.path.join(source, raw.STUDY_JSON)):
+            notes += _reuse_raw(study, workdir, seeds, arm_names, source, quick)
+    sources = [s for s in sources if not os.path.isfile(os.path.join(s, raw.STUDY_JSON))]
     for seed in seeds:
         mine = _shared_dir(workdir, seed)
         if study.shared_stages and not os.path.exists(os.path.join(mine, "done.json")) and not os.path.lexists(mine):
@@ -310,6 +328,32 @@ def reuse_finished(study: Study, workdir: str, seeds: Sequence[int], arm_names: 
                     _write_json(os.path.join(directory, "cell.json"), record)
                     notes.append(f"cell {arm_name} seed {seed}: reused {found}")
                     break
+    return notes
+
+
+def _reuse_raw(study: Study, workdir: str, seeds: Sequence[int], arm_names: Sequence[str], source: str,
+               quick: bool) -> list[str]:
+    """reuse_finished from a raw results folder: its identical cells (by config_sha256) become our cell.json."""
+    records, shared, _ = raw.read(source, study)
+    by_digest = {(r["seed"], r["config_sha256"]): r for r in records if r.get("config_sha256")}
+    notes = []
+    for seed in seeds:
+        for arm_name in arm_names:
+            directory = _cell_dir(workdir, arm_name, seed)
+            if os.path.exists(os.path.join(directory, "cell.json")):
+                continue
+            want = config_digest(_canonical(cell_experiment(study, study.arm(arm_name), seed, quick)))
+            record = by_digest.get((seed, want))
+            if record is None:
+                continue
+            record = dict(record, arm=arm_name, reused_from=os.path.abspath(source))
+            os.makedirs(directory, exist_ok=True)
+            _write_json(os.path.join(directory, "cell.json"), record)
+            notes.append(f"cell {arm_name} seed {seed}: reused {source} ({record['config_sha256'][:12]})")
+            done = os.path.join(_shared_dir(workdir, seed), "reused.json")
+            if seed in shared and not os.path.exists(done):
+                os.makedirs(os.path.dirname(done), exist_ok=True)
+                _write_json(done, {"seed": seed, "wall_s": shared[seed], "reused_from": os.path.abspath(source)})
     return notes
 
 
@@ -370,13 +414,14 @@ def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, see
         print(f"[study] {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     logs = os.path.join(workdir, "logs")
+    todo = [(a, s) for s in seeds for a in arm_names
+            if not os.path.exists(os.path.join(_cell_dir(workdir, a, s), "cell.json"))]
     shared = [(f"shared stages of seed {s}", ["--shared", str(s)], os.path.join(logs, f"shared_seed{s}.log"))
-              for s in seeds if study.shared_stages
+              for s in seeds if study.shared_stages and any(seed == s for _, seed in todo)
               and not os.path.exists(os.path.join(_shared_dir(workdir, s), "done.json"))]
     failed = _run_pool(shared, study_path, workdir, quick, jobs)
     cells = [(f"cell {a} seed {s}", ["--cell", f"{a}@{s}"], os.path.join(logs, f"{a}_seed{s}.log"))
-             for s in seeds if f"shared stages of seed {s}" not in failed for a in arm_names
-             if not os.path.exists(os.path.join(_cell_dir(workdir, a, s), "cell.json"))]
+             for a, s in todo if f"shared stages of seed {s}" not in failed]
     failed += _run_pool(cells, study_path, workdir, quick, jobs)
     records = []
     for s in seeds:
@@ -444,10 +489,12 @@ def shared_times(workdir: str, seeds: Optional[Sequence[int]] = None) -> dict:
         seeds = sorted(int(n[len("seed"):]) for n in names if n.startswith("seed") and n[len("seed"):].isdigit())
     out = {}
     for s in seeds:
-        path = os.path.join(_shared_dir(workdir, s), "done.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                out[s] = json.load(f)["wall_s"]
+        for name in ("done.json", "reused.json"):  # trained here, or adopted with a raw folder's cells
+            path = os.path.join(_shared_dir(workdir, s), name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    out[s] = json.load(f)["wall_s"]
+                break
     return out
 
 
@@ -470,8 +517,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--export-raw", default=None, metavar="DIR",
                         help="write the workdir's finished cells as a raw results folder (results/NAME); run nothing")
     parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
-                        help="another study's workdir: its shared stages and cells whose saved config is identical "
-                             "to one of ours are adopted instead of retrained (repeatable)")
+                        help="another study's workdir, or this study's raw results folder (results/NAME, e.g. "
+                             "committed by a run on another machine): its shared stages and cells whose saved config "
+                             "is identical to one of ours are adopted instead of retrained (repeatable)")
     parser.add_argument("--cell", default=None, help=argparse_suppress())
     parser.add_argument("--shared", default=None, help=argparse_suppress())
 
@@ -513,7 +561,8 @@ def cli(args) -> int:
         if args.workdir is None:
             raise ConfigError("--workdir is required (except with --report-only --raw)")
         if args.export_raw is not None:
-            missing = raw.export(study, args.study, args.workdir, args.export_raw, shared_times(args.workdir))
+            missing = raw.export(study, args.study, args.workdir, args.export_raw, shared_times(args.workdir),
+                                 digest=lambda cell: config_digest(_saved_config(cell)))
             if missing:
                 print(f"not finished, not exported: {', '.join(missing)}", file=sys.stderr)
             print(f"raw results: {args.export_raw} (its report: starling-jax study {args.study} --report-only "
