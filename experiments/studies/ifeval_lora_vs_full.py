@@ -15,8 +15,10 @@ training or tuning row has; docs/DATA.md): the fraction of constraints met by on
 new tokens) per prompt, its gain over SmolLM2's own reply, the KL to SmolLM2, the RM score and length; and the RM's
 ranking of each held-out row's reference and broken variants against the checker's order.
 
-Budget (2-core CPU): per seed one shared feedback + RM stage, then two policy stages plus evaluation; 5 seeds. Not
-yet timed on an idle machine. The shortened chain runs in the suite as colab/real_model_rlaif.ipynb
+Budget (2-core CPU, --jobs 2; timed by select_ifeval.py's runs of the same stages): per seed one shared feedback +
+RM stage (~45 min for two seeds at once), then two policy stages of ~32 min each, two at a time (128 measured prompts
+instead of 100: a little more); about 1 hour of both cores per seed, ~5 hours for the 5 seeds: a study that outlives
+a machine, finished with --export-raw and --reuse results/ifeval_lora_vs_full (docs/REPRODUCTION.md). The shortened chain runs in the suite as colab/real_model_rlaif.ipynb
 (tests/test_colab.py); the study's own cell machinery with a "base" reference as smol_starling's --quick cell.
 """
 
@@ -72,4 +74,4 @@ def get_study() -> Study:
                             why="the issue's question: on the same budget (prompts, rollouts, steps, layers), do LoRA "
                                 "adapters gain as much held-out instruction-following reward (fraction of constraints "
                                 "met) as training the same layers in full, or more, or less?"),),
-        budget="5 seeds x (shared feedback + RM, then one policy stage per arm); not yet timed")
+        budget="5 seeds x (shared feedback + RM, then one policy stage per arm): ~5 h on 2 cores")

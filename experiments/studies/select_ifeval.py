@@ -12,7 +12,11 @@ fraction of constraints met by the policy's sampled replies (and its gain over S
 mean over the selection seeds (100, 101) is written to selected/ifeval.json, which ifeval_lora_vs_full.py and
 experiments/smol_ifeval.py read.
 
-Budget (2-core CPU): per seed one shared feedback + RM stage, then 6 policy runs (not yet timed on an idle machine).
+Budget (2-core CPU, --jobs 2, measured 2026-12-07 on an AMD EPYC): per seed one shared feedback + RM stage (the two
+seeds' at once: feedback 10 min, RM 34 min), then 6 policy runs of ~32 min each, two at a time (a run: 24 min of APA,
+whose time is ~70% sampling, then ~8 min of measurement); about 2 hours of both cores per seed, 4.5 in all. A machine
+that may not last that long exports the finished cells and continues with --reuse results/select_ifeval
+(docs/REPRODUCTION.md).
 """
 
 from starling_jax.commands.study import Arm, Selection, Study
@@ -38,4 +42,5 @@ def get_study() -> Study:
         quick=QUICK,
         selection=Selection(group="policy/tuning", metric="true_reward", path="selected/ifeval.json",
                             settings=settings, families=names),
-        budget="2 seeds x (shared feedback + RM, then 6 policy runs)")
+        budget="2 seeds x (shared feedback + RM ~45 min, then 6 policy runs of ~32 min, two at a time): ~4.5 h "
+               "on 2 cores")
