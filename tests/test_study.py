@@ -131,7 +131,7 @@ def _fake_record(arm, seed, gain, rng):
 
 def test_report_tables_and_figure(tmp_path):
     rng = np.random.default_rng(0)
-    study = Study(name="fake", arms=(Arm("a", None), Arm("b", None)))
+    study = Study(name="fake", arms=(Arm("a", None), Arm("b", None)), seeds=(0, 1, 2))
     records = [_fake_record(a, s, g, np.random.default_rng(s)) for s in range(3) for a, g in (("a", 0.0), ("b", 0.5))]
     results = report.aggregate(study, records, {0: 2.0}, this_run_s=3.0, failed=[], num_samples=200)
     s = results["summary"]
@@ -144,6 +144,12 @@ def test_report_tables_and_figure(tmp_path):
     assert "| b | " in md and "Difference from a" in md and "relevance" in md
     assert os.path.getsize(tmp_path / "results.png") > 1000
     assert json.loads((tmp_path / "results.json").read_text())["wall_s"]["shared"] == 2.0
+    assert results["unfinished"] == [] and "Partial" not in md
+    # a study run in parts: the report says which of the grid's cells are not in yet
+    longer = dataclasses.replace(study, seeds=(0, 1, 2, 3))
+    partial = report.aggregate(longer, records, {0: 2.0}, this_run_s=3.0, failed=[], num_samples=200)
+    assert partial["unfinished"] == ["a@3", "b@3"]
+    assert "**Partial: 6 of the study's 8 cells; not yet run: a@3, b@3." in report.markdown(partial)
     del rng
 
 

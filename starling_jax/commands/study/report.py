@@ -185,6 +185,10 @@ def aggregate(study: Study, records: list, shared_times: dict, this_run_s: float
         "study": study.name, "description": study.description, "budget": study.budget, "arms": arms,
         "complete_arms": complete, "seeds": seeds, "baseline": baseline,
         "quick": any(r.get("quick") for r in records), "failed": list(failed),
+        # the study's grid cells these records lack (a study run in parts; none for a --quick smoke run)
+        "unfinished": [] if any(r.get("quick") for r in records) else [
+            f"{a.name}@{seed}" for seed in study.seeds for a in study.arms
+            if not any(r["arm"] == a.name and r["seed"] == seed for r in records)],
         "interval": f"95% paired bootstrap over seeds and prompt clusters ({num_samples} replicates)",
         "primary": primary, "family": family, "summary": summary,
         "cells": [{"arm": r["arm"], "seed": r["seed"], "wall_s": r["wall_s"], "summary": r["summary"],
@@ -270,6 +274,10 @@ def markdown(results: dict) -> str:
         lines += ["", "**Shortened (--quick) run: a smoke test of the machinery, not a result.**"]
     if results["failed"]:
         lines += ["", f"**Failed cells:** {', '.join(results['failed'])}"]
+    if results.get("unfinished"):
+        n = len(results["unfinished"]) + len(results["cells"])
+        lines += ["", f"**Partial: {len(results['cells'])} of the study's {n} cells; not yet run: "
+                      f"{', '.join(results['unfinished'])}. Not a result until every cell is in.**"]
     lines += [""] + _primary_lines(results)
     f = results["family"]
     lines += ["", "## Exploratory", "",
