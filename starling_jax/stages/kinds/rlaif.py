@@ -602,7 +602,7 @@ class RLStage:
                             self.tokenizer, self.c.model.template, self.scorer, self.c.rollout, key, self.true_utility,
                             self.spread)
 
-    def evaluate(self, state) -> dict:
+    def evaluate(self, state) -> Optional[dict]:
         split = "tuning" if "tuning" in self.eval_sets else "heldout"
         if split not in self.eval_sets:  # rollout.eval_prompts = 0: the stage measures nothing itself
             return None
