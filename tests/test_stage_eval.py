@@ -112,6 +112,7 @@ def test_finish_reuses_the_final_evaluation_of_the_same_rows_and_state(tmp_path,
     assert measured[:2] == [1, 2]
 
 
+@pytest.mark.slow  # a whole rl stage (~30 s of CPU)
 def test_an_rl_stage_with_no_evaluation_prompts_samples_none(tmp_path, monkeypatch):
     """rollout.eval_prompts = 0 (a study cell, which measures its policy itself): the rl stage trains, samples no
     evaluation reply (evaluate() reports nothing, the summary has no before/after), and needs no held-out rows."""
