@@ -225,8 +225,7 @@ def _reference_cache(study: Study, exp: Experiment, pol_cfg, section, directory:
             "base": pol_cfg.model.path, "tokenizer": pol_cfg.model.tokenizer, "template": pol_cfg.model.template,
             "data": to_dict(pol_cfg.data), "reward_model": to_dict(section),
             "prompts": [r["messages"] for r in rows]}
-    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(os.path.dirname(rm_dir), "reference", f"{split}-{digest}.json")
+    return os.path.join(os.path.dirname(rm_dir), "reference", f"{split}-{json_digest(what)[:16]}.json")
 
 
 def _cached(path: Optional[str], compute) -> dict:
@@ -251,11 +250,21 @@ def _canonical(exp: Experiment) -> dict:
     return json.loads(json.dumps(to_dict(exp)))
 
 
+def json_digest(obj) -> str:
+    """SHA-256 (hex) of a JSON-able object, keys sorted."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def config_digest(canonical: Optional[dict]) -> Optional[str]:
     """SHA-256 of a canonical experiment (_canonical, _saved_config): a cell's identity in raw results."""
-    if canonical is None:
-        return None
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
+    return None if canonical is None else json_digest(canonical)
+
+
+def _adopt(directory: str, record: dict, arm_name: str, source: str) -> None:
+    """Write a finished cell's record, from `source`, as our arm's cell.json in `directory`."""
+    record = dict(record, arm=arm_name, reused_from=os.path.abspath(source))
+    os.makedirs(directory, exist_ok=True)
+    _write_json(os.path.join(directory, "cell.json"), record)
 
 
 def _saved_config(directory: str) -> Optional[dict]:
@@ -323,9 +332,7 @@ def reuse_finished(study: Study, workdir: str, seeds: Sequence[int], arm_names: 
                 if found:
                     with open(os.path.join(found, "cell.json")) as f:
                         record = json.load(f)
-                    record.update(arm=arm_name, reused_from=os.path.abspath(found))
-                    os.makedirs(directory, exist_ok=True)
-                    _write_json(os.path.join(directory, "cell.json"), record)
+                    _adopt(directory, record, arm_name, found)
                     notes.append(f"cell {arm_name} seed {seed}: reused {found}")
                     break
     return notes
@@ -346,9 +353,7 @@ def _reuse_raw(study: Study, workdir: str, seeds: Sequence[int], arm_names: Sequ
             record = by_digest.get((seed, want))
             if record is None:
                 continue
-            record = dict(record, arm=arm_name, reused_from=os.path.abspath(source))
-            os.makedirs(directory, exist_ok=True)
-            _write_json(os.path.join(directory, "cell.json"), record)
+            _adopt(directory, record, arm_name, source)
             notes.append(f"cell {arm_name} seed {seed}: reused {source} ({record['config_sha256'][:12]})")
             done = os.path.join(_shared_dir(workdir, seed), "reused.json")
             if seed in shared and not os.path.exists(done):
