@@ -164,7 +164,7 @@ class DataStage:
         train_ds = self._dataset(self.splits.train, seed=c.data.shuffle_seed + c.train.seed, report=self.splits.report)
         self.batches = GrainBatches(train_ds, model_config.vocab_size, f"stage {ctx.stage_name!r}")
         self.eval_split = "tuning" if self.splits.tuning else "heldout"
-        self.eval_rows = self.splits.tuning or self.splits.heldout
+        self.eval_rows = getattr(self.splits, self.eval_split)
         # one batch past train.eval_batches tells whether they cover the whole split (then finish reuses evaluate())
         more = self.heldout(c.train.eval_batches + 1, self.eval_rows)
         self.eval_batches, self.eval_whole = more[:c.train.eval_batches], len(more) <= c.train.eval_batches
