@@ -285,7 +285,7 @@ def test_reuse_adopts_identical_cells_from_a_raw_results_folder(tmp_path, monkey
     assert len(notes) == 1 and "cell apa seed 0" in notes[0]
     with open(os.path.join(runner._cell_dir(second, "apa", 0), "cell.json")) as f:
         adopted = json.load(f)
-    assert adopted["config_sha256"] == want and adopted["reused_from"] == os.path.abspath(folder)
+    assert adopted["config_sha256"] == want and adopted["reused_from"] is None  # this study's own, an earlier part
     assert adopted["groups"]["policy/heldout"]["true_reward"] == pytest.approx(
         records[0]["groups"]["policy/heldout"]["true_reward"])
     assert runner.shared_times(second) == {0: 3.0}
@@ -300,7 +300,9 @@ def test_reuse_adopts_identical_cells_from_a_raw_results_folder(tmp_path, monkey
     raw.export(rl, "rl_algorithms.py", second, out, runner.shared_times(second),
                digest=lambda cell: runner.config_digest(runner._saved_config(cell)))
     (again,), _, _ = raw.read(out, rl)
-    assert again["config_sha256"] == want and again["reused_from"]
+    assert again["config_sha256"] == want and again.get("reused_from") is None
+    results = raw.report(rl, out)  # the part adopted from results/rl counts as the study's own cell, time included
+    assert results["wall_s"]["cells"] == 7.0 and not results.get("reused")
 
 
 def test_study_command_rejects_bad_input(tmp_path):

@@ -260,9 +260,10 @@ def config_digest(canonical: Optional[dict]) -> Optional[str]:
     return None if canonical is None else json_digest(canonical)
 
 
-def _adopt(directory: str, record: dict, arm_name: str, source: str) -> None:
-    """Write a finished cell's record, from `source`, as our arm's cell.json in `directory`."""
-    record = dict(record, arm=arm_name, reused_from=os.path.abspath(source))
+def _adopt(directory: str, record: dict, arm_name: str, source: Optional[str]) -> None:
+    """Write a finished cell's record as our arm's cell.json in `directory`, reused from `source` (None: a cell of
+    this same study, adopted from its raw results: it keeps the record's own provenance)."""
+    record = dict(record, arm=arm_name, reused_from=os.path.abspath(source) if source else record.get("reused_from"))
     os.makedirs(directory, exist_ok=True)
     _write_json(os.path.join(directory, "cell.json"), record)
 
@@ -293,7 +294,8 @@ def reuse_finished(study: Study, workdir: str, seeds: Sequence[int], arm_names: 
     A source may also be a raw results folder of this study (results/NAME, e.g. committed by a run on another
     machine): its cells whose config_sha256 is the digest of our cell's experiment are adopted, and with them their
     seed's shared-stage time (D/shared/seedS/reused.json); their stages are not there, so a cell of that seed that
-    still has to run trains the seed's shared stages itself."""
+    still has to run trains the seed's shared stages itself. Such cells are this study's own, run in an earlier part:
+    the report counts their time with the cells' and does not list them as reused."""
     notes = []
     for source in sources:
         if os.path.isfile(os.path.join(source, raw.STUDY_JSON)):
@@ -353,7 +355,7 @@ def _reuse_raw(study: Study, workdir: str, seeds: Sequence[int], arm_names: Sequ
             record = by_digest.get((seed, want))
             if record is None:
                 continue
-            _adopt(directory, record, arm_name, source)
+            _adopt(directory, record, arm_name, record.get("reused_from"))
             notes.append(f"cell {arm_name} seed {seed}: reused {source} ({record['config_sha256'][:12]})")
             done = os.path.join(_shared_dir(workdir, seed), "reused.json")
             if seed in shared and not os.path.exists(done):
