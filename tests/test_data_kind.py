@@ -79,6 +79,7 @@ def _experiment(**data):
                                logging=dataclasses.replace(exp.logging, every=1))
 
 
+@pytest.mark.slow  # a whole stage: ~10 s on the 2-core CPU
 def test_a_data_kind_registered_in_one_module_is_validated_batched_and_trained(median_kind, tmp_path):
     assert "median" in kinds.names()
     exp = _experiment()

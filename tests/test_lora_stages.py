@@ -62,8 +62,10 @@ def _base_logprobs(params, rollout):
 
 # grpo and rloo take the same LoRA path (no critic, the policy's adapters alone; they differ only in the group
 # baseline, tests/test_group_objectives.py): one group objective here, on the trunk split (top 2) that apa-0 lacks
-@pytest.mark.parametrize("name,top,critic", [("apa", 0, "mlp"), ("ppo", 2, "mlp"), ("grpo", 2, "mlp"),
-                                             ("apa", 2, "layers")])
+# (the day-to-day tier keeps the group case; the critic cases take 10-15 s each on the 2-core CPU)
+@pytest.mark.parametrize("name,top,critic", [pytest.param("apa", 0, "mlp", marks=pytest.mark.slow),
+                                             pytest.param("ppo", 2, "mlp", marks=pytest.mark.slow), ("grpo", 2, "mlp"),
+                                             pytest.param("apa", 2, "layers", marks=pytest.mark.slow)])
 def test_rl_update_trains_adapters_over_a_fixed_base(params, rollout, name, top, critic):
     """critic "layers": the critic's own copy of the top layer trains in full beside the policy's adapters."""
     layers = 1 if critic == "layers" else 0
@@ -177,8 +179,9 @@ def rm_params(params):
 
 # sft on the trunk split (top 2) is the path dpo-2 takes with one sequence instead of two (the same
 # adapters.data_loss wrapper and trunk/base trees): sft runs on top 0 only
-@pytest.mark.parametrize("objective,top", [("sft", 0), ("rm_plackett_luce", 0), ("rm_bradley_terry", 2), ("dpo", 0),
-                                           ("dpo", 2)])
+@pytest.mark.parametrize("objective,top", [("sft", 0), ("rm_plackett_luce", 0),
+                                           pytest.param("rm_bradley_terry", 2, marks=pytest.mark.slow),  # >10 s each
+                                           pytest.param("dpo", 0, marks=pytest.mark.slow), ("dpo", 2)])
 def test_data_stage_trains_adapters_over_a_fixed_base(params, rm_params, objective, top):
     p = rm_params if objective.startswith("rm_") else params
     batch = _batch(objective)

@@ -250,6 +250,7 @@ def test_a_quantization_the_base_cannot_take_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "quantize='nf8' is not a quantization the base can take" in err, err
 
 
+@pytest.mark.slow  # ~15 s on the 2-core CPU
 def test_lora_on_a_quantized_base_equals_lora_on_the_dequantized_base():
     """QLoRA: adapters (non-zero B) on the nf4 base give the logits they give on the dense dequantized base, in the
     scanned forward and in generation; with B = 0 the adapted model is the quantized base exactly."""

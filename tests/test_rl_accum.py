@@ -131,6 +131,7 @@ def test_accumulated_update_equals_the_whole_minibatch(params, rollout, case):
         _assert_same_update(trainable, got, want, f"{case}, grad_accum={grad_accum}")
 
 
+@pytest.mark.slow  # ~10 s on the 2-core CPU
 def test_micro_batches_must_be_weighted(params, rollout):
     """The test above can fail: micro-batches averaged with equal weights (the token means of ragged replies taken as
     if each micro-batch held as many tokens) give another update and another loss."""

@@ -207,6 +207,7 @@ def test_adamw_is_plain_optax_adamw_with_only_the_learning_rate_in_its_state():
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
 
 
+@pytest.mark.slow  # ~11 s on the 2-core CPU
 def test_grad_accum_2_equals_1_on_the_same_batch_and_frozen_trunk_stays_identical():
     params = models.init_params(CFG, jax.random.key(5))
     batch = _sft_batch(np.random.default_rng(6))

@@ -135,6 +135,7 @@ def test_plan_rollout_on_v5e_compiles_generation_and_reward_scoring(tmp_path):
     assert g["fit"]["fits"] and g["libtpu"] == plan.libtpu_version()
 
 
+@pytest.mark.slow  # libtpu compiles both phases of two targets: ~14 s on the 2-core CPU
 def test_plan_one_chip_targets_compile_with_libtpu(tmp_path, capsys):
     """v5e-1 and v6e-1 (one chip, one host smaller than libtpu's default 2x2 host): the TPU compiler compiles the step
     for a 1-device mesh and the report checks it against that one chip's HBM."""
