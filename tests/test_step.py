@@ -14,7 +14,7 @@ from starling_jax import algorithms
 from starling_jax.algorithms import options
 from starling_jax.step import losses
 from starling_jax.step.state import Optimizer, create_state, decay_mask, make_optimizer, make_schedule
-from starling_jax.step.step import jit_step, make_train_step, split_micro_batches
+from starling_jax.step.step import accumulate_gradients, jit_step, make_train_step, split_micro_batches
 
 CFG = models.PRESETS["tiny"].replace(vocab_size=128, pad_token_id=0, eos_token_id=2)
 RM_CFG = CFG.replace(head="score")
@@ -261,3 +261,34 @@ def test_abstract_batch_layouts():
         algorithms.build_loss(options("ppo"), CFG)
     with pytest.raises(KeyError, match="unknown objective 'nope'"):
         algorithms.build_loss(ObjectiveConfig(name="nope"), CFG)
+
+
+@pytest.mark.parametrize("name", ["rm_plackett_luce", "rm_bradley_terry"])
+def test_rm_ranking_metrics_under_grad_accum_pool_as_one_batch(name):
+    """Micro-batches with different numbers of pairs, prompts and responses: each ranking metric combines by the
+    count it is a mean over (pairs, prompts, prompts with a pair, responses), not by what the loss averages over, so
+    grad_accum = 2 reports what one batch reports. Without the algorithm's weight_of the means are weighted by the
+    loss's weight (prompts for Plackett-Luce, pairs for Bradley-Terry) and differ."""
+    rng = np.random.default_rng(8)
+    B, K, T = 4, 4, 8
+    rmask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], np.int32)  # micro-batches: rows 0,2 / 1,3
+    batch = {"tokens": rng.integers(3, CFG.vocab_size, (B, K, T)).astype(np.int32),
+             "attention_mask": np.ones((B, K, T), np.int32),
+             "ranks": np.array([[1, 2, 3, 4], [1, 2, 3, 4], [4, 3, 2, 1], [2, 1, 3, 4]], np.int32), "response_mask": rmask}
+    params = models.init_params(RM_CFG, jax.random.key(9))
+    trainable, frozen = losses.stage_params(params, 1)
+    loss_fn = algorithms.build_loss(options(name), RM_CFG)
+
+    def metrics_of(_, parts, b, rng):  # the metrics alone (no gradients: nothing to compare there, and cheaper)
+        loss, metrics = loss_fn(*parts, b, rng)
+        return {}, {**metrics, "loss": loss}
+
+    def run(grad_accum, weight_of=None):
+        return jax.jit(lambda b: accumulate_gradients(metrics_of, {}, (trainable, frozen), b, None, grad_accum,
+                                                      weight_of)[1])(batch)
+    one, two, plain = run(1), run(2, algorithms.get(name).weight_of), run(2)  # plain: every mean by the loss weight
+    keys = ("loss", "pair_accuracy", "top1_accuracy", "kendall_tau", "reward_mean")
+    for k in keys:
+        np.testing.assert_allclose(float(two[k]), float(one[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert float(one["num_responses"]) == rmask.sum() and float(two["num_pairs"]) == float(one["num_pairs"])
+    assert any(not np.isclose(float(plain[k]), float(one[k]), rtol=1e-5, atol=1e-6) for k in keys[1:])

@@ -62,6 +62,9 @@ class Algorithm:
                algorithm's own module; ObjectiveConfig itself for an algorithm without options. The stage kind
                fixes a base: rl algorithms derive from algorithms.RLOptions (the rollouts' KL and reward shaping),
                those with a critic from algorithms.CriticOptions.
+    weight_of: data kinds: weight_of(metric name) -> the count ("weight" or a summed "num_*" metric of the loss) that
+               the metric is a mean over, by which micro-batches combine it (train.grad_accum; step.step
+               accumulate_gradients); None = every metric is a mean over the loss's "weight".
     summary:   one line for docs and error messages.
     """
     name: str
@@ -75,6 +78,7 @@ class Algorithm:
     group_size: Optional[Callable[[Any], int]] = None
     check: Optional[Callable[[Any], list]] = None
     options: type = ObjectiveConfig
+    weight_of: Optional[Callable[[str], str]] = None
     summary: str = ""
 
 

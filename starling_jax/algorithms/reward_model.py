@@ -37,19 +37,29 @@ def _build(name: str, loss):
             metrics = objectives.rm_metrics(rewards, ranks, rmask)
             value, weight = loss(rewards, ranks, rmask, metrics, objective)
             valid = (rmask != 0).astype(jnp.float32)
-            metrics["reward_mean"] = jnp.sum(rewards * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+            metrics["num_responses"] = jnp.sum(valid)
+            metrics["reward_mean"] = jnp.sum(rewards * valid) / jnp.maximum(metrics["num_responses"], 1.0)
             return value, {**metrics, "weight": weight}
         return loss_fn
     return build_loss
 
 
+# The count each metric is a mean over, whatever the loss averages over: under train.grad_accum the micro-batches'
+# metrics pool as one batch's would.
+_COUNTS = {**objectives.RM_METRIC_COUNTS, "reward_mean": "num_responses"}
+
+
+def _weight_of(name: str) -> str:
+    return _COUNTS.get(name, "weight")
+
+
 register(Algorithm(
     name="rm_plackett_luce", kind="rm", head="score", batch=losses.ranking_batch, options=PlackettLuceOptions,
     loss=_build("rm_plackett_luce", lambda r, ranks, m, metrics, o: (
-        objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize), metrics["num_prompts"])),
+        objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize), metrics["num_prompts"])), weight_of=_weight_of,
     summary="reward model, K-wise Plackett-Luce likelihood of each prompt's ranking (Starling-RM)"))
 register(Algorithm(
     name="rm_bradley_terry", kind="rm", head="score", batch=losses.ranking_batch,
     loss=_build("rm_bradley_terry", lambda r, ranks, m, metrics, o: (objectives.bradley_terry_loss(r, ranks, m),
-                                                                     metrics["num_pairs"])),
+                                                                     metrics["num_pairs"])), weight_of=_weight_of,
     summary="reward model, pairwise Bradley-Terry over every ordered pair of each ranking"))

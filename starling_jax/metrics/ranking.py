@@ -36,8 +36,7 @@ def score_groups(config: ModelConfig, params, rows, tokenizer, data, template: s
 
 
 _metrics = jax.jit(objectives.rm_metrics)
-# metric -> the count it averages over (objectives.rm_metrics returns both)
-WEIGHTS = {"pair_accuracy": "num_pairs", "top1_accuracy": "num_prompts", "kendall_tau": "num_tau_prompts"}
+WEIGHTS = objectives.RM_METRIC_COUNTS  # metric -> the count it averages over (objectives.rm_metrics returns both)
 
 
 class RankingAccumulator:

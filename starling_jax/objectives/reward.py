@@ -69,6 +69,10 @@ def bradley_terry_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) ->
     return safe_div(jnp.sum(jnp.where(better > 0, nll, 0.0)), jnp.sum(better))
 
 
+# each metric of rm_metrics -> the count (also returned) it is a mean over, by which batches pool exactly
+RM_METRIC_COUNTS = {"pair_accuracy": "num_pairs", "top1_accuracy": "num_prompts", "kendall_tau": "num_tau_prompts"}
+
+
 def rm_metrics(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """Ranking metrics of `rewards` against the given `ranks` (scalars, float32):
 

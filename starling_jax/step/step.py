@@ -103,11 +103,12 @@ def accumulate_gradients(grads_and_metrics: Callable, params, frozen, batch: dic
     return grads, metrics
 
 
-def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable[[TrainState, dict],
-                                                                                 tuple[TrainState, dict]]:
+def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1,
+                    weight_of: Optional[Callable[[str], str]] = None) -> Callable[[TrainState, dict],
+                                                                                  tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). Metrics: the loss's metrics plus loss, grad_norm (before clipping)
     and lr (the rate of this update, from the optimiser state of train.state.make_optimizer). Pure and jittable; no
-    host syncs. grad_accum > 1: accumulate_gradients over that many micro-batches, one update."""
+    host syncs. grad_accum > 1: accumulate_gradients over that many micro-batches (weight_of: as there), one update."""
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -119,7 +120,7 @@ def make_train_step(loss_fn: LossFn, optimizer, grad_accum: int = 1) -> Callable
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
         grads, metrics = accumulate_gradients(grads_and_metrics, state.params, state.frozen, batch, step_rng,
-                                              grad_accum)
+                                              grad_accum, weight_of)
         params, opt_state, update_metrics = apply_gradients(optimizer, state.params, state.opt_state, grads)
         metrics.update(update_metrics)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
