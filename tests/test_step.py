@@ -271,10 +271,12 @@ def test_rm_ranking_metrics_under_grad_accum_pool_as_one_batch(name):
     loss's weight (prompts for Plackett-Luce, pairs for Bradley-Terry) and differ."""
     rng = np.random.default_rng(8)
     B, K, T = 4, 4, 8
-    rmask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], np.int32)  # micro-batches: rows 0,2 / 1,3
+    # the micro-batches are rows 0, 2 and rows 1, 3: 12 pairs of 2 prompts, and 4 pairs of 2
+    rmask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]], np.int32)
     batch = {"tokens": rng.integers(3, CFG.vocab_size, (B, K, T)).astype(np.int32),
              "attention_mask": np.ones((B, K, T), np.int32),
-             "ranks": np.array([[1, 2, 3, 4], [1, 2, 3, 4], [4, 3, 2, 1], [2, 1, 3, 4]], np.int32), "response_mask": rmask}
+             "ranks": np.array([[1, 2, 3, 4], [1, 2, 3, 4], [4, 3, 2, 1], [2, 1, 3, 4]], np.int32),
+             "response_mask": rmask}
     params = models.init_params(RM_CFG, jax.random.key(9))
     trainable, frozen = losses.stage_params(params, 1)
     loss_fn = algorithms.build_loss(options(name), RM_CFG)

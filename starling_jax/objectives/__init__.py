@@ -17,8 +17,9 @@ from starling_jax.objectives.reward import (RM_METRIC_COUNTS, bradley_terry_loss
 from starling_jax.objectives.sft import sft_loss, token_count, token_logprobs, token_nll
 
 __all__ = [
-    "RM_METRIC_COUNTS", "adaptive_kl_coef", "apa_loss", "bradley_terry_loss", "check_ranks", "dpo_loss", "fixed_kl_coef", "gae",
-    "kl_k1", "kl_k3", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "plackett_luce_loss",
-    "ppo_policy_loss", "rm_metrics", "running_moments_init", "running_moments_update", "running_std",
-    "sequence_logps", "sft_loss", "token_count", "token_logprobs", "token_nll", "update_kl_coef", "value_loss",
+    "RM_METRIC_COUNTS", "adaptive_kl_coef", "apa_loss", "bradley_terry_loss", "check_ranks", "dpo_loss",
+    "fixed_kl_coef", "gae", "kl_k1", "kl_k3", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "plackett_luce_loss", "ppo_policy_loss", "rm_metrics", "running_moments_init", "running_moments_update",
+    "running_std", "sequence_logps", "sft_loss", "token_count", "token_logprobs", "token_nll", "update_kl_coef",
+    "value_loss",
 ]
