@@ -31,8 +31,7 @@ published come from experiments/studies/ifeval_lora_vs_full.py (its own measurem
 
 Sizes follow smol_starling's (a budget, not tuned on any split) with twice the reply length: 64 ranked prompts, RM 40
 steps of 4 rankings (lr 5e-5), APA 20 steps x 16 rollouts, KL coefficient 0.05, at the LoRA learning rate of
-experiments/studies/selected/ifeval.json (chosen on the tuning split by experiments/studies/select_ifeval.py;
-provisional 2e-4 until that study runs).
+experiments/studies/selected/ifeval.json (chosen on the tuning split by experiments/studies/select_ifeval.py: 2e-4).
 """
 
 from __future__ import annotations
