@@ -304,6 +304,19 @@ def test_reuse_adopts_identical_cells_from_a_raw_results_folder(tmp_path, monkey
     results = raw.report(rl, out)  # the part adopted from results/rl counts as the study's own cell, time included
     assert results["wall_s"]["cells"] == 7.0 and not results.get("reused")
 
+    # a cell that an earlier part itself reused from another study keeps that provenance, as the raw folder says it
+    cell = os.path.join(runner._cell_dir(first, "apa", 0), "cell.json")
+    with open(cell) as f:
+        record = json.load(f)
+    with open(cell, "w") as f:
+        json.dump(dict(record, reused_from=str(tmp_path / "elsewhere" / "cells" / "apa" / "seed0")), f)
+    provenance = str(tmp_path / "results" / "rl_provenance")
+    raw.export(rl, "rl_algorithms.py", first, provenance, runner.shared_times(first),
+               digest=lambda cell: runner.config_digest(runner._saved_config(cell)))
+    runner.reuse_finished(rl, str(tmp_path / "third"), [0], ["apa"], [provenance])
+    with open(os.path.join(runner._cell_dir(str(tmp_path / "third"), "apa", 0), "cell.json")) as f:
+        assert json.load(f)["reused_from"] == "elsewhere/cells/apa/seed0"
+
 
 def test_study_command_rejects_bad_input(tmp_path):
     from starling_jax.commands.cli import main

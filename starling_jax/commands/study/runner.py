@@ -355,7 +355,7 @@ def _reuse_raw(study: Study, workdir: str, seeds: Sequence[int], arm_names: Sequ
             record = by_digest.get((seed, want))
             if record is None:
                 continue
-            _adopt(directory, record, arm_name, record.get("reused_from"))
+            _adopt(directory, record, arm_name, None)
             notes.append(f"cell {arm_name} seed {seed}: reused {source} ({record['config_sha256'][:12]})")
             done = os.path.join(_shared_dir(workdir, seed), "reused.json")
             if seed in shared and not os.path.exists(done):

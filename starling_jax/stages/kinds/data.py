@@ -108,7 +108,8 @@ def data_setup(c: Experiment, model_config: ModelConfig, params: Params, mesh, k
              + (f" x K={c.data.max_responses}" if algorithm.kind == "rm" else "") + f", grad_accum {c.train.grad_accum}",
              trained)
     return StageSetup(state=state, state_shardings=shard_state, optimizer=optimizer, total_updates=total,
-                      update=make_train_step(loss, optimizer, c.train.grad_accum, algorithm.weight_of), loss=loss, batch=batch,
+                      update=make_train_step(loss, optimizer, c.train.grad_accum, algorithm.weight_of), loss=loss,
+                      batch=batch,
                       batch_shardings=sharding.batch_shardings(batch, mesh, rules), notes=notes)
 
 
