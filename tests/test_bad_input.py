@@ -33,6 +33,15 @@ TRAIN = ["train", "tiny_sft", "--set", "train.steps=2", "--set", "data.synthetic
 _SHARED: dict = {}  # inputs built once per test session (tiny HF directories), read-only: copy before damaging
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _remove_shared_inputs():
+    """The shared inputs live in a temporary directory of their own; remove it when this module's tests are done."""
+    yield
+    for path in _SHARED.values():
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    _SHARED.clear()
+
+
 def _shared_hf_dir(head: str) -> str:
     if head not in _SHARED:
         import tempfile
