@@ -22,7 +22,7 @@ import pytest
 from starling_jax.generation import feedback as fb
 from starling_jax.algorithms import options
 from starling_jax.config import (CheckpointConfig, ConfigError, DataConfig, Experiment, FeedbackConfig, LoggingConfig,
-                                 ModelSection, ObjectiveConfig, OptimConfig, Stage, TrainConfig)
+                                 ModelSection, ObjectiveConfig, OptimConfig, RewardModelSection, Stage, TrainConfig)
 from starling_jax.stages.validation import validate
 from starling_jax.data import pipelines, tasks
 from starling_jax.data.nectar import parse_prompt, read_rows
@@ -181,6 +181,34 @@ def test_feedback_config_checks():
             exp.stages[0], feedback=FeedbackConfig(judge="llm")),)))
     with pytest.raises(ConfigError, match="data.source: 'task:algebra': no such task"):
         validate(dataclasses.replace(exp, data=dataclasses.replace(DATA, source="task:algebra")))
+
+
+def test_a_reward_model_judge_has_its_section_checked_as_every_stage_reads_it(tmp_path):
+    """judge="reward_model" loads the experiment's reward_model section, so validation checks it as an RL stage's:
+    template, tokenizer, and a path that is an earlier rm stage or exists; a stage that judges otherwise does not
+    load the section and leaves it alone."""
+    exp = experiment(with_rm=False)
+    sft = Stage(name="sft", objective=ObjectiveConfig(name="sft"), train=TrainConfig(steps=1, batch_size=2))
+
+    def judged_by(section, first=()):
+        stage = dataclasses.replace(exp.stages[0], feedback=dataclasses.replace(exp.stages[0].feedback,
+                                                                                 judge="reward_model"))
+        return dataclasses.replace(exp, reward_model=section, stages=(*first, stage))
+
+    rm = RewardModelSection(config=RM, path=str(tmp_path), tokenizer="openchat-3.5", template="openchat_3.5")
+    validate(judged_by(dataclasses.replace(rm, config=RewardModelSection().config)))
+    with pytest.raises(ConfigError, match="feedback.judge: 'reward_model' needs a reward_model section"):
+        validate(judged_by(None))
+    for change, pattern in (
+            (dict(template="chatml2"), r"reward_model.template: unknown chat template 'chatml2'"),
+            (dict(tokenizer="gpt5"), r"reward_model.tokenizer: 'gpt5' is neither a known tokenizer"),
+            (dict(path=str(tmp_path / "absent")), r"reward_model.path: '.*absent' does not exist"),
+            (dict(path="stage:rm"), r"reward_model.path: 'stage:rm' does not name an earlier stage")):
+        with pytest.raises(ConfigError, match=pattern):
+            validate(judged_by(dataclasses.replace(rm, config=RewardModelSection().config, **change)))
+    with pytest.raises(ConfigError, match=r"reward_model.path: 'stage:sft' is a 'sft' stage, not a reward-model"):
+        validate(judged_by(dataclasses.replace(rm, config=RewardModelSection().config, path="stage:sft"), (sft,)))
+    validate(dataclasses.replace(exp, reward_model=dataclasses.replace(rm, template="chatml2")))  # judge "task"
 
 
 def _cli(*args, cwd):

@@ -187,7 +187,7 @@ def stage_setup(cfg, mesh):
     model_config = cfg.model.config.replace(head=algorithm.head)
     setup = kind.setup(cfg, model_config, _abstract(models.param_specs(model_config)), mesh, jax.random.key(0))
     # A section with a path plans as the run loads it only when its config is stated (config.ModelSection): say so
-    unstated = [(name, section.path) for name in kind.reads if (section := getattr(cfg, name, None)) is not None
+    unstated = [(name, section.path) for name in kind.reads_of(cfg) if (section := getattr(cfg, name, None)) is not None
                 and section.path is not None and not section.stated_config()]
     notes = tuple(f"note: {name}.path={path!r} with {name}.config left at its default: planned as that default config, "
                   f"which the run uses only if the checkpoint is that model (state the checkpoint's architecture and "

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import weakref
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 import jax
 import numpy as np
@@ -217,27 +217,33 @@ class StageKind:
 
     check(config, algorithm, earlier) -> [(field, message)]: the kind's own checks of a stage's resolved config, run
       by validation after the checks every stage gets (earlier: {earlier stage name: its Algorithm or None}).
-    reads: the model sections a stage of this kind loads; validation checks their template, tokenizer and path.
+    reads: the model sections a stage of this kind loads (validation checks their template, tokenizer and path): a
+      tuple, or a function of the stage's config returning one where that depends on the config (reads_of).
     writes_rows: its stages write Nectar rows that a later stage reads as data.source = "stage:NAME"."""
     name: str
     build: Callable[[StageContext], StageProgram]
     setup: Optional[Callable[..., StageSetup]] = None
     check: Optional[Callable[..., list]] = None
-    reads: tuple[str, ...] = ("model",)
+    reads: Union[tuple[str, ...], Callable[..., tuple[str, ...]]] = ("model",)
     writes_rows: bool = False
+
+    def reads_of(self, config) -> tuple[str, ...]:
+        """The model sections a stage of this kind with the resolved `config` loads."""
+        return tuple(self.reads(config)) if callable(self.reads) else self.reads
 
 
 STAGE_KINDS: dict[str, StageKind] = {}  # kind name -> its StageKind
 
 
 def register_stage_kind(name: str, setup: Optional[Callable[..., StageSetup]] = None,
-                        check: Optional[Callable[..., list]] = None, reads: tuple[str, ...] = ("model",),
+                        check: Optional[Callable[..., list]] = None,
+                        reads: Union[tuple[str, ...], Callable[..., tuple[str, ...]]] = ("model",),
                         writes_rows: bool = False):
     """Decorator: `@register_stage_kind("rl", setup=rl_setup, check=check_rl) def build(ctx: StageContext) ->
     StageProgram` registers the kind once (the fields: StageKind). Re-registering a name replaces it only with an
     equal kind."""
     def deco(fn):
-        kind = StageKind(name, fn, setup, check, tuple(reads), writes_rows)
+        kind = StageKind(name, fn, setup, check, reads if callable(reads) else tuple(reads), writes_rows)
         old = STAGE_KINDS.get(name)
         if old is not None and old != kind:
             raise ValueError(f"stage kind {name!r} is already registered")

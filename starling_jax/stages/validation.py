@@ -136,7 +136,7 @@ def _check_stage(name: str, c: Experiment, num_devices: Optional[int], earlier: 
     templates, tokenizers = _known_templates(), _known_tokenizers()
     stage_kind = STAGE_KINDS.get(kind)
     # the reward_model section is shared by the experiment but only read by the kinds that say so
-    sections = [(s, getattr(c, s)) for s in (stage_kind.reads if stage_kind else ("model",)) if getattr(c, s)]
+    sections = [(s, getattr(c, s)) for s in (stage_kind.reads_of(c) if stage_kind else ("model",)) if getattr(c, s)]
     for sec_name, sec in sections:
         if templates and sec.template != "auto" and sec.template not in templates:
             bad(f"{sec_name}.template",

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starling_jax.config import ModelSection
+from starling_jax.config import Experiment, ModelSection
 from starling_jax.data import load_tokenizer, pipelines, tasks
 from starling_jax.data.nectar import parse_prompt
 from starling_jax.generation import feedback as fb
@@ -252,11 +252,9 @@ def check_feedback(c, algorithm, earlier: dict) -> list[tuple[str, str]]:
         if not (c.data.source.startswith("task:") or c.data.source == "synthetic"):
             bad("feedback.judge", f"'task' needs a data source that knows its answers ('task:NAME' or 'synthetic'), "
                 f"got data.source={c.data.source!r}; name a judge function 'package.module:function' instead")
-    elif f.judge == "reward_model":
+    elif f.judge == "reward_model":  # the section itself is checked as every stage's (feedback_reads)
         if c.reward_model is None:
             bad("feedback.judge", "'reward_model' needs a reward_model section")
-        elif (c.reward_model.path or "").startswith("stage:") and c.reward_model.path[6:] not in earlier:
-            bad("reward_model.path", f"{c.reward_model.path!r} does not name an earlier stage")
     elif f.judge == "llm":
         if not f.judge_model:
             bad("feedback.judge_model", "judge='llm' needs the judging checkpoint (HF dir, 'hf:ORG/NAME' or "
@@ -270,7 +268,12 @@ def check_feedback(c, algorithm, earlier: dict) -> list[tuple[str, str]]:
     return problems
 
 
-@prog.register_stage_kind("feedback", check=check_feedback, writes_rows=True)
+def feedback_reads(c: Experiment) -> tuple[str, ...]:
+    """The model sections a feedback stage loads: the policy it samples, and the reward model where that judges."""
+    return ("model", "reward_model") if c.feedback.judge == "reward_model" else ("model",)
+
+
+@prog.register_stage_kind("feedback", check=check_feedback, reads=feedback_reads, writes_rows=True)
 def build_feedback_stage(ctx: prog.StageContext) -> prog.StageProgram:
     """StageProgram of a feedback stage (see the module docstring)."""
     source = FeedbackSource(ctx)
