@@ -73,7 +73,9 @@ def test_sft_packed_batches(tok, rows):
 
 def test_rm_groups(tok, rows):
     ragged = [dict(r) for r in rows[:4]]
-    ragged[1] = {**ragged[1], "responses": ragged[1]["responses"][:3], "ranks": [3, 1, 2]}
+    ragged[1] = {**ragged[1], "responses": ragged[1]["responses"][:3], "ranks": [3, 1, 2], "raw_ranks": [3.0, 1.0, 2.0]}
+    ragged[2] = {**ragged[2], "responses": ragged[2]["responses"][:4], "ranks": [3, 1, 2, 4],
+                 "raw_ranks": [2.0, 1.0, 2.0, 5.0]}  # a tie, as a task's checker gives
     report = DataReport()
     ds = make_dataset("rm", ragged, tok, 2, max_length=T, max_prompt_length=P, max_responses=5, shuffle=False,
                       num_epochs=1, report=report)
@@ -83,10 +85,12 @@ def test_rm_groups(tok, rows):
     # Row 1: 3 answers, ranks as given, padded slots masked and ranked after the real ones.
     assert b0["response_mask"][1].tolist() == [1, 1, 1, 0, 0] and b0["ranks"][1].tolist() == [3, 1, 2, 4, 5]
     assert not b0["attention_mask"][1, 3:].any()
+    # Row 2: tied raw ranks stay tied (dense levels 1..3; objectives.reward says how each loss reads a tie).
+    assert b1["ranks"][0].tolist() == [2, 1, 2, 3, 4] and b1["response_mask"][0].tolist() == [1, 1, 1, 1, 0]
     # Row 0: 7 answers, 5 kept (seeded subset), re-ranked 1..5 in the original order.
     kept_ranks = b0["ranks"][0]
     assert sorted(kept_ranks.tolist()) == [1, 2, 3, 4, 5] and b0["response_mask"][0].all()
-    assert report.answers_dropped == 3 * 2
+    assert report.answers_dropped == 2 * 2  # rows 0 and 3: 7 answers, 5 kept
     for slot in range(5):
         n = int(b0["attention_mask"][0, slot].sum())
         text = tok.decode(b0["tokens"][0, slot, :n].tolist())

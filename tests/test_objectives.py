@@ -112,6 +112,46 @@ def ref_plackett_luce(rewards, ranks, mask):
     return sum(losses) / len(losses)
 
 
+def ref_plackett_luce_breslow(rewards, ranks, mask):
+    """Breslow's rule for ties, from its definition: each valid response's term is its reward minus the log-sum-exp
+    over the valid responses ranked the same or worse (itself included)."""
+    losses = []
+    for b in range(rewards.shape[0]):
+        valid = [k for k in range(rewards.shape[1]) if mask[b, k]]
+        if len(valid) < 2:
+            continue
+        losses.append(-sum(float(rewards[b, i]) - logsumexp([float(rewards[b, k]) for k in valid
+                                                              if ranks[b, k] >= ranks[b, i]]) for i in valid))
+    return sum(losses) / len(losses)
+
+
+def test_plackett_luce_ties_break_by_position_or_share_a_choice_set():
+    rng = np.random.default_rng(7)
+    rewards = rng.normal(size=(5, 6)).astype(np.float32)
+    ranks = np.array([[1, 2, 2, 3, 4, 5], [2, 2, 1, 1, 3, 3], [1, 1, 1, 1, 1, 1], [3, 1, 2, 4, 5, 6], [1, 2, 2, 2, 3, 9]],
+                     np.int32)
+    mask = np.array([[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0], [1] * 6, [1, 1, 1, 1, 1, 0]], np.int32)
+    breslow = jax.jit(obj.plackett_luce_loss, static_argnames="ties")
+    np.testing.assert_allclose(float(breslow(rewards, ranks, mask, ties="breslow")),
+                               ref_plackett_luce_breslow(rewards, ranks, mask), rtol=1e-5)
+    # "break": the strict order by (rank, index), as before (the reference sorts by the same key)
+    np.testing.assert_allclose(float(PL(rewards, ranks, mask)), ref_plackett_luce(rewards, ranks, mask), rtol=1e-5)
+    strict = np.argsort(np.argsort(ranks + 0.01 * np.arange(6), axis=1), axis=1).astype(np.int32) + 1
+    np.testing.assert_allclose(float(breslow(rewards, strict, mask, ties="breslow")), float(PL(rewards, strict, mask)),
+                               rtol=1e-6)  # the same loss on strict ranks
+    # no order within a tie: swapping two tied responses' rewards leaves Breslow's loss unchanged, not break's
+    swapped = rewards.copy()
+    swapped[0, [1, 2]] = rewards[0, [2, 1]]
+    one = lambda f, r: float(f(r[:1], ranks[:1], mask[:1]))
+    assert one(lambda *a: breslow(*a, ties="breslow"), swapped) == pytest.approx(
+        one(lambda *a: breslow(*a, ties="breslow"), rewards), rel=1e-6)
+    assert one(PL, swapped) != pytest.approx(one(PL, rewards), rel=1e-3)
+    g = finite_grad(lambda r: obj.plackett_luce_loss(r, ranks, mask, ties="breslow"), rewards)
+    assert np.all(g[mask == 0] == 0)
+    with pytest.raises(ValueError, match="ties must be 'break' or 'breslow', got 'efron'"):
+        obj.plackett_luce_loss(rewards, ranks, mask, ties="efron")
+
+
 def ref_bradley_terry(rewards, ranks, mask):
     losses = []
     for b in range(rewards.shape[0]):

@@ -210,6 +210,8 @@ RM_ROWS = [
     ("objective.name", "rm_plackett_luce", RM_CARD + " + " + RM_PAPER),
     ("objective.pl_normalize", True, "issue 12's review of the authors' pl_loss (divides by K-1); the authors' RM "
      "training code is in neither thwu1/trlx nor microsoft/RLHF-APA at any fetched commit (unverified here)"),
+    ("objective.ties", "break", "choice: Nectar's GPT-4 rankings are strict (a rare tie is broken by answer order, "
+     "the strict order a K-wise ranking loss needs)"),
     ("optim.learning_rate", 1e-5, "choice: Touvron et al. 2023 sec. 3.2.2 (Llama-2 RM, 7B-70B) used 1e-5"),
     ("optim.warmup_steps", 85, "choice: 3% of 2,830 steps"), ("optim.schedule", "cosine", "choice: Llama-2 RM"),
     ("optim.end_lr_fraction", 0.1, "choice: Llama-2 RM decays to 10%"),
@@ -263,7 +265,7 @@ READ = {
                                        "scale_reward", "whiten_advantages")]
           + ["rollout." + k for k in ("prompts_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "epochs",
                                       "minibatch_size")] + ["train.grad_accum"],
-    "rm": ["objective.name", "objective.pl_normalize", "data.max_responses", "train.batch_size", "train.grad_accum"],
+    "rm": ["objective.name", "objective.pl_normalize", "objective.ties", "data.max_responses", "train.batch_size", "train.grad_accum"],
     "sft": ["objective.name", "train.batch_size", "train.grad_accum", "data.pack"],
 }
 COMMON = ["model.config", "model.template", "model.tokenizer", "data.max_length", "data.max_prompt_length",

@@ -4,7 +4,7 @@ pairwise Bradley-Terry loss over every ordered pair of the ranking."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from typing import Annotated, Literal
 
 import jax.numpy as jnp
 from pydantic import Field
@@ -20,6 +20,10 @@ class PlackettLuceOptions(ObjectiveConfig):
     name: str = "rm_plackett_luce"
     pl_normalize: Annotated[bool, Field(description=(
         "divide each prompt's NLL by its K-1 choice terms (the Starling authors' pl_loss)"))] = False
+    ties: Annotated[Literal["break", "breslow"], Field(description=(
+        "tied ranks: 'break' orders them by answer position (the earlier ranks better; the authors' loss needs a "
+        "strict order), 'breslow' lets tied answers share one choice set (no order between them; for judges whose "
+        "verdicts tie, such as a task's checker)"))] = "break"
 
 
 def _build(name: str, loss):
@@ -56,7 +60,7 @@ def _weight_of(name: str) -> str:
 register(Algorithm(
     name="rm_plackett_luce", kind="rm", head="score", batch=losses.ranking_batch, options=PlackettLuceOptions,
     loss=_build("rm_plackett_luce", lambda r, ranks, m, metrics, o: (
-        objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize), metrics["num_prompts"])), weight_of=_weight_of,
+        objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize, o.ties), metrics["num_prompts"])), weight_of=_weight_of,
     summary="reward model, K-wise Plackett-Luce likelihood of each prompt's ranking (Starling-RM)"))
 register(Algorithm(
     name="rm_bradley_terry", kind="rm", head="score", batch=losses.ranking_batch,

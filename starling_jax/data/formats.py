@@ -84,7 +84,9 @@ def sft_examples(rows, tokenizer, template, max_length, max_prompt_length, repor
 
 def rm_examples(rows, tokenizer, template, max_length, max_prompt_length, max_responses, report, seed=0):
     """One K-wise group per row: its answers' token arrays (padded to [K, T] only when batched, so a large
-    dataset holds just its tokens) and ranks [K]. Rows with more answers keep a seeded random subset."""
+    dataset holds just its tokens) and ranks [K]: 1 = best, tied raw ranks kept tied (objectives.reward says how each
+    loss and metric reads a tie), padded slots continuing after the worst. Rows with more answers keep a seeded random
+    subset."""
     out = []
     for r in rows:
         n = len(r["responses"])
@@ -92,9 +94,10 @@ def rm_examples(rows, tokenizer, template, max_length, max_prompt_length, max_re
         if n > max_responses:
             keep = np.sort(np.random.default_rng([seed, r.get("row", 0)]).permutation(n)[:max_responses])
             report.answers_dropped += n - max_responses
-        kept_ranks = np.asarray([r["ranks"][j] for j in keep])
-        ranks = np.arange(1, max_responses + 1, dtype=np.int32)  # padded slots continue the order
-        ranks[:len(keep)] = np.argsort(np.argsort(kept_ranks, kind="stable"), kind="stable") + 1  # re-rank 1..k
+        raw = r.get("raw_ranks", r["ranks"])
+        levels = np.unique(np.asarray([raw[j] for j in keep]), return_inverse=True)[1].reshape(-1) + 1  # dense, ties kept
+        ranks = np.arange(max_responses, dtype=np.int32) - len(keep) + levels.max() + 1  # padded: after the worst
+        ranks[:len(keep)] = levels
         responses = [encode_example(tokenizer, r["messages"], r["responses"][j], template, max_length,
                                     max_prompt_length, report, all_turns_loss=False)[0] for j in keep]
         out.append({"responses": responses, "ranks": ranks})

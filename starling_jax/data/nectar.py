@@ -12,9 +12,10 @@ A parsed row (what pipelines consume; plain dict so grain can hold it):
 Validation names the row (index and prompt prefix) and the field of every problem. on_bad_row="error" raises
 NectarError at the first bad row; "skip" drops it and counts the reason in a DataReport (nothing is dropped silently).
 
-Tie policy: equal raw ranks are a tie. ties="break" (default) keeps the row: for the K-wise (Plackett-Luce) loss
-the tie is broken by answer order in the row (the earlier answer ranks better) and counted; pairwise losses (DPO
-pairs, and TIED pairs in data.pipelines) skip tied pairs and count them. ties="reject" treats a tie as a bad row.
+Tie policy: equal raw ranks are a tie. ties="break" (default) keeps the row and counts it: its "ranks" break the tie
+by answer order in the row (the earlier answer ranks better), its "raw_ranks" keep it (an RM batch's ranks are their
+dense levels: objectives.reward says how each loss reads a tie); pairwise data (DPO pairs) skips tied pairs and
+counts them. ties="reject" treats a tie as a bad row.
 
 Identical answers (Nectar pads some rows to 7 with repeats): answers with the same text (after stripping) are one
 response, kept once at its best-ranked occurrence; the merged copies are counted in the DataReport

@@ -8,8 +8,8 @@ checkpoint and resume it exactly, mid-epoch included. Batches are dicts of numpy
 
   SFT: tokens [B,T] int32, attention_mask [B,T] int32 (1 real / 0 pad; packed rows: segment ids 1,2,..),
        loss_mask [B,T] float32 (1 on assistant tokens incl. their closing token, every turn)
-  RM:  tokens [B,K,T], attention_mask [B,K,T] (right padded), ranks [B,K] (1 = best; padded slots continue the
-       order k+1..K), response_mask [B,K] (0 = padded slot)
+  RM:  tokens [B,K,T], attention_mask [B,K,T] (right padded), ranks [B,K] (1 = best, ties kept; padded slots
+       continue after the worst), response_mask [B,K] (0 = padded slot)
   DPO: chosen_tokens, chosen_attention_mask, chosen_loss_mask, rejected_tokens, rejected_attention_mask,
        rejected_loss_mask, all [B,T] (loss masks float32, on the final response only)
   RL:  prompt_tokens [B,P] (left padded), prompt_mask [B,P], prompt_id [B] (index into the rows given)

@@ -1,10 +1,15 @@
 """Reward-model objectives over K ranked responses per prompt: K-wise Plackett-Luce, pairwise Bradley-Terry, and
 ranking metrics. Shapes: rewards [B, K] float, ranks [B, K] int (1 = best), mask [B, K] (0 = no response: ragged K).
 
-Order convention. A prompt's responses are ordered best first by (rank, index): ties in rank are broken by position in
-the row, the earlier response counting as better. Plackett-Luce needs a total order, so it uses this rule; Bradley-Terry
-and the metrics skip tied pairs instead. Nectar's ranks are strict, so the rule only matters for malformed data; use
-`check_ranks` on the host to reject ties (and other bad ranks) with a clear error before they reach a step.
+Ties. Equal ranks are a tie (the data pipeline keeps a row's tied raw ranks: a program judge's verdicts tie often,
+GPT-4's Nectar rankings do not). Bradley-Terry and the metrics skip tied pairs. Plackett-Luce takes one of two rules:
+ties="break" orders a prompt's responses best first by (rank, index), the earlier response counting as better (a
+total order, as the Starling authors' loss needs; on tied data it trains on an order the labels do not state);
+ties="breslow" lets tied responses share one choice set, Breslow's rule for ties in the Cox partial likelihood (of
+which the Plackett-Luce likelihood is the ranking case): each response competes with itself and every valid response
+ranked the same or worse, so tied responses are treated alike and the loss states no order between them (a prompt
+whose responses all tie asks only that their rewards be equal). On strict ranks both rules are the same loss.
+`check_ranks` on the host rejects ties (and other bad ranks) with a clear error where a strict order is required.
 """
 
 from __future__ import annotations
@@ -28,25 +33,30 @@ def _pairs(ranks: jax.Array, mask: jax.Array) -> jax.Array:
     return both * (ranks[:, :, None] < ranks[:, None, :])
 
 
-def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array, normalize: bool = False) -> jax.Array:
+def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array, normalize: bool = False,
+                       ties: str = "break") -> jax.Array:
     """K-wise Plackett-Luce NLL of each prompt's observed ranking, averaged over prompts (scalar float32).
 
     For prompt b with valid responses ordered best first sigma(1..K_b) (by (rank, index), see the module docstring):
-        nll_b = -sum_{j=1..K_b} [ r_sigma(j) - log sum_{k=j..K_b} exp r_sigma(k) ]
-    (the last term is always 0). The mean is over prompts with at least two valid responses; prompts with fewer
-    carry no ranking information and are not counted (a fully padded row changes nothing). With K_b = 2 this is
-    -log sigmoid(r_better - r_worse), i.e. Bradley-Terry.
+        nll_b = -sum_{j=1..K_b} [ r_sigma(j) - log sum_{k in C(j)} exp r_sigma(k) ]
+    where the choice set C(j) is {j..K_b} (ties="break") or sigma(j) and every response ranked no better than it
+    (ties="breslow"; the same set on strict ranks). The last term is 0 on strict ranks. The mean is over prompts with
+    at least two valid responses; prompts with fewer carry no ranking information and are not counted (a fully padded
+    row changes nothing). With K_b = 2 and strict ranks this is -log sigmoid(r_better - r_worse), i.e. Bradley-Terry.
     normalize=True divides each nll_b by its K_b - 1 choice terms (a per-choice mean, as the Starling authors' RM
     loss): the same minimiser, gradients 1/(K-1) as large (it matters with grad_clip).
     """
     _check("plackett_luce_loss", rewards, ranks, mask)
+    if ties not in ("break", "breslow"):
+        raise ValueError(f"plackett_luce_loss: ties must be 'break' or 'breslow', got {ties!r}")
     valid = as_weights(mask)
     r = jnp.where(valid > 0, rewards.astype(jnp.float32), 0.0)  # padded slots may hold garbage (even NaN)
     K = r.shape[1]
     idx = jnp.arange(K)
-    # at_or_after[b, i, k]: response k is response i itself, or a valid response ranked after i in the order.
+    # at_or_after[b, i, k]: response k is response i itself, or a valid response in i's choice set.
     rank_i, rank_k = ranks[:, :, None], ranks[:, None, :]
-    after = (rank_k > rank_i) | ((rank_k == rank_i) & (idx[None, None, :] > idx[None, :, None]))
+    tied_after = idx[None, None, :] > idx[None, :, None] if ties == "break" else True
+    after = (rank_k > rank_i) | ((rank_k == rank_i) & tied_after)
     at_or_after = (idx[:, None] == idx[None, :])[None] | (after & (valid[:, None, :] > 0))
     logz = jax.nn.logsumexp(jnp.where(at_or_after, r[:, None, :], -jnp.inf), axis=-1)  # [B, K], finite: k = i counts
     nll_b = -jnp.sum(jnp.where(valid > 0, r - logz, 0.0), axis=-1)
