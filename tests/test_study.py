@@ -292,7 +292,7 @@ def test_reuse_adopts_identical_cells_from_a_raw_results_folder(tmp_path, monkey
     assert not os.path.exists(runner._cell_dir(second, "apa", 1))  # differs in eval_prompts: trained, not reused
 
     scheduled = []
-    monkeypatch.setattr(runner, "_run_pool", lambda jobs, *a: scheduled.extend(label for label, _, _ in jobs) or [])
+    monkeypatch.setattr(runner, "_run_pool", lambda jobs, *a: scheduled.extend(label for label, *_ in jobs) or [])
     runner.run_study(rl, os.path.join(ROOT, "experiments", "studies", "rl_algorithms.py"), second, seeds=[0, 1],
                      arms=["apa"])
     assert scheduled == ["shared stages of seed 1", "cell apa seed 1"]  # seed 0: nothing left to train
@@ -577,3 +577,51 @@ def test_cells_run_with_a_persistent_compilation_cache_in_the_workdir(tmp_path, 
     runner._child("s.py", str(tmp_path / "d"), ["--cell", "a@0"], False, str(tmp_path / "logs" / "a.log"))
     assert [env["JAX_COMPILATION_CACHE_DIR"] for env in seen] == [str(tmp_path / "d" / "xla_cache"),
                                                                    str(tmp_path / "mine")]
+
+
+def test_the_pool_runs_a_seeds_cells_once_its_shared_stages_are_trained(monkeypatch, capsys):
+    """The grid's jobs as one pool (runner._pipeline): the first two seeds' shared stages, then each seed's cells
+    with the shared stages two seeds on beside them; a cell never starts before its seed's shared stages finished, no
+    more than `parallel` jobs run at once, and a seed whose shared stages failed runs none of its cells."""
+    from starling_jax.commands.study import runner
+    seeds, arms = [0, 1, 2, 3, 4], ["a", "b"]
+    shared = {s: (f"shared stages of seed {s}", ["--shared", str(s)], f"shared{s}.log") for s in seeds if s != 1}
+    cells = [(s, (f"cell {a} seed {s}", ["--cell", f"{a}@{s}"], f"{a}{s}.log")) for s in seeds for a in arms]
+    jobs = runner._pipeline(shared, cells, 2)
+    assert [label.replace("shared stages of seed ", "S").replace("cell ", "").replace(" seed ", "") for label, *_ in
+            jobs] == ["S0", "S2", "a0", "b0", "S3", "a1", "b1", "a2", "b2", "S4", "a3", "b3", "a4", "b4"]
+    assert {label: after for label, _, _, after in jobs if label.startswith("cell")}["cell a seed 1"] is None
+
+    running, log, polls = [], [], {}
+
+    class Child:  # finishes on its third poll (shared stages) or second (a cell); seed 3's shared stages fail
+        def __init__(self, label):
+            self.label, self.returncode = label, None
+
+        def poll(self):
+            polls[self.label] = polls.get(self.label, 0) + 1
+            if polls[self.label] == (3 if self.label.startswith("shared") else 2):
+                self.returncode = 1 if self.label == "shared stages of seed 3" else 0
+                running.remove(self.label)
+                log.append(("done", self.label))
+            return self.returncode
+
+    def child(study_path, workdir, what, quick, log_path):
+        label = {tuple(args): label for label, args, _, _ in jobs}[tuple(what)]
+        running.append(label)
+        assert len(running) <= 2, running
+        log.append(("start", label))
+        return Child(label)
+
+    monkeypatch.setattr(runner, "_child", child)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    failed = runner._run_pool(jobs, "study.py", "w", False, 2)
+    assert failed == ["shared stages of seed 3"]
+    started = [label for event, label in log if event == "start"]
+    assert not any("seed 3" in label for label in started if label.startswith("cell"))
+    assert len(started) == len(jobs) - 2  # all but seed 3's two cells
+    for s in (0, 2, 4):
+        finished = log.index(("done", f"shared stages of seed {s}"))
+        assert all(log.index(("start", f"cell {a} seed {s}")) > finished for a in arms)
+    assert started[:5] == ["shared stages of seed 0", "shared stages of seed 2", "cell a seed 0", "cell b seed 0",
+                           "shared stages of seed 3"]

@@ -3,7 +3,9 @@ processes, then aggregate it (starling_jax.commands.study.report). The `starling
 
 A cell is finished when D/cells/ARM/seedS/cell.json exists; an interrupted cell resumes from its stages'
 checkpoints (the training loop's own resume). Each cell and each seed's shared stages run in a child process
-(`starling-jax study FILE --workdir D --cell ARM@S`), which isolates their memory and lets `--jobs N` run N at once.
+(`starling-jax study FILE --workdir D --cell ARM@S`), which isolates their memory and lets `--jobs N` run N at once:
+a seed's cells start as soon as its shared stages are trained, beside the shared stages of the seeds after it
+(_pipeline).
 `--export-raw DIR` writes a workdir's finished cells to a raw results folder and `--report-only --raw DIR` regenerates
 the report from such a folder alone (starling_jax.commands.study.raw); `--reuse DIR` adopts identical finished cells
 from another workdir or from such a folder, so a study longer than one machine's life is finished on the next one.
@@ -380,14 +382,41 @@ def _child(study_path: str, workdir: str, what: list, quick: bool, log: str) -> 
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
-def _run_pool(jobs: list[tuple[str, list, str]], study_path: str, workdir: str, quick: bool, parallel: int) -> list:
-    """Run (label, args, log) child processes, at most `parallel` at once; returns the labels that failed."""
-    pending, running, failed = list(jobs), [], []
+def _pipeline(shared: dict, cells: list, parallel: int) -> list[tuple[str, list, str, Optional[str]]]:
+    """The grid's jobs in the order the pool starts them, each with the label of the job it waits for (a cell waits
+    for its seed's shared stages when they still have to run): the first `parallel` seeds' shared stages, then seed
+    by seed its cells followed by the shared stages `parallel` seeds on. So a seed's cells run as soon as its shared
+    stages are trained (a study stopped part way has finished cells to export, not only shared stages), and the
+    next seeds' shared stages train beside them (no core waits for the last seed's shared stages alone).
+    shared: {seed: (label, args, log)}; cells: [(seed, (label, args, log))] in the grid's order."""
+    order = list(dict.fromkeys([s for s, _ in cells] + list(shared)))  # seeds in the grid's order
+    ahead = [s for s in order if s in shared]  # the seeds whose shared stages still have to run
+    jobs = [(*shared[s], None) for s in ahead[:parallel]]
+    for seed in order:
+        jobs += [(*job, shared[seed][0] if seed in shared else None) for s, job in cells if s == seed]
+        if seed in shared and ahead.index(seed) + parallel < len(ahead):
+            jobs.append((*shared[ahead[ahead.index(seed) + parallel]], None))
+    return jobs
+
+
+def _run_pool(jobs: list[tuple[str, list, str, Optional[str]]], study_path: str, workdir: str, quick: bool,
+              parallel: int) -> list:
+    """Run (label, args, log, after) child processes, at most `parallel` at once, each free slot taking the first
+    pending job whose `after` (a label, or None) has finished; a job whose `after` failed is not run. Returns the
+    labels that failed."""
+    pending, running, failed, done = list(jobs), [], [], set()
     while pending or running:
-        while pending and len(running) < parallel:
-            label, what, log = pending.pop(0)
+        pending = [job for job in pending if job[3] not in failed]
+        while len(running) < parallel:
+            ready = next((job for job in pending if job[3] is None or job[3] in done), None)
+            if ready is None:
+                break
+            pending.remove(ready)
+            label, what, log, _ = ready
             print(f"[study] start {label} (log: {log})", file=sys.stderr, flush=True)
             running.append((label, log, time.perf_counter(), _child(study_path, workdir, what, quick, log)))
+        if not running:
+            break
         time.sleep(0.5)
         for item in list(running):
             label, log, t0, proc = item
@@ -396,6 +425,7 @@ def _run_pool(jobs: list[tuple[str, list, str]], study_path: str, workdir: str, 
                 took = time.perf_counter() - t0
                 if proc.returncode == 0:
                     print(f"[study] done {label} in {took:.0f} s", file=sys.stderr, flush=True)
+                    done.add(label)
                 else:
                     print(f"[study] FAILED {label} (exit {proc.returncode}); see {log}", file=sys.stderr, flush=True)
                     failed.append(label)
@@ -404,7 +434,7 @@ def _run_pool(jobs: list[tuple[str, list, str]], study_path: str, workdir: str, 
 
 def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, seeds: Optional[Sequence[int]] = None,
               arms: Optional[Sequence[str]] = None, quick: bool = False, reuse: Sequence[str] = ()) -> dict:
-    """Run every unfinished cell (shared stages first), then aggregate into D/results.{json,md,png}. reuse: other
+    """Run every unfinished cell (each after its seed's shared stages), then aggregate into D/results.{json,md,png}. reuse: other
     study workdirs whose identical shared stages and cells are adopted instead of retrained (reuse_finished)."""
     seeds = list(seeds if seeds is not None else study.seeds)
     arm_names = list(arms) if arms is not None else [a.name for a in study.arms]
@@ -423,13 +453,12 @@ def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, see
     logs = os.path.join(workdir, "logs")
     todo = [(a, s) for s in seeds for a in arm_names
             if not os.path.exists(os.path.join(_cell_dir(workdir, a, s), "cell.json"))]
-    shared = [(f"shared stages of seed {s}", ["--shared", str(s)], os.path.join(logs, f"shared_seed{s}.log"))
+    shared = {s: (f"shared stages of seed {s}", ["--shared", str(s)], os.path.join(logs, f"shared_seed{s}.log"))
               for s in seeds if study.shared_stages and any(seed == s for _, seed in todo)
-              and not os.path.exists(os.path.join(_shared_dir(workdir, s), "done.json"))]
-    failed = _run_pool(shared, study_path, workdir, quick, jobs)
-    cells = [(f"cell {a} seed {s}", ["--cell", f"{a}@{s}"], os.path.join(logs, f"{a}_seed{s}.log"))
-             for a, s in todo if f"shared stages of seed {s}" not in failed]
-    failed += _run_pool(cells, study_path, workdir, quick, jobs)
+              and not os.path.exists(os.path.join(_shared_dir(workdir, s), "done.json"))}
+    cells = [(s, (f"cell {a} seed {s}", ["--cell", f"{a}@{s}"], os.path.join(logs, f"{a}_seed{s}.log")))
+             for a, s in todo]
+    failed = _run_pool(_pipeline(shared, cells, jobs), study_path, workdir, quick, jobs)
     records = []
     for s in seeds:
         for a in arm_names:
