@@ -580,16 +580,17 @@ def test_cells_run_with_a_persistent_compilation_cache_in_the_workdir(tmp_path, 
 
 
 def test_the_pool_runs_a_seeds_cells_once_its_shared_stages_are_trained(monkeypatch, capsys):
-    """The grid's jobs as one pool (runner._pipeline): the first two seeds' shared stages, then each seed's cells
-    with the shared stages two seeds on beside them; a cell never starts before its seed's shared stages finished, no
-    more than `parallel` jobs run at once, and a seed whose shared stages failed runs none of its cells."""
+    """The grid's jobs as one pool (runner._pipeline): the cells of seeds whose shared stages are trained, then the
+    next two seeds' shared stages and each seed's cells with the shared stages two seeds on beside them; a cell never
+    starts before its seed's shared stages finished, no more than `parallel` jobs run at once, and a seed whose
+    shared stages failed runs none of its cells."""
     from starling_jax.commands.study import runner
     seeds, arms = [0, 1, 2, 3, 4], ["a", "b"]
     shared = {s: (f"shared stages of seed {s}", ["--shared", str(s)], f"shared{s}.log") for s in seeds if s != 1}
     cells = [(s, (f"cell {a} seed {s}", ["--cell", f"{a}@{s}"], f"{a}{s}.log")) for s in seeds for a in arms]
     jobs = runner._pipeline(shared, cells, 2)
     assert [label.replace("shared stages of seed ", "S").replace("cell ", "").replace(" seed ", "") for label, *_ in
-            jobs] == ["S0", "S2", "a0", "b0", "S3", "a1", "b1", "a2", "b2", "S4", "a3", "b3", "a4", "b4"]
+            jobs] == ["a1", "b1", "S0", "S2", "a0", "b0", "S3", "a2", "b2", "S4", "a3", "b3", "a4", "b4"]
     assert {label: after for label, _, _, after in jobs if label.startswith("cell")}["cell a seed 1"] is None
 
     running, log, polls = [], [], {}
@@ -623,5 +624,5 @@ def test_the_pool_runs_a_seeds_cells_once_its_shared_stages_are_trained(monkeypa
     for s in (0, 2, 4):
         finished = log.index(("done", f"shared stages of seed {s}"))
         assert all(log.index(("start", f"cell {a} seed {s}")) > finished for a in arms)
-    assert started[:5] == ["shared stages of seed 0", "shared stages of seed 2", "cell a seed 0", "cell b seed 0",
-                           "shared stages of seed 3"]
+    assert started[:7] == ["cell a seed 1", "cell b seed 1", "shared stages of seed 0", "shared stages of seed 2",
+                           "cell a seed 0", "cell b seed 0", "shared stages of seed 3"]

@@ -384,18 +384,19 @@ def _child(study_path: str, workdir: str, what: list, quick: bool, log: str) -> 
 
 def _pipeline(shared: dict, cells: list, parallel: int) -> list[tuple[str, list, str, Optional[str]]]:
     """The grid's jobs in the order the pool starts them, each with the label of the job it waits for (a cell waits
-    for its seed's shared stages when they still have to run): the first `parallel` seeds' shared stages, then seed
-    by seed its cells followed by the shared stages `parallel` seeds on. So a seed's cells run as soon as its shared
-    stages are trained (a study stopped part way has finished cells to export, not only shared stages), and the
-    next seeds' shared stages train beside them (no core waits for the last seed's shared stages alone).
-    shared: {seed: (label, args, log)}; cells: [(seed, (label, args, log))] in the grid's order."""
-    order = list(dict.fromkeys([s for s, _ in cells] + list(shared)))  # seeds in the grid's order
-    ahead = [s for s in order if s in shared]  # the seeds whose shared stages still have to run
-    jobs = [(*shared[s], None) for s in ahead[:parallel]]
-    for seed in order:
-        jobs += [(*job, shared[seed][0] if seed in shared else None) for s, job in cells if s == seed]
-        if seed in shared and ahead.index(seed) + parallel < len(ahead):
-            jobs.append((*shared[ahead[ahead.index(seed) + parallel]], None))
+    for its seed's shared stages when they still have to run): first the cells of the seeds whose shared stages are
+    trained, then the first `parallel` seeds' shared stages and, seed by seed, its cells followed by the shared stages
+    `parallel` seeds on. So a seed's cells run as soon as they can (a study stopped part way has whole seeds' cells to
+    export, not only shared stages), and the next seeds' shared stages train beside them (no core waits for the last
+    seed's shared stages alone). shared: {seed: (label, args, log)}; cells: [(seed, (label, args, log))] in the
+    grid's order."""
+    jobs = [(*job, None) for s, job in cells if s not in shared]
+    ahead = list(dict.fromkeys(s for s in [s for s, _ in cells] + list(shared) if s in shared))  # in the grid's order
+    jobs += [(*shared[s], None) for s in ahead[:parallel]]
+    for i, seed in enumerate(ahead):
+        jobs += [(*job, shared[seed][0]) for s, job in cells if s == seed]
+        if i + parallel < len(ahead):
+            jobs.append((*shared[ahead[i + parallel]], None))
     return jobs
 
 
