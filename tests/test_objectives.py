@@ -128,8 +128,8 @@ def ref_plackett_luce_breslow(rewards, ranks, mask):
 def test_plackett_luce_ties_break_by_position_or_share_a_choice_set():
     rng = np.random.default_rng(7)
     rewards = rng.normal(size=(5, 6)).astype(np.float32)
-    ranks = np.array([[1, 2, 2, 3, 4, 5], [2, 2, 1, 1, 3, 3], [1, 1, 1, 1, 1, 1], [3, 1, 2, 4, 5, 6], [1, 2, 2, 2, 3, 9]],
-                     np.int32)
+    ranks = np.array([[1, 2, 2, 3, 4, 5], [2, 2, 1, 1, 3, 3], [1, 1, 1, 1, 1, 1], [3, 1, 2, 4, 5, 6],
+                      [1, 2, 2, 2, 3, 9]], np.int32)
     mask = np.array([[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0], [1] * 6, [1, 1, 1, 1, 1, 0]], np.int32)
     breslow = jax.jit(obj.plackett_luce_loss, static_argnames="ties")
     np.testing.assert_allclose(float(breslow(rewards, ranks, mask, ties="breslow")),

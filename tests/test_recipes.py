@@ -265,7 +265,8 @@ READ = {
                                        "scale_reward", "whiten_advantages")]
           + ["rollout." + k for k in ("prompts_per_step", "max_new_tokens", "temperature", "top_k", "top_p", "epochs",
                                       "minibatch_size")] + ["train.grad_accum"],
-    "rm": ["objective.name", "objective.pl_normalize", "objective.ties", "data.max_responses", "train.batch_size", "train.grad_accum"],
+    "rm": ["objective.name", "objective.pl_normalize", "objective.ties", "data.max_responses", "train.batch_size",
+           "train.grad_accum"],
     "sft": ["objective.name", "train.batch_size", "train.grad_accum", "data.pack"],
 }
 COMMON = ["model.config", "model.template", "model.tokenizer", "data.max_length", "data.max_prompt_length",

@@ -60,7 +60,8 @@ def _weight_of(name: str) -> str:
 register(Algorithm(
     name="rm_plackett_luce", kind="rm", head="score", batch=losses.ranking_batch, options=PlackettLuceOptions,
     loss=_build("rm_plackett_luce", lambda r, ranks, m, metrics, o: (
-        objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize, o.ties), metrics["num_prompts"])), weight_of=_weight_of,
+        objectives.plackett_luce_loss(r, ranks, m, o.pl_normalize, o.ties), metrics["num_prompts"])),
+    weight_of=_weight_of,
     summary="reward model, K-wise Plackett-Luce likelihood of each prompt's ranking (Starling-RM)"))
 register(Algorithm(
     name="rm_bradley_terry", kind="rm", head="score", batch=losses.ranking_batch,

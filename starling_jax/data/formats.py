@@ -95,7 +95,8 @@ def rm_examples(rows, tokenizer, template, max_length, max_prompt_length, max_re
             keep = np.sort(np.random.default_rng([seed, r.get("row", 0)]).permutation(n)[:max_responses])
             report.answers_dropped += n - max_responses
         raw = r.get("raw_ranks", r["ranks"])
-        levels = np.unique(np.asarray([raw[j] for j in keep]), return_inverse=True)[1].reshape(-1) + 1  # dense, ties kept
+        # dense levels 1.. of the kept answers' raw ranks, ties kept
+        levels = np.unique(np.asarray([raw[j] for j in keep]), return_inverse=True)[1].reshape(-1) + 1
         ranks = np.arange(max_responses, dtype=np.int32) - len(keep) + levels.max() + 1  # padded: after the worst
         ranks[:len(keep)] = levels
         responses = [encode_example(tokenizer, r["messages"], r["responses"][j], template, max_length,

@@ -391,7 +391,7 @@ def _pipeline(shared: dict, cells: list, parallel: int) -> list[tuple[str, list,
     seed's shared stages alone). shared: {seed: (label, args, log)}; cells: [(seed, (label, args, log))] in the
     grid's order."""
     jobs = [(*job, None) for s, job in cells if s not in shared]
-    ahead = list(dict.fromkeys(s for s in [s for s, _ in cells] + list(shared) if s in shared))  # in the grid's order
+    ahead = list(shared)  # the seeds whose shared stages still have to run, in the grid's order
     jobs += [(*shared[s], None) for s in ahead[:parallel]]
     for i, seed in enumerate(ahead):
         jobs += [(*job, shared[seed][0]) for s, job in cells if s == seed]
@@ -435,8 +435,9 @@ def _run_pool(jobs: list[tuple[str, list, str, Optional[str]]], study_path: str,
 
 def run_study(study: Study, study_path: str, workdir: str, *, jobs: int = 1, seeds: Optional[Sequence[int]] = None,
               arms: Optional[Sequence[str]] = None, quick: bool = False, reuse: Sequence[str] = ()) -> dict:
-    """Run every unfinished cell (each after its seed's shared stages), then aggregate into D/results.{json,md,png}. reuse: other
-    study workdirs whose identical shared stages and cells are adopted instead of retrained (reuse_finished)."""
+    """Run every unfinished cell (each after its seed's shared stages), then aggregate into
+    D/results.{json,md,png}. reuse: other study workdirs whose identical shared stages and cells are adopted instead
+    of retrained (reuse_finished)."""
     seeds = list(seeds if seeds is not None else study.seeds)
     arm_names = list(arms) if arms is not None else [a.name for a in study.arms]
     if quick:
