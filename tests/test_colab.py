@@ -5,6 +5,7 @@ Parameters are injected the way papermill does it: a cell assigning the test's v
 against independent computations (the synthetic true utility, sampling.generate called here directly).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -197,7 +198,9 @@ SMOL_SHORT = ["stages.feedback.train.steps=1", "stages.feedback.feedback.prompts
 def test_real_model_rlaif_notebook(tmp_path, monkeypatch):
     """SmolLM2-135M-Instruct (the packaged GGUF, converted in the notebook's folder) through feedback -> K-wise RM ->
     APA with LoRA on task:ifeval, shortened; the checker's verdicts and the RM's held-out accuracy are recomputed."""
-    from starling_jax.data import instructions
+    from starling_jax.data import instructions, pipelines
+    from starling_jax.stages.experiment import apply_overrides, load_experiment, stages_of
+    from starling_jax.stages.kinds.feedback import rows_path
     monkeypatch.delenv("STARLING_JAX_SMOL_MODEL", raising=False)
     monkeypatch.setenv("STARLING_JAX_SMOL_DIR", str(tmp_path / "smol"))
     got, nb = _execute(
@@ -215,7 +218,17 @@ def test_real_model_rlaif_notebook(tmp_path, monkeypatch):
     assert list(summary) == ["feedback", "rm", "policy"]
     fb = summary["feedback"]
     assert fb["prompts"] == 4 and fb["k"] == 3 and fb["judge"] == "task"
-    assert 0.0 <= summary["rm"]["heldout_pair_accuracy"] <= 1.0
+    # the RM's held-out rankings, read again from the feedback rows: its pair accuracy is over their strictly
+    # ranked pairs (the checker ties answers that meet the same constraints; a tie is no pair), NaN where none is
+    rm_data = dict(stages_of(apply_overrides(load_experiment("smol_ifeval"), SMOL_SHORT)))["rm"].data
+    heldout = pipelines.load_splits(dataclasses.replace(rm_data, source=rows_path(str(tmp_path / "run"), "feedback")))
+    strict = sum(r["raw_ranks"][i] != r["raw_ranks"][j] for r in heldout.heldout
+                 for i in range(len(r["raw_ranks"])) for j in range(i))
+    rm = summary["rm"]
+    assert rm["heldout_rows"] == len(heldout.heldout) >= 1 and rm["heldout_pairs"] == strict
+    assert 0.0 <= rm["heldout_pair_accuracy"] <= 1.0 if strict else math.isnan(rm["heldout_pair_accuracy"])
+    said = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert (f"over {strict} strictly ranked pairs" if strict else "none to measure") in said
     policy = summary["policy"]
     assert policy["steps"] == 1 and policy["objective"] == "apa" and policy["eval_split"] == "heldout"
     assert policy["kl_to_reference"] != 0.0  # the adapters moved (B = 0 at the start: the policy was the base)
