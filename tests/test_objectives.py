@@ -246,7 +246,7 @@ def ref_rm_metrics(rewards, ranks, mask):
         correct, pairs = correct + c, pairs + n
         if n:
             taus.append((c - d) / n)
-        if len(idx) >= 2:
+        if n:  # a prompt whose responses all tie has no best one to find
             best = max(idx, key=lambda k: (rewards[b, k], -k))
             top1.append(ranks[b, best] == min(ranks[b, k] for k in idx))
     return correct / pairs, float(np.mean(top1)), float(np.mean(taus))
@@ -278,6 +278,21 @@ def test_rm_metrics_match_loops_and_scipy():
                                ref_rm_metrics(tied, tied_ranks, tied_mask), rtol=1e-6)
     np.testing.assert_allclose([float(m["pair_accuracy"]), float(m["kendall_tau"]), float(m["top1_accuracy"])],
                                [2 / 3, 2 / 3, 0.0], rtol=1e-6)
+
+
+def test_rm_metrics_count_no_pair_and_no_prompt_of_a_ranking_whose_answers_all_tie():
+    """A checker ties answers that meet the same constraints: a group tied throughout states no order, so no metric
+    counts it (top-1 included: any answer would be "a best one"); partly tied groups count their strict pairs."""
+    rewards = np.array([[0.3, 2.0, 1.0, 0.0], [0.1, 0.9, 0.5, 0.0]], np.float32)
+    ranks = np.array([[1, 1, 1, 2], [2, 1, 2, 3]])  # row 0 all tied (its 4th slot padded), row 1 partly tied
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    m = METRICS(rewards, ranks, mask)
+    assert float(m["num_pairs"]) == 5 and float(m["num_prompts"]) == 1 and float(m["num_tau_prompts"]) == 1
+    np.testing.assert_allclose([float(m["pair_accuracy"]), float(m["top1_accuracy"]), float(m["kendall_tau"])],
+                               ref_rm_metrics(rewards, ranks, mask), rtol=1e-6)
+    assert float(m["top1_accuracy"]) == 1.0 and float(m["pair_accuracy"]) == 1.0
+    alone = METRICS(rewards[:1], ranks[:1], mask[:1])  # nothing to measure: each count 0, each metric 0 by safe_div
+    assert [float(alone[k]) for k in ("num_pairs", "num_prompts", "num_tau_prompts")] == [0, 0, 0]
 
 
 # ------------------------------------------------------------------------------------------------------------ DPO
