@@ -566,6 +566,66 @@ def test_a_seeds_reference_measurement_is_kept_for_its_other_cells(tmp_path):
     assert runner._reference_cache(smol, exp, policy, exp.reward_model, str(tmp_path), 0, "heldout", rows) is None
 
 
+def test_a_seeds_shared_reward_model_is_measured_once_for_all_its_cells(tmp_path):
+    """The RM measurement of a shared reward stage does not depend on the arm: every cell of a seed names one file
+    (beside the seed's shared stages), another seed, split or row set another; an RM trained per cell has none."""
+    from starling_jax.commands.study import runner
+    study = load_study(os.path.join(ROOT, "experiments", "studies", "select_ifeval.py"))
+    rows = [{"messages": [{"role": "user", "content": "Describe a lake."}], "responses": ["A lake.", "Lake"],
+             "utilities": [1.0, 0.5]}]
+
+    def cache(arm, seed=100, split="heldout", rows=rows):
+        (tmp_path / "shared" / f"seed{seed}" / "rm").mkdir(parents=True, exist_ok=True)
+        cell = tmp_path / "cells" / arm.name / f"seed{seed}"
+        cell.mkdir(parents=True, exist_ok=True)
+        if not os.path.lexists(cell / "rm"):
+            os.symlink(os.path.relpath(tmp_path / "shared" / f"seed{seed}" / "rm", cell), cell / "rm")
+        rm_cfg = dict(stages_of(runner.cell_experiment(study, arm, seed)))["rm"]
+        return runner._rm_cache(study, rm_cfg, str(cell), seed, split, rows)
+
+    (path,) = {cache(arm) for arm in study.arms}
+    assert os.path.dirname(path) == str(tmp_path / "shared" / "seed100" / "measured")
+    changed = [dict(rows[0], utilities=[0.5, 1.0])]
+    others = {cache(study.arms[0], seed=101), cache(study.arms[1], split="unseen"), cache(study.arms[2], rows=changed)}
+    assert len(others) == 3 and path not in others
+    smol = load_study(os.path.join(ROOT, "experiments", "studies", "smol_starling.py"))  # no shared stages
+    rm_cfg = dict(stages_of(runner.cell_experiment(smol, smol.arms[0], 0)))["rm"]
+    assert runner._rm_cache(smol, rm_cfg, str(tmp_path), 0, "heldout", rows) is None
+
+
+def test_cells_measuring_the_same_thing_at_once_measure_it_once(tmp_path):
+    """Two cells of a seed reach a shared measurement together (--jobs 2): one measures while the other waits for
+    its file; a lock left by a killed process blocks no one (the kernel drops it with its holder)."""
+    import threading
+    import time
+    from starling_jax.commands.study import runner
+    path = str(tmp_path / "shared" / "seed0" / "measured" / "rm-heldout-x.json")
+    calls, started = [], threading.Event()
+
+    def slow():
+        calls.append(1)
+        started.set()
+        time.sleep(1.0)  # the other cell arrives meanwhile
+        return {"prompt": ["p"], "pair_accuracy": [0.25]}
+
+    got = []
+    first = threading.Thread(target=lambda: got.append(runner._cached(path, slow)))
+    first.start()
+    assert started.wait(30)
+    second = runner._cached(path, slow)  # arrives while the first holds the lock: waits, then reads its file
+    first.join()
+    assert calls == [1] and second["prompt"] == ["p"] and second["pair_accuracy"].tolist() == [0.25]
+
+    other = str(tmp_path / "other.json")  # a holder killed mid-measurement: the next cell measures
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               other + ".lock"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    assert runner._cached(other, lambda: {"prompt": ["q"], "kl": [0.0]})["prompt"] == ["q"]
+
+
 def test_cells_run_with_a_persistent_compilation_cache_in_the_workdir(tmp_path, monkeypatch):
     """Each cell's process gets JAX's persistent compilation cache (D/xla_cache) unless the user names one."""
     from starling_jax.commands.study import runner

@@ -177,8 +177,10 @@ def measure_cell(study: Study, arm: Arm, exp: Experiment, directory: str, seed: 
         for split, rows in split_rows.items():
             if split not in study.rm_splits:
                 continue
-            groups[f"rm/{split}"] = ev.reward_model_measurements(rm, rows, tokenizer=rm_tok,
-                                                                 template=rm_cfg.model.template, data=rm_cfg.data)
+            groups[f"rm/{split}"] = _cached(
+                _rm_cache(study, rm_cfg, directory, seed, split, rows),
+                lambda rows=rows: ev.reward_model_measurements(rm, rows, tokenizer=rm_tok,
+                                                               template=rm_cfg.model.template, data=rm_cfg.data))
     if arm.policy_stage is not None:
         if study.reference_stage is None:
             raise ConfigError(f"study {study.name!r}: evaluating a policy needs a reference_stage (its KL is measured "
@@ -230,19 +232,42 @@ def _reference_cache(study: Study, exp: Experiment, pol_cfg, section, directory:
     return os.path.join(os.path.dirname(rm_dir), "reference", f"{split}-{json_digest(what)[:16]}.json")
 
 
+def _rm_cache(study: Study, rm_cfg, directory: str, seed: int, split: str, rows) -> Optional[str]:
+    """Where a seed's measurement of its shared reward model on `split` is kept for every cell of that seed, or None
+    (a reward model trained per cell is measured per cell). It depends on the reward model (its shared directory),
+    the rows and how they are read (tokenizer, template, data section), never on the arm's policy."""
+    if study.reward_stage not in study.shared_stages:
+        return None
+    rm_dir = os.path.realpath(os.path.join(directory, study.reward_stage))
+    what = {"seed": seed, "split": split, "rm": rm_dir, "tokenizer": rm_cfg.model.tokenizer,
+            "template": rm_cfg.model.template, "data": to_dict(rm_cfg.data),
+            "rows": [[r["messages"], r.get("responses"), r.get("utilities")] for r in rows]}
+    return os.path.join(os.path.dirname(rm_dir), "measured", f"rm-{split}-{json_digest(what)[:16]}.json")
+
+
 def _cached(path: Optional[str], compute) -> dict:
-    """compute() (a measurement group of numpy arrays and lists), kept in `path` as JSON for the next caller."""
+    """compute() (a measurement group of numpy arrays and lists), kept in `path` as JSON for the next caller. The
+    cells of one seed run at once (--jobs), so they reach the same measurement together: an exclusive lock on
+    PATH.lock lets one of them measure while the others wait and then read its file (the kernel releases the lock
+    when its holder exits, killed or not, so a stopped cell never blocks the next)."""
+    import fcntl
     import numpy as np
     if path is None:
         return compute()
-    if os.path.exists(path):
-        with open(path) as f:
-            group = json.load(f)
-        return {k: v if k in ("prompt", "samples") else np.asarray(v, np.float64) for k, v in group.items()}
-    group = compute()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_json(path, group)
-    return group
+    with open(path + ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[study] waiting for another cell of this seed to finish {os.path.basename(path)}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(path):
+            with open(path) as f:
+                group = json.load(f)
+            return {k: v if k in ("prompt", "samples") else np.asarray(v, np.float64) for k, v in group.items()}
+        group = compute()
+        _write_json(path, group)
+        return group
 
 
 # ----------------------------------------------------------------------------------------------------------------------
