@@ -15,10 +15,12 @@ training or tuning row has; docs/DATA.md): the fraction of constraints met by on
 new tokens) per prompt, its gain over SmolLM2's own reply, the KL to SmolLM2, the RM score and length; and the RM's
 ranking of each held-out row's reference and broken variants against the checker's order.
 
-Budget (2-core CPU, --jobs 2; timed by select_ifeval.py's runs of the same stages): per seed one shared feedback +
-RM stage (~45 min for two seeds at once), then two policy stages of ~32 min each, two at a time (128 measured prompts
-instead of 100: a little more); about 1 hour of both cores per seed, ~5 hours for the 5 seeds: a study that outlives
-a machine, finished with --export-raw and --reuse results/ifeval_lora_vs_full (docs/REPRODUCTION.md). The shortened chain runs in the suite as colab/real_model_rlaif.ipynb
+Budget (2-core CPU, --jobs 2): each seed's shared feedback + RM stages ~45 min beside another seed's (select_ifeval's
+runs of the same stages; up to 1.7 h on a machine busy with other work), then two policy cells of ~68 min, two at a
+time (seed 0: 32 min of APA, then ~35 min of measurement, of which the RM's ranking and SmolLM2's own replies are
+now measured once per seed and shared); about 1.5 hours of both cores per seed, ~7.5 hours for the 5 seeds: a study
+that outlives several machines, finished with --export-raw and --reuse results/ifeval_lora_vs_full
+(docs/REPRODUCTION.md). The shortened chain runs in the suite as colab/real_model_rlaif.ipynb
 (tests/test_colab.py); the study's own cell machinery with a "base" reference as smol_starling's --quick cell.
 """
 
@@ -74,4 +76,4 @@ def get_study() -> Study:
                             why="the issue's question: on the same budget (prompts, rollouts, steps, layers), do LoRA "
                                 "adapters gain as much held-out instruction-following reward (fraction of constraints "
                                 "met) as training the same layers in full, or more, or less?"),),
-        budget="5 seeds x (shared feedback + RM, then one policy stage per arm): ~5 h on 2 cores")
+        budget="5 seeds x (shared feedback + RM, then one policy stage per arm): ~7.5 h on 2 cores")
