@@ -244,9 +244,8 @@ def ref_rm_metrics(rewards, ranks, mask):
                     c += rewards[b, i] > rewards[b, k]
                     d += rewards[b, i] < rewards[b, k]
         correct, pairs = correct + c, pairs + n
-        if n:
+        if n:  # a prompt whose responses all tie has no order: no tau, and no best one to find
             taus.append((c - d) / n)
-        if n:  # a prompt whose responses all tie has no best one to find
             best = max(idx, key=lambda k: (rewards[b, k], -k))
             top1.append(ranks[b, best] == min(ranks[b, k] for k in idx))
     return correct / pairs, float(np.mean(top1)), float(np.mean(taus))
@@ -287,12 +286,20 @@ def test_rm_metrics_count_no_pair_and_no_prompt_of_a_ranking_whose_answers_all_t
     ranks = np.array([[1, 1, 1, 2], [2, 1, 2, 3]])  # row 0 all tied (its 4th slot padded), row 1 partly tied
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
     m = METRICS(rewards, ranks, mask)
-    assert float(m["num_pairs"]) == 5 and float(m["num_prompts"]) == 1 and float(m["num_tau_prompts"]) == 1
+    assert float(m["num_pairs"]) == 5 and float(m["num_ranked_prompts"]) == 1
     np.testing.assert_allclose([float(m["pair_accuracy"]), float(m["top1_accuracy"]), float(m["kendall_tau"])],
                                ref_rm_metrics(rewards, ranks, mask), rtol=1e-6)
     assert float(m["top1_accuracy"]) == 1.0 and float(m["pair_accuracy"]) == 1.0
     alone = METRICS(rewards[:1], ranks[:1], mask[:1])  # nothing to measure: each count 0, each metric 0 by safe_div
-    assert [float(alone[k]) for k in ("num_pairs", "num_prompts", "num_tau_prompts")] == [0, 0, 0]
+    assert [float(alone[k]) for k in ("num_pairs", "num_ranked_prompts")] == [0, 0]
+    # num_prompts is what the Plackett-Luce loss averages over (the tied row too, "break" or "breslow"), so batches
+    # pooled by it (train.grad_accum, several processes) give the loss of the whole batch
+    assert float(m["num_prompts"]) == 2 and float(alone["num_prompts"]) == 1
+    for ties in ("break", "breslow"):
+        whole = float(obj.plackett_luce_loss(rewards, ranks, mask, ties=ties))
+        parts = [float(obj.plackett_luce_loss(rewards[i:i + 1], ranks[i:i + 1], mask[i:i + 1], ties=ties))
+                 for i in (0, 1)]
+        assert whole * float(m["num_prompts"]) == pytest.approx(sum(parts), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------ DPO

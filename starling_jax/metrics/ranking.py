@@ -44,7 +44,7 @@ class RankingAccumulator:
 
     def __init__(self):
         self._sums = {k: 0.0 for k in WEIGHTS}
-        self._weights = {w: 0.0 for w in WEIGHTS.values()}
+        self._weights = {w: 0.0 for w in (*WEIGHTS.values(), "num_prompts")}  # num_prompts: the groups measured
 
     def add(self, rewards, ranks, response_mask) -> None:
         if not isinstance(ranks, jax.Array):  # global arrays (several processes) stay as they are
@@ -78,6 +78,7 @@ def group_metrics(scores, utilities) -> tuple[float, float, float]:
     pairs = float(m["num_pairs"])
     nan = float("nan")
     pair_accuracy = round(float(m["pair_accuracy"]) * pairs) / pairs if pairs else nan
-    top1 = float(m["top1_accuracy"]) if float(m["num_prompts"]) else nan
-    kendall_tau = round(float(m["kendall_tau"]) * pairs) / pairs if float(m["num_tau_prompts"]) else nan
+    ranked = float(m["num_ranked_prompts"])
+    top1 = float(m["top1_accuracy"]) if ranked else nan
+    kendall_tau = round(float(m["kendall_tau"]) * pairs) / pairs if ranked else nan
     return pair_accuracy, top1, kendall_tau

@@ -80,7 +80,8 @@ def bradley_terry_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) ->
 
 
 # each metric of rm_metrics -> the count (also returned) it is a mean over, by which batches pool exactly
-RM_METRIC_COUNTS = {"pair_accuracy": "num_pairs", "top1_accuracy": "num_prompts", "kendall_tau": "num_tau_prompts"}
+RM_METRIC_COUNTS = {"pair_accuracy": "num_pairs", "top1_accuracy": "num_ranked_prompts",
+                    "kendall_tau": "num_ranked_prompts"}
 
 
 def rm_metrics(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -89,12 +90,14 @@ def rm_metrics(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[st
     pair_accuracy  fraction of valid strictly-ranked pairs with r_better > r_worse (equal rewards count as wrong),
                    pooled over the batch; weight: num_pairs.
     top1_accuracy  fraction of prompts (with >= 1 strictly-ranked pair) whose highest reward (first index on a tie)
-                   is a best-ranked response; weight: num_prompts. A prompt whose responses all tie has no best one
-                   to find (any would do), so it is not counted.
+                   is a best-ranked response; weight: num_ranked_prompts. A prompt whose responses all tie has no
+                   best one to find (any would do), so it is not counted.
     kendall_tau    mean over prompts (with >= 1 strictly-ranked pair) of (concordant - discordant) / pairs, over the
                    prompt's strictly-ranked pairs (tau-a; equals tau-b when neither ranks nor rewards tie); a reward tie
-                   is neither concordant nor discordant; weight: num_tau_prompts.
-    The weights are returned too, so an evaluator can average over batches exactly.
+                   is neither concordant nor discordant; weight: num_ranked_prompts.
+    The weights are returned too, so an evaluator can average over batches exactly, with num_prompts: the prompts
+    with >= 2 valid responses, which plackett_luce_loss averages over (all tied or not: the Plackett-Luce stage's
+    weight when batches pool).
     """
     _check("rm_metrics", rewards, ranks, mask)
     valid = as_weights(mask)
@@ -108,19 +111,19 @@ def rm_metrics(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[st
     num_pairs = jnp.sum(better)
     pair_accuracy = safe_div(jnp.sum(concordant), num_pairs)
 
+    num_prompts = jnp.sum((jnp.sum(valid, axis=-1) >= 2).astype(jnp.float32))
     pairs_b = jnp.sum(better, axis=(1, 2))
     has_pair = (pairs_b > 0).astype(jnp.float32)
+    num_ranked_prompts = jnp.sum(has_pair)
     best = jnp.argmax(r, axis=-1)
     best_rank = jnp.min(jnp.where(valid > 0, ranks, jnp.iinfo(jnp.int32).max), axis=-1)
     top1 = (jnp.take_along_axis(ranks, best[:, None], axis=-1)[:, 0] == best_rank).astype(jnp.float32)
-    num_prompts = jnp.sum(has_pair)
-    top1_accuracy = safe_div(jnp.sum(top1 * has_pair), num_prompts)
+    top1_accuracy = safe_div(jnp.sum(top1 * has_pair), num_ranked_prompts)
 
     tau_b = safe_div(jnp.sum(concordant, axis=(1, 2)) - jnp.sum(discordant, axis=(1, 2)), pairs_b)
-    num_tau_prompts = jnp.sum(has_pair)
-    kendall_tau = safe_div(jnp.sum(tau_b * has_pair), num_tau_prompts)
+    kendall_tau = safe_div(jnp.sum(tau_b * has_pair), num_ranked_prompts)
     return {"pair_accuracy": pair_accuracy, "top1_accuracy": top1_accuracy, "kendall_tau": kendall_tau,
-            "num_pairs": num_pairs, "num_prompts": num_prompts, "num_tau_prompts": num_tau_prompts}
+            "num_pairs": num_pairs, "num_prompts": num_prompts, "num_ranked_prompts": num_ranked_prompts}
 
 
 def check_ranks(ranks, mask, where: str = "ranks") -> None:
