@@ -1,4 +1,4 @@
-"""The main job's pipeline with PPO instead of APA (Starling-beta's optimiser), on a CPU in about as long as the main job.
+"""The main job's pipeline with PPO instead of APA (Starling-beta's optimiser), on a CPU in about the main job's time.
 
     starling-jax run experiments/tiny_ppo.py --workdir runs/tiny_ppo
 

@@ -23,9 +23,9 @@ def _experiment(name):
     return load_experiment(os.path.join(ROOT, "experiments", f"{name}.py"))
 
 
-# The main job as the README runs it (13 minutes alone on this 2-core CPU, 22 beside the rest of the suite), at a seed no study ran (the
-# reporting studies run REPORT_SEEDS, the selection studies SELECTION_SEEDS; seed 7 was run by hand when issue 21 was
-# filed); only the progress bar is off.
+# The main job as the README runs it (13 minutes alone on this 2-core CPU, 22 beside the rest of the suite), at a
+# seed no study ran (the reporting studies run REPORT_SEEDS, the selection studies SELECTION_SEEDS; seed 7 was run by
+# hand when issue 21 was filed); only the progress bar is off.
 ARGS = ["logging.progress=false"]
 GUARD_SEED = 11
 # What the test guards is behaviour, not one seed's figures: the stages chain (the RM starts from the SFT export, the
