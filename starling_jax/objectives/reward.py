@@ -33,6 +33,12 @@ def _pairs(ranks: jax.Array, mask: jax.Array) -> jax.Array:
     return both * (ranks[:, :, None] < ranks[:, None, :])
 
 
+def _ranked_groups(valid: jax.Array) -> jax.Array:
+    """[B] float32: 1 for a prompt with at least two valid responses (a ranking to learn from), else 0. What
+    plackett_luce_loss averages over, and so rm_metrics' num_prompts, its weight when batches pool."""
+    return (jnp.sum(valid, axis=-1) >= 2).astype(jnp.float32)
+
+
 def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array, normalize: bool = False,
                        ties: str = "break") -> jax.Array:
     """K-wise Plackett-Luce NLL of each prompt's observed ranking, averaged over prompts (scalar float32).
@@ -60,7 +66,7 @@ def plackett_luce_loss(rewards: jax.Array, ranks: jax.Array, mask: jax.Array, no
     at_or_after = (idx[:, None] == idx[None, :])[None] | (after & (valid[:, None, :] > 0))
     logz = jax.nn.logsumexp(jnp.where(at_or_after, r[:, None, :], -jnp.inf), axis=-1)  # [B, K], finite: k = i counts
     nll_b = -jnp.sum(jnp.where(valid > 0, r - logz, 0.0), axis=-1)
-    counted = (jnp.sum(valid, axis=-1) >= 2).astype(jnp.float32)
+    counted = _ranked_groups(valid)
     if normalize:
         nll_b = safe_div(nll_b, jnp.maximum(jnp.sum(valid, axis=-1) - 1.0, 1.0))
     return safe_div(jnp.sum(nll_b * counted), jnp.sum(counted))
@@ -111,7 +117,7 @@ def rm_metrics(rewards: jax.Array, ranks: jax.Array, mask: jax.Array) -> dict[st
     num_pairs = jnp.sum(better)
     pair_accuracy = safe_div(jnp.sum(concordant), num_pairs)
 
-    num_prompts = jnp.sum((jnp.sum(valid, axis=-1) >= 2).astype(jnp.float32))
+    num_prompts = jnp.sum(_ranked_groups(valid))
     pairs_b = jnp.sum(better, axis=(1, 2))
     has_pair = (pairs_b > 0).astype(jnp.float32)
     num_ranked_prompts = jnp.sum(has_pair)
